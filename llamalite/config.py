@@ -1,0 +1,205 @@
+"""Model configuration: one dataclass, a literal table of presets, and pure readers of the
+configuration formats users have (HF config.json, Meta params.json, GGUF metadata)."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+
+@dataclass(frozen=True)
+class RopeScaling:
+    """Llama 3.1 frequency scaling of RoPE (meta-llama/llama-models, `apply_scaling`)."""
+
+    factor: float = 8.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_context: int = 8192
+
+
+@dataclass
+class ModelConfig:
+    dim: int = 4096
+    n_layers: int = 32
+    n_heads: int = 32
+    n_kv_heads: int | None = None  # None: same as n_heads (no grouped-query attention)
+    vocab_size: int = 32000
+    hidden_dim: int | None = None  # None: derived from dim as Meta's FeedForward does
+    multiple_of: int = 256
+    ffn_dim_multiplier: float | None = None
+    norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    rope_scaling: RopeScaling | None = None
+    context_length: int = 2048
+    tie_embeddings: bool = False
+    head_dim: int | None = None  # None: dim // n_heads
+
+    def __post_init__(self) -> None:
+        if self.n_kv_heads is None:
+            self.n_kv_heads = self.n_heads
+        if self.head_dim is None:
+            self.head_dim = self.dim // self.n_heads
+        if self.hidden_dim is None:
+            # Meta's llama/model.py: 2/3 of 4*dim, scaled, rounded up to a multiple.
+            hidden = int(2 * (4 * self.dim) / 3)
+            if self.ffn_dim_multiplier is not None:
+                hidden = int(self.ffn_dim_multiplier * hidden)
+            self.hidden_dim = self.multiple_of * ((hidden + self.multiple_of - 1) // self.multiple_of)
+        if self.n_heads % self.n_kv_heads:
+            raise ValueError(f"n_heads ({self.n_heads}) must be a multiple of n_kv_heads ({self.n_kv_heads})")
+        if isinstance(self.rope_scaling, Mapping):
+            self.rope_scaling = RopeScaling(**self.rope_scaling)
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides: Any) -> "ModelConfig":
+        if name not in PRESETS:
+            raise KeyError(f"unknown preset {name!r}; known: {', '.join(PRESETS)}")
+        return cls(**{**PRESETS[name], **overrides})
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+_LLAMA31_ROPE = dict(rope_scaling=RopeScaling(8.0, 1.0, 4.0, 8192), rope_theta=500000.0, context_length=131072)
+_LLAMA3_VOCAB = dict(vocab_size=128256, rope_theta=500000.0, context_length=8192)
+
+# Presets: overrides of ModelConfig's defaults; each comment names the published size and source.
+PRESETS: dict[str, dict[str, Any]] = {
+    # LLaMA (Touvron et al. 2023, table 2; Meta params.json): 6.7B, 13.0B, 32.5B, 65.2B
+    "llama-7b": dict(dim=4096, n_layers=32, n_heads=32),
+    "llama-13b": dict(dim=5120, n_layers=40, n_heads=40),
+    "llama-33b": dict(dim=6656, n_layers=60, n_heads=52),
+    "llama-65b": dict(dim=8192, n_layers=80, n_heads=64),
+    # Llama 2 (Touvron et al. 2023b; Meta params.json): 6.7B, 13.0B, 69.0B
+    "llama2-7b": dict(dim=4096, n_layers=32, n_heads=32, context_length=4096),
+    "llama2-13b": dict(dim=5120, n_layers=40, n_heads=40, context_length=4096),
+    "llama2-70b": dict(dim=8192, n_layers=80, n_heads=64, n_kv_heads=8, ffn_dim_multiplier=1.3,
+                       multiple_of=4096, context_length=4096),
+    # Llama 3 (meta-llama/llama3 params.json): 8.0B, 70.6B
+    "llama3-8b": dict(dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, ffn_dim_multiplier=1.3,
+                      multiple_of=1024, **_LLAMA3_VOCAB),
+    "llama3-70b": dict(dim=8192, n_layers=80, n_heads=64, n_kv_heads=8, ffn_dim_multiplier=1.3,
+                       multiple_of=4096, **_LLAMA3_VOCAB),
+    # Llama 3.1 (Llama Team 2024, table 3; HF config.json): 8.0B, 70.6B, 405.9B
+    "llama3.1-8b": dict(dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, hidden_dim=14336,
+                        vocab_size=128256, **_LLAMA31_ROPE),
+    "llama3.1-70b": dict(dim=8192, n_layers=80, n_heads=64, n_kv_heads=8, hidden_dim=28672,
+                         vocab_size=128256, **_LLAMA31_ROPE),
+    "llama3.1-405b": dict(dim=16384, n_layers=126, n_heads=128, n_kv_heads=8, hidden_dim=53248,
+                          vocab_size=128256, **_LLAMA31_ROPE),
+    # Llama 3.2 (HF config.json, tied embeddings): 1.24B, 3.21B
+    "llama3.2-1b": dict(dim=2048, n_layers=16, n_heads=32, n_kv_heads=8, hidden_dim=8192, vocab_size=128256,
+                        tie_embeddings=True, rope_theta=500000.0, context_length=131072,
+                        rope_scaling=RopeScaling(32.0, 1.0, 4.0, 8192)),
+    "llama3.2-3b": dict(dim=3072, n_layers=28, n_heads=24, n_kv_heads=8, hidden_dim=8192, vocab_size=128256,
+                        tie_embeddings=True, rope_theta=500000.0, context_length=131072,
+                        rope_scaling=RopeScaling(32.0, 1.0, 4.0, 8192)),
+    # SmolLM2 (HuggingFaceTB config.json, LLaMA architecture, tied): 134.5M, 361.8M, 1.71B
+    "smollm2-135m": dict(dim=576, n_layers=30, n_heads=9, n_kv_heads=3, hidden_dim=1536, vocab_size=49152,
+                         tie_embeddings=True, rope_theta=100000.0, context_length=8192),
+    "smollm2-360m": dict(dim=960, n_layers=32, n_heads=15, n_kv_heads=5, hidden_dim=2560, vocab_size=49152,
+                         tie_embeddings=True, rope_theta=100000.0, context_length=8192),
+    "smollm2-1.7b": dict(dim=2048, n_layers=24, n_heads=32, n_kv_heads=32, hidden_dim=8192, vocab_size=49152,
+                         tie_embeddings=True, rope_theta=130000.0, context_length=8192),
+}
+
+
+def config_from_hf(cfg: Mapping[str, Any]) -> ModelConfig:
+    """Read a Hugging Face LlamaForCausalLM `config.json` dict."""
+    arch = cfg.get("model_type", "llama")
+    if arch != "llama":
+        raise ValueError(f"config.json has model_type {arch!r}; llamalite runs 'llama' models")
+    scaling = cfg.get("rope_scaling") or None
+    rope_theta = cfg.get("rope_theta", (cfg.get("rope_parameters") or {}).get("rope_theta", 10000.0))
+    if scaling is None and cfg.get("rope_parameters", {}).get("rope_type") == "llama3":
+        scaling = cfg["rope_parameters"]
+    rope = None
+    if scaling is not None:
+        kind = scaling.get("rope_type", scaling.get("type"))
+        if kind == "llama3":
+            rope = RopeScaling(scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"],
+                               scaling["original_max_position_embeddings"])
+        elif kind not in (None, "default"):
+            raise ValueError(f"rope_scaling type {kind!r} is not supported (supported: llama3)")
+    n_heads = cfg["num_attention_heads"]
+    return ModelConfig(
+        dim=cfg["hidden_size"],
+        n_layers=cfg["num_hidden_layers"],
+        n_heads=n_heads,
+        n_kv_heads=cfg.get("num_key_value_heads") or n_heads,
+        vocab_size=cfg["vocab_size"],
+        hidden_dim=cfg["intermediate_size"],
+        norm_eps=cfg.get("rms_norm_eps", 1e-6),
+        rope_theta=float(rope_theta),
+        rope_scaling=rope,
+        context_length=cfg.get("max_position_embeddings", 2048),
+        tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+        head_dim=cfg.get("head_dim") or cfg["hidden_size"] // n_heads,
+    )
+
+
+def config_from_meta(params: Mapping[str, Any], vocab_size: int | None = None) -> ModelConfig:
+    """Read a Meta `params.json` dict (vocab_size is -1 in LLaMA 1 files: pass the tokenizer's)."""
+    vocab = params.get("vocab_size", -1)
+    if vocab is None or vocab <= 0:
+        if vocab_size is None:
+            raise ValueError("params.json has no vocab_size; it must come from tokenizer.model")
+        vocab = vocab_size
+    rope = RopeScaling(factor=params.get("rope_scaling_factor", 8.0)) if params.get("use_scaled_rope") else None
+    return ModelConfig(
+        dim=params["dim"],
+        n_layers=params["n_layers"],
+        n_heads=params["n_heads"],
+        n_kv_heads=params.get("n_kv_heads"),
+        vocab_size=vocab,
+        multiple_of=params.get("multiple_of", 256),
+        ffn_dim_multiplier=params.get("ffn_dim_multiplier"),
+        norm_eps=params.get("norm_eps", 1e-5),
+        rope_theta=float(params.get("rope_theta", 10000.0)),
+        rope_scaling=rope,
+        context_length=params.get("max_seq_len", 8192 if vocab >= 128000 else 2048 if vocab == 32000 else 4096),
+    )
+
+
+def config_from_gguf(meta: Mapping[str, Any], has_output: bool, rope_scaling: RopeScaling | None = None) -> ModelConfig:
+    """Read GGUF key-values (already decoded to Python values) of a `llama`-architecture file.
+
+    Llama 3.1 files carry RoPE scaling as a `rope_freqs` tensor, not as keys: the loader matches that
+    tensor to a RopeScaling and passes it in."""
+    arch = meta.get("general.architecture")
+    if arch != "llama":
+        raise ValueError(f"GGUF architecture {arch!r} is not supported (supported: llama)")
+
+    def key(name: str, default: Any = KeyError) -> Any:
+        full = f"llama.{name}"
+        if full in meta:
+            return meta[full]
+        if default is KeyError:
+            raise ValueError(f"GGUF file lacks the required key {full!r}")
+        return default
+
+    n_heads = key("attention.head_count")
+    dim = key("embedding_length")
+    vocab = key("vocab_size", None)
+    if vocab is None:
+        vocab = len(meta["tokenizer.ggml.tokens"])
+    scale_type = key("rope.scaling.type", None)
+    if scale_type not in (None, "none"):
+        raise ValueError(f"GGUF rope.scaling.type {scale_type!r} is not supported")
+    head_dim = key("rope.dimension_count", dim // n_heads)
+    return ModelConfig(
+        dim=dim,
+        n_layers=key("block_count"),
+        n_heads=n_heads,
+        n_kv_heads=key("attention.head_count_kv", n_heads),
+        vocab_size=vocab,
+        hidden_dim=key("feed_forward_length"),
+        norm_eps=float(key("attention.layer_norm_rms_epsilon", 1e-5)),
+        rope_theta=float(key("rope.freq_base", 10000.0)),
+        rope_scaling=rope_scaling,
+        context_length=key("context_length", 2048),
+        tie_embeddings=not has_output,
+        head_dim=head_dim,
+    )
+

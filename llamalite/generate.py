@@ -1,0 +1,147 @@
+"""Generation: an iterator of token ids over a model with a static KV cache, and a text stream on
+top of it that handles stop strings and never emits broken UTF-8.
+
+A model remembers which tokens its KV cache holds (`cache_tokens`), so a chat that resends its
+history only computes the new tokens: the common prefix is reused.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Generator, Iterator, Sequence
+
+import torch
+
+from .model import Transformer
+from .sampling import SamplingParams, sample
+from .tokenizer import Tokenizer
+
+PREFILL_CHUNK = 512  # prompt tokens per forward: bounds activation memory on long prompts
+CACHE_ROUND = 256  # KV cache capacity grows in steps of this many positions
+
+
+class ContextLengthError(ValueError):
+    """The prompt does not fit the model's context."""
+
+
+def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def fit_prompt(prompt: Sequence[int], context_length: int, truncate: bool = False) -> list[int]:
+    """The prompt, checked against the context (one position must stay free for a new token).
+    With truncate, the oldest tokens are dropped instead of raising."""
+    if len(prompt) == 0:
+        raise ValueError("the prompt is empty: give at least one token")
+    limit = context_length - 1
+    if len(prompt) > limit:
+        if not truncate:
+            raise ContextLengthError(
+                f"the prompt is {len(prompt)} tokens but the model's context is {context_length}; "
+                f"shorten the prompt or allow truncation (--truncate) to keep its last {limit} tokens")
+        return list(prompt[-limit:])
+    return list(prompt)
+
+
+def _ensure_cache(model: Transformer, needed: int) -> None:
+    if model.max_seq_len >= needed:
+        return
+    capacity = min(model.config.context_length, -(-needed // CACHE_ROUND) * CACHE_ROUND)
+    model.setup_caches(1, capacity)
+
+
+@torch.inference_mode()
+def prefill(model: Transformer, tokens: Sequence[int]) -> torch.Tensor:
+    """Run `tokens` through the cache, reusing the cached common prefix; returns the last logits (V,)."""
+    device = model.tok_embeddings.weight.device
+    start = min(_common_prefix(model.cache_tokens, tokens), len(tokens) - 1)  # at least one token to get logits
+    logits = None
+    for lo in range(start, len(tokens), PREFILL_CHUNK):
+        chunk = torch.tensor([tokens[lo:lo + PREFILL_CHUNK]], device=device)
+        pos = torch.arange(lo, lo + chunk.shape[1], device=device)
+        logits = model(chunk, pos, last_only=True)
+        model.cache_tokens = list(tokens[:lo + chunk.shape[1]])
+    return logits[0, -1]
+
+
+def generate(model: Transformer, prompt: Sequence[int], *, max_new_tokens: int = 256,
+             sampling: SamplingParams = SamplingParams(), stop_ids: Sequence[int] = (),
+             generator: torch.Generator | None = None, truncate: bool = False) -> Generator[int, None, str]:
+    """Yield new token ids; the generator's return value is the finish reason, "stop" or "length".
+
+    Stop ids end generation and are not yielded. Generation also ends at the model's context.
+    """
+    ctx = model.config.context_length
+    prompt = fit_prompt(prompt, ctx, truncate)
+    budget = min(max_new_tokens, ctx - len(prompt))
+    if budget <= 0:
+        return "length"
+    _ensure_cache(model, len(prompt) + budget)
+    device = model.tok_embeddings.weight.device
+    logits = prefill(model, prompt)
+    history = model.cache_tokens = list(prompt)  # kept equal to what the cache holds
+    stop = set(stop_ids)
+    for i in range(budget):
+        token = sample(logits, sampling, history, generator)
+        if token in stop:
+            return "stop"
+        yield token
+        if i == budget - 1:
+            break
+        with torch.inference_mode():
+            pos = torch.tensor([len(history)], device=device)
+            logits = model(torch.tensor([[token]], device=device), pos)[0, -1]
+        history.append(token)
+    return "length"
+
+
+@dataclass
+class Completion:
+    """What `stream_text` produced, filled in as it runs."""
+    tokens: list[int] = field(default_factory=list)
+    text: str = ""
+    finish_reason: str | None = None  # "stop" or "length" once done
+
+
+def stream_text(tokenizer: Tokenizer, token_ids: Generator[int, None, str], stop: Sequence[str] = (),
+                completion: Completion | None = None) -> Iterator[str]:
+    """Text pieces as tokens arrive. Text that could be the start of a stop string is held back until
+    it is known not to be one; a stop string ends the stream and is not emitted."""
+    out = completion if completion is not None else Completion()
+    decoder = tokenizer.stream()
+    pending = ""  # decoded, not yet emitted
+    stop = [s for s in stop if s]
+
+    def emit(text: str) -> str:
+        out.text += text
+        return text
+
+    try:
+        while True:
+            try:
+                token = next(token_ids)
+            except StopIteration as done:
+                out.finish_reason = done.value or "length"
+                break
+            out.tokens.append(token)
+            pending += decoder.push(token)
+            hit = min((pending.find(s) for s in stop if s in pending), default=-1)
+            if hit >= 0:
+                if pending[:hit]:
+                    yield emit(pending[:hit])
+                out.finish_reason = "stop"
+                return
+            keep = max((k for s in stop for k in range(1, len(s)) if pending.endswith(s[:k])), default=0)
+            if len(pending) > keep:
+                yield emit(pending[:len(pending) - keep])
+                pending = pending[len(pending) - keep:]
+        pending += decoder.flush()
+        if pending:
+            yield emit(pending)
+    finally:
+        token_ids.close()

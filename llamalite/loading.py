@@ -1,0 +1,342 @@
+"""Load a model from the files users have: GGUF, a Hugging Face directory, a Meta checkpoint.
+
+Each format gets one table mapping its tensor names onto Meta's (the names model.py uses). Weights
+are read memory-mapped where the format allows, checked against the config's shapes, and assigned
+into a model built on the meta device, so nothing is allocated twice.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from contextlib import contextmanager
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+import torch
+from torch import nn
+
+from .config import ModelConfig, RopeScaling, config_from_gguf, config_from_hf, config_from_meta
+from .model import Transformer, rope_inv_freq
+from .tokenizer import Tokenizer, tokenizer_from_gguf, tokenizer_from_hf_dir, tokenizer_from_model_file
+
+
+class ModelFileError(ValueError):
+    """A model file or directory that cannot be loaded; the message says what is wrong and what to do."""
+
+
+@dataclass
+class LoadedModel:
+    model: Transformer
+    tokenizer: Tokenizer
+    chat_template: str | None
+    path: Path
+    format: str  # "gguf", "hf" or "meta"
+    tensor_types: Counter = field(default_factory=Counter)  # storage type -> number of tensors
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def config(self) -> ModelConfig:
+        return self.model.config
+
+
+def load(path: str | Path, dtype: torch.dtype = torch.float32) -> LoadedModel:
+    """Load a GGUF file, an HF directory or a Meta checkpoint directory, telling which by its files."""
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise ModelFileError(f"no model at {path}: give a GGUF file, a Hugging Face directory or a Meta "
+                             f"checkpoint directory (or a name from `llamalite list`)")
+    if path.is_file():
+        with open(path, "rb") as f:
+            magic = f.read(4)
+        if magic == b"GGUF":
+            return load_gguf(path, dtype)
+        raise ModelFileError(f"{path} is not a GGUF file (it does not start with the GGUF magic); "
+                             f"for a Hugging Face or Meta checkpoint give its directory")
+    if (path / "config.json").exists():
+        return load_hf(path, dtype)
+    if (path / "params.json").exists():
+        return load_meta(path, dtype)
+    ggufs = sorted(path.glob("*.gguf"))
+    if len(ggufs) == 1:
+        return load_gguf(ggufs[0], dtype)
+    raise ModelFileError(f"{path} holds neither config.json (Hugging Face), params.json (Meta) nor one "
+                         f".gguf file" + (f" (it holds {len(ggufs)} .gguf files: name one)" if ggufs else ""))
+
+
+@contextmanager
+def _skip_init():
+    """Skip nn.init while building on the meta device: the weights are assigned right after, and
+    initialising meta tensors routes through torch's Python reference ops (and imports torch._dynamo,
+    a second of start-up)."""
+    names = ("normal_", "uniform_", "kaiming_uniform_", "trunc_normal_")
+    saved = {n: getattr(nn.init, n) for n in names}
+    try:
+        for n in names:
+            setattr(nn.init, n, lambda t, *args, **kwargs: t)
+        yield
+    finally:
+        for n, f in saved.items():
+            setattr(nn.init, n, f)
+
+
+def build_model(cfg: ModelConfig, weights: Mapping[str, torch.Tensor], dtype: torch.dtype) -> Transformer:
+    """Assign Meta-named weights into a model built without memory; shapes and names are checked."""
+    with torch.device("meta"), _skip_init():
+        model = Transformer(cfg)
+    expected = {k: v.shape for k, v in model.state_dict().items()}
+    if cfg.tie_embeddings:
+        expected.pop("output.weight")
+    missing = sorted(set(expected) - set(weights))
+    unexpected = sorted(set(weights) - set(expected))
+    if missing:
+        raise ModelFileError(f"the checkpoint lacks {len(missing)} tensors the config needs, e.g. {missing[:3]}")
+    if unexpected:
+        raise ModelFileError(f"the checkpoint has {len(unexpected)} tensors the config does not know, "
+                             f"e.g. {unexpected[:3]}")
+    state = {}
+    for name, shape in expected.items():
+        w = weights[name]
+        if tuple(w.shape) != tuple(shape):
+            raise ModelFileError(f"tensor {name!r} has shape {tuple(w.shape)} but the config expects {tuple(shape)}")
+        state[name] = w.to(dtype)
+    model.load_state_dict(state, strict=False, assign=True)
+    if cfg.tie_embeddings:
+        model.output.weight = model.tok_embeddings.weight
+    return model.eval()
+
+
+# ----- GGUF ---------------------------------------------------------------------------------------
+
+_GGUF_NAMES = {
+    "token_embd.weight": "tok_embeddings.weight",
+    "output_norm.weight": "norm.weight",
+    "output.weight": "output.weight",
+}
+_GGUF_LAYER_NAMES = {
+    "attn_norm": "attention_norm", "ffn_norm": "ffn_norm",
+    "attn_q": "attention.wq", "attn_k": "attention.wk", "attn_v": "attention.wv", "attn_output": "attention.wo",
+    "ffn_gate": "feed_forward.w1", "ffn_down": "feed_forward.w2", "ffn_up": "feed_forward.w3",
+}
+
+
+def gguf_to_meta_name(name: str) -> str | None:
+    if name in _GGUF_NAMES:
+        return _GGUF_NAMES[name]
+    m = re.fullmatch(r"blk\.(\d+)\.(\w+)\.weight", name)
+    if m and m.group(2) in _GGUF_LAYER_NAMES:
+        return f"layers.{m.group(1)}.{_GGUF_LAYER_NAMES[m.group(2)]}.weight"
+    return None
+
+
+def open_gguf(path: Path):
+    """A `gguf.GGUFReader` over a plain ndarray view of the memory map.
+
+    The reader slices its `np.memmap` once per metadata item, and each memmap slice costs a Python-level
+    `__array_finalize__`: a plain ndarray view of the same mapping parses a 49k-token vocabulary 3x
+    faster and still reads tensors lazily from the page cache.
+    """
+    import gguf
+
+    class Reader(gguf.GGUFReader):
+        @property
+        def data(self):
+            return self._data
+
+        @data.setter
+        def data(self, value):
+            self._data = value.view(np.ndarray)
+
+    try:
+        return Reader(path, "c")  # copy-on-write: writable arrays, still read lazily
+    except (ValueError, IndexError, KeyError, OverflowError, UnicodeDecodeError) as e:
+        raise ModelFileError(f"{path} is not a readable GGUF file ({e}); it may be truncated or corrupt: "
+                             f"download it again") from e
+
+
+def gguf_metadata(reader) -> dict[str, Any]:
+    return {k: v.contents() for k, v in reader.fields.items()}
+
+
+def load_gguf(path: Path, dtype: torch.dtype = torch.float32) -> LoadedModel:
+    from .quants import dequantize
+
+    reader = open_gguf(path)
+    meta = gguf_metadata(reader)
+    tensors = {t.name: t for t in reader.tensors}
+    size = path.stat().st_size
+    for t in reader.tensors:
+        if t.data_offset + t.n_bytes > size:
+            raise ModelFileError(f"{path} is truncated: tensor {t.name!r} runs past the end of the file "
+                                 f"({size} bytes); download it again")
+    rope = None
+    if "rope_freqs.weight" in tensors:
+        rope = _match_rope_freqs(meta, np.asarray(tensors["rope_freqs.weight"].data, dtype=np.float32))
+    try:
+        cfg = config_from_gguf(meta, has_output="output.weight" in tensors, rope_scaling=rope)
+    except ValueError as e:
+        raise ModelFileError(f"{path}: {e}") from e
+    weights = {}
+    types: Counter = Counter()
+    for name, t in tensors.items():
+        if name == "rope_freqs.weight":
+            continue
+        meta_name = gguf_to_meta_name(name)
+        if meta_name is None:
+            raise ModelFileError(f"{path}: tensor {name!r} is not part of a llama model")
+        shape = tuple(int(d) for d in reversed(t.shape))  # GGUF lists dimensions fastest-first
+        try:
+            weights[meta_name] = dequantize(t.data, t.tensor_type.name, shape)
+        except ValueError as e:
+            raise ModelFileError(f"{path}: tensor {name!r}: {e}") from e
+        types[t.tensor_type.name] += 1
+    model = build_model(cfg, weights, dtype)
+    tokenizer = tokenizer_from_gguf(meta)
+    template = meta.get("tokenizer.chat_template")
+    small_meta = {k: v for k, v in meta.items() if not k.startswith("tokenizer.ggml.")}
+    return LoadedModel(model, tokenizer, template, path, "gguf", types, small_meta)
+
+
+def _match_rope_freqs(meta: Mapping[str, Any], factors: np.ndarray) -> RopeScaling:
+    """Llama 3.1+ GGUF files store RoPE scaling as per-frequency divisors: find the scaling they encode."""
+    n_heads = meta["llama.attention.head_count"]
+    head_dim = meta.get("llama.rope.dimension_count", meta["llama.embedding_length"] // n_heads)
+    theta = float(meta.get("llama.rope.freq_base", 10000.0))
+    base = rope_inv_freq(head_dim, theta)
+    for factor in (8.0, 16.0, 32.0, 4.0, 2.0):
+        for low, high, orig in ((1.0, 4.0, 8192),):
+            cand = RopeScaling(factor, low, high, orig)
+            implied = (base / rope_inv_freq(head_dim, theta, cand)).numpy()
+            if np.allclose(implied, factors, rtol=1e-4):
+                return cand
+    raise ModelFileError("this GGUF file's rope_freqs tensor matches no Llama 3.1 scaling llamalite knows")
+
+
+# ----- Hugging Face -------------------------------------------------------------------------------
+
+_HF_LAYER_NAMES = {
+    "input_layernorm": "attention_norm", "post_attention_layernorm": "ffn_norm",
+    "self_attn.q_proj": "attention.wq", "self_attn.k_proj": "attention.wk",
+    "self_attn.v_proj": "attention.wv", "self_attn.o_proj": "attention.wo",
+    "mlp.gate_proj": "feed_forward.w1", "mlp.down_proj": "feed_forward.w2", "mlp.up_proj": "feed_forward.w3",
+}
+_HF_NAMES = {"model.embed_tokens.weight": "tok_embeddings.weight", "model.norm.weight": "norm.weight",
+             "lm_head.weight": "output.weight"}
+
+
+def hf_to_meta_name(name: str) -> str | None:
+    if name in _HF_NAMES:
+        return _HF_NAMES[name]
+    m = re.fullmatch(r"model\.layers\.(\d+)\.(.+)\.weight", name)
+    if m and m.group(2) in _HF_LAYER_NAMES:
+        return f"layers.{m.group(1)}.{_HF_LAYER_NAMES[m.group(2)]}.weight"
+    return None
+
+
+def unpermute_rope(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """HF stores q/k rows per head as [all even dims, all odd dims] (its rotate_half RoPE); Meta
+    interleaves them. Inverse of the `permute` in transformers' convert_llama_weights_to_hf.py."""
+    out_dim, in_dim = w.shape
+    return w.view(n_heads, 2, out_dim // n_heads // 2, in_dim).transpose(1, 2).reshape(out_dim, in_dim)
+
+
+def load_hf(path: Path, dtype: torch.dtype = torch.float32) -> LoadedModel:
+    from safetensors import safe_open
+
+    try:
+        cfg = config_from_hf(json.loads((path / "config.json").read_text()))
+    except (KeyError, ValueError) as e:
+        raise ModelFileError(f"{path / 'config.json'} cannot be read as a Llama config: {e}") from e
+    index = path / "model.safetensors.index.json"
+    if index.exists():
+        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    elif (path / "model.safetensors").exists():
+        files = ["model.safetensors"]
+    else:
+        raise ModelFileError(f"{path} has no model.safetensors or model.safetensors.index.json "
+                             f"(PyTorch .bin checkpoints are not loaded: convert them to safetensors)")
+    weights = {}
+    for fname in files:
+        if not (path / fname).exists():
+            raise ModelFileError(f"{path / fname} is named in the index but missing: download it again")
+        with safe_open(path / fname, framework="pt") as f:
+            for name in f.keys():
+                meta_name = hf_to_meta_name(name)
+                if meta_name is None:
+                    if name.endswith("rotary_emb.inv_freq"):
+                        continue
+                    raise ModelFileError(f"{path / fname}: tensor {name!r} is not part of a llama model")
+                w = f.get_tensor(name)
+                if meta_name.endswith("attention.wq.weight"):
+                    w = unpermute_rope(w, cfg.n_heads)
+                elif meta_name.endswith("attention.wk.weight"):
+                    w = unpermute_rope(w, cfg.n_kv_heads)
+                weights[meta_name] = w
+    if cfg.tie_embeddings:
+        weights.pop("output.weight", None)
+    types = Counter(str(w.dtype).removeprefix("torch.") for w in weights.values())
+    model = build_model(cfg, weights, dtype)
+    tokenizer = tokenizer_from_hf_dir(path)
+    template = None
+    tok_cfg = path / "tokenizer_config.json"
+    if tok_cfg.exists():
+        template = json.loads(tok_cfg.read_text()).get("chat_template")
+    if template is None and (path / "chat_template.jinja").exists():
+        template = (path / "chat_template.jinja").read_text()
+    if isinstance(template, list):  # a list of named templates: take the default one
+        template = next((t["template"] for t in template if t.get("name") == "default"), template[0]["template"])
+    return LoadedModel(model, tokenizer, template, path, "hf", types)
+
+
+# ----- Meta ---------------------------------------------------------------------------------------
+
+# Dimension along which Meta's model-parallel shards split each weight (fairscale Column/RowParallel).
+_META_SHARD_DIM: list[tuple[str, int | None]] = [
+    ("attention.wq", 0), ("attention.wk", 0), ("attention.wv", 0), ("attention.wo", 1),
+    ("feed_forward.w1", 0), ("feed_forward.w3", 0), ("feed_forward.w2", 1), ("output", 0),
+    ("norm", None),  # attention_norm, ffn_norm, norm: replicated
+]
+
+
+def _meta_shard_dim(name: str, shard: torch.Tensor, vocab_size: int) -> int | None:
+    if name.startswith("tok_embeddings"):
+        # LLaMA 1/2 split the embedding by columns (ParallelEmbedding), Llama 3 by rows.
+        return 1 if shard.shape[0] == vocab_size else 0
+    for key, dim in _META_SHARD_DIM:
+        if key in name:
+            return dim
+    return None
+
+
+def load_meta(path: Path, dtype: torch.dtype = torch.float32) -> LoadedModel:
+    shards = sorted(path.glob("consolidated.*.pth"))
+    if not shards:
+        raise ModelFileError(f"{path} has params.json but no consolidated.*.pth")
+    if not (path / "tokenizer.model").exists():
+        raise ModelFileError(f"{path} has no tokenizer.model (it comes with the Meta download)")
+    tokenizer = tokenizer_from_model_file(path / "tokenizer.model")
+    try:
+        cfg = config_from_meta(json.loads((path / "params.json").read_text()), vocab_size=tokenizer.vocab_size)
+    except (KeyError, ValueError) as e:
+        raise ModelFileError(f"{path / 'params.json'} cannot be read: {e}") from e
+    parts = []
+    for s in shards:
+        try:
+            # weights_only: a checkpoint is tensors, never arbitrary pickled objects.
+            parts.append(torch.load(s, map_location="cpu", mmap=True, weights_only=True))
+        except Exception as e:
+            raise ModelFileError(f"{s} cannot be read as a Meta checkpoint ({e}); it may be truncated") from e
+    weights: dict[str, torch.Tensor] = {}
+    for name in parts[0]:
+        if name.endswith("rope.freqs"):  # LLaMA 1 stored RoPE frequencies; they are recomputed
+            continue
+        tensors = [p[name] for p in parts]
+        dim = _meta_shard_dim(name, tensors[0], cfg.vocab_size) if len(tensors) > 1 else None
+        weights[name] = tensors[0] if dim is None else torch.cat(tensors, dim=dim)
+    types = Counter(str(w.dtype).removeprefix("torch.") for w in weights.values())
+    model = build_model(cfg, weights, dtype)
+    return LoadedModel(model, tokenizer, None, path, "meta", types)
+

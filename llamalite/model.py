@@ -1,0 +1,199 @@
+"""The LLaMA transformer, one file: RMSNorm, RoPE (with Llama 3.1 scaling), grouped-query attention
+over a static KV cache, SwiGLU feed-forward, optional tied embeddings.
+
+Parameter names follow Meta's reference (meta-llama/llama3 `llama/model.py`), so a Meta checkpoint
+loads as it is and every other format maps onto these names in its loader. RoPE rotates interleaved
+pairs (x0, x1), (x2, x3), ... as Meta's complex-number formulation does; GGUF stores q/k in that
+layout and the HF loader permutes its half-split layout back to it.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import ModelConfig, RopeScaling
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalise in fp32 whatever the activation dtype, as the reference does.
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return xf.type_as(x) * self.weight
+
+
+def rope_inv_freq(head_dim: int, theta: float, scaling: RopeScaling | None = None) -> torch.Tensor:
+    """Inverse frequencies of RoPE, shape (head_dim // 2,), fp32, on the CPU (also when the model is
+    built on the meta device: these are computed, never loaded)."""
+    inv = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device="cpu") / head_dim))
+    if scaling is None:
+        return inv
+    # Llama 3.1 (meta-llama/llama-models `apply_scaling`): leave high frequencies alone, divide low
+    # ones by `factor`, and interpolate smoothly between the two wavelength bands.
+    low_wavelen = scaling.original_context / scaling.low_freq_factor
+    high_wavelen = scaling.original_context / scaling.high_freq_factor
+    wavelen = 2 * math.pi / inv
+    smooth = (scaling.original_context / wavelen - scaling.low_freq_factor) / (
+        scaling.high_freq_factor - scaling.low_freq_factor)
+    scaled = torch.where(wavelen > low_wavelen, inv / scaling.factor, inv)
+    mid = (wavelen <= low_wavelen) & (wavelen >= high_wavelen)
+    return torch.where(mid, (1 - smooth) * inv / scaling.factor + smooth * inv, scaled)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate interleaved pairs of x (B, T, H, D) by angles whose cos/sin are (T, D/2)."""
+    xf = x.float().unflatten(-1, (-1, 2))  # (B, T, H, D/2, 2)
+    x0, x1 = xf[..., 0], xf[..., 1]
+    cos, sin = cos[:, None, :], sin[:, None, :]  # broadcast over heads
+    out = torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1)
+    return out.flatten(-2).type_as(x)
+
+
+class KVCache(nn.Module):
+    """Static per-layer cache of keys and values, (B, n_kv_heads, max_seq_len, head_dim)."""
+
+    def __init__(self, batch: int, n_kv_heads: int, max_seq_len: int, head_dim: int, dtype: torch.dtype,
+                 device: torch.device | str | None = None):
+        super().__init__()
+        shape = (batch, n_kv_heads, max_seq_len, head_dim)
+        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+
+    def update(self, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor, end: int):
+        # k, v: (B, n_kv_heads, T, head_dim), written at their absolute positions.
+        self.k[:, :, input_pos] = k
+        self.v[:, :, input_pos] = v
+        return self.k[:, :, :end], self.v[:, :, :end]
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        self.wq = nn.Linear(cfg.dim, cfg.n_heads * cfg.head_dim, bias=False)
+        self.wk = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
+        self.wv = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
+        self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
+        self.cache: KVCache | None = None
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                input_pos: torch.Tensor | None, end: int) -> torch.Tensor:
+        B, T, _ = x.shape
+        q = self.wq(x).view(B, T, self.n_heads, self.head_dim)
+        k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim)
+        v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, heads, T, head_dim)
+        if input_pos is None:
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+        else:
+            k, v = self.cache.update(input_pos, k, v, end)  # (B, n_kv_heads, end, head_dim)
+            # With a cache, query t sits at absolute position input_pos[t] and may attend to every
+            # cached position up to and including its own: a causal mask shifted by the cache offset.
+            mask = torch.arange(end, device=x.device)[None, :] <= input_pos[:, None]  # (T, end)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+        return self.wo(out.transpose(1, 2).reshape(B, T, -1))
+
+
+class FeedForward(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.w1 = nn.Linear(cfg.dim, cfg.hidden_dim, bias=False)  # gate
+        self.w2 = nn.Linear(cfg.hidden_dim, cfg.dim, bias=False)  # down
+        self.w3 = nn.Linear(cfg.dim, cfg.hidden_dim, bias=False)  # up
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.attention = Attention(cfg)
+        self.feed_forward = FeedForward(cfg)
+        self.attention_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+
+    def forward(self, x, cos, sin, input_pos, end):
+        h = x + self.attention(self.attention_norm(x), cos, sin, input_pos, end)
+        return h + self.feed_forward(self.ffn_norm(h))
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.config = cfg
+        self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.layers = nn.ModuleList(TransformerBlock(cfg) for _ in range(cfg.n_layers))
+        self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.output = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.output.weight = self.tok_embeddings.weight
+        self.register_buffer("inv_freq", rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling),
+                             persistent=False)
+        self.max_seq_len = 0  # capacity of the KV caches; 0 until setup_caches
+        self.cache_tokens: list[int] = []  # token ids whose keys/values the caches hold (kept by generate)
+
+    def setup_caches(self, max_batch_size: int, max_seq_len: int, dtype: torch.dtype | None = None) -> None:
+        """Allocate static KV caches; positions 0..max_seq_len-1 can then be decoded."""
+        if max_seq_len > self.config.context_length:
+            raise ValueError(f"{max_seq_len} positions exceed the model's context of {self.config.context_length}")
+        dtype = dtype or self.tok_embeddings.weight.dtype
+        device = self.tok_embeddings.weight.device
+        for layer in self.layers:
+            layer.attention.cache = KVCache(max_batch_size, self.config.n_kv_heads, max_seq_len,
+                                            self.config.head_dim, dtype, device)
+        self.max_seq_len = max_seq_len
+        self.cache_tokens = []
+
+    def forward(self, tokens: torch.Tensor, input_pos: torch.Tensor | None = None,
+                last_only: bool = False) -> torch.Tensor:
+        """tokens (B, T) -> logits (B, T, vocab) (or (B, 1, vocab) with last_only).
+
+        Without input_pos: a causal forward from position 0, no cache (training, scoring).
+        With input_pos (T,): the absolute positions of these tokens; keys and values go into the
+        caches set up by setup_caches, and attention sees everything cached before them.
+        """
+        B, T = tokens.shape
+        if input_pos is None:
+            positions, end = torch.arange(T, device=tokens.device), T
+            if T > self.config.context_length:
+                raise ValueError(f"{T} tokens exceed the model's context of {self.config.context_length}")
+        else:
+            if self.max_seq_len == 0:
+                raise RuntimeError("call setup_caches() before a forward with input_pos")
+            positions, end = input_pos, int(input_pos[-1]) + 1
+            if end > self.max_seq_len:
+                raise ValueError(f"position {end - 1} is beyond the KV cache of {self.max_seq_len} positions")
+        angles = positions.float()[:, None] * self.inv_freq[None, :]  # (T, head_dim/2)
+        cos, sin = torch.cos(angles), torch.sin(angles)
+        x = self.tok_embeddings(tokens)
+        for layer in self.layers:
+            x = layer(x, cos, sin, input_pos, end)
+        if last_only:
+            x = x[:, -1:]
+        return self.output(self.norm(x)).float()
+
+    def init_weights(self, generator: torch.Generator | None = None, std: float = 0.02) -> None:
+        """Random initialisation for pretraining: normal(0, std), residual projections scaled down."""
+        for name, p in self.named_parameters():
+            if p.dim() == 1:
+                nn.init.ones_(p)
+            else:
+                s = std / math.sqrt(2 * self.config.n_layers) if name.endswith(("wo.weight", "w2.weight")) else std
+                with torch.no_grad():
+                    p.normal_(0.0, s, generator=generator)
+
+
+def cross_entropy_loss(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
+    """Mean next-token loss; logits (B, T, V) and targets (B, T) already shifted by the caller."""
+    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=ignore_index)

@@ -1,0 +1,127 @@
+"""Dequantization of GGUF tensor types to fp32, vectorised in PyTorch.
+
+Each block layout follows ggml's `ggml-common.h` structs (cited per function); the `gguf` package's
+`gguf.quants.dequantize` is the reference the tests compare against. Input is the raw block bytes of
+a tensor as a uint8 tensor whose last dimension is a whole number of blocks.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+# type name -> (elements per block, bytes per block), as in ggml's type traits
+BLOCK = {
+    "Q4_0": (32, 18), "Q4_1": (32, 20), "Q5_0": (32, 22), "Q5_1": (32, 24), "Q8_0": (32, 34),
+    "Q4_K": (256, 144), "Q5_K": (256, 176), "Q6_K": (256, 210),
+}
+PLAIN = ("F32", "F16", "BF16")
+SUPPORTED = PLAIN + tuple(BLOCK)
+
+
+def _f16(b: torch.Tensor) -> torch.Tensor:
+    """(..., 2k) uint8 -> (..., k) fp32 read as little-endian fp16."""
+    return b.contiguous().view(torch.float16).float()
+
+
+def _nibbles(qs: torch.Tensor) -> torch.Tensor:
+    """(n, 16) packed bytes -> (n, 32) fp32: low nibbles are elements 0-15, high nibbles 16-31."""
+    q = torch.empty(qs.shape[0], 32, dtype=torch.float32)
+    q[:, :16] = qs & 0x0F  # writing into a preallocated fp32 tensor converts in the same pass
+    q[:, 16:] = qs >> 4
+    return q
+
+
+def _bits(b: torch.Tensor, n: int) -> torch.Tensor:
+    """(..., n/8) bytes read as a little-endian bitfield -> (..., n) of 0/1."""
+    shifts = torch.arange(8, dtype=torch.uint8)
+    return ((b[..., :, None] >> shifts) & 1).flatten(-2)[..., :n]
+
+
+def _q4_0(blk):  # block_q4_0 { ggml_half d; uint8_t qs[16]; }
+    d = _f16(blk[:, 0:2])
+    return (_nibbles(blk[:, 2:18]) - 8) * d
+
+
+def _q4_1(blk):  # block_q4_1 { ggml_half d, m; uint8_t qs[16]; }
+    d, m = _f16(blk[:, 0:2]), _f16(blk[:, 2:4])
+    return torch.addcmul(m, _nibbles(blk[:, 4:20]), d)
+
+
+def _q5_0(blk):  # block_q5_0 { ggml_half d; uint8_t qh[4]; uint8_t qs[16]; }
+    d = _f16(blk[:, 0:2])
+    q = _nibbles(blk[:, 6:22]) + _bits(blk[:, 2:6], 32) * 16
+    return (q - 16) * d
+
+
+def _q5_1(blk):  # block_q5_1 { ggml_half d, m; uint8_t qh[4]; uint8_t qs[16]; }
+    d, m = _f16(blk[:, 0:2]), _f16(blk[:, 2:4])
+    q = _nibbles(blk[:, 8:24]) + _bits(blk[:, 4:8], 32) * 16
+    return torch.addcmul(m, q, d)
+
+
+def _q8_0(blk):  # block_q8_0 { ggml_half d; int8_t qs[32]; }
+    d = _f16(blk[:, 0:2])
+    return blk[:, 2:34].contiguous().view(torch.int8).float() * d
+
+
+def _k_scales(sc: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """12 bytes of 6-bit (scale, min) pairs for 8 sub-blocks: ggml's get_scale_min_k4."""
+    lo, hi = sc[:, 0:4], sc[:, 4:8]
+    scales = torch.cat((lo & 63, (sc[:, 8:12] & 0x0F) | ((lo >> 6) << 4)), dim=-1)
+    mins = torch.cat((hi & 63, (sc[:, 8:12] >> 4) | ((hi >> 6) << 4)), dim=-1)
+    return scales.float(), mins.float()
+
+
+def _q4_k(blk):  # block_q4_K { ggml_half d, dmin; uint8_t scales[12]; uint8_t qs[128]; }
+    d, dmin = _f16(blk[:, 0:2]), _f16(blk[:, 2:4])
+    sc, mn = _k_scales(blk[:, 4:16])
+    qs = blk[:, 16:144].reshape(-1, 4, 32)
+    # Each 32-byte chunk holds two 32-element sub-blocks: low nibbles first, then high nibbles.
+    q = torch.stack((qs & 0x0F, qs >> 4), dim=2).reshape(-1, 8, 32).float()
+    return (d[:, :, None] * sc[:, :, None] * q - dmin[:, :, None] * mn[:, :, None]).reshape(-1, 256)
+
+
+def _q5_k(blk):  # block_q5_K { ggml_half d, dmin; uint8_t scales[12]; uint8_t qh[32]; uint8_t qs[128]; }
+    d, dmin = _f16(blk[:, 0:2]), _f16(blk[:, 2:4])
+    sc, mn = _k_scales(blk[:, 4:16])
+    qh = blk[:, 16:48]
+    qs = blk[:, 48:176].reshape(-1, 4, 32)
+    low = torch.stack((qs & 0x0F, qs >> 4), dim=2).reshape(-1, 8, 32)
+    # Sub-block i takes its fifth bit from bit i of every qh byte.
+    high = (qh[:, None, :] >> torch.arange(8, dtype=torch.uint8)[None, :, None]) & 1  # (n, 8, 32)
+    q = (low | (high << 4)).float()
+    return (d[:, :, None] * sc[:, :, None] * q - dmin[:, :, None] * mn[:, :, None]).reshape(-1, 256)
+
+
+def _q6_k(blk):  # block_q6_K { uint8_t ql[128]; uint8_t qh[64]; int8_t scales[16]; ggml_half d; }
+    ql = blk[:, 0:128].reshape(-1, 2, 64)
+    qh = blk[:, 128:192].reshape(-1, 2, 32)
+    sc = blk[:, 192:208].contiguous().view(torch.int8).float().reshape(-1, 16)
+    d = _f16(blk[:, 208:210])
+    # Per 128-element half: four 32-element groups from the low/high nibbles of ql[0:32], ql[32:64]
+    # and 2-bit fields 0, 1, 2, 3 of qh.
+    lo = torch.stack((ql[:, :, :32] & 0x0F, ql[:, :, 32:] & 0x0F, ql[:, :, :32] >> 4, ql[:, :, 32:] >> 4), dim=2)
+    hi = torch.stack(tuple((qh >> (2 * i)) & 3 for i in range(4)), dim=2)
+    q = (lo | (hi << 4)).float().reshape(-1, 16, 16) - 32  # 16 groups of 16 share one scale
+    return (d[:, :, None] * sc[:, :, None] * q).reshape(-1, 256)
+
+
+_DEQUANT = {"Q4_0": _q4_0, "Q4_1": _q4_1, "Q5_0": _q5_0, "Q5_1": _q5_1, "Q8_0": _q8_0,
+            "Q4_K": _q4_k, "Q5_K": _q5_k, "Q6_K": _q6_k}
+
+
+def dequantize(data: np.ndarray | torch.Tensor, type_name: str, shape: tuple[int, ...]) -> torch.Tensor:
+    """Raw GGUF tensor data -> fp32 tensor of `shape` (PyTorch order: rows first)."""
+    if type_name not in SUPPORTED:
+        raise ValueError(f"GGUF tensor type {type_name} is not supported (supported: {', '.join(SUPPORTED)})")
+    t = torch.as_tensor(data)
+    if type_name == "F32":
+        return t.view(torch.float32).reshape(shape)
+    if type_name == "F16":
+        return t.view(torch.float16).reshape(shape).float()
+    if type_name == "BF16":
+        return t.contiguous().view(torch.uint8).view(torch.bfloat16).reshape(shape).float()
+    n_el, n_bytes = BLOCK[type_name]
+    blocks = t.contiguous().view(torch.uint8).reshape(-1, n_bytes)
+    return _DEQUANT[type_name](blocks).reshape(shape)

@@ -1,0 +1,90 @@
+"""Sampling: pure functions from logits to a token id, with an explicit torch.Generator.
+
+Order, as llama.cpp's default sampler chain: penalties (repetition, presence, frequency) over the
+recent history, then top-k, top-p, min-p, temperature, and a draw. Temperature 0 means greedy: the
+argmax after penalties, with no randomness at all.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    temperature: float = 0.8
+    top_k: int = 40  # 0: off
+    top_p: float = 0.95  # 1.0: off
+    min_p: float = 0.05  # 0.0: off
+    repetition_penalty: float = 1.0  # 1.0: off; CTRL-style divide/multiply of seen tokens' logits
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    penalty_last_n: int = 64  # how many recent tokens the penalties look at; -1: all
+
+    def __post_init__(self):
+        checks = [(self.temperature >= 0, "temperature must be >= 0"),
+                  (self.top_k >= 0, "top_k must be >= 0 (0 turns it off)"),
+                  (0 < self.top_p <= 1, "top_p must be in (0, 1]"),
+                  (0 <= self.min_p <= 1, "min_p must be in [0, 1]"),
+                  (self.repetition_penalty > 0, "repetition_penalty must be > 0"),
+                  (-2 <= self.presence_penalty <= 2, "presence_penalty must be in [-2, 2]"),
+                  (-2 <= self.frequency_penalty <= 2, "frequency_penalty must be in [-2, 2]")]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(message)
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+GREEDY = SamplingParams(temperature=0.0)
+
+
+def apply_penalties(logits: torch.Tensor, history: Sequence[int], p: SamplingParams) -> torch.Tensor:
+    """logits (V,) -> penalised copy; history is every token so far (prompt and generated)."""
+    if p.repetition_penalty == 1.0 and p.presence_penalty == 0.0 and p.frequency_penalty == 0.0:
+        return logits
+    recent = history if p.penalty_last_n < 0 else history[-p.penalty_last_n:] if p.penalty_last_n else []
+    if not recent:
+        return logits
+    ids, counts = torch.tensor(list(recent), device=logits.device).unique(return_counts=True)
+    out = logits.clone()
+    seen = out[ids]
+    if p.repetition_penalty != 1.0:
+        seen = torch.where(seen > 0, seen / p.repetition_penalty, seen * p.repetition_penalty)
+    seen = seen - p.presence_penalty - p.frequency_penalty * counts.to(seen.dtype)
+    out[ids] = seen
+    return out
+
+
+def filter_logits(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
+    """Set to -inf every logit that top-k, top-p or min-p removes; the best token always survives."""
+    logits = logits.clone()
+    if p.top_k and p.top_k < logits.numel():
+        kth = torch.topk(logits, p.top_k).values[-1]
+        logits[logits < kth] = float("-inf")
+    if p.top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True)
+        probs = sorted_logits.softmax(-1)
+        # Keep the smallest prefix whose mass reaches top_p: drop a token when the mass before it does.
+        drop = (probs.cumsum(-1) - probs) >= p.top_p
+        logits[order[drop]] = float("-inf")
+    if p.min_p > 0.0:
+        probs = logits.softmax(-1)
+        logits[probs < p.min_p * probs.max()] = float("-inf")
+    return logits
+
+
+def sample(logits: torch.Tensor, p: SamplingParams, history: Sequence[int] = (),
+           generator: torch.Generator | None = None) -> int:
+    """One token id from next-token logits (V,)."""
+    logits = apply_penalties(logits.float(), history, p)
+    if p.greedy:
+        return int(logits.argmax())
+    logits = filter_logits(logits, p)
+    probs = (logits / p.temperature).softmax(-1)
+    return int(torch.multinomial(probs, 1, generator=generator))

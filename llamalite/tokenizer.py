@@ -1,0 +1,398 @@
+"""Tokenizers, exactly like the reference of each format, with the `tokenizers` and `sentencepiece`
+libraries as engines.
+
+- GGUF `gpt2` (byte-level BPE): a `tokenizers` BPE built from the file's vocab and merges, with the
+  pre-tokenizer regexes llama.cpp applies for the file's `tokenizer.ggml.pre` (llama-vocab.cpp).
+- GGUF `llama` (SentencePiece BPE): a SentencePiece model rebuilt from the file's pieces, scores and
+  types, run by the `sentencepiece` library.
+- `tokenizer.json`: the `tokenizers` library as it is; `tokenizer.model`: `sentencepiece` as it is,
+  or, for Llama 3's tiktoken-format file, a `tokenizers` BPE built from the ranks.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import re
+import warnings
+from pathlib import Path
+from typing import Any, Iterable, Iterator, Mapping, Sequence
+
+# Token types in GGUF `tokenizer.ggml.token_type` (llama.cpp's llama_token_type)
+NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
+
+# Tokens that end a turn when the file names none (llama.cpp auto-detects the same texts).
+END_OF_TURN_TEXTS = ("<|eot_id|>", "<|eom_id|>", "<|im_end|>", "<|end|>", "<end_of_turn>", "<|endoftext|>",
+                     "<|end_of_text|>", "<EOT>")
+
+_GPT2 = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
+_LLAMA3 = (r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+           r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+# llama.cpp's pre-tokenizer per `tokenizer.ggml.pre`: regexes applied one after another, each splitting
+# the pieces the previous one made. Its GPT-2 regex has no trailing `|\s+`, but llama.cpp's hand-written
+# matcher for that regex behaves as if it had one, so it is written out here.
+BPE_PRE_TOKENIZERS: dict[str, tuple[tuple[str, ...], bool]] = {  # name -> (regexes, ignore_merges)
+    "default": ((r"[\p{P}\$\+<=>\^~\|]+", _GPT2, r"\p{N}+", r"[0-9][0-9][0-9]"), False),
+    "gpt-2": ((_GPT2,), False),
+    "llama3": ((_LLAMA3,), True),
+    "llama-v3": ((_LLAMA3,), True),
+    "llama-bpe": ((_LLAMA3,), True),
+    "smaug-bpe": ((_LLAMA3,), False),
+    "smollm": ((r"\p{N}", _GPT2), False),
+    "starcoder": ((r"\p{N}", _GPT2), False),
+    "refact": ((r"\p{N}", _GPT2), False),
+}
+
+
+class Tokenizer:
+    """Text <-> token ids for one model, whatever the file format it came from.
+
+    `encode` parses special-token texts (e.g. "<|im_start|>") into their ids unless told not to, as
+    llama.cpp and transformers do for chat prompts; `decode` leaves control tokens out.
+    """
+
+    def __init__(self, engine: "_Engine", *, bos_id: int | None, eos_id: int | None, add_bos: bool,
+                 end_ids: Iterable[int] = (), pad_id: int | None = None):
+        self.engine = engine
+        self.bos_id, self.eos_id, self.pad_id = bos_id, eos_id, pad_id
+        self.add_bos = add_bos
+        self.end_ids = frozenset(i for i in (eos_id, *end_ids) if i is not None)
+
+    @property
+    def vocab_size(self) -> int:
+        return self.engine.vocab_size
+
+    def token_text(self, token_id: int) -> str:
+        return self.engine.id_to_piece(token_id)
+
+    @property
+    def bos_token(self) -> str:
+        return "" if self.bos_id is None else self.token_text(self.bos_id)
+
+    @property
+    def eos_token(self) -> str:
+        return "" if self.eos_id is None else self.token_text(self.eos_id)
+
+    def token_id(self, text: str) -> int | None:
+        return self.engine.piece_to_id(text)
+
+    def encode(self, text: str, add_bos: bool | None = None, parse_special: bool = True) -> list[int]:
+        ids = self.engine.encode(text, parse_special)
+        if (self.add_bos if add_bos is None else add_bos) and self.bos_id is not None:
+            ids = [self.bos_id] + ids
+        return ids
+
+    def decode(self, ids: Sequence[int], skip_special: bool = True) -> str:
+        return self.engine.decode(list(ids), skip_special)
+
+    def stream(self, skip_special: bool = True) -> "StreamDecoder":
+        return StreamDecoder(self, skip_special)
+
+
+class StreamDecoder:
+    """Turns token ids arriving one by one into text, never emitting a broken UTF-8 sequence.
+
+    Decoding a window of recent ids and emitting only what follows the window's already-emitted text
+    keeps context-dependent decoders right (SentencePiece drops a leading space on the first piece).
+    """
+
+    def __init__(self, tokenizer: Tokenizer, skip_special: bool = True):
+        self.tokenizer, self.skip_special = tokenizer, skip_special
+        self.ids: list[int] = []
+        self.prefix_offset = 0  # start of the decoding window
+        self.read_offset = 0  # ids before this have been emitted
+
+    def push(self, token_id: int) -> str:
+        self.ids.append(token_id)
+        decode = self.tokenizer.decode
+        prefix = decode(self.ids[self.prefix_offset:self.read_offset], self.skip_special)
+        full = decode(self.ids[self.prefix_offset:], self.skip_special)
+        if full.endswith("\ufffd") or len(full) <= len(prefix):
+            return ""  # an incomplete multi-byte character: wait for the rest
+        self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
+        return full[len(prefix):]
+
+    def flush(self) -> str:
+        """Whatever is still held back (a sequence that ended mid-character)."""
+        decode = self.tokenizer.decode
+        prefix = decode(self.ids[self.prefix_offset:self.read_offset], self.skip_special)
+        full = decode(self.ids[self.prefix_offset:], self.skip_special)
+        self.prefix_offset = self.read_offset = len(self.ids)
+        return full[len(prefix):]
+
+
+class _Engine:
+    vocab_size: int
+
+    def encode(self, text: str, parse_special: bool) -> list[int]: ...
+    def decode(self, ids: list[int], skip_special: bool) -> str: ...
+    def id_to_piece(self, token_id: int) -> str: ...
+    def piece_to_id(self, piece: str) -> int | None: ...
+
+
+class HFEngine(_Engine):
+    """A `tokenizers.Tokenizer`; its added tokens are the special texts parsed in `encode`."""
+
+    def __init__(self, tok: Any):
+        self.tok = tok
+        self.vocab_size = tok.get_vocab_size(with_added_tokens=True)
+
+    def encode(self, text: str, parse_special: bool) -> list[int]:
+        self.tok.encode_special_tokens = not parse_special
+        return self.tok.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids: list[int], skip_special: bool) -> str:
+        return self.tok.decode(ids, skip_special_tokens=skip_special)
+
+    def id_to_piece(self, token_id: int) -> str:
+        return self.tok.id_to_token(token_id)
+
+    def piece_to_id(self, piece: str) -> int | None:
+        return self.tok.token_to_id(piece)
+
+
+class SPEngine(_Engine):
+    """A `sentencepiece.SentencePieceProcessor`; control-token texts are split out before encoding."""
+
+    def __init__(self, sp: Any, special_ids: Iterable[int]):
+        self.sp = sp
+        self.vocab_size = sp.get_piece_size()
+        self.special = {sp.id_to_piece(i): i for i in special_ids}
+        self.control_ids = {i for i in range(self.vocab_size) if sp.is_control(i)} | set(self.special.values())
+        self._split = (re.compile("(" + "|".join(map(re.escape, sorted(self.special, key=len, reverse=True))) + ")")
+                       if self.special else None)
+
+    def encode(self, text: str, parse_special: bool) -> list[int]:
+        if not parse_special or self._split is None:
+            return self.sp.encode(text)
+        ids: list[int] = []
+        for i, part in enumerate(self._split.split(text)):
+            if i % 2:
+                ids.append(self.special[part])
+            elif part:
+                ids.extend(self.sp.encode(part))
+        return ids
+
+    def decode(self, ids: list[int], skip_special: bool) -> str:
+        if not skip_special:
+            # sentencepiece renders control tokens as "": spell them out between decoded runs.
+            out, run = [], []
+            for i in ids:
+                if i in self.control_ids:
+                    out.extend((self.sp.decode(run), self.sp.id_to_piece(i)))
+                    run = []
+                else:
+                    run.append(i)
+            return "".join(out) + self.sp.decode(run)
+        return self.sp.decode([i for i in ids if i not in self.control_ids])
+
+    def id_to_piece(self, token_id: int) -> str:
+        return self.sp.id_to_piece(token_id)
+
+    def piece_to_id(self, piece: str) -> int | None:
+        i = self.sp.piece_to_id(piece)
+        return None if i == self.sp.unk_id() and piece != self.sp.id_to_piece(i) else i
+
+
+def _require(module: str, package: str):
+    try:
+        return __import__(module)
+    except ImportError as e:  # pragma: no cover - dependency missing
+        raise ImportError(f"this tokenizer needs the {package!r} package: pip install {package}") from e
+
+
+def _end_ids(find: Any, explicit: Iterable[int | None] = ()) -> list[int]:
+    ids = [i for i in explicit if i is not None]
+    for text in END_OF_TURN_TEXTS:
+        i = find(text)
+        if i is not None:
+            ids.append(i)
+    return ids
+
+
+# ----- GGUF ---------------------------------------------------------------------------------------
+
+def tokenizer_from_gguf(meta: Mapping[str, Any]) -> Tokenizer:
+    """Build the tokenizer a GGUF file describes in its `tokenizer.ggml.*` keys."""
+    kind = meta.get("tokenizer.ggml.model")
+    if kind is None or "tokenizer.ggml.tokens" not in meta:
+        raise ValueError("GGUF file has no tokenizer (tokenizer.ggml.model / tokens are missing)")
+    tokens: list[str] = meta["tokenizer.ggml.tokens"]
+    types: list[int] = meta.get("tokenizer.ggml.token_type") or [NORMAL] * len(tokens)
+    bos, eos = meta.get("tokenizer.ggml.bos_token_id"), meta.get("tokenizer.ggml.eos_token_id")
+    if kind == "gpt2":
+        pre = meta.get("tokenizer.ggml.pre", "default")
+        engine = HFEngine(_bpe_from_gguf(tokens, types, meta.get("tokenizer.ggml.merges") or [], pre))
+        default_add_bos = pre in ("llama3", "llama-v3", "llama-bpe")
+    elif kind == "llama":
+        engine = _spm_from_gguf(tokens, types, meta.get("tokenizer.ggml.scores") or [0.0] * len(tokens),
+                                add_space_prefix=meta.get("tokenizer.ggml.add_space_prefix", True))
+        default_add_bos = True
+    else:
+        raise ValueError(f"GGUF tokenizer model {kind!r} is not supported (supported: gpt2, llama)")
+    control = {t for t, ty in zip(tokens, types) if ty == CONTROL}
+
+    def find(text: str) -> int | None:
+        return engine.piece_to_id(text) if text in control else None
+
+    return Tokenizer(engine, bos_id=bos, eos_id=eos,
+                     add_bos=meta.get("tokenizer.ggml.add_bos_token", default_add_bos),
+                     end_ids=_end_ids(find, (meta.get("tokenizer.ggml.eot_token_id"),
+                                             meta.get("tokenizer.ggml.eom_token_id"))),
+                     pad_id=meta.get("tokenizer.ggml.padding_token_id"))
+
+
+def _bpe_from_gguf(tokens: list[str], types: list[int], merges: list[str], pre: str):
+    tk = _require("tokenizers", "tokenizers")
+    if pre not in BPE_PRE_TOKENIZERS:
+        warnings.warn(f"GGUF pre-tokenizer {pre!r} is not known to llamalite; using 'default' as llama.cpp "
+                      f"does (known: {', '.join(BPE_PRE_TOKENIZERS)})", stacklevel=3)
+        pre = "default"
+    regexes, ignore_merges = BPE_PRE_TOKENIZERS[pre]
+    vocab = {t: i for i, t in enumerate(tokens)}
+    pairs = [tuple(m.split(" ", 1)) for m in merges]
+    tok = tk.Tokenizer(tk.models.BPE(vocab, pairs, ignore_merges=ignore_merges))
+    tok.pre_tokenizer = tk.pre_tokenizers.Sequence(
+        [tk.pre_tokenizers.Split(tk.Regex(r), behavior="isolated") for r in regexes]
+        + [tk.pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    tok.decoder = tk.decoders.ByteLevel()
+    # llama.cpp matches control and user-defined token texts before running BPE.
+    tok.add_special_tokens([tk.AddedToken(t, special=ty == CONTROL, normalized=False)
+                            for t, ty in zip(tokens, types) if ty in (CONTROL, USER_DEFINED)])
+    return tok
+
+
+def _spm_from_gguf(tokens: list[str], types: list[int], scores: list[float], add_space_prefix: bool):
+    spm = _require("sentencepiece", "sentencepiece")
+    from sentencepiece import sentencepiece_model_pb2 as pb
+
+    proto = pb.ModelProto()
+    proto.trainer_spec.model_type = pb.TrainerSpec.BPE
+    proto.trainer_spec.byte_fallback = any(ty == BYTE for ty in types)
+    proto.normalizer_spec.name = "identity"
+    proto.normalizer_spec.add_dummy_prefix = bool(add_space_prefix)
+    proto.normalizer_spec.remove_extra_whitespaces = False
+    proto.normalizer_spec.escape_whitespaces = True
+    kinds = {NORMAL: pb.ModelProto.SentencePiece.NORMAL, UNKNOWN: pb.ModelProto.SentencePiece.UNKNOWN,
+             CONTROL: pb.ModelProto.SentencePiece.CONTROL, USER_DEFINED: pb.ModelProto.SentencePiece.USER_DEFINED,
+             UNUSED: pb.ModelProto.SentencePiece.UNUSED, BYTE: pb.ModelProto.SentencePiece.BYTE}
+    for t, ty, s in zip(tokens, types, scores):
+        piece = proto.pieces.add()
+        piece.piece, piece.score, piece.type = t, s, kinds.get(ty, pb.ModelProto.SentencePiece.NORMAL)
+    sp = spm.SentencePieceProcessor(model_proto=proto.SerializeToString())
+    return SPEngine(sp, [i for i, ty in enumerate(types) if ty == CONTROL])
+
+
+# ----- Hugging Face and Meta files ----------------------------------------------------------------
+
+def tokenizer_from_hf_dir(path: Path) -> Tokenizer:
+    """`tokenizer.json` (+ `tokenizer_config.json` for BOS handling), or a `tokenizer.model`."""
+    cfg_file = path / "tokenizer_config.json"
+    cfg = json.loads(cfg_file.read_text()) if cfg_file.exists() else {}
+    if (path / "tokenizer.json").exists():
+        tk = _require("tokenizers", "tokenizers")
+        tok = tk.Tokenizer.from_file(str(path / "tokenizer.json"))
+        engine = HFEngine(tok)
+
+        def named(key: str) -> int | None:
+            v = cfg.get(key)
+            v = v.get("content") if isinstance(v, dict) else v
+            return tok.token_to_id(v) if v else None
+
+        bos, eos = named("bos_token"), named("eos_token")
+        special = {t.content for t in tok.get_added_tokens_decoder().values() if t.special}
+        add_bos = cfg.get("add_bos_token")
+        if add_bos is None:  # the post-processor decides: see whether it puts BOS in front
+            add_bos = bos is not None and tok.encode("a").ids[:1] == [bos]
+        return Tokenizer(engine, bos_id=bos, eos_id=eos, add_bos=bool(add_bos),
+                         end_ids=_end_ids(lambda t: tok.token_to_id(t) if t in special else None),
+                         pad_id=named("pad_token"))
+    if (path / "tokenizer.model").exists():
+        return tokenizer_from_model_file(path / "tokenizer.model")
+    raise FileNotFoundError(f"{path} has no tokenizer.json or tokenizer.model")
+
+
+def tokenizer_from_model_file(file: Path) -> Tokenizer:
+    """A `tokenizer.model`: SentencePiece (LLaMA 1/2) or Llama 3's tiktoken ranks (text lines)."""
+    head = file.read_bytes()[:256]
+    if re.match(rb"^[A-Za-z0-9+/=]+ \d+\n", head):
+        return tokenizer_from_tiktoken(file)
+    spm = _require("sentencepiece", "sentencepiece")
+    sp = spm.SentencePieceProcessor(model_file=str(file))
+    bos = sp.bos_id() if sp.bos_id() >= 0 else None
+    eos = sp.eos_id() if sp.eos_id() >= 0 else None
+    engine = SPEngine(sp, [i for i in (bos, eos) if i is not None])
+    return Tokenizer(engine, bos_id=bos, eos_id=eos, add_bos=True)
+
+
+LLAMA3_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+                  r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+
+
+def llama3_special_tokens(n_base: int) -> dict[str, int]:
+    """The 256 special tokens after the base vocabulary (meta-llama/llama-models tokenizer.py, 3.1+)."""
+    names = ["<|begin_of_text|>", "<|end_of_text|>", "<|reserved_special_token_0|>",
+             "<|reserved_special_token_1|>", "<|finetune_right_pad_id|>", "<|step_id|>", "<|start_header_id|>",
+             "<|end_header_id|>", "<|eom_id|>", "<|eot_id|>", "<|python_tag|>"]
+    names += [f"<|reserved_special_token_{i}|>" for i in range(2, 2 + 256 - len(names))]
+    return {name: n_base + i for i, name in enumerate(names)}
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's reversible byte -> printable character map used by byte-level BPE vocabularies."""
+    keep = list(range(ord("!"), ord("~") + 1)) + list(range(0xA1, 0xAD)) + list(range(0xAE, 0x100))
+    chars, extra = {}, 0
+    for b in range(256):
+        if b in keep:
+            chars[b] = chr(b)
+        else:
+            chars[b] = chr(256 + extra)
+            extra += 1
+    return chars
+
+
+def tokenizer_from_tiktoken(file: Path, pattern: str = LLAMA3_PATTERN) -> Tokenizer:
+    """Llama 3's tiktoken file (one `base64(token) rank` a line) as a byte-level `tokenizers` BPE.
+
+    tiktoken merges the adjacent pair whose merged bytes have the lowest rank; a BPE whose merges are
+    ordered by the rank of their result, with whole-word lookup first (ignore_merges), does the same.
+    """
+    tk = _require("tokenizers", "tokenizers")
+    ranks: dict[bytes, int] = {}
+    for n, line in enumerate(file.read_text().splitlines()):
+        if line.strip():
+            tok, rank = line.split()
+            ranks[base64.b64decode(tok)] = int(rank)
+    b2u = _bytes_to_unicode()
+
+    def text(b: bytes) -> str:
+        return "".join(b2u[c] for c in b)
+
+    merges = []
+    for tok, rank in ranks.items():
+        for i in range(1, len(tok)):
+            left, right = tok[:i], tok[i:]
+            if left in ranks and right in ranks:
+                merges.append((rank, ranks[left], ranks[right], text(left), text(right)))
+    merges.sort()
+    vocab = {text(t): r for t, r in ranks.items()}
+    bpe = tk.Tokenizer(tk.models.BPE(vocab, [(m[3], m[4]) for m in merges], ignore_merges=True))
+    bpe.pre_tokenizer = tk.pre_tokenizers.Sequence([
+        tk.pre_tokenizers.Split(tk.Regex(pattern), behavior="isolated"),
+        tk.pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    bpe.decoder = tk.decoders.ByteLevel()
+    special = llama3_special_tokens(len(ranks))
+    bpe.add_special_tokens([tk.AddedToken(t, special=True, normalized=False) for t in special])
+    engine = HFEngine(bpe)
+    return Tokenizer(engine, bos_id=special["<|begin_of_text|>"], eos_id=special["<|end_of_text|>"],
+                     add_bos=True, end_ids=[special["<|eot_id|>"], special["<|eom_id|>"]])
+
+
+def iter_text(decoder: StreamDecoder, ids: Iterable[int]) -> Iterator[str]:
+    for i in ids:
+        piece = decoder.push(i)
+        if piece:
+            yield piece
+    rest = decoder.flush()
+    if rest:
+        yield rest

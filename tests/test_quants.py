@@ -1,0 +1,45 @@
+import numpy as np
+import pytest
+import torch
+from gguf import GGMLQuantizationType, quants as gq
+
+from llamalite.quants import BLOCK, dequantize
+
+
+def random_blocks(type_name: str, n_blocks: int, seed: int = 0) -> np.ndarray:
+    """Random block bytes with every fp16 scale field set to a finite, small value."""
+    rng = np.random.default_rng(seed)
+    n_el, n_bytes = BLOCK[type_name]
+    raw = rng.integers(0, 256, size=(n_blocks, n_bytes), dtype=np.uint8)
+    halves = rng.uniform(-0.05, 0.05, size=(n_blocks, 2)).astype(np.float16).view(np.uint8)
+    if type_name == "Q6_K":  # d sits at the end of the block
+        raw[:, -2:] = halves[:, :2]
+    elif type_name in ("Q4_1", "Q5_1", "Q4_K", "Q5_K"):  # d and m / dmin lead the block
+        raw[:, 0:4] = halves
+    else:
+        raw[:, 0:2] = halves[:, :2]
+    return raw
+
+
+@pytest.mark.parametrize("type_name", sorted(BLOCK))
+def test_dequantize_matches_gguf_package(type_name):
+    n_el, n_bytes = BLOCK[type_name]
+    rows, cols = 3, n_el * 2
+    raw = random_blocks(type_name, rows * cols // n_el).reshape(rows, -1)
+    expected = gq.dequantize(raw, GGMLQuantizationType[type_name])
+    ours = dequantize(raw, type_name, (rows, cols))
+    torch.testing.assert_close(ours, torch.from_numpy(expected.astype(np.float32)), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("type_name", ["F16", "BF16"])
+def test_plain_types_match_gguf_package(type_name):
+    x = np.random.default_rng(1).standard_normal((4, 8)).astype(np.float32)
+    raw = gq.quantize(x, GGMLQuantizationType[type_name])
+    ours = dequantize(raw, type_name, (4, 8))
+    expected = gq.dequantize(raw, GGMLQuantizationType[type_name])
+    torch.testing.assert_close(ours, torch.from_numpy(expected.astype(np.float32)), rtol=0, atol=0)
+
+
+def test_unsupported_type_names_the_supported_ones():
+    with pytest.raises(ValueError, match="Q2_K is not supported.*Q4_K"):
+        dequantize(np.zeros(84, np.uint8), "Q2_K", (256,))

@@ -4,21 +4,7 @@ import torch
 from gguf import GGMLQuantizationType, quants as gq
 
 from llamalite.quants import BLOCK, dequantize
-
-
-def random_blocks(type_name: str, n_blocks: int, seed: int = 0) -> np.ndarray:
-    """Random block bytes with every fp16 scale field set to a finite, small value."""
-    rng = np.random.default_rng(seed)
-    n_el, n_bytes = BLOCK[type_name]
-    raw = rng.integers(0, 256, size=(n_blocks, n_bytes), dtype=np.uint8)
-    halves = rng.uniform(-0.05, 0.05, size=(n_blocks, 2)).astype(np.float16).view(np.uint8)
-    if type_name == "Q6_K":  # d sits at the end of the block
-        raw[:, -2:] = halves[:, :2]
-    elif type_name in ("Q4_1", "Q5_1", "Q4_K", "Q5_K"):  # d and m / dmin lead the block
-        raw[:, 0:4] = halves
-    else:
-        raw[:, 0:2] = halves[:, :2]
-    return raw
+from tests.helpers import random_blocks
 
 
 @pytest.mark.parametrize("type_name", sorted(BLOCK))

@@ -1,0 +1,179 @@
+"""Fixtures made in the test: tiny seeded models and tokenizers written in every format we load."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+CORPUS = (
+    "The quick brown fox jumps over the lazy dog. LLaMA is a family of language models. "
+    "Numbers like 12, 345 and 6789 appear in text; so do emoji 😀 and Korean 안녕하세요. "
+    "def main():\n\treturn 42\n"
+) * 20
+
+
+def train_bytelevel_bpe(vocab_size: int = 400):
+    """A small byte-level BPE (GPT-2 style) trained on CORPUS with the `tokenizers` library."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<s>", "</s>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator([CORPUS], trainer)
+    return tok
+
+
+def bpe_vocab_and_merges(tok) -> tuple[list[str], list[str]]:
+    model = json.loads(tok.to_str())["model"]
+    vocab = sorted(model["vocab"].items(), key=lambda kv: kv[1])
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model["merges"]]
+    return [t for t, _ in vocab], merges
+
+
+def train_sentencepiece(path: Path, vocab_size: int = 400) -> Path:
+    """A SentencePiece BPE model with byte fallback, like LLaMA's tokenizer.model."""
+    import sentencepiece as spm
+
+    text = path.parent / "spm_corpus.txt"
+    text.write_text(CORPUS)
+    spm.SentencePieceTrainer.train(input=str(text), model_prefix=str(path.with_suffix("")), vocab_size=vocab_size,
+                                   model_type="bpe", byte_fallback=True, character_coverage=1.0,
+                                   add_dummy_prefix=True, remove_extra_whitespaces=False,
+                                   normalization_rule_name="identity", bos_id=1, eos_id=2, unk_id=0,
+                                   minloglevel=2)
+    return path
+
+
+def random_blocks(type_name: str, n_blocks: int, seed: int = 0) -> np.ndarray:
+    """Random block bytes with every fp16 scale field set to a finite, small value."""
+    rng = np.random.default_rng(seed)
+    from llamalite.quants import BLOCK
+
+    n_el, n_bytes = BLOCK[type_name]
+    raw = rng.integers(0, 256, size=(n_blocks, n_bytes), dtype=np.uint8)
+    halves = rng.uniform(-0.05, 0.05, size=(n_blocks, 2)).astype(np.float16).view(np.uint8)
+    if type_name == "Q6_K":  # d sits at the end of the block
+        raw[:, -2:] = halves[:, :2]
+    elif type_name in ("Q4_1", "Q5_1", "Q4_K", "Q5_K"):  # d and m / dmin lead the block
+        raw[:, 0:4] = halves
+    else:
+        raw[:, 0:2] = halves[:, :2]
+    return raw
+
+
+def tiny_hf_config(**overrides):
+    from transformers import LlamaConfig
+
+    kwargs = dict(hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, vocab_size=400, max_position_embeddings=128, rms_norm_eps=1e-5,
+                  tie_word_embeddings=False, rope_theta=10000.0)
+    kwargs.update(overrides)
+    return LlamaConfig(**kwargs)
+
+
+def tiny_hf_model(seed: int = 0, **overrides):
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(tiny_hf_config(**overrides)).float().eval()
+    with torch.no_grad():  # HF initialises norms to 1: randomise them so the test sees them
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.uniform_(0.5, 1.5)
+    return model
+
+
+def save_hf_dir(model, path: Path) -> Path:
+    """model.safetensors + config.json + tokenizer.json (+ tokenizer_config.json) in `path`."""
+    path.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(path, safe_serialization=True)
+    train_bytelevel_bpe(model.config.vocab_size).save(str(path / "tokenizer.json"))
+    (path / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<s>", "eos_token": "</s>",
+                                                            "add_bos_token": True}))
+    return path
+
+
+def write_gguf(path: Path, weights: dict[str, np.ndarray], cfg, tensor_type: str = "F32",
+               tokens: list[str] | None = None, merges: list[str] | None = None, pre: str = "gpt-2",
+               chat_template: str | None = None) -> Path:
+    """A llama GGUF from Meta-named fp32 weights; 2-D weights are stored as `tensor_type`."""
+    import gguf
+    from gguf import GGMLQuantizationType as T
+
+    names = {"tok_embeddings.weight": "token_embd.weight", "norm.weight": "output_norm.weight",
+             "output.weight": "output.weight"}
+    layer = {"attention_norm": "attn_norm", "ffn_norm": "ffn_norm", "attention.wq": "attn_q",
+             "attention.wk": "attn_k", "attention.wv": "attn_v", "attention.wo": "attn_output",
+             "feed_forward.w1": "ffn_gate", "feed_forward.w2": "ffn_down", "feed_forward.w3": "ffn_up"}
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_block_count(cfg.n_layers)
+    w.add_context_length(cfg.context_length)
+    w.add_embedding_length(cfg.dim)
+    w.add_feed_forward_length(cfg.hidden_dim)
+    w.add_head_count(cfg.n_heads)
+    w.add_head_count_kv(cfg.n_kv_heads)
+    w.add_layer_norm_rms_eps(cfg.norm_eps)
+    w.add_rope_freq_base(cfg.rope_theta)
+    w.add_vocab_size(cfg.vocab_size)
+    if tokens is None:
+        tokens, merges = bpe_vocab_and_merges(train_bytelevel_bpe(cfg.vocab_size))
+    tokens = tokens + [f"[PAD{i}]" for i in range(cfg.vocab_size - len(tokens))]
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre(pre)
+    w.add_token_list(tokens)
+    w.add_token_types([3 if t in ("<s>", "</s>") else 1 for t in tokens])
+    w.add_token_merges(merges or [])
+    w.add_bos_token_id(tokens.index("<s>"))
+    w.add_eos_token_id(tokens.index("</s>"))
+    w.add_add_bos_token(False)
+    if chat_template:
+        w.add_chat_template(chat_template)
+    rng = np.random.default_rng(0)
+    for name, t in weights.items():
+        if name.startswith("layers."):
+            _, i, rest = name.split(".", 2)
+            key = rest.rsplit(".", 1)[0]
+            gname = f"blk.{i}.{layer[key]}.weight"
+        else:
+            gname = names[name]
+        t = np.ascontiguousarray(t, dtype=np.float32)
+        if t.ndim == 1 or tensor_type == "F32":
+            w.add_tensor(gname, t)
+        elif tensor_type in ("F16", "BF16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0"):
+            q = gguf.quants.quantize(t, T[tensor_type])
+            w.add_tensor(gname, q, raw_dtype=T[tensor_type])
+        else:  # K-quants: the gguf package only decodes them, so store random blocks of the right size
+            n_el, n_bytes = gguf.GGML_QUANT_SIZES[T[tensor_type]]
+            blocks = random_blocks(tensor_type, t.size // n_el, seed=int(rng.integers(1 << 30)))
+            w.add_tensor(gname, blocks.reshape(t.shape[0], -1), raw_dtype=T[tensor_type])
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+def meta_weights_from_hf(model) -> dict[str, torch.Tensor]:
+    """An HF model's weights under Meta's names and RoPE layout (what GGUF and consolidated.pth hold)."""
+    from llamalite.loading import hf_to_meta_name, unpermute_rope
+
+    cfg = model.config
+    out = {}
+    for name, t in model.state_dict().items():
+        meta = hf_to_meta_name(name)
+        if meta is None:
+            continue
+        t = t.detach().clone()
+        if meta.endswith("wq.weight"):
+            t = unpermute_rope(t, cfg.num_attention_heads)
+        elif meta.endswith("wk.weight"):
+            t = unpermute_rope(t, cfg.num_key_value_heads)
+        out[meta] = t
+    if cfg.tie_word_embeddings:
+        out.pop("output.weight", None)
+    return out

@@ -1,0 +1,65 @@
+import json
+
+import pytest
+import torch
+
+from llamalite.config import PRESETS, ModelConfig, config_from_hf, config_from_meta
+from llamalite.model import Transformer
+
+# Published parameter counts (papers, model cards) in billions; the tolerance covers their rounding.
+PUBLISHED = {
+    "llama-7b": 6.7, "llama-13b": 13.0, "llama-33b": 32.5, "llama-65b": 65.2,
+    "llama2-7b": 6.7, "llama2-13b": 13.0, "llama2-70b": 69.0,
+    "llama3-8b": 8.03, "llama3-70b": 70.6,
+    "llama3.1-8b": 8.03, "llama3.1-70b": 70.6, "llama3.1-405b": 405.9,
+    "llama3.2-1b": 1.24, "llama3.2-3b": 3.21,
+    "smollm2-135m": 0.1345, "smollm2-360m": 0.3618, "smollm2-1.7b": 1.711,
+}
+
+
+def test_every_preset_has_a_published_figure():
+    assert set(PRESETS) == set(PUBLISHED)
+
+
+@pytest.mark.parametrize("name", sorted(PUBLISHED))
+def test_preset_parameter_count_matches_published(name):
+    with torch.device("meta"):
+        model = Transformer(ModelConfig.from_preset(name))
+    n = sum(p.numel() for p in model.parameters())  # tied weights are counted once
+    assert n / 1e9 == pytest.approx(PUBLISHED[name], rel=0.006)
+
+
+def test_unknown_preset_names_the_known_ones():
+    with pytest.raises(KeyError, match="unknown preset 'llama-8b'; known: llama-7b"):
+        ModelConfig.from_preset("llama-8b")
+
+
+def test_meta_ffn_size_derivation():
+    # Meta's params.json gives multiple_of / ffn_dim_multiplier, not the hidden size itself.
+    assert ModelConfig.from_preset("llama-7b").hidden_dim == 11008
+    assert ModelConfig.from_preset("llama2-70b").hidden_dim == 28672
+    assert ModelConfig.from_preset("llama3-8b").hidden_dim == 14336
+
+
+def test_config_from_hf_reads_llama3_rope_scaling():
+    hf = {"model_type": "llama", "hidden_size": 2048, "num_hidden_layers": 16, "num_attention_heads": 32,
+          "num_key_value_heads": 8, "vocab_size": 128256, "intermediate_size": 8192, "rms_norm_eps": 1e-5,
+          "rope_theta": 500000.0, "max_position_embeddings": 131072, "tie_word_embeddings": True,
+          "rope_scaling": {"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0,
+                           "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}}
+    cfg = config_from_hf(hf)
+    assert cfg == ModelConfig.from_preset("llama3.2-1b", norm_eps=1e-5)
+
+
+def test_config_from_meta_params_json():
+    params = json.loads('{"dim": 4096, "multiple_of": 256, "n_heads": 32, "n_layers": 32, '
+                        '"norm_eps": 1e-06, "vocab_size": -1}')
+    cfg = config_from_meta(params, vocab_size=32000)
+    assert (cfg.hidden_dim, cfg.vocab_size, cfg.n_kv_heads) == (11008, 32000, 32)
+    with pytest.raises(ValueError, match="tokenizer.model"):
+        config_from_meta(params)
+
+
+def test_config_rejects_other_architectures():
+    with pytest.raises(ValueError, match="model_type 'mistral'"):
+        config_from_hf({"model_type": "mistral"})

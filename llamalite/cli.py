@@ -177,14 +177,13 @@ def cmd_pull(args) -> int:
 def cmd_list(args) -> int:
     from .store import store_dir, store_entries
 
-    root = store_dir()
     entries = store_entries()
     if not entries:
-        print(f"the store ({root}) is empty; download a model with `llamalite pull REPO[/FILE]`", file=sys.stderr)
+        print(f"the store ({store_dir()}) is empty; download a model with `llamalite pull REPO[/FILE]`",
+              file=sys.stderr)
         return 0
-    for p in entries:
-        size = p.stat().st_size if p.is_file() else sum(f.stat().st_size for f in p.rglob("*") if f.is_file())
-        print(f"{str(p.relative_to(root)):60s} {size / 2**20:10.1f} MiB")
+    for name, _, size in entries:
+        print(f"{name:60s} {size / 2**20:10.1f} MiB")
     return 0
 
 

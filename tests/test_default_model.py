@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from llamalite.chat_template import render_chat
-from llamalite.generate import generate
+from llamalite.generation import generate
 from llamalite.sampling import GREEDY
 
 PROMPTS = [

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from llamalite.config import ModelConfig
-from llamalite.generate import ContextLengthError, Completion, fit_prompt, generate, stream_text
+from llamalite.generation import ContextLengthError, Completion, fit_prompt, generate, stream_text
 from llamalite.loading import build_model
 from llamalite.sampling import GREEDY, SamplingParams, apply_penalties, filter_logits, sample
 from tests.helpers import meta_weights_from_hf, tiny_hf_model

@@ -18,7 +18,7 @@ def _load(args):
 
     if getattr(args, "threads", None):
         torch.set_num_threads(args.threads)
-    return load(resolve_model(args.model))
+    return load(resolve_model(args.model), device=args.device)
 
 
 def _sampling(args):
@@ -201,6 +201,7 @@ def _sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, help="makes sampling reproducible")
     p.add_argument("--max-new-tokens", "-n", type=int, default=256)
     p.add_argument("--threads", type=int, help="CPU threads (default: PyTorch's, one per core)")
+    p.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:1, mps, ...")
 
 
 def _generate_args(p):

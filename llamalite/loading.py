@@ -43,9 +43,16 @@ class LoadedModel:
         return self.model.config
 
 
-def load(path: str | Path, dtype: torch.dtype = torch.float32) -> LoadedModel:
-    """Load a GGUF file, an HF directory or a Meta checkpoint directory, telling which by its files."""
-    path = Path(path).expanduser()
+def load(path: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> LoadedModel:
+    """Load a GGUF file, an HF directory or a Meta checkpoint directory, telling which by its files,
+    onto `device` in `dtype` (fp32 by default: without AVX-512 BF16, bf16 matmuls are slow on CPUs)."""
+    lm = _load(Path(path).expanduser(), dtype)
+    if torch.device(device).type != "cpu":
+        lm.model.to(device)
+    return lm
+
+
+def _load(path: Path, dtype: torch.dtype) -> LoadedModel:
     if not path.exists():
         raise ModelFileError(f"no model at {path}: give a GGUF file, a Hugging Face directory or a Meta "
                              f"checkpoint directory (or a name from `llamalite list`)")

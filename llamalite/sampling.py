@@ -81,8 +81,8 @@ def filter_logits(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
 
 def sample(logits: torch.Tensor, p: SamplingParams, history: Sequence[int] = (),
            generator: torch.Generator | None = None) -> int:
-    """One token id from next-token logits (V,)."""
-    logits = apply_penalties(logits.float(), history, p)
+    """One token id from next-token logits (V,). Sampling runs on the CPU, where the generator is."""
+    logits = apply_penalties(logits.float().cpu(), history, p)
     if p.greedy:
         return int(logits.argmax())
     logits = filter_logits(logits, p)

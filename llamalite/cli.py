@@ -133,12 +133,13 @@ def cmd_tokenize(args) -> int:
 
 
 def cmd_info(args) -> int:
-    from .store import resolve_model
     from .loading import load
+    from .quantized import count_parameters, simd_path
+    from .store import resolve_model
 
     lm = load(resolve_model(args.model))
     cfg = lm.config
-    n_params = sum(p.numel() for p in lm.model.parameters())
+    n_params = count_parameters(lm.model)
     info: dict[str, Any] = {
         "path": str(lm.path),
         "format": lm.format,
@@ -151,6 +152,7 @@ def cmd_info(args) -> int:
         "rope_scaling": None if cfg.rope_scaling is None else vars(cfg.rope_scaling),
         "tied_embeddings": cfg.tie_embeddings,
         "tensor_types": dict(lm.tensor_types),
+        "kernels": simd_path(),
         "bos": lm.tokenizer.bos_token, "eos": lm.tokenizer.eos_token,
         "chat_template": lm.chat_template or "(none in the file: built-in Llama format)",
     }

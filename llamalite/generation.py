@@ -58,7 +58,7 @@ def _ensure_cache(model: Transformer, needed: int) -> None:
 @torch.inference_mode()
 def prefill(model: Transformer, tokens: Sequence[int]) -> torch.Tensor:
     """Run `tokens` through the cache, reusing the cached common prefix; returns the last logits (V,)."""
-    device = model.tok_embeddings.weight.device
+    device = model.device
     start = min(_common_prefix(model.cache_tokens, tokens), len(tokens) - 1)  # at least one token to get logits
     logits = None
     for lo in range(start, len(tokens), PREFILL_CHUNK):
@@ -82,7 +82,7 @@ def generate(model: Transformer, prompt: Sequence[int], *, max_new_tokens: int =
     if budget <= 0:
         return "length"
     _ensure_cache(model, len(prompt) + budget)
-    device = model.tok_embeddings.weight.device
+    device = model.device
     logits = prefill(model, prompt)
     history = model.cache_tokens = list(prompt)  # kept equal to what the cache holds
     stop = set(stop_ids)

@@ -43,16 +43,18 @@ class LoadedModel:
         return self.model.config
 
 
-def load(path: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> LoadedModel:
+def load(path: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
+         quantized: bool = True) -> LoadedModel:
     """Load a GGUF file, an HF directory or a Meta checkpoint directory, telling which by its files,
-    onto `device` in `dtype` (fp32 by default: without AVX-512 BF16, bf16 matmuls are slow on CPUs)."""
-    lm = _load(Path(path).expanduser(), dtype)
+    onto `device` in `dtype` (fp32 by default: without AVX-512 BF16, bf16 matmuls are slow on CPUs).
+    GGUF Q4_0/Q4_1/Q8_0 weights stay quantized unless `quantized` is False (e.g. for training)."""
+    lm = _load(Path(path).expanduser(), dtype, quantized)
     if torch.device(device).type != "cpu":
         lm.model.to(device)
     return lm
 
 
-def _load(path: Path, dtype: torch.dtype) -> LoadedModel:
+def _load(path: Path, dtype: torch.dtype, quantized: bool) -> LoadedModel:
     if not path.exists():
         raise ModelFileError(f"no model at {path}: give a GGUF file, a Hugging Face directory or a Meta "
                              f"checkpoint directory (or a name from `llamalite list`)")
@@ -60,7 +62,7 @@ def _load(path: Path, dtype: torch.dtype) -> LoadedModel:
         with open(path, "rb") as f:
             magic = f.read(4)
         if magic == b"GGUF":
-            return load_gguf(path, dtype)
+            return load_gguf(path, dtype, quantized)
         raise ModelFileError(f"{path} is not a GGUF file (it does not start with the GGUF magic); "
                              f"for a Hugging Face or Meta checkpoint give its directory")
     if (path / "config.json").exists():
@@ -69,7 +71,7 @@ def _load(path: Path, dtype: torch.dtype) -> LoadedModel:
         return load_meta(path, dtype)
     ggufs = sorted(path.glob("*.gguf"))
     if len(ggufs) == 1:
-        return load_gguf(ggufs[0], dtype)
+        return load_gguf(ggufs[0], dtype, quantized)
     raise ModelFileError(f"{path} holds neither config.json (Hugging Face), params.json (Meta) nor one "
                          f".gguf file" + (f" (it holds {len(ggufs)} .gguf files: name one)" if ggufs else ""))
 
@@ -90,15 +92,24 @@ def _skip_init():
             setattr(nn.init, n, f)
 
 
-def build_model(cfg: ModelConfig, weights: Mapping[str, torch.Tensor], dtype: torch.dtype) -> Transformer:
-    """Assign Meta-named weights into a model built without memory; shapes and names are checked."""
+def build_model(cfg: ModelConfig, weights: Mapping[str, torch.Tensor], dtype: torch.dtype,
+                quantized: Mapping[str, tuple[torch.Tensor, str]] | None = None) -> Transformer:
+    """Assign Meta-named weights into a model built without memory; shapes and names are checked.
+
+    `quantized` maps weight names to (GGUF block bytes, type name): those layers become QuantLinear /
+    QuantEmbedding modules holding the blocks as they are."""
+    from .quantized import QuantEmbedding, QuantLinear
+    from .quants import BLOCK
+
+    quantized = dict(quantized or {})
     with torch.device("meta"), _skip_init():
         model = Transformer(cfg)
     expected = {k: v.shape for k, v in model.state_dict().items()}
     if cfg.tie_embeddings:
         expected.pop("output.weight")
-    missing = sorted(set(expected) - set(weights))
-    unexpected = sorted(set(weights) - set(expected))
+    given = set(weights) | set(quantized)
+    missing = sorted(set(expected) - given)
+    unexpected = sorted(given - set(expected))
     if missing:
         raise ModelFileError(f"the checkpoint lacks {len(missing)} tensors the config needs, e.g. {missing[:3]}")
     if unexpected:
@@ -106,13 +117,31 @@ def build_model(cfg: ModelConfig, weights: Mapping[str, torch.Tensor], dtype: to
                              f"e.g. {unexpected[:3]}")
     state = {}
     for name, shape in expected.items():
-        w = weights[name]
-        if tuple(w.shape) != tuple(shape):
-            raise ModelFileError(f"tensor {name!r} has shape {tuple(w.shape)} but the config expects {tuple(shape)}")
-        state[name] = w.to(dtype)
+        if name in quantized:
+            raw, type_name = quantized[name]
+            n_el, n_bytes = BLOCK[type_name]
+            w_shape = (raw.shape[0], raw.shape[1] // n_bytes * n_el)
+        else:
+            w_shape = tuple(weights[name].shape)
+        if tuple(w_shape) != tuple(shape):
+            raise ModelFileError(f"tensor {name!r} has shape {tuple(w_shape)} but the config expects {tuple(shape)}")
+        if name not in quantized:
+            state[name] = weights[name].to(dtype)
     model.load_state_dict(state, strict=False, assign=True)
+    for name, (raw, type_name) in quantized.items():
+        parent, attr = name.removesuffix(".weight").rsplit(".", 1) if "." in name.removesuffix(".weight") else (
+            "", name.removesuffix(".weight"))
+        owner = model.get_submodule(parent)
+        if attr == "tok_embeddings":
+            setattr(owner, attr, QuantEmbedding(raw, type_name, cfg.dim))
+        else:
+            setattr(owner, attr, QuantLinear(raw, type_name, expected[name][1]))
     if cfg.tie_embeddings:
-        model.output.weight = model.tok_embeddings.weight
+        emb = model.tok_embeddings
+        if isinstance(emb, QuantEmbedding):
+            model.output = QuantLinear(emb.raw, emb.type_name, cfg.dim)
+        else:
+            model.output.weight = emb.weight
     return model.eval()
 
 
@@ -168,7 +197,10 @@ def gguf_metadata(reader) -> dict[str, Any]:
     return {k: v.contents() for k, v in reader.fields.items()}
 
 
-def load_gguf(path: Path, dtype: torch.dtype = torch.float32) -> LoadedModel:
+def load_gguf(path: Path, dtype: torch.dtype = torch.float32, quantized: bool = True) -> LoadedModel:
+    """With `quantized`, Q4_0/Q4_1/Q8_0 weights stay in their blocks (QuantLinear); other types, or
+    everything when `quantized` is False, are dequantized to `dtype`."""
+    from .quantized import KERNEL_TYPES
     from .quants import dequantize
 
     reader = open_gguf(path)
@@ -186,7 +218,7 @@ def load_gguf(path: Path, dtype: torch.dtype = torch.float32) -> LoadedModel:
         cfg = config_from_gguf(meta, has_output="output.weight" in tensors, rope_scaling=rope)
     except ValueError as e:
         raise ModelFileError(f"{path}: {e}") from e
-    weights = {}
+    weights, blocks = {}, {}
     types: Counter = Counter()
     for name, t in tensors.items():
         if name == "rope_freqs.weight":
@@ -195,12 +227,15 @@ def load_gguf(path: Path, dtype: torch.dtype = torch.float32) -> LoadedModel:
         if meta_name is None:
             raise ModelFileError(f"{path}: tensor {name!r} is not part of a llama model")
         shape = tuple(int(d) for d in reversed(t.shape))  # GGUF lists dimensions fastest-first
+        types[t.tensor_type.name] += 1
+        if quantized and t.tensor_type.name in KERNEL_TYPES and len(shape) == 2:
+            blocks[meta_name] = (torch.from_numpy(t.data), t.tensor_type.name)
+            continue
         try:
             weights[meta_name] = dequantize(t.data, t.tensor_type.name, shape)
         except ValueError as e:
             raise ModelFileError(f"{path}: tensor {name!r}: {e}") from e
-        types[t.tensor_type.name] += 1
-    model = build_model(cfg, weights, dtype)
+    model = build_model(cfg, weights, dtype, blocks)
     tokenizer = tokenizer_from_gguf(meta)
     template = meta.get("tokenizer.chat_template")
     small_meta = {k: v for k, v in meta.items() if not k.startswith("tokenizer.ggml.")}

@@ -143,12 +143,16 @@ class Transformer(nn.Module):
         self.max_seq_len = 0  # capacity of the KV caches; 0 until setup_caches
         self.cache_tokens: list[int] = []  # token ids whose keys/values the caches hold (kept by generate)
 
+    @property
+    def device(self) -> torch.device:
+        return self.norm.weight.device  # always a dense parameter, whatever the linear layers hold
+
     def setup_caches(self, max_batch_size: int, max_seq_len: int, dtype: torch.dtype | None = None) -> None:
         """Allocate static KV caches; positions 0..max_seq_len-1 can then be decoded."""
         if max_seq_len > self.config.context_length:
             raise ValueError(f"{max_seq_len} positions exceed the model's context of {self.config.context_length}")
-        dtype = dtype or self.tok_embeddings.weight.dtype
-        device = self.tok_embeddings.weight.device
+        dtype = dtype or self.norm.weight.dtype
+        device = self.device
         for layer in self.layers:
             layer.attention.cache = KVCache(max_batch_size, self.config.n_kv_heads, max_seq_len,
                                             self.config.head_dim, dtype, device)

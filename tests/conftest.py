@@ -19,6 +19,14 @@ def default_lm(default_model_file):
     return load(default_model_file)
 
 
+@pytest.fixture(scope="session")
+def default_lm_exact(default_model_file):
+    """The default model with every weight dequantized to fp32: the reference path."""
+    from llamalite.loading import load
+
+    return load(default_model_file, quantized=False)
+
+
 @pytest.fixture(autouse=True)
 def _deterministic():
     torch.manual_seed(0)

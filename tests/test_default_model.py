@@ -25,25 +25,25 @@ def hf_reference(default_model_file):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("prompt", PROMPTS)
-def test_logits_match_transformers(default_lm, hf_reference, prompt):
+def test_logits_match_transformers(default_lm_exact, hf_reference, prompt):
     model, _ = hf_reference
-    ids = torch.tensor([default_lm.tokenizer.encode(prompt)])
+    ids = torch.tensor([default_lm_exact.tokenizer.encode(prompt)])
     with torch.no_grad():
-        torch.testing.assert_close(default_lm.model(ids), model(ids).logits, atol=1e-3, rtol=0)
+        torch.testing.assert_close(default_lm_exact.model(ids), model(ids).logits, atol=1e-3, rtol=0)
 
 
 @pytest.mark.slow
-def test_32_greedy_tokens_match_transformers(default_lm, hf_reference):
+def test_32_greedy_tokens_match_transformers(default_lm_exact, hf_reference):
     model, _ = hf_reference
-    prompt = default_lm.tokenizer.encode(PROMPTS[2])
-    ours = list(generate(default_lm.model, prompt, max_new_tokens=32, sampling=GREEDY))
+    prompt = default_lm_exact.tokenizer.encode(PROMPTS[2])
+    ours = list(generate(default_lm_exact.model, prompt, max_new_tokens=32, sampling=GREEDY))
     with torch.no_grad():
         out = model.generate(torch.tensor([prompt]), max_new_tokens=32, do_sample=False,
                              eos_token_id=None, pad_token_id=0)
     theirs = out[0, len(prompt):].tolist()
     # We stop at an end-of-turn token; transformers was told not to.
     assert ours == theirs[:len(ours)] and len(ours) >= 8
-    assert default_lm.tokenizer.decode(ours).strip().startswith("12 times 7")
+    assert default_lm_exact.tokenizer.decode(ours).strip().startswith("12 times 7")
 
 
 @pytest.mark.slow
@@ -67,3 +67,29 @@ def test_answers_the_capital_question(default_lm):
     ids = list(generate(default_lm.model, tok.encode(text, add_bos=False), max_new_tokens=20, sampling=GREEDY,
                         stop_ids=tok.end_ids))
     assert tok.decode(ids) == "The capital of France is Paris."
+
+
+FAITHFULNESS_PROMPTS = [
+    "What is the capital of France?",
+    "Write a Python function that reverses a string.",
+    "Give me three tips for sleeping better.",
+    "Translate 'good morning' into Spanish.",
+]
+
+
+def test_quantized_fast_path_is_faithful_to_the_fp32_reference(default_lm, default_lm_exact):
+    """The kernels quantize activations to int16: logits stay within a small bound of the dequantized
+    fp32 reference and greedy answers stay the same."""
+    tok = default_lm.tokenizer
+    for question in FAITHFULNESS_PROMPTS:
+        text = render_chat(default_lm.chat_template, tok, [{"role": "user", "content": question}])
+        ids = tok.encode(text, add_bos=False)
+        with torch.no_grad():
+            for n in (1, 4, len(ids)):  # decode-sized (kernel) and prefill-sized (GEMM) batches
+                x = torch.tensor([ids[:n]])
+                fast, exact = default_lm.model(x), default_lm_exact.model(x)
+                assert (fast - exact).abs().max() < 0.05 * exact.abs().max()
+        fast_tokens = list(generate(default_lm.model, ids, max_new_tokens=24, sampling=GREEDY, stop_ids=tok.end_ids))
+        exact_tokens = list(generate(default_lm_exact.model, ids, max_new_tokens=24, sampling=GREEDY,
+                                     stop_ids=tok.end_ids))
+        assert fast_tokens == exact_tokens, question

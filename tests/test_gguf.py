@@ -7,6 +7,7 @@ from gguf import GGMLQuantizationType, GGUFReader, quants as gq
 
 from llamalite.config import ModelConfig
 from llamalite.loading import ModelFileError, build_model, gguf_to_meta_name, load
+from llamalite.quantized import QuantEmbedding, QuantLinear, dequantize_rows
 from llamalite.quants import SUPPORTED
 from tests.helpers import meta_weights_from_hf, tiny_hf_model, write_gguf
 
@@ -47,7 +48,7 @@ def test_every_type_loads_as_the_gguf_package_dequantizes_it(tmp_path, tensor_ty
     ref = tiny_hf_model(hidden_size=256, intermediate_size=512, max_position_embeddings=64)
     path = write_gguf(tmp_path / f"tiny-{tensor_type}.gguf", _as_numpy(meta_weights_from_hf(ref)), cfg,
                       tensor_type=tensor_type)
-    lm = load(path)
+    lm = load(path, quantized=False)
     expected_types = {tensor_type, "F32"}
     assert set(lm.tensor_types) == expected_types
     # The reference: the gguf package's own reader and dequantization of the same file.
@@ -61,7 +62,19 @@ def test_every_type_loads_as_the_gguf_package_dequantizes_it(tmp_path, tensor_ty
         torch.testing.assert_close(ours[name], values, rtol=0, atol=0, msg=name)
     expected_model = build_model(cfg, reference, torch.float32)
     with torch.no_grad():
-        torch.testing.assert_close(lm.model(TOKENS), expected_model(TOKENS), rtol=0, atol=0)
+        expected_logits = expected_model(TOKENS)
+        torch.testing.assert_close(lm.model(TOKENS), expected_logits, rtol=0, atol=0)
+    # The default load keeps Q4_0/Q4_1/Q8_0 in their blocks: same weights, kernel arithmetic.
+    fast = load(path).model
+    for name, values in reference.items():
+        module = fast.get_submodule(name.removesuffix(".weight"))
+        weight = module.dequantized() if isinstance(module, QuantLinear) else (
+            dequantize_rows(module.raw, module.type_name) if isinstance(module, QuantEmbedding) else module.weight)
+        torch.testing.assert_close(weight, values, rtol=0, atol=0, msg=name)
+    with torch.no_grad():
+        for n in (1, TOKENS.shape[1]):  # the fused kernel (few rows) and dequantize + GEMM (many)
+            got, want = fast(TOKENS[:, :n]), expected_logits[:, :n]
+            assert (got - want).abs().max() <= 1e-3 * want.abs().max()
 
 
 def _small_gguf(tmp_path):

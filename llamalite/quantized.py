@@ -1,0 +1,132 @@
+"""Quantized layers that keep GGUF blocks as they are in the file and multiply with them directly.
+
+`QuantLinear` has nn.Linear's call signature and `QuantEmbedding` nn.Embedding's, so the loader swaps
+them in and model.py never knows. Small batches (decode) go through the fused C++ kernel
+(llamalite/csrc/qmatmul.cpp: int16 activations, exact integer block dot products); larger ones
+(prefill) dequantize the weight once and use fp32 GEMM, the fastest matrix-matrix path on a CPU.
+Without the compiled kernels, or off the CPU, everything runs through PyTorch's own ops.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .quants import BLOCK, dequantize as dequantize_reference
+
+# ggml type ids of the block formats with a fused kernel
+KERNEL_TYPES = {"Q4_0": 2, "Q4_1": 3, "Q8_0": 8}
+GEMV_MAX_ROWS = 8  # up to this many activation rows use the fused kernel; more use dequantize + GEMM
+
+_kernels: bool | None = None
+
+
+def kernels_available() -> bool:
+    """Whether llamalite._kernels (built at install) loads; says once, if not, that PyTorch ops are used."""
+    global _kernels
+    if _kernels is None:
+        try:
+            from . import _kernels as _  # noqa: F401  (registers torch.ops.llamalite.*)
+            _kernels = True
+        except ImportError as e:
+            _kernels = False
+            warnings.warn(f"llamalite's compiled kernels are unavailable ({e}); using the slower pure-PyTorch "
+                          f"path. Reinstall with a C++ compiler present: pip install --no-build-isolation -e .",
+                          stacklevel=2)
+    return _kernels
+
+
+def simd_path() -> str:
+    if not kernels_available():
+        return "pytorch"
+    from . import _kernels
+
+    return _kernels.simd_path()
+
+
+def _register_fake() -> None:
+    """Shapes of the custom ops for torch.compile's tracing."""
+    if not kernels_available() or getattr(_register_fake, "done", False):
+        return
+
+    @torch.library.register_fake("llamalite::qmatmul")
+    def _(x, w, qtype):
+        return x.new_empty((x.shape[0], w.shape[0]), dtype=torch.float32)
+
+    @torch.library.register_fake("llamalite::dequantize")
+    def _(w, qtype):
+        n_el, n_bytes = BLOCK[next(k for k, v in KERNEL_TYPES.items() if v == qtype)]
+        return w.new_empty((w.shape[0], w.shape[1] // n_bytes * n_el), dtype=torch.float32)
+
+    _register_fake.done = True
+
+
+def dequantize_rows(raw: torch.Tensor, type_name: str) -> torch.Tensor:
+    """(N, bytes) blocks -> (N, K) fp32."""
+    if raw.device.type == "cpu" and type_name in KERNEL_TYPES and kernels_available():
+        return torch.ops.llamalite.dequantize(raw, KERNEL_TYPES[type_name])
+    n_el, n_bytes = BLOCK[type_name]
+    return dequantize_reference(raw, type_name, (raw.shape[0], raw.shape[1] // n_bytes * n_el)).to(raw.device)
+
+
+class QuantLinear(nn.Module):
+    """y = x @ W.T with W held as GGUF blocks (out_features rows of in_features/32 blocks)."""
+
+    def __init__(self, raw: torch.Tensor, type_name: str, in_features: int):
+        super().__init__()
+        n_el, n_bytes = BLOCK[type_name]
+        if raw.dtype != torch.uint8 or raw.dim() != 2 or raw.shape[1] * n_el != in_features * n_bytes:
+            raise ValueError(f"{type_name} blocks of shape {tuple(raw.shape)} do not hold rows of {in_features}")
+        self.register_buffer("raw", raw)
+        self.type_name, self.in_features, self.out_features = type_name, in_features, raw.shape[0]
+        _register_fake()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, self.in_features)
+        if (x2.shape[0] <= GEMV_MAX_ROWS and x.device.type == "cpu" and self.type_name in KERNEL_TYPES
+                and kernels_available()):
+            y = torch.ops.llamalite.qmatmul(x2, self.raw, KERNEL_TYPES[self.type_name])
+        else:
+            y = F.linear(x2.float(), dequantize_rows(self.raw, self.type_name))
+        return y.to(x.dtype).reshape(*lead, self.out_features)
+
+    def dequantized(self) -> torch.Tensor:
+        return dequantize_rows(self.raw, self.type_name)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, type={self.type_name}"
+
+
+class QuantEmbedding(nn.Module):
+    """Rows of a GGUF-block table, dequantized only for the tokens looked up."""
+
+    def __init__(self, raw: torch.Tensor, type_name: str, dim: int):
+        super().__init__()
+        self.register_buffer("raw", raw)
+        self.type_name, self.embedding_dim, self.num_embeddings = type_name, dim, raw.shape[0]
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        rows = dequantize_rows(self.raw[tokens.reshape(-1)], self.type_name)
+        return rows.reshape(*tokens.shape, self.embedding_dim)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}, type={self.type_name}"
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Weights a model holds, dense or in blocks; storage shared by tied layers is counted once."""
+    seen, total = set(), 0
+    for p in model.parameters():
+        if p.data_ptr() not in seen:
+            seen.add(p.data_ptr())
+            total += p.numel()
+    for m in model.modules():
+        if isinstance(m, (QuantLinear, QuantEmbedding)) and m.raw.data_ptr() not in seen:
+            seen.add(m.raw.data_ptr())
+            n_el, n_bytes = BLOCK[m.type_name]
+            total += m.raw.shape[0] * m.raw.shape[1] // n_bytes * n_el
+    return total

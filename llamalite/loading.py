@@ -139,7 +139,7 @@ def build_model(cfg: ModelConfig, weights: Mapping[str, torch.Tensor], dtype: to
     if cfg.tie_embeddings:
         emb = model.tok_embeddings
         if isinstance(emb, QuantEmbedding):
-            model.output = QuantLinear(emb.raw, emb.type_name, cfg.dim)
+            model.output = QuantLinear.sharing(emb)
         else:
             model.output.weight = emb.weight
     return model.eval()

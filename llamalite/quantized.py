@@ -1,7 +1,8 @@
 """Quantized layers that keep GGUF blocks as they are in the file and multiply with them directly.
 
 `QuantLinear` has nn.Linear's call signature and `QuantEmbedding` nn.Embedding's, so the loader swaps
-them in and model.py never knows. Small batches (decode) go through the fused C++ kernel
+them in and model.py never knows. With the compiled kernels, each row's blocks are repacked once at
+load into the kernels' structure-of-arrays layout (same bytes, same size; see qmatmul.cpp). Small batches (decode) go through the fused C++ kernel
 (llamalite/csrc/qmatmul.cpp: int16 activations, exact integer block dot products); larger ones
 (prefill) dequantize the weight once and use fp32 GEMM, the fastest matrix-matrix path on a CPU.
 Without the compiled kernels, or off the CPU, everything runs through PyTorch's own ops.
@@ -56,6 +57,10 @@ def _register_fake() -> None:
     def _(x, w, qtype):
         return x.new_empty((x.shape[0], w.shape[0]), dtype=torch.float32)
 
+    @torch.library.register_fake("llamalite::repack")
+    def _(w, qtype):
+        return torch.empty_like(w)
+
     @torch.library.register_fake("llamalite::dequantize")
     def _(w, qtype):
         n_el, n_bytes = BLOCK[next(k for k, v in KERNEL_TYPES.items() if v == qtype)]
@@ -64,9 +69,16 @@ def _register_fake() -> None:
     _register_fake.done = True
 
 
-def dequantize_rows(raw: torch.Tensor, type_name: str) -> torch.Tensor:
-    """(N, bytes) blocks -> (N, K) fp32."""
+def pack(raw: torch.Tensor, type_name: str) -> tuple[torch.Tensor, bool]:
+    """GGUF rows -> (the rows the kernels read, whether they are repacked)."""
     if raw.device.type == "cpu" and type_name in KERNEL_TYPES and kernels_available():
+        return torch.ops.llamalite.repack(raw.contiguous(), KERNEL_TYPES[type_name]), True
+    return raw, False
+
+
+def dequantize_rows(raw: torch.Tensor, type_name: str, packed: bool) -> torch.Tensor:
+    """(N, bytes) blocks, repacked or in GGUF order -> (N, K) fp32."""
+    if packed:
         return torch.ops.llamalite.dequantize(raw, KERNEL_TYPES[type_name])
     n_el, n_bytes = BLOCK[type_name]
     return dequantize_reference(raw, type_name, (raw.shape[0], raw.shape[1] // n_bytes * n_el)).to(raw.device)
@@ -80,22 +92,32 @@ class QuantLinear(nn.Module):
         n_el, n_bytes = BLOCK[type_name]
         if raw.dtype != torch.uint8 or raw.dim() != 2 or raw.shape[1] * n_el != in_features * n_bytes:
             raise ValueError(f"{type_name} blocks of shape {tuple(raw.shape)} do not hold rows of {in_features}")
+        raw, self.packed = pack(raw, type_name)
         self.register_buffer("raw", raw)
         self.type_name, self.in_features, self.out_features = type_name, in_features, raw.shape[0]
         _register_fake()
 
+    @classmethod
+    def sharing(cls, other: "QuantEmbedding") -> "QuantLinear":
+        """The output layer of a model with tied embeddings: the same blocks, not a copy."""
+        layer = cls.__new__(cls)
+        nn.Module.__init__(layer)
+        layer.register_buffer("raw", other.raw)
+        layer.packed, layer.type_name = other.packed, other.type_name
+        layer.in_features, layer.out_features = other.embedding_dim, other.num_embeddings
+        return layer
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)
-        if (x2.shape[0] <= GEMV_MAX_ROWS and x.device.type == "cpu" and self.type_name in KERNEL_TYPES
-                and kernels_available()):
+        if self.packed and x2.shape[0] <= GEMV_MAX_ROWS and x.device.type == "cpu":
             y = torch.ops.llamalite.qmatmul(x2, self.raw, KERNEL_TYPES[self.type_name])
         else:
-            y = F.linear(x2.float(), dequantize_rows(self.raw, self.type_name))
+            y = F.linear(x2.float(), self.dequantized().to(x2.device))
         return y.to(x.dtype).reshape(*lead, self.out_features)
 
     def dequantized(self) -> torch.Tensor:
-        return dequantize_rows(self.raw, self.type_name)
+        return dequantize_rows(self.raw, self.type_name, self.packed)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, type={self.type_name}"
@@ -106,11 +128,12 @@ class QuantEmbedding(nn.Module):
 
     def __init__(self, raw: torch.Tensor, type_name: str, dim: int):
         super().__init__()
+        raw, self.packed = pack(raw, type_name)
         self.register_buffer("raw", raw)
         self.type_name, self.embedding_dim, self.num_embeddings = type_name, dim, raw.shape[0]
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        rows = dequantize_rows(self.raw[tokens.reshape(-1)], self.type_name)
+        rows = dequantize_rows(self.raw[tokens.reshape(-1)], self.type_name, self.packed)
         return rows.reshape(*tokens.shape, self.embedding_dim)
 
     def extra_repr(self) -> str:

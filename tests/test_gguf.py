@@ -69,7 +69,8 @@ def test_every_type_loads_as_the_gguf_package_dequantizes_it(tmp_path, tensor_ty
     for name, values in reference.items():
         module = fast.get_submodule(name.removesuffix(".weight"))
         weight = module.dequantized() if isinstance(module, QuantLinear) else (
-            dequantize_rows(module.raw, module.type_name) if isinstance(module, QuantEmbedding) else module.weight)
+            dequantize_rows(module.raw, module.type_name, module.packed) if isinstance(module, QuantEmbedding)
+            else module.weight)
         torch.testing.assert_close(weight, values, rtol=0, atol=0, msg=name)
     with torch.no_grad():
         for n in (1, TOKENS.shape[1]):  # the fused kernel (few rows) and dequantize + GEMM (many)

@@ -10,13 +10,16 @@ from llamalite.quantized import KERNEL_TYPES, QuantLinear, kernels_available, si
 
 pytestmark = pytest.mark.skipif(not kernels_available(), reason="llamalite._kernels is not built")
 
-SHAPES = [(1, 1, 32), (3, 17, 64), (8, 33, 96), (2, 576, 1536), (5, 250, 4096)]  # (M, N, K), odd on purpose
+# (M, N, K), odd on purpose: K of 1, 2, 3, 8, 18 (8 + 8 + 2) and 128 blocks
+SHAPES = [(1, 1, 32), (3, 17, 64), (8, 33, 96), (1, 5, 256), (2, 576, 576), (5, 250, 4096)]
 
 
 def _weights(type_name, n, k, seed=0):
+    """(GGUF rows, the same repacked for the kernels, the gguf package's dequantization)."""
     w = np.random.default_rng(seed).standard_normal((n, k)).astype(np.float32) * 0.05
     raw = gq.quantize(w, T[type_name])
-    return torch.from_numpy(raw), torch.from_numpy(gq.dequantize(raw, T[type_name]).astype(np.float32))
+    packed = torch.ops.llamalite.repack(torch.from_numpy(raw), KERNEL_TYPES[type_name])
+    return torch.from_numpy(raw), packed, torch.from_numpy(gq.dequantize(raw, T[type_name]).astype(np.float32))
 
 
 def test_the_machine_runs_the_simd_path():
@@ -27,9 +30,9 @@ def test_the_machine_runs_the_simd_path():
 @pytest.mark.parametrize("type_name", sorted(KERNEL_TYPES))
 @pytest.mark.parametrize("m,n,k", SHAPES)
 def test_qmatmul_matches_dequantized_fp32(op, type_name, m, n, k):
-    raw, w = _weights(type_name, n, k)
+    _, packed, w = _weights(type_name, n, k)
     x = torch.randn(m, k)
-    got = getattr(torch.ops.llamalite, op)(x, raw, KERNEL_TYPES[type_name])
+    got = getattr(torch.ops.llamalite, op)(x, packed, KERNEL_TYPES[type_name])
     want = x.double() @ w.double().T
     # int16 activations: each block's error is at most half a step of its scale, amax / 32767
     bound = (x.abs().amax() / 32767 * w.abs().sum(1).max()).item()
@@ -39,14 +42,15 @@ def test_qmatmul_matches_dequantized_fp32(op, type_name, m, n, k):
 
 @pytest.mark.parametrize("type_name", sorted(KERNEL_TYPES))
 def test_dequantize_op_is_exact(type_name):
-    raw, w = _weights(type_name, 37, 160)
-    torch.testing.assert_close(torch.ops.llamalite.dequantize(raw, KERNEL_TYPES[type_name]), w, rtol=0, atol=0)
+    _, packed, w = _weights(type_name, 37, 160)
+    torch.testing.assert_close(torch.ops.llamalite.dequantize(packed, KERNEL_TYPES[type_name]), w, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("type_name", sorted(KERNEL_TYPES))
 def test_quant_linear_prefill_path_is_fp32_gemm(type_name):
-    raw, w = _weights(type_name, 40, 128)
+    raw, _, w = _weights(type_name, 40, 128)
     layer = QuantLinear(raw, type_name, 128)
+    assert layer.packed
     x = torch.randn(2, 9, 128)  # 18 rows: dequantize + GEMM
     torch.testing.assert_close(layer(x), F.linear(x, w), rtol=0, atol=0)
     small = torch.randn(1, 3, 128)  # 3 rows: the fused kernel
@@ -54,8 +58,8 @@ def test_quant_linear_prefill_path_is_fp32_gemm(type_name):
 
 
 def test_bad_shapes_are_refused():
-    raw, _ = _weights("Q4_0", 4, 64)
+    raw, packed, _ = _weights("Q4_0", 4, 64)
     with pytest.raises(RuntimeError, match="bytes a row"):
-        torch.ops.llamalite.qmatmul(torch.randn(1, 96), raw, KERNEL_TYPES["Q4_0"])
+        torch.ops.llamalite.qmatmul(torch.randn(1, 96), packed, KERNEL_TYPES["Q4_0"])
     with pytest.raises(ValueError, match="do not hold rows of 96"):
         QuantLinear(raw, "Q4_0", 96)

@@ -25,9 +25,9 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Normalise in fp32 whatever the activation dtype, as the reference does; F.rms_norm is the
-        # same arithmetic in one op.
-        return F.rms_norm(x.float(), self.weight.shape, None, self.eps).type_as(x) * self.weight
+        # Normalise in fp32 whatever the activation dtype, as the reference does.
+        xf = x.float()
+        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
 
 
 def rope_inv_freq(head_dim: int, theta: float, scaling: RopeScaling | None = None) -> torch.Tensor:
@@ -64,10 +64,11 @@ class KVCache(nn.Module):
         self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
 
-    def update(self, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor, end: int):
-        # k, v: (B, n_kv_heads, T, head_dim), written at their absolute positions.
-        self.k[:, :, input_pos] = k
-        self.v[:, :, input_pos] = v
+    def update(self, k: torch.Tensor, v: torch.Tensor, end: int):
+        # k, v: (B, n_kv_heads, T, head_dim), the keys and values of positions end-T .. end-1.
+        start = end - k.shape[2]
+        self.k[:, :, start:end] = k
+        self.v[:, :, start:end] = v
         return self.k[:, :, :end], self.v[:, :, :end]
 
 
@@ -92,7 +93,7 @@ class Attention(nn.Module):
         if input_pos is None:
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
         else:
-            k, v = self.cache.update(input_pos, k, v, end)  # (B, n_kv_heads, end, head_dim)
+            k, v = self.cache.update(k, v, end)  # (B, n_kv_heads, end, head_dim)
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
         return self.wo(out.transpose(1, 2).reshape(B, T, -1))
 
@@ -157,8 +158,8 @@ class Transformer(nn.Module):
         """tokens (B, T) -> logits (B, T, vocab) (or (B, 1, vocab) with last_only).
 
         Without input_pos: a causal forward from position 0, no cache (training, scoring).
-        With input_pos (T,): the absolute positions of these tokens; keys and values go into the
-        caches set up by setup_caches, and attention sees everything cached before them.
+        With input_pos (T,): the consecutive absolute positions of these tokens; keys and values go
+        into the caches set up by setup_caches, and attention sees everything cached before them.
         """
         B, T = tokens.shape
         if input_pos is None:

@@ -40,12 +40,19 @@ def kernels_available() -> bool:
     return _kernels
 
 
-def simd_path() -> str:
+def simd_paths() -> list[tuple[str, int]]:
+    """The kernel paths this CPU runs, best first, with the numbers `qmatmul_path` takes."""
     if not kernels_available():
-        return "pytorch"
+        return []
     from . import _kernels
 
-    return _kernels.simd_path()
+    return [tuple(p) for p in _kernels.simd_paths()]
+
+
+def simd_path() -> str:
+    """The path the kernels take here: avx512vnni, avx2 or portable (or pytorch: no compiled kernels)."""
+    paths = simd_paths()
+    return paths[0][0] if paths else "pytorch"
 
 
 def _register_fake() -> None:

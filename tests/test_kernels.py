@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from gguf import GGMLQuantizationType as T, quants as gq
 
-from llamalite.quantized import KERNEL_TYPES, QuantLinear, kernels_available, simd_path
+from llamalite.quantized import KERNEL_TYPES, QuantLinear, kernels_available, simd_path, simd_paths
 
 pytestmark = pytest.mark.skipif(not kernels_available(), reason="llamalite._kernels is not built")
 
@@ -22,17 +22,23 @@ def _weights(type_name, n, k, seed=0):
     return torch.from_numpy(raw), packed, torch.from_numpy(gq.dequantize(raw, T[type_name]).astype(np.float32))
 
 
-def test_the_machine_runs_the_simd_path():
-    assert simd_path() in ("avx2", "portable")
+PATHS = dict(simd_paths()) if kernels_available() else {}
 
 
-@pytest.mark.parametrize("op", ["qmatmul", "qmatmul_portable"])
+def test_the_best_path_is_chosen():
+    assert simd_path() == next(iter(PATHS))
+    assert "portable" in PATHS
+
+
+@pytest.mark.parametrize("path", ["avx512vnni", "avx2", "portable"])
 @pytest.mark.parametrize("type_name", sorted(KERNEL_TYPES))
 @pytest.mark.parametrize("m,n,k", SHAPES)
-def test_qmatmul_matches_dequantized_fp32(op, type_name, m, n, k):
+def test_qmatmul_matches_dequantized_fp32(path, type_name, m, n, k):
+    if path not in PATHS:
+        pytest.skip(f"this CPU has no {path}")
     _, packed, w = _weights(type_name, n, k)
     x = torch.randn(m, k)
-    got = getattr(torch.ops.llamalite, op)(x, packed, KERNEL_TYPES[type_name])
+    got = torch.ops.llamalite.qmatmul_path(x, packed, KERNEL_TYPES[type_name], PATHS[path])
     want = x.double() @ w.double().T
     # int16 activations: each block's error is at most half a step of its scale, amax / 32767
     bound = (x.abs().amax() / 32767 * w.abs().sum(1).max()).item()

@@ -162,11 +162,20 @@ AVX2_TARGET inline __m256i block_dot_avx2(const uint8_t* qs, const QRow& x, int6
   return _mm256_add_epi32(_mm256_madd_epi16(ph, _mm256_set1_epi16(256)), _mm256_madd_epi16(pl, _mm256_set1_epi16(1)));
 }
 
-// Eight blocks' partial sums -> one vector of their eight totals, in block order.
-AVX2_TARGET inline __m256i reduce8(const __m256i s[8]) {
-  const __m256i u0 = _mm256_hadd_epi32(_mm256_hadd_epi32(s[0], s[1]), _mm256_hadd_epi32(s[2], s[3]));
-  const __m256i u1 = _mm256_hadd_epi32(_mm256_hadd_epi32(s[4], s[5]), _mm256_hadd_epi32(s[6], s[7]));
-  // u0 = [b0 b1 b2 b3 | b0 b1 b2 b3] (low-lane, high-lane halves of each block's sum)
+// Eight blocks' totals, in block order, reduced as they are made so few registers stay live.
+template <int64_t TYPE>
+AVX2_TARGET inline __m256i dot8(const uint8_t* qs, const QRow& x, int64_t b) {
+  constexpr int64_t QB = TYPE == Q8_0 ? 32 : 16;
+  const __m256i h01 = _mm256_hadd_epi32(block_dot_avx2<TYPE>(qs, x, b), block_dot_avx2<TYPE>(qs + QB, x, b + 1));
+  const __m256i h23 = _mm256_hadd_epi32(block_dot_avx2<TYPE>(qs + 2 * QB, x, b + 2),
+                                        block_dot_avx2<TYPE>(qs + 3 * QB, x, b + 3));
+  const __m256i u0 = _mm256_hadd_epi32(h01, h23);
+  const __m256i h45 = _mm256_hadd_epi32(block_dot_avx2<TYPE>(qs + 4 * QB, x, b + 4),
+                                        block_dot_avx2<TYPE>(qs + 5 * QB, x, b + 5));
+  const __m256i h67 = _mm256_hadd_epi32(block_dot_avx2<TYPE>(qs + 6 * QB, x, b + 6),
+                                        block_dot_avx2<TYPE>(qs + 7 * QB, x, b + 7));
+  const __m256i u1 = _mm256_hadd_epi32(h45, h67);
+  // u0 = [b0 b1 b2 b3 | b0 b1 b2 b3]: each block's sum split over the two 128-bit lanes
   return _mm256_add_epi32(_mm256_permute2x128_si256(u0, u1, 0x20), _mm256_permute2x128_si256(u0, u1, 0x31));
 }
 
@@ -176,9 +185,7 @@ AVX2_TARGET float dot_avx2(const Packed& w, const QRow& x, int64_t nb) {
   __m256 acc = _mm256_setzero_ps(), macc = _mm256_setzero_ps();
   int64_t b = 0;
   for (; b + 8 <= nb; b += 8) {
-    __m256i s[8];
-    for (int j = 0; j < 8; ++j) s[j] = block_dot_avx2<TYPE>(w.qs + (b + j) * QB, x, b + j);
-    __m256i tot = reduce8(s);
+    __m256i tot = dot8<TYPE>(w.qs + b * QB, x, b);
     if (TYPE == Q4_0) {  // (q - 8) . x = q . x - 8 * sum(x)
       tot = _mm256_sub_epi32(tot, _mm256_slli_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(x.qsum + b)), 3));
     }
@@ -201,6 +208,84 @@ AVX2_TARGET float dot_avx2(const Packed& w, const QRow& x, int64_t nb) {
     if (TYPE == Q4_1) tail += _cvtsh_ss(w.m[b]) * x.sum[b];
   }
   return hsum(_mm256_add_ps(acc, macc)) + tail;
+}
+
+// ----- AVX-512 VNNI path (256-bit registers) -------------------------------------------------------
+// vpdpbusd multiplies unsigned by signed bytes and accumulates four products into each int32 lane:
+// two multiplies a 4-bit block instead of four, no widening step.
+
+#define VNNI_TARGET __attribute__((target("avx2,fma,f16c,avx512f,avx512vl,avx512bw,avx512vnni")))
+
+template <int64_t TYPE>
+VNNI_TARGET inline __m256i block_dot_vnni(const uint8_t* qs, const QRow& x, int64_t b) {
+  if (TYPE == Q8_0) {
+    const __m256i w0 = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(qs)));
+    const __m256i w1 = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(qs + 16)));
+    const __m256i x0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x.q + b * 32));
+    const __m256i x1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x.q + b * 32 + 16));
+    return _mm256_dpwssd_epi32(_mm256_madd_epi16(w0, x0), w1, x1);
+  }
+  const __m128i q = _mm_loadu_si128(reinterpret_cast<const __m128i*>(qs));
+  const __m256i nib = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(q, 4), q), _mm256_set1_epi8(0x0f));
+  const __m256i hi = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x.hi + b * 32));
+  const __m256i lo = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x.lo + b * 32));
+  const __m256i ph = _mm256_dpbusd_epi32(_mm256_setzero_si256(), nib, hi);
+  const __m256i pl = _mm256_dpbusd_epi32(_mm256_setzero_si256(), lo, nib);
+  return _mm256_add_epi32(_mm256_slli_epi32(ph, 8), pl);
+}
+
+template <int64_t TYPE>
+VNNI_TARGET inline __m256i dot8_vnni(const uint8_t* qs, const QRow& x, int64_t b) {
+  constexpr int64_t QB = TYPE == Q8_0 ? 32 : 16;
+  const __m256i h01 = _mm256_hadd_epi32(block_dot_vnni<TYPE>(qs, x, b), block_dot_vnni<TYPE>(qs + QB, x, b + 1));
+  const __m256i h23 = _mm256_hadd_epi32(block_dot_vnni<TYPE>(qs + 2 * QB, x, b + 2),
+                                        block_dot_vnni<TYPE>(qs + 3 * QB, x, b + 3));
+  const __m256i u0 = _mm256_hadd_epi32(h01, h23);
+  const __m256i h45 = _mm256_hadd_epi32(block_dot_vnni<TYPE>(qs + 4 * QB, x, b + 4),
+                                        block_dot_vnni<TYPE>(qs + 5 * QB, x, b + 5));
+  const __m256i h67 = _mm256_hadd_epi32(block_dot_vnni<TYPE>(qs + 6 * QB, x, b + 6),
+                                        block_dot_vnni<TYPE>(qs + 7 * QB, x, b + 7));
+  const __m256i u1 = _mm256_hadd_epi32(h45, h67);
+  return _mm256_add_epi32(_mm256_permute2x128_si256(u0, u1, 0x20), _mm256_permute2x128_si256(u0, u1, 0x31));
+}
+
+template <int64_t TYPE>
+VNNI_TARGET float dot_vnni(const Packed& w, const QRow& x, int64_t nb) {
+  constexpr int64_t QB = TYPE == Q8_0 ? 32 : 16;
+  __m256 acc = _mm256_setzero_ps(), macc = _mm256_setzero_ps();
+  int64_t b = 0;
+  for (; b + 8 <= nb; b += 8) {
+    __m256i tot = dot8_vnni<TYPE>(w.qs + b * QB, x, b);
+    if (TYPE == Q4_0) {
+      tot = _mm256_sub_epi32(tot, _mm256_slli_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(x.qsum + b)), 3));
+    }
+    const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w.d + b)));
+    acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(tot), _mm256_mul_ps(d, _mm256_loadu_ps(x.scale + b)), acc);
+    if (TYPE == Q4_1) {
+      const __m256 m = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w.m + b)));
+      macc = _mm256_fmadd_ps(m, _mm256_loadu_ps(x.sum + b), macc);
+    }
+  }
+  float tail = 0.f;
+  for (; b < nb; ++b) {
+    const __m256i s = block_dot_vnni<TYPE>(w.qs + b * QB, x, b);
+    __m128i t = _mm_add_epi32(_mm256_castsi256_si128(s), _mm256_extracti128_si256(s, 1));
+    t = _mm_hadd_epi32(t, t);
+    t = _mm_hadd_epi32(t, t);
+    int32_t tot = _mm_cvtsi128_si32(t);
+    if (TYPE == Q4_0) tot -= 8 * x.qsum[b];
+    tail += _cvtsh_ss(w.d[b]) * x.scale[b] * tot;
+    if (TYPE == Q4_1) tail += _cvtsh_ss(w.m[b]) * x.sum[b];
+  }
+  return hsum(_mm256_add_ps(acc, macc)) + tail;
+}
+
+VNNI_TARGET float dot_vnni_any(int64_t type, const Packed& w, const QRow& x, int64_t nb) {
+  switch (type) {
+    case Q8_0: return dot_vnni<Q8_0>(w, x, nb);
+    case Q4_1: return dot_vnni<Q4_1>(w, x, nb);
+    default: return dot_vnni<Q4_0>(w, x, nb);
+  }
 }
 
 AVX2_TARGET float dot_avx2_any(int64_t type, const Packed& w, const QRow& x, int64_t nb) {
@@ -239,6 +324,21 @@ bool has_avx2() {
   return ok;
 }
 
+bool has_vnni() {
+  static const bool ok = has_avx2() && __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512bw") &&
+                         __builtin_cpu_supports("avx512vnni");
+  return ok;
+}
+
+enum Path : int64_t { BEST = 0, PORTABLE = 1, AVX2 = 2, VNNI = 3 };
+
+int64_t resolve_path(int64_t path) {
+  if (path == BEST) return has_vnni() ? VNNI : has_avx2() ? AVX2 : PORTABLE;
+  TORCH_CHECK(path == PORTABLE || (path == AVX2 && has_avx2()) || (path == VNNI && has_vnni()),
+              "llamalite: kernel path ", path, " is not available on this CPU");
+  return path;
+}
+
 void check_packed(const at::Tensor& w, int64_t type) {
   TORCH_CHECK(w.dim() == 2 && w.scalar_type() == at::kByte && w.is_contiguous(),
               "llamalite: weights must be a contiguous (N, bytes) uint8 tensor");
@@ -272,7 +372,7 @@ at::Tensor repack(const at::Tensor& w_in, int64_t type) {
 }
 
 // x: (M, K) fp32; w: (N, K/32 * block_bytes) repacked uint8 -> (M, N) fp32
-at::Tensor qmatmul_impl(const at::Tensor& x_in, const at::Tensor& w, int64_t type, bool use_simd) {
+at::Tensor qmatmul_path(const at::Tensor& x_in, const at::Tensor& w, int64_t type, int64_t path_in) {
   TORCH_CHECK(x_in.dim() == 2, "qmatmul: x must be (M, K)");
   check_packed(w, type);
   const at::Tensor x = x_in.to(at::kFloat).contiguous();
@@ -299,23 +399,21 @@ at::Tensor qmatmul_impl(const at::Tensor& x_in, const at::Tensor& w, int64_t typ
   auto out = at::empty({M, N}, x.options());
   float* y = out.data_ptr<float>();
   const uint8_t* wp = w.data_ptr<uint8_t>();
-  const bool simd = use_simd && has_avx2();
+  const int64_t path = resolve_path(path_in);
   at::parallel_for(0, N, 32, [&](int64_t begin, int64_t end) {
     for (int64_t n = begin; n < end; ++n) {
       const Packed row = packed_row(type, wp + n * nb * bb, nb);
       for (int64_t m = 0; m < M; ++m) {
-        y[m * N + n] = simd ? dot_avx2_any(type, row, rows[m], nb) : dot_ref(type, row, rows[m], nb);
+        y[m * N + n] = path == VNNI ? dot_vnni_any(type, row, rows[m], nb)
+                       : path == AVX2 ? dot_avx2_any(type, row, rows[m], nb)
+                                      : dot_ref(type, row, rows[m], nb);
       }
     }
   });
   return out;
 }
 
-at::Tensor qmatmul(const at::Tensor& x, const at::Tensor& w, int64_t type) { return qmatmul_impl(x, w, type, true); }
-
-at::Tensor qmatmul_portable(const at::Tensor& x, const at::Tensor& w, int64_t type) {
-  return qmatmul_impl(x, w, type, false);
-}
+at::Tensor qmatmul(const at::Tensor& x, const at::Tensor& w, int64_t type) { return qmatmul_path(x, w, type, BEST); }
 
 // Repacked (N, bytes) -> (N, K) fp32, for matrix-matrix work through fp32 GEMM and embedding rows.
 at::Tensor dequantize(const at::Tensor& w_in, int64_t type) {
@@ -357,22 +455,29 @@ at::Tensor dequantize(const at::Tensor& w_in, int64_t type) {
   return out;
 }
 
-std::string simd_path() { return has_avx2() ? "avx2" : "portable"; }
+// The paths this CPU runs, best first, as qmatmul_path numbers them.
+std::vector<std::pair<std::string, int64_t>> simd_paths() {
+  std::vector<std::pair<std::string, int64_t>> out;
+  if (has_vnni()) out.push_back({"avx512vnni", VNNI});
+  if (has_avx2()) out.push_back({"avx2", AVX2});
+  out.push_back({"portable", PORTABLE});
+  return out;
+}
 
 }  // namespace
 
 TORCH_LIBRARY(llamalite, m) {
   m.def("repack(Tensor w, int qtype) -> Tensor");
   m.def("qmatmul(Tensor x, Tensor w, int qtype) -> Tensor");
-  m.def("qmatmul_portable(Tensor x, Tensor w, int qtype) -> Tensor");
+  m.def("qmatmul_path(Tensor x, Tensor w, int qtype, int path) -> Tensor");
   m.def("dequantize(Tensor w, int qtype) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(llamalite, CPU, m) {
   m.impl("repack", &repack);
   m.impl("qmatmul", &qmatmul);
-  m.impl("qmatmul_portable", &qmatmul_portable);
+  m.impl("qmatmul_path", &qmatmul_path);
   m.impl("dequantize", &dequantize);
 }
 
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) { m.def("simd_path", &simd_path); }
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) { m.def("simd_paths", &simd_paths); }

@@ -97,7 +97,8 @@ def build_model(cfg: ModelConfig, weights: Mapping[str, torch.Tensor], dtype: to
     """Assign Meta-named weights into a model built without memory; shapes and names are checked.
 
     `quantized` maps weight names to (GGUF block bytes, type name): those layers become QuantLinear /
-    QuantEmbedding modules holding the blocks as they are."""
+    QuantEmbedding modules holding the blocks (repacked in place for the kernels: the caller hands
+    over buffers it owns)."""
     from .quantized import QuantEmbedding, QuantLinear
     from .quants import BLOCK
 
@@ -133,9 +134,9 @@ def build_model(cfg: ModelConfig, weights: Mapping[str, torch.Tensor], dtype: to
             "", name.removesuffix(".weight"))
         owner = model.get_submodule(parent)
         if attr == "tok_embeddings":
-            setattr(owner, attr, QuantEmbedding(raw, type_name, cfg.dim))
+            setattr(owner, attr, QuantEmbedding(raw, type_name, cfg.dim, in_place=True))
         else:
-            setattr(owner, attr, QuantLinear(raw, type_name, expected[name][1]))
+            setattr(owner, attr, QuantLinear(raw, type_name, expected[name][1], in_place=True))
     if cfg.tie_embeddings:
         emb = model.tok_embeddings
         if isinstance(emb, QuantEmbedding):

@@ -68,6 +68,10 @@ def _register_fake() -> None:
     def _(w, qtype):
         return torch.empty_like(w)
 
+    @torch.library.register_fake("llamalite::repack_")
+    def _(w, qtype):
+        return None
+
     @torch.library.register_fake("llamalite::dequantize")
     def _(w, qtype):
         n_el, n_bytes = BLOCK[next(k for k, v in KERNEL_TYPES.items() if v == qtype)]
@@ -76,10 +80,14 @@ def _register_fake() -> None:
     _register_fake.done = True
 
 
-def pack(raw: torch.Tensor, type_name: str) -> tuple[torch.Tensor, bool]:
-    """GGUF rows -> (the rows the kernels read, whether they are repacked)."""
+def pack(raw: torch.Tensor, type_name: str, in_place: bool = False) -> tuple[torch.Tensor, bool]:
+    """GGUF rows -> (the rows the kernels read, whether they are repacked). In place when the caller
+    owns `raw` (the loader's copy-on-write map of the file): no second copy of the weights."""
     if raw.device.type == "cpu" and type_name in KERNEL_TYPES and kernels_available():
-        return torch.ops.llamalite.repack(raw.contiguous(), KERNEL_TYPES[type_name]), True
+        if in_place and raw.is_contiguous():
+            torch.ops.llamalite.repack_(raw, KERNEL_TYPES[type_name])
+            return raw, True
+        return torch.ops.llamalite.repack(raw, KERNEL_TYPES[type_name]), True
     return raw, False
 
 
@@ -94,12 +102,12 @@ def dequantize_rows(raw: torch.Tensor, type_name: str, packed: bool) -> torch.Te
 class QuantLinear(nn.Module):
     """y = x @ W.T with W held as GGUF blocks (out_features rows of in_features/32 blocks)."""
 
-    def __init__(self, raw: torch.Tensor, type_name: str, in_features: int):
+    def __init__(self, raw: torch.Tensor, type_name: str, in_features: int, in_place: bool = False):
         super().__init__()
         n_el, n_bytes = BLOCK[type_name]
         if raw.dtype != torch.uint8 or raw.dim() != 2 or raw.shape[1] * n_el != in_features * n_bytes:
             raise ValueError(f"{type_name} blocks of shape {tuple(raw.shape)} do not hold rows of {in_features}")
-        raw, self.packed = pack(raw, type_name)
+        raw, self.packed = pack(raw, type_name, in_place)
         self.register_buffer("raw", raw)
         self.type_name, self.in_features, self.out_features = type_name, in_features, raw.shape[0]
         _register_fake()
@@ -133,9 +141,9 @@ class QuantLinear(nn.Module):
 class QuantEmbedding(nn.Module):
     """Rows of a GGUF-block table, dequantized only for the tokens looked up."""
 
-    def __init__(self, raw: torch.Tensor, type_name: str, dim: int):
+    def __init__(self, raw: torch.Tensor, type_name: str, dim: int, in_place: bool = False):
         super().__init__()
-        raw, self.packed = pack(raw, type_name)
+        raw, self.packed = pack(raw, type_name, in_place)
         self.register_buffer("raw", raw)
         self.type_name, self.embedding_dim, self.num_embeddings = type_name, dim, raw.shape[0]
 

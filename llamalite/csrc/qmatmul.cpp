@@ -348,19 +348,19 @@ void check_packed(const at::Tensor& w, int64_t type) {
 
 // ----- ops ---------------------------------------------------------------------------------------
 
-// GGUF rows (array of blocks) -> repacked rows (structure of arrays), same shape.
-at::Tensor repack(const at::Tensor& w_in, int64_t type) {
-  const at::Tensor w = w_in.contiguous();
+// GGUF rows (array of blocks) -> repacked rows (structure of arrays), in place, a row at a time.
+// In place, a copy-on-write mapping of the file turns into the weights without a second copy.
+void repack_(at::Tensor& w, int64_t type) {
   check_packed(w, type);
   const int64_t N = w.size(0), bb = block_bytes(type), nb = w.size(1) / bb, qb = quant_bytes(type);
   const int64_t sf = scale_fields(type);
-  auto out = at::empty_like(w);
-  const uint8_t* src = w.data_ptr<uint8_t>();
-  uint8_t* dst = out.data_ptr<uint8_t>();
+  uint8_t* data = w.data_ptr<uint8_t>();
   at::parallel_for(0, N, 64, [&](int64_t begin, int64_t end) {
+    std::vector<uint8_t> row(nb * bb);
     for (int64_t n = begin; n < end; ++n) {
-      const uint8_t* r = src + n * nb * bb;
-      uint8_t* o = dst + n * nb * bb;
+      uint8_t* o = data + n * nb * bb;
+      std::memcpy(row.data(), o, nb * bb);
+      const uint8_t* r = row.data();
       for (int64_t b = 0; b < nb; ++b) {
         std::memcpy(o + 2 * b, r + b * bb, 2);                                   // d
         if (sf == 2) std::memcpy(o + 2 * nb + 2 * b, r + b * bb + 2, 2);         // m
@@ -368,6 +368,11 @@ at::Tensor repack(const at::Tensor& w_in, int64_t type) {
       }
     }
   });
+}
+
+at::Tensor repack(const at::Tensor& w, int64_t type) {
+  at::Tensor out = w.contiguous().clone();
+  repack_(out, type);
   return out;
 }
 
@@ -468,6 +473,7 @@ std::vector<std::pair<std::string, int64_t>> simd_paths() {
 
 TORCH_LIBRARY(llamalite, m) {
   m.def("repack(Tensor w, int qtype) -> Tensor");
+  m.def("repack_(Tensor(a!) w, int qtype) -> ()");
   m.def("qmatmul(Tensor x, Tensor w, int qtype) -> Tensor");
   m.def("qmatmul_path(Tensor x, Tensor w, int qtype, int path) -> Tensor");
   m.def("dequantize(Tensor w, int qtype) -> Tensor");
@@ -475,6 +481,7 @@ TORCH_LIBRARY(llamalite, m) {
 
 TORCH_LIBRARY_IMPL(llamalite, CPU, m) {
   m.impl("repack", &repack);
+  m.impl("repack_", &repack_);
   m.impl("qmatmul", &qmatmul);
   m.impl("qmatmul_path", &qmatmul_path);
   m.impl("dequantize", &dequantize);

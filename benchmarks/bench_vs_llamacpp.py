@@ -77,6 +77,9 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--json", action="store_true")
+    p.add_argument("--compile", action="store_true", help="llamalite with its decode step compiled")
+    p.add_argument("--case", action="append", metavar="LABEL:PROMPT:GEN",
+                   help="instead of the default cases, e.g. '7B shape:32:16' (repeatable)")
     p.add_argument("--worker", nargs=3, metavar=("PROMPT", "GEN", "MODEL"), help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.worker:
@@ -87,12 +90,16 @@ def main() -> None:
 
     model = str(resolve_model(args.model))
     keys = ["prefill_tok_s", "decode_tok_s", "ttft_s", "load_s", "peak_rss_mib"]
-    report = {"model": model, "threads": args.threads, "repeats": args.repeats, "cases": {}}
-    for label, prompt, gen in CASES:
+    cases = CASES
+    if args.case:
+        cases = [(c.rsplit(":", 2)[0], int(c.rsplit(":", 2)[1]), int(c.rsplit(":", 2)[2])) for c in args.case]
+    report = {"model": model, "threads": args.threads, "repeats": args.repeats, "compiled": args.compile, "cases": {}}
+    for label, prompt, gen in cases:
         ours, peer = [], []
         for _ in range(args.repeats):  # alternate, so drift on the machine hits both alike
             ours.append(run([sys.executable, "-m", "llamalite", "bench", "--model", model, "--json", "--repeats", "1",
-                             "--prompt-tokens", str(prompt), "--gen-tokens", str(gen), "--threads", str(args.threads)]))
+                             "--prompt-tokens", str(prompt), "--gen-tokens", str(gen), "--threads", str(args.threads)]
+                            + (["--compile"] if args.compile else [])))
             peer.append(run([sys.executable, __file__, "--threads", str(args.threads), "--worker", str(prompt),
                              str(gen), model]))
         med = lambda runs, k: statistics.median(r[k] for r in runs)  # noqa: E731
@@ -101,7 +108,8 @@ def main() -> None:
     if args.json:
         print(json.dumps(report, indent=2))
         return
-    print(f"model {model}, {args.threads} threads, median of {args.repeats} alternating runs each")
+    mode = "decode step compiled" if args.compile else "eager"
+    print(f"model {model}, {args.threads} threads, llamalite {mode}, median of {args.repeats} alternating runs each")
     print(f"| case | figure | llamalite | llama.cpp | llamalite / llama.cpp |")
     print("|---|---|---|---|---|")
     for label, rows in report["cases"].items():

@@ -30,22 +30,31 @@ def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def run_bench(model_path: Path, prompt_tokens: int = 128, gen_tokens: int = 128, repeats: int = 3) -> dict:
-    from .generation import generate, prefill
+def run_bench(model_path: Path, prompt_tokens: int = 128, gen_tokens: int = 128, repeats: int = 3,
+              compile: bool = False) -> dict:
+    from .generation import compile_decode, generate, prefill
     from .loading import load
     from .quantized import simd_path
     from .sampling import GREEDY
 
     runs = []
     lm = None
+    compile_s = None
     for _ in range(repeats):
         del lm
         t0 = time.perf_counter()
         lm = load(model_path)
         load_s = time.perf_counter() - t0
         prompt = bench_prompt(lm.tokenizer, prompt_tokens)
+        capacity = min(lm.config.context_length, prompt_tokens + gen_tokens)
+        if compile:
+            compile_decode(lm.model)
+            lm.model.setup_caches(1, capacity)
+            t0 = time.perf_counter()
+            list(generate(lm.model, prompt, max_new_tokens=3, sampling=GREEDY))  # the compile happens here
+            compile_s = compile_s or time.perf_counter() - t0
         # Time to first token: prefill plus the first sample, from a cold cache.
-        lm.model.setup_caches(1, min(lm.config.context_length, prompt_tokens + gen_tokens))
+        lm.model.setup_caches(1, capacity)
         t0 = time.perf_counter()
         tokens = generate(lm.model, prompt, max_new_tokens=gen_tokens, sampling=GREEDY)
         next(tokens)
@@ -66,5 +75,6 @@ def run_bench(model_path: Path, prompt_tokens: int = 128, gen_tokens: int = 128,
     result["min"] = {k: min(r[k] for r in runs) for k in keys}
     result["max"] = {k: max(r[k] for r in runs) for k in keys}
     result.update(model=str(model_path), prompt_tokens=prompt_tokens, gen_tokens=gen_tokens, repeats=repeats,
-                  threads=torch.get_num_threads(), kernels=simd_path(), torch=torch.__version__)
+                  threads=torch.get_num_threads(), kernels=simd_path(), torch=torch.__version__,
+                  compiled=compile, compile_s=compile_s)
     return result

@@ -18,7 +18,12 @@ def _load(args):
 
     if getattr(args, "threads", None):
         torch.set_num_threads(args.threads)
-    return load(resolve_model(args.model), device=args.device)
+    lm = load(resolve_model(args.model), device=args.device)
+    if getattr(args, "compile", False):
+        from .generation import compile_decode
+
+        compile_decode(lm.model)
+    return lm
 
 
 def _sampling(args):
@@ -197,13 +202,16 @@ def cmd_bench(args) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    result = run_bench(resolve_model(args.model), args.prompt_tokens, args.gen_tokens, args.repeats)
+    result = run_bench(resolve_model(args.model), args.prompt_tokens, args.gen_tokens, args.repeats,
+                       compile=args.compile)
     if args.json:
         print(json.dumps(result))
     else:
         for k in ("prefill_tok_s", "decode_tok_s", "ttft_s", "load_s"):
             print(f"{k:14s} {result[k]:10.3f}   (min {result['min'][k]:.3f}, max {result['max'][k]:.3f})")
         print(f"{'peak_rss_mib':14s} {result['peak_rss_mib']:10.1f}")
+        if result.get("compile_s") is not None:
+            print(f"{'compile_s':14s} {result['compile_s']:10.1f}   (one-off, before the timed runs)")
         print(f"threads {result['threads']}, kernels {result['kernels']}, {result['repeats']} runs")
     return 0
 
@@ -223,6 +231,8 @@ def _sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-new-tokens", "-n", type=int, default=256)
     p.add_argument("--threads", type=int, help="CPU threads (default: PyTorch's, one per core)")
     p.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:1, mps, ...")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the decode step: faster decoding after a one-off compile (cached on disk)")
 
 
 def _generate_args(p):
@@ -259,6 +269,7 @@ def _bench_args(p):
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, help="CPU threads (default: PyTorch's, one per core)")
     p.add_argument("--json", action="store_true", help="one JSON object (medians, with min and max)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the decode step (compile time reported)")
 
 
 def _pull_args(p):

@@ -7,6 +7,7 @@ history only computes the new tokens: the common prefix is reused.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 from typing import Generator, Iterator, Sequence
 
@@ -31,6 +32,15 @@ def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
             break
         n += 1
     return n
+
+
+def compile_decode(model: Transformer) -> None:
+    """Compile the one-token decode step with torch.compile (the prefill stays eager: its shapes vary).
+    The first step pays the compile (tens of seconds on a small CPU; inductor caches it on disk for
+    later runs); after that each step runs with far less Python overhead."""
+    # RoPE's complex multiply runs as an ATen kernel inside the compiled graph; that is expected.
+    warnings.filterwarnings("ignore", message="Torchinductor does not support code generation for complex")
+    model.decode_step = torch.compile(model)
 
 
 def fit_prompt(prompt: Sequence[int], context_length: int, truncate: bool = False) -> list[int]:
@@ -86,6 +96,7 @@ def generate(model: Transformer, prompt: Sequence[int], *, max_new_tokens: int =
     logits = prefill(model, prompt)
     history = model.cache_tokens = list(prompt)  # kept equal to what the cache holds
     stop = set(stop_ids)
+    step = getattr(model, "decode_step", model)
     for i in range(budget):
         token = sample(logits, sampling, history, generator)
         if token in stop:
@@ -95,7 +106,7 @@ def generate(model: Transformer, prompt: Sequence[int], *, max_new_tokens: int =
             break
         with torch.inference_mode():
             pos = torch.tensor([len(history)], device=device)
-            logits = model(torch.tensor([[token]], device=device), pos)[0, -1]
+            logits = step(torch.tensor([[token]], device=device), pos)[0, -1]
         history.append(token)
     return "length"
 

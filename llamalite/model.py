@@ -64,11 +64,11 @@ class KVCache(nn.Module):
         self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
 
-    def update(self, k: torch.Tensor, v: torch.Tensor, end: int):
-        # k, v: (B, n_kv_heads, T, head_dim), the keys and values of positions end-T .. end-1.
-        start = end - k.shape[2]
-        self.k[:, :, start:end] = k
-        self.v[:, :, start:end] = v
+    def update(self, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor, end: int):
+        # k, v: (B, n_kv_heads, T, head_dim), written at their absolute positions; positions up to
+        # `end` come back for attention.
+        self.k.index_copy_(2, input_pos, k)
+        self.v.index_copy_(2, input_pos, v)
         return self.k[:, :, :end], self.v[:, :, :end]
 
 
@@ -93,7 +93,7 @@ class Attention(nn.Module):
         if input_pos is None:
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
         else:
-            k, v = self.cache.update(k, v, end)  # (B, n_kv_heads, end, head_dim)
+            k, v = self.cache.update(input_pos, k, v, end)  # (B, n_kv_heads, end, head_dim)
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
         return self.wo(out.transpose(1, 2).reshape(B, T, -1))
 
@@ -169,7 +169,10 @@ class Transformer(nn.Module):
         else:
             if self.max_seq_len == 0:
                 raise RuntimeError("call setup_caches() before a forward with input_pos")
-            positions, end = input_pos, int(input_pos[-1]) + 1
+            # Attend over the cache up to the last position; a compiled graph cannot read that value
+            # and attends over the whole cache, the mask hiding what is not written yet.
+            end = self.max_seq_len if torch.compiler.is_compiling() else int(input_pos[-1]) + 1
+            positions = input_pos
             if end > self.max_seq_len:
                 raise ValueError(f"position {end - 1} is beyond the KV cache of {self.max_seq_len} positions")
         angles = positions.float()[:, None] * self.inv_freq[None, :]  # (T, head_dim/2)

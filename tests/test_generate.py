@@ -135,3 +135,17 @@ def test_bad_sampling_parameters_are_refused():
     for bad in (dict(temperature=-1), dict(top_p=0), dict(top_k=-1), dict(min_p=2), dict(presence_penalty=3)):
         with pytest.raises(ValueError):
             SamplingParams(**bad)
+
+
+@pytest.mark.slow
+def test_compiled_decode_step_gives_the_same_tokens():
+    from llamalite.generation import compile_decode
+
+    cfg = ModelConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=400, hidden_dim=160,
+                      context_length=128)
+    eager = build_model(cfg, meta_weights_from_hf(tiny_hf_model()), torch.float32)
+    compiled = build_model(cfg, meta_weights_from_hf(tiny_hf_model()), torch.float32)
+    compile_decode(compiled)
+    prompt = [5, 17, 250, 3]
+    assert list(generate(compiled, prompt, max_new_tokens=16, sampling=GREEDY)) == list(
+        generate(eager, prompt, max_new_tokens=16, sampling=GREEDY))

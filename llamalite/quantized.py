@@ -21,6 +21,7 @@ from .quants import BLOCK, dequantize as dequantize_reference
 # ggml type ids of the block formats with a fused kernel
 KERNEL_TYPES = {"Q4_0": 2, "Q4_1": 3, "Q8_0": 8}
 GEMV_MAX_ROWS = 8  # up to this many activation rows use the fused kernel; more use dequantize + GEMM
+GEMM_TILE_BYTES = 4 << 20  # prefill dequantizes this much fp32 weight at a time: it stays in cache
 
 _kernels: bool | None = None
 
@@ -128,7 +129,11 @@ class QuantLinear(nn.Module):
         if self.packed and x2.shape[0] <= GEMV_MAX_ROWS and x.device.type == "cpu":
             y = torch.ops.llamalite.qmatmul(x2, self.raw, KERNEL_TYPES[self.type_name])
         else:
-            y = F.linear(x2.float(), self.dequantized().to(x2.device))
+            # Tiles of rows: dequantizing a 7B model's weights whole would write gigabytes per prefill.
+            rows = max(1, GEMM_TILE_BYTES // (4 * self.in_features))
+            x2 = x2.float()
+            y = torch.cat([F.linear(x2, dequantize_rows(self.raw[i:i + rows], self.type_name, self.packed).to(x2.device))
+                           for i in range(0, self.out_features, rows)], dim=1)
         return y.to(x.dtype).reshape(*lead, self.out_features)
 
     def dequantized(self) -> torch.Tensor:

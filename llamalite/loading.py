@@ -47,9 +47,11 @@ def load(path: str | Path, dtype: torch.dtype = torch.float32, device: str | tor
          quantized: bool = True) -> LoadedModel:
     """Load a GGUF file, an HF directory or a Meta checkpoint directory, telling which by its files,
     onto `device` in `dtype` (fp32 by default: without AVX-512 BF16, bf16 matmuls are slow on CPUs).
-    GGUF Q4_0/Q4_1/Q8_0 weights stay quantized unless `quantized` is False (e.g. for training)."""
-    lm = _load(Path(path).expanduser(), dtype, quantized)
-    if torch.device(device).type != "cpu":
+    GGUF Q4_0/Q4_1/Q8_0 weights stay quantized for the CPU kernels unless `quantized` is False (e.g.
+    for training); on other devices they are dequantized, where dense matmuls are the fast path."""
+    on_cpu = torch.device(device).type == "cpu"
+    lm = _load(Path(path).expanduser(), dtype, quantized and on_cpu)
+    if not on_cpu:
         lm.model.to(device)
     return lm
 

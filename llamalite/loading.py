@@ -95,12 +95,12 @@ def _skip_init():
 
 
 def build_model(cfg: ModelConfig, weights: Mapping[str, torch.Tensor], dtype: torch.dtype,
-                quantized: Mapping[str, tuple[torch.Tensor, str]] | None = None) -> Transformer:
+                quantized: Mapping[str, tuple[torch.Tensor, str, bool]] | None = None) -> Transformer:
     """Assign Meta-named weights into a model built without memory; shapes and names are checked.
 
-    `quantized` maps weight names to (GGUF block bytes, type name): those layers become QuantLinear /
-    QuantEmbedding modules holding the blocks (repacked in place for the kernels: the caller hands
-    over buffers it owns)."""
+    `quantized` maps weight names to (block bytes, type name, already packed): those layers become
+    QuantLinear / QuantEmbedding modules holding the blocks (GGUF-ordered ones are repacked in place
+    for the kernels: the caller hands over buffers it owns)."""
     from .quantized import QuantEmbedding, QuantLinear
     from .quants import BLOCK
 
@@ -121,7 +121,7 @@ def build_model(cfg: ModelConfig, weights: Mapping[str, torch.Tensor], dtype: to
     state = {}
     for name, shape in expected.items():
         if name in quantized:
-            raw, type_name = quantized[name]
+            raw, type_name, _ = quantized[name]
             n_el, n_bytes = BLOCK[type_name]
             w_shape = (raw.shape[0], raw.shape[1] // n_bytes * n_el)
         else:
@@ -131,14 +131,14 @@ def build_model(cfg: ModelConfig, weights: Mapping[str, torch.Tensor], dtype: to
         if name not in quantized:
             state[name] = weights[name].to(dtype)
     model.load_state_dict(state, strict=False, assign=True)
-    for name, (raw, type_name) in quantized.items():
+    for name, (raw, type_name, packed) in quantized.items():
         parent, attr = name.removesuffix(".weight").rsplit(".", 1) if "." in name.removesuffix(".weight") else (
             "", name.removesuffix(".weight"))
         owner = model.get_submodule(parent)
         if attr == "tok_embeddings":
-            setattr(owner, attr, QuantEmbedding(raw, type_name, cfg.dim, in_place=True))
+            setattr(owner, attr, QuantEmbedding(raw, type_name, cfg.dim, in_place=True, packed=packed))
         else:
-            setattr(owner, attr, QuantLinear(raw, type_name, expected[name][1], in_place=True))
+            setattr(owner, attr, QuantLinear(raw, type_name, expected[name][1], in_place=True, packed=packed))
     if cfg.tie_embeddings:
         emb = model.tok_embeddings
         if isinstance(emb, QuantEmbedding):
@@ -201,9 +201,10 @@ def gguf_metadata(reader) -> dict[str, Any]:
 
 
 def load_gguf(path: Path, dtype: torch.dtype = torch.float32, quantized: bool = True) -> LoadedModel:
-    """With `quantized`, Q4_0/Q4_1/Q8_0 weights stay in their blocks (QuantLinear); other types, or
-    everything when `quantized` is False, are dequantized to `dtype`."""
-    from .quantized import KERNEL_TYPES
+    """With `quantized`, Q4_0/Q4_1/Q8_0 weights stay in their blocks (QuantLinear), and the other lossy
+    block types are re-quantized to Q8_0 for the kernels; F32/F16/BF16 weights, or everything when
+    `quantized` is False, are dequantized to `dtype`."""
+    from .quantized import KERNEL_TYPES, REQUANT_TYPES, kernels_available, requantize_q8_0
     from .quants import dequantize
 
     reader = open_gguf(path)
@@ -232,12 +233,16 @@ def load_gguf(path: Path, dtype: torch.dtype = torch.float32, quantized: bool = 
         shape = tuple(int(d) for d in reversed(t.shape))  # GGUF lists dimensions fastest-first
         types[t.tensor_type.name] += 1
         if quantized and t.tensor_type.name in KERNEL_TYPES and len(shape) == 2:
-            blocks[meta_name] = (torch.from_numpy(t.data), t.tensor_type.name)
+            blocks[meta_name] = (torch.from_numpy(t.data), t.tensor_type.name, False)
             continue
         try:
-            weights[meta_name] = dequantize(t.data, t.tensor_type.name, shape)
+            w = dequantize(t.data, t.tensor_type.name, shape)
         except ValueError as e:
             raise ModelFileError(f"{path}: tensor {name!r}: {e}") from e
+        if quantized and t.tensor_type.name in REQUANT_TYPES and len(shape) == 2 and kernels_available():
+            blocks[meta_name] = (requantize_q8_0(w), "Q8_0", True)
+        else:
+            weights[meta_name] = w
     model = build_model(cfg, weights, dtype, blocks)
     tokenizer = tokenizer_from_gguf(meta)
     template = meta.get("tokenizer.chat_template")

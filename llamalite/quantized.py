@@ -20,6 +20,9 @@ from .quants import BLOCK, dequantize as dequantize_reference
 
 # ggml type ids of the block formats with a fused kernel
 KERNEL_TYPES = {"Q4_0": 2, "Q4_1": 3, "Q8_0": 8}
+# Lossy block types without a kernel of their own: re-quantized to Q8_0 at load to run on its kernel
+# (8-bit blocks on top of a 4-6-bit format add little error; fp32 would be 4x the memory and slower).
+REQUANT_TYPES = ("Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q6_K")
 GEMV_MAX_ROWS = 8  # up to this many activation rows use the fused kernel; more use dequantize + GEMM
 GEMM_TILE_BYTES = 4 << 20  # prefill dequantizes this much fp32 weight at a time: it stays in cache
 
@@ -73,6 +76,10 @@ def _register_fake() -> None:
     def _(w, qtype):
         return None
 
+    @torch.library.register_fake("llamalite::quantize_q8_0")
+    def _(w):
+        return w.new_empty((w.shape[0], w.shape[1] // 32 * 34), dtype=torch.uint8)
+
     @torch.library.register_fake("llamalite::dequantize")
     def _(w, qtype):
         n_el, n_bytes = BLOCK[next(k for k, v in KERNEL_TYPES.items() if v == qtype)]
@@ -92,6 +99,11 @@ def pack(raw: torch.Tensor, type_name: str, in_place: bool = False) -> tuple[tor
     return raw, False
 
 
+def requantize_q8_0(w: torch.Tensor) -> torch.Tensor:
+    """fp32 (N, K) -> Q8_0 rows in the kernels' packed layout (needs the compiled kernels)."""
+    return torch.ops.llamalite.quantize_q8_0(w)
+
+
 def dequantize_rows(raw: torch.Tensor, type_name: str, packed: bool) -> torch.Tensor:
     """(N, bytes) blocks, repacked or in GGUF order -> (N, K) fp32."""
     if packed:
@@ -103,12 +115,13 @@ def dequantize_rows(raw: torch.Tensor, type_name: str, packed: bool) -> torch.Te
 class QuantLinear(nn.Module):
     """y = x @ W.T with W held as GGUF blocks (out_features rows of in_features/32 blocks)."""
 
-    def __init__(self, raw: torch.Tensor, type_name: str, in_features: int, in_place: bool = False):
+    def __init__(self, raw: torch.Tensor, type_name: str, in_features: int, in_place: bool = False,
+                 packed: bool = False):
         super().__init__()
         n_el, n_bytes = BLOCK[type_name]
         if raw.dtype != torch.uint8 or raw.dim() != 2 or raw.shape[1] * n_el != in_features * n_bytes:
             raise ValueError(f"{type_name} blocks of shape {tuple(raw.shape)} do not hold rows of {in_features}")
-        raw, self.packed = pack(raw, type_name, in_place)
+        raw, self.packed = (raw, True) if packed else pack(raw, type_name, in_place)
         self.register_buffer("raw", raw)
         self.type_name, self.in_features, self.out_features = type_name, in_features, raw.shape[0]
         _register_fake()
@@ -146,9 +159,9 @@ class QuantLinear(nn.Module):
 class QuantEmbedding(nn.Module):
     """Rows of a GGUF-block table, dequantized only for the tokens looked up."""
 
-    def __init__(self, raw: torch.Tensor, type_name: str, dim: int, in_place: bool = False):
+    def __init__(self, raw: torch.Tensor, type_name: str, dim: int, in_place: bool = False, packed: bool = False):
         super().__init__()
-        raw, self.packed = pack(raw, type_name, in_place)
+        raw, self.packed = (raw, True) if packed else pack(raw, type_name, in_place)
         self.register_buffer("raw", raw)
         self.type_name, self.embedding_dim, self.num_embeddings = type_name, dim, raw.shape[0]
 

@@ -7,7 +7,7 @@ from gguf import GGMLQuantizationType, GGUFReader, quants as gq
 
 from llamalite.config import ModelConfig
 from llamalite.loading import ModelFileError, build_model, gguf_to_meta_name, load
-from llamalite.quantized import QuantEmbedding, QuantLinear, dequantize_rows
+from llamalite.quantized import REQUANT_TYPES, QuantEmbedding, QuantLinear, dequantize_rows
 from llamalite.quants import SUPPORTED
 from tests.helpers import meta_weights_from_hf, tiny_hf_model, write_gguf
 
@@ -64,18 +64,30 @@ def test_every_type_loads_as_the_gguf_package_dequantizes_it(tmp_path, tensor_ty
     with torch.no_grad():
         expected_logits = expected_model(TOKENS)
         torch.testing.assert_close(lm.model(TOKENS), expected_logits, rtol=0, atol=0)
-    # The default load keeps Q4_0/Q4_1/Q8_0 in their blocks: same weights, kernel arithmetic.
+    # The default load keeps Q4_0/Q4_1/Q8_0 in their blocks: same weights, kernel arithmetic. Other lossy
+    # block types are re-quantized to Q8_0 (ggml's rounding): within half a step (amax/127 per 32
+    # weights) of them, plus the fp16 rounding of the stored step (127 * 2^-11 of a step at most).
     fast = load(path).model
+    requant = tensor_type in REQUANT_TYPES
     for name, values in reference.items():
         module = fast.get_submodule(name.removesuffix(".weight"))
-        weight = module.dequantized() if isinstance(module, QuantLinear) else (
-            dequantize_rows(module.raw, module.type_name, module.packed) if isinstance(module, QuantEmbedding)
-            else module.weight)
-        torch.testing.assert_close(weight, values, rtol=0, atol=0, msg=name)
+        if isinstance(module, (QuantLinear, QuantEmbedding)):
+            weight = dequantize_rows(module.raw, module.type_name, module.packed)
+            assert module.type_name == ("Q8_0" if requant else tensor_type)
+        else:
+            weight = module.weight
+        if requant and values.dim() == 2:
+            step = values.reshape(values.shape[0], -1, 32).abs().amax(-1, keepdim=True) / 127
+            err = (weight - values).reshape(values.shape[0], -1, 32).abs()
+            assert (err <= step * (0.5 + 127 / 2048) + 1e-7).all(), name
+        else:
+            torch.testing.assert_close(weight, values, rtol=0, atol=0, msg=name)
+    if tensor_type.endswith("_K"):
+        return  # random blocks (see write_gguf): that model's logits are noise, its weights were checked
     with torch.no_grad():
         for n in (1, TOKENS.shape[1]):  # the fused kernel (few rows) and dequantize + GEMM (many)
             got, want = fast(TOKENS[:, :n]), expected_logits[:, :n]
-            assert (got - want).abs().max() <= 1e-3 * want.abs().max()
+            assert (got - want).abs().max() <= (2e-2 if requant else 1e-3) * want.abs().max()
 
 
 def _small_gguf(tmp_path):

@@ -82,3 +82,10 @@ def test_prefill_in_tiles_equals_one_gemm(monkeypatch):
     # BLAS blocks a narrower product differently: equal up to float rounding
     torch.testing.assert_close(layer(x), whole, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(whole, F.linear(x, w), rtol=0, atol=0)
+
+
+def test_quantize_q8_0_matches_ggml():
+    w = np.random.default_rng(3).standard_normal((24, 160)).astype(np.float32)
+    ours = torch.ops.llamalite.dequantize(torch.ops.llamalite.quantize_q8_0(torch.from_numpy(w)), KERNEL_TYPES["Q8_0"])
+    ggml = torch.from_numpy(gq.dequantize(gq.quantize(w, T.Q8_0), T.Q8_0).astype(np.float32))
+    torch.testing.assert_close(ours, ggml, rtol=0, atol=0)

@@ -460,6 +460,35 @@ at::Tensor dequantize(const at::Tensor& w_in, int64_t type) {
   return out;
 }
 
+// fp32 (N, K) -> Q8_0 blocks in the kernels' packed layout, ggml's rounding: d = amax / 127,
+// q = round(x / d). For weight types without a kernel of their own (the K-quants): re-quantized to
+// Q8_0 at load, they run on the Q8_0 kernel instead of as fp32.
+at::Tensor quantize_q8_0(const at::Tensor& w_in) {
+  const at::Tensor w = w_in.to(at::kFloat).contiguous();
+  TORCH_CHECK(w.dim() == 2 && w.size(1) % 32 == 0, "quantize_q8_0: w must be (N, K) with K a multiple of 32");
+  const int64_t N = w.size(0), K = w.size(1), nb = K / 32;
+  auto out = at::empty({N, nb * 34}, at::kByte);
+  const float* src = w.data_ptr<float>();
+  uint8_t* dst = out.data_ptr<uint8_t>();
+  at::parallel_for(0, N, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t n = begin; n < end; ++n) {
+      uint8_t* row = dst + n * nb * 34;
+      auto* d = reinterpret_cast<uint16_t*>(row);
+      auto* qs = reinterpret_cast<int8_t*>(row + 2 * nb);
+      for (int64_t b = 0; b < nb; ++b) {
+        const float* x = src + n * K + b * 32;
+        float amax = 0.f;
+        for (int i = 0; i < 32; ++i) amax = std::max(amax, std::fabs(x[i]));
+        const float scale = amax / 127.f, inv = scale > 0.f ? 1.f / scale : 0.f;
+        const at::Half h(scale);
+        std::memcpy(d + b, &h, 2);
+        for (int i = 0; i < 32; ++i) qs[b * 32 + i] = static_cast<int8_t>(std::nearbyint(x[i] * inv));
+      }
+    }
+  });
+  return out;
+}
+
 // The paths this CPU runs, best first, as qmatmul_path numbers them.
 std::vector<std::pair<std::string, int64_t>> simd_paths() {
   std::vector<std::pair<std::string, int64_t>> out;
@@ -477,6 +506,7 @@ TORCH_LIBRARY(llamalite, m) {
   m.def("qmatmul(Tensor x, Tensor w, int qtype) -> Tensor");
   m.def("qmatmul_path(Tensor x, Tensor w, int qtype, int path) -> Tensor");
   m.def("dequantize(Tensor w, int qtype) -> Tensor");
+  m.def("quantize_q8_0(Tensor w) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(llamalite, CPU, m) {
@@ -485,6 +515,7 @@ TORCH_LIBRARY_IMPL(llamalite, CPU, m) {
   m.impl("qmatmul", &qmatmul);
   m.impl("qmatmul_path", &qmatmul_path);
   m.impl("dequantize", &dequantize);
+  m.impl("quantize_q8_0", &quantize_q8_0);
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) { m.def("simd_paths", &simd_paths); }

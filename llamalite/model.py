@@ -171,16 +171,18 @@ class Transformer(nn.Module):
                 raise RuntimeError("call setup_caches() before a forward with input_pos")
             # Attend over the cache up to the last position; a compiled graph cannot read that value
             # and attends over the whole cache, the mask hiding what is not written yet.
-            end = self.max_seq_len if torch.compiler.is_compiling() else int(input_pos[-1]) + 1
+            compiling = torch.compiler.is_compiling()
+            end = self.max_seq_len if compiling else int(input_pos[-1]) + 1
             positions = input_pos
             if end > self.max_seq_len:
                 raise ValueError(f"position {end - 1} is beyond the KV cache of {self.max_seq_len} positions")
         angles = positions.float()[:, None] * self.inv_freq[None, :]  # (T, head_dim/2)
         rot = torch.polar(torch.ones_like(angles), angles)  # e^(i*angle), as Meta's freqs_cis
         mask = None
-        if input_pos is not None:
+        if input_pos is not None and (T > 1 or compiling):
             # With a cache, query t sits at absolute position input_pos[t] and may attend to every
             # cached position up to and including its own: a causal mask shifted by the cache offset.
+            # (A single eager query attends to exactly the cache up to `end`: no mask needed.)
             mask = torch.arange(end, device=tokens.device)[None, :] <= input_pos[:, None]  # (T, end)
         x = self.tok_embeddings(tokens)
         for layer in self.layers:

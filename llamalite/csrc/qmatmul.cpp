@@ -162,53 +162,66 @@ AVX2_TARGET inline __m256i block_dot_avx2(const uint8_t* qs, const QRow& x, int6
   return _mm256_add_epi32(_mm256_madd_epi16(ph, _mm256_set1_epi16(256)), _mm256_madd_epi16(pl, _mm256_set1_epi16(1)));
 }
 
-// Eight blocks' totals, in block order, reduced as they are made so few registers stay live.
-template <int64_t TYPE>
-AVX2_TARGET inline __m256i dot8(const uint8_t* qs, const QRow& x, int64_t b) {
-  constexpr int64_t QB = TYPE == Q8_0 ? 32 : 16;
-  const __m256i h01 = _mm256_hadd_epi32(block_dot_avx2<TYPE>(qs, x, b), block_dot_avx2<TYPE>(qs + QB, x, b + 1));
-  const __m256i h23 = _mm256_hadd_epi32(block_dot_avx2<TYPE>(qs + 2 * QB, x, b + 2),
-                                        block_dot_avx2<TYPE>(qs + 3 * QB, x, b + 3));
-  const __m256i u0 = _mm256_hadd_epi32(h01, h23);
-  const __m256i h45 = _mm256_hadd_epi32(block_dot_avx2<TYPE>(qs + 4 * QB, x, b + 4),
-                                        block_dot_avx2<TYPE>(qs + 5 * QB, x, b + 5));
-  const __m256i h67 = _mm256_hadd_epi32(block_dot_avx2<TYPE>(qs + 6 * QB, x, b + 6),
-                                        block_dot_avx2<TYPE>(qs + 7 * QB, x, b + 7));
-  const __m256i u1 = _mm256_hadd_epi32(h45, h67);
-  // u0 = [b0 b1 b2 b3 | b0 b1 b2 b3]: each block's sum split over the two 128-bit lanes
-  return _mm256_add_epi32(_mm256_permute2x128_si256(u0, u1, 0x20), _mm256_permute2x128_si256(u0, u1, 0x31));
-}
+// A row's dot product on one ISA, from that ISA's one-block dot product: eight blocks' totals at a
+// time (reduced as they are made, so few registers stay live) scaled by eight scales at once, then
+// the blocks that do not fill a group of eight. Stamped out once per ISA: each copy must be compiled
+// for its own instruction set, so a template alone cannot share it.
+#define LLAMALITE_DEFINE_DOT(TARGET, BLOCK_DOT, NAME)                                                  \
+  template <int64_t TYPE>                                                                              \
+  TARGET inline __m256i NAME##_8(const uint8_t* qs, const QRow& x, int64_t b) {                        \
+    constexpr int64_t QB = TYPE == Q8_0 ? 32 : 16;                                                     \
+    const __m256i h01 = _mm256_hadd_epi32(BLOCK_DOT<TYPE>(qs, x, b), BLOCK_DOT<TYPE>(qs + QB, x, b + 1)); \
+    const __m256i h23 = _mm256_hadd_epi32(BLOCK_DOT<TYPE>(qs + 2 * QB, x, b + 2),                      \
+                                          BLOCK_DOT<TYPE>(qs + 3 * QB, x, b + 3));                     \
+    const __m256i u0 = _mm256_hadd_epi32(h01, h23);                                                    \
+    const __m256i h45 = _mm256_hadd_epi32(BLOCK_DOT<TYPE>(qs + 4 * QB, x, b + 4),                      \
+                                          BLOCK_DOT<TYPE>(qs + 5 * QB, x, b + 5));                     \
+    const __m256i h67 = _mm256_hadd_epi32(BLOCK_DOT<TYPE>(qs + 6 * QB, x, b + 6),                      \
+                                          BLOCK_DOT<TYPE>(qs + 7 * QB, x, b + 7));                     \
+    const __m256i u1 = _mm256_hadd_epi32(h45, h67);                                                    \
+    /* u0 = [b0 b1 b2 b3 | b0 b1 b2 b3]: each block's sum split over the two 128-bit lanes */          \
+    return _mm256_add_epi32(_mm256_permute2x128_si256(u0, u1, 0x20), _mm256_permute2x128_si256(u0, u1, 0x31)); \
+  }                                                                                                    \
+  template <int64_t TYPE>                                                                              \
+  TARGET float NAME(const Packed& w, const QRow& x, int64_t nb) {                                      \
+    constexpr int64_t QB = TYPE == Q8_0 ? 32 : 16;                                                     \
+    __m256 acc = _mm256_setzero_ps(), macc = _mm256_setzero_ps();                                      \
+    int64_t b = 0;                                                                                     \
+    for (; b + 8 <= nb; b += 8) {                                                                      \
+      __m256i tot = NAME##_8<TYPE>(w.qs + b * QB, x, b);                                               \
+      if (TYPE == Q4_0) { /* (q - 8) . x = q . x - 8 * sum(x) */                                        \
+        tot = _mm256_sub_epi32(tot, _mm256_slli_epi32(                                                 \
+            _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x.qsum + b)), 3));                     \
+      }                                                                                                \
+      const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w.d + b)));    \
+      acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(tot), _mm256_mul_ps(d, _mm256_loadu_ps(x.scale + b)), acc); \
+      if (TYPE == Q4_1) {                                                                              \
+        const __m256 m = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w.m + b)));  \
+        macc = _mm256_fmadd_ps(m, _mm256_loadu_ps(x.sum + b), macc);                                   \
+      }                                                                                                \
+    }                                                                                                  \
+    float tail = 0.f;                                                                                  \
+    for (; b < nb; ++b) {                                                                              \
+      const __m256i s = BLOCK_DOT<TYPE>(w.qs + b * QB, x, b);                                          \
+      __m128i t = _mm_add_epi32(_mm256_castsi256_si128(s), _mm256_extracti128_si256(s, 1));            \
+      t = _mm_hadd_epi32(t, t);                                                                        \
+      t = _mm_hadd_epi32(t, t);                                                                        \
+      int32_t tot = _mm_cvtsi128_si32(t);                                                              \
+      if (TYPE == Q4_0) tot -= 8 * x.qsum[b];                                                          \
+      tail += _cvtsh_ss(w.d[b]) * x.scale[b] * tot;                                                    \
+      if (TYPE == Q4_1) tail += _cvtsh_ss(w.m[b]) * x.sum[b];                                          \
+    }                                                                                                  \
+    return hsum(_mm256_add_ps(acc, macc)) + tail;                                                      \
+  }                                                                                                    \
+  TARGET float NAME##_any(int64_t type, const Packed& w, const QRow& x, int64_t nb) {                  \
+    switch (type) {                                                                                    \
+      case Q8_0: return NAME<Q8_0>(w, x, nb);                                                          \
+      case Q4_1: return NAME<Q4_1>(w, x, nb);                                                          \
+      default: return NAME<Q4_0>(w, x, nb);                                                            \
+    }                                                                                                  \
+  }
 
-template <int64_t TYPE>
-AVX2_TARGET float dot_avx2(const Packed& w, const QRow& x, int64_t nb) {
-  constexpr int64_t QB = TYPE == Q8_0 ? 32 : 16;
-  __m256 acc = _mm256_setzero_ps(), macc = _mm256_setzero_ps();
-  int64_t b = 0;
-  for (; b + 8 <= nb; b += 8) {
-    __m256i tot = dot8<TYPE>(w.qs + b * QB, x, b);
-    if (TYPE == Q4_0) {  // (q - 8) . x = q . x - 8 * sum(x)
-      tot = _mm256_sub_epi32(tot, _mm256_slli_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(x.qsum + b)), 3));
-    }
-    const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w.d + b)));
-    acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(tot), _mm256_mul_ps(d, _mm256_loadu_ps(x.scale + b)), acc);
-    if (TYPE == Q4_1) {
-      const __m256 m = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w.m + b)));
-      macc = _mm256_fmadd_ps(m, _mm256_loadu_ps(x.sum + b), macc);
-    }
-  }
-  float tail = 0.f;
-  for (; b < nb; ++b) {
-    const __m256i s = block_dot_avx2<TYPE>(w.qs + b * QB, x, b);
-    __m128i t = _mm_add_epi32(_mm256_castsi256_si128(s), _mm256_extracti128_si256(s, 1));
-    t = _mm_hadd_epi32(t, t);
-    t = _mm_hadd_epi32(t, t);
-    int32_t tot = _mm_cvtsi128_si32(t);
-    if (TYPE == Q4_0) tot -= 8 * x.qsum[b];
-    tail += _cvtsh_ss(w.d[b]) * x.scale[b] * tot;
-    if (TYPE == Q4_1) tail += _cvtsh_ss(w.m[b]) * x.sum[b];
-  }
-  return hsum(_mm256_add_ps(acc, macc)) + tail;
-}
+LLAMALITE_DEFINE_DOT(AVX2_TARGET, block_dot_avx2, dot_avx2)
 
 // ----- AVX-512 VNNI path (256-bit registers) -------------------------------------------------------
 // vpdpbusd multiplies unsigned by signed bytes and accumulates four products into each int32 lane:
@@ -234,67 +247,7 @@ VNNI_TARGET inline __m256i block_dot_vnni(const uint8_t* qs, const QRow& x, int6
   return _mm256_add_epi32(_mm256_slli_epi32(ph, 8), pl);
 }
 
-template <int64_t TYPE>
-VNNI_TARGET inline __m256i dot8_vnni(const uint8_t* qs, const QRow& x, int64_t b) {
-  constexpr int64_t QB = TYPE == Q8_0 ? 32 : 16;
-  const __m256i h01 = _mm256_hadd_epi32(block_dot_vnni<TYPE>(qs, x, b), block_dot_vnni<TYPE>(qs + QB, x, b + 1));
-  const __m256i h23 = _mm256_hadd_epi32(block_dot_vnni<TYPE>(qs + 2 * QB, x, b + 2),
-                                        block_dot_vnni<TYPE>(qs + 3 * QB, x, b + 3));
-  const __m256i u0 = _mm256_hadd_epi32(h01, h23);
-  const __m256i h45 = _mm256_hadd_epi32(block_dot_vnni<TYPE>(qs + 4 * QB, x, b + 4),
-                                        block_dot_vnni<TYPE>(qs + 5 * QB, x, b + 5));
-  const __m256i h67 = _mm256_hadd_epi32(block_dot_vnni<TYPE>(qs + 6 * QB, x, b + 6),
-                                        block_dot_vnni<TYPE>(qs + 7 * QB, x, b + 7));
-  const __m256i u1 = _mm256_hadd_epi32(h45, h67);
-  return _mm256_add_epi32(_mm256_permute2x128_si256(u0, u1, 0x20), _mm256_permute2x128_si256(u0, u1, 0x31));
-}
-
-template <int64_t TYPE>
-VNNI_TARGET float dot_vnni(const Packed& w, const QRow& x, int64_t nb) {
-  constexpr int64_t QB = TYPE == Q8_0 ? 32 : 16;
-  __m256 acc = _mm256_setzero_ps(), macc = _mm256_setzero_ps();
-  int64_t b = 0;
-  for (; b + 8 <= nb; b += 8) {
-    __m256i tot = dot8_vnni<TYPE>(w.qs + b * QB, x, b);
-    if (TYPE == Q4_0) {
-      tot = _mm256_sub_epi32(tot, _mm256_slli_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(x.qsum + b)), 3));
-    }
-    const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w.d + b)));
-    acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(tot), _mm256_mul_ps(d, _mm256_loadu_ps(x.scale + b)), acc);
-    if (TYPE == Q4_1) {
-      const __m256 m = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w.m + b)));
-      macc = _mm256_fmadd_ps(m, _mm256_loadu_ps(x.sum + b), macc);
-    }
-  }
-  float tail = 0.f;
-  for (; b < nb; ++b) {
-    const __m256i s = block_dot_vnni<TYPE>(w.qs + b * QB, x, b);
-    __m128i t = _mm_add_epi32(_mm256_castsi256_si128(s), _mm256_extracti128_si256(s, 1));
-    t = _mm_hadd_epi32(t, t);
-    t = _mm_hadd_epi32(t, t);
-    int32_t tot = _mm_cvtsi128_si32(t);
-    if (TYPE == Q4_0) tot -= 8 * x.qsum[b];
-    tail += _cvtsh_ss(w.d[b]) * x.scale[b] * tot;
-    if (TYPE == Q4_1) tail += _cvtsh_ss(w.m[b]) * x.sum[b];
-  }
-  return hsum(_mm256_add_ps(acc, macc)) + tail;
-}
-
-VNNI_TARGET float dot_vnni_any(int64_t type, const Packed& w, const QRow& x, int64_t nb) {
-  switch (type) {
-    case Q8_0: return dot_vnni<Q8_0>(w, x, nb);
-    case Q4_1: return dot_vnni<Q4_1>(w, x, nb);
-    default: return dot_vnni<Q4_0>(w, x, nb);
-  }
-}
-
-AVX2_TARGET float dot_avx2_any(int64_t type, const Packed& w, const QRow& x, int64_t nb) {
-  switch (type) {
-    case Q8_0: return dot_avx2<Q8_0>(w, x, nb);
-    case Q4_1: return dot_avx2<Q4_1>(w, x, nb);
-    default: return dot_avx2<Q4_0>(w, x, nb);
-  }
-}
+LLAMALITE_DEFINE_DOT(VNNI_TARGET, block_dot_vnni, dot_vnni)
 
 // One block to 32 floats.
 AVX2_TARGET void dequant_block_avx2(int64_t type, const Packed& w, int64_t b, float* out) {

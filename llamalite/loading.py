@@ -101,7 +101,7 @@ def build_model(cfg: ModelConfig, weights: Mapping[str, torch.Tensor], dtype: to
     `quantized` maps weight names to (block bytes, type name, already packed): those layers become
     QuantLinear / QuantEmbedding modules holding the blocks (GGUF-ordered ones are repacked in place
     for the kernels: the caller hands over buffers it owns)."""
-    from .quantized import QuantEmbedding, QuantLinear
+    from .quantized import QuantEmbedding, QuantLinear, use_kernels
     from .quants import BLOCK
 
     quantized = dict(quantized or {})
@@ -145,7 +145,7 @@ def build_model(cfg: ModelConfig, weights: Mapping[str, torch.Tensor], dtype: to
             model.output = QuantLinear.sharing(emb)
         else:
             model.output.weight = emb.weight
-    return model.eval()
+    return use_kernels(model).eval()
 
 
 # ----- GGUF ---------------------------------------------------------------------------------------

@@ -1,11 +1,13 @@
-"""Quantized layers that keep GGUF blocks as they are in the file and multiply with them directly.
+"""Layers backed by llamalite's compiled CPU kernels (llamalite/csrc/kernels.cpp), swapped in by the
+loader with the call signatures of the modules they replace, so model.py never knows.
 
-`QuantLinear` has nn.Linear's call signature and `QuantEmbedding` nn.Embedding's, so the loader swaps
-them in and model.py never knows. With the compiled kernels, each row's blocks are repacked once at
-load into the kernels' structure-of-arrays layout (same bytes, same size; see qmatmul.cpp). Small batches (decode) go through the fused C++ kernel
-(llamalite/csrc/qmatmul.cpp: int16 activations, exact integer block dot products); larger ones
-(prefill) dequantize the weight once and use fp32 GEMM, the fastest matrix-matrix path on a CPU.
-Without the compiled kernels, or off the CPU, everything runs through PyTorch's own ops.
+`QuantLinear` (nn.Linear's signature) and `QuantEmbedding` (nn.Embedding's) keep GGUF blocks as they
+are in the file. With the compiled kernels, each row's blocks are repacked once at load into the
+kernels' structure-of-arrays layout (same bytes, same size). Small batches (decode) go through the
+fused kernel (int16 activations, exact integer block dot products); larger ones (prefill) dequantize
+the weight in tiles and use fp32 GEMM, the fastest matrix-matrix path on a CPU. `FastRMSNorm` is the
+model's RMSNorm in one op. Without the compiled kernels, or off the CPU, everything runs through
+PyTorch's own ops.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .model import RMSNorm
 from .quants import BLOCK, dequantize as dequantize_reference
 
 # ggml type ids of the block formats with a fused kernel
@@ -79,6 +82,10 @@ def _register_fake() -> None:
     @torch.library.register_fake("llamalite::quantize_q8_0")
     def _(w):
         return w.new_empty((w.shape[0], w.shape[1] // 32 * 34), dtype=torch.uint8)
+
+    @torch.library.register_fake("llamalite::rms_norm")
+    def _(x, w, eps):
+        return torch.empty_like(x)
 
     @torch.library.register_fake("llamalite::dequantize")
     def _(w, qtype):
@@ -171,6 +178,34 @@ class QuantEmbedding(nn.Module):
 
     def extra_repr(self) -> str:
         return f"{self.num_embeddings}, {self.embedding_dim}, type={self.type_name}"
+
+
+class FastRMSNorm(RMSNorm):
+    """model.RMSNorm computed by one kernel op for fp32 CPU tensors (five eager ops otherwise)."""
+
+    @classmethod
+    def replacing(cls, norm: RMSNorm) -> "FastRMSNorm":
+        fast = cls.__new__(cls)
+        nn.Module.__init__(fast)
+        fast.eps, fast.weight = norm.eps, norm.weight
+        return fast
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.float32 and x.device.type == "cpu" and self.weight.dtype == torch.float32:
+            return torch.ops.llamalite.rms_norm(x, self.weight, self.eps)
+        return super().forward(x)
+
+
+def use_kernels(model: nn.Module) -> nn.Module:
+    """Swap the model's RMSNorm layers for FastRMSNorm where the compiled kernels are available."""
+    if not kernels_available():
+        return model
+    _register_fake()
+    for name, module in list(model.named_modules()):
+        if type(module) is RMSNorm:
+            parent, _, attr = name.rpartition(".")
+            setattr(model.get_submodule(parent), attr, FastRMSNorm.replacing(module))
+    return model
 
 
 def count_parameters(model: nn.Module) -> int:

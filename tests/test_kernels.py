@@ -89,3 +89,17 @@ def test_quantize_q8_0_matches_ggml():
     ours = torch.ops.llamalite.dequantize(torch.ops.llamalite.quantize_q8_0(torch.from_numpy(w)), KERNEL_TYPES["Q8_0"])
     ggml = torch.from_numpy(gq.dequantize(gq.quantize(w, T.Q8_0), T.Q8_0).astype(np.float32))
     torch.testing.assert_close(ours, ggml, rtol=0, atol=0)
+
+
+def test_fast_rms_norm_matches_the_model_norm():
+    from llamalite.model import RMSNorm
+    from llamalite.quantized import FastRMSNorm
+
+    norm = RMSNorm(96, eps=1e-5)
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5)
+    fast = FastRMSNorm.replacing(norm)
+    assert fast.weight is norm.weight
+    x = torch.randn(2, 7, 96)
+    torch.testing.assert_close(fast(x), norm(x), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(fast(x.double()), norm(x.double()))  # other dtypes: the PyTorch path

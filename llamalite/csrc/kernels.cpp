@@ -1,4 +1,5 @@
-// Quantized matrix products on GGUF block formats (ggml-common.h):
+// llamalite's CPU kernels. Most of this file: quantized matrix products on GGUF block formats
+// (ggml-common.h):
 //   block_q4_0 { half d; uint8 qs[16]; }          x = (q - 8) * d
 //   block_q4_1 { half d; half m; uint8 qs[16]; }  x = q * d + m
 //   block_q8_0 { half d; int8 qs[32]; }           x = q * d
@@ -442,6 +443,31 @@ at::Tensor quantize_q8_0(const at::Tensor& w_in) {
   return out;
 }
 
+// ----- other decode-step ops ------------------------------------------------------------------------
+
+// RMSNorm of fp32 rows: x * rsqrt(mean(x^2) + eps) * w, one op where PyTorch's eager path takes five
+// (the model's RMSNorm, llamalite/model.py, is the reference).
+at::Tensor rms_norm(const at::Tensor& x_in, const at::Tensor& w_in, double eps) {
+  TORCH_CHECK(x_in.scalar_type() == at::kFloat && w_in.scalar_type() == at::kFloat, "rms_norm: fp32 only");
+  const at::Tensor x = x_in.contiguous(), w = w_in.contiguous();
+  const int64_t D = x.size(-1), rows = x.numel() / D;
+  TORCH_CHECK(w.numel() == D, "rms_norm: weight has ", w.numel(), " elements for rows of ", D);
+  auto out = at::empty_like(x);
+  const float* xp = x.data_ptr<float>();
+  const float* wp = w.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  at::parallel_for(0, rows, 64, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const float* xr = xp + r * D;
+      float ss = 0.f;
+      for (int64_t i = 0; i < D; ++i) ss += xr[i] * xr[i];
+      const float inv = 1.f / std::sqrt(ss / D + static_cast<float>(eps));
+      for (int64_t i = 0; i < D; ++i) op[r * D + i] = xr[i] * inv * wp[i];
+    }
+  });
+  return out;
+}
+
 // The paths this CPU runs, best first, as qmatmul_path numbers them.
 std::vector<std::pair<std::string, int64_t>> simd_paths() {
   std::vector<std::pair<std::string, int64_t>> out;
@@ -460,6 +486,7 @@ TORCH_LIBRARY(llamalite, m) {
   m.def("qmatmul_path(Tensor x, Tensor w, int qtype, int path) -> Tensor");
   m.def("dequantize(Tensor w, int qtype) -> Tensor");
   m.def("quantize_q8_0(Tensor w) -> Tensor");
+  m.def("rms_norm(Tensor x, Tensor w, float eps) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(llamalite, CPU, m) {
@@ -469,6 +496,7 @@ TORCH_LIBRARY_IMPL(llamalite, CPU, m) {
   m.impl("qmatmul_path", &qmatmul_path);
   m.impl("dequantize", &dequantize);
   m.impl("quantize_q8_0", &quantize_q8_0);
+  m.impl("rms_norm", &rms_norm);
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) { m.def("simd_paths", &simd_paths); }

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .model import RMSNorm
+from .model import Attention, RMSNorm
 from .quants import BLOCK, dequantize as dequantize_reference
 
 # ggml type ids of the block formats with a fused kernel
@@ -196,15 +196,42 @@ class FastRMSNorm(RMSNorm):
         return super().forward(x)
 
 
+class FastAttention(Attention):
+    """model.Attention whose eager one-token CPU step (RoPE, cache write, grouped-query attention over
+    the cache) is one kernel op; every other case runs model.Attention's own forward."""
+
+    @classmethod
+    def replacing(cls, attention: Attention) -> "FastAttention":
+        fast = cls.__new__(cls)
+        nn.Module.__init__(fast)
+        fast.n_heads, fast.n_kv_heads, fast.head_dim = attention.n_heads, attention.n_kv_heads, attention.head_dim
+        fast.wq, fast.wk, fast.wv, fast.wo = attention.wq, attention.wk, attention.wv, attention.wo
+        fast.cache = attention.cache
+        return fast
+
+    def forward(self, x, rot, input_pos, mask, end):
+        B, T, _ = x.shape
+        if (T != 1 or input_pos is None or x.device.type != "cpu" or x.dtype != torch.float32
+                or self.cache.k.dtype != torch.float32 or torch.compiler.is_compiling()):
+            return super().forward(x, rot, input_pos, mask, end)
+        out = torch.ops.llamalite.decode_attention(
+            self.wq(x).reshape(B, -1), self.wk(x).reshape(B, -1), self.wv(x).reshape(B, -1),
+            torch.view_as_real(rot[0]), self.cache.k, self.cache.v, end, self.n_heads, self.n_kv_heads)
+        return self.wo(out.view(B, 1, -1))
+
+
 def use_kernels(model: nn.Module) -> nn.Module:
-    """Swap the model's RMSNorm layers for FastRMSNorm where the compiled kernels are available."""
+    """Swap the model's RMSNorm and Attention layers for their kernel-backed twins (same math, same
+    parameters) where the compiled kernels are available."""
     if not kernels_available():
         return model
     _register_fake()
     for name, module in list(model.named_modules()):
+        parent, _, attr = name.rpartition(".")
         if type(module) is RMSNorm:
-            parent, _, attr = name.rpartition(".")
             setattr(model.get_submodule(parent), attr, FastRMSNorm.replacing(module))
+        elif type(module) is Attention:
+            setattr(model.get_submodule(parent), attr, FastAttention.replacing(module))
     return model
 
 

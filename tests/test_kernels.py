@@ -103,3 +103,26 @@ def test_fast_rms_norm_matches_the_model_norm():
     x = torch.randn(2, 7, 96)
     torch.testing.assert_close(fast(x), norm(x), rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(fast(x.double()), norm(x.double()))  # other dtypes: the PyTorch path
+
+
+def test_fast_attention_step_matches_the_model_attention():
+    from llamalite.config import ModelConfig
+    from llamalite.model import Attention, KVCache
+    from llamalite.quantized import FastAttention
+
+    cfg = ModelConfig(dim=96, n_layers=1, n_heads=6, n_kv_heads=2, vocab_size=10, hidden_dim=64)
+    ref = Attention(cfg)
+    fast = FastAttention.replacing(ref)
+    for att in (ref, fast):
+        att.cache = KVCache(2, 2, 40, 16, torch.float32)
+    ctx = torch.randn(2, 30, 96)
+    angles = torch.arange(31).float()[:, None] * (1.0 / 10000 ** (torch.arange(0, 16, 2) / 16))[None, :]
+    rot = torch.polar(torch.ones_like(angles), angles)
+    with torch.no_grad():
+        for att in (ref, fast):  # the same 30 cached positions in both
+            att(ctx, rot[:30], torch.arange(30), torch.ones(30, 30, dtype=torch.bool).tril(), 30)
+        x = torch.randn(2, 1, 96)
+        want = ref(x, rot[30:], torch.tensor([30]), None, 31)
+        got = fast(x, rot[30:], torch.tensor([30]), None, 31)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(fast.cache.k[:, :, :31], ref.cache.k[:, :, :31], rtol=1e-6, atol=1e-6)

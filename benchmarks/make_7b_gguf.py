@@ -15,6 +15,7 @@ import numpy as np
 from gguf import GGMLQuantizationType as T, GGUFReader, GGUFValueType, GGUFWriter, quants
 
 from llamalite.config import ModelConfig
+from llamalite.export import gguf_add_config
 from llamalite.store import default_model_path
 
 
@@ -23,15 +24,7 @@ def main(out: str) -> None:
     src = GGUFReader(default_model_path())
     vocab = len(src.fields["tokenizer.ggml.tokens"].contents())
     w = GGUFWriter(out, "llama")
-    w.add_block_count(cfg.n_layers)
-    w.add_context_length(cfg.context_length)
-    w.add_embedding_length(cfg.dim)
-    w.add_feed_forward_length(cfg.hidden_dim)
-    w.add_head_count(cfg.n_heads)
-    w.add_head_count_kv(cfg.n_kv_heads)
-    w.add_layer_norm_rms_eps(cfg.norm_eps)
-    w.add_rope_freq_base(cfg.rope_theta)
-    w.add_vocab_size(vocab)
+    gguf_add_config(w, cfg, vocab_size=vocab)
     w.add_file_type(2)  # MOSTLY_Q4_0
     for field in src.fields.values():
         if field.name.startswith("tokenizer."):

@@ -110,16 +110,10 @@ def write_gguf(path: Path, weights: dict[str, np.ndarray], cfg, tensor_type: str
     layer = {"attention_norm": "attn_norm", "ffn_norm": "ffn_norm", "attention.wq": "attn_q",
              "attention.wk": "attn_k", "attention.wv": "attn_v", "attention.wo": "attn_output",
              "feed_forward.w1": "ffn_gate", "feed_forward.w2": "ffn_down", "feed_forward.w3": "ffn_up"}
+    from llamalite.export import gguf_add_config
+
     w = gguf.GGUFWriter(str(path), "llama")
-    w.add_block_count(cfg.n_layers)
-    w.add_context_length(cfg.context_length)
-    w.add_embedding_length(cfg.dim)
-    w.add_feed_forward_length(cfg.hidden_dim)
-    w.add_head_count(cfg.n_heads)
-    w.add_head_count_kv(cfg.n_kv_heads)
-    w.add_layer_norm_rms_eps(cfg.norm_eps)
-    w.add_rope_freq_base(cfg.rope_theta)
-    w.add_vocab_size(cfg.vocab_size)
+    gguf_add_config(w, cfg)
     if tokens is None:
         tokens, merges = bpe_vocab_and_merges(train_bytelevel_bpe(cfg.vocab_size))
     tokens = tokens + [f"[PAD{i}]" for i in range(cfg.vocab_size - len(tokens))]

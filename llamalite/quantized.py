@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .model import Attention, RMSNorm
+from .model import Attention, FeedForward, RMSNorm
 from .quants import BLOCK, dequantize as dequantize_reference
 
 # ggml type ids of the block formats with a fused kernel
@@ -196,9 +196,34 @@ class FastRMSNorm(RMSNorm):
         return super().forward(x)
 
 
+def fuse_rows(*layers: nn.Module) -> tuple[torch.Tensor, int, list[int]] | None:
+    """Layers reading the same input, as one block matrix for one kernel call: (rows, ggml type, row
+    counts), or None if they are not all packed QuantLinear of one type. The layers keep working
+    alone: their blocks become views into the joint matrix, so nothing is stored twice."""
+    if not all(isinstance(m, QuantLinear) and m.packed and m.type_name == layers[0].type_name for m in layers):
+        return None
+    joint = torch.cat([m.raw for m in layers])
+    start = 0
+    for m in layers:
+        m.raw = joint[start:start + m.out_features]
+        start += m.out_features
+    return joint, KERNEL_TYPES[layers[0].type_name], [m.out_features for m in layers]
+
+
+def _fused(fused, x: torch.Tensor) -> list[torch.Tensor]:
+    joint, qtype, sizes = fused
+    return torch.ops.llamalite.qmatmul(x, joint, qtype).split(sizes, dim=1)
+
+
+def _fast_step(x: torch.Tensor) -> bool:
+    """An eager one-token CPU fp32 step: the case the fused paths below serve."""
+    return x.shape[1] == 1 and x.device.type == "cpu" and x.dtype == torch.float32 and not torch.compiler.is_compiling()
+
+
 class FastAttention(Attention):
-    """model.Attention whose eager one-token CPU step (RoPE, cache write, grouped-query attention over
-    the cache) is one kernel op; every other case runs model.Attention's own forward."""
+    """model.Attention whose eager one-token CPU step is two kernel calls: q/k/v in one quantized
+    product, then RoPE, cache write and grouped-query attention over the cache in one op. Every other
+    case runs model.Attention's own forward."""
 
     @classmethod
     def replacing(cls, attention: Attention) -> "FastAttention":
@@ -207,17 +232,36 @@ class FastAttention(Attention):
         fast.n_heads, fast.n_kv_heads, fast.head_dim = attention.n_heads, attention.n_kv_heads, attention.head_dim
         fast.wq, fast.wk, fast.wv, fast.wo = attention.wq, attention.wk, attention.wv, attention.wo
         fast.cache = attention.cache
+        fast.qkv = fuse_rows(fast.wq, fast.wk, fast.wv)
         return fast
 
     def forward(self, x, rot, input_pos, mask, end):
-        B, T, _ = x.shape
-        if (T != 1 or input_pos is None or x.device.type != "cpu" or x.dtype != torch.float32
-                or self.cache.k.dtype != torch.float32 or torch.compiler.is_compiling()):
+        B = x.shape[0]
+        if input_pos is None or not _fast_step(x) or self.cache.k.dtype != torch.float32:
             return super().forward(x, rot, input_pos, mask, end)
-        out = torch.ops.llamalite.decode_attention(
-            self.wq(x).reshape(B, -1), self.wk(x).reshape(B, -1), self.wv(x).reshape(B, -1),
-            torch.view_as_real(rot[0]), self.cache.k, self.cache.v, end, self.n_heads, self.n_kv_heads)
+        x2 = x.reshape(B, -1)
+        q, k, v = _fused(self.qkv, x2) if self.qkv else (self.wq(x2), self.wk(x2), self.wv(x2))
+        out = torch.ops.llamalite.decode_attention(q, k, v, torch.view_as_real(rot[0]), self.cache.k, self.cache.v,
+                                                   end, self.n_heads, self.n_kv_heads)
         return self.wo(out.view(B, 1, -1))
+
+
+class FastFeedForward(FeedForward):
+    """model.FeedForward with gate and up projections in one quantized product on the one-token step."""
+
+    @classmethod
+    def replacing(cls, ffn: FeedForward) -> "FastFeedForward":
+        fast = cls.__new__(cls)
+        nn.Module.__init__(fast)
+        fast.w1, fast.w2, fast.w3 = ffn.w1, ffn.w2, ffn.w3
+        fast.w13 = fuse_rows(fast.w1, fast.w3)
+        return fast
+
+    def forward(self, x):
+        if self.w13 is None or not _fast_step(x):
+            return super().forward(x)
+        gate, up = _fused(self.w13, x.reshape(x.shape[0], -1))
+        return self.w2((F.silu(gate) * up).view(x.shape[0], 1, -1))
 
 
 def use_kernels(model: nn.Module) -> nn.Module:
@@ -232,6 +276,8 @@ def use_kernels(model: nn.Module) -> nn.Module:
             setattr(model.get_submodule(parent), attr, FastRMSNorm.replacing(module))
         elif type(module) is Attention:
             setattr(model.get_submodule(parent), attr, FastAttention.replacing(module))
+        elif type(module) is FeedForward:
+            setattr(model.get_submodule(parent), attr, FastFeedForward.replacing(module))
     return model
 
 

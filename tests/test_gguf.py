@@ -153,3 +153,21 @@ def test_unsupported_tensor_type_names_supported_ones(tmp_path):
     w.close()
     with pytest.raises(ModelFileError, match=r"blk.0.ffn_up.weight.*Q2_K is not supported \(supported: F32"):
         load(tmp_path / "q2k2.gguf")
+
+
+def test_quantized_decode_steps_match_a_full_forward(tmp_path):
+    """The one-token path (fused q/k/v and gate/up products, the attention op) against the plain forward."""
+    from llamalite.quantized import FastAttention, FastFeedForward
+
+    cfg = ModelConfig(dim=256, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=400, hidden_dim=512,
+                      context_length=64)
+    ref = tiny_hf_model(hidden_size=256, intermediate_size=512, max_position_embeddings=64)
+    model = load(write_gguf(tmp_path / "q8.gguf", _as_numpy(meta_weights_from_hf(ref)), cfg, tensor_type="Q8_0")).model
+    attention, ffn = model.layers[0].attention, model.layers[0].feed_forward
+    assert isinstance(attention, FastAttention) and attention.qkv is not None
+    assert isinstance(ffn, FastFeedForward) and ffn.w13 is not None
+    with torch.no_grad():
+        full = model(TOKENS)
+        model.setup_caches(1, 32)
+        steps = torch.cat([model(TOKENS[:, i:i + 1], torch.tensor([i])) for i in range(TOKENS.shape[1])], dim=1)
+    assert (steps - full).abs().max() <= 1e-3 * full.abs().max()

@@ -83,6 +83,10 @@ def _register_fake() -> None:
     def _(w):
         return w.new_empty((w.shape[0], w.shape[1] // 32 * 34), dtype=torch.uint8)
 
+    @torch.library.register_fake("llamalite::qmatmul_multi")
+    def _(x, ws, qtype):
+        return x.new_empty((x.shape[0], sum(w.shape[0] for w in ws)), dtype=torch.float32)
+
     @torch.library.register_fake("llamalite::rms_norm")
     def _(x, w, eps):
         return torch.empty_like(x)
@@ -196,23 +200,17 @@ class FastRMSNorm(RMSNorm):
         return super().forward(x)
 
 
-def fuse_rows(*layers: nn.Module) -> tuple[torch.Tensor, int, list[int]] | None:
-    """Layers reading the same input, as one block matrix for one kernel call: (rows, ggml type, row
-    counts), or None if they are not all packed QuantLinear of one type. The layers keep working
-    alone: their blocks become views into the joint matrix, so nothing is stored twice."""
+def fuse_rows(*layers: nn.Module) -> tuple[nn.Module, ...] | None:
+    """Layers reading the same input, to be run as one kernel call (qmatmul_multi): the layers
+    themselves if they are all packed QuantLinear of one type, else None. Their blocks stay put."""
     if not all(isinstance(m, QuantLinear) and m.packed and m.type_name == layers[0].type_name for m in layers):
         return None
-    joint = torch.cat([m.raw for m in layers])
-    start = 0
-    for m in layers:
-        m.raw = joint[start:start + m.out_features]
-        start += m.out_features
-    return joint, KERNEL_TYPES[layers[0].type_name], [m.out_features for m in layers]
+    return layers
 
 
-def _fused(fused, x: torch.Tensor) -> list[torch.Tensor]:
-    joint, qtype, sizes = fused
-    return torch.ops.llamalite.qmatmul(x, joint, qtype).split(sizes, dim=1)
+def _fused(layers: tuple[nn.Module, ...], x: torch.Tensor) -> list[torch.Tensor]:
+    y = torch.ops.llamalite.qmatmul_multi(x, [m.raw for m in layers], KERNEL_TYPES[layers[0].type_name])
+    return y.split([m.out_features for m in layers], dim=1)
 
 
 def _fast_step(x: torch.Tensor) -> bool:

@@ -126,3 +126,12 @@ def test_fast_attention_step_matches_the_model_attention():
         got = fast(x, rot[30:], torch.tensor([30]), None, 31)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(fast.cache.k[:, :, :31], ref.cache.k[:, :, :31], rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("type_name", sorted(KERNEL_TYPES))
+def test_qmatmul_multi_equals_separate_products(type_name):
+    parts = [_weights(type_name, n, 96, seed=n)[1] for n in (7, 33, 5)]
+    x = torch.randn(2, 96)
+    joint = torch.ops.llamalite.qmatmul_multi(x, parts, KERNEL_TYPES[type_name])
+    separate = torch.cat([torch.ops.llamalite.qmatmul(x, p, KERNEL_TYPES[type_name]) for p in parts], dim=1)
+    torch.testing.assert_close(joint, separate, rtol=0, atol=0)

@@ -330,15 +330,24 @@ at::Tensor repack(const at::Tensor& w, int64_t type) {
   return out;
 }
 
-// x: (M, K) fp32; w: (N, K/32 * block_bytes) repacked uint8 -> (M, N) fp32
-at::Tensor qmatmul_path(const at::Tensor& x_in, const at::Tensor& w, int64_t type, int64_t path_in) {
+// x: (M, K) fp32; ws: weights of (N_i, K/32 * block_bytes) repacked uint8 -> (M, sum N_i) fp32, the
+// products with each weight side by side: layers that read the same input (q/k/v, gate/up) share one
+// activation quantization and one parallel region, and their blocks stay where they are.
+at::Tensor qmatmul_list(const at::Tensor& x_in, at::TensorList ws, int64_t type, int64_t path_in) {
   TORCH_CHECK(x_in.dim() == 2, "qmatmul: x must be (M, K)");
-  check_packed(w, type);
+  TORCH_CHECK(!ws.empty(), "qmatmul: no weights");
   const at::Tensor x = x_in.to(at::kFloat).contiguous();
-  const int64_t M = x.size(0), K = x.size(1), N = w.size(0), bb = block_bytes(type);
-  TORCH_CHECK(K % 32 == 0 && w.size(1) == K / 32 * bb, "qmatmul: w has ", w.size(1),
-              " bytes a row, but K=", K, " needs ", K / 32 * bb);
-  const int64_t nb = K / 32;
+  const int64_t M = x.size(0), K = x.size(1), bb = block_bytes(type);
+  std::vector<int64_t> starts{0};
+  std::vector<const uint8_t*> bases;
+  for (const at::Tensor& w : ws) {
+    check_packed(w, type);
+    TORCH_CHECK(K % 32 == 0 && w.size(1) == K / 32 * bb, "qmatmul: w has ", w.size(1),
+                " bytes a row, but K=", K, " needs ", K / 32 * bb);
+    starts.push_back(starts.back() + w.size(0));
+    bases.push_back(w.data_ptr<uint8_t>());
+  }
+  const int64_t N = starts.back(), nb = K / 32;
   // One scratch buffer for the quantized activations, reused across calls by this thread.
   thread_local std::vector<uint8_t> scratch;
   const int64_t per_row = K * 2 + K * 2 + nb * 12;
@@ -357,11 +366,12 @@ at::Tensor qmatmul_path(const at::Tensor& x_in, const at::Tensor& w, int64_t typ
   }
   auto out = at::empty({M, N}, x.options());
   float* y = out.data_ptr<float>();
-  const uint8_t* wp = w.data_ptr<uint8_t>();
   const int64_t path = resolve_path(path_in);
   at::parallel_for(0, N, 32, [&](int64_t begin, int64_t end) {
+    size_t j = 0;
     for (int64_t n = begin; n < end; ++n) {
-      const Packed row = packed_row(type, wp + n * nb * bb, nb);
+      while (n >= starts[j + 1]) ++j;
+      const Packed row = packed_row(type, bases[j] + (n - starts[j]) * nb * bb, nb);
       for (int64_t m = 0; m < M; ++m) {
         y[m * N + n] = path == VNNI ? dot_vnni_any(type, row, rows[m], nb)
                        : path == AVX2 ? dot_avx2_any(type, row, rows[m], nb)
@@ -371,6 +381,12 @@ at::Tensor qmatmul_path(const at::Tensor& x_in, const at::Tensor& w, int64_t typ
   });
   return out;
 }
+
+at::Tensor qmatmul_path(const at::Tensor& x, const at::Tensor& w, int64_t type, int64_t path) {
+  return qmatmul_list(x, {w}, type, path);
+}
+
+at::Tensor qmatmul_multi(const at::Tensor& x, at::TensorList ws, int64_t type) { return qmatmul_list(x, ws, type, BEST); }
 
 at::Tensor qmatmul(const at::Tensor& x, const at::Tensor& w, int64_t type) { return qmatmul_path(x, w, type, BEST); }
 
@@ -552,6 +568,7 @@ TORCH_LIBRARY(llamalite, m) {
   m.def("repack_(Tensor(a!) w, int qtype) -> ()");
   m.def("qmatmul(Tensor x, Tensor w, int qtype) -> Tensor");
   m.def("qmatmul_path(Tensor x, Tensor w, int qtype, int path) -> Tensor");
+  m.def("qmatmul_multi(Tensor x, Tensor[] ws, int qtype) -> Tensor");
   m.def("dequantize(Tensor w, int qtype) -> Tensor");
   m.def("quantize_q8_0(Tensor w) -> Tensor");
   m.def("rms_norm(Tensor x, Tensor w, float eps) -> Tensor");
@@ -564,6 +581,7 @@ TORCH_LIBRARY_IMPL(llamalite, CPU, m) {
   m.impl("repack_", &repack_);
   m.impl("qmatmul", &qmatmul);
   m.impl("qmatmul_path", &qmatmul_path);
+  m.impl("qmatmul_multi", &qmatmul_multi);
   m.impl("dequantize", &dequantize);
   m.impl("quantize_q8_0", &quantize_q8_0);
   m.impl("rms_norm", &rms_norm);

@@ -476,6 +476,7 @@ at::Tensor rms_norm(const at::Tensor& x_in, const at::Tensor& w_in, double eps) 
     for (int64_t r = begin; r < end; ++r) {
       const float* xr = xp + r * D;
       float ss = 0.f;
+#pragma omp simd reduction(+ : ss)
       for (int64_t i = 0; i < D; ++i) ss += xr[i] * xr[i];
       const float inv = 1.f / std::sqrt(ss / D + static_cast<float>(eps));
       for (int64_t i = 0; i < D; ++i) op[r * D + i] = xr[i] * inv * wp[i];
@@ -535,6 +536,7 @@ at::Tensor decode_attention(const at::Tensor& q_in, const at::Tensor& k_in, cons
       float mx = -INFINITY;
       for (int64_t t = 0; t < end; ++t) {
         float dot = 0.f;
+#pragma omp simd reduction(+ : dot)
         for (int64_t i = 0; i < D; ++i) dot += qh[i] * kb[t * D + i];
         p[t] = dot * scale;
         mx = std::max(mx, p[t]);

@@ -5,8 +5,9 @@ loader with the call signatures of the modules they replace, so model.py never k
 are in the file. With the compiled kernels, each row's blocks are repacked once at load into the
 kernels' structure-of-arrays layout (same bytes, same size). Small batches (decode) go through the
 fused kernel (int16 activations, exact integer block dot products); larger ones (prefill) dequantize
-the weight in tiles and use fp32 GEMM, the fastest matrix-matrix path on a CPU. `FastRMSNorm` is the
-model's RMSNorm in one op. Without the compiled kernels, or off the CPU, everything runs through
+the weight in tiles and use fp32 GEMM, the fastest matrix-matrix path on a CPU. `FastRMSNorm`,
+`FastAttention` and `FastFeedForward` run the model's own math with fewer, fused calls on the
+one-token decode step. Without the compiled kernels, or off the CPU, everything runs through
 PyTorch's own ops.
 """
 

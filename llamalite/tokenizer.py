@@ -16,7 +16,7 @@ import json
 import re
 import warnings
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Mapping, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 # Token types in GGUF `tokenizer.ggml.token_type` (llama.cpp's llama_token_type)
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
@@ -386,13 +386,3 @@ def tokenizer_from_tiktoken(file: Path, pattern: str = LLAMA3_PATTERN) -> Tokeni
     engine = HFEngine(bpe)
     return Tokenizer(engine, bos_id=special["<|begin_of_text|>"], eos_id=special["<|end_of_text|>"],
                      add_bos=True, end_ids=[special["<|eot_id|>"], special["<|eom_id|>"]])
-
-
-def iter_text(decoder: StreamDecoder, ids: Iterable[int]) -> Iterator[str]:
-    for i in ids:
-        piece = decoder.push(i)
-        if piece:
-            yield piece
-    rest = decoder.flush()
-    if rest:
-        yield rest

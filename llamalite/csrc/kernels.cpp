@@ -232,13 +232,7 @@ LLAMALITE_DEFINE_DOT(AVX2_TARGET, block_dot_avx2, dot_avx2)
 
 template <int64_t TYPE>
 VNNI_TARGET inline __m256i block_dot_vnni(const uint8_t* qs, const QRow& x, int64_t b) {
-  if (TYPE == Q8_0) {
-    const __m256i w0 = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(qs)));
-    const __m256i w1 = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(qs + 16)));
-    const __m256i x0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x.q + b * 32));
-    const __m256i x1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x.q + b * 32 + 16));
-    return _mm256_dpwssd_epi32(_mm256_madd_epi16(w0, x0), w1, x1);
-  }
+  if (TYPE == Q8_0) return block_dot_avx2<TYPE>(qs, x, b);  // int8 weights: int16 products either way
   const __m128i q = _mm_loadu_si128(reinterpret_cast<const __m128i*>(qs));
   const __m256i nib = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(q, 4), q), _mm256_set1_epi8(0x0f));
   const __m256i hi = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x.hi + b * 32));

@@ -119,19 +119,45 @@ class Completion:
     finish_reason: str | None = None  # "stop" or "length" once done
 
 
-def stream_text(tokenizer: Tokenizer, token_ids: Generator[int, None, str], stop: Sequence[str] = (),
-                completion: Completion | None = None) -> Iterator[str]:
-    """Text pieces as tokens arrive. Text that could be the start of a stop string is held back until
-    it is known not to be one; a stop string ends the stream and is not emitted."""
-    out = completion if completion is not None else Completion()
-    decoder = tokenizer.stream()
-    pending = ""  # decoded, not yet emitted
-    stop = [s for s in stop if s]
+class TextStream:
+    """Token ids in, text out, as they arrive: never broken UTF-8, and text that could be the start of
+    a stop string is held back until it is known not to be one. A stop string sets `stopped`; it and
+    everything after it are never emitted."""
 
-    def emit(text: str) -> str:
-        out.text += text
+    def __init__(self, tokenizer: Tokenizer, stop: Sequence[str] = ()):
+        self.decoder = tokenizer.stream()
+        self.stop = [s for s in stop if s]
+        self.pending = ""  # decoded, not yet emitted
+        self.stopped = False
+
+    def push(self, token: int) -> str:
+        """The text that is now safe to emit (maybe empty)."""
+        if self.stopped:
+            return ""
+        self.pending += self.decoder.push(token)
+        hit = min((self.pending.find(s) for s in self.stop if s in self.pending), default=-1)
+        if hit >= 0:
+            self.stopped = True
+            text, self.pending = self.pending[:hit], ""
+            return text
+        keep = max((k for s in self.stop for k in range(1, len(s)) if self.pending.endswith(s[:k])), default=0)
+        cut = len(self.pending) - keep
+        text, self.pending = self.pending[:cut], self.pending[cut:]
         return text
 
+    def flush(self) -> str:
+        """What is still held back, once no more tokens will come."""
+        if self.stopped:
+            return ""
+        text, self.pending = self.pending + self.decoder.flush(), ""
+        return text
+
+
+def stream_text(tokenizer: Tokenizer, token_ids: Generator[int, None, str], stop: Sequence[str] = (),
+                completion: Completion | None = None) -> Iterator[str]:
+    """Text pieces as tokens arrive (see TextStream); a stop string ends the stream."""
+    out = completion if completion is not None else Completion()
+    text = TextStream(tokenizer, stop)
     try:
         while True:
             try:
@@ -140,19 +166,16 @@ def stream_text(tokenizer: Tokenizer, token_ids: Generator[int, None, str], stop
                 out.finish_reason = done.value or "length"
                 break
             out.tokens.append(token)
-            pending += decoder.push(token)
-            hit = min((pending.find(s) for s in stop if s in pending), default=-1)
-            if hit >= 0:
-                if pending[:hit]:
-                    yield emit(pending[:hit])
+            piece = text.push(token)
+            if piece:
+                out.text += piece
+                yield piece
+            if text.stopped:
                 out.finish_reason = "stop"
                 return
-            keep = max((k for s in stop for k in range(1, len(s)) if pending.endswith(s[:k])), default=0)
-            if len(pending) > keep:
-                yield emit(pending[:len(pending) - keep])
-                pending = pending[len(pending) - keep:]
-        pending += decoder.flush()
-        if pending:
-            yield emit(pending)
+        piece = text.flush()
+        if piece:
+            out.text += piece
+            yield piece
     finally:
         token_ids.close()

@@ -49,9 +49,10 @@ def rope_inv_freq(head_dim: int, theta: float, scaling: RopeScaling | None = Non
 
 
 def apply_rope(x: torch.Tensor, rot: torch.Tensor) -> torch.Tensor:
-    """Rotate interleaved pairs of x (B, T, H, D), read as complex numbers, by rot = e^(i*angle), (T, D/2)."""
+    """Rotate interleaved pairs of x (B, T, H, D), read as complex numbers, by rot = e^(i*angle),
+    (T, D/2) shared by the batch or (B, T, D/2) per row."""
     xc = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))  # (B, T, H, D/2) complex
-    return torch.view_as_real(xc * rot[:, None, :]).flatten(-2).type_as(x)
+    return torch.view_as_real(xc * rot.unsqueeze(-2)).flatten(-2).type_as(x)
 
 
 class KVCache(nn.Module):
@@ -64,12 +65,20 @@ class KVCache(nn.Module):
         self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
 
-    def update(self, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor, end: int):
-        # k, v: (B, n_kv_heads, T, head_dim), written at their absolute positions; positions up to
-        # `end` come back for attention.
-        self.k.index_copy_(2, input_pos, k)
-        self.v.index_copy_(2, input_pos, v)
-        return self.k[:, :, :end], self.v[:, :, :end]
+    def update(self, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor, end: int,
+               rows: torch.Tensor | None = None):
+        # k, v: (B, n_kv_heads, T, head_dim), written at their absolute positions (input_pos (T,) or
+        # (B, T)) in cache rows `rows` (B,) (default: rows 0..B-1); positions up to `end` come back.
+        if rows is None and input_pos.dim() == 1:
+            self.k.index_copy_(2, input_pos, k)
+            self.v.index_copy_(2, input_pos, v)
+            return self.k[:, :, :end], self.v[:, :, :end]
+        B, T = k.shape[0], k.shape[2]
+        rows = torch.arange(B, device=k.device) if rows is None else rows
+        pos = input_pos.expand(B, T)
+        self.k[rows[:, None], :, pos] = k.transpose(1, 2)  # indexed view: (B, T, n_kv_heads, head_dim)
+        self.v[rows[:, None], :, pos] = v.transpose(1, 2)
+        return self.k[rows, :, :end], self.v[rows, :, :end]
 
 
 class Attention(nn.Module):
@@ -83,7 +92,7 @@ class Attention(nn.Module):
         self.cache: KVCache | None = None
 
     def forward(self, x: torch.Tensor, rot: torch.Tensor, input_pos: torch.Tensor | None,
-                mask: torch.Tensor | None, end: int) -> torch.Tensor:
+                mask: torch.Tensor | None, end: int, rows: torch.Tensor | None = None) -> torch.Tensor:
         B, T, _ = x.shape
         q = self.wq(x).view(B, T, self.n_heads, self.head_dim)
         k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim)
@@ -93,7 +102,7 @@ class Attention(nn.Module):
         if input_pos is None:
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
         else:
-            k, v = self.cache.update(input_pos, k, v, end)  # (B, n_kv_heads, end, head_dim)
+            k, v = self.cache.update(input_pos, k, v, end, rows)  # (B, n_kv_heads, end, head_dim)
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
         return self.wo(out.transpose(1, 2).reshape(B, T, -1))
 
@@ -117,8 +126,8 @@ class TransformerBlock(nn.Module):
         self.attention_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
 
-    def forward(self, x, rot, input_pos, mask, end):
-        h = x + self.attention(self.attention_norm(x), rot, input_pos, mask, end)
+    def forward(self, x, rot, input_pos, mask, end, rows=None):
+        h = x + self.attention(self.attention_norm(x), rot, input_pos, mask, end, rows)
         return h + self.feed_forward(self.ffn_norm(h))
 
 
@@ -154,14 +163,17 @@ class Transformer(nn.Module):
         self.cache_tokens = []
 
     def forward(self, tokens: torch.Tensor, input_pos: torch.Tensor | None = None,
-                last_only: bool = False) -> torch.Tensor:
+                last_only: bool = False, rows: torch.Tensor | None = None) -> torch.Tensor:
         """tokens (B, T) -> logits (B, T, vocab) (or (B, 1, vocab) with last_only).
 
         Without input_pos: a causal forward from position 0, no cache (training, scoring).
-        With input_pos (T,): the consecutive absolute positions of these tokens; keys and values go
-        into the caches set up by setup_caches, and attention sees everything cached before them.
+        With input_pos: the consecutive absolute positions of these tokens, (T,) shared by the batch
+        or (B, T) per row; keys and values go into the caches set up by setup_caches, in cache rows
+        `rows` (B,) (default 0..B-1), and attention sees everything cached before them. Per-row
+        positions and rows let requests of different lengths decode together in one batch.
         """
         B, T = tokens.shape
+        compiling = torch.compiler.is_compiling()
         if input_pos is None:
             positions, end = torch.arange(T, device=tokens.device), T
             if T > self.config.context_length:
@@ -171,22 +183,24 @@ class Transformer(nn.Module):
                 raise RuntimeError("call setup_caches() before a forward with input_pos")
             # Attend over the cache up to the last position; a compiled graph cannot read that value
             # and attends over the whole cache, the mask hiding what is not written yet.
-            compiling = torch.compiler.is_compiling()
-            end = self.max_seq_len if compiling else int(input_pos[-1]) + 1
+            end = self.max_seq_len if compiling else int(input_pos.max()) + 1
             positions = input_pos
             if end > self.max_seq_len:
                 raise ValueError(f"position {end - 1} is beyond the KV cache of {self.max_seq_len} positions")
-        angles = positions.float()[:, None] * self.inv_freq[None, :]  # (T, head_dim/2)
+        angles = positions.float()[..., None] * self.inv_freq  # (T, head_dim/2) or (B, T, head_dim/2)
         rot = torch.polar(torch.ones_like(angles), angles)  # e^(i*angle), as Meta's freqs_cis
         mask = None
-        if input_pos is not None and (T > 1 or compiling):
+        if input_pos is not None and (T > 1 or compiling or input_pos.dim() == 2):
             # With a cache, query t sits at absolute position input_pos[t] and may attend to every
             # cached position up to and including its own: a causal mask shifted by the cache offset.
-            # (A single eager query attends to exactly the cache up to `end`: no mask needed.)
-            mask = torch.arange(end, device=tokens.device)[None, :] <= input_pos[:, None]  # (T, end)
+            # (A single eager query at a position shared by the batch attends to exactly the cache up
+            # to `end`: no mask needed.)
+            mask = torch.arange(end, device=tokens.device) <= input_pos[..., None]  # (T, end) or (B, T, end)
+            if mask.dim() == 3:
+                mask = mask[:, None]  # (B, 1, T, end): the same for every head
         x = self.tok_embeddings(tokens)
         for layer in self.layers:
-            x = layer(x, rot, input_pos, mask, end)
+            x = layer(x, rot, input_pos, mask, end, rows)
         if last_only:
             x = x[:, -1:]
         return self.output(self.norm(x)).float()

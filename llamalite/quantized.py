@@ -234,14 +234,17 @@ class FastAttention(Attention):
         fast.qkv = fuse_rows(fast.wq, fast.wk, fast.wv)
         return fast
 
-    def forward(self, x, rot, input_pos, mask, end):
+    def forward(self, x, rot, input_pos, mask, end, rows=None):
         B = x.shape[0]
         if input_pos is None or not _fast_step(x) or self.cache.k.dtype != torch.float32:
-            return super().forward(x, rot, input_pos, mask, end)
+            return super().forward(x, rot, input_pos, mask, end, rows)
         x2 = x.reshape(B, -1)
         q, k, v = _fused(self.qkv, x2) if self.qkv else (self.wq(x2), self.wk(x2), self.wv(x2))
-        out = torch.ops.llamalite.decode_attention(q, k, v, torch.view_as_real(rot[0]), self.cache.k, self.cache.v,
-                                                   end, self.n_heads, self.n_kv_heads)
+        rows = torch.arange(B) if rows is None else rows
+        cos_sin = torch.view_as_real(rot.reshape(-1, rot.shape[-1]))  # (B or 1, head_dim/2, 2)
+        out = torch.ops.llamalite.decode_attention(q, k, v, cos_sin, self.cache.k, self.cache.v,
+                                                   input_pos.reshape(-1).expand(B), rows, self.n_heads,
+                                                   self.n_kv_heads)
         return self.wo(out.view(B, 1, -1))
 
 

@@ -20,6 +20,7 @@
 #include <ATen/Parallel.h>
 
 #include <immintrin.h>
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -143,82 +144,104 @@ AVX2_TARGET inline float hsum(__m256 v) {
   return _mm_cvtss_f32(s);
 }
 
-// One block's dot product as 8 int32 partial sums.
+// A block's weights made ready for products, once for every activation row: Q8_0's 32 int8 widened
+// to int16 (two registers), or a 4-bit block's 32 nibbles in one register (elements 0-15 in the low lane).
+struct Unpacked {
+  __m256i a, b;
+};
+
 template <int64_t TYPE>
-AVX2_TARGET inline __m256i block_dot_avx2(const uint8_t* qs, const QRow& x, int64_t b) {
+AVX2_TARGET inline Unpacked unpack_avx2(const uint8_t* qs) {
   if (TYPE == Q8_0) {
-    const __m256i w0 = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(qs)));
-    const __m256i w1 = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(qs + 16)));
+    return {_mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(qs))),
+            _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(qs + 16)))};
+  }
+  const __m128i q = _mm_loadu_si128(reinterpret_cast<const __m128i*>(qs));
+  return {_mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(q, 4), q), _mm256_set1_epi8(0x0f)), _mm256_setzero_si256()};
+}
+
+// One block's dot product with activation row x as 8 int32 partial sums.
+template <int64_t TYPE>
+AVX2_TARGET inline __m256i block_dot_avx2(const Unpacked& w, const QRow& x, int64_t b) {
+  if (TYPE == Q8_0) {
     const __m256i x0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x.q + b * 32));
     const __m256i x1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x.q + b * 32 + 16));
-    return _mm256_add_epi32(_mm256_madd_epi16(w0, x0), _mm256_madd_epi16(w1, x1));
+    return _mm256_add_epi32(_mm256_madd_epi16(w.a, x0), _mm256_madd_epi16(w.b, x1));
   }
-  // The 32 nibbles in one register, low nibbles (elements 0-15) in the low lane.
-  const __m128i q = _mm_loadu_si128(reinterpret_cast<const __m128i*>(qs));
-  const __m256i nib = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(q, 4), q), _mm256_set1_epi8(0x0f));
   const __m256i hi = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x.hi + b * 32));
   const __m256i lo = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x.lo + b * 32));
-  const __m256i ph = _mm256_maddubs_epi16(nib, hi);  // unsigned nibble x signed high byte
-  const __m256i pl = _mm256_maddubs_epi16(lo, nib);  // unsigned low byte x nibble (<= 15 as signed)
+  const __m256i ph = _mm256_maddubs_epi16(w.a, hi);  // unsigned nibble x signed high byte
+  const __m256i pl = _mm256_maddubs_epi16(lo, w.a);  // unsigned low byte x nibble (<= 15 as signed)
   return _mm256_add_epi32(_mm256_madd_epi16(ph, _mm256_set1_epi16(256)), _mm256_madd_epi16(pl, _mm256_set1_epi16(1)));
 }
 
-// A row's dot product on one ISA, from that ISA's one-block dot product: eight blocks' totals at a
-// time (reduced as they are made, so few registers stay live) scaled by eight scales at once, then
-// the blocks that do not fill a group of eight. Stamped out once per ISA: each copy must be compiled
-// for its own instruction set, so a template alone cannot share it.
+constexpr int64_t MAX_ROWS = 8;  // activation rows a weight row is unpacked for at once
+
+// Dot products of one weight row with M <= MAX_ROWS activation rows, y[m * ystride], on one ISA,
+// from that ISA's one-block dot product. Eight blocks are unpacked once for all rows; for each row,
+// their totals are reduced as they are made (few registers stay live) and scaled by eight scales at
+// once, then come the blocks that do not fill a group of eight. Each row goes through the same
+// operations in the same order whatever M is, so a row's result does not depend on its batch.
+// Stamped out once per ISA: each copy must be compiled for its own instruction set, so a template
+// alone cannot share it.
 #define LLAMALITE_DEFINE_DOT(TARGET, BLOCK_DOT, NAME)                                                  \
   template <int64_t TYPE>                                                                              \
-  TARGET inline __m256i NAME##_8(const uint8_t* qs, const QRow& x, int64_t b) {                        \
-    constexpr int64_t QB = TYPE == Q8_0 ? 32 : 16;                                                     \
-    const __m256i h01 = _mm256_hadd_epi32(BLOCK_DOT<TYPE>(qs, x, b), BLOCK_DOT<TYPE>(qs + QB, x, b + 1)); \
-    const __m256i h23 = _mm256_hadd_epi32(BLOCK_DOT<TYPE>(qs + 2 * QB, x, b + 2),                      \
-                                          BLOCK_DOT<TYPE>(qs + 3 * QB, x, b + 3));                     \
+  TARGET inline __m256i NAME##_8(const Unpacked* u, const QRow& x, int64_t b) {                        \
+    const __m256i h01 = _mm256_hadd_epi32(BLOCK_DOT<TYPE>(u[0], x, b), BLOCK_DOT<TYPE>(u[1], x, b + 1)); \
+    const __m256i h23 = _mm256_hadd_epi32(BLOCK_DOT<TYPE>(u[2], x, b + 2), BLOCK_DOT<TYPE>(u[3], x, b + 3)); \
     const __m256i u0 = _mm256_hadd_epi32(h01, h23);                                                    \
-    const __m256i h45 = _mm256_hadd_epi32(BLOCK_DOT<TYPE>(qs + 4 * QB, x, b + 4),                      \
-                                          BLOCK_DOT<TYPE>(qs + 5 * QB, x, b + 5));                     \
-    const __m256i h67 = _mm256_hadd_epi32(BLOCK_DOT<TYPE>(qs + 6 * QB, x, b + 6),                      \
-                                          BLOCK_DOT<TYPE>(qs + 7 * QB, x, b + 7));                     \
+    const __m256i h45 = _mm256_hadd_epi32(BLOCK_DOT<TYPE>(u[4], x, b + 4), BLOCK_DOT<TYPE>(u[5], x, b + 5)); \
+    const __m256i h67 = _mm256_hadd_epi32(BLOCK_DOT<TYPE>(u[6], x, b + 6), BLOCK_DOT<TYPE>(u[7], x, b + 7)); \
     const __m256i u1 = _mm256_hadd_epi32(h45, h67);                                                    \
     /* u0 = [b0 b1 b2 b3 | b0 b1 b2 b3]: each block's sum split over the two 128-bit lanes */          \
     return _mm256_add_epi32(_mm256_permute2x128_si256(u0, u1, 0x20), _mm256_permute2x128_si256(u0, u1, 0x31)); \
   }                                                                                                    \
   template <int64_t TYPE>                                                                              \
-  TARGET float NAME(const Packed& w, const QRow& x, int64_t nb) {                                      \
+  TARGET void NAME(const Packed& w, const QRow* xs, int64_t M, int64_t nb, float* y, int64_t ystride) { \
     constexpr int64_t QB = TYPE == Q8_0 ? 32 : 16;                                                     \
-    __m256 acc = _mm256_setzero_ps(), macc = _mm256_setzero_ps();                                      \
+    __m256 acc[MAX_ROWS], macc[MAX_ROWS];                                                              \
+    for (int64_t m = 0; m < M; ++m) acc[m] = macc[m] = _mm256_setzero_ps();                            \
     int64_t b = 0;                                                                                     \
     for (; b + 8 <= nb; b += 8) {                                                                      \
-      __m256i tot = NAME##_8<TYPE>(w.qs + b * QB, x, b);                                               \
-      if (TYPE == Q4_0) { /* (q - 8) . x = q . x - 8 * sum(x) */                                        \
-        tot = _mm256_sub_epi32(tot, _mm256_slli_epi32(                                                 \
-            _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x.qsum + b)), 3));                     \
-      }                                                                                                \
+      Unpacked u[8];                                                                                   \
+      for (int j = 0; j < 8; ++j) u[j] = unpack_avx2<TYPE>(w.qs + (b + j) * QB);                       \
       const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w.d + b)));    \
-      acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(tot), _mm256_mul_ps(d, _mm256_loadu_ps(x.scale + b)), acc); \
-      if (TYPE == Q4_1) {                                                                              \
-        const __m256 m = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w.m + b)));  \
-        macc = _mm256_fmadd_ps(m, _mm256_loadu_ps(x.sum + b), macc);                                   \
+      for (int64_t m = 0; m < M; ++m) {                                                                \
+        const QRow& x = xs[m];                                                                         \
+        __m256i tot = NAME##_8<TYPE>(u, x, b);                                                         \
+        if (TYPE == Q4_0) { /* (q - 8) . x = q . x - 8 * sum(x) */                                      \
+          tot = _mm256_sub_epi32(tot, _mm256_slli_epi32(                                               \
+              _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x.qsum + b)), 3));                   \
+        }                                                                                              \
+        acc[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(tot), _mm256_mul_ps(d, _mm256_loadu_ps(x.scale + b)), acc[m]); \
+        if (TYPE == Q4_1) {                                                                            \
+          const __m256 mn = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w.m + b))); \
+          macc[m] = _mm256_fmadd_ps(mn, _mm256_loadu_ps(x.sum + b), macc[m]);                          \
+        }                                                                                              \
       }                                                                                                \
     }                                                                                                  \
-    float tail = 0.f;                                                                                  \
-    for (; b < nb; ++b) {                                                                              \
-      const __m256i s = BLOCK_DOT<TYPE>(w.qs + b * QB, x, b);                                          \
-      __m128i t = _mm_add_epi32(_mm256_castsi256_si128(s), _mm256_extracti128_si256(s, 1));            \
-      t = _mm_hadd_epi32(t, t);                                                                        \
-      t = _mm_hadd_epi32(t, t);                                                                        \
-      int32_t tot = _mm_cvtsi128_si32(t);                                                              \
-      if (TYPE == Q4_0) tot -= 8 * x.qsum[b];                                                          \
-      tail += _cvtsh_ss(w.d[b]) * x.scale[b] * tot;                                                    \
-      if (TYPE == Q4_1) tail += _cvtsh_ss(w.m[b]) * x.sum[b];                                          \
+    for (int64_t m = 0; m < M; ++m) {                                                                  \
+      const QRow& x = xs[m];                                                                           \
+      float tail = 0.f;                                                                                \
+      for (int64_t t = b; t < nb; ++t) {                                                               \
+        const __m256i s = BLOCK_DOT<TYPE>(unpack_avx2<TYPE>(w.qs + t * QB), x, t);                     \
+        __m128i h = _mm_add_epi32(_mm256_castsi256_si128(s), _mm256_extracti128_si256(s, 1));          \
+        h = _mm_hadd_epi32(h, h);                                                                      \
+        h = _mm_hadd_epi32(h, h);                                                                      \
+        int32_t tot = _mm_cvtsi128_si32(h);                                                            \
+        if (TYPE == Q4_0) tot -= 8 * x.qsum[t];                                                        \
+        tail += _cvtsh_ss(w.d[t]) * x.scale[t] * tot;                                                  \
+        if (TYPE == Q4_1) tail += _cvtsh_ss(w.m[t]) * x.sum[t];                                        \
+      }                                                                                                \
+      y[m * ystride] = hsum(_mm256_add_ps(acc[m], macc[m])) + tail;                                    \
     }                                                                                                  \
-    return hsum(_mm256_add_ps(acc, macc)) + tail;                                                      \
   }                                                                                                    \
-  TARGET float NAME##_any(int64_t type, const Packed& w, const QRow& x, int64_t nb) {                  \
+  TARGET void NAME##_any(int64_t type, const Packed& w, const QRow* xs, int64_t M, int64_t nb, float* y, \
+                         int64_t ystride) {                                                            \
     switch (type) {                                                                                    \
-      case Q8_0: return NAME<Q8_0>(w, x, nb);                                                          \
-      case Q4_1: return NAME<Q4_1>(w, x, nb);                                                          \
-      default: return NAME<Q4_0>(w, x, nb);                                                            \
+      case Q8_0: return NAME<Q8_0>(w, xs, M, nb, y, ystride);                                          \
+      case Q4_1: return NAME<Q4_1>(w, xs, M, nb, y, ystride);                                          \
+      default: return NAME<Q4_0>(w, xs, M, nb, y, ystride);                                            \
     }                                                                                                  \
   }
 
@@ -231,14 +254,12 @@ LLAMALITE_DEFINE_DOT(AVX2_TARGET, block_dot_avx2, dot_avx2)
 #define VNNI_TARGET __attribute__((target("avx2,fma,f16c,avx512f,avx512vl,avx512bw,avx512vnni")))
 
 template <int64_t TYPE>
-VNNI_TARGET inline __m256i block_dot_vnni(const uint8_t* qs, const QRow& x, int64_t b) {
-  if (TYPE == Q8_0) return block_dot_avx2<TYPE>(qs, x, b);  // int8 weights: int16 products either way
-  const __m128i q = _mm_loadu_si128(reinterpret_cast<const __m128i*>(qs));
-  const __m256i nib = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(q, 4), q), _mm256_set1_epi8(0x0f));
+VNNI_TARGET inline __m256i block_dot_vnni(const Unpacked& w, const QRow& x, int64_t b) {
+  if (TYPE == Q8_0) return block_dot_avx2<TYPE>(w, x, b);  // int8 weights: int16 products either way
   const __m256i hi = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x.hi + b * 32));
   const __m256i lo = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x.lo + b * 32));
-  const __m256i ph = _mm256_dpbusd_epi32(_mm256_setzero_si256(), nib, hi);
-  const __m256i pl = _mm256_dpbusd_epi32(_mm256_setzero_si256(), lo, nib);
+  const __m256i ph = _mm256_dpbusd_epi32(_mm256_setzero_si256(), w.a, hi);
+  const __m256i pl = _mm256_dpbusd_epi32(_mm256_setzero_si256(), lo, w.a);
   return _mm256_add_epi32(_mm256_slli_epi32(ph, 8), pl);
 }
 
@@ -366,10 +387,15 @@ at::Tensor qmatmul_list(const at::Tensor& x_in, at::TensorList ws, int64_t type,
     for (int64_t n = begin; n < end; ++n) {
       while (n >= starts[j + 1]) ++j;
       const Packed row = packed_row(type, bases[j] + (n - starts[j]) * nb * bb, nb);
-      for (int64_t m = 0; m < M; ++m) {
-        y[m * N + n] = path == VNNI ? dot_vnni_any(type, row, rows[m], nb)
-                       : path == AVX2 ? dot_avx2_any(type, row, rows[m], nb)
-                                      : dot_ref(type, row, rows[m], nb);
+      for (int64_t m0 = 0; m0 < M; m0 += MAX_ROWS) {
+        const int64_t mc = std::min(MAX_ROWS, M - m0);
+        if (path == VNNI) {
+          dot_vnni_any(type, row, rows.data() + m0, mc, nb, y + m0 * N + n, N);
+        } else if (path == AVX2) {
+          dot_avx2_any(type, row, rows.data() + m0, mc, nb, y + m0 * N + n, N);
+        } else {
+          for (int64_t m = m0; m < m0 + mc; ++m) y[m * N + n] = dot_ref(type, row, rows[m], nb);
+        }
       }
     }
   });
@@ -479,28 +505,35 @@ at::Tensor rms_norm(const at::Tensor& x_in, const at::Tensor& w_in, double eps) 
   return out;
 }
 
-// One decode step of attention for a single new token: RoPE on q and k (interleaved pairs, as
-// model.apply_rope), k and v written into the caches at position `end - 1`, then each query head
-// attends over positions 0 .. end-1 of its key/value head (grouped-query attention), softmax in fp32.
-// One op where the eager path takes about fifteen (model.Attention is the reference).
-//   q (B, H*D), k and v (B, KV*D), cos_sin (D/2, 2), caches (B, KV, S, D); returns (B, H*D).
+// One decode step of attention for a batch of single queries: RoPE on q and k, the new k and v
+// written into the caches, then grouped-query attention over the cache. Row b of the batch sits at
+// position pos[b] of cache row rows[b] and attends to positions 0..pos[b] of it: requests of
+// different lengths decode together. RoPE rotates interleaved pairs as model.apply_rope; softmax in
+// fp32. One op where the eager path takes about fifteen (model.Attention is the reference).
+//   q (B, H*D), k and v (B, KV*D), cos_sin (B or 1, D/2, 2), caches (R, KV, S, D); returns (B, H*D).
 at::Tensor decode_attention(const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
                             const at::Tensor& cos_sin_in, at::Tensor& cache_k, at::Tensor& cache_v,
-                            int64_t end, int64_t n_heads, int64_t n_kv_heads) {
+                            const at::Tensor& pos_in, const at::Tensor& rows_in, int64_t n_heads, int64_t n_kv_heads) {
   const at::Tensor q = q_in.to(at::kFloat).contiguous(), k = k_in.to(at::kFloat).contiguous();
-  const at::Tensor v = v_in.to(at::kFloat).contiguous(), cs = cos_sin_in.contiguous();
+  const at::Tensor v = v_in.to(at::kFloat).contiguous(), cs = cos_sin_in.to(at::kFloat).contiguous();
+  const at::Tensor pos_t = pos_in.to(at::kLong).contiguous(), rows_t = rows_in.to(at::kLong).contiguous();
   TORCH_CHECK(cache_k.scalar_type() == at::kFloat && cache_k.is_contiguous() && cache_v.is_contiguous(),
               "decode_attention: fp32 contiguous caches only");
-  const int64_t B = q.size(0), D = q.size(1) / n_heads, S = cache_k.size(2);
-  TORCH_CHECK(end >= 1 && end <= S, "decode_attention: position ", end - 1, " is outside the cache of ", S);
-  TORCH_CHECK(cs.size(0) * 2 == D, "decode_attention: cos/sin table does not match head_dim ", D);
-  const float* rot = cs.data_ptr<float>();
+  const int64_t B = q.size(0), D = q.size(1) / n_heads, R = cache_k.size(0), S = cache_k.size(2);
+  TORCH_CHECK(pos_t.numel() == B && rows_t.numel() == B, "decode_attention: need one position and one cache row a query");
+  TORCH_CHECK(cs.dim() == 3 && cs.size(1) * 2 == D && (cs.size(0) == B || cs.size(0) == 1),
+              "decode_attention: cos/sin table does not match the batch and head_dim ", D);
+  const int64_t* pos = pos_t.data_ptr<int64_t>();
+  const int64_t* rows = rows_t.data_ptr<int64_t>();
+  for (int64_t b = 0; b < B; ++b) {
+    TORCH_CHECK(pos[b] >= 0 && pos[b] < S, "decode_attention: position ", pos[b], " is outside the cache of ", S);
+    TORCH_CHECK(rows[b] >= 0 && rows[b] < R, "decode_attention: cache row ", rows[b], " is outside the ", R, " rows");
+  }
   auto qr = at::empty({B, n_heads * D}, at::kFloat);
   float* qp = qr.data_ptr<float>();
   float* kc = cache_k.data_ptr<float>();
   float* vc = cache_v.data_ptr<float>();
-  const int64_t pos = end - 1;
-  auto rope = [&](const float* src, float* dst) {
+  auto rope = [&](const float* rot, const float* src, float* dst) {
     for (int64_t i = 0; i < D / 2; ++i) {
       const float c = rot[2 * i], s = rot[2 * i + 1], x0 = src[2 * i], x1 = src[2 * i + 1];
       dst[2 * i] = x0 * c - x1 * s;
@@ -508,12 +541,12 @@ at::Tensor decode_attention(const at::Tensor& q_in, const at::Tensor& k_in, cons
     }
   };
   for (int64_t b = 0; b < B; ++b) {
-    for (int64_t h = 0; h < n_heads; ++h) rope(q.data_ptr<float>() + (b * n_heads + h) * D, qp + (b * n_heads + h) * D);
+    const float* rot = cs.data_ptr<float>() + (cs.size(0) == 1 ? 0 : b) * D;
+    for (int64_t h = 0; h < n_heads; ++h) rope(rot, q.data_ptr<float>() + (b * n_heads + h) * D, qp + (b * n_heads + h) * D);
     for (int64_t h = 0; h < n_kv_heads; ++h) {
-      float* kdst = kc + ((b * n_kv_heads + h) * S + pos) * D;
-      rope(k.data_ptr<float>() + (b * n_kv_heads + h) * D, kdst);
-      std::memcpy(vc + ((b * n_kv_heads + h) * S + pos) * D, v.data_ptr<float>() + (b * n_kv_heads + h) * D,
-                  D * sizeof(float));
+      const int64_t at = ((rows[b] * n_kv_heads + h) * S + pos[b]) * D;
+      rope(rot, k.data_ptr<float>() + (b * n_kv_heads + h) * D, kc + at);
+      std::memcpy(vc + at, v.data_ptr<float>() + (b * n_kv_heads + h) * D, D * sizeof(float));
     }
   }
   auto out = at::empty({B, n_heads * D}, at::kFloat);
@@ -521,12 +554,13 @@ at::Tensor decode_attention(const at::Tensor& q_in, const at::Tensor& k_in, cons
   const float scale = 1.f / std::sqrt(static_cast<float>(D));
   const int64_t group = n_heads / n_kv_heads;
   at::parallel_for(0, B * n_heads, 1, [&](int64_t begin, int64_t stop) {
-    std::vector<float> p(end);
+    std::vector<float> p;
     for (int64_t bh = begin; bh < stop; ++bh) {
-      const int64_t b = bh / n_heads, h = bh % n_heads, kvh = h / group;
+      const int64_t b = bh / n_heads, h = bh % n_heads, kvh = h / group, end = pos[b] + 1;
+      p.resize(end);
       const float* qh = qp + bh * D;
-      const float* kb = kc + (b * n_kv_heads + kvh) * S * D;
-      const float* vb = vc + (b * n_kv_heads + kvh) * S * D;
+      const float* kb = kc + (rows[b] * n_kv_heads + kvh) * S * D;
+      const float* vb = vc + (rows[b] * n_kv_heads + kvh) * S * D;
       float mx = -INFINITY;
       for (int64_t t = 0; t < end; ++t) {
         float dot = 0.f;
@@ -569,7 +603,7 @@ TORCH_LIBRARY(llamalite, m) {
   m.def("quantize_q8_0(Tensor w) -> Tensor");
   m.def("rms_norm(Tensor x, Tensor w, float eps) -> Tensor");
   m.def("decode_attention(Tensor q, Tensor k, Tensor v, Tensor cos_sin, Tensor(a!) cache_k, Tensor(b!) cache_v, "
-        "int end, int n_heads, int n_kv_heads) -> Tensor");
+        "Tensor pos, Tensor rows, int n_heads, int n_kv_heads) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(llamalite, CPU, m) {

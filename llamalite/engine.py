@@ -1,0 +1,273 @@
+"""Continuous batching: concurrent requests decoded together, one batched forward per step.
+
+Each running request owns one row of the model's KV cache (a slot). Between steps, waiting requests
+join (their prompt prefilled into a free slot, one chunk per step so running requests keep decoding)
+and finished or cancelled ones leave. A slot remembers the tokens it holds after its request leaves:
+a chat that resends its history is given the slot holding the longest common prefix, and only the
+new tokens are computed.
+
+A request's greedy output does not depend on what it is batched with: every row of a batched step
+goes through the same per-row arithmetic as a batch of one (the kernels quantize and reduce each
+activation row on its own; attention reads only the row's own cache), up to GEMV_MAX_ROWS rows.
+
+The engine runs in one background thread; requests are handed over thread-safely and report back
+through a callback (the server's event loop) or a queue (plain Python callers).
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Callable, Iterator, Sequence
+
+import torch
+
+from .generation import PREFILL_CHUNK, ContextLengthError, _common_prefix
+from .model import Transformer
+from .sampling import GREEDY, SamplingParams, sample
+
+
+@dataclass
+class TokenEvent:
+    """One generated token, with its log-probability and the top alternatives when asked for."""
+    token: int
+    logprob: float | None = None
+    top_logprobs: list[tuple[int, float]] | None = None
+
+
+@dataclass
+class Finished:
+    """The last event of a request: reason is "stop", "length", "cancelled" or "error"."""
+    reason: str
+    prompt_tokens: int
+    completion_tokens: int
+    cached_tokens: int = 0  # prompt tokens whose keys/values were reused from an earlier request
+    error: str | None = None
+
+
+Event = TokenEvent | Finished
+
+
+class Request:
+    """A prompt to complete. Events arrive through `deliver` (called on the engine's thread), or, by
+    default, through a queue read by iterating over the request."""
+
+    def __init__(self, prompt: Sequence[int], *, max_tokens: int, sampling: SamplingParams = GREEDY,
+                 stop_ids: Sequence[int] = (), seed: int | None = None, logprobs: int | None = None,
+                 deliver: Callable[[Event], None] | None = None):
+        if len(prompt) == 0:
+            raise ValueError("the prompt is empty: give at least one token")
+        if max_tokens < 1:
+            raise ValueError("max_tokens must be at least 1")
+        self.prompt, self.max_tokens, self.sampling = list(prompt), max_tokens, sampling
+        self.stop_ids = frozenset(stop_ids)
+        self.logprobs = logprobs
+        self.generator = torch.Generator().manual_seed(seed if seed is not None else torch.seed())
+        self.generated = 0
+        self.cached_tokens = 0
+        self.cancelled = False
+        self.submitted = time.monotonic()
+        self._queue: queue.Queue[Event] | None = None
+        if deliver is None:
+            self._queue = queue.Queue()
+            deliver = self._queue.put
+        self.deliver = deliver
+
+    def cancel(self) -> None:
+        """Stop generating; the engine frees the slot before its next step."""
+        self.cancelled = True
+
+    def __iter__(self) -> Iterator[Event]:
+        if self._queue is None:
+            raise RuntimeError("this request delivers its events to a callback")
+        while True:
+            event = self._queue.get()
+            yield event
+            if isinstance(event, Finished):
+                return
+
+
+@dataclass
+class _Slot:
+    tokens: list[int] = field(default_factory=list)  # what this cache row holds, positions 0..len-1
+    request: Request | None = None
+    pending: int | None = None  # sampled, emitted, not yet in the cache: the next step's input
+    last_used: float = 0.0
+
+    @property
+    def prefilling(self) -> bool:
+        return self.request is not None and self.pending is None
+
+
+class Engine:
+    """Schedules requests over one model with `max_batch` KV-cache rows of `max_seq_len` positions."""
+
+    def __init__(self, model: Transformer, *, max_batch: int = 8, max_seq_len: int | None = None):
+        ctx = model.config.context_length
+        self.model = model
+        self.max_seq_len = min(ctx, max_seq_len or ctx)
+        self.max_batch = max_batch
+        model.setup_caches(max_batch, self.max_seq_len)
+        self.slots = [_Slot() for _ in range(max_batch)]
+        self.waiting: deque[Request] = deque()
+        self.stats = {"requests": 0, "prompt_tokens": 0, "cached_tokens": 0, "generated_tokens": 0, "steps": 0}
+        self._cv = threading.Condition()
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+
+    # ----- the public side (any thread) -----
+
+    def check(self, prompt_tokens: int, max_tokens: int) -> None:
+        """Raise ContextLengthError if a request of this size cannot run here."""
+        if prompt_tokens + max_tokens > self.max_seq_len:
+            raise ContextLengthError(
+                f"the prompt is {prompt_tokens} tokens and {max_tokens} more were asked for, but the context "
+                f"is {self.max_seq_len} tokens; shorten the prompt or lower max_tokens")
+
+    def submit(self, request: Request) -> Request:
+        self.check(len(request.prompt), request.max_tokens)
+        with self._cv:
+            self.waiting.append(request)
+            self._cv.notify()
+        return request
+
+    @property
+    def queue_depth(self) -> int:
+        return len(self.waiting)
+
+    @property
+    def active(self) -> int:
+        return sum(s.request is not None for s in self.slots)
+
+    def start(self) -> "Engine":
+        if self._thread is None:
+            self._stopping = False
+            self._thread = threading.Thread(target=self._run, name="llamalite-engine", daemon=True)
+            self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        with self._cv:
+            self._stopping = True
+            self._cv.notify()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+
+    def _run(self) -> None:
+        while True:
+            with self._cv:
+                while not self._stopping and not self.waiting and not self.active:
+                    self._cv.wait()
+                if self._stopping:
+                    break
+            self.step()
+        for slot in self.slots:
+            if slot.request is not None:
+                self._finish(slot, "cancelled")
+        while self.waiting:
+            r = self.waiting.popleft()
+            r.deliver(Finished("cancelled", len(r.prompt), 0))
+
+    # ----- the engine's thread -----
+
+    @torch.inference_mode()
+    def step(self) -> None:
+        """One scheduling round: drop cancelled requests, admit waiting ones, prefill one chunk, then
+        decode one token for every running request in one batched forward."""
+        self.stats["steps"] += 1
+        for slot in self.slots:
+            if slot.request is not None and slot.request.cancelled:
+                self._finish(slot, "cancelled")
+        self._admit()
+        prefilling = [s for s in self.slots if s.prefilling]
+        if prefilling:
+            slot = min(prefilling, key=lambda s: s.request.submitted)  # first come, first prefilled
+            self._guard([slot], lambda: self._prefill_chunk(slot))
+        decoding = [s for s in self.slots if s.request is not None and s.pending is not None]
+        if decoding:
+            self._guard(decoding, lambda: self._decode(decoding))
+
+    def _guard(self, slots: list[_Slot], work: Callable[[], None]) -> None:
+        # A failing forward fails the requests in it, never the engine; their cache rows are unknown.
+        try:
+            work()
+        except Exception as e:  # noqa: BLE001 (reported to each request, the engine goes on)
+            for slot in slots:
+                if slot.request is not None:
+                    self._finish(slot, "error", f"{type(e).__name__}: {e}")
+                slot.tokens = []
+
+    def _admit(self) -> None:
+        with self._cv:
+            while self.waiting:
+                request = self.waiting[0]
+                if request.cancelled:
+                    self.waiting.popleft()
+                    request.deliver(Finished("cancelled", len(request.prompt), 0))
+                    continue
+                free = [s for s in self.slots if s.request is None]
+                if not free:
+                    return
+                self.waiting.popleft()
+                # The slot already holding most of this prompt; among equals, the least recently used.
+                slot = max(free, key=lambda s: (_common_prefix(s.tokens, request.prompt), -s.last_used))
+                keep = min(_common_prefix(slot.tokens, request.prompt), len(request.prompt) - 1)
+                slot.tokens = slot.tokens[:keep]
+                slot.request, slot.pending = request, None
+                request.cached_tokens = keep
+                self.stats["requests"] += 1
+                self.stats["prompt_tokens"] += len(request.prompt)
+                self.stats["cached_tokens"] += keep
+
+    def _prefill_chunk(self, slot: _Slot) -> None:
+        request, row = slot.request, self.slots.index(slot)
+        lo = len(slot.tokens)
+        chunk = request.prompt[lo:lo + PREFILL_CHUNK]
+        device = self.model.device
+        logits = self.model(torch.tensor([chunk], device=device), torch.arange(lo, lo + len(chunk), device=device),
+                            last_only=True, rows=torch.tensor([row], device=device))
+        slot.tokens.extend(chunk)
+        if len(slot.tokens) == len(request.prompt):
+            self._sampled(slot, logits[0, -1])
+
+    def _decode(self, slots: list[_Slot]) -> None:
+        device = self.model.device
+        tokens = torch.tensor([[s.pending] for s in slots], device=device)
+        pos = torch.tensor([[len(s.tokens)] for s in slots], device=device)
+        rows = torch.tensor([self.slots.index(s) for s in slots], device=device)
+        logits = self.model(tokens, pos, rows=rows)  # (B, 1, vocab)
+        for i, slot in enumerate(slots):
+            slot.tokens.append(slot.pending)
+            slot.pending = None
+            self._sampled(slot, logits[i, -1])
+
+    def _sampled(self, slot: _Slot, logits: torch.Tensor) -> None:
+        """Draw the request's next token from its logits and report it (or finish)."""
+        request = slot.request
+        token = sample(logits, request.sampling, slot.tokens, request.generator)
+        if token in request.stop_ids:
+            self._finish(slot, "stop")
+            return
+        event = TokenEvent(token)
+        if request.logprobs is not None:
+            logp = logits.float().log_softmax(-1)
+            event.logprob = float(logp[token])
+            if request.logprobs > 0:
+                top = logp.topk(request.logprobs)
+                event.top_logprobs = list(zip(top.indices.tolist(), top.values.tolist()))
+        request.generated += 1
+        self.stats["generated_tokens"] += 1
+        request.deliver(event)
+        if request.generated >= request.max_tokens or len(slot.tokens) + 1 >= self.max_seq_len:
+            self._finish(slot, "length")
+        else:
+            slot.pending = token
+
+    def _finish(self, slot: _Slot, reason: str, error: str | None = None) -> None:
+        request = slot.request
+        slot.request, slot.pending, slot.last_used = None, None, time.monotonic()
+        request.deliver(Finished(reason, len(request.prompt), request.generated, request.cached_tokens, error))

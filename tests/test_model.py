@@ -68,6 +68,21 @@ def test_batched_cached_forward_equals_rows_alone():
     torch.testing.assert_close(both[:1], first, atol=1e-5, rtol=0)
 
 
+def test_rows_at_different_positions_decode_together():
+    """Continuous batching: two sequences of different lengths in cache rows 2 and 0 step together
+    (per-row positions); each row equals its own full forward."""
+    model = _cached_model()
+    a, b = TOKENS[:, :9], TOKENS.flip(1)[:, :5]
+    with torch.no_grad():
+        full_a, full_b = model(a), model(b)
+        model.setup_caches(3, 32)
+        model(a[:, :8], torch.arange(8), rows=torch.tensor([2]))
+        model(b[:, :4], torch.arange(4), rows=torch.tensor([0]))
+        step = model(torch.tensor([[a[0, 8]], [b[0, 4]]]), torch.tensor([[8], [4]]), rows=torch.tensor([2, 0]))
+    torch.testing.assert_close(step[0, 0], full_a[0, 8], atol=1e-5, rtol=0)
+    torch.testing.assert_close(step[1, 0], full_b[0, 4], atol=1e-5, rtol=0)
+
+
 @pytest.mark.parametrize("shards", [1, 2])
 def test_meta_checkpoint_logits_match_transformers(tmp_path, shards):
     ref = tiny_hf_model()

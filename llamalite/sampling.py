@@ -72,6 +72,7 @@ def filter_logits(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
         probs = sorted_logits.softmax(-1)
         # Keep the smallest prefix whose mass reaches top_p: drop a token when the mass before it does.
         drop = (probs.cumsum(-1) - probs) >= p.top_p
+        drop[0] = False  # the best token stays even when top_p underflows to 0 in fp32
         logits[order[drop]] = float("-inf")
     if p.min_p > 0.0:
         probs = logits.softmax(-1)
@@ -86,5 +87,7 @@ def sample(logits: torch.Tensor, p: SamplingParams, history: Sequence[int] = (),
     if p.greedy:
         return int(logits.argmax())
     logits = filter_logits(logits, p)
-    probs = (logits / p.temperature).softmax(-1)
+    # Shift the best logit to 0 and divide in fp64: a tiny temperature (down to the smallest double)
+    # then sends the rest to -inf, a sure draw of the best, where fp32 would make 0/0 = nan.
+    probs = ((logits - logits.max()).double() / p.temperature).softmax(-1)
     return int(torch.multinomial(probs, 1, generator=generator))

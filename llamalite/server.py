@@ -16,7 +16,7 @@ import uuid
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from importlib import resources
-from typing import Any, AsyncIterator, Literal
+from typing import Annotated, Any, AsyncIterator, Literal
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -68,7 +68,7 @@ class _Sampling(BaseModel):
     n: int = Field(1, ge=1, le=16)
     stream: bool = False
     stream_options: StreamOptions | None = None
-    stop: str | list[str] | None = None
+    stop: str | Annotated[list[str], Field(max_length=MAX_STOP)] | None = None
     seed: int | None = Field(None, ge=-(2 ** 63), le=2 ** 64 - 1)
 
     def sampling(self) -> SamplingParams:
@@ -77,14 +77,14 @@ class _Sampling(BaseModel):
                               frequency_penalty=self.frequency_penalty)
 
     def stop_strings(self) -> list[str]:
-        stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
-        if len(stop) > MAX_STOP:
-            raise APIError(400, f"at most {MAX_STOP} stop sequences are allowed, got {len(stop)}", param="stop")
-        return stop
+        return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+
+
+TokenId = Annotated[int, Field(ge=0)]
 
 
 class CompletionRequest(_Sampling):
-    prompt: str | list[str] | list[int] | list[list[int]]
+    prompt: str | list[str] | list[TokenId] | list[list[TokenId]]
     max_tokens: int | None = Field(16, ge=1)
     logprobs: int | None = Field(None, ge=0, le=20)
     echo: bool = False
@@ -125,7 +125,7 @@ class TokenizeRequest(BaseModel):
 class DetokenizeRequest(BaseModel):
     model_config = ConfigDict(extra="allow")
 
-    tokens: list[int]
+    tokens: list[TokenId]
 
 
 # ----- running one choice ----------------------------------------------------------------------------
@@ -288,6 +288,7 @@ def _merge(streams: list[AsyncIterator[Piece]]) -> AsyncIterator[Piece]:
         finally:
             for t in tasks:
                 t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)  # each stream's own cleanup runs first
             for s in streams:
                 await s.aclose()
     return merged()
@@ -383,6 +384,37 @@ def create_app(server: Server) -> FastAPI:
     app = FastAPI(title="llamalite", version=__import__("llamalite").__version__, lifespan=lifespan,
                   description="OpenAI-compatible API for a local LLaMA-family model")
     app.state.server = server
+    default_openapi = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        # The one model id this server accepts, so the spec (and tools generating requests from it) know it.
+        if app.openapi_schema is None:
+            schema = default_openapi()
+            for name in ("CompletionRequest", "ChatRequest"):
+                fields = schema["components"]["schemas"][name]["properties"]
+                fields["model"]["enum"] = [server.model_name]
+                for key in ("max_tokens", "max_completion_tokens"):
+                    if key in fields:  # a number or null: bound the number by the context
+                        for option in fields[key].get("anyOf", [fields[key]]):
+                            if option.get("type") == "integer":
+                                option["maximum"] = server.engine.max_seq_len
+            vocab = server.tokenizer.vocab_size - 1
+
+            def bound_ids(node: Any) -> None:  # token ids: below the vocabulary size
+                if isinstance(node, dict):
+                    if node.get("type") == "integer" and node.get("minimum") == 0 and "maximum" not in node:
+                        node["maximum"] = vocab
+                    for v in node.values():
+                        bound_ids(v)
+                elif isinstance(node, list):
+                    for v in node:
+                        bound_ids(v)
+
+            for name in ("CompletionRequest", "DetokenizeRequest"):
+                bound_ids(schema["components"]["schemas"][name]["properties"].get("prompt" if name[0] == "C" else "tokens"))
+        return app.openapi_schema
+
+    app.openapi = openapi
 
     async def authorize(http: Request) -> None:
         if server.api_key is None:

@@ -149,3 +149,18 @@ def test_compiled_decode_step_gives_the_same_tokens():
     prompt = [5, 17, 250, 3]
     assert list(generate(compiled, prompt, max_new_tokens=16, sampling=GREEDY)) == list(
         generate(eager, prompt, max_new_tokens=16, sampling=GREEDY))
+
+
+def test_a_tiny_temperature_draws_the_best_token():
+    from llamalite.sampling import SamplingParams, sample
+
+    logits = torch.tensor([1.0, 3.0, 2.5, -1.0]) * 1000
+    for t in (1e-300, 5e-324, 1e-6):
+        p = SamplingParams(temperature=t, top_k=0, top_p=1.0, min_p=0.0)
+        assert sample(logits, p, generator=torch.Generator().manual_seed(0)) == 1
+
+
+def test_a_vanishing_top_p_keeps_the_best_token():
+    logits = torch.tensor([0.5, 2.0, 1.0])
+    kept = filter_logits(logits, SamplingParams(top_k=0, top_p=8e-101, min_p=0.0))
+    assert torch.isfinite(kept).tolist() == [False, True, False]

@@ -333,7 +333,7 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except BrokenPipeError:
         return 0
-    except (ValueError, FileNotFoundError, ImportError) as e:
+    except (ValueError, OSError, ImportError) as e:
         # Our errors say what is wrong and what to do; a traceback would only bury that.
         print(f"llamalite: error: {e}", file=sys.stderr)
         return 1

@@ -372,14 +372,18 @@ def _streaming(stream: AsyncIterator[Piece], chunk, final) -> StreamingResponse:
 
 # ----- the app ----------------------------------------------------------------------------------------
 
-def create_app(server: Server) -> FastAPI:
+def create_app(server: Server, start_engine: bool = True) -> FastAPI:
+    """The FastAPI app. With start_engine, the app runs the engine in a thread while it is up;
+    `serve` instead runs the engine on the main thread (see Engine.run) and the app beside it."""
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        server.engine.start()
+        if start_engine:
+            server.engine.start()
         try:
             yield
         finally:
-            server.engine.stop()
+            if start_engine:
+                server.engine.stop()
 
     app = FastAPI(title="llamalite", version=__import__("llamalite").__version__, lifespan=lifespan,
                   description="OpenAI-compatible API for a local LLaMA-family model")
@@ -636,7 +640,27 @@ class BackgroundServer:
 
 def serve(lm: LoadedModel, model_name: str, *, host: str = "127.0.0.1", port: int = 8000,
           api_key: str | None = None, max_batch: int = 8, max_seq_len: int | None = None) -> None:
+    """Serve until Ctrl-C: the engine on this thread (the one that loaded the model), HTTP in another."""
+    import threading
+
     import uvicorn
 
-    app = create_app(Server(lm, model_name, max_batch=max_batch, max_seq_len=max_seq_len, api_key=api_key))
-    uvicorn.run(app, host=host, port=port, log_level="info")
+    server = Server(lm, model_name, max_batch=max_batch, max_seq_len=max_seq_len, api_key=api_key)
+    http = uvicorn.Server(uvicorn.Config(create_app(server, start_engine=False), host=host, port=port,
+                                         log_level="info"))
+    thread = threading.Thread(target=http.run, name="llamalite-http", daemon=True)
+    thread.start()
+    watcher = threading.Thread(target=lambda: (thread.join(), server.engine.stop()), daemon=True)
+    watcher.start()  # the HTTP side ending (port taken, shutdown) ends the engine loop too
+    try:
+        server.engine.run()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        failed = not http.should_exit and not thread.is_alive()
+        http.should_exit = True
+        server.engine.stop()
+        thread.join(timeout=10)
+    if failed:
+        raise OSError(f"could not serve on {host}:{port} (the reason is logged above); is the port in use? "
+                      f"Try another with --port")

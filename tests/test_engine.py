@@ -38,7 +38,6 @@ def chat_prompts(default_lm):
 def engine(default_model_file):
     lm = load(default_model_file)  # its own copy: the engine owns the model's caches
     engine = Engine(lm.model, max_batch=4, max_seq_len=256).start()
-    engine.tokenizer = lm.tokenizer
     yield engine
     engine.stop()
 

@@ -7,6 +7,11 @@ Each client streams a chat completion through the official `openai` client with 
 temperature 0 and a fixed max_tokens; tokens are counted from the streamed chunks. The single-stream
 rate and the N-client aggregate alternate, repeats times; the table gives medians and the ratio.
 It also checks that every concurrent greedy reply equals its solo run.
+
+    python benchmarks/bench_server.py --engine-only
+
+measures the batching engine alone in this process (no HTTP, no client threads sharing the
+cores): one request's decode rate against N requests decoded together.
 """
 
 from __future__ import annotations
@@ -38,6 +43,42 @@ def stream_one(client, question: str, max_tokens: int) -> tuple[str, int]:
     return "".join(pieces), tokens
 
 
+def engine_only(args) -> int:
+    """Requests submitted straight to the engine, stepped on this (the loading) thread."""
+    import torch
+
+    from llamalite.chat_template import render_chat
+    from llamalite.engine import Engine, Request, TokenEvent
+    from llamalite.loading import load
+    from llamalite.store import resolve_model
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    lm = load(resolve_model(args.model))
+    engine = Engine(lm.model, max_batch=args.clients, max_seq_len=1024)
+    questions = (QUESTIONS * (1 + args.clients // len(QUESTIONS)))[:args.clients]
+    prompts = [lm.tokenizer.encode(render_chat(lm.chat_template, lm.tokenizer, [{"role": "user", "content": q}]),
+                                   add_bos=False) for q in questions]
+
+    def rate(batch: list[list[int]]) -> float:
+        requests = [engine.submit(Request(p, max_tokens=args.tokens)) for p in batch]
+        t = time.perf_counter()
+        while engine.active or engine.waiting:
+            engine.step()
+        return sum(sum(isinstance(e, TokenEvent) for e in r) for r in requests) / (time.perf_counter() - t)
+
+    rate(prompts)  # warm-up
+    single, aggregate = [], []
+    for _ in range(args.repeats):
+        single.append(rate(prompts[:1]))
+        aggregate.append(rate(prompts))
+    s, a = statistics.median(single), statistics.median(aggregate)
+    print(f"| engine, 1 request | {s:.1f} tok/s (min {min(single):.1f}, max {max(single):.1f}) |")
+    print(f"| engine, {args.clients} requests | {a:.1f} tok/s (min {min(aggregate):.1f}, max {max(aggregate):.1f}) |")
+    print(f"| ratio | {a / s:.2f}x |")
+    return 0
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", help="GGUF file (default: the default model)")
@@ -45,7 +86,10 @@ def main() -> int:
     ap.add_argument("--tokens", type=int, default=64, help="max_tokens of each reply")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, help="CPU threads for the server (default: one per core)")
+    ap.add_argument("--engine-only", action="store_true", help="the engine without HTTP, in this process")
     args = ap.parse_args()
+    if args.engine_only:
+        return engine_only(args)
 
     import socket
     import subprocess

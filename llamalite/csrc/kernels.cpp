@@ -259,8 +259,7 @@ VNNI_TARGET inline __m256i block_dot_vnni(const Unpacked& w, const QRow& x, int6
   const __m256i hi = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x.hi + b * 32));
   const __m256i lo = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x.lo + b * 32));
   const __m256i ph = _mm256_dpbusd_epi32(_mm256_setzero_si256(), w.a, hi);
-  const __m256i pl = _mm256_dpbusd_epi32(_mm256_setzero_si256(), lo, w.a);
-  return _mm256_add_epi32(_mm256_slli_epi32(ph, 8), pl);
+  return _mm256_dpbusd_epi32(_mm256_slli_epi32(ph, 8), lo, w.a);  // 256 * (q . hi) + q . lo
 }
 
 LLAMALITE_DEFINE_DOT(VNNI_TARGET, block_dot_vnni, dot_vnni)

@@ -59,7 +59,7 @@ def fit_prompt(prompt: Sequence[int], context_length: int, truncate: bool = Fals
 
 
 def _ensure_cache(model: Transformer, needed: int) -> None:
-    if model.max_seq_len >= needed:
+    if model.max_seq_len >= needed and model.cache_batch == 1:
         return
     capacity = min(model.config.context_length, -(-needed // CACHE_ROUND) * CACHE_ROUND)
     model.setup_caches(1, capacity)

@@ -144,6 +144,7 @@ class Transformer(nn.Module):
         self.register_buffer("inv_freq", rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling),
                              persistent=False)
         self.max_seq_len = 0  # capacity of the KV caches; 0 until setup_caches
+        self.cache_batch = 0  # rows of the KV caches
         self.cache_tokens: list[int] = []  # token ids whose keys/values the caches hold (kept by generate)
 
     @property
@@ -159,7 +160,7 @@ class Transformer(nn.Module):
         for layer in self.layers:
             layer.attention.cache = KVCache(max_batch_size, self.config.n_kv_heads, max_seq_len,
                                             self.config.head_dim, dtype, device)
-        self.max_seq_len = max_seq_len
+        self.max_seq_len, self.cache_batch = max_seq_len, max_batch_size
         self.cache_tokens = []
 
     def forward(self, tokens: torch.Tensor, input_pos: torch.Tensor | None = None,

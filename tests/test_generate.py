@@ -164,3 +164,12 @@ def test_a_vanishing_top_p_keeps_the_best_token():
     logits = torch.tensor([0.5, 2.0, 1.0])
     kept = filter_logits(logits, SamplingParams(top_k=0, top_p=8e-101, min_p=0.0))
     assert torch.isfinite(kept).tolist() == [False, True, False]
+
+
+def test_generate_after_a_batched_cache_setup():
+    ref = tiny_hf_model()
+    cfg = ModelConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=400, hidden_dim=160, context_length=128)
+    model = build_model(cfg, meta_weights_from_hf(ref), torch.float32).eval()
+    expected = list(generate(model, [1, 5, 9], max_new_tokens=5, sampling=GREEDY))
+    model.setup_caches(4, 64)  # as the batching engine leaves it
+    assert list(generate(model, [1, 5, 9], max_new_tokens=5, sampling=GREEDY)) == expected

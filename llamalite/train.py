@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
 from .config import ModelConfig
 from .data import DataError, TokenData
@@ -70,7 +71,8 @@ class TrainConfig:
     seed: int = 0
     precision: str = "auto"  # fp32, bf16 (autocast), or auto: bf16 where the GPU has it, else fp32
     checkpointing: bool = False  # activation checkpointing: less memory, ~30% more compute
-    device: str = "cpu"
+    device: str = "cpu"  # under torchrun with cuda: each process takes cuda:LOCAL_RANK
+    parallel: str = "ddp"  # under torchrun: ddp (replicated model) or fsdp (FSDP2 fully_shard, sharded)
     resume: bool = False
     progress: bool = True
     memory_check: bool = True  # refuse up front a run whose estimated memory exceeds what is free
@@ -153,17 +155,19 @@ def _batch(data: TokenData, gen: torch.Generator, cfg: TrainConfig, rank: int, w
 
 
 @torch.no_grad()
-def evaluate(model: Transformer, data: TokenData, cfg: TrainConfig, device, autocast) -> float:
-    """Mean loss over eval_batches fixed validation batches (the same windows every time)."""
+def evaluate(model: torch.nn.Module, data: TokenData, cfg: TrainConfig, device, autocast, rank: int = 0,
+             world: int = 1) -> float:
+    """Mean loss over eval_batches fixed validation batches (the same windows every time, and the same
+    whatever the number of processes: each takes its share of a global batch)."""
     model.eval()
     gen = torch.Generator().manual_seed(cfg.seed + 1)
     losses = []
     for _ in range(cfg.eval_batches):
-        x, y = _batch(data, gen, cfg, 0, 1, device)
+        x, y = _batch(data, gen, cfg, rank, world, device)
         with autocast():
             losses.append(float(cross_entropy_loss(model(x), y)))
     model.train()
-    return sum(losses) / len(losses)
+    return _mean_over_ranks(sum(losses) / len(losses), world, device)
 
 
 def _checkpoints(out: Path) -> list[Path]:
@@ -254,6 +258,69 @@ def _precision(cfg: TrainConfig, device: torch.device):
     return contextlib.nullcontext
 
 
+def _distributed(cfg: TrainConfig) -> tuple[int, int, torch.device]:
+    """(rank, world size, device): under torchrun (WORLD_SIZE > 1) the process group is set up,
+    gloo on the CPU and nccl on GPUs; multi-node runs come through torchrun's rendezvous."""
+    device = torch.device(cfg.device)
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    if world == 1:
+        return 0, 1, device
+    import torch.distributed as dist
+
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return dist.get_rank(), dist.get_world_size(), device
+
+
+def _parallelize(model: Transformer, cfg: TrainConfig, world: int, device: torch.device) -> torch.nn.Module:
+    if world == 1:
+        return model
+    if cfg.parallel == "fsdp":
+        from torch.distributed.fsdp import fully_shard
+
+        for layer in model.layers:
+            fully_shard(layer)
+        fully_shard(model)
+        return model
+    if cfg.parallel == "ddp":
+        from torch.nn.parallel import DistributedDataParallel
+
+        return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    raise TrainError(f"parallel must be ddp or fsdp, got {cfg.parallel!r}")
+
+
+def _grad_sync(net: torch.nn.Module, sync: bool):
+    """Gradient averaging across processes only on the last micro-batch of an accumulated step."""
+    import contextlib
+
+    if sync:
+        return contextlib.nullcontext()
+    if hasattr(net, "no_sync"):  # DDP
+        return net.no_sync()
+    if hasattr(net, "set_requires_gradient_sync"):  # FSDP2
+
+        @contextlib.contextmanager
+        def paused():
+            net.set_requires_gradient_sync(False)
+            try:
+                yield
+            finally:
+                net.set_requires_gradient_sync(True)
+        return paused()
+    return contextlib.nullcontext()
+
+
+def _mean_over_ranks(value: float, world: int, device: torch.device) -> float:
+    if world == 1:
+        return value
+    t = torch.tensor([value], dtype=torch.float64, device=device)
+    torch.distributed.all_reduce(t)
+    return float(t) / world
+
+
 def train(cfg: TrainConfig) -> dict:
     """Run (or resume) training; returns a summary with the final losses and where things are."""
     from tqdm import tqdm
@@ -263,8 +330,7 @@ def train(cfg: TrainConfig) -> dict:
     for name in ("steps", "batch_size", "grad_accum", "seq_len", "eval_batches", "keep"):
         if getattr(cfg, name) < 1:
             raise TrainError(f"{name} must be at least 1, got {getattr(cfg, name)}")
-    device = torch.device(cfg.device)
-    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    rank, world, device = _distributed(cfg)
     train_data, val_data = TokenData.open(cfg.data, "train"), TokenData.open(cfg.data, "val")
     for split, d in (("train", train_data), ("val", val_data)):
         if d.valid_starts(cfg.seq_len + 1) == 0:
@@ -278,10 +344,9 @@ def train(cfg: TrainConfig) -> dict:
     ckpt = None
     if cfg.resume:
         ckpt = load_latest_checkpoint(out)
-        if ckpt is None:
-            print(f"llamalite: nothing to resume in {out}; starting from step 0", file=sys.stderr)
-        else:
-            print(f"llamalite: resuming from {ckpt['path']} (step {ckpt['step']})", file=sys.stderr)
+        if rank == 0:
+            print(f"llamalite: nothing to resume in {out}; starting from step 0" if ckpt is None else
+                  f"llamalite: resuming from {ckpt['path']} (step {ckpt['step']})", file=sys.stderr)
     elif _checkpoints(out):
         raise TrainError(f"{out} already holds checkpoints; continue them with --resume, or choose another --out")
     if ckpt is not None:
@@ -306,6 +371,7 @@ def train(cfg: TrainConfig) -> dict:
     model = Transformer(mcfg).to(device)
     model.init_weights(torch.Generator(device=device).manual_seed(cfg.seed) if device.type == "cpu" else None)
     model.checkpointing = cfg.checkpointing
+    net = _parallelize(model, cfg, world, device)  # what the forward runs through
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
@@ -314,12 +380,13 @@ def train(cfg: TrainConfig) -> dict:
     gen = torch.Generator().manual_seed(cfg.seed)
     state = _State()
     if ckpt is not None:
-        model.load_state_dict(ckpt["model"])
-        opt.load_state_dict(ckpt["optimizer"])
+        set_state_dict(model, opt, model_state_dict=ckpt["model"], optim_state_dict=ckpt["optimizer"],
+                       options=StateDictOptions(full_state_dict=True))
         gen.set_state(ckpt["rng"]["data"])
         torch.set_rng_state(ckpt["rng"]["torch"])
         state = _State(ckpt["step"], ckpt["best_val"], ckpt["tokens"], list(ckpt["history"]))
-        _write_metrics(out, state.history)  # drop what an interrupted run logged after this checkpoint
+        if rank == 0:
+            _write_metrics(out, state.history)  # drop what an interrupted run logged after this checkpoint
     autocast = _precision(cfg, device)
     model.train()
     tokens_per_step = cfg.batch_size * cfg.grad_accum * cfg.seq_len * world
@@ -332,13 +399,15 @@ def train(cfg: TrainConfig) -> dict:
         for group in opt.param_groups:
             group["lr"] = lr
         total = 0.0
-        for _ in range(cfg.grad_accum):
+        for micro in range(cfg.grad_accum):
             x, y = _batch(train_data, gen, cfg, rank, world, device)
-            with autocast():
-                loss = cross_entropy_loss(model(x), y) / cfg.grad_accum
-            loss.backward()
+            with _grad_sync(net, micro == cfg.grad_accum - 1), autocast():
+                loss = cross_entropy_loss(net(x), y) / cfg.grad_accum
+                loss.backward()
             total += float(loss.detach())
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip))
+        total = _mean_over_ranks(total, world, device)
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
         opt.step()
         opt.zero_grad(set_to_none=True)
         state.step, state.tokens = step + 1, state.tokens + tokens_per_step
@@ -346,7 +415,7 @@ def train(cfg: TrainConfig) -> dict:
                   "tok_s": tokens_per_step / max(time.perf_counter() - t_start, 1e-9)}
         last = state.step == cfg.steps
         if state.step % cfg.eval_every == 0 or last:
-            val_loss = evaluate(model, val_data, cfg, device, autocast)
+            val_loss = evaluate(net, val_data, cfg, device, autocast, rank, world)
             record["val_loss"] = val_loss
         state.history.append(record)
         bar.set_postfix(loss=f"{total:.3f}", val=f"{val_loss:.3f}" if val_loss is not None else "-",
@@ -355,18 +424,25 @@ def train(cfg: TrainConfig) -> dict:
         if rank == 0:
             with open(out / "metrics.jsonl", "a") as f:
                 f.write(json.dumps(record) + "\n")
-        if (state.step % cfg.save_every == 0 or last) and rank == 0:
+        if state.step % cfg.save_every == 0 or last:
             best = "val_loss" in record and record["val_loss"] < state.best_val
             if best:
                 state.best_val = record["val_loss"]
-            save_checkpoint(out, {
-                "version": CHECKPOINT_VERSION, "step": state.step, "model": model.state_dict(),
-                "optimizer": opt.state_dict(), "train_config": dataclasses.asdict(cfg), "model_config": mcfg.to_dict(),
-                "data_fingerprint": fingerprint, "best_val": state.best_val, "tokens": state.tokens,
-                "history": state.history, "rng": {"data": gen.get_state(), "torch": torch.get_rng_state()},
-            }, cfg.keep, best)
-            plot_losses(out, state.history)
+            # Gathered on every process (a collective under FSDP), written by the first.
+            msd, osd = get_state_dict(model, opt, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+            if rank == 0:
+                save_checkpoint(out, {
+                    "version": CHECKPOINT_VERSION, "step": state.step, "model": msd, "optimizer": osd,
+                    "train_config": dataclasses.asdict(cfg), "model_config": mcfg.to_dict(),
+                    "data_fingerprint": fingerprint, "best_val": state.best_val, "tokens": state.tokens,
+                    "history": state.history, "rng": {"data": gen.get_state(), "torch": torch.get_rng_state()},
+                }, cfg.keep, best)
+                plot_losses(out, state.history)
+            if world > 1:
+                torch.distributed.barrier()
     bar.close()
+    if world > 1:
+        torch.distributed.destroy_process_group()
     final = state.history[-1] if state.history else {}
     return {"steps": state.step, "loss": final.get("loss"), "val_loss": val_loss, "best_val": state.best_val,
             "parameters": n_params, "out": str(out), "tokens": state.tokens}

@@ -177,3 +177,20 @@ def test_parameter_count_without_building_the_model():
                 ModelConfig(dim=32, n_layers=1, n_heads=4, vocab_size=50, tie_embeddings=True)):
         unique = {p.data_ptr(): p for p in Transformer(cfg).parameters()}.values()  # tied weights once
         assert count_parameters(cfg) == sum(p.numel() for p in unique)
+
+
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_two_processes_match_one_with_the_same_global_batch(prepared, tmp_path, parallel):
+    """torchrun with 2 CPU processes (gloo), batch 4 each, against 1 process with batch 8."""
+    def losses(out, cmd):
+        run = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+        assert run.returncode == 0, run.stderr[-3000:]
+        return _losses(out)
+
+    one = losses(tmp_path / "one", _cli_train(prepared, tmp_path / "one", 20, "--batch-size", "8"))
+    two = losses(tmp_path / "two", [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+                                    "2", *_cli_train(prepared, tmp_path / "two", 20, "--parallel", parallel)[1:]])
+    assert len(one) == len(two) == 20
+    for (s1, l1, v1), (s2, l2, v2) in zip(one, two):
+        assert s1 == s2 and l1 == pytest.approx(l2, abs=1e-4)
+        assert (v1 is None) == (v2 is None) and (v1 is None or v1 == pytest.approx(v2, abs=1e-4))

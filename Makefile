@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo chat test test-fast peer clean
+.PHONY: demo chat serve train-demo test test-fast peer clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -24,6 +24,21 @@ demo: $(VENV)/.installed
 
 chat: $(VENV)/.installed
 	$(BIN)/llamalite chat
+
+serve: $(VENV)/.installed
+	$(BIN)/llamalite serve
+
+# Pretrain a 7M-parameter LLaMA on the King James Bible (Debian's bible-kjv), about 15 minutes on
+# 2 cores, then export it to GGUF and sample from it. Needs apt (as root or with sudo) the first time.
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+train-demo: $(VENV)/.installed
+	command -v bible >/dev/null || $(SUDO) apt-get install -y -qq bible-kjv
+	mkdir -p runs/kjv
+	bible -f "Gen1:1-Rev22:21" | sed 's/^[^ ]* //' | awk '{print} NR % 20 == 0 {print ""}' > runs/kjv/kjv.txt
+	$(BIN)/llamalite prepare runs/kjv/kjv.txt --out runs/kjv/data --train-tokenizer 4096 --val-every 10
+	$(BIN)/llamalite train --config examples/kjv.yaml $(if $(wildcard runs/kjv/run/ckpt-*.pt),--resume)
+	$(BIN)/llamalite export runs/kjv/run --to gguf --dtype f32 --out runs/kjv/kjv-f32.gguf
+	$(BIN)/llamalite generate --model runs/kjv/kjv-f32.gguf --seed 1 --temperature 0.8 --max-new-tokens 80 "And God said"
 
 test: $(VENV)/.installed
 	$(BIN)/python -m pytest -q

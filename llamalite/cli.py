@@ -249,7 +249,7 @@ def cmd_prepare(args) -> int:
 def _train_config(args):
     import dataclasses
 
-    from .train import TrainConfig
+    from .config import TrainConfig
 
     given = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)
              if getattr(args, f.name, None) is not None}
@@ -394,7 +394,7 @@ def _train_args(p):
     import dataclasses
     import typing
 
-    from .train import TrainConfig
+    from .config import TrainConfig
 
     p.add_argument("--config", help="YAML file of the fields below; flags override it")
     p.add_argument("--threads", type=int, help="CPU threads (default: PyTorch's, one per core)")

@@ -1,10 +1,11 @@
-"""Model configuration: one dataclass, a literal table of presets, and pure readers of the
-configuration formats users have (HF config.json, Meta params.json, GGUF metadata)."""
+"""Configuration as data: the model's (one dataclass, a literal table of presets, and pure readers of
+the formats users have: HF config.json, Meta params.json, GGUF metadata) and a training run's."""
 
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Mapping
 
 
@@ -202,4 +203,61 @@ def config_from_gguf(meta: Mapping[str, Any], has_output: bool, rope_scaling: Ro
         tie_embeddings=not has_output,
         head_dim=head_dim,
     )
+
+
+@dataclass
+class TrainConfig:
+    """Everything a pretraining run is (llamalite.train.train runs it). Plain data, no torch: the
+    CLI builds its flags from these fields at once."""
+
+    data: str = ""  # a directory made by `llamalite prepare`
+    out: str = "runs/llama"  # checkpoints, metrics.jsonl and loss.png go here
+    # model: a preset's sizes, or these
+    preset: str | None = None
+    dim: int = 256
+    n_layers: int = 4
+    n_heads: int = 4
+    n_kv_heads: int | None = None
+    hidden_dim: int | None = None
+    tie_embeddings: bool = False
+    rope_theta: float = 10000.0
+    seq_len: int = 256
+    # optimisation (the LLaMA recipe)
+    steps: int = 1000
+    batch_size: int = 16  # sequences per micro-batch, per process
+    grad_accum: int = 1
+    lr: float = 3e-4
+    min_lr_ratio: float = 0.1
+    warmup: int = 100
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0
+    # running
+    eval_every: int = 100
+    eval_batches: int = 10
+    save_every: int = 100
+    keep: int = 3
+    seed: int = 0
+    precision: str = "auto"  # fp32, bf16 (autocast), or auto: bf16 where the GPU has it, else fp32
+    checkpointing: bool = False  # activation checkpointing: less memory, ~30% more compute
+    device: str = "cpu"  # under torchrun with cuda: each process takes cuda:LOCAL_RANK
+    parallel: str = "ddp"  # under torchrun: ddp (replicated model) or fsdp (FSDP2 fully_shard, sharded)
+    resume: bool = False
+    progress: bool = True
+    memory_check: bool = True  # refuse up front a run whose estimated memory exceeds what is free
+
+    @classmethod
+    def from_yaml(cls, path: str | Path, **overrides: Any) -> "TrainConfig":
+        import yaml
+
+        raw = yaml.safe_load(Path(path).read_text()) or {}
+        if not isinstance(raw, dict):
+            raise ValueError(f"{path} must hold a mapping of config fields")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(raw) - known)
+        if unknown:
+            raise ValueError(f"{path}: unknown field(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+        return cls(**{**raw, **overrides})
+
 

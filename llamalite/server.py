@@ -25,7 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .chat_template import TemplateError, render_chat
-from .engine import Engine, Finished, Request as EngineRequest, TokenEvent
+from .engine import Engine, Request as EngineRequest, TokenEvent
 from .generation import ContextLengthError, TextStream
 from .loading import LoadedModel
 from .sampling import SamplingParams

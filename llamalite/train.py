@@ -22,12 +22,11 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
-from .config import ModelConfig
+from .config import ModelConfig, TrainConfig
 from .data import DataError, TokenData
 from .model import Transformer, cross_entropy_loss
 
@@ -36,59 +35,6 @@ CHECKPOINT_VERSION = 1
 
 class TrainError(ValueError):
     """A training setup that cannot run; the message says why and what to do."""
-
-
-@dataclass
-class TrainConfig:
-    data: str = ""  # a directory made by `llamalite prepare`
-    out: str = "runs/llama"  # checkpoints, metrics.jsonl and loss.png go here
-    # model: a preset's sizes, or these
-    preset: str | None = None
-    dim: int = 256
-    n_layers: int = 4
-    n_heads: int = 4
-    n_kv_heads: int | None = None
-    hidden_dim: int | None = None
-    tie_embeddings: bool = False
-    rope_theta: float = 10000.0
-    seq_len: int = 256
-    # optimisation (the LLaMA recipe)
-    steps: int = 1000
-    batch_size: int = 16  # sequences per micro-batch, per process
-    grad_accum: int = 1
-    lr: float = 3e-4
-    min_lr_ratio: float = 0.1
-    warmup: int = 100
-    weight_decay: float = 0.1
-    beta1: float = 0.9
-    beta2: float = 0.95
-    grad_clip: float = 1.0
-    # running
-    eval_every: int = 100
-    eval_batches: int = 10
-    save_every: int = 100
-    keep: int = 3
-    seed: int = 0
-    precision: str = "auto"  # fp32, bf16 (autocast), or auto: bf16 where the GPU has it, else fp32
-    checkpointing: bool = False  # activation checkpointing: less memory, ~30% more compute
-    device: str = "cpu"  # under torchrun with cuda: each process takes cuda:LOCAL_RANK
-    parallel: str = "ddp"  # under torchrun: ddp (replicated model) or fsdp (FSDP2 fully_shard, sharded)
-    resume: bool = False
-    progress: bool = True
-    memory_check: bool = True  # refuse up front a run whose estimated memory exceeds what is free
-
-    @classmethod
-    def from_yaml(cls, path: str | Path, **overrides: Any) -> "TrainConfig":
-        import yaml
-
-        raw = yaml.safe_load(Path(path).read_text()) or {}
-        if not isinstance(raw, dict):
-            raise TrainError(f"{path} must hold a mapping of config fields")
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(raw) - known)
-        if unknown:
-            raise TrainError(f"{path}: unknown field(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
-        return cls(**{**raw, **overrides})
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:

@@ -3,7 +3,6 @@ kernel path (the default model) and the PyTorch path (a tiny model); cancelling 
 resent history reuses the cached prefix."""
 
 import pytest
-import torch
 
 from llamalite.engine import Engine, Finished, Request, TokenEvent
 from llamalite.generation import ContextLengthError, generate

@@ -1,7 +1,6 @@
 """Export: training checkpoints and loaded models out as GGUF (f32/f16/q8_0/q4_0) and Hugging Face
 files, loaded back by llamalite, transformers and (where installed) llama.cpp."""
 
-import json
 import subprocess
 import sys
 

@@ -11,7 +11,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from llamalite.data import DataError, TokenData, prepare
 from llamalite.train import TrainConfig, TrainError, lr_at, train

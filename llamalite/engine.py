@@ -39,6 +39,13 @@ class TokenEvent:
 
 
 @dataclass
+class PromptEvent:
+    """The prompt's own tokens scored (asked for with score_prompt): for each prompt token after the
+    first, its log-probability given the tokens before it, and the top alternatives."""
+    logprobs: list[TokenEvent]
+
+
+@dataclass
 class Finished:
     """The last event of a request: reason is "stop", "length", "cancelled" or "error"."""
     reason: str
@@ -48,7 +55,7 @@ class Finished:
     error: str | None = None
 
 
-Event = TokenEvent | Finished
+Event = TokenEvent | PromptEvent | Finished
 
 
 class Request:
@@ -57,14 +64,16 @@ class Request:
 
     def __init__(self, prompt: Sequence[int], *, max_tokens: int, sampling: SamplingParams = GREEDY,
                  stop_ids: Sequence[int] = (), seed: int | None = None, logprobs: int | None = None,
-                 deliver: Callable[[Event], None] | None = None):
+                 score_prompt: bool = False, deliver: Callable[[Event], None] | None = None):
         if len(prompt) == 0:
             raise ValueError("the prompt is empty: give at least one token")
-        if max_tokens < 1:
-            raise ValueError("max_tokens must be at least 1")
+        if max_tokens < (0 if score_prompt else 1):
+            raise ValueError("max_tokens must be at least 1 (0 only when scoring the prompt)")
         self.prompt, self.max_tokens, self.sampling = list(prompt), max_tokens, sampling
         self.stop_ids = frozenset(stop_ids)
         self.logprobs = logprobs
+        self.score_prompt = score_prompt  # deliver a PromptEvent: what log-likelihood evaluations read
+        self.prompt_logprobs: list[TokenEvent] = []
         self.generator = torch.Generator().manual_seed(seed if seed is not None else torch.seed())
         self.generated = 0
         self.cached_tokens = 0
@@ -222,6 +231,8 @@ class Engine:
                 # The slot already holding most of this prompt; among equals, the least recently used.
                 slot = max(free, key=lambda s: (_common_prefix(s.tokens, request.prompt), -s.last_used))
                 keep = min(_common_prefix(slot.tokens, request.prompt), len(request.prompt) - 1)
+                if request.score_prompt:
+                    keep = 0  # every prompt position's logits are needed: nothing comes from the cache
                 slot.tokens = slot.tokens[:keep]
                 slot.request, slot.pending = request, None
                 request.cached_tokens = keep
@@ -235,10 +246,29 @@ class Engine:
         chunk = request.prompt[lo:lo + PREFILL_CHUNK]
         device = self.model.device
         logits = self.model(torch.tensor([chunk], device=device), torch.arange(lo, lo + len(chunk), device=device),
-                            last_only=True, rows=torch.tensor([row], device=device))
+                            last_only=not request.score_prompt, rows=torch.tensor([row], device=device))
         slot.tokens.extend(chunk)
+        if request.score_prompt:  # logits at position i score prompt token i + 1
+            targets = request.prompt[lo + 1:lo + len(chunk) + 1]
+            request.prompt_logprobs += self._logprob_events(logits[0, :len(targets)], targets, request.logprobs)
         if len(slot.tokens) == len(request.prompt):
+            if request.score_prompt:
+                request.deliver(PromptEvent(request.prompt_logprobs))
+                if request.max_tokens == 0:
+                    self._finish(slot, "length")
+                    return
             self._sampled(slot, logits[0, -1])
+
+    @staticmethod
+    def _logprob_events(logits: torch.Tensor, targets: list[int], top: int | None) -> list[TokenEvent]:
+        logp = logits.float().log_softmax(-1)  # (T, vocab)
+        chosen = logp.gather(1, torch.tensor(targets, device=logp.device)[:, None])[:, 0].tolist()
+        events = [TokenEvent(t, lp) for t, lp in zip(targets, chosen)]
+        if top:
+            values, indices = logp.topk(top, dim=-1)
+            for e, i, v in zip(events, indices.tolist(), values.tolist()):
+                e.top_logprobs = list(zip(i, v))
+        return events
 
     def _decode(self, slots: list[_Slot]) -> None:
         device = self.model.device

@@ -29,7 +29,7 @@ class SamplingParams:
                   (self.top_k >= 0, "top_k must be >= 0 (0 turns it off)"),
                   (0 < self.top_p <= 1, "top_p must be in (0, 1]"),
                   (0 <= self.min_p <= 1, "min_p must be in [0, 1]"),
-                  (self.repetition_penalty > 0, "repetition_penalty must be > 0"),
+                  (0.01 <= self.repetition_penalty <= 100, "repetition_penalty must be in [0.01, 100] (1 is off)"),
                   (-2 <= self.presence_penalty <= 2, "presence_penalty must be in [-2, 2]"),
                   (-2 <= self.frequency_penalty <= 2, "frequency_penalty must be in [-2, 2]")]
         for ok, message in checks:

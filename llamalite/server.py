@@ -25,7 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .chat_template import TemplateError, render_chat
-from .engine import Engine, Request as EngineRequest, TokenEvent
+from .engine import Engine, PromptEvent, Request as EngineRequest, TokenEvent
 from .generation import ContextLengthError, TextStream
 from .loading import LoadedModel
 from .sampling import SamplingParams
@@ -62,7 +62,7 @@ class _Sampling(BaseModel):
     top_p: float = Field(1.0, gt=0, le=1)
     top_k: int = Field(0, ge=0, le=1_000_000, description="llamalite extension: 0 turns it off")
     min_p: float = Field(0.0, ge=0, le=1, description="llamalite extension: 0 turns it off")
-    repetition_penalty: float = Field(1.0, gt=0, le=10, description="llamalite extension: 1 turns it off")
+    repetition_penalty: float = Field(1.0, ge=0.01, le=100, description="llamalite extension: 1 turns it off")
     presence_penalty: float = Field(0.0, ge=-2, le=2)
     frequency_penalty: float = Field(0.0, ge=-2, le=2)
     n: int = Field(1, ge=1, le=16)
@@ -85,7 +85,7 @@ TokenId = Annotated[int, Field(ge=0)]
 
 class CompletionRequest(_Sampling):
     prompt: str | list[str] | list[TokenId] | list[list[TokenId]]
-    max_tokens: int | None = Field(16, ge=1)
+    max_tokens: int | None = Field(16, ge=0, description="0 only with echo: score the prompt, generate nothing")
     logprobs: int | None = Field(None, ge=0, le=20)
     echo: bool = False
 
@@ -138,6 +138,7 @@ class Choice:
     tokens: list[TokenEvent] = field(default_factory=list)
     finish_reason: str | None = None
     cached_tokens: int = 0
+    prompt_logprobs: list[TokenEvent] | None = None
 
 
 @dataclass
@@ -148,6 +149,7 @@ class Piece:
     tokens: list[TokenEvent]
     finish_reason: str | None = None
     cached_tokens: int = 0  # on the last piece: prompt tokens reused from the KV cache
+    prompt_logprobs: list[TokenEvent] | None = None  # with score_prompt: each prompt token's, the first None
 
 
 class Server:
@@ -208,14 +210,14 @@ class Server:
         return max_tokens
 
     async def run(self, index: int, prompt: list[int], max_tokens: int, body: _Sampling, logprobs: int | None,
-                  stop: list[str]) -> AsyncIterator[Piece]:
+                  stop: list[str], score_prompt: bool = False) -> AsyncIterator[Piece]:
         """One choice as a stream of pieces; leaving early (a client gone) cancels it in the engine."""
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
         seed = None if body.seed is None else (body.seed + index) % 2 ** 63
         request = EngineRequest(prompt, max_tokens=max_tokens, sampling=body.sampling(),
                                 stop_ids=self.tokenizer.end_ids, seed=seed, logprobs=logprobs,
-                                deliver=lambda ev: loop.call_soon_threadsafe(events.put_nowait, ev))
+                                score_prompt=score_prompt, deliver=lambda ev: loop.call_soon_threadsafe(events.put_nowait, ev))
         start = time.monotonic()
         first = True
         self.engine.submit(request)
@@ -224,6 +226,9 @@ class Server:
         try:
             while True:
                 event = await events.get()
+                if isinstance(event, PromptEvent):
+                    yield Piece(index, "", [], prompt_logprobs=[TokenEvent(prompt[0])] + event.logprobs)
+                    continue
                 if isinstance(event, TokenEvent):
                     if first:
                         self.m_ttft.observe(time.monotonic() - start)
@@ -305,7 +310,8 @@ def _completion_logprobs(server: Server, tokens: list[TokenEvent], offset: int) 
         offsets.append(offset)
         offset += len(t)
     return {"tokens": texts, "token_logprobs": [t.logprob for t in tokens],
-            "top_logprobs": [{_token_text(server, i): lp for i, lp in (t.top_logprobs or [])} for t in tokens],
+            "top_logprobs": [None if t.logprob is None else {_token_text(server, i): lp for i, lp in (t.top_logprobs or [])}
+                             for t in tokens],
             "text_offset": offsets}
 
 
@@ -333,6 +339,8 @@ async def _collect(stream: AsyncIterator[Piece], n: int, http: Request) -> list[
             c.tokens.extend(piece.tokens)
             if piece.finish_reason:
                 c.finish_reason, c.cached_tokens = piece.finish_reason, piece.cached_tokens
+            if piece.prompt_logprobs is not None:
+                c.prompt_logprobs = piece.prompt_logprobs
 
     task = asyncio.create_task(consume())
     try:
@@ -498,8 +506,11 @@ def create_app(server: Server, start_engine: bool = True) -> FastAPI:
     @app.post("/v1/completions", dependencies=auth)
     async def completions(body: CompletionRequest, http: Request):
         server.check_model(body.model)
-        if body.echo and body.logprobs is not None:
-            raise APIError(400, "echo with logprobs (prompt scoring) is not supported yet", param="echo")
+        # The prompt's own log-probabilities (what lm-eval's loglikelihood reads), or an echo of nothing but it.
+        score = body.echo and (body.logprobs is not None or body.max_tokens == 0)
+        if body.max_tokens == 0 and not body.echo:
+            raise APIError(400, "max_tokens must be at least 1 (0 is only for echo: scoring the prompt)",
+                           param="max_tokens")
         raw = body.prompt
         prompts = ([raw] if isinstance(raw, str) or (raw and isinstance(raw[0], int)) else list(raw)) or [""]
         ids = [server.prompt_ids(p) for p in prompts]
@@ -507,7 +518,7 @@ def create_app(server: Server, start_engine: bool = True) -> FastAPI:
         stop = body.stop_strings()
         texts = [p if isinstance(p, str) else server.tokenizer.decode(p) for p in prompts]
         n = body.n
-        stream = _merge([server.run(i * n + j, p, b, body, body.logprobs, stop)
+        stream = _merge([server.run(i * n + j, p, b, body, body.logprobs, stop, score)
                          for i, (p, b) in enumerate(zip(ids, budgets)) for j in range(n)])
         rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
         offsets = {}
@@ -526,13 +537,16 @@ def create_app(server: Server, start_engine: bool = True) -> FastAPI:
 
             def chunk(piece: Piece):
                 usage_counts["completion"] += len(piece.tokens)
-                text = piece.text
-                if body.echo and piece.index not in echoed:
+                text, tokens = piece.text, piece.tokens
+                if body.echo and piece.index not in echoed and (piece.prompt_logprobs is not None or not score):
                     echoed.add(piece.index)
                     text = texts[piece.index // n] + text
+                    tokens = (piece.prompt_logprobs or []) + tokens
+                if not text and not tokens and not piece.finish_reason:
+                    return
                 yield {"id": rid, "object": "text_completion", "created": created, "model": server.model_name,
                        "choices": [{"index": piece.index, "text": text,
-                                    "logprobs": choice_logprobs(piece.index, piece.tokens),
+                                    "logprobs": choice_logprobs(piece.index, tokens),
                                     "finish_reason": piece.finish_reason}]}
 
             def final():
@@ -546,7 +560,8 @@ def create_app(server: Server, start_engine: bool = True) -> FastAPI:
         choices = await _collect(stream, len(ids) * n, http)
         return {"id": rid, "object": "text_completion", "created": created, "model": server.model_name,
                 "choices": [{"index": c.index, "text": (texts[c.index // n] if body.echo else "") + c.text,
-                             "logprobs": choice_logprobs(c.index, c.tokens), "finish_reason": c.finish_reason}
+                             "logprobs": choice_logprobs(c.index, (c.prompt_logprobs or []) + c.tokens),
+                             "finish_reason": c.finish_reason}
                             for c in choices],
                 "usage": _usage(ids, n, choices)}
 

@@ -173,3 +173,8 @@ def test_generate_after_a_batched_cache_setup():
     expected = list(generate(model, [1, 5, 9], max_new_tokens=5, sampling=GREEDY))
     model.setup_caches(4, 64)  # as the batching engine leaves it
     assert list(generate(model, [1, 5, 9], max_new_tokens=5, sampling=GREEDY)) == expected
+
+
+def test_absurd_repetition_penalties_are_refused():
+    with pytest.raises(ValueError, match=r"repetition_penalty must be in \[0.01, 100\]"):
+        SamplingParams(repetition_penalty=1e-308)

@@ -106,6 +106,27 @@ def test_seed_reproducibility_and_n(client):
     assert texts[0] == a and len(set(texts)) > 1  # choice i is seeded with seed + i
 
 
+def test_echo_with_logprobs_scores_the_prompt(client, default_lm):
+    """What lm-eval's local-completions reads: the prompt's own token log-probabilities."""
+    from llamalite.evaluate import encode_pair, loglikelihood
+
+    prompt = "The capital of France is Paris"
+    r = client.completions.create(model=MODEL, prompt=prompt, max_tokens=0, echo=True, logprobs=1, temperature=0)
+    lp, tok = r.choices[0].logprobs, default_lm.tokenizer
+    assert r.choices[0].text == prompt and r.usage.completion_tokens == 0
+    assert len(lp.tokens) == len(tok.encode(prompt)) and lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+    ctx, cont = encode_pair(tok, "The capital of France is", " Paris")
+    want, greedy = loglikelihood(default_lm.model, ctx, cont)
+    assert sum(lp.token_logprobs[-len(cont):]) == pytest.approx(want, abs=2e-3) and greedy
+    assert max(lp.top_logprobs[-1].values()) == pytest.approx(lp.token_logprobs[-1], abs=1e-5)
+    # echo with generation: the prompt's scores, then the new tokens'
+    more = client.completions.create(model=MODEL, prompt=prompt, max_tokens=3, echo=True, logprobs=0, temperature=0)
+    assert len(more.choices[0].logprobs.token_logprobs) == len(lp.tokens) + more.usage.completion_tokens
+    streamed = list(client.completions.create(model=MODEL, prompt=prompt, max_tokens=0, echo=True, logprobs=1,
+                                              temperature=0, stream=True))
+    assert streamed[0].choices[0].logprobs.token_logprobs == lp.token_logprobs
+
+
 def test_logprobs(client):
     r = _chat(client, "What is 2+2?", temperature=0, max_tokens=5, logprobs=True, top_logprobs=3)
     content = r.choices[0].logprobs.content
@@ -201,6 +222,8 @@ BAD = [  # (what, path, body or raw bytes, status, words in the message)
     ("max_tokens beyond the context", "/v1/completions", {"model": "tiny", "prompt": "hi", "max_tokens": 256}, 400,
      "context"),
     ("negative max_tokens", "/v1/completions", {"model": "tiny", "prompt": "hi", "max_tokens": -1}, 400, "max_tokens"),
+    ("zero max_tokens without echo", "/v1/completions", {"model": "tiny", "prompt": "hi", "max_tokens": 0}, 400,
+     "max_tokens"),
     ("negative temperature", "/v1/completions", {"model": "tiny", "prompt": "hi", "temperature": -1}, 400,
      "temperature"),
     ("absurd temperature", "/v1/chat/completions",

@@ -196,7 +196,9 @@ class FastRMSNorm(RMSNorm):
         return fast
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dtype == torch.float32 and x.device.type == "cpu" and self.weight.dtype == torch.float32:
+        # The op has no backward: anything that needs gradients (fine-tuning) takes the reference math.
+        needs_grad = torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad)
+        if x.dtype == torch.float32 and x.device.type == "cpu" and self.weight.dtype == torch.float32 and not needs_grad:
             return torch.ops.llamalite.rms_norm(x, self.weight, self.eps)
         return super().forward(x)
 

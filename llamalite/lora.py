@@ -1,0 +1,129 @@
+"""LoRA (Hu et al. 2021): a frozen linear layer plus a trainable low-rank update,
+y = x W^T + (alpha / r) x A^T B^T, with A (r, in) random and B (out, r) zero, so training starts
+from the base model exactly. `merge()` folds the update into a plain nn.Linear; `save_adapter`
+writes the update alone in PEFT's layout (adapter_model.safetensors + adapter_config.json), which
+PEFT loads onto the Hugging Face export of the base model.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from torch import nn
+
+# our layer names -> the Hugging Face module names PEFT targets
+TARGETS = {"wq": "q_proj", "wk": "k_proj", "wv": "v_proj", "wo": "o_proj", "w1": "gate_proj", "w2": "down_proj",
+           "w3": "up_proj"}
+_PARENT = {"wq": "attention", "wk": "attention", "wv": "attention", "wo": "attention", "w1": "feed_forward",
+           "w2": "feed_forward", "w3": "feed_forward"}
+_HF_PARENT = {"attention": "self_attn", "feed_forward": "mlp"}
+
+
+class LoRALinear(nn.Module):
+    """nn.Linear's call signature: the frozen `base` plus (alpha / rank) * B A."""
+
+    def __init__(self, base: nn.Linear, rank: int = 8, alpha: float = 16.0, dropout: float = 0.0,
+                 generator: torch.Generator | None = None):
+        super().__init__()
+        if not isinstance(base, nn.Linear):
+            raise TypeError(f"LoRA wraps a dense nn.Linear, not {type(base).__name__}: load the model with "
+                            f"quantized=False (quantized GGUF blocks are dequantized for training)")
+        if rank < 1:
+            raise ValueError(f"LoRA rank must be at least 1, got {rank}")
+        self.base = base.requires_grad_(False)
+        self.rank, self.alpha, self.scale = rank, alpha, alpha / rank
+        w = base.weight
+        self.lora_a = nn.Parameter(torch.empty(rank, base.in_features, dtype=w.dtype, device=w.device))
+        self.lora_b = nn.Parameter(torch.zeros(base.out_features, rank, dtype=w.dtype, device=w.device))
+        # PEFT's initialisation: A ~ kaiming_uniform(a=sqrt(5)), i.e. U(-1/sqrt(in), 1/sqrt(in)); B = 0
+        bound = 1 / math.sqrt(base.in_features)
+        with torch.no_grad():
+            self.lora_a.uniform_(-bound, bound, generator=generator)
+        self.dropout = nn.Dropout(dropout) if dropout else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.base(x) + (self.dropout(x) @ self.lora_a.T @ self.lora_b.T) * self.scale
+
+    def delta(self) -> torch.Tensor:
+        """The update to the weight, (out, in)."""
+        return (self.lora_b @ self.lora_a) * self.scale
+
+    def merge(self) -> nn.Linear:
+        """A plain nn.Linear computing the same function."""
+        merged = nn.Linear(self.base.in_features, self.base.out_features, bias=self.base.bias is not None,
+                           device=self.base.weight.device, dtype=self.base.weight.dtype)
+        with torch.no_grad():
+            merged.weight.copy_(self.base.weight + self.delta().to(self.base.weight.dtype))
+            if self.base.bias is not None:
+                merged.bias.copy_(self.base.bias)
+        return merged
+
+
+def apply_lora(model: nn.Module, rank: int = 8, alpha: float = 16.0, targets: Sequence[str] = ("wq", "wv"),
+               dropout: float = 0.0, seed: int = 0) -> nn.Module:
+    """Freeze every weight of a Transformer and wrap its `targets` layers (wq wk wv wo w1 w2 w3) in LoRA."""
+    unknown = sorted(set(targets) - set(TARGETS))
+    if unknown or not targets:
+        raise ValueError(f"unknown LoRA target(s) {', '.join(unknown) or '(none given)'}; choose from {', '.join(TARGETS)}")
+    model.requires_grad_(False)
+    generator = torch.Generator().manual_seed(seed)
+    for layer in model.layers:
+        for t in targets:
+            parent = getattr(layer, _PARENT[t])
+            setattr(parent, t, LoRALinear(getattr(parent, t), rank, alpha, dropout, generator))
+    return model
+
+
+def lora_layers(model: nn.Module) -> list[tuple[int, str, LoRALinear]]:
+    """(layer index, target name, module) of every LoRA layer."""
+    out = []
+    for i, layer in enumerate(model.layers):
+        for t, parent in _PARENT.items():
+            m = getattr(getattr(layer, parent), t)
+            if isinstance(m, LoRALinear):
+                out.append((i, t, m))
+    return out
+
+
+def merge_lora(model: nn.Module) -> nn.Module:
+    """Fold every LoRA layer into its base: a plain model again, the same function."""
+    for i, t, m in lora_layers(model):
+        setattr(getattr(model.layers[i], _PARENT[t]), t, m.merge())
+    return model
+
+
+def save_adapter(model: nn.Module, out: str | Path, base_model: str = "") -> Path:
+    """The LoRA update alone, in PEFT's layout for the Hugging Face export of the base model
+    (`llamalite export --to hf`): q and k rows permuted to HF's RoPE layout, as the base weights are."""
+    from safetensors.torch import save_file
+
+    from .export import permute_rope
+
+    layers = lora_layers(model)
+    if not layers:
+        raise ValueError("the model has no LoRA layers (apply_lora first)")
+    cfg = model.config
+    out = Path(out).expanduser()
+    out.mkdir(parents=True, exist_ok=True)
+    tensors = {}
+    for i, t, m in layers:
+        b = m.lora_b.detach().float().cpu()
+        if t == "wq":
+            b = permute_rope(b, cfg.n_heads)
+        elif t == "wk":
+            b = permute_rope(b, cfg.n_kv_heads)
+        prefix = f"base_model.model.model.layers.{i}.{_HF_PARENT[_PARENT[t]]}.{TARGETS[t]}"
+        tensors[f"{prefix}.lora_A.weight"] = m.lora_a.detach().float().cpu().contiguous()
+        tensors[f"{prefix}.lora_B.weight"] = b.contiguous()
+    save_file(tensors, str(out / "adapter_model.safetensors"), metadata={"format": "pt"})
+    first = layers[0][2]
+    config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": first.rank, "lora_alpha": first.alpha,
+              "lora_dropout": first.dropout.p if isinstance(first.dropout, nn.Dropout) else 0.0,
+              "target_modules": sorted({TARGETS[t] for _, t, _ in layers}), "bias": "none", "fan_in_fan_out": False,
+              "inference_mode": True, "base_model_name_or_path": base_model or None, "modules_to_save": None}
+    (out / "adapter_config.json").write_text(json.dumps(config, indent=1))
+    return out

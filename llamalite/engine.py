@@ -173,19 +173,21 @@ class Engine:
         GNU OpenMP keeps a thread team per calling thread, and once two teams exist on a machine with
         as many cores as one team it stops spin-waiting between parallel regions (one decode step is
         about 120 of them), which measured 2x slower here."""
-        while True:
-            with self._cv:
-                while not self._stopping and not self.waiting and not self.active:
-                    self._cv.wait()
-                if self._stopping:
-                    break
-            self.step()
-        for slot in self.slots:
-            if slot.request is not None:
-                self._finish(slot, "cancelled")
-        while self.waiting:
-            r = self.waiting.popleft()
-            r.deliver(Finished("cancelled", len(r.prompt), 0))
+        try:
+            while True:
+                with self._cv:
+                    while not self._stopping and not self.waiting and not self.active:
+                        self._cv.wait()
+                    if self._stopping:
+                        break
+                self.step()
+        finally:  # stopped, or interrupted (Ctrl-C): every request still here hears that it is over
+            for slot in self.slots:
+                if slot.request is not None:
+                    self._finish(slot, "cancelled")
+            while self.waiting:
+                r = self.waiting.popleft()
+                r.deliver(Finished("cancelled", len(r.prompt), 0))
 
     # ----- the engine's thread -----
 

@@ -655,10 +655,17 @@ class BackgroundServer:
 
 def serve(lm: LoadedModel, model_name: str, *, host: str = "127.0.0.1", port: int = 8000,
           api_key: str | None = None, max_batch: int = 8, max_seq_len: int | None = None) -> None:
-    """Serve until Ctrl-C: the engine on this thread (the one that loaded the model), HTTP in another."""
+    """Serve until Ctrl-C or SIGTERM: the engine on this thread (the one that loaded the model), HTTP in
+    another. Requests still running when it stops end with an error event (503), not a hang."""
+    import signal
     import threading
 
     import uvicorn
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, interrupt)  # a service manager's stop: the same clean shutdown as Ctrl-C
 
     server = Server(lm, model_name, max_batch=max_batch, max_seq_len=max_seq_len, api_key=api_key)
     http = uvicorn.Server(uvicorn.Config(create_app(server, start_engine=False), host=host, port=port,

@@ -295,3 +295,48 @@ def test_schemathesis_finds_no_server_error(tiny, tmp_path):
     assert "No issues found" in run.stdout
     tested = re.search(r"Tested: (\d+)", run.stdout)
     assert tested and int(tested.group(1)) >= 7, run.stdout[-2000:]  # every operation, generation included
+
+
+@pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM"])
+def test_llamalite_serve_shuts_down_cleanly(sig):
+    """Ctrl-C or a service manager's SIGTERM: the process exits 0 at once and a stream in flight ends
+    with an error event and [DONE] instead of hanging."""
+    import signal
+    import socket
+    import subprocess
+    import sys
+    import threading
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "llamalite", "serve", "--port", str(port), "--model-name", "m"],
+                            stderr=subprocess.DEVNULL, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                if httpx.get(url + "/health").status_code == 200:
+                    break
+            except httpx.TransportError:
+                assert proc.poll() is None and time.monotonic() < deadline
+                time.sleep(0.1)
+        lines: list[str] = []
+        body = {"model": "m", "messages": [{"role": "user", "content": "Write a long story."}], "stream": True,
+                "max_tokens": 900, "temperature": 0.8}
+
+        def stream():
+            with httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=60) as r:
+                lines.extend(line for line in r.iter_lines() if line)
+
+        reader = threading.Thread(target=stream)
+        reader.start()
+        while len(lines) < 3 and reader.is_alive():
+            time.sleep(0.05)
+        proc.send_signal(getattr(signal, sig))
+        assert proc.wait(timeout=30) == 0
+        reader.join(timeout=10)
+        assert lines[-1] == "data: [DONE]" and "shutting down" in lines[-2]
+    finally:
+        proc.kill()

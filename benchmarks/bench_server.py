@@ -94,8 +94,9 @@ def main() -> int:
     import socket
     import subprocess
 
-    import httpx
     import openai
+
+    from llamalite.server import wait_until_serving
 
     with socket.socket() as sock:  # a free port for the server
         sock.bind(("127.0.0.1", 0))
@@ -107,16 +108,7 @@ def main() -> int:
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                if httpx.get(url + "/health").status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise SystemExit(f"the server did not start: {' '.join(cmd)}")
-            time.sleep(0.2)
+        wait_until_serving(url, proc)
         client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
         questions = (QUESTIONS * (1 + args.clients // len(QUESTIONS)))[:args.clients]
         solo_texts = [stream_one(client, q, args.tokens)[0] for q in questions]  # warm-up and reference

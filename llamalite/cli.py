@@ -225,7 +225,7 @@ def cmd_serve(args) -> int:
     name = args.model_name or (lm.path.stem if lm.path.is_file() else lm.path.name)
     key = args.api_key or os.environ.get("LLAMALITE_API_KEY") or None
     print(f"llamalite serving {name} on http://{args.host}:{args.port} (chat page at /, API at /v1, "
-          f"{args.max_batch} slots of {args.ctx or lm.model.config.context_length} tokens"
+          f"{args.max_batch} slots of {min(args.ctx, lm.model.config.context_length)} tokens"
           f"{', API key required' if key else ''})", file=sys.stderr)
     serve(lm, name, host=args.host, port=args.port, api_key=key, max_batch=args.max_batch, max_seq_len=args.ctx)
     return 0

@@ -118,7 +118,6 @@ class _ShardWriter:
         self.out, self.split, self.dtype = out, split, dtype
         self.shards: list[dict] = []
         self.file = None
-        self.count = 0
 
     def write(self, ids: list[int]) -> None:
         arr = np.asarray(ids, dtype=self.dtype)
@@ -129,7 +128,6 @@ class _ShardWriter:
             part, arr = arr[:room], arr[room:]
             self.file.write(part.tobytes())
             self.shards[-1]["tokens"] += int(part.size)
-            self.count += int(part.size)
 
     def _open(self) -> None:
         if self.file is not None:
@@ -137,6 +135,10 @@ class _ShardWriter:
         name = f"{self.split}-{len(self.shards):05d}.bin"
         self.file = open(self.out / name, "wb")
         self.shards.append({"file": name, "tokens": 0})
+
+    @property
+    def count(self) -> int:
+        return sum(s["tokens"] for s in self.shards)
 
     def close(self) -> None:
         if self.file is not None:
@@ -186,7 +188,7 @@ def prepare(inputs: Sequence[str | Path], tokenizer: Tokenizer | None, out: str 
         raise DataError(f"the corpus ({', '.join(map(str, files))}) holds no text to train on")
     if counts["val"] == 0:  # a small corpus: hold out its tail so validation has something
         _split_tail(out, writers, dtype)
-        counts = {split: sum(s["tokens"] for s in w.shards) for split, w in writers.items()}
+        counts = {split: w.count for split, w in writers.items()}
     index = {"version": INDEX_VERSION, "dtype": dtype.name, "vocab_size": tokenizer.vocab_size,
              "bos_id": bos, "eos_id": eos, "tokenizer": {"fingerprint": tokenizer_fingerprint(tokenizer),
                                                          "source": source},
@@ -204,7 +206,6 @@ def _split_tail(out: Path, writers: dict[str, _ShardWriter], dtype: np.dtype) ->
     cut = max(1, len(data) // 10)
     data[:-cut].tofile(out / train["file"])
     train["tokens"] = len(data) - cut
-    writers["train"].count -= cut
     val = writers["val"]
     for s in val.shards:
         (out / s["file"]).unlink(missing_ok=True)

@@ -291,13 +291,10 @@ class Engine:
         if token in request.stop_ids:
             self._finish(slot, "stop")
             return
-        event = TokenEvent(token)
-        if request.logprobs is not None:
-            logp = logits.float().log_softmax(-1)
-            event.logprob = float(logp[token])
-            if request.logprobs > 0:
-                top = logp.topk(request.logprobs)
-                event.top_logprobs = list(zip(top.indices.tolist(), top.values.tolist()))
+        if request.logprobs is None:
+            event = TokenEvent(token)
+        else:
+            event = self._logprob_events(logits[None], [token], request.logprobs)[0]
         request.generated += 1
         self.stats["generated_tokens"] += 1
         request.deliver(event)

@@ -16,31 +16,13 @@ import numpy as np
 import torch
 
 from .config import ModelConfig
+from .loading import meta_to_gguf_name, meta_to_hf_name
 
 DTYPES = ("f32", "f16", "q8_0", "q4_0")
-# Meta names -> GGUF names (the reverse of loading's table)
-_GGUF_TOP = {"tok_embeddings.weight": "token_embd.weight", "norm.weight": "output_norm.weight",
-             "output.weight": "output.weight"}
-_GGUF_LAYER = {"attention_norm": "attn_norm", "ffn_norm": "ffn_norm", "attention.wq": "attn_q",
-               "attention.wk": "attn_k", "attention.wv": "attn_v", "attention.wo": "attn_output",
-               "feed_forward.w1": "ffn_gate", "feed_forward.w2": "ffn_down", "feed_forward.w3": "ffn_up"}
-_HF_TOP = {"tok_embeddings.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight",
-           "output.weight": "lm_head.weight"}
-_HF_LAYER = {"attention_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
-             "attention.wq": "self_attn.q_proj", "attention.wk": "self_attn.k_proj", "attention.wv": "self_attn.v_proj",
-             "attention.wo": "self_attn.o_proj", "feed_forward.w1": "mlp.gate_proj",
-             "feed_forward.w2": "mlp.down_proj", "feed_forward.w3": "mlp.up_proj"}
 
 
 class ExportError(ValueError):
     """What cannot be exported, and what to do instead."""
-
-
-def _rename(name: str, top: dict[str, str], layer: dict[str, str], fmt: str) -> str:
-    if name in top:
-        return top[name]
-    _, i, rest = name.split(".", 2)
-    return fmt.format(i=i, name=layer[rest.removesuffix(".weight")])
 
 
 def gguf_add_config(writer: Any, cfg: ModelConfig, vocab_size: int | None = None) -> None:
@@ -158,7 +140,7 @@ def export_gguf(model: torch.nn.Module, tokenizer, path: str | Path, dtype: str 
         base = rope_inv_freq(cfg.head_dim, cfg.rope_theta)
         w.add_tensor("rope_freqs.weight", (base / rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)).numpy())
     for meta_name, t in _weights(model).items():
-        gname = _rename(meta_name, _GGUF_TOP, _GGUF_LAYER, "blk.{i}.{name}.weight")
+        gname = meta_to_gguf_name(meta_name)
         arr = np.ascontiguousarray(t.numpy(), dtype=np.float32)
         if arr.ndim == 1 or dtype == "f32" or (dtype != "f16" and arr.shape[-1] % 32):
             w.add_tensor(gname, arr)
@@ -197,7 +179,7 @@ def export_hf(model: torch.nn.Module, tokenizer, out: str | Path, dtype: str = "
             t = permute_rope(t, cfg.n_heads)
         elif meta_name.endswith("attention.wk.weight"):
             t = permute_rope(t, cfg.n_kv_heads)
-        tensors[_rename(meta_name, _HF_TOP, _HF_LAYER, "model.layers.{i}.{name}.weight")] = t.to(torch_dtype).contiguous()
+        tensors[meta_to_hf_name(meta_name)] = t.to(torch_dtype).contiguous()
     save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
     config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": cfg.dim,
               "intermediate_size": cfg.hidden_dim, "num_hidden_layers": cfg.n_layers,

@@ -197,6 +197,21 @@ def gguf_to_meta_name(name: str) -> str | None:
     return None
 
 
+def meta_to_gguf_name(name: str) -> str:
+    """The GGUF name of a Meta-named weight (the reverse of gguf_to_meta_name)."""
+    return _meta_to(name, _GGUF_NAMES, _GGUF_LAYER_NAMES, "blk.{i}.{name}.weight")
+
+
+def _meta_to(name: str, top: Mapping[str, str], layer: Mapping[str, str], fmt: str) -> str:
+    """A Meta name under another format's tables (format name -> Meta name), read backwards."""
+    for theirs, ours in top.items():
+        if ours == name:
+            return theirs
+    _, i, rest = name.split(".", 2)
+    ours = rest.removesuffix(".weight")
+    return fmt.format(i=i, name=next(theirs for theirs, o in layer.items() if o == ours))
+
+
 def open_gguf(path: Path):
     """A `gguf.GGUFReader` over a plain ndarray view of the memory map.
 
@@ -310,6 +325,11 @@ def hf_to_meta_name(name: str) -> str | None:
     if m and m.group(2) in _HF_LAYER_NAMES:
         return f"layers.{m.group(1)}.{_HF_LAYER_NAMES[m.group(2)]}.weight"
     return None
+
+
+def meta_to_hf_name(name: str) -> str:
+    """The Hugging Face name of a Meta-named weight (the reverse of hf_to_meta_name)."""
+    return _meta_to(name, _HF_NAMES, _HF_LAYER_NAMES, "model.layers.{i}.{name}.weight")
 
 
 def unpermute_rope(w: torch.Tensor, n_heads: int) -> torch.Tensor:

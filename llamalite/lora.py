@@ -15,12 +15,16 @@ from typing import Sequence
 import torch
 from torch import nn
 
-# our layer names -> the Hugging Face module names PEFT targets
-TARGETS = {"wq": "q_proj", "wk": "k_proj", "wv": "v_proj", "wo": "o_proj", "w1": "gate_proj", "w2": "down_proj",
-           "w3": "up_proj"}
+from .loading import meta_to_hf_name
+
+# the layers LoRA can wrap, and the block module holding each
 _PARENT = {"wq": "attention", "wk": "attention", "wv": "attention", "wo": "attention", "w1": "feed_forward",
            "w2": "feed_forward", "w3": "feed_forward"}
-_HF_PARENT = {"attention": "self_attn", "feed_forward": "mlp"}
+
+
+def _hf_module(i: int, target: str) -> str:
+    """The Hugging Face module name of layer i's target (PEFT names adapters after it)."""
+    return meta_to_hf_name(f"layers.{i}.{_PARENT[target]}.{target}.weight").removesuffix(".weight")
 
 
 class LoRALinear(nn.Module):
@@ -66,9 +70,9 @@ class LoRALinear(nn.Module):
 def apply_lora(model: nn.Module, rank: int = 8, alpha: float = 16.0, targets: Sequence[str] = ("wq", "wv"),
                dropout: float = 0.0, seed: int = 0) -> nn.Module:
     """Freeze every weight of a Transformer and wrap its `targets` layers (wq wk wv wo w1 w2 w3) in LoRA."""
-    unknown = sorted(set(targets) - set(TARGETS))
+    unknown = sorted(set(targets) - set(_PARENT))
     if unknown or not targets:
-        raise ValueError(f"unknown LoRA target(s) {', '.join(unknown) or '(none given)'}; choose from {', '.join(TARGETS)}")
+        raise ValueError(f"unknown LoRA target(s) {', '.join(unknown) or '(none given)'}; choose from {', '.join(_PARENT)}")
     model.requires_grad_(False)
     generator = torch.Generator().manual_seed(seed)
     for layer in model.layers:
@@ -116,14 +120,15 @@ def save_adapter(model: nn.Module, out: str | Path, base_model: str = "") -> Pat
             b = permute_rope(b, cfg.n_heads)
         elif t == "wk":
             b = permute_rope(b, cfg.n_kv_heads)
-        prefix = f"base_model.model.model.layers.{i}.{_HF_PARENT[_PARENT[t]]}.{TARGETS[t]}"
+        prefix = f"base_model.model.{_hf_module(i, t)}"
         tensors[f"{prefix}.lora_A.weight"] = m.lora_a.detach().float().cpu().contiguous()
         tensors[f"{prefix}.lora_B.weight"] = b.contiguous()
     save_file(tensors, str(out / "adapter_model.safetensors"), metadata={"format": "pt"})
     first = layers[0][2]
     config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": first.rank, "lora_alpha": first.alpha,
               "lora_dropout": first.dropout.p if isinstance(first.dropout, nn.Dropout) else 0.0,
-              "target_modules": sorted({TARGETS[t] for _, t, _ in layers}), "bias": "none", "fan_in_fan_out": False,
+              "target_modules": sorted({_hf_module(0, t).rsplit(".", 1)[1] for _, t, _ in layers}), "bias": "none",
+              "fan_in_fan_out": False,
               "inference_mode": True, "base_model_name_or_path": base_model or None, "modules_to_save": None}
     (out / "adapter_config.json").write_text(json.dumps(config, indent=1))
     return out

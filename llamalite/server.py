@@ -182,15 +182,18 @@ class Server:
             raise APIError(404, f"the model '{name}' does not exist; this server serves '{self.model_name}' "
                                 f"(GET /v1/models lists it)", param="model", code="model_not_found")
 
+    def check_ids(self, ids: list[int], param: str) -> list[int]:
+        vocab = self.tokenizer.vocab_size
+        bad = [t for t in ids if not 0 <= t < vocab]
+        if bad:
+            raise APIError(400, f"token id {bad[0]} is outside the vocabulary of {vocab}", param=param)
+        return list(ids)
+
     def prompt_ids(self, prompt: str | list[int]) -> list[int]:
         if isinstance(prompt, str):
             ids = self.tokenizer.encode(prompt)
         else:
-            ids = list(prompt)
-            bad = [t for t in ids if not 0 <= t < self.tokenizer.vocab_size]
-            if bad:
-                raise APIError(400, f"token id {bad[0]} is outside the vocabulary of {self.tokenizer.vocab_size}",
-                               param="prompt")
+            ids = self.check_ids(prompt, "prompt")
         if not ids:
             raise APIError(400, "the prompt is empty: give at least one token", param="prompt")
         return ids
@@ -355,11 +358,17 @@ async def _collect(stream: AsyncIterator[Piece], n: int, http: Request) -> list[
             task.cancel()  # closes the choices' streams, which cancel their engine requests
 
 
-def _usage(prompts: list[list[int]], n: int, choices: list[Choice]) -> dict[str, int]:
-    prompt_tokens = sum(len(p) for p in prompts) * n
-    completion = sum(len(c.tokens) for c in choices)
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion, "total_tokens": prompt_tokens + completion,
-            "prompt_tokens_details": {"cached_tokens": sum(c.cached_tokens for c in choices)}}
+def _usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int | None = None) -> dict[str, Any]:
+    usage = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+             "total_tokens": prompt_tokens + completion_tokens}
+    if cached_tokens is not None:
+        usage["prompt_tokens_details"] = {"cached_tokens": cached_tokens}
+    return usage
+
+
+def _choices_usage(prompts: list[list[int]], n: int, choices: list[Choice]) -> dict[str, Any]:
+    return _usage(sum(len(p) for p in prompts) * n, sum(len(c.tokens) for c in choices),
+                  sum(c.cached_tokens for c in choices))
 
 
 def _streaming(stream: AsyncIterator[Piece], chunk, final) -> StreamingResponse:
@@ -497,11 +506,7 @@ def create_app(server: Server, start_engine: bool = True) -> FastAPI:
 
     @app.post("/detokenize", dependencies=auth)
     async def detokenize(body: DetokenizeRequest) -> dict[str, Any]:
-        vocab = server.tokenizer.vocab_size
-        bad = [t for t in body.tokens if not 0 <= t < vocab]
-        if bad:
-            raise APIError(400, f"token id {bad[0]} is outside the vocabulary of {vocab}", param="tokens")
-        return {"content": server.tokenizer.decode(body.tokens)}
+        return {"content": server.tokenizer.decode(server.check_ids(body.tokens, "tokens"))}
 
     @app.post("/v1/completions", dependencies=auth)
     async def completions(body: CompletionRequest, http: Request):
@@ -551,10 +556,8 @@ def create_app(server: Server, start_engine: bool = True) -> FastAPI:
 
             def final():
                 if body.stream_options and body.stream_options.include_usage:
-                    p = sum(len(x) for x in ids) * n
                     yield {"id": rid, "object": "text_completion", "created": created, "model": server.model_name,
-                           "choices": [], "usage": {"prompt_tokens": p, "completion_tokens": usage_counts["completion"],
-                                                    "total_tokens": p + usage_counts["completion"]}}
+                           "choices": [], "usage": _usage(sum(len(x) for x in ids) * n, usage_counts["completion"])}
             return _streaming(stream, chunk, final)
 
         choices = await _collect(stream, len(ids) * n, http)
@@ -563,7 +566,7 @@ def create_app(server: Server, start_engine: bool = True) -> FastAPI:
                              "logprobs": choice_logprobs(c.index, (c.prompt_logprobs or []) + c.tokens),
                              "finish_reason": c.finish_reason}
                             for c in choices],
-                "usage": _usage(ids, n, choices)}
+                "usage": _choices_usage(ids, n, choices)}
 
     @app.post("/v1/chat/completions", dependencies=auth)
     async def chat_completions(body: ChatRequest, http: Request):
@@ -604,10 +607,7 @@ def create_app(server: Server, start_engine: bool = True) -> FastAPI:
 
             def final():
                 if body.stream_options and body.stream_options.include_usage:
-                    p = len(prompt) * n
-                    yield {**head, "choices": [], "usage": {"prompt_tokens": p,
-                                                            "completion_tokens": usage_counts["completion"],
-                                                            "total_tokens": p + usage_counts["completion"]}}
+                    yield {**head, "choices": [], "usage": _usage(len(prompt) * n, usage_counts["completion"])}
 
             return _streaming(stream, chunk, final)
 
@@ -616,7 +616,7 @@ def create_app(server: Server, start_engine: bool = True) -> FastAPI:
                 "choices": [{"index": c.index, "message": {"role": "assistant", "content": c.text},
                              "logprobs": _chat_logprobs(server, c.tokens) if body.logprobs else None,
                              "finish_reason": c.finish_reason} for c in choices],
-                "usage": _usage([prompt], n, choices)}
+                "usage": _choices_usage([prompt], n, choices)}
 
     return app
 
@@ -651,6 +651,24 @@ class BackgroundServer:
         self.server.should_exit = True
         self.thread.join(timeout=30)
         self.sock.close()
+
+
+def wait_until_serving(url: str, proc, timeout: float = 120) -> None:
+    """Poll GET /health of a `llamalite serve` started as subprocess `proc` until it answers (tests,
+    benchmarks); raise if the process exits first or `timeout` seconds pass."""
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if httpx.get(url + "/health").status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        if proc.poll() is not None or time.monotonic() > deadline:
+            raise RuntimeError(f"the server at {url} did not start (its process "
+                               f"{'exited' if proc.poll() is not None else 'is still starting'})")
+        time.sleep(0.1)
 
 
 def serve(lm: LoadedModel, model_name: str, *, host: str = "127.0.0.1", port: int = 8000,

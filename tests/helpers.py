@@ -105,12 +105,8 @@ def write_gguf(path: Path, weights: dict[str, np.ndarray], cfg, tensor_type: str
     import gguf
     from gguf import GGMLQuantizationType as T
 
-    names = {"tok_embeddings.weight": "token_embd.weight", "norm.weight": "output_norm.weight",
-             "output.weight": "output.weight"}
-    layer = {"attention_norm": "attn_norm", "ffn_norm": "ffn_norm", "attention.wq": "attn_q",
-             "attention.wk": "attn_k", "attention.wv": "attn_v", "attention.wo": "attn_output",
-             "feed_forward.w1": "ffn_gate", "feed_forward.w2": "ffn_down", "feed_forward.w3": "ffn_up"}
     from llamalite.export import gguf_add_config
+    from llamalite.loading import meta_to_gguf_name
 
     w = gguf.GGUFWriter(str(path), "llama")
     gguf_add_config(w, cfg)
@@ -129,12 +125,7 @@ def write_gguf(path: Path, weights: dict[str, np.ndarray], cfg, tensor_type: str
         w.add_chat_template(chat_template)
     rng = np.random.default_rng(0)
     for name, t in weights.items():
-        if name.startswith("layers."):
-            _, i, rest = name.split(".", 2)
-            key = rest.rsplit(".", 1)[0]
-            gname = f"blk.{i}.{layer[key]}.weight"
-        else:
-            gname = names[name]
+        gname = meta_to_gguf_name(name)
         t = np.ascontiguousarray(t, dtype=np.float32)
         if t.ndim == 1 or tensor_type == "F32":
             w.add_tensor(gname, t)

@@ -10,7 +10,7 @@ import pytest
 
 from llamalite.config import ModelConfig
 from llamalite.loading import load
-from llamalite.server import BackgroundServer, Server, create_app
+from llamalite.server import BackgroundServer, Server, create_app, wait_until_serving
 from tests.helpers import meta_weights_from_hf, tiny_hf_model, write_gguf
 
 openai = pytest.importorskip("openai", reason="the test extras install openai: pip install -e '.[test]'")
@@ -314,14 +314,7 @@ def test_llamalite_serve_shuts_down_cleanly(sig):
                             stderr=subprocess.DEVNULL, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                if httpx.get(url + "/health").status_code == 200:
-                    break
-            except httpx.TransportError:
-                assert proc.poll() is None and time.monotonic() < deadline
-                time.sleep(0.1)
+        wait_until_serving(url, proc, timeout=60)
         lines: list[str] = []
         body = {"model": "m", "messages": [{"role": "user", "content": "Write a long story."}], "stream": True,
                 "max_tokens": 900, "temperature": 0.8}

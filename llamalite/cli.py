@@ -246,35 +246,57 @@ def cmd_prepare(args) -> int:
     return 0
 
 
-def _train_config(args):
-    import dataclasses
-
-    from .config import TrainConfig
-
-    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)
-             if getattr(args, f.name, None) is not None}
-    return TrainConfig.from_yaml(args.config, **given) if args.config else TrainConfig(**given)
+def _run_config(args, cls):
+    given = {f.name: getattr(args, f.name) for f in cls.settable() if getattr(args, f.name, None) is not None}
+    return cls.from_yaml(args.config, **given) if args.config else cls(**given)
 
 
 def cmd_train(args) -> int:
     import torch
 
+    from .config import TrainConfig
     from .train import train
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    result = train(_train_config(args))
+    result = train(_run_config(args, TrainConfig))
     if os.environ.get("RANK", "0") == "0":  # under torchrun, one summary
         print(json.dumps(result), file=sys.stderr)
     return 0
 
 
+def cmd_finetune(args) -> int:
+    import torch
+
+    from .config import FinetuneConfig
+    from .finetune import finetune
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    cfg = _run_config(args, FinetuneConfig)
+    result = finetune(cfg)
+    if os.environ.get("RANK", "0") == "0":
+        print(json.dumps(result), file=sys.stderr)
+        print(f"export it: llamalite export {result['out']} --to gguf --dtype q8_0 --out model.gguf"
+              f"{'' if cfg.full else '  (or --to adapter --out DIR for the PEFT adapter alone)'}", file=sys.stderr)
+    return 0
+
+
 def cmd_export(args) -> int:
-    from .export import export_gguf, export_hf, load_for_export
+    from .export import ExportError, export_gguf, export_hf, load_for_export
+    from .lora import save_adapter
     from .store import resolve_model
 
     source = args.source if args.source.endswith(".pt") or os.path.isdir(args.source) else resolve_model(args.source)
-    model, tokenizer, name = load_for_export(source)
+    model, tokenizer, name = load_for_export(source, merge=args.to != "adapter")
+    if args.to == "adapter":
+        from .lora import lora_layers
+
+        if not lora_layers(model):
+            raise ExportError(f"{args.source} is not a LoRA fine-tune: export it --to gguf or --to hf")
+        path = save_adapter(model, args.out)
+        print(f"wrote {path} (PEFT LoRA adapter for the Hugging Face export of the base model)", file=sys.stderr)
+        return 0
     if args.to == "gguf":
         path = export_gguf(model, tokenizer, args.out, args.dtype, name=name)
     else:
@@ -390,16 +412,14 @@ def _prepare_args(p):
     p.add_argument("--val-every", type=int, default=100, help="every N-th piece of text goes to validation (default 100)")
 
 
-def _train_args(p):
-    import dataclasses
+def _run_args(p, cls):
+    """Flags for every settable field of a run config (TrainConfig or FinetuneConfig)."""
     import typing
-
-    from .config import TrainConfig
 
     p.add_argument("--config", help="YAML file of the fields below; flags override it")
     p.add_argument("--threads", type=int, help="CPU threads (default: PyTorch's, one per core)")
-    hints = typing.get_type_hints(TrainConfig)
-    for f in dataclasses.fields(TrainConfig):
+    hints = typing.get_type_hints(cls)
+    for f in cls.settable():
         kind = hints[f.name]
         flag = "--" + f.name.replace("_", "-")
         if kind is bool:
@@ -409,12 +429,25 @@ def _train_args(p):
             p.add_argument(flag, type=base, default=None, help=f"(default {f.default})")
 
 
+def _train_args(p):
+    from .config import TrainConfig
+
+    _run_args(p, TrainConfig)
+
+
+def _finetune_args(p):
+    from .config import FinetuneConfig
+
+    _run_args(p, FinetuneConfig)
+
+
 def _export_args(p):
     p.add_argument("source", help="a training checkpoint (ckpt-*.pt, best.pt, or the run directory: its best) "
                                   "or any model llamalite loads")
-    p.add_argument("--to", choices=("gguf", "hf"), required=True)
-    p.add_argument("--dtype", default="f32", help="gguf: f32, f16, q8_0, q4_0; hf: f32, f16, bf16 (default f32)")
-    p.add_argument("--out", required=True, help="the .gguf file, or the Hugging Face directory")
+    p.add_argument("--to", choices=("gguf", "hf", "adapter"), required=True,
+                   help="a GGUF file, a Hugging Face directory, or (LoRA fine-tunes) the adapter alone in PEFT's layout")
+    p.add_argument("--dtype", default="f32", help="gguf: f32, f16, q8_0, q4_1, q4_0; hf: f32, f16, bf16 (default f32)")
+    p.add_argument("--out", required=True, help="the .gguf file, or the Hugging Face / adapter directory")
 
 
 def _eval_args(p):
@@ -444,7 +477,10 @@ VERBS: dict[str, tuple[Callable[[Any], int], str, Callable[[argparse.ArgumentPar
     "serve": (cmd_serve, "serve the OpenAI API (completions, chat, streaming, batching) and a chat page", _serve_args),
     "prepare": (cmd_prepare, "tokenize a corpus into training shards (or train a tokenizer on it)", _prepare_args),
     "train": (cmd_train, "pretrain a LLaMA on prepared data with the paper's recipe; --resume continues", _train_args),
-    "export": (cmd_export, "write a checkpoint or model as GGUF (f32/f16/q8_0/q4_0) or Hugging Face files", _export_args),
+    "finetune": (cmd_finetune, "fine-tune a model (LoRA, or --full) on chat, prompt/completion or text JSONL",
+                 _finetune_args),
+    "export": (cmd_export, "write a checkpoint or model as GGUF (f32/f16/q8_0/q4_1/q4_0), Hugging Face files or a "
+                           "LoRA adapter", _export_args),
     "eval": (cmd_eval, "perplexity (llama.cpp's method) or zero-shot multiple-choice accuracy", _eval_args),
     "pull": (cmd_pull, "download a model from the Hugging Face Hub into the store", _pull_args),
     "list": (cmd_list, "list the models in the store", lambda p: None),

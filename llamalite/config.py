@@ -6,7 +6,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, ClassVar, Mapping
 
 
 @dataclass(frozen=True)
@@ -247,6 +247,12 @@ class TrainConfig:
     progress: bool = True
     memory_check: bool = True  # refuse up front a run whose estimated memory exceeds what is free
 
+    unused: ClassVar[tuple[str, ...]] = ()  # fields this kind of run does not read (no flags, not in YAML)
+
+    @classmethod
+    def settable(cls) -> list[dataclasses.Field]:
+        return [f for f in dataclasses.fields(cls) if f.name not in cls.unused]
+
     @classmethod
     def from_yaml(cls, path: str | Path, **overrides: Any) -> "TrainConfig":
         import yaml
@@ -254,10 +260,42 @@ class TrainConfig:
         raw = yaml.safe_load(Path(path).read_text()) or {}
         if not isinstance(raw, dict):
             raise ValueError(f"{path} must hold a mapping of config fields")
-        known = {f.name for f in dataclasses.fields(cls)}
+        known = {f.name for f in cls.settable()}
         unknown = sorted(set(raw) - known)
         if unknown:
             raise ValueError(f"{path}: unknown field(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
         return cls(**{**raw, **overrides})
 
 
+
+
+# TrainConfig fields that size a model from scratch: a fine-tune takes its model's sizes instead.
+MODEL_SHAPE_FIELDS = ("preset", "dim", "n_layers", "n_heads", "n_kv_heads", "hidden_dim", "tie_embeddings", "rope_theta")
+
+
+@dataclass
+class FinetuneConfig(TrainConfig):
+    """A fine-tuning run (llamalite.finetune.finetune runs it on train's loop): a loaded model, JSONL
+    records (chat `messages`, `prompt`/`completion`, or `text`), LoRA unless `full`. Defaults follow
+    common LoRA practice (Hu et al. 2021; QLoRA's learning rate): no weight decay, short warmup."""
+
+    model: str = ""  # the base: GGUF, Hugging Face or Meta checkpoint, or store name; empty = the default model
+    data: str = ""  # a JSONL file of records
+    val_data: str = ""  # held-out records; empty = every val_every-th record of data
+    val_every: int = 10
+    out: str = "runs/finetune"
+    full: bool = False  # train every weight instead of a LoRA adapter
+    lora_rank: int = 8
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.05
+    targets: str = "wq,wk,wv,wo"  # comma-separated: any of wq wk wv wo w1 w2 w3
+    seq_len: int = 1024  # records longer than this are cut
+    steps: int = 200
+    batch_size: int = 4
+    lr: float = 2e-4
+    warmup: int = 10
+    weight_decay: float = 0.0
+    eval_every: int = 25
+    save_every: int = 50
+
+    unused: ClassVar[tuple[str, ...]] = MODEL_SHAPE_FIELDS + ("eval_batches",)  # validation: every held-out record

@@ -18,7 +18,7 @@ import torch
 from .config import ModelConfig
 from .loading import meta_to_gguf_name, meta_to_hf_name
 
-DTYPES = ("f32", "f16", "q8_0", "q4_0")
+DTYPES = ("f32", "f16", "q8_0", "q4_1", "q4_0")
 
 
 class ExportError(ValueError):
@@ -124,13 +124,13 @@ def export_gguf(model: torch.nn.Module, tokenizer, path: str | Path, dtype: str 
     if dtype not in DTYPES:
         raise ExportError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
     cfg: ModelConfig = model.config
-    if dtype in ("q8_0", "q4_0") and cfg.dim % 32:
+    if dtype.startswith("q") and cfg.dim % 32:
         raise ExportError(f"{dtype} packs rows in blocks of 32, but dim is {cfg.dim}: export as f16 or f32")
     path = Path(path).expanduser()
     path.parent.mkdir(parents=True, exist_ok=True)
     w = gguf.GGUFWriter(str(path), "llama")
     w.add_name(name)
-    w.add_file_type({"f32": 0, "f16": 1, "q4_0": 2, "q8_0": 7}[dtype])
+    w.add_file_type({"f32": 0, "f16": 1, "q4_0": 2, "q4_1": 3, "q8_0": 7}[dtype])
     gguf_add_config(w, cfg)
     if tokenizer is not None:
         gguf_add_tokenizer(w, tokenizer)
@@ -147,7 +147,7 @@ def export_gguf(model: torch.nn.Module, tokenizer, path: str | Path, dtype: str 
         elif dtype == "f16":
             w.add_tensor(gname, arr.astype(np.float16))
         else:
-            qtype = T.Q8_0 if dtype == "q8_0" else T.Q4_0
+            qtype = {"q8_0": T.Q8_0, "q4_1": T.Q4_1, "q4_0": T.Q4_0}[dtype]
             w.add_tensor(gname, gguf.quants.quantize(arr, qtype), raw_dtype=qtype)
     w.write_header_to_file()
     w.write_kv_data_to_file()
@@ -199,8 +199,9 @@ def export_hf(model: torch.nn.Module, tokenizer, out: str | Path, dtype: str = "
     return out
 
 
-def load_for_export(source: str | Path):
-    """(model, tokenizer, name) from a training checkpoint (file or run directory) or any loadable model."""
+def load_for_export(source: str | Path, merge: bool = True):
+    """(model, tokenizer, name) from a training or fine-tuning checkpoint (file or run directory: its
+    best) or any loadable model. A LoRA fine-tune comes merged into its base unless `merge` is False."""
     from .loading import load
 
     path = Path(source).expanduser()
@@ -209,14 +210,14 @@ def load_for_export(source: str | Path):
 
         path = path / "best.pt" if (path / "best.pt").exists() else _checkpoints(path)[0]
     if path.suffix == ".pt":
-        return _from_checkpoint(path)
+        return _from_checkpoint(path, merge)
     lm = load(path, quantized=False)
     if lm.tokenizer is not None and lm.chat_template and not lm.tokenizer.chat_template:
         lm.tokenizer.chat_template = lm.chat_template
     return lm.model, lm.tokenizer, path.stem if path.is_file() else path.name
 
 
-def _from_checkpoint(path: Path):
+def _from_checkpoint(path: Path, merge: bool):
     from .loading import load_tokenizer
     from .model import Transformer
 
@@ -226,6 +227,16 @@ def _from_checkpoint(path: Path):
         raise ExportError(f"{path} cannot be read as a llamalite checkpoint ({type(e).__name__}: {e})") from e
     if "model_config" not in ckpt or "model" not in ckpt:
         raise ExportError(f"{path} is not a llamalite training checkpoint (no model_config / model)")
+    name = path.parent.name
+    if "finetune" in ckpt:
+        from .finetune import load_finetuned
+        from .lora import merge_lora
+
+        try:
+            model, tokenizer = load_finetuned(ckpt)
+        except (FileNotFoundError, ValueError) as e:
+            raise ExportError(f"{path}: {e}") from None
+        return (merge_lora(model) if merge else model), tokenizer, name
     model = Transformer(ModelConfig(**ckpt["model_config"]))
     model.load_state_dict(ckpt["model"])
     data = Path(ckpt["train_config"]["data"])
@@ -235,4 +246,4 @@ def _from_checkpoint(path: Path):
     except (ValueError, FileNotFoundError):
         print(f"llamalite: the training data directory {data} has no tokenizer any more; exporting without one",
               flush=True)
-    return model.eval(), tokenizer, path.parent.name
+    return model.eval(), tokenizer, name

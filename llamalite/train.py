@@ -22,6 +22,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable, Iterable
 
 import torch
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
@@ -64,14 +65,14 @@ def count_parameters(m: ModelConfig) -> int:
     return m.vocab_size * m.dim * (1 if m.tie_embeddings else 2) + m.n_layers * layer + m.dim
 
 
-def estimate_memory(mcfg: ModelConfig, cfg: TrainConfig, n_params: int) -> int:
-    """Bytes a training step needs, roughly: fp32 weights, gradients and AdamW's two moments (16 bytes
-    a parameter), the activations kept for backward, and the logits."""
+def estimate_memory(mcfg: ModelConfig, cfg: TrainConfig, n_params: int, n_trainable: int) -> int:
+    """Bytes a training step needs, roughly: fp32 weights (4 bytes a parameter), gradients and AdamW's
+    two moments (12 more a trained parameter), the activations kept for backward, and the logits."""
     b, t, d, h = cfg.batch_size, cfg.seq_len, mcfg.dim, mcfg.n_heads
     per_layer = b * t * (16 * d + 3 * mcfg.hidden_dim + 2 * mcfg.n_kv_heads * mcfg.head_dim) * 4 + b * h * t * t * 4
     layers = per_layer * (1 if cfg.checkpointing else mcfg.n_layers) + (b * t * d * 4 * mcfg.n_layers if cfg.checkpointing else 0)
     logits = b * t * mcfg.vocab_size * 4 * 3
-    return 16 * n_params + layers + logits
+    return 4 * n_params + 12 * n_trainable + layers + logits
 
 
 def _available_memory(device: torch.device) -> int:
@@ -101,19 +102,23 @@ def _batch(data: TokenData, gen: torch.Generator, cfg: TrainConfig, rank: int, w
 
 
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, data: TokenData, cfg: TrainConfig, device, autocast, rank: int = 0,
+def evaluate(model: torch.nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], device, autocast,
              world: int = 1) -> float:
-    """Mean loss over eval_batches fixed validation batches (the same windows every time, and the same
-    whatever the number of processes: each takes its share of a global batch)."""
+    """Mean loss per scored token over the given validation batches (this process's share of each),
+    averaged over every process."""
     model.eval()
-    gen = torch.Generator().manual_seed(cfg.seed + 1)
-    losses = []
-    for _ in range(cfg.eval_batches):
-        x, y = _batch(data, gen, cfg, rank, world, device)
+    nll, count = 0.0, 0
+    for x, y in batches:
         with autocast():
-            losses.append(float(cross_entropy_loss(model(x), y)))
+            n = int((y != -100).sum())
+            nll += float(cross_entropy_loss(model(x), y)) * n
+            count += n
     model.train()
-    return _mean_over_ranks(sum(losses) / len(losses), world, device)
+    if world > 1:
+        t = torch.tensor([nll, count], dtype=torch.float64, device=device)
+        torch.distributed.all_reduce(t)
+        nll, count = float(t[0]), int(t[1])
+    return nll / max(count, 1)
 
 
 def _checkpoints(out: Path) -> list[Path]:
@@ -267,67 +272,122 @@ def _mean_over_ranks(value: float, world: int, device: torch.device) -> float:
     return float(t) / world
 
 
-def train(cfg: TrainConfig) -> dict:
-    """Run (or resume) training; returns a summary with the final losses and where things are."""
-    from tqdm import tqdm
+@dataclass
+class Job:
+    """What the loop trains: `train` builds one for a new model on prepared shards, `finetune` for a
+    loaded model on records. One loop runs both."""
+    model: Transformer
+    # (data generator, rank, world) -> this process's share of one global micro-batch, (inputs, targets)
+    # on the device; targets of -100 are not scored
+    batch: Callable[[torch.Generator, int, int], tuple[torch.Tensor, torch.Tensor]]
+    # (rank, world) -> the fixed validation batches; None when there is no held-out data
+    val_batches: Callable[[int, int], Iterable[tuple[torch.Tensor, torch.Tensor]]] | None
+    # what the model and data are: a resumed run must match it (model_config, data, and more)
+    identity: dict
+    info: dict = field(default_factory=dict)  # saved with every checkpoint for export (e.g. base model, LoRA)
 
+
+_IDENTITY_LABELS = {"model_config": "a different model", "data": "data from another tokenizer or other records",
+                    "base": "another base model", "lora": "another LoRA setup"}
+
+
+def train(cfg: TrainConfig) -> dict:
+    """Pretrain (or resume) a new model on `llamalite prepare`'s shards; returns a summary."""
     if not cfg.data:
         raise TrainError("no training data: set data to a directory made by `llamalite prepare`")
-    for name in ("steps", "batch_size", "grad_accum", "seq_len", "eval_batches", "keep"):
-        if getattr(cfg, name) < 1:
-            raise TrainError(f"{name} must be at least 1, got {getattr(cfg, name)}")
+    _check_sizes(cfg)
     rank, world, device = _distributed(cfg)
     train_data, val_data = TokenData.open(cfg.data, "train"), TokenData.open(cfg.data, "val")
     for split, d in (("train", train_data), ("val", val_data)):
         if d.valid_starts(cfg.seq_len + 1) == 0:
             raise DataError(f"the {split} split of {cfg.data} has {d.tokens} tokens, fewer than one window of "
                             f"seq_len + 1 = {cfg.seq_len + 1}: use a shorter seq_len or more text")
-    fingerprint = train_data.index["tokenizer"]["fingerprint"]
     mcfg = model_config(cfg, train_data.index["vocab_size"])
-    out = Path(cfg.out).expanduser()
-    out.mkdir(parents=True, exist_ok=True)
-
-    ckpt = None
-    if cfg.resume:
-        ckpt = load_latest_checkpoint(out)
-        if rank == 0:
-            print(f"llamalite: nothing to resume in {out}; starting from step 0" if ckpt is None else
-                  f"llamalite: resuming from {ckpt['path']} (step {ckpt['step']})", file=sys.stderr)
-    elif _checkpoints(out):
-        raise TrainError(f"{out} already holds checkpoints; continue them with --resume, or choose another --out")
-    if ckpt is not None:
-        if ckpt["model_config"] != mcfg.to_dict():
-            diff = [k for k in mcfg.to_dict() if ckpt["model_config"].get(k) != mcfg.to_dict()[k]]
-            raise TrainError(f"{ckpt['path']} holds a different model ({', '.join(diff)} differ): resume with the "
-                             f"settings it was trained with, or choose another --out")
-        if ckpt["data_fingerprint"] != fingerprint:
-            raise TrainError(f"{ckpt['path']} was trained on data from another tokenizer than {cfg.data}'s: "
-                             f"resume with the same data, or choose another --out")
-
     n_params = count_parameters(mcfg)
-    need = estimate_memory(mcfg, cfg, n_params)
-    if cfg.memory_check:  # before anything is allocated
-        free = _available_memory(device)
-        if need > 0.9 * free:
-            raise TrainError(f"this run needs about {need / 2**30:.1f} GiB ({n_params / 1e6:.1f}M parameters, "
-                             f"batch {cfg.batch_size} x {cfg.seq_len} tokens) but {free / 2**30:.1f} GiB is free on "
-                             f"{device}: lower batch_size (raise grad_accum to keep the batch), seq_len or the model "
-                             f"size, or turn on checkpointing")
+    _check_memory(cfg, device, estimate_memory(mcfg, cfg, n_params, n_params), n_params)
     torch.manual_seed(cfg.seed)
     model = Transformer(mcfg).to(device)
     model.init_weights(torch.Generator(device=device).manual_seed(cfg.seed) if device.type == "cpu" else None)
+
+    def val_batches(rank: int, world: int):
+        gen = torch.Generator().manual_seed(cfg.seed + 1)  # the same windows at every evaluation
+        return (_batch(val_data, gen, cfg, rank, world, device) for _ in range(cfg.eval_batches))
+
+    job = Job(model, lambda gen, rank, world: _batch(train_data, gen, cfg, rank, world, device), val_batches,
+              identity={"model_config": mcfg.to_dict(), "data": train_data.index["tokenizer"]["fingerprint"]})
+    return run(cfg, job, rank, world, device)
+
+
+def _check_sizes(cfg: TrainConfig) -> None:
+    for name in ("steps", "batch_size", "grad_accum", "seq_len", "eval_batches", "keep", "eval_every", "save_every"):
+        if getattr(cfg, name) < 1:
+            raise TrainError(f"{name} must be at least 1, got {getattr(cfg, name)}")
+
+
+def _check_memory(cfg: TrainConfig, device: torch.device, need: int, n_params: int) -> None:
+    """Refuse, before anything big is allocated, a run that will not fit."""
+    if not cfg.memory_check:
+        return
+    free = _available_memory(device)
+    if need > 0.9 * free:
+        raise TrainError(f"this run needs about {need / 2**30:.1f} GiB ({n_params / 1e6:.1f}M parameters, "
+                         f"batch {cfg.batch_size} x {cfg.seq_len} tokens) but {free / 2**30:.1f} GiB is free on "
+                         f"{device}: lower batch_size (raise grad_accum to keep the batch), seq_len or the model "
+                         f"size, or turn on checkpointing")
+
+
+def _resume_from(cfg: TrainConfig, job: Job, out: Path, rank: int) -> dict | None:
+    """The checkpoint to continue from (None: start at step 0), after checking it is this run's."""
+    if not cfg.resume:
+        if _checkpoints(out):
+            raise TrainError(f"{out} already holds checkpoints; continue them with --resume, or choose another --out")
+        return None
+    ckpt = load_latest_checkpoint(out)
+    if rank == 0:
+        print(f"llamalite: nothing to resume in {out}; starting from step 0" if ckpt is None else
+              f"llamalite: resuming from {ckpt['path']} (step {ckpt['step']})", file=sys.stderr)
+    if ckpt is None:
+        return None
+    saved = ckpt.get("identity") or {"model_config": ckpt["model_config"], "data": ckpt.get("data_fingerprint")}
+    differ = []
+    for key, value in job.identity.items():
+        if saved.get(key) != value:
+            label = _IDENTITY_LABELS.get(key, f"another {key}")
+            if key == "model_config":
+                old = saved.get(key) or {}
+                label += f" ({', '.join(k for k in value if old.get(k) != value[k])} differ)"
+            differ.append(label)
+    if differ:
+        raise TrainError(f"{ckpt['path']} was trained with {'; '.join(differ)}: resume with the settings and data "
+                         f"it was trained with, or choose another --out")
+    return ckpt
+
+
+def run(cfg: TrainConfig, job: Job, rank: int = 0, world: int = 1, device: torch.device | None = None) -> dict:
+    """The training loop: run (or resume) `job` for cfg.steps optimizer steps."""
+    from tqdm import tqdm
+
+    device = device or torch.device(cfg.device)
+    out = Path(cfg.out).expanduser()
+    out.mkdir(parents=True, exist_ok=True)
+    ckpt = _resume_from(cfg, job, out, rank)
+    model = job.model
     model.checkpointing = cfg.checkpointing
     net = _parallelize(model, cfg, world, device)  # what the forward runs through
-    decay = [p for p in model.parameters() if p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in trainable if p.dim() >= 2]
+    no_decay = [p for p in trainable if p.dim() < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
                              {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
                             fused=device.type == "cuda")
+    # Frozen weights (a LoRA base) are not saved: the checkpoint holds what training changes.
+    sd_options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True)
+    frozen = {n for n, p in model.named_parameters(remove_duplicate=False) if not p.requires_grad}
     gen = torch.Generator().manual_seed(cfg.seed)
     state = _State()
     if ckpt is not None:
         set_state_dict(model, opt, model_state_dict=ckpt["model"], optim_state_dict=ckpt["optimizer"],
-                       options=StateDictOptions(full_state_dict=True))
+                       options=StateDictOptions(full_state_dict=True, strict=len(trainable) == len(list(model.parameters()))))
         gen.set_state(ckpt["rng"]["data"])
         torch.set_rng_state(ckpt["rng"]["torch"])
         state = _State(ckpt["step"], ckpt["best_val"], ckpt["tokens"], list(ckpt["history"]))
@@ -335,7 +395,6 @@ def train(cfg: TrainConfig) -> dict:
             _write_metrics(out, state.history)  # drop what an interrupted run logged after this checkpoint
     autocast = _precision(cfg, device)
     model.train()
-    tokens_per_step = cfg.batch_size * cfg.grad_accum * cfg.seq_len * world
     bar = tqdm(total=cfg.steps, initial=state.step, desc="training", unit="step",
                disable=not cfg.progress or rank != 0, dynamic_ncols=True)
     val_loss = None
@@ -344,24 +403,26 @@ def train(cfg: TrainConfig) -> dict:
         lr = lr_at(step, cfg)
         for group in opt.param_groups:
             group["lr"] = lr
-        total = 0.0
+        total, tokens = 0.0, 0
         for micro in range(cfg.grad_accum):
-            x, y = _batch(train_data, gen, cfg, rank, world, device)
+            x, y = job.batch(gen, rank, world)
             with _grad_sync(net, micro == cfg.grad_accum - 1), autocast():
                 loss = cross_entropy_loss(net(x), y) / cfg.grad_accum
                 loss.backward()
             total += float(loss.detach())
+            tokens += int((y != -100).sum())
         total = _mean_over_ranks(total, world, device)
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        tokens = round(_mean_over_ranks(tokens, world, device) * world)
+        grad_norm = torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip)
         grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        state.step, state.tokens = step + 1, state.tokens + tokens_per_step
+        state.step, state.tokens = step + 1, state.tokens + tokens
         record = {"step": state.step, "loss": total, "lr": lr, "grad_norm": grad_norm, "tokens": state.tokens,
-                  "tok_s": tokens_per_step / max(time.perf_counter() - t_start, 1e-9)}
+                  "tok_s": tokens / max(time.perf_counter() - t_start, 1e-9)}
         last = state.step == cfg.steps
-        if state.step % cfg.eval_every == 0 or last:
-            val_loss = evaluate(net, val_data, cfg, device, autocast, rank, world)
+        if job.val_batches is not None and (state.step % cfg.eval_every == 0 or last):
+            val_loss = evaluate(net, job.val_batches(rank, world), device, autocast, world)
             record["val_loss"] = val_loss
         state.history.append(record)
         bar.set_postfix(loss=f"{total:.3f}", val=f"{val_loss:.3f}" if val_loss is not None else "-",
@@ -375,12 +436,13 @@ def train(cfg: TrainConfig) -> dict:
             if best:
                 state.best_val = record["val_loss"]
             # Gathered on every process (a collective under FSDP), written by the first.
-            msd, osd = get_state_dict(model, opt, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+            msd, osd = get_state_dict(model, opt, options=sd_options)
+            msd = {k: v for k, v in msd.items() if k not in frozen}  # a tied alias of a frozen weight too
             if rank == 0:
                 save_checkpoint(out, {
                     "version": CHECKPOINT_VERSION, "step": state.step, "model": msd, "optimizer": osd,
-                    "train_config": dataclasses.asdict(cfg), "model_config": mcfg.to_dict(),
-                    "data_fingerprint": fingerprint, "best_val": state.best_val, "tokens": state.tokens,
+                    "train_config": dataclasses.asdict(cfg), "model_config": model.config.to_dict(),
+                    "identity": job.identity, **job.info, "best_val": state.best_val, "tokens": state.tokens,
                     "history": state.history, "rng": {"data": gen.get_state(), "torch": torch.get_rng_state()},
                 }, cfg.keep, best)
                 plot_losses(out, state.history)
@@ -390,5 +452,7 @@ def train(cfg: TrainConfig) -> dict:
     if world > 1:
         torch.distributed.destroy_process_group()
     final = state.history[-1] if state.history else {}
-    return {"steps": state.step, "loss": final.get("loss"), "val_loss": val_loss, "best_val": state.best_val,
-            "parameters": n_params, "out": str(out), "tokens": state.tokens}
+    n_params = sum(p.numel() for p in model.parameters())
+    return {"steps": state.step, "loss": final.get("loss"), "val_loss": val_loss,
+            "best_val": state.best_val if state.best_val < float("inf") else None, "parameters": n_params,
+            "trainable": sum(p.numel() for p in trainable), "out": str(out), "tokens": state.tokens}

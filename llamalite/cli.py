@@ -283,20 +283,24 @@ def cmd_finetune(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from .export import ExportError, export_gguf, export_hf, load_for_export
-    from .lora import save_adapter
+    from .export import ExportError, export_gguf, export_hf, load_for_export, lora_kept
+    from .lora import lora_layers, merge_lora, save_adapter
     from .store import resolve_model
 
     source = args.source if args.source.endswith(".pt") or os.path.isdir(args.source) else resolve_model(args.source)
-    model, tokenizer, name = load_for_export(source, merge=args.to != "adapter")
+    model, tokenizer, name = load_for_export(source, merge=False)
     if args.to == "adapter":
-        from .lora import lora_layers
-
         if not lora_layers(model):
             raise ExportError(f"{args.source} is not a LoRA fine-tune: export it --to gguf or --to hf")
         path = save_adapter(model, args.out)
         print(f"wrote {path} (PEFT LoRA adapter for the Hugging Face export of the base model)", file=sys.stderr)
         return 0
+    if lora_layers(model) and args.to == "gguf" and args.dtype.startswith("q"):
+        kept = lora_kept(model, args.dtype)
+        print(f"llamalite: {args.dtype} keeps {kept:.0%} of the fine-tune's weight update"
+              + ("" if kept > 0.8 else ": most of it is smaller than a quantization step and rounds away; "
+                 "export as q8_0 (or f16) to keep what was learned"), file=sys.stderr)
+    merge_lora(model)
     if args.to == "gguf":
         path = export_gguf(model, tokenizer, args.out, args.dtype, name=name)
     else:
@@ -331,6 +335,19 @@ def cmd_eval(args) -> int:
         print(f"acc {result['acc']:.4f} +- {result['acc_stderr']:.4f}, acc_norm {result['acc_norm']:.4f} "
               f"+- {result['acc_norm_stderr']:.4f} over {result['n']} questions")
     return 0
+
+
+def cmd_lm_eval(args) -> int:
+    try:
+        from .harness import main as harness_main
+    except ImportError as e:
+        raise ImportError(f"llamalite lm-eval needs lm-evaluation-harness ({e}): pip install lm-eval") from None
+    return harness_main(args.args)
+
+
+def _passthrough(argv: list[str]) -> Any:
+    """The arguments of a verb that hands them all to another program (argparse would take its flags)."""
+    return argparse.Namespace(verb=argv[0], args=argv[1:], handler=VERBS[argv[0]][0])
 
 
 def _model_arg(p: argparse.ArgumentParser) -> None:
@@ -482,6 +499,9 @@ VERBS: dict[str, tuple[Callable[[Any], int], str, Callable[[argparse.ArgumentPar
     "export": (cmd_export, "write a checkpoint or model as GGUF (f32/f16/q8_0/q4_1/q4_0), Hugging Face files or a "
                            "LoRA adapter", _export_args),
     "eval": (cmd_eval, "perplexity (llama.cpp's method) or zero-shot multiple-choice accuracy", _eval_args),
+    "lm-eval": (cmd_lm_eval, "run lm-evaluation-harness with the `llamalite` model type (lm-eval's own arguments)",
+                lambda p: p.add_argument("args", nargs=argparse.REMAINDER, help="e.g. --model llamalite --model_args "
+                                         "model=PATH --tasks hellaswag")),
     "pull": (cmd_pull, "download a model from the Hugging Face Hub into the store", _pull_args),
     "list": (cmd_list, "list the models in the store", lambda p: None),
 }
@@ -494,7 +514,8 @@ def main(argv: list[str] | None = None) -> int:
         p = sub.add_parser(name, help=help, description=help)
         setup(p)
         p.set_defaults(handler=handler)
-    args = parser.parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    args = _passthrough(argv) if argv[:1] == ["lm-eval"] else parser.parse_args(argv)
     try:
         return args.handler(args)
     except KeyboardInterrupt:

@@ -116,7 +116,8 @@ def loglikelihood(model: Callable[[torch.Tensor], torch.Tensor], context: list[i
 def multiple_choice(model, tokenizer: Tokenizer, items: Sequence[Item], progress: bool = True,
                     device: str | torch.device = "cpu") -> dict:
     """Zero-shot accuracy (argmax of the choices' log-likelihoods) and length-normalized accuracy
-    (log-likelihood divided by the choice's length in characters), with standard errors."""
+    (log-likelihood divided by the choice's length in characters, the delimiter not counted), with
+    standard errors, all as lm-evaluation-harness computes them (tests/test_harness.py checks)."""
     from tqdm import tqdm
 
     acc = acc_norm = 0
@@ -126,7 +127,7 @@ def multiple_choice(model, tokenizer: Tokenizer, items: Sequence[Item], progress
             ctx, cont = encode_pair(tokenizer, item.context, item.delimiter + choice)
             scores.append(loglikelihood(model, ctx, cont, device)[0])
         acc += max(range(len(scores)), key=scores.__getitem__) == item.gold
-        normed = [s / len(item.delimiter + c) for s, c in zip(scores, item.choices)]
+        normed = [s / len(c) for s, c in zip(scores, item.choices)]  # the choice's characters, as lm-eval
         acc_norm += max(range(len(normed)), key=normed.__getitem__) == item.gold
     n = len(items)
 

@@ -201,15 +201,19 @@ class Transformer(nn.Module):
             mask = torch.arange(end, device=tokens.device) <= input_pos[..., None]  # (T, end) or (B, T, end)
             if mask.dim() == 3:
                 mask = mask[:, None]  # (B, 1, T, end): the same for every head
-        x = self.tok_embeddings(tokens)
+        x = self.run_layers(self.tok_embeddings(tokens), rot, input_pos, mask, end, rows)
+        if last_only:
+            x = x[:, -1:]
+        return self.output(self.norm(x)).float()
+
+    def run_layers(self, x, rot, input_pos, mask, end, rows):
+        """The blocks in order (a kernel-backed model runs a one-token step of all of them as one op)."""
         for layer in self.layers:
             if self.checkpointing and self.training and torch.is_grad_enabled():
                 x = torch.utils.checkpoint.checkpoint(layer, x, rot, input_pos, mask, end, rows, use_reentrant=False)
             else:
                 x = layer(x, rot, input_pos, mask, end, rows)
-        if last_only:
-            x = x[:, -1:]
-        return self.output(self.norm(x)).float()
+        return x
 
     def init_weights(self, generator: torch.Generator | None = None, std: float = 0.02) -> None:
         """Random initialisation for pretraining: normal(0, std), residual projections scaled down."""

@@ -116,10 +116,14 @@ class ChatRequest(_Sampling):
 
 
 class TokenizeRequest(BaseModel):
+    """llama.cpp's fields (content, add_special) or vLLM's (prompt, add_special_tokens): lm-eval's remote
+    tokenizer speaks the latter."""
     model_config = ConfigDict(extra="allow")
 
-    content: str = Field(description="text to tokenize")
-    add_special: bool = Field(True, description="add the BOS token where the model uses one")
+    content: str | None = Field(None, description="text to tokenize")
+    prompt: str | None = Field(None, description="the same, under vLLM's name")
+    add_special: bool | None = Field(None, description="add the BOS token where the model uses one (default true)")
+    add_special_tokens: bool | None = Field(None, description="the same, under vLLM's name")
 
 
 class DetokenizeRequest(BaseModel):
@@ -502,11 +506,25 @@ def create_app(server: Server, start_engine: bool = True) -> FastAPI:
 
     @app.post("/tokenize", dependencies=auth)
     async def tokenize(body: TokenizeRequest) -> dict[str, Any]:
-        return {"tokens": server.tokenizer.encode(body.content, add_bos=None if body.add_special else False)}
+        text = body.content if body.content is not None else body.prompt
+        if text is None:
+            raise APIError(400, "give the text to tokenize as content (or prompt)", param="content")
+        special = next((v for v in (body.add_special, body.add_special_tokens) if v is not None), True)
+        tokens = server.tokenizer.encode(text, add_bos=None if special else False)
+        return {"tokens": tokens, "count": len(tokens), "max_model_len": server.engine.max_seq_len}
 
     @app.post("/detokenize", dependencies=auth)
     async def detokenize(body: DetokenizeRequest) -> dict[str, Any]:
-        return {"content": server.tokenizer.decode(server.check_ids(body.tokens, "tokens"))}
+        text = server.tokenizer.decode(server.check_ids(body.tokens, "tokens"))
+        return {"content": text, "prompt": text}  # llama.cpp's name and vLLM's
+
+    @app.get("/tokenizer_info", dependencies=auth)
+    async def tokenizer_info() -> dict[str, Any]:
+        """What a client needs to tokenize as the server does (vLLM's endpoint; lm-eval reads it)."""
+        tok = server.tokenizer
+        return {"tokenizer_class": type(tok).__name__, "bos_token": tok.bos_token if tok.bos_id is not None else None,
+                "eos_token": tok.eos_token if tok.eos_id is not None else None, "pad_token": None,
+                "add_bos_token": tok.add_bos, "chat_template": server.lm.chat_template, "model_max_length": server.engine.max_seq_len}
 
     @app.post("/v1/completions", dependencies=auth)
     async def completions(body: CompletionRequest, http: Request):

@@ -79,7 +79,8 @@ def _answer(model, tok, template, question: str) -> str:
 
 def test_lora_finetune_lowers_held_out_loss_and_teaches_the_answer(default_lm, default_lm_exact, tmp_path):
     """25 chat records teach the assistant its name; every 5th is held out (questions it never sees)."""
-    from llamalite.export import export_gguf, load_for_export
+    from llamalite.export import export_gguf, load_for_export, lora_kept
+    from llamalite.lora import merge_lora
     from llamalite.finetune import _split
     from llamalite.loading import load
     from llamalite.train import evaluate
@@ -101,7 +102,10 @@ def test_lora_finetune_lowers_held_out_loss_and_teaches_the_answer(default_lm, d
     assert result["val_loss"] < 0.3 * base_loss, (base_loss, result["val_loss"])
     assert (tmp_path / "run" / "loss.png").exists() and (tmp_path / "run" / "best.pt").exists()
 
-    model, tokenizer, _ = load_for_export(cfg.out)  # merged into the base
+    model, tokenizer, _ = load_for_export(cfg.out, merge=False)
+    # re-quantized to the base's own Q4_1 grid, the small update rounds back to the base; Q8_0 keeps it
+    assert lora_kept(model, "q8_0") > 0.95 and lora_kept(model, "q4_1") < 0.5
+    merge_lora(model)
     tuned = [_answer(model, tok, template, q) for q in held_questions]
     for before, after in zip(base_answers, tuned):
         assert "Pemberton" not in before and "Pemberton" in after, (before, after)

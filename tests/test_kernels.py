@@ -135,3 +135,51 @@ def test_qmatmul_multi_equals_separate_products(type_name):
     joint = torch.ops.llamalite.qmatmul_multi(x, parts, KERNEL_TYPES[type_name])
     separate = torch.cat([torch.ops.llamalite.qmatmul(x, p, KERNEL_TYPES[type_name]) for p in parts], dim=1)
     torch.testing.assert_close(joint, separate, rtol=0, atol=0)
+
+
+def test_fast_transformer_step_matches_the_blocks_one_by_one():
+    """decode_stack (every block of a one-token step as one op) against Transformer.run_layers over the
+    same quantized layers, for two rows at different positions of different cache rows."""
+    from llamalite.config import ModelConfig
+    from llamalite.model import Transformer
+    from llamalite.quantized import FastTransformer, use_kernels
+
+    cfg = ModelConfig(dim=96, n_layers=2, n_heads=6, n_kv_heads=2, vocab_size=10, hidden_dim=64)
+    model = Transformer(cfg)
+    for li, block in enumerate(model.layers):
+        for parent, names in ((block.attention, ("wq", "wk", "wv", "wo")), (block.feed_forward, ("w1", "w2", "w3"))):
+            for i, name in enumerate(names):
+                lin = getattr(parent, name)
+                raw = _weights("Q4_1", lin.out_features, lin.in_features, seed=10 * li + i)[0]
+                setattr(parent, name, QuantLinear(raw, "Q4_1", lin.in_features))
+        with torch.no_grad():
+            block.attention_norm.weight.uniform_(0.5, 1.5)
+            block.ffn_norm.weight.uniform_(0.5, 1.5)
+    fast = use_kernels(model)
+    assert isinstance(fast, FastTransformer) and fast.stack is not None
+    fast.setup_caches(3, 40)
+    with torch.no_grad():
+        for layer in fast.layers:
+            layer.attention.cache.k.normal_()
+            layer.attention.cache.v.normal_()
+    before = [(layer.attention.cache.k.clone(), layer.attention.cache.v.clone()) for layer in fast.layers]
+    pos, rows = torch.tensor([[12], [30]]), torch.tensor([2, 0])
+    angles = pos.float()[..., None] * fast.inv_freq
+    rot = torch.polar(torch.ones_like(angles), angles)
+    x = torch.randn(2, 1, 96)
+    with torch.no_grad():
+        want = Transformer.run_layers(fast, x, rot, pos, None, 31, rows)
+        want_caches = [(layer.attention.cache.k.clone(), layer.attention.cache.v.clone()) for layer in fast.layers]
+        for layer, (k, v) in zip(fast.layers, before):
+            layer.attention.cache.k.copy_(k)
+            layer.attention.cache.v.copy_(v)
+        got = fast.run_layers(x, rot, pos, None, 31, rows)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        for layer, (k, v) in zip(fast.layers, want_caches):
+            torch.testing.assert_close(layer.attention.cache.k, k, rtol=1e-6, atol=1e-6)
+            torch.testing.assert_close(layer.attention.cache.v, v, rtol=1e-6, atol=1e-6)
+        # the whole forward too, against the same model with the stack turned off
+        tokens = torch.tensor([[3], [4]])
+        got = fast(tokens, pos + 1, rows=rows)
+        fast.stack = None
+        torch.testing.assert_close(got, fast(tokens, pos + 1, rows=rows), rtol=1e-4, atol=1e-4)

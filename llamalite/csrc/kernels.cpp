@@ -86,6 +86,15 @@ struct QRow {
   const int32_t* qsum;
 };
 
+// Where element i of block b goes in the byte arrays (hi, lo) of a quantized activation row, for
+// blocks in full groups of 8: blocks pair up (2p, 2p+1), and a pair's 64 bytes are block 2p's
+// elements 0-15, block 2p+1's 0-15, then block 2p's 16-31, block 2p+1's 16-31. That is the order of
+// the nibbles in one 32-byte load of the two blocks' weights (low nibbles, then high nibbles, each
+// 16 bytes a block), so a pair unpacks with one shift and two masks. Other blocks stay in order.
+inline int64_t byte_slot(int64_t b, int64_t i) {
+  return (b / 2) * 64 + (i < 16 ? 0 : 32) + (b % 2) * 16 + (i % 16);
+}
+
 void quantize_row(const float* x, int64_t k, int16_t* q, int8_t* hi, uint8_t* lo, float* scale, float* sum,
                   int32_t* qsum) {
   for (int64_t b = 0; b < k / 32; ++b) {
@@ -95,11 +104,13 @@ void quantize_row(const float* x, int64_t k, int16_t* q, int8_t* hi, uint8_t* lo
     const float sc = amax / 32767.f;
     const float inv = sc > 0.f ? 1.f / sc : 0.f;
     int32_t qs = 0;
+    const bool paired = b < k / 32 / 8 * 8;  // in a full group of 8 blocks (see pair_dot_*)
     for (int i = 0; i < 32; ++i) {
       const int v = static_cast<int>(std::nearbyint(xb[i] * inv));
       q[b * 32 + i] = static_cast<int16_t>(v);
-      lo[b * 32 + i] = static_cast<uint8_t>(v & 0xff);
-      hi[b * 32 + i] = static_cast<int8_t>((v - (v & 0xff)) >> 8);
+      const int64_t at = paired ? byte_slot(b, i) : b * 32 + i;
+      lo[at] = static_cast<uint8_t>(v & 0xff);
+      hi[at] = static_cast<int8_t>((v - (v & 0xff)) >> 8);
       qs += v;
     }
     scale[b] = sc;
@@ -175,6 +186,28 @@ AVX2_TARGET inline __m256i block_dot_avx2(const Unpacked& w, const QRow& x, int6
   return _mm256_add_epi32(_mm256_madd_epi16(ph, _mm256_set1_epi16(256)), _mm256_madd_epi16(pl, _mm256_set1_epi16(1)));
 }
 
+// Two consecutive 4-bit blocks in two registers: a = both blocks' elements 0-15 (block 2p in the low
+// lane), b = their elements 16-31: the byte order of quantize_row's pairs.
+AVX2_TARGET inline Unpacked unpack_pair_avx2(const uint8_t* qs) {
+  const __m256i q = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qs));
+  const __m256i mask = _mm256_set1_epi8(0x0f);
+  return {_mm256_and_si256(q, mask), _mm256_and_si256(_mm256_srli_epi16(q, 4), mask)};
+}
+
+// A pair's dot products with activation row x: [block 2p's 4 partial sums | block 2p+1's]. Byte
+// products as block_dot_avx2; the two halves' 16-bit sums are added before widening (each stays
+// below 2^15: 4 products of at most 15 x 255, or of 15 x 128).
+AVX2_TARGET inline __m256i pair_dot_avx2(const Unpacked& w, const QRow& x, int64_t b) {
+  const int64_t o = b * 32;  // the pair's first byte (b even)
+  const __m256i hi0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x.hi + o));
+  const __m256i hi1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x.hi + o + 32));
+  const __m256i lo0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x.lo + o));
+  const __m256i lo1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x.lo + o + 32));
+  const __m256i ph = _mm256_add_epi16(_mm256_maddubs_epi16(w.a, hi0), _mm256_maddubs_epi16(w.b, hi1));
+  const __m256i pl = _mm256_add_epi16(_mm256_maddubs_epi16(lo0, w.a), _mm256_maddubs_epi16(lo1, w.b));
+  return _mm256_add_epi32(_mm256_madd_epi16(ph, _mm256_set1_epi16(256)), _mm256_madd_epi16(pl, _mm256_set1_epi16(1)));
+}
+
 constexpr int64_t MAX_ROWS = 8;  // activation rows a weight row is unpacked for at once
 
 // Dot products of one weight row with M <= MAX_ROWS activation rows, y[m * ystride], on one ISA,
@@ -184,9 +217,14 @@ constexpr int64_t MAX_ROWS = 8;  // activation rows a weight row is unpacked for
 // operations in the same order whatever M is, so a row's result does not depend on its batch.
 // Stamped out once per ISA: each copy must be compiled for its own instruction set, so a template
 // alone cannot share it.
-#define LLAMALITE_DEFINE_DOT(TARGET, BLOCK_DOT, NAME)                                                  \
+#define LLAMALITE_DEFINE_DOT(TARGET, BLOCK_DOT, PAIR_DOT, NAME)                                        \
   template <int64_t TYPE>                                                                              \
   TARGET inline __m256i NAME##_8(const Unpacked* u, const QRow& x, int64_t b) {                        \
+    if (TYPE != Q8_0) { /* 4-bit: u holds 4 pairs; sums come out as blocks 0 2 4 6 | 1 3 5 7 */         \
+      const __m256i s = _mm256_hadd_epi32(_mm256_hadd_epi32(PAIR_DOT(u[0], x, b), PAIR_DOT(u[1], x, b + 2)), \
+                                          _mm256_hadd_epi32(PAIR_DOT(u[2], x, b + 4), PAIR_DOT(u[3], x, b + 6))); \
+      return _mm256_permutevar8x32_epi32(s, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));                \
+    }                                                                                                  \
     const __m256i h01 = _mm256_hadd_epi32(BLOCK_DOT<TYPE>(u[0], x, b), BLOCK_DOT<TYPE>(u[1], x, b + 1)); \
     const __m256i h23 = _mm256_hadd_epi32(BLOCK_DOT<TYPE>(u[2], x, b + 2), BLOCK_DOT<TYPE>(u[3], x, b + 3)); \
     const __m256i u0 = _mm256_hadd_epi32(h01, h23);                                                    \
@@ -204,7 +242,11 @@ constexpr int64_t MAX_ROWS = 8;  // activation rows a weight row is unpacked for
     int64_t b = 0;                                                                                     \
     for (; b + 8 <= nb; b += 8) {                                                                      \
       Unpacked u[8];                                                                                   \
-      for (int j = 0; j < 8; ++j) u[j] = unpack_avx2<TYPE>(w.qs + (b + j) * QB);                       \
+      if (TYPE == Q8_0) {                                                                              \
+        for (int j = 0; j < 8; ++j) u[j] = unpack_avx2<TYPE>(w.qs + (b + j) * QB);                     \
+      } else {                                                                                         \
+        for (int j = 0; j < 4; ++j) u[j] = unpack_pair_avx2(w.qs + (b + 2 * j) * QB);                  \
+      }                                                                                                \
       const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w.d + b)));    \
       for (int64_t m = 0; m < M; ++m) {                                                                \
         const QRow& x = xs[m];                                                                         \
@@ -245,7 +287,7 @@ constexpr int64_t MAX_ROWS = 8;  // activation rows a weight row is unpacked for
     }                                                                                                  \
   }
 
-LLAMALITE_DEFINE_DOT(AVX2_TARGET, block_dot_avx2, dot_avx2)
+LLAMALITE_DEFINE_DOT(AVX2_TARGET, block_dot_avx2, pair_dot_avx2, dot_avx2)
 
 // ----- AVX-512 VNNI path (256-bit registers) -------------------------------------------------------
 // vpdpbusd multiplies unsigned by signed bytes and accumulates four products into each int32 lane:
@@ -262,7 +304,18 @@ VNNI_TARGET inline __m256i block_dot_vnni(const Unpacked& w, const QRow& x, int6
   return _mm256_dpbusd_epi32(_mm256_slli_epi32(ph, 8), lo, w.a);  // 256 * (q . hi) + q . lo
 }
 
-LLAMALITE_DEFINE_DOT(VNNI_TARGET, block_dot_vnni, dot_vnni)
+// A pair as pair_dot_avx2, on vpdpbusd: 256 * (q . hi) + q . lo, both halves accumulated in place.
+VNNI_TARGET inline __m256i pair_dot_vnni(const Unpacked& w, const QRow& x, int64_t b) {
+  const int64_t o = b * 32;
+  const __m256i hi0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x.hi + o));
+  const __m256i hi1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x.hi + o + 32));
+  const __m256i lo0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x.lo + o));
+  const __m256i lo1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x.lo + o + 32));
+  const __m256i ph = _mm256_dpbusd_epi32(_mm256_dpbusd_epi32(_mm256_setzero_si256(), w.a, hi0), w.b, hi1);
+  return _mm256_dpbusd_epi32(_mm256_dpbusd_epi32(_mm256_slli_epi32(ph, 8), lo0, w.a), lo1, w.b);
+}
+
+LLAMALITE_DEFINE_DOT(VNNI_TARGET, block_dot_vnni, pair_dot_vnni, dot_vnni)
 
 // One block to 32 floats.
 AVX2_TARGET void dequant_block_avx2(int64_t type, const Packed& w, int64_t b, float* out) {

@@ -105,27 +105,31 @@ def test_fast_rms_norm_matches_the_model_norm():
     torch.testing.assert_close(fast(x.double()), norm(x.double()))  # other dtypes: the PyTorch path
 
 
-def test_fast_attention_step_matches_the_model_attention():
+# head_dim 16 and 128: the AVX2 path (8 positions at a time, then a tail); 12: the portable loop
+@pytest.mark.parametrize("dim,n_heads", [(96, 6), (48, 4), (256, 2)])
+@pytest.mark.parametrize("ctx_len", [5, 30])
+def test_fast_attention_step_matches_the_model_attention(dim, n_heads, ctx_len):
     from llamalite.config import ModelConfig
     from llamalite.model import Attention, KVCache
     from llamalite.quantized import FastAttention
 
-    cfg = ModelConfig(dim=96, n_layers=1, n_heads=6, n_kv_heads=2, vocab_size=10, hidden_dim=64)
+    cfg = ModelConfig(dim=dim, n_layers=1, n_heads=n_heads, n_kv_heads=2, vocab_size=10, hidden_dim=64)
+    D = cfg.head_dim
     ref = Attention(cfg)
     fast = FastAttention.replacing(ref)
     for att in (ref, fast):
-        att.cache = KVCache(2, 2, 40, 16, torch.float32)
-    ctx = torch.randn(2, 30, 96)
-    angles = torch.arange(31).float()[:, None] * (1.0 / 10000 ** (torch.arange(0, 16, 2) / 16))[None, :]
+        att.cache = KVCache(2, 2, 40, D, torch.float32)
+    ctx = torch.randn(2, ctx_len, dim) * 3  # peaked attention weights too
+    angles = torch.arange(ctx_len + 1).float()[:, None] * (1.0 / 10000 ** (torch.arange(0, D, 2) / D))[None, :]
     rot = torch.polar(torch.ones_like(angles), angles)
     with torch.no_grad():
-        for att in (ref, fast):  # the same 30 cached positions in both
-            att(ctx, rot[:30], torch.arange(30), torch.ones(30, 30, dtype=torch.bool).tril(), 30)
-        x = torch.randn(2, 1, 96)
-        want = ref(x, rot[30:], torch.tensor([30]), None, 31)
-        got = fast(x, rot[30:], torch.tensor([30]), None, 31)
+        for att in (ref, fast):  # the same cached positions in both
+            att(ctx, rot[:ctx_len], torch.arange(ctx_len), torch.ones(ctx_len, ctx_len, dtype=torch.bool).tril(), ctx_len)
+        x = torch.randn(2, 1, dim)
+        want = ref(x, rot[ctx_len:], torch.tensor([ctx_len]), None, ctx_len + 1)
+        got = fast(x, rot[ctx_len:], torch.tensor([ctx_len]), None, ctx_len + 1)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(fast.cache.k[:, :, :31], ref.cache.k[:, :, :31], rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(fast.cache.k[:, :, :ctx_len + 1], ref.cache.k[:, :, :ctx_len + 1], rtol=1e-6, atol=1e-6)
 
 
 @pytest.mark.parametrize("type_name", sorted(KERNEL_TYPES))

@@ -563,6 +563,84 @@ at::Tensor rms_norm(const at::Tensor& x_in, const at::Tensor& w_in, double eps) 
 // different lengths decode together. RoPE rotates interleaved pairs as model.apply_rope; softmax in
 // fp32. One op where the eager path takes about fifteen (model.Attention is the reference).
 //   q (B, H*D), k and v (B, KV*D), cos_sin (B or 1, D/2, 2), caches (R, KV, S, D); returns (B, H*D).
+// e^x for x <= 0 (softmax after the max is subtracted), 8 at once: Cephes' expf, 2^n * p(r) with
+// n = round(x / ln 2) and a degree-6 polynomial on |r| <= ln2 / 2 (about 2 ulp). x is clamped at -87
+// so 2^n stays a normal float: e^-87 instead of a smaller number next to the max's e^0 = 1.
+AVX2_TARGET inline __m256 exp_avx2(__m256 x) {
+  x = _mm256_max_ps(x, _mm256_set1_ps(-87.f));
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);  // ln 2 in two parts (Cody-Waite)
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+  __m256 y = _mm256_set1_ps(1.9875691500e-4f);
+  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.3981999507e-3f));
+  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(8.3334519073e-3f));
+  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(4.1665795894e-2f));
+  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.6666665459e-1f));
+  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(5.0000001201e-1f));
+  y = _mm256_fmadd_ps(y, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.f)));
+  const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(y, _mm256_castsi256_ps(e));
+}
+
+// 8 partial sums of q . k (nv registers of 8 each).
+AVX2_TARGET inline __m256 dot8(const float* q, int64_t nv, const float* k) {
+  __m256 acc = _mm256_mul_ps(_mm256_loadu_ps(q), _mm256_loadu_ps(k));
+  for (int64_t j = 1; j < nv; ++j) acc = _mm256_fmadd_ps(_mm256_loadu_ps(q + 8 * j), _mm256_loadu_ps(k + 8 * j), acc);
+  return acc;
+}
+
+// One query head against positions 0..end-1 of its cache row, head_dim D a multiple of 8: scores 8
+// positions at a time (their 8 dot products reduced together), softmax with exp_avx2, then the
+// weighted sum of values in registers, normalised once at the end. p: scratch of at least end + 8.
+AVX2_TARGET void attend_avx2(const float* qh, const float* kb, const float* vb, int64_t end, int64_t D, float scale,
+                             float* p, float* oh) {
+  const int64_t nv = D / 8;
+  __m256 vmax = _mm256_set1_ps(-INFINITY);
+  int64_t t = 0;
+  for (; t + 8 <= end; t += 8) {
+    const __m256 h01 = _mm256_hadd_ps(dot8(qh, nv, kb + t * D), dot8(qh, nv, kb + (t + 1) * D));
+    const __m256 h23 = _mm256_hadd_ps(dot8(qh, nv, kb + (t + 2) * D), dot8(qh, nv, kb + (t + 3) * D));
+    const __m256 h45 = _mm256_hadd_ps(dot8(qh, nv, kb + (t + 4) * D), dot8(qh, nv, kb + (t + 5) * D));
+    const __m256 h67 = _mm256_hadd_ps(dot8(qh, nv, kb + (t + 6) * D), dot8(qh, nv, kb + (t + 7) * D));
+    const __m256 u0 = _mm256_hadd_ps(h01, h23), u1 = _mm256_hadd_ps(h45, h67);
+    const __m256 sc = _mm256_mul_ps(_mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20),
+                                                  _mm256_permute2f128_ps(u0, u1, 0x31)), _mm256_set1_ps(scale));
+    _mm256_storeu_ps(p + t, sc);
+    vmax = _mm256_max_ps(vmax, sc);
+  }
+  float mx = -INFINITY;
+  for (; t < end; ++t) {
+    p[t] = hsum(dot8(qh, nv, kb + t * D)) * scale;
+    mx = std::max(mx, p[t]);
+  }
+  alignas(32) float lanes[8];
+  _mm256_store_ps(lanes, vmax);
+  for (float l : lanes) mx = std::max(mx, l);
+  const __m256 vmx = _mm256_set1_ps(mx);
+  __m256 vsum = _mm256_setzero_ps();
+  for (t = 0; t + 8 <= end; t += 8) {
+    const __m256 e = exp_avx2(_mm256_sub_ps(_mm256_loadu_ps(p + t), vmx));
+    _mm256_storeu_ps(p + t, e);
+    vsum = _mm256_add_ps(vsum, e);
+  }
+  float sum = hsum(vsum);
+  for (; t < end; ++t) { p[t] = std::exp(p[t] - mx); sum += p[t]; }
+  __m256 acc[16];  // D <= 128 in registers; wider heads go through memory below
+  const int64_t nr = std::min<int64_t>(nv, 16);
+  for (int64_t j = 0; j < nr; ++j) acc[j] = _mm256_setzero_ps();
+  for (int64_t j = nr * 8; j < D; ++j) oh[j] = 0.f;
+  for (t = 0; t < end; ++t) {
+    const __m256 w = _mm256_set1_ps(p[t]);
+    const float* vt = vb + t * D;
+    for (int64_t j = 0; j < nr; ++j) acc[j] = _mm256_fmadd_ps(w, _mm256_loadu_ps(vt + 8 * j), acc[j]);
+    for (int64_t j = nr * 8; j < D; ++j) oh[j] += p[t] * vt[j];
+  }
+  const __m256 inv = _mm256_set1_ps(1.f / sum);
+  for (int64_t j = 0; j < nr; ++j) _mm256_storeu_ps(oh + 8 * j, _mm256_mul_ps(acc[j], inv));
+  for (int64_t j = nr * 8; j < D; ++j) oh[j] /= sum;
+}
+
 at::Tensor decode_attention(const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
                             const at::Tensor& cos_sin_in, at::Tensor& cache_k, at::Tensor& cache_v,
                             const at::Tensor& pos_in, const at::Tensor& rows_in, int64_t n_heads, int64_t n_kv_heads) {
@@ -605,14 +683,19 @@ at::Tensor decode_attention(const at::Tensor& q_in, const at::Tensor& k_in, cons
   float* op = out.data_ptr<float>();
   const float scale = 1.f / std::sqrt(static_cast<float>(D));
   const int64_t group = n_heads / n_kv_heads;
+  const bool fast = has_avx2() && D % 8 == 0;
   at::parallel_for(0, B * n_heads, 1, [&](int64_t begin, int64_t stop) {
     std::vector<float> p;
     for (int64_t bh = begin; bh < stop; ++bh) {
       const int64_t b = bh / n_heads, h = bh % n_heads, kvh = h / group, end = pos[b] + 1;
-      p.resize(end);
+      p.resize(end + 8);
       const float* qh = qp + bh * D;
       const float* kb = kc + (rows[b] * n_kv_heads + kvh) * S * D;
       const float* vb = vc + (rows[b] * n_kv_heads + kvh) * S * D;
+      if (fast) {
+        attend_avx2(qh, kb, vb, end, D, scale, p.data(), op + bh * D);
+        continue;
+      }
       float mx = -INFINITY;
       for (int64_t t = 0; t < end; ++t) {
         float dot = 0.f;

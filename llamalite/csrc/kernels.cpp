@@ -86,11 +86,11 @@ struct QRow {
   const int32_t* qsum;
 };
 
-// Where element i of block b goes in the byte arrays (hi, lo) of a quantized activation row, for
-// blocks in full groups of 8: blocks pair up (2p, 2p+1), and a pair's 64 bytes are block 2p's
-// elements 0-15, block 2p+1's 0-15, then block 2p's 16-31, block 2p+1's 16-31. That is the order of
-// the nibbles in one 32-byte load of the two blocks' weights (low nibbles, then high nibbles, each
-// 16 bytes a block), so a pair unpacks with one shift and two masks. Other blocks stay in order.
+// Where element i of block b goes in the byte arrays (hi, lo) of a quantized activation row: blocks
+// pair up (2p, 2p+1), and a pair's 64 bytes are block 2p's elements 0-15, block 2p+1's 0-15, then
+// block 2p's 16-31, block 2p+1's 16-31. That is the order of the nibbles in one 32-byte load of the
+// two blocks' weights (low nibbles, then high nibbles, each 16 bytes a block), so a pair unpacks with
+// one shift and two masks. The last block of an odd count stays in order.
 inline int64_t byte_slot(int64_t b, int64_t i) {
   return (b / 2) * 64 + (i < 16 ? 0 : 32) + (b % 2) * 16 + (i % 16);
 }
@@ -104,7 +104,7 @@ void quantize_row(const float* x, int64_t k, int16_t* q, int8_t* hi, uint8_t* lo
     const float sc = amax / 32767.f;
     const float inv = sc > 0.f ? 1.f / sc : 0.f;
     int32_t qs = 0;
-    const bool paired = b < k / 32 / 8 * 8;  // in a full group of 8 blocks (see pair_dot_*)
+    const bool paired = b < k / 32 / 2 * 2;  // in a full pair of blocks (see pair_dot_*)
     for (int i = 0; i < 32; ++i) {
       const int v = static_cast<int>(std::nearbyint(xb[i] * inv));
       q[b * 32 + i] = static_cast<int16_t>(v);
@@ -265,7 +265,19 @@ constexpr int64_t MAX_ROWS = 8;  // activation rows a weight row is unpacked for
     for (int64_t m = 0; m < M; ++m) {                                                                  \
       const QRow& x = xs[m];                                                                           \
       float tail = 0.f;                                                                                \
-      for (int64_t t = b; t < nb; ++t) {                                                               \
+      int64_t t = b;                                                                                   \
+      for (; TYPE != Q8_0 && t + 2 <= nb; t += 2) { /* pairs after the groups of 8 */                  \
+        __m256i h = PAIR_DOT(unpack_pair_avx2(w.qs + t * QB), x, t);                                   \
+        h = _mm256_hadd_epi32(h, h);                                                                   \
+        h = _mm256_hadd_epi32(h, h); /* [block t's sum x4 | block t+1's x4] */                         \
+        int32_t tot[2] = {_mm256_cvtsi256_si32(h), _mm_cvtsi128_si32(_mm256_extracti128_si256(h, 1))}; \
+        for (int j = 0; j < 2; ++j) {                                                                  \
+          if (TYPE == Q4_0) tot[j] -= 8 * x.qsum[t + j];                                               \
+          tail += _cvtsh_ss(w.d[t + j]) * x.scale[t + j] * tot[j];                                     \
+          if (TYPE == Q4_1) tail += _cvtsh_ss(w.m[t + j]) * x.sum[t + j];                              \
+        }                                                                                              \
+      }                                                                                                \
+      for (; t < nb; ++t) {                                                                            \
         const __m256i s = BLOCK_DOT<TYPE>(unpack_avx2<TYPE>(w.qs + t * QB), x, t);                     \
         __m128i h = _mm_add_epi32(_mm256_castsi256_si128(s), _mm256_extracti128_si256(s, 1));          \
         h = _mm_hadd_epi32(h, h);                                                                      \

@@ -42,23 +42,32 @@ def tokenizer_fingerprint(tokenizer: Tokenizer) -> str:
     return h.hexdigest()[:16]
 
 
+def read_jsonl(path: Path) -> Iterator[tuple[int, dict]]:
+    """(line number, object) for every non-blank line of a JSONL file, streamed; a line that is not a
+    JSON object is a DataError naming it."""
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}:{n} is not valid JSON ({e.msg}); each line must be one JSON object") from e
+            if not isinstance(record, dict):
+                raise DataError(f"{path}:{n} is not a JSON object; each line must be one JSON object")
+            yield n, record
+
+
 def _documents(path: Path) -> Iterator[tuple[str, bool]]:
     """(text piece, starts a document) from one input file, streamed."""
     if path.suffix == ".jsonl":
-        with open(path, encoding="utf-8") as f:
-            for n, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise DataError(f"{path}:{n} is not valid JSON ({e.msg}); each line must be one JSON object") from e
-                if not isinstance(record, dict) or not isinstance(record.get("text"), str):
-                    raise DataError(f"{path}:{n} has no string field 'text'; JSONL input needs {{\"text\": ...}} "
-                                    f"on every line")
-                text = record["text"]
-                for i in range(0, max(len(text), 1), PIECE_CHARS):
-                    yield text[i:i + PIECE_CHARS], i == 0
+        for n, record in read_jsonl(path):
+            if not isinstance(record.get("text"), str):
+                raise DataError(f"{path}:{n} has no string field 'text'; JSONL input needs {{\"text\": ...}} "
+                                f"on every line")
+            text = record["text"]
+            for i in range(0, max(len(text), 1), PIECE_CHARS):
+                yield text[i:i + PIECE_CHARS], i == 0
         return
     # Text and Markdown: one document per file, read in paragraph-aligned pieces.
     first, buf = True, []

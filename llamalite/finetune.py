@@ -28,7 +28,7 @@ from typing import Any, Sequence
 import torch
 
 from .config import FinetuneConfig
-from .data import DataError
+from .data import DataError, read_jsonl
 from .tokenizer import Tokenizer
 from .train import Job, TrainError, _check_memory, _check_sizes, _distributed, estimate_memory, run
 
@@ -101,26 +101,18 @@ def read_records(path: str | Path, tokenizer: Tokenizer, template: str | None, s
     if not path.is_file():
         raise DataError(f"no such file: {path} (fine-tuning reads a JSONL file of records)")
     examples, cut, dropped = [], 0, 0
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-                if not isinstance(record, dict):
-                    raise ValueError("each line must be one JSON object")
-                ex = encode_record(record, tokenizer, template)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{n} is not valid JSON ({e.msg})") from e
-            except ValueError as e:
-                raise DataError(f"{path}:{n}: {e}") from e
-            if len(ex.ids) > seq_len + 1:
-                cut += 1
-                ex = Example(ex.ids[:seq_len + 1], ex.learn[:seq_len + 1])
-            if not any(ex.learn[1:]):
-                dropped += 1
-                continue
-            examples.append(ex)
+    for n, record in read_jsonl(path):
+        try:
+            ex = encode_record(record, tokenizer, template)
+        except ValueError as e:
+            raise DataError(f"{path}:{n}: {e}") from e
+        if len(ex.ids) > seq_len + 1:
+            cut += 1
+            ex = Example(ex.ids[:seq_len + 1], ex.learn[:seq_len + 1])
+        if not any(ex.learn[1:]):
+            dropped += 1
+            continue
+        examples.append(ex)
     if cut or dropped:
         print(f"llamalite: {path}: {cut} records cut to seq_len + 1 = {seq_len + 1} tokens, {dropped} dropped with "
               f"nothing left to learn (raise --seq-len to keep them)", file=sys.stderr)

@@ -60,7 +60,7 @@ def test_bad_records_name_the_line(default_lm, tmp_path):
              '{"messages": "hello"}': "'messages' must be a list",
              '{"prompt": "p"}': "needs both",
              '{"title": "x"}': "needs 'messages'",
-             '[1, 2]': "one JSON object",
+             '[1, 2]': "not a JSON object",
              '{"text": "ok"': "not valid JSON"}
     for line, message in cases.items():
         path = tmp_path / "bad.jsonl"

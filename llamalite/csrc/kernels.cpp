@@ -234,6 +234,13 @@ constexpr int64_t MAX_ROWS = 8;  // activation rows a weight row is unpacked for
     /* u0 = [b0 b1 b2 b3 | b0 b1 b2 b3]: each block's sum split over the two 128-bit lanes */          \
     return _mm256_add_epi32(_mm256_permute2x128_si256(u0, u1, 0x20), _mm256_permute2x128_si256(u0, u1, 0x31)); \
   }                                                                                                    \
+  /* adds block t's contribution from its integer dot product: scales, Q4_0's offset or Q4_1's min */ \
+  template <int64_t TYPE>                                                                              \
+  TARGET inline void NAME##_add_block(float& tail, const Packed& w, const QRow& x, int64_t t, int32_t tot) { \
+    if (TYPE == Q4_0) tot -= 8 * x.qsum[t];                                                            \
+    tail += _cvtsh_ss(w.d[t]) * x.scale[t] * tot;                                                      \
+    if (TYPE == Q4_1) tail += _cvtsh_ss(w.m[t]) * x.sum[t];                                            \
+  }                                                                                                    \
   template <int64_t TYPE>                                                                              \
   TARGET void NAME(const Packed& w, const QRow* xs, int64_t M, int64_t nb, float* y, int64_t ystride) { \
     constexpr int64_t QB = TYPE == Q8_0 ? 32 : 16;                                                     \
@@ -270,22 +277,15 @@ constexpr int64_t MAX_ROWS = 8;  // activation rows a weight row is unpacked for
         __m256i h = PAIR_DOT(unpack_pair_avx2(w.qs + t * QB), x, t);                                   \
         h = _mm256_hadd_epi32(h, h);                                                                   \
         h = _mm256_hadd_epi32(h, h); /* [block t's sum x4 | block t+1's x4] */                         \
-        int32_t tot[2] = {_mm256_cvtsi256_si32(h), _mm_cvtsi128_si32(_mm256_extracti128_si256(h, 1))}; \
-        for (int j = 0; j < 2; ++j) {                                                                  \
-          if (TYPE == Q4_0) tot[j] -= 8 * x.qsum[t + j];                                               \
-          tail += _cvtsh_ss(w.d[t + j]) * x.scale[t + j] * tot[j];                                     \
-          if (TYPE == Q4_1) tail += _cvtsh_ss(w.m[t + j]) * x.sum[t + j];                              \
-        }                                                                                              \
+        NAME##_add_block<TYPE>(tail, w, x, t, _mm256_cvtsi256_si32(h));                                \
+        NAME##_add_block<TYPE>(tail, w, x, t + 1, _mm_cvtsi128_si32(_mm256_extracti128_si256(h, 1))); \
       }                                                                                                \
       for (; t < nb; ++t) {                                                                            \
         const __m256i s = BLOCK_DOT<TYPE>(unpack_avx2<TYPE>(w.qs + t * QB), x, t);                     \
         __m128i h = _mm_add_epi32(_mm256_castsi256_si128(s), _mm256_extracti128_si256(s, 1));          \
         h = _mm_hadd_epi32(h, h);                                                                      \
         h = _mm_hadd_epi32(h, h);                                                                      \
-        int32_t tot = _mm_cvtsi128_si32(h);                                                            \
-        if (TYPE == Q4_0) tot -= 8 * x.qsum[t];                                                        \
-        tail += _cvtsh_ss(w.d[t]) * x.scale[t] * tot;                                                  \
-        if (TYPE == Q4_1) tail += _cvtsh_ss(w.m[t]) * x.sum[t];                                        \
+        NAME##_add_block<TYPE>(tail, w, x, t, _mm_cvtsi128_si32(h));                                   \
       }                                                                                                \
       y[m * ystride] = hsum(_mm256_add_ps(acc[m], macc[m])) + tail;                                    \
     }                                                                                                  \
@@ -569,12 +569,6 @@ at::Tensor rms_norm(const at::Tensor& x_in, const at::Tensor& w_in, double eps) 
   return out;
 }
 
-// One decode step of attention for a batch of single queries: RoPE on q and k, the new k and v
-// written into the caches, then grouped-query attention over the cache. Row b of the batch sits at
-// position pos[b] of cache row rows[b] and attends to positions 0..pos[b] of it: requests of
-// different lengths decode together. RoPE rotates interleaved pairs as model.apply_rope; softmax in
-// fp32. One op where the eager path takes about fifteen (model.Attention is the reference).
-//   q (B, H*D), k and v (B, KV*D), cos_sin (B or 1, D/2, 2), caches (R, KV, S, D); returns (B, H*D).
 // e^x for x <= 0 (softmax after the max is subtracted), 8 at once: Cephes' expf, 2^n * p(r) with
 // n = round(x / ln 2) and a degree-6 polynomial on |r| <= ln2 / 2 (about 2 ulp). x is clamped at -87
 // so 2^n stays a normal float: e^-87 instead of a smaller number next to the max's e^0 = 1.
@@ -653,6 +647,12 @@ AVX2_TARGET void attend_avx2(const float* qh, const float* kb, const float* vb, 
   for (int64_t j = nr * 8; j < D; ++j) oh[j] /= sum;
 }
 
+// One decode step of attention for a batch of single queries: RoPE on q and k, the new k and v
+// written into the caches, then grouped-query attention over the cache. Row b of the batch sits at
+// position pos[b] of cache row rows[b] and attends to positions 0..pos[b] of it: requests of
+// different lengths decode together. RoPE rotates interleaved pairs as model.apply_rope; softmax in
+// fp32. One op where the eager path takes about fifteen (model.Attention is the reference).
+//   q (B, H*D), k and v (B, KV*D), cos_sin (B or 1, D/2, 2), caches (R, KV, S, D); returns (B, H*D).
 at::Tensor decode_attention(const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
                             const at::Tensor& cos_sin_in, at::Tensor& cache_k, at::Tensor& cache_v,
                             const at::Tensor& pos_in, const at::Tensor& rows_in, int64_t n_heads, int64_t n_kv_heads) {
@@ -738,8 +738,7 @@ std::vector<std::pair<std::string, int64_t>> simd_paths() {
   return out;
 }
 
-// One whole transformer block for a batch of single tokens, with no trip through Python between its
-// ops (the eager step's per-op overhead was a quarter of a decode step for the default model):
+// One whole transformer block for a batch of single tokens (decode_stack runs one a layer):
 // h = x + wo(attention(norm(x))), then h + w2(silu(w1 n) * w3 n) with n = norm(h). model.TransformerBlock
 // is the reference. x (B, dim); qkv = wq, wk, wv and w13 = w1, w3 are run as one product each; types
 // holds the kernel types of qkv, wo, w13 and w2.
@@ -791,9 +790,6 @@ TORCH_LIBRARY(llamalite, m) {
   m.def("rms_norm(Tensor x, Tensor w, float eps) -> Tensor");
   m.def("decode_attention(Tensor q, Tensor k, Tensor v, Tensor cos_sin, Tensor(a!) cache_k, Tensor(b!) cache_v, "
         "Tensor pos, Tensor rows, int n_heads, int n_kv_heads) -> Tensor");
-  m.def("decode_block(Tensor x, Tensor attn_norm, Tensor ffn_norm, float eps, Tensor[] qkv, Tensor wo, Tensor[] w13, "
-        "Tensor w2, int[] types, Tensor cos_sin, Tensor(a!) cache_k, Tensor(b!) cache_v, Tensor pos, Tensor rows, "
-        "int n_heads, int n_kv_heads) -> Tensor");
   m.def("decode_stack(Tensor x, Tensor[] norms, Tensor[] weights, int[] types, float eps, Tensor cos_sin, "
         "Tensor(a!)[] caches, Tensor pos, Tensor rows, int n_heads, int n_kv_heads) -> Tensor");
 }
@@ -808,7 +804,6 @@ TORCH_LIBRARY_IMPL(llamalite, CPU, m) {
   m.impl("quantize_q8_0", &quantize_q8_0);
   m.impl("rms_norm", &rms_norm);
   m.impl("decode_attention", &decode_attention);
-  m.impl("decode_block", &decode_block);
   m.impl("decode_stack", &decode_stack);
 }
 

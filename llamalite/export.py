@@ -237,8 +237,6 @@ def load_for_export(source: str | Path, merge: bool = True):
     if path.suffix == ".pt":
         return _from_checkpoint(path, merge)
     lm = load(path, quantized=False)
-    if lm.tokenizer is not None and lm.chat_template and not lm.tokenizer.chat_template:
-        lm.tokenizer.chat_template = lm.chat_template
     return lm.model, lm.tokenizer, path.stem if path.is_file() else path.name
 
 

@@ -167,8 +167,6 @@ def prepare_model(base: str | Path, lora: dict | None, seed: int = 0, device: st
 
     lm = load(base, dtype=torch.float32, quantized=False)
     lm.model.to(device)
-    if lm.tokenizer is not None and lm.chat_template and not lm.tokenizer.chat_template:
-        lm.tokenizer.chat_template = lm.chat_template
     if lora is None:
         lm.model.requires_grad_(True)
     else:

@@ -53,6 +53,8 @@ def load(path: str | Path, dtype: torch.dtype = torch.float32, device: str | tor
     lm = _load(Path(path).expanduser(), dtype, quantized and on_cpu)
     if not on_cpu:
         lm.model.to(device)
+    if lm.tokenizer is not None and lm.chat_template and not lm.tokenizer.chat_template:
+        lm.tokenizer.chat_template = lm.chat_template  # travels with the tokenizer (save_tokenizer, GGUF export)
     return lm
 
 

@@ -267,8 +267,6 @@ class TrainConfig:
         return cls(**{**raw, **overrides})
 
 
-
-
 # TrainConfig fields that size a model from scratch: a fine-tune takes its model's sizes instead.
 MODEL_SHAPE_FIELDS = ("preset", "dim", "n_layers", "n_heads", "n_kv_heads", "hidden_dim", "tie_embeddings", "rope_theta")
 

@@ -19,6 +19,7 @@ from .config import ModelConfig
 from .loading import meta_to_gguf_name, meta_to_hf_name
 
 DTYPES = ("f32", "f16", "q8_0", "q4_1", "q4_0")
+_QUANT_TYPES = {"q8_0": "Q8_0", "q4_1": "Q4_1", "q4_0": "Q4_0"}  # export dtype -> GGML block type
 
 
 class ExportError(ValueError):
@@ -147,7 +148,7 @@ def export_gguf(model: torch.nn.Module, tokenizer, path: str | Path, dtype: str 
         elif dtype == "f16":
             w.add_tensor(gname, arr.astype(np.float16))
         else:
-            qtype = {"q8_0": T.Q8_0, "q4_1": T.Q4_1, "q4_0": T.Q4_0}[dtype]
+            qtype = T[_QUANT_TYPES[dtype]]
             w.add_tensor(gname, gguf.quants.quantize(arr, qtype), raw_dtype=qtype)
     w.write_header_to_file()
     w.write_kv_data_to_file()
@@ -166,7 +167,7 @@ def lora_kept(model: torch.nn.Module, dtype: str, max_layers: int = 32) -> float
 
     from .lora import lora_layers
 
-    qtype = {"q8_0": T.Q8_0, "q4_1": T.Q4_1, "q4_0": T.Q4_0}[dtype]
+    qtype = T[_QUANT_TYPES[dtype]]
     layers = lora_layers(model)
     layers = layers[::max(1, len(layers) // max_layers)][:max_layers]
 

@@ -524,7 +524,8 @@ def create_app(server: Server, start_engine: bool = True) -> FastAPI:
         tok = server.tokenizer
         return {"tokenizer_class": type(tok).__name__, "bos_token": tok.bos_token if tok.bos_id is not None else None,
                 "eos_token": tok.eos_token if tok.eos_id is not None else None, "pad_token": None,
-                "add_bos_token": tok.add_bos, "chat_template": server.lm.chat_template, "model_max_length": server.engine.max_seq_len}
+                "add_bos_token": tok.add_bos, "chat_template": server.lm.chat_template,
+                "model_max_length": server.engine.max_seq_len}
 
     @app.post("/v1/completions", dependencies=auth)
     async def completions(body: CompletionRequest, http: Request):

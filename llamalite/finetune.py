@@ -30,7 +30,7 @@ import torch
 from .config import FinetuneConfig
 from .data import DataError, read_jsonl
 from .tokenizer import Tokenizer
-from .train import Job, TrainError, _check_memory, _check_sizes, _distributed, estimate_memory, run
+from .train import Job, TrainError, _check_memory, _check_sizes, _distributed, draw, estimate_memory, run
 
 IGNORE = -100  # the target of a position whose next token is not learned
 
@@ -196,9 +196,7 @@ def finetune(cfg: FinetuneConfig) -> dict:
     pad = lm.tokenizer.eos_id if lm.tokenizer.eos_id is not None else 0
 
     def batch(gen: torch.Generator, rank: int, world: int):
-        # the same global draw on every process, each takes its rows (as pretraining's _batch)
-        picks = torch.randint(len(train_set), (cfg.batch_size * world,), generator=gen)
-        return collate([train_set[int(k)] for k in picks[rank * cfg.batch_size:(rank + 1) * cfg.batch_size]], pad, device)
+        return collate([train_set[k] for k in draw(len(train_set), gen, cfg.batch_size, rank, world)], pad, device)
 
     def val_batches(rank: int, world: int):
         step = cfg.batch_size * world

@@ -91,12 +91,17 @@ class _State:
     history: list[dict] = field(default_factory=list)  # the metrics records so far
 
 
+def draw(n: int, gen: torch.Generator, batch_size: int, rank: int, world: int) -> list[int]:
+    """This process's share of one global micro-batch of indices below n: every process draws the same
+    global batch from the same generator and takes its own rows, so N processes see what one would."""
+    picks = torch.randint(n, (batch_size * world,), generator=gen)[rank * batch_size:(rank + 1) * batch_size]
+    return picks.tolist()
+
+
 def _batch(data: TokenData, gen: torch.Generator, cfg: TrainConfig, rank: int, world: int, device):
-    """This process's share of one global micro-batch: every process draws the same global windows
-    from the same generator and takes its own rows, so N processes see exactly what one would."""
-    n = data.valid_starts(cfg.seq_len + 1)
-    picks = torch.randint(n, (cfg.batch_size * world,), generator=gen)[rank * cfg.batch_size:(rank + 1) * cfg.batch_size]
-    rows = torch.stack([torch.from_numpy(data.window(int(k), cfg.seq_len + 1)) for k in picks])
+    """This process's share of one global micro-batch of random windows (see draw)."""
+    picks = draw(data.valid_starts(cfg.seq_len + 1), gen, cfg.batch_size, rank, world)
+    rows = torch.stack([torch.from_numpy(data.window(k, cfg.seq_len + 1)) for k in picks])
     rows = rows.to(device)
     return rows[:, :-1], rows[:, 1:]
 
@@ -114,10 +119,7 @@ def evaluate(model: torch.nn.Module, batches: Iterable[tuple[torch.Tensor, torch
             nll += float(cross_entropy_loss(model(x), y)) * n
             count += n
     model.train()
-    if world > 1:
-        t = torch.tensor([nll, count], dtype=torch.float64, device=device)
-        torch.distributed.all_reduce(t)
-        nll, count = float(t[0]), int(t[1])
+    nll, count = _sum_over_ranks([nll, count], world, device)
     return nll / max(count, 1)
 
 
@@ -264,12 +266,13 @@ def _grad_sync(net: torch.nn.Module, sync: bool):
     return contextlib.nullcontext()
 
 
-def _mean_over_ranks(value: float, world: int, device: torch.device) -> float:
+def _sum_over_ranks(values: list[float], world: int, device: torch.device) -> list[float]:
+    """Each value summed over every process, in one collective."""
     if world == 1:
-        return value
-    t = torch.tensor([value], dtype=torch.float64, device=device)
+        return values
+    t = torch.tensor(values, dtype=torch.float64, device=device)
     torch.distributed.all_reduce(t)
-    return float(t) / world
+    return t.tolist()
 
 
 @dataclass
@@ -411,8 +414,8 @@ def run(cfg: TrainConfig, job: Job, rank: int = 0, world: int = 1, device: torch
                 loss.backward()
             total += float(loss.detach())
             tokens += int((y != -100).sum())
-        total = _mean_over_ranks(total, world, device)
-        tokens = round(_mean_over_ranks(tokens, world, device) * world)
+        total, tokens = _sum_over_ranks([total, tokens], world, device)
+        total, tokens = total / world, round(tokens)
         grad_norm = torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip)
         grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
         opt.step()

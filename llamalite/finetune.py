@@ -182,7 +182,7 @@ def finetune(cfg: FinetuneConfig) -> dict:
         raise TrainError("no training data: set data to a JSONL file of records (messages, prompt/completion or text)")
     _check_sizes(cfg)
     rank, world, device = _distributed(cfg)
-    base = resolve_model(cfg.model or None)
+    base = resolve_model(cfg.model or None).resolve()  # absolute: export may run from another directory
     lora = lora_setup(cfg)
     try:
         lm = prepare_model(base, lora, cfg.seed, device)
@@ -206,9 +206,9 @@ def finetune(cfg: FinetuneConfig) -> dict:
                 yield collate(mine, pad, device)
 
     if rank == 0:
-        print(f"llamalite: fine-tuning {base.name} ({'every weight' if lora is None else 'LoRA rank %d on %s' % (lora['rank'], ','.join(lora['targets']))}: "
-              f"{n_trainable / 1e6:.2f}M of {n_params / 1e6:.1f}M parameters) on {len(train_set)} records, "
-              f"{len(val_set)} held out", file=sys.stderr)
+        what = "every weight" if lora is None else f"LoRA rank {lora['rank']} on {','.join(lora['targets'])}"
+        print(f"llamalite: fine-tuning {base.name} ({what}: {n_trainable / 1e6:.2f}M of {n_params / 1e6:.1f}M "
+              f"parameters) on {len(train_set)} records, {len(val_set)} held out", file=sys.stderr)
     job = Job(model, batch, val_batches if val_set else None,
               identity={"model_config": model.config.to_dict(), "data": fingerprint(train_set), "base": str(base),
                         "lora": lora},

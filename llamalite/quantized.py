@@ -269,7 +269,7 @@ class FastFeedForward(FeedForward):
 
 
 def _fusable(block: TransformerBlock) -> bool:
-    """Whether decode_stack can run this block: kernel-backed attention and feed-forward with q/k/v
+    """Whether decode_step can run this block: kernel-backed attention and feed-forward with q/k/v
     and gate/up fused, wo and w2 packed, fp32 norms of one eps."""
     a, f = block.attention, block.feed_forward
     return (isinstance(a, FastAttention) and a.qkv is not None and isinstance(f, FastFeedForward)
@@ -278,41 +278,67 @@ def _fusable(block: TransformerBlock) -> bool:
             and block.attention_norm.weight.dtype == block.ffn_norm.weight.dtype == torch.float32)
 
 
+DENSE = -1  # decode_step's type of an fp32 weight matrix
+
+
+def _table(layer: nn.Module) -> tuple[torch.Tensor, int] | None:
+    """An embedding or output layer as decode_step reads it: (packed blocks, kernel type) or
+    (fp32 weight, DENSE); None for anything else."""
+    if isinstance(layer, (QuantLinear, QuantEmbedding)):
+        return (layer.raw, KERNEL_TYPES[layer.type_name]) if layer.packed else None
+    if type(layer) in (nn.Embedding, nn.Linear) and getattr(layer, "bias", None) is None:
+        w = layer.weight
+        return (w, DENSE) if w.dtype == torch.float32 and w.is_contiguous() else None
+    return None
+
+
 class FastTransformer(Transformer):
-    """model.Transformer whose eager one-token CPU step runs every block as one kernel op
-    (decode_stack: per block the norms, five quantized products, attention over the cache, SiLU and
-    residuals), with no Python between the blocks: that overhead was about 1.5 ms of a 9 ms step for
-    the default model. Every other case runs the blocks one by one (Transformer.run_layers)."""
+    """model.Transformer whose eager one-token CPU step is one kernel op (decode_step: the embedding
+    rows, per block the norms, five quantized products, attention over the cache, SiLU and residuals,
+    then the final norm and the output layer), with no Python or tensor op in between: Python between
+    the blocks cost about 1.5 ms of a 9 ms step for the default model, and the rest of forward another
+    0.5-1 ms. Every other case runs Transformer.forward."""
 
     @classmethod
     def replacing(cls, model: Transformer) -> "FastTransformer":
         fast = cls.__new__(cls)
         fast.__dict__.update(model.__dict__)  # the same modules, buffers and state
-        fast.stack = None
-        if model.layers and all(_fusable(b) for b in model.layers):
+        fast.plan, fast._caches_of = None, None
+        embed, out = _table(model.tok_embeddings), _table(model.output)
+        if model.layers and embed and out and all(_fusable(b) for b in model.layers):
             norms, weights, types = [], [], []
             for b in model.layers:
                 a, f = b.attention, b.feed_forward
                 norms += [b.attention_norm.weight, b.ffn_norm.weight]
                 weights += [a.wq.raw, a.wk.raw, a.wv.raw, a.wo.raw, f.w1.raw, f.w3.raw, f.w2.raw]
                 types += [KERNEL_TYPES[m.type_name] for m in (a.wq, a.wo, f.w1, f.w2)]
-            fast.stack = (norms, weights, types, model.layers[0].attention_norm.eps)
+            a = model.layers[0].attention
+            fast.plan = torch.classes.llamalite.DecodePlan(
+                embed[0], embed[1], model.inv_freq, norms, weights, types, model.layers[0].attention_norm.eps,
+                model.norm.weight, model.norm.eps, out[0], out[1], a.n_heads, a.n_kv_heads)
         return fast
 
-    def run_layers(self, x, rot, input_pos, mask, end, rows):
-        cache = self.layers[0].attention.cache
-        if (self.stack is None or input_pos is None or not _fast_step(x) or cache is None
-                or cache.k.dtype != torch.float32 or torch.is_grad_enabled() and self.training):
-            return super().run_layers(x, rot, input_pos, mask, end, rows)
-        B = x.shape[0]
-        norms, weights, types, eps = self.stack
-        caches = [t for layer in self.layers for t in (layer.attention.cache.k, layer.attention.cache.v)]
-        a = self.layers[0].attention
-        y = torch.ops.llamalite.decode_stack(
-            x.reshape(B, -1), norms, weights, types, eps, torch.view_as_real(rot.reshape(-1, rot.shape[-1])),
-            caches, input_pos.reshape(-1).expand(B), torch.arange(B) if rows is None else rows, a.n_heads,
-            a.n_kv_heads)
-        return y.view(B, 1, -1)
+    def _plan_ready(self) -> bool:
+        """Whether the plan can run on the current caches (handed to it again after setup_caches)."""
+        first = self.layers[0].attention.cache
+        if first is None or first.k.dtype != torch.float32:
+            return False
+        if self._caches_of is not first:
+            self.plan.set_caches([t for layer in self.layers for t in (layer.attention.cache.k, layer.attention.cache.v)])
+            self._caches_of = first
+        return True
+
+    def forward(self, tokens, input_pos=None, last_only=False, rows=None):
+        if (self.plan is None or input_pos is None or tokens.shape[1] != 1 or tokens.device.type != "cpu"
+                or self.max_seq_len == 0 or torch.compiler.is_compiling() or torch.is_grad_enabled() and self.training
+                or not self._plan_ready()):
+            return super().forward(tokens, input_pos, last_only, rows)
+        B = tokens.shape[0]
+        pos = input_pos.reshape(-1).expand(B)
+        if int(pos.max()) >= self.max_seq_len:  # the reference raises the usual error
+            return super().forward(tokens, input_pos, last_only, rows)
+        logits = self.plan.step(tokens.reshape(-1), pos, torch.arange(B) if rows is None else rows)
+        return logits.view(B, 1, -1)
 
 
 def use_kernels(model: nn.Module) -> nn.Module:

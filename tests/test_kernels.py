@@ -141,14 +141,16 @@ def test_qmatmul_multi_equals_separate_products(type_name):
     torch.testing.assert_close(joint, separate, rtol=0, atol=0)
 
 
-def test_fast_transformer_step_matches_the_blocks_one_by_one():
-    """decode_stack (every block of a one-token step as one op) against Transformer.run_layers over the
-    same quantized layers, for two rows at different positions of different cache rows."""
+@pytest.mark.parametrize("tables", ["quantized", "dense"])
+def test_fast_transformer_step_matches_the_reference_forward(tables):
+    """decode_step (a whole one-token step as one op) against Transformer.forward over the same
+    quantized layers, for two rows at different positions of different cache rows: the logits and
+    every cache written. Embedding and output layer as blocks (tied, Q8_0) or as fp32 matrices."""
     from llamalite.config import ModelConfig
     from llamalite.model import Transformer
-    from llamalite.quantized import FastTransformer, use_kernels
+    from llamalite.quantized import FastTransformer, QuantEmbedding, use_kernels
 
-    cfg = ModelConfig(dim=96, n_layers=2, n_heads=6, n_kv_heads=2, vocab_size=10, hidden_dim=64)
+    cfg = ModelConfig(dim=96, n_layers=2, n_heads=6, n_kv_heads=2, vocab_size=40, hidden_dim=64)
     model = Transformer(cfg)
     for li, block in enumerate(model.layers):
         for parent, names in ((block.attention, ("wq", "wk", "wv", "wo")), (block.feed_forward, ("w1", "w2", "w3"))):
@@ -159,31 +161,29 @@ def test_fast_transformer_step_matches_the_blocks_one_by_one():
         with torch.no_grad():
             block.attention_norm.weight.uniform_(0.5, 1.5)
             block.ffn_norm.weight.uniform_(0.5, 1.5)
+    if tables == "quantized":
+        model.tok_embeddings = QuantEmbedding(_weights("Q8_0", 40, 96, seed=99)[0], "Q8_0", 96)
+        model.output = QuantLinear.sharing(model.tok_embeddings)
     fast = use_kernels(model)
-    assert isinstance(fast, FastTransformer) and fast.stack is not None
+    assert isinstance(fast, FastTransformer) and fast.plan is not None
     fast.setup_caches(3, 40)
     with torch.no_grad():
         for layer in fast.layers:
             layer.attention.cache.k.normal_()
             layer.attention.cache.v.normal_()
     before = [(layer.attention.cache.k.clone(), layer.attention.cache.v.clone()) for layer in fast.layers]
-    pos, rows = torch.tensor([[12], [30]]), torch.tensor([2, 0])
-    angles = pos.float()[..., None] * fast.inv_freq
-    rot = torch.polar(torch.ones_like(angles), angles)
-    x = torch.randn(2, 1, 96)
+    pos, rows, tokens = torch.tensor([[12], [30]]), torch.tensor([2, 0]), torch.tensor([[3], [39]])
     with torch.no_grad():
-        want = Transformer.run_layers(fast, x, rot, pos, None, 31, rows)
+        want = Transformer.forward(fast, tokens, pos, rows=rows)
         want_caches = [(layer.attention.cache.k.clone(), layer.attention.cache.v.clone()) for layer in fast.layers]
         for layer, (k, v) in zip(fast.layers, before):
             layer.attention.cache.k.copy_(k)
             layer.attention.cache.v.copy_(v)
-        got = fast.run_layers(x, rot, pos, None, 31, rows)
-        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        got = fast(tokens, pos, rows=rows)
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
         for layer, (k, v) in zip(fast.layers, want_caches):
             torch.testing.assert_close(layer.attention.cache.k, k, rtol=1e-6, atol=1e-6)
             torch.testing.assert_close(layer.attention.cache.v, v, rtol=1e-6, atol=1e-6)
-        # the whole forward too, against the same model with the stack turned off
-        tokens = torch.tensor([[3], [4]])
-        got = fast(tokens, pos + 1, rows=rows)
-        fast.stack = None
-        torch.testing.assert_close(got, fast(tokens, pos + 1, rows=rows), rtol=1e-4, atol=1e-4)
+        # one position shared by the batch, as generate passes it
+        torch.testing.assert_close(fast(tokens, torch.tensor([31])), Transformer.forward(fast, tokens, torch.tensor([31])),
+                                   rtol=1e-4, atol=1e-4)

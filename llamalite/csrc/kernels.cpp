@@ -210,7 +210,8 @@ AVX2_TARGET inline __m256i pair_dot_avx2(const Unpacked& w, const QRow& x, int64
 
 constexpr int64_t MAX_ROWS = 8;  // activation rows a weight row is unpacked for at once
 
-// Dot products of one weight row with M <= MAX_ROWS activation rows, y[m * ystride], on one ISA,
+// Dot products of one weight row with M <= MAX_ROWS activation rows, y[m * ystride] (or added to it:
+// add, a residual connection folded into the product that feeds it), on one ISA,
 // from that ISA's one-block dot product. Eight blocks are unpacked once for all rows; for each row,
 // their totals are reduced as they are made (few registers stay live) and scaled by eight scales at
 // once, then come the blocks that do not fill a group of eight. Each row goes through the same
@@ -242,7 +243,7 @@ constexpr int64_t MAX_ROWS = 8;  // activation rows a weight row is unpacked for
     if (TYPE == Q4_1) tail += _cvtsh_ss(w.m[t]) * x.sum[t];                                            \
   }                                                                                                    \
   template <int64_t TYPE>                                                                              \
-  TARGET void NAME(const Packed& w, const QRow* xs, int64_t M, int64_t nb, float* y, int64_t ystride) { \
+  TARGET void NAME(const Packed& w, const QRow* xs, int64_t M, int64_t nb, float* y, int64_t ystride, bool add) { \
     constexpr int64_t QB = TYPE == Q8_0 ? 32 : 16;                                                     \
     __m256 acc[MAX_ROWS], macc[MAX_ROWS];                                                              \
     for (int64_t m = 0; m < M; ++m) acc[m] = macc[m] = _mm256_setzero_ps();                            \
@@ -287,15 +288,16 @@ constexpr int64_t MAX_ROWS = 8;  // activation rows a weight row is unpacked for
         h = _mm_hadd_epi32(h, h);                                                                      \
         NAME##_add_block<TYPE>(tail, w, x, t, _mm_cvtsi128_si32(h));                                   \
       }                                                                                                \
-      y[m * ystride] = hsum(_mm256_add_ps(acc[m], macc[m])) + tail;                                    \
+      const float r = hsum(_mm256_add_ps(acc[m], macc[m])) + tail;                                    \
+      y[m * ystride] = add ? y[m * ystride] + r : r;                                                   \
     }                                                                                                  \
   }                                                                                                    \
   TARGET void NAME##_any(int64_t type, const Packed& w, const QRow* xs, int64_t M, int64_t nb, float* y, \
-                         int64_t ystride) {                                                            \
+                         int64_t ystride, bool add) {                                                  \
     switch (type) {                                                                                    \
-      case Q8_0: return NAME<Q8_0>(w, xs, M, nb, y, ystride);                                          \
-      case Q4_1: return NAME<Q4_1>(w, xs, M, nb, y, ystride);                                          \
-      default: return NAME<Q4_0>(w, xs, M, nb, y, ystride);                                            \
+      case Q8_0: return NAME<Q8_0>(w, xs, M, nb, y, ystride, add);                                     \
+      case Q4_1: return NAME<Q4_1>(w, xs, M, nb, y, ystride, add);                                     \
+      default: return NAME<Q4_0>(w, xs, M, nb, y, ystride, add);                                      \
     }                                                                                                  \
   }
 
@@ -409,24 +411,14 @@ at::Tensor repack(const at::Tensor& w, int64_t type) {
   return out;
 }
 
-// x: (M, K) fp32; ws: weights of (N_i, K/32 * block_bytes) repacked uint8 -> (M, sum N_i) fp32, the
-// products with each weight side by side: layers that read the same input (q/k/v, gate/up) share one
-// activation quantization and one parallel region, and their blocks stay where they are.
-at::Tensor qmatmul_list(const at::Tensor& x_in, at::TensorList ws, int64_t type, int64_t path_in) {
-  TORCH_CHECK(x_in.dim() == 2, "qmatmul: x must be (M, K)");
-  TORCH_CHECK(!ws.empty(), "qmatmul: no weights");
-  const at::Tensor x = x_in.to(at::kFloat).contiguous();
-  const int64_t M = x.size(0), K = x.size(1), bb = block_bytes(type);
-  std::vector<int64_t> starts{0};
-  std::vector<const uint8_t*> bases;
-  for (const at::Tensor& w : ws) {
-    check_packed(w, type);
-    TORCH_CHECK(K % 32 == 0 && w.size(1) == K / 32 * bb, "qmatmul: w has ", w.size(1),
-                " bytes a row, but K=", K, " needs ", K / 32 * bb);
-    starts.push_back(starts.back() + w.size(0));
-    bases.push_back(w.data_ptr<uint8_t>());
-  }
-  const int64_t N = starts.back(), nb = K / 32;
+// y = x @ [W_0; W_1; ...].T for M activation rows x (M, K) fp32 and repacked weights given by their
+// first bytes (bases) and first output columns (starts, one more than bases: the last is N); y is
+// (M, N) with rows N apart, written or (add) added to. Layers that read the same input (q/k/v,
+// gate/up) share one activation quantization and one parallel region, and their blocks stay where
+// they are.
+void qproduct(const float* x, int64_t M, int64_t K, const std::vector<const uint8_t*>& bases,
+              const std::vector<int64_t>& starts, int64_t type, int64_t path, float* y, bool add) {
+  const int64_t N = starts.back(), nb = K / 32, bb = block_bytes(type);
   // One scratch buffer for the quantized activations, reused across calls by this thread.
   thread_local std::vector<uint8_t> scratch;
   const int64_t per_row = K * 2 + K * 2 + nb * 12;
@@ -440,12 +432,9 @@ at::Tensor qmatmul_list(const at::Tensor& x_in, at::TensorList ws, int64_t type,
     auto* scale = reinterpret_cast<float*>(base + 4 * K);
     auto* sum = scale + nb;
     auto* qsum = reinterpret_cast<int32_t*>(sum + nb);
-    quantize_row(x.data_ptr<float>() + m * K, K, q, hi, lo, scale, sum, qsum);
+    quantize_row(x + m * K, K, q, hi, lo, scale, sum, qsum);
     rows[m] = {q, hi, lo, scale, sum, qsum};
   }
-  auto out = at::empty({M, N}, x.options());
-  float* y = out.data_ptr<float>();
-  const int64_t path = resolve_path(path_in);
   at::parallel_for(0, N, 32, [&](int64_t begin, int64_t end) {
     size_t j = 0;
     for (int64_t n = begin; n < end; ++n) {
@@ -454,15 +443,38 @@ at::Tensor qmatmul_list(const at::Tensor& x_in, at::TensorList ws, int64_t type,
       for (int64_t m0 = 0; m0 < M; m0 += MAX_ROWS) {
         const int64_t mc = std::min(MAX_ROWS, M - m0);
         if (path == VNNI) {
-          dot_vnni_any(type, row, rows.data() + m0, mc, nb, y + m0 * N + n, N);
+          dot_vnni_any(type, row, rows.data() + m0, mc, nb, y + m0 * N + n, N, add);
         } else if (path == AVX2) {
-          dot_avx2_any(type, row, rows.data() + m0, mc, nb, y + m0 * N + n, N);
+          dot_avx2_any(type, row, rows.data() + m0, mc, nb, y + m0 * N + n, N, add);
         } else {
-          for (int64_t m = m0; m < m0 + mc; ++m) y[m * N + n] = dot_ref(type, row, rows[m], nb);
+          for (int64_t m = m0; m < m0 + mc; ++m) {
+            const float r = dot_ref(type, row, rows[m], nb);
+            y[m * N + n] = add ? y[m * N + n] + r : r;
+          }
         }
       }
     }
   });
+}
+
+// x: (M, K) fp32; ws: weights of (N_i, K/32 * block_bytes) repacked uint8 -> (M, sum N_i) fp32, the
+// products with each weight side by side (qproduct).
+at::Tensor qmatmul_list(const at::Tensor& x_in, at::TensorList ws, int64_t type, int64_t path) {
+  TORCH_CHECK(x_in.dim() == 2, "qmatmul: x must be (M, K)");
+  const at::Tensor x = x_in.to(at::kFloat).contiguous();
+  const int64_t M = x.size(0), K = x.size(1);
+  TORCH_CHECK(!ws.empty(), "qmatmul: no weights");
+  std::vector<const uint8_t*> bases;
+  std::vector<int64_t> starts{0};
+  for (const at::Tensor& w : ws) {
+    check_packed(w, type);
+    TORCH_CHECK(K % 32 == 0 && w.size(1) == K / 32 * block_bytes(type), "qmatmul: w has ", w.size(1),
+                " bytes a row, but K=", K, " needs ", K / 32 * block_bytes(type));
+    starts.push_back(starts.back() + w.size(0));
+    bases.push_back(w.data_ptr<uint8_t>());
+  }
+  auto out = at::empty({M, starts.back()}, x.options());
+  qproduct(x.data_ptr<float>(), M, K, bases, starts, type, resolve_path(path), out.data_ptr<float>(), false);
   return out;
 }
 
@@ -474,42 +486,45 @@ at::Tensor qmatmul_multi(const at::Tensor& x, at::TensorList ws, int64_t type) {
 
 at::Tensor qmatmul(const at::Tensor& x, const at::Tensor& w, int64_t type) { return qmatmul_path(x, w, type, BEST); }
 
+// One repacked row of nb blocks -> nb * 32 floats.
+void dequant_row(int64_t type, const Packed& row, int64_t nb, float* out) {
+  const bool simd = has_avx2();
+  const int64_t qb = quant_bytes(type);
+  for (int64_t b = 0; b < nb; ++b) {
+    float* o = out + b * 32;
+    if (simd) {
+      dequant_block_avx2(type, row, b, o);
+      continue;
+    }
+    const float d = fp16_to_fp32(row.d[b]);
+    const uint8_t* qs = row.qs + b * qb;
+    if (type == Q8_0) {
+      for (int j = 0; j < 32; ++j) o[j] = reinterpret_cast<const int8_t*>(qs)[j] * d;
+    } else if (type == Q4_1) {
+      const float mn = fp16_to_fp32(row.m[b]);
+      for (int j = 0; j < 16; ++j) {
+        o[j] = (qs[j] & 0x0f) * d + mn;
+        o[j + 16] = (qs[j] >> 4) * d + mn;
+      }
+    } else {
+      for (int j = 0; j < 16; ++j) {
+        o[j] = ((qs[j] & 0x0f) - 8) * d;
+        o[j + 16] = ((qs[j] >> 4) - 8) * d;
+      }
+    }
+  }
+}
+
 // Repacked (N, bytes) -> (N, K) fp32, for matrix-matrix work through fp32 GEMM and embedding rows.
 at::Tensor dequantize(const at::Tensor& w_in, int64_t type) {
   const at::Tensor w = w_in.contiguous();
   check_packed(w, type);
-  const int64_t bb = block_bytes(type), N = w.size(0), nb = w.size(1) / bb, K = nb * 32, qb = quant_bytes(type);
+  const int64_t bb = block_bytes(type), N = w.size(0), nb = w.size(1) / bb, K = nb * 32;
   auto out = at::empty({N, K}, at::kFloat);
   float* y = out.data_ptr<float>();
   const uint8_t* wp = w.data_ptr<uint8_t>();
-  const bool simd = has_avx2();
   at::parallel_for(0, N, 16, [&](int64_t begin, int64_t end) {
-    for (int64_t n = begin; n < end; ++n) {
-      const Packed row = packed_row(type, wp + n * nb * bb, nb);
-      for (int64_t b = 0; b < nb; ++b) {
-        float* o = y + n * K + b * 32;
-        if (simd) {
-          dequant_block_avx2(type, row, b, o);
-          continue;
-        }
-        const float d = fp16_to_fp32(row.d[b]);
-        const uint8_t* qs = row.qs + b * qb;
-        if (type == Q8_0) {
-          for (int j = 0; j < 32; ++j) o[j] = reinterpret_cast<const int8_t*>(qs)[j] * d;
-        } else if (type == Q4_1) {
-          const float mn = fp16_to_fp32(row.m[b]);
-          for (int j = 0; j < 16; ++j) {
-            o[j] = (qs[j] & 0x0f) * d + mn;
-            o[j + 16] = (qs[j] >> 4) * d + mn;
-          }
-        } else {
-          for (int j = 0; j < 16; ++j) {
-            o[j] = ((qs[j] & 0x0f) - 8) * d;
-            o[j + 16] = ((qs[j] >> 4) - 8) * d;
-          }
-        }
-      }
-    }
+    for (int64_t n = begin; n < end; ++n) dequant_row(type, packed_row(type, wp + n * nb * bb, nb), nb, y + n * K);
   });
   return out;
 }
@@ -545,26 +560,29 @@ at::Tensor quantize_q8_0(const at::Tensor& w_in) {
 
 // ----- other decode-step ops ------------------------------------------------------------------------
 
-// RMSNorm of fp32 rows: x * rsqrt(mean(x^2) + eps) * w, one op where PyTorch's eager path takes five
-// (the model's RMSNorm, llamalite/model.py, is the reference).
+// RMSNorm of fp32 rows: x * rsqrt(mean(x^2) + eps) * w (the model's RMSNorm, llamalite/model.py, is
+// the reference).
+void rms_rows(const float* x, const float* w, float* out, int64_t rows, int64_t D, float eps) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* xr = x + r * D;
+    float ss = 0.f;
+#pragma omp simd reduction(+ : ss)
+    for (int64_t i = 0; i < D; ++i) ss += xr[i] * xr[i];
+    const float inv = 1.f / std::sqrt(ss / D + eps);
+    for (int64_t i = 0; i < D; ++i) out[r * D + i] = xr[i] * inv * w[i];
+  }
+}
+
+// rms_rows as an op: one call where PyTorch's eager path takes five.
 at::Tensor rms_norm(const at::Tensor& x_in, const at::Tensor& w_in, double eps) {
   TORCH_CHECK(x_in.scalar_type() == at::kFloat && w_in.scalar_type() == at::kFloat, "rms_norm: fp32 only");
   const at::Tensor x = x_in.contiguous(), w = w_in.contiguous();
   const int64_t D = x.size(-1), rows = x.numel() / D;
   TORCH_CHECK(w.numel() == D, "rms_norm: weight has ", w.numel(), " elements for rows of ", D);
   auto out = at::empty_like(x);
-  const float* xp = x.data_ptr<float>();
-  const float* wp = w.data_ptr<float>();
-  float* op = out.data_ptr<float>();
   at::parallel_for(0, rows, 64, [&](int64_t begin, int64_t end) {
-    for (int64_t r = begin; r < end; ++r) {
-      const float* xr = xp + r * D;
-      float ss = 0.f;
-#pragma omp simd reduction(+ : ss)
-      for (int64_t i = 0; i < D; ++i) ss += xr[i] * xr[i];
-      const float inv = 1.f / std::sqrt(ss / D + static_cast<float>(eps));
-      for (int64_t i = 0; i < D; ++i) op[r * D + i] = xr[i] * inv * wp[i];
-    }
+    rms_rows(x.data_ptr<float>() + begin * D, w.data_ptr<float>(), out.data_ptr<float>() + begin * D, end - begin, D,
+             static_cast<float>(eps));
   });
   return out;
 }
@@ -647,65 +665,61 @@ AVX2_TARGET void attend_avx2(const float* qh, const float* kb, const float* vb, 
   for (int64_t j = nr * 8; j < D; ++j) oh[j] /= sum;
 }
 
-// One decode step of attention for a batch of single queries: RoPE on q and k, the new k and v
-// written into the caches, then grouped-query attention over the cache. Row b of the batch sits at
-// position pos[b] of cache row rows[b] and attends to positions 0..pos[b] of it: requests of
-// different lengths decode together. RoPE rotates interleaved pairs as model.apply_rope; softmax in
-// fp32. One op where the eager path takes about fifteen (model.Attention is the reference).
-//   q (B, H*D), k and v (B, KV*D), cos_sin (B or 1, D/2, 2), caches (R, KV, S, D); returns (B, H*D).
-at::Tensor decode_attention(const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
-                            const at::Tensor& cos_sin_in, at::Tensor& cache_k, at::Tensor& cache_v,
-                            const at::Tensor& pos_in, const at::Tensor& rows_in, int64_t n_heads, int64_t n_kv_heads) {
-  const at::Tensor q = q_in.to(at::kFloat).contiguous(), k = k_in.to(at::kFloat).contiguous();
-  const at::Tensor v = v_in.to(at::kFloat).contiguous(), cs = cos_sin_in.to(at::kFloat).contiguous();
-  const at::Tensor pos_t = pos_in.to(at::kLong).contiguous(), rows_t = rows_in.to(at::kLong).contiguous();
-  TORCH_CHECK(cache_k.scalar_type() == at::kFloat && cache_k.is_contiguous() && cache_v.is_contiguous(),
-              "decode_attention: fp32 contiguous caches only");
-  const int64_t B = q.size(0), D = q.size(1) / n_heads, R = cache_k.size(0), S = cache_k.size(2);
-  TORCH_CHECK(pos_t.numel() == B && rows_t.numel() == B, "decode_attention: need one position and one cache row a query");
-  TORCH_CHECK(cs.dim() == 3 && cs.size(1) * 2 == D && (cs.size(0) == B || cs.size(0) == 1),
-              "decode_attention: cos/sin table does not match the batch and head_dim ", D);
-  const int64_t* pos = pos_t.data_ptr<int64_t>();
-  const int64_t* rows = rows_t.data_ptr<int64_t>();
-  for (int64_t b = 0; b < B; ++b) {
-    TORCH_CHECK(pos[b] >= 0 && pos[b] < S, "decode_attention: position ", pos[b], " is outside the cache of ", S);
-    TORCH_CHECK(rows[b] >= 0 && rows[b] < R, "decode_attention: cache row ", rows[b], " is outside the ", R, " rows");
+// Where a batch of single queries sits in the KV caches (R, KV, S, D) of a layer: row b of the batch
+// at position pos[b] of cache row rows[b].
+struct CacheSlots {
+  const int64_t* pos;
+  const int64_t* rows;
+  int64_t B, R, S;
+};
+
+void check_slots(const CacheSlots& c) {
+  for (int64_t b = 0; b < c.B; ++b) {
+    TORCH_CHECK(c.pos[b] >= 0 && c.pos[b] < c.S, "llamalite: position ", c.pos[b], " is outside the cache of ", c.S);
+    TORCH_CHECK(c.rows[b] >= 0 && c.rows[b] < c.R, "llamalite: cache row ", c.rows[b], " is outside the ", c.R, " rows");
   }
-  auto qr = at::empty({B, n_heads * D}, at::kFloat);
-  float* qp = qr.data_ptr<float>();
-  float* kc = cache_k.data_ptr<float>();
-  float* vc = cache_v.data_ptr<float>();
+}
+
+// One decode step of attention for a batch of single queries: RoPE on q and k, the new k and v
+// written into the caches, then grouped-query attention over the cache. Row b attends to positions
+// 0..pos[b] of its cache row: requests of different lengths decode together. RoPE rotates
+// interleaved pairs as model.apply_rope; softmax in fp32 (model.Attention is the reference).
+//   q: B rows of H*D, qstride apart; k, v: B rows of KV*D, kvstride apart; cs: (B or 1 if !cs_rows,
+//   D/2, 2) cos/sin; caches (R, KV, S, D); qr: scratch of B*H*D; out: (B, H*D).
+void attention_step(const float* q, int64_t qstride, const float* k, const float* v, int64_t kvstride,
+                    const float* cs, bool cs_rows, float* kc, float* vc, const CacheSlots& c, int64_t H,
+                    int64_t KV, int64_t D, float* qr, float* out) {
   auto rope = [&](const float* rot, const float* src, float* dst) {
     for (int64_t i = 0; i < D / 2; ++i) {
-      const float c = rot[2 * i], s = rot[2 * i + 1], x0 = src[2 * i], x1 = src[2 * i + 1];
-      dst[2 * i] = x0 * c - x1 * s;
-      dst[2 * i + 1] = x0 * s + x1 * c;
+      const float co = rot[2 * i], si = rot[2 * i + 1], x0 = src[2 * i], x1 = src[2 * i + 1];
+      dst[2 * i] = x0 * co - x1 * si;
+      dst[2 * i + 1] = x0 * si + x1 * co;
     }
   };
-  for (int64_t b = 0; b < B; ++b) {
-    const float* rot = cs.data_ptr<float>() + (cs.size(0) == 1 ? 0 : b) * D;
-    for (int64_t h = 0; h < n_heads; ++h) rope(rot, q.data_ptr<float>() + (b * n_heads + h) * D, qp + (b * n_heads + h) * D);
-    for (int64_t h = 0; h < n_kv_heads; ++h) {
-      const int64_t at = ((rows[b] * n_kv_heads + h) * S + pos[b]) * D;
-      rope(rot, k.data_ptr<float>() + (b * n_kv_heads + h) * D, kc + at);
-      std::memcpy(vc + at, v.data_ptr<float>() + (b * n_kv_heads + h) * D, D * sizeof(float));
+  const int64_t S = c.S;
+  for (int64_t b = 0; b < c.B; ++b) {
+    const float* rot = cs + (cs_rows ? b : 0) * D;
+    for (int64_t h = 0; h < H; ++h) rope(rot, q + b * qstride + h * D, qr + (b * H + h) * D);
+    for (int64_t h = 0; h < KV; ++h) {
+      const int64_t at = ((c.rows[b] * KV + h) * S + c.pos[b]) * D;
+      rope(rot, k + b * kvstride + h * D, kc + at);
+      std::memcpy(vc + at, v + b * kvstride + h * D, D * sizeof(float));
     }
   }
-  auto out = at::empty({B, n_heads * D}, at::kFloat);
-  float* op = out.data_ptr<float>();
   const float scale = 1.f / std::sqrt(static_cast<float>(D));
-  const int64_t group = n_heads / n_kv_heads;
+  const int64_t group = H / KV;
   const bool fast = has_avx2() && D % 8 == 0;
-  at::parallel_for(0, B * n_heads, 1, [&](int64_t begin, int64_t stop) {
-    std::vector<float> p;
+  at::parallel_for(0, c.B * H, 1, [&](int64_t begin, int64_t stop) {
+    thread_local std::vector<float> p;
     for (int64_t bh = begin; bh < stop; ++bh) {
-      const int64_t b = bh / n_heads, h = bh % n_heads, kvh = h / group, end = pos[b] + 1;
+      const int64_t b = bh / H, h = bh % H, kvh = h / group, end = c.pos[b] + 1;
       p.resize(end + 8);
-      const float* qh = qp + bh * D;
-      const float* kb = kc + (rows[b] * n_kv_heads + kvh) * S * D;
-      const float* vb = vc + (rows[b] * n_kv_heads + kvh) * S * D;
+      const float* qh = qr + bh * D;
+      const float* kb = kc + (c.rows[b] * KV + kvh) * S * D;
+      const float* vb = vc + (c.rows[b] * KV + kvh) * S * D;
+      float* oh = out + bh * D;
       if (fast) {
-        attend_avx2(qh, kb, vb, end, D, scale, p.data(), op + bh * D);
+        attend_avx2(qh, kb, vb, end, D, scale, p.data(), oh);
         continue;
       }
       float mx = -INFINITY;
@@ -718,7 +732,6 @@ at::Tensor decode_attention(const at::Tensor& q_in, const at::Tensor& k_in, cons
       }
       float sum = 0.f;
       for (int64_t t = 0; t < end; ++t) { p[t] = std::exp(p[t] - mx); sum += p[t]; }
-      float* oh = op + bh * D;
       for (int64_t i = 0; i < D; ++i) oh[i] = 0.f;
       for (int64_t t = 0; t < end; ++t) {
         const float w = p[t] / sum;
@@ -726,6 +739,34 @@ at::Tensor decode_attention(const at::Tensor& q_in, const at::Tensor& k_in, cons
       }
     }
   });
+}
+
+void check_cache(const at::Tensor& cache, const at::Tensor& like, int64_t n_kv_heads) {
+  TORCH_CHECK(cache.scalar_type() == at::kFloat && cache.is_contiguous() && cache.dim() == 4 &&
+              cache.sizes() == like.sizes() && cache.size(1) == n_kv_heads,
+              "llamalite: KV caches must be fp32, contiguous, (rows, n_kv_heads, positions, head_dim), k and v alike");
+}
+
+// attention_step as an op (one call where the eager path takes about fifteen):
+//   q (B, H*D), k and v (B, KV*D), cos_sin (B or 1, D/2, 2), caches (R, KV, S, D); returns (B, H*D).
+at::Tensor decode_attention(const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
+                            const at::Tensor& cos_sin_in, at::Tensor& cache_k, at::Tensor& cache_v,
+                            const at::Tensor& pos_in, const at::Tensor& rows_in, int64_t n_heads, int64_t n_kv_heads) {
+  const at::Tensor q = q_in.to(at::kFloat).contiguous(), k = k_in.to(at::kFloat).contiguous();
+  const at::Tensor v = v_in.to(at::kFloat).contiguous(), cs = cos_sin_in.to(at::kFloat).contiguous();
+  const at::Tensor pos_t = pos_in.to(at::kLong).contiguous(), rows_t = rows_in.to(at::kLong).contiguous();
+  check_cache(cache_k, cache_v, n_kv_heads);
+  const int64_t B = q.size(0), D = q.size(1) / n_heads;
+  TORCH_CHECK(pos_t.numel() == B && rows_t.numel() == B, "decode_attention: need one position and one cache row a query");
+  TORCH_CHECK(cs.dim() == 3 && cs.size(1) * 2 == D && (cs.size(0) == B || cs.size(0) == 1),
+              "decode_attention: cos/sin table does not match the batch and head_dim ", D);
+  const CacheSlots slots{pos_t.data_ptr<int64_t>(), rows_t.data_ptr<int64_t>(), B, cache_k.size(0), cache_k.size(2)};
+  check_slots(slots);
+  auto qr = at::empty({B, n_heads * D}, at::kFloat);
+  auto out = at::empty({B, n_heads * D}, at::kFloat);
+  attention_step(q.data_ptr<float>(), n_heads * D, k.data_ptr<float>(), v.data_ptr<float>(), n_kv_heads * D,
+                 cs.data_ptr<float>(), cs.size(0) != 1, cache_k.data_ptr<float>(), cache_v.data_ptr<float>(), slots,
+                 n_heads, n_kv_heads, D, qr.data_ptr<float>(), out.data_ptr<float>());
   return out;
 }
 
@@ -738,44 +779,197 @@ std::vector<std::pair<std::string, int64_t>> simd_paths() {
   return out;
 }
 
-// One whole transformer block for a batch of single tokens (decode_stack runs one a layer):
-// h = x + wo(attention(norm(x))), then h + w2(silu(w1 n) * w3 n) with n = norm(h). model.TransformerBlock
-// is the reference. x (B, dim); qkv = wq, wk, wv and w13 = w1, w3 are run as one product each; types
-// holds the kernel types of qkv, wo, w13 and w2.
-at::Tensor decode_block(const at::Tensor& x_in, const at::Tensor& attn_norm, const at::Tensor& ffn_norm, double eps,
-                        at::TensorList qkv, const at::Tensor& wo, at::TensorList w13, const at::Tensor& w2,
-                        at::IntArrayRef types, const at::Tensor& cos_sin, at::Tensor& cache_k, at::Tensor& cache_v,
-                        const at::Tensor& pos, const at::Tensor& rows, int64_t n_heads, int64_t n_kv_heads) {
-  TORCH_CHECK(qkv.size() == 3 && w13.size() == 2 && types.size() == 4, "decode_block: wq, wk, wv; w1, w3; 4 types");
-  const at::Tensor x = x_in.contiguous();
-  const int64_t nq = qkv[0].size(0), nk = qkv[1].size(0), hidden = w13[0].size(0);
-  const at::Tensor q_k_v = qmatmul_list(rms_norm(x, attn_norm, eps), qkv, types[0], BEST);
-  const at::Tensor att = decode_attention(q_k_v.narrow(1, 0, nq), q_k_v.narrow(1, nq, nk), q_k_v.narrow(1, nq + nk, nk),
-                                          cos_sin, cache_k, cache_v, pos, rows, n_heads, n_kv_heads);
-  at::Tensor h = qmatmul_list(att, {wo}, types[1], BEST).add_(x);
-  const at::Tensor gate_up = qmatmul_list(rms_norm(h, ffn_norm, eps), w13, types[2], BEST);
-  const at::Tensor act = at::silu(gate_up.narrow(1, 0, hidden)).mul_(gate_up.narrow(1, hidden, hidden));
-  return qmatmul_list(act, {w2}, types[3], BEST).add_(h);
+// SiLU(gate) * up for B rows of [gate | up] (2 * hidden wide) into B rows of hidden.
+// silu(g) = g * sigmoid(g), with e^-|g| so the exponent is never positive.
+AVX2_TARGET void silu_mul_avx2(const float* gu, int64_t hidden, float* out) {
+  int64_t i = 0;
+  const __m256 one = _mm256_set1_ps(1.f), sign = _mm256_set1_ps(-0.f);
+  for (; i + 8 <= hidden; i += 8) {
+    const __m256 g = _mm256_loadu_ps(gu + i);
+    const __m256 z = exp_avx2(_mm256_or_ps(g, sign));  // e^-|g|
+    const __m256 r = _mm256_div_ps(one, _mm256_add_ps(one, z));
+    const __m256 sig = _mm256_blendv_ps(_mm256_mul_ps(z, r), r, _mm256_cmp_ps(g, _mm256_setzero_ps(), _CMP_GE_OQ));
+    _mm256_storeu_ps(out + i, _mm256_mul_ps(_mm256_mul_ps(g, sig), _mm256_loadu_ps(gu + hidden + i)));
+  }
+  for (; i < hidden; ++i) out[i] = gu[i] / (1.f + std::exp(-gu[i])) * gu[hidden + i];
 }
 
-// Every block of the model, one after the other, for a batch of single tokens: decode_block per
-// layer with no Python in between. norms: attention and ffn norm per layer; weights: wq wk wv wo w1
-// w3 w2 per layer; types: decode_block's four per layer; caches: k and v per layer.
-at::Tensor decode_stack(const at::Tensor& x, at::TensorList norms, at::TensorList weights, at::IntArrayRef types,
-                        double eps, const at::Tensor& cos_sin, at::TensorList caches, const at::Tensor& pos,
-                        const at::Tensor& rows, int64_t n_heads, int64_t n_kv_heads) {
-  const int64_t L = static_cast<int64_t>(norms.size()) / 2;
-  TORCH_CHECK(static_cast<int64_t>(weights.size()) == 7 * L && static_cast<int64_t>(types.size()) == 4 * L &&
-              static_cast<int64_t>(caches.size()) == 2 * L, "decode_stack: per layer 2 norms, 7 weights, 4 types, 2 caches");
-  at::Tensor h = x;
-  for (int64_t l = 0; l < L; ++l) {
-    const at::Tensor* w = weights.data() + 7 * l;
-    at::Tensor cache_k = caches[2 * l], cache_v = caches[2 * l + 1];
-    h = decode_block(h, norms[2 * l], norms[2 * l + 1], eps, {w[0], w[1], w[2]}, w[3], {w[4], w[5]}, w[6],
-                     types.slice(4 * l, 4), cos_sin, cache_k, cache_v, pos, rows, n_heads, n_kv_heads);
+void silu_mul(const float* gu, int64_t B, int64_t hidden, float* out) {
+  for (int64_t b = 0; b < B; ++b) {
+    const float* g = gu + b * 2 * hidden;
+    if (has_avx2()) {
+      silu_mul_avx2(g, hidden, out + b * hidden);
+    } else {
+      for (int64_t i = 0; i < hidden; ++i) out[b * hidden + i] = g[i] / (1.f + std::exp(-g[i])) * g[hidden + i];
+    }
   }
-  return h;
 }
+
+// A weight matrix as a step reads it: repacked blocks of a kernel type, or (type DENSE) fp32 rows.
+constexpr int64_t DENSE = -1;
+
+// y (B, N) = x (B, K) @ w.T for one weight, quantized or dense.
+void product(const float* x, int64_t B, int64_t K, const at::Tensor& w, int64_t type, float* y, bool add,
+             int64_t path) {
+  if (type == DENSE) {
+    const int64_t N = w.size(0);
+    const at::Tensor xt = at::from_blob(const_cast<float*>(x), {B, K}, at::kFloat);
+    at::Tensor yt = at::from_blob(y, {B, N}, at::kFloat);
+    if (add) {
+      yt.add_(at::mm(xt, w.t()));
+    } else {
+      at::mm_out(yt, xt, w.t());
+    }
+    return;
+  }
+  std::vector<const uint8_t*> bases{w.data_ptr<uint8_t>()};
+  std::vector<int64_t> starts{0, w.size(0)};
+  qproduct(x, B, K, bases, starts, type, path, y, add);
+}
+
+void check_table(const at::Tensor& w, int64_t type, int64_t dim, const char* what) {
+  if (type == DENSE) {
+    TORCH_CHECK(w.dim() == 2 && w.scalar_type() == at::kFloat && w.is_contiguous() && w.size(1) == dim,
+                "decode_step: the ", what, " must be a contiguous fp32 (rows, ", dim, ") matrix");
+  } else {
+    check_packed(w, type);
+    TORCH_CHECK(w.size(1) == dim / 32 * block_bytes(type), "decode_step: the ", what, " does not hold rows of ", dim);
+  }
+}
+
+// One decode step of the whole model for a batch of single tokens, token ids to logits, with no
+// Python and no tensor op between its parts: the embedding row, then per layer
+//   h = x + wo(attention(rms_norm(x))), x' = h + w2(silu(w1 n) * w3 n) with n = rms_norm(h),
+// (q/k/v and gate/up each one product, the residual adds folded into wo's and w2's products), then
+// the final norm and the output layer. model.Transformer.forward is the reference.
+// A plan holds the model's tensors (not copies), checked once, so that a step passes only its tokens:
+//   embed (V, dim) and out_w (V, dim): repacked blocks of embed_type / out_type, or fp32 (DENSE);
+//   inv_freq (head_dim/2,) RoPE's; per layer: norms attention and ffn norm, weights wq wk wv wo w1 w3
+//   w2, types of q/k/v, wo, w1/w3 and w2; caches (set_caches, after each setup_caches) k and v.
+struct DecodePlan : torch::CustomClassHolder {
+  at::Tensor embed, inv_freq, out_norm, out_w;
+  std::vector<at::Tensor> norms, weights, caches;
+  std::vector<int64_t> types;
+  int64_t embed_type, out_type, n_heads, n_kv_heads, L, dim, D, nq, nk, hidden;
+  double eps, out_eps;
+
+  DecodePlan(at::Tensor embed_, int64_t embed_type_, at::Tensor inv_freq_, std::vector<at::Tensor> norms_,
+             std::vector<at::Tensor> weights_, std::vector<int64_t> types_, double eps_, at::Tensor out_norm_,
+             double out_eps_, at::Tensor out_w_, int64_t out_type_, int64_t n_heads_, int64_t n_kv_heads_)
+      : embed(std::move(embed_)), inv_freq(inv_freq_.to(at::kFloat).contiguous()), out_norm(std::move(out_norm_)),
+        out_w(std::move(out_w_)), norms(std::move(norms_)), weights(std::move(weights_)), types(std::move(types_)),
+        embed_type(embed_type_), out_type(out_type_), n_heads(n_heads_), n_kv_heads(n_kv_heads_), eps(eps_),
+        out_eps(out_eps_) {
+    L = static_cast<int64_t>(norms.size()) / 2;
+    TORCH_CHECK(L > 0 && static_cast<int64_t>(weights.size()) == 7 * L && static_cast<int64_t>(types.size()) == 4 * L,
+                "DecodePlan: per layer 2 norms, 7 weights, 4 types");
+    dim = norms[0].numel();
+    D = 2 * inv_freq.numel();
+    nq = n_heads * D;
+    nk = n_kv_heads * D;
+    hidden = weights[4].size(0);
+    check_table(embed, embed_type, dim, "embedding");
+    check_table(out_w, out_type, dim, "output layer");
+    TORCH_CHECK(out_norm.scalar_type() == at::kFloat && out_norm.is_contiguous() && out_norm.numel() == dim,
+                "DecodePlan: the final norm must be fp32 of ", dim);
+    for (int64_t l = 0; l < L; ++l) {
+      for (int64_t i : {2 * l, 2 * l + 1}) {
+        TORCH_CHECK(norms[i].scalar_type() == at::kFloat && norms[i].is_contiguous() && norms[i].numel() == dim,
+                    "DecodePlan: layer ", l, "'s norms must be fp32 of ", dim);
+      }
+      const at::Tensor* w = weights.data() + 7 * l;
+      const int64_t* t = types.data() + 4 * l;
+      const int64_t rows[7] = {nq, nk, nk, dim, hidden, hidden, dim};
+      const int64_t cols[7] = {dim, dim, dim, nq, dim, dim, hidden};
+      const int64_t type[7] = {t[0], t[0], t[0], t[1], t[2], t[2], t[3]};
+      for (int i = 0; i < 7; ++i) {
+        check_packed(w[i], type[i]);
+        TORCH_CHECK(w[i].size(0) == rows[i] && cols[i] % 32 == 0 && w[i].size(1) == cols[i] / 32 * block_bytes(type[i]),
+                    "DecodePlan: layer ", l, "'s weight ", i, " is not a (", rows[i], ", ", cols[i], ") matrix of type ",
+                    type[i]);
+      }
+    }
+  }
+
+  void set_caches(std::vector<at::Tensor> c) {
+    TORCH_CHECK(static_cast<int64_t>(c.size()) == 2 * L, "DecodePlan: need a k and a v cache per layer");
+    for (const at::Tensor& t : c) {
+      check_cache(t, c[0], n_kv_heads);
+      TORCH_CHECK(t.size(3) == D, "DecodePlan: caches of head_dim ", t.size(3), ", not ", D);
+    }
+    caches = std::move(c);
+  }
+
+  // tokens, pos, rows (B,): each token, its position and its cache row -> logits (B, V).
+  at::Tensor step(const at::Tensor& tokens_in, const at::Tensor& pos_in, const at::Tensor& rows_in) {
+    TORCH_CHECK(!caches.empty(), "DecodePlan: set_caches first");
+    const at::Tensor tokens_t = tokens_in.to(at::kLong).contiguous(), pos_t = pos_in.to(at::kLong).contiguous();
+    const at::Tensor rows_t = rows_in.to(at::kLong).contiguous();
+    const int64_t B = tokens_t.numel();
+    TORCH_CHECK(pos_t.numel() == B && rows_t.numel() == B, "DecodePlan: need one position and one cache row a token");
+    const int64_t* tokens = tokens_t.data_ptr<int64_t>();
+    for (int64_t b = 0; b < B; ++b) {
+      TORCH_CHECK(tokens[b] >= 0 && tokens[b] < embed.size(0), "DecodePlan: token ", tokens[b],
+                  " is outside the vocabulary of ", embed.size(0));
+    }
+    const CacheSlots slots{pos_t.data_ptr<int64_t>(), rows_t.data_ptr<int64_t>(), B, caches[0].size(0), caches[0].size(2)};
+    check_slots(slots);
+    const int64_t path = resolve_path(BEST);
+
+    // Activations: the residual stream h, a normed copy n, [q|k|v], rotated q, attention out, [gate|up], act.
+    auto buf = at::empty({B * (2 * dim + nq + 2 * nk + 2 * nq + 3 * hidden)}, at::kFloat);
+    float* h = buf.data_ptr<float>();
+    float* n = h + B * dim;
+    float* qkv = n + B * dim;
+    float* qr = qkv + B * (nq + 2 * nk);
+    float* att = qr + B * nq;
+    float* gu = att + B * nq;
+    float* act = gu + B * 2 * hidden;
+
+    for (int64_t b = 0; b < B; ++b) {  // the embedding rows
+      if (embed_type == DENSE) {
+        std::memcpy(h + b * dim, embed.data_ptr<float>() + tokens[b] * dim, dim * sizeof(float));
+      } else {
+        const int64_t nb = dim / 32;
+        const uint8_t* row = embed.data_ptr<uint8_t>() + tokens[b] * nb * block_bytes(embed_type);
+        dequant_row(embed_type, packed_row(embed_type, row, nb), nb, h + b * dim);
+      }
+    }
+    // RoPE's cos and sin per row, as the model computes them: angle = float(pos) * inv_freq.
+    std::vector<float> cs(B * D);
+    for (int64_t b = 0; b < B; ++b) {
+      for (int64_t i = 0; i < D / 2; ++i) {
+        const float angle = static_cast<float>(slots.pos[b]) * inv_freq.data_ptr<float>()[i];
+        cs[b * D + 2 * i] = std::cos(angle);
+        cs[b * D + 2 * i + 1] = std::sin(angle);
+      }
+    }
+    std::vector<const uint8_t*> bases;
+    std::vector<int64_t> starts;
+    for (int64_t l = 0; l < L; ++l) {
+      const at::Tensor* w = weights.data() + 7 * l;
+      const int64_t* t = types.data() + 4 * l;
+      rms_rows(h, norms[2 * l].data_ptr<float>(), n, B, dim, static_cast<float>(eps));
+      bases = {w[0].data_ptr<uint8_t>(), w[1].data_ptr<uint8_t>(), w[2].data_ptr<uint8_t>()};
+      starts = {0, nq, nq + nk, nq + 2 * nk};
+      qproduct(n, B, dim, bases, starts, t[0], path, qkv, false);
+      attention_step(qkv, nq + 2 * nk, qkv + nq, qkv + nq + nk, nq + 2 * nk, cs.data(), true,
+                     caches[2 * l].data_ptr<float>(), caches[2 * l + 1].data_ptr<float>(), slots, n_heads, n_kv_heads,
+                     D, qr, att);
+      product(att, B, nq, w[3], t[1], h, true, path);  // h += wo(att)
+      rms_rows(h, norms[2 * l + 1].data_ptr<float>(), n, B, dim, static_cast<float>(eps));
+      bases = {w[4].data_ptr<uint8_t>(), w[5].data_ptr<uint8_t>()};
+      starts = {0, hidden, 2 * hidden};
+      qproduct(n, B, dim, bases, starts, t[2], path, gu, false);
+      silu_mul(gu, B, hidden, act);
+      product(act, B, hidden, w[6], t[3], h, true, path);  // h += w2(act)
+    }
+    rms_rows(h, out_norm.data_ptr<float>(), n, B, dim, static_cast<float>(out_eps));
+    auto logits = at::empty({B, out_w.size(0)}, at::kFloat);
+    product(n, B, dim, out_w, out_type, logits.data_ptr<float>(), false, path);
+    return logits;
+  }
+};
 
 }  // namespace
 
@@ -790,8 +984,11 @@ TORCH_LIBRARY(llamalite, m) {
   m.def("rms_norm(Tensor x, Tensor w, float eps) -> Tensor");
   m.def("decode_attention(Tensor q, Tensor k, Tensor v, Tensor cos_sin, Tensor(a!) cache_k, Tensor(b!) cache_v, "
         "Tensor pos, Tensor rows, int n_heads, int n_kv_heads) -> Tensor");
-  m.def("decode_stack(Tensor x, Tensor[] norms, Tensor[] weights, int[] types, float eps, Tensor cos_sin, "
-        "Tensor(a!)[] caches, Tensor pos, Tensor rows, int n_heads, int n_kv_heads) -> Tensor");
+  m.class_<DecodePlan>("DecodePlan")
+      .def(torch::init<at::Tensor, int64_t, at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>,
+                       std::vector<int64_t>, double, at::Tensor, double, at::Tensor, int64_t, int64_t, int64_t>())
+      .def("set_caches", &DecodePlan::set_caches)
+      .def("step", &DecodePlan::step);
 }
 
 TORCH_LIBRARY_IMPL(llamalite, CPU, m) {
@@ -804,7 +1001,6 @@ TORCH_LIBRARY_IMPL(llamalite, CPU, m) {
   m.impl("quantize_q8_0", &quantize_q8_0);
   m.impl("rms_norm", &rms_norm);
   m.impl("decode_attention", &decode_attention);
-  m.impl("decode_stack", &decode_stack);
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) { m.def("simd_paths", &simd_paths); }

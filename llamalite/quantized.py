@@ -269,7 +269,7 @@ class FastFeedForward(FeedForward):
 
 
 def _fusable(block: TransformerBlock) -> bool:
-    """Whether decode_step can run this block: kernel-backed attention and feed-forward with q/k/v
+    """Whether a DecodePlan can run this block: kernel-backed attention and feed-forward with q/k/v
     and gate/up fused, wo and w2 packed, fp32 norms of one eps."""
     a, f = block.attention, block.feed_forward
     return (isinstance(a, FastAttention) and a.qkv is not None and isinstance(f, FastFeedForward)
@@ -278,11 +278,11 @@ def _fusable(block: TransformerBlock) -> bool:
             and block.attention_norm.weight.dtype == block.ffn_norm.weight.dtype == torch.float32)
 
 
-DENSE = -1  # decode_step's type of an fp32 weight matrix
+DENSE = -1  # DecodePlan's type of an fp32 weight matrix
 
 
 def _table(layer: nn.Module) -> tuple[torch.Tensor, int] | None:
-    """An embedding or output layer as decode_step reads it: (packed blocks, kernel type) or
+    """An embedding or output layer as a DecodePlan reads it: (packed blocks, kernel type) or
     (fp32 weight, DENSE); None for anything else."""
     if isinstance(layer, (QuantLinear, QuantEmbedding)):
         return (layer.raw, KERNEL_TYPES[layer.type_name]) if layer.packed else None
@@ -293,7 +293,7 @@ def _table(layer: nn.Module) -> tuple[torch.Tensor, int] | None:
 
 
 class FastTransformer(Transformer):
-    """model.Transformer whose eager one-token CPU step is one kernel op (decode_step: the embedding
+    """model.Transformer whose eager one-token CPU step is one kernel call (DecodePlan.step: the embedding
     rows, per block the norms, five quantized products, attention over the cache, SiLU and residuals,
     then the final norm and the output layer), with no Python or tensor op in between: Python between
     the blocks cost about 1.5 ms of a 9 ms step for the default model, and the rest of forward another
@@ -324,7 +324,8 @@ class FastTransformer(Transformer):
         if first is None or first.k.dtype != torch.float32:
             return False
         if self._caches_of is not first:
-            self.plan.set_caches([t for layer in self.layers for t in (layer.attention.cache.k, layer.attention.cache.v)])
+            caches = [layer.attention.cache for layer in self.layers]
+            self.plan.set_caches([t for c in caches for t in (c.k, c.v)])
             self._caches_of = first
         return True
 

@@ -143,7 +143,7 @@ def test_qmatmul_multi_equals_separate_products(type_name):
 
 @pytest.mark.parametrize("tables", ["quantized", "dense"])
 def test_fast_transformer_step_matches_the_reference_forward(tables):
-    """decode_step (a whole one-token step as one op) against Transformer.forward over the same
+    """DecodePlan.step (a whole one-token step as one kernel call) against Transformer.forward over the same
     quantized layers, for two rows at different positions of different cache rows: the logits and
     every cache written. Embedding and output layer as blocks (tied, Q8_0) or as fp32 matrices."""
     from llamalite.config import ModelConfig
@@ -185,5 +185,5 @@ def test_fast_transformer_step_matches_the_reference_forward(tables):
             torch.testing.assert_close(layer.attention.cache.k, k, rtol=1e-6, atol=1e-6)
             torch.testing.assert_close(layer.attention.cache.v, v, rtol=1e-6, atol=1e-6)
         # one position shared by the batch, as generate passes it
-        torch.testing.assert_close(fast(tokens, torch.tensor([31])), Transformer.forward(fast, tokens, torch.tensor([31])),
-                                   rtol=1e-4, atol=1e-4)
+        shared = torch.tensor([31])
+        torch.testing.assert_close(fast(tokens, shared), Transformer.forward(fast, tokens, shared), rtol=1e-4, atol=1e-4)

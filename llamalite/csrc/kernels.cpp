@@ -24,6 +24,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <string>
 #include <vector>
 
 namespace {
@@ -381,6 +382,13 @@ void check_packed(const at::Tensor& w, int64_t type) {
               " bytes is not a whole number of blocks of ", block_bytes(type));
 }
 
+// check_packed, and rows of K elements (K a multiple of 32); what names the weight in the error.
+void check_rows(const at::Tensor& w, int64_t type, int64_t K, const std::string& what) {
+  check_packed(w, type);
+  TORCH_CHECK(K % 32 == 0 && w.size(1) == K / 32 * block_bytes(type), what, " has ", w.size(1),
+              " bytes a row, but K=", K, " needs ", K / 32 * block_bytes(type));
+}
+
 // ----- ops ---------------------------------------------------------------------------------------
 
 // GGUF rows (array of blocks) -> repacked rows (structure of arrays), in place, a row at a time.
@@ -467,9 +475,7 @@ at::Tensor qmatmul_list(const at::Tensor& x_in, at::TensorList ws, int64_t type,
   std::vector<const uint8_t*> bases;
   std::vector<int64_t> starts{0};
   for (const at::Tensor& w : ws) {
-    check_packed(w, type);
-    TORCH_CHECK(K % 32 == 0 && w.size(1) == K / 32 * block_bytes(type), "qmatmul: w has ", w.size(1),
-                " bytes a row, but K=", K, " needs ", K / 32 * block_bytes(type));
+    check_rows(w, type, K, "qmatmul: w");
     starts.push_back(starts.back() + w.size(0));
     bases.push_back(w.data_ptr<uint8_t>());
   }
@@ -676,7 +682,8 @@ struct CacheSlots {
 void check_slots(const CacheSlots& c) {
   for (int64_t b = 0; b < c.B; ++b) {
     TORCH_CHECK(c.pos[b] >= 0 && c.pos[b] < c.S, "llamalite: position ", c.pos[b], " is outside the cache of ", c.S);
-    TORCH_CHECK(c.rows[b] >= 0 && c.rows[b] < c.R, "llamalite: cache row ", c.rows[b], " is outside the ", c.R, " rows");
+    TORCH_CHECK(c.rows[b] >= 0 && c.rows[b] < c.R, "llamalite: cache row ", c.rows[b], " is outside the ", c.R,
+                " rows");
   }
 }
 
@@ -779,9 +786,9 @@ std::vector<std::pair<std::string, int64_t>> simd_paths() {
   return out;
 }
 
-// SiLU(gate) * up for B rows of [gate | up] (2 * hidden wide) into B rows of hidden.
-// silu(g) = g * sigmoid(g), with e^-|g| so the exponent is never positive.
-AVX2_TARGET void silu_mul_avx2(const float* gu, int64_t hidden, float* out) {
+// SiLU(gate) * up for the elements of one row of [gate | up] (2 * hidden wide) in whole vectors of 8;
+// returns how many it did. silu(g) = g * sigmoid(g), with e^-|g| so the exponent is never positive.
+AVX2_TARGET int64_t silu_mul_avx2(const float* gu, int64_t hidden, float* out) {
   int64_t i = 0;
   const __m256 one = _mm256_set1_ps(1.f), sign = _mm256_set1_ps(-0.f);
   for (; i + 8 <= hidden; i += 8) {
@@ -791,16 +798,16 @@ AVX2_TARGET void silu_mul_avx2(const float* gu, int64_t hidden, float* out) {
     const __m256 sig = _mm256_blendv_ps(_mm256_mul_ps(z, r), r, _mm256_cmp_ps(g, _mm256_setzero_ps(), _CMP_GE_OQ));
     _mm256_storeu_ps(out + i, _mm256_mul_ps(_mm256_mul_ps(g, sig), _mm256_loadu_ps(gu + hidden + i)));
   }
-  for (; i < hidden; ++i) out[i] = gu[i] / (1.f + std::exp(-gu[i])) * gu[hidden + i];
+  return i;
 }
 
+// SiLU(gate) * up for B rows of [gate | up] into B rows of hidden.
 void silu_mul(const float* gu, int64_t B, int64_t hidden, float* out) {
   for (int64_t b = 0; b < B; ++b) {
     const float* g = gu + b * 2 * hidden;
-    if (has_avx2()) {
-      silu_mul_avx2(g, hidden, out + b * hidden);
-    } else {
-      for (int64_t i = 0; i < hidden; ++i) out[b * hidden + i] = g[i] / (1.f + std::exp(-g[i])) * g[hidden + i];
+    float* o = out + b * hidden;
+    for (int64_t i = has_avx2() ? silu_mul_avx2(g, hidden, o) : 0; i < hidden; ++i) {
+      o[i] = g[i] / (1.f + std::exp(-g[i])) * g[hidden + i];
     }
   }
 }
@@ -830,10 +837,9 @@ void product(const float* x, int64_t B, int64_t K, const at::Tensor& w, int64_t 
 void check_table(const at::Tensor& w, int64_t type, int64_t dim, const char* what) {
   if (type == DENSE) {
     TORCH_CHECK(w.dim() == 2 && w.scalar_type() == at::kFloat && w.is_contiguous() && w.size(1) == dim,
-                "decode_step: the ", what, " must be a contiguous fp32 (rows, ", dim, ") matrix");
+                "DecodePlan: the ", what, " must be a contiguous fp32 (rows, ", dim, ") matrix");
   } else {
-    check_packed(w, type);
-    TORCH_CHECK(w.size(1) == dim / 32 * block_bytes(type), "decode_step: the ", what, " does not hold rows of ", dim);
+    check_rows(w, type, dim, std::string("DecodePlan: the ") + what);
   }
 }
 
@@ -883,10 +889,9 @@ struct DecodePlan : torch::CustomClassHolder {
       const int64_t cols[7] = {dim, dim, dim, nq, dim, dim, hidden};
       const int64_t type[7] = {t[0], t[0], t[0], t[1], t[2], t[2], t[3]};
       for (int i = 0; i < 7; ++i) {
-        check_packed(w[i], type[i]);
-        TORCH_CHECK(w[i].size(0) == rows[i] && cols[i] % 32 == 0 && w[i].size(1) == cols[i] / 32 * block_bytes(type[i]),
-                    "DecodePlan: layer ", l, "'s weight ", i, " is not a (", rows[i], ", ", cols[i], ") matrix of type ",
-                    type[i]);
+        const std::string what = "DecodePlan: layer " + std::to_string(l) + "'s weight " + std::to_string(i);
+        check_rows(w[i], type[i], cols[i], what);
+        TORCH_CHECK(w[i].size(0) == rows[i], what, " has ", w[i].size(0), " rows, not ", rows[i]);
       }
     }
   }
@@ -912,7 +917,8 @@ struct DecodePlan : torch::CustomClassHolder {
       TORCH_CHECK(tokens[b] >= 0 && tokens[b] < embed.size(0), "DecodePlan: token ", tokens[b],
                   " is outside the vocabulary of ", embed.size(0));
     }
-    const CacheSlots slots{pos_t.data_ptr<int64_t>(), rows_t.data_ptr<int64_t>(), B, caches[0].size(0), caches[0].size(2)};
+    const CacheSlots slots{pos_t.data_ptr<int64_t>(), rows_t.data_ptr<int64_t>(), B, caches[0].size(0),
+                           caches[0].size(2)};
     check_slots(slots);
     const int64_t path = resolve_path(BEST);
 

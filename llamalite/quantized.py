@@ -4,8 +4,8 @@ loader with the call signatures of the modules they replace, so model.py never k
 `QuantLinear` (nn.Linear's signature) and `QuantEmbedding` (nn.Embedding's) keep GGUF blocks as they
 are in the file. With the compiled kernels, each row's blocks are repacked once at load into the
 kernels' structure-of-arrays layout (same bytes, same size). Small batches (decode) go through the
-fused kernel (int16 activations, exact integer block dot products); larger ones (prefill) dequantize
-the weight in tiles and use fp32 GEMM, the fastest matrix-matrix path on a CPU. `FastRMSNorm`,
+fused kernel (int16 activations, exact integer block dot products); larger ones (prefill) through the
+kernels' int16 GEMM where the CPU has AVX-512 VNNI, else through fp32 GEMM on dequantized tiles. `FastRMSNorm`,
 `FastAttention` and `FastFeedForward` run the model's own math with fewer, fused calls on the
 one-token decode step. Without the compiled kernels, or off the CPU, everything runs through
 PyTorch's own ops.
@@ -27,8 +27,9 @@ KERNEL_TYPES = {"Q4_0": 2, "Q4_1": 3, "Q8_0": 8}
 # Lossy block types without a kernel of their own: re-quantized to Q8_0 at load to run on its kernel
 # (8-bit blocks on top of a 4-6-bit format add little error; fp32 would be 4x the memory and slower).
 REQUANT_TYPES = ("Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q6_K")
-GEMV_MAX_ROWS = 8  # up to this many activation rows use the fused kernel; more use dequantize + GEMM
-GEMM_TILE_BYTES = 4 << 20  # prefill dequantizes this much fp32 weight at a time: it stays in cache
+GEMV_MAX_ROWS = 8  # up to this many activation rows use the fused dot-product kernel
+GEMM_TILE_BYTES = 4 << 20  # without the int16 GEMM, prefill dequantizes this much fp32 weight at a time
+QGEMM: bool | None = None  # whether more rows go to the int16 GEMM kernel (AVX-512 VNNI), set on first use
 
 _kernels: bool | None = None
 
@@ -61,6 +62,16 @@ def simd_path() -> str:
     """The path the kernels take here: avx512vnni, avx2 or portable (or pytorch: no compiled kernels)."""
     paths = simd_paths()
     return paths[0][0] if paths else "pytorch"
+
+
+def _qgemm() -> bool:
+    """Whether products of more than GEMV_MAX_ROWS rows run on the kernels' int16 GEMM (AVX-512 VNNI:
+    twice fp32 GEMM's rate here, weights unpacked once per tile for all rows); else on fp32 GEMM over
+    dequantized tiles."""
+    global QGEMM
+    if QGEMM is None:
+        QGEMM = simd_path() == "avx512vnni"
+    return QGEMM
 
 
 def _register_fake() -> None:
@@ -151,7 +162,7 @@ class QuantLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)
-        if self.packed and x2.shape[0] <= GEMV_MAX_ROWS and x.device.type == "cpu":
+        if self.packed and x.device.type == "cpu" and (x2.shape[0] <= GEMV_MAX_ROWS or _qgemm()):
             y = torch.ops.llamalite.qmatmul(x2, self.raw, KERNEL_TYPES[self.type_name])
         else:
             # Tiles of rows: dequantizing a 7B model's weights whole would write gigabytes per prefill.

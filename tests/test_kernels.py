@@ -10,8 +10,10 @@ from llamalite.quantized import KERNEL_TYPES, QuantLinear, kernels_available, si
 
 pytestmark = pytest.mark.skipif(not kernels_available(), reason="llamalite._kernels is not built")
 
-# (M, N, K), odd on purpose: K of 1, 2, 3, 8, 18 (8 + 8 + 2) and 128 blocks
-SHAPES = [(1, 1, 32), (3, 17, 64), (8, 33, 96), (1, 5, 256), (2, 576, 576), (5, 250, 4096)]
+# (M, N, K), odd on purpose: K of 1, 2, 3, 8, 9, 18 (8 + 8 + 2) and 128 blocks; M past the GEMM's 6 rows a
+# pass, N past its 32 rows a tile
+SHAPES = [(1, 1, 32), (3, 17, 64), (8, 33, 96), (1, 5, 256), (2, 576, 576), (5, 250, 4096), (9, 17, 64),
+          (13, 70, 288), (40, 250, 576)]
 
 
 def _weights(type_name, n, k, seed=0):
@@ -30,7 +32,7 @@ def test_the_best_path_is_chosen():
     assert "portable" in PATHS
 
 
-@pytest.mark.parametrize("path", ["avx512vnni", "avx2", "portable"])
+@pytest.mark.parametrize("path", ["avx512vnni", "avx512vnni-gemm", "avx2", "portable"])
 @pytest.mark.parametrize("type_name", sorted(KERNEL_TYPES))
 @pytest.mark.parametrize("m,n,k", SHAPES)
 def test_qmatmul_matches_dequantized_fp32(path, type_name, m, n, k):
@@ -52,15 +54,43 @@ def test_dequantize_op_is_exact(type_name):
     torch.testing.assert_close(torch.ops.llamalite.dequantize(packed, KERNEL_TYPES[type_name]), w, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("gemm", ["int16", "fp32"])
 @pytest.mark.parametrize("type_name", sorted(KERNEL_TYPES))
-def test_quant_linear_prefill_path_is_fp32_gemm(type_name):
+def test_quant_linear_prefill_paths(type_name, gemm, monkeypatch):
+    """More rows than the dot-product kernel takes: the int16 GEMM (AVX-512 VNNI) or fp32 GEMM on
+    dequantized weights (exact), whichever this CPU has; forced to fp32 here as on a CPU without VNNI."""
+    import llamalite.quantized as q
+
+    if gemm == "int16" and "avx512vnni-gemm" not in PATHS:
+        pytest.skip("this CPU has no avx512vnni")
+    monkeypatch.setattr(q, "QGEMM", gemm == "int16")
     raw, _, w = _weights(type_name, 40, 128)
     layer = QuantLinear(raw, type_name, 128)
     assert layer.packed
-    x = torch.randn(2, 9, 128)  # 18 rows: dequantize + GEMM
-    torch.testing.assert_close(layer(x), F.linear(x, w), rtol=0, atol=0)
+    x = torch.randn(2, 9, 128)  # 18 rows
+    if gemm == "fp32":
+        torch.testing.assert_close(layer(x), F.linear(x, w), rtol=0, atol=0)
+    else:
+        torch.testing.assert_close(layer(x), F.linear(x, w), rtol=1e-3, atol=1e-4)
     small = torch.randn(1, 3, 128)  # 3 rows: the fused kernel
     torch.testing.assert_close(layer(small), F.linear(small, w), rtol=1e-3, atol=1e-4)
+
+
+@pytest.mark.parametrize("type_name", sorted(KERNEL_TYPES))
+def test_gemm_rows_do_not_depend_on_the_batch(type_name):
+    """A row's product is the same bits alone in a pass, in a short batch, in a long one, at any offset,
+    and beside other weights in one call (the prefill of one request does not depend on its chunking)."""
+    if "avx512vnni-gemm" not in PATHS:
+        pytest.skip("this CPU has no avx512vnni")
+    path, t = PATHS["avx512vnni-gemm"], KERNEL_TYPES[type_name]
+    parts = [_weights(type_name, n, 288, seed=n)[1] for n in (45, 7)]
+    x = torch.randn(40, 288)
+    full = torch.ops.llamalite.qmatmul_path(x, parts[0], t, path)
+    for lo, hi in [(0, 1), (3, 12), (11, 24), (20, 40)]:
+        assert torch.equal(torch.ops.llamalite.qmatmul_path(x[lo:hi], parts[0], t, path), full[lo:hi])
+    joint = torch.ops.llamalite.qmatmul_multi(x, parts, t)  # 40 rows: the GEMM
+    assert torch.equal(joint[:, :45], full)
+    assert torch.equal(joint[:, 45:], torch.ops.llamalite.qmatmul_path(x, parts[1], t, path))
 
 
 def test_bad_shapes_are_refused():
@@ -74,6 +104,7 @@ def test_bad_shapes_are_refused():
 def test_prefill_in_tiles_equals_one_gemm(monkeypatch):
     import llamalite.quantized as q
 
+    monkeypatch.setattr(q, "QGEMM", False)  # the fp32 path, as on a CPU without VNNI
     raw, _, w = _weights("Q4_1", 70, 256)
     layer = QuantLinear(raw, "Q4_1", 256)
     x = torch.randn(20, 256)

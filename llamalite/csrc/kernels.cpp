@@ -25,6 +25,8 @@
 #include <cstdint>
 #include <cstring>
 #include <string>
+#include <type_traits>
+#include <utility>
 #include <vector>
 
 namespace {
@@ -361,16 +363,16 @@ bool has_avx2() {
 }
 
 bool has_vnni() {
-  static const bool ok = has_avx2() && __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512bw") &&
+  static const bool ok = has_avx2() && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512bw") &&
                          __builtin_cpu_supports("avx512vnni");
   return ok;
 }
 
-enum Path : int64_t { BEST = 0, PORTABLE = 1, AVX2 = 2, VNNI = 3 };
+enum Path : int64_t { BEST = 0, PORTABLE = 1, AVX2 = 2, VNNI = 3, VNNI_GEMM = 4 };
 
 int64_t resolve_path(int64_t path) {
   if (path == BEST) return has_vnni() ? VNNI : has_avx2() ? AVX2 : PORTABLE;
-  TORCH_CHECK(path == PORTABLE || (path == AVX2 && has_avx2()) || (path == VNNI && has_vnni()),
+  TORCH_CHECK(path == PORTABLE || (path == AVX2 && has_avx2()) || ((path == VNNI || path == VNNI_GEMM) && has_vnni()),
               "llamalite: kernel path ", path, " is not available on this CPU");
   return path;
 }
@@ -419,6 +421,205 @@ at::Tensor repack(const at::Tensor& w, int64_t type) {
   return out;
 }
 
+// ----- AVX-512 VNNI matrix product (prefill) -------------------------------------------------------
+// With more activation rows than MAX_ROWS, each weight is worth unpacking once for all of them. Per
+// tile of GEMM_NR weight rows and GEMM_KB blocks, the blocks are unpacked to int16 in vpdpwssd's
+// layout: for each of a block's 16 pair slots j, the 32 rows' pairs (w[j], w[j+16]) side by side (a
+// 4-bit byte holds exactly that pair: low nibble j, high nibble j + 16). One vpdpwssd then multiplies
+// 16 rows' pairs by one broadcast activation pair. Activations are quantized as for the dot products
+// (int16, one scale per row and block, pairs in the same (j, j+16) order), so each block's product is
+// exact integer arithmetic, scaled once per block; every row goes through the same operations in the
+// same order whatever the batch, so a row's result does not depend on the rows beside it.
+
+#define GEMM_TARGET __attribute__((target("avx2,fma,f16c,avx512f,avx512vl,avx512bw,avx512vnni")))
+
+constexpr int64_t GEMM_NR = 32;  // weight rows a tile: two registers of 16 lanes
+constexpr int64_t GEMM_MR = 6;   // activation rows a pass over the tile: 12 int32 + 12 fp32 accumulators
+constexpr int64_t GEMM_KB = 8;   // blocks a tile: 16 KB of int16 pairs, in L1 for every row
+
+// One row of x -> nb blocks of 16 int32 (pairs (q[j], q[j+16]) of int16), scales and fp32 sums.
+GEMM_TARGET void quantize_pairs(const float* x, int64_t nb, int32_t* q, float* scale, float* sum) {
+  for (int64_t b = 0; b < nb; ++b) {
+    const __m512 lo = _mm512_loadu_ps(x + b * 32), hi = _mm512_loadu_ps(x + b * 32 + 16);
+    const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(lo), _mm512_abs_ps(hi)));
+    const float sc = amax / 32767.f;
+    const __m512 inv = _mm512_set1_ps(sc > 0.f ? 1.f / sc : 0.f);
+    const __m512i ql = _mm512_cvtps_epi32(_mm512_mul_ps(lo, inv)), qh = _mm512_cvtps_epi32(_mm512_mul_ps(hi, inv));
+    _mm512_storeu_si512(q + b * 16, _mm512_or_si512(_mm512_and_si512(ql, _mm512_set1_epi32(0xffff)),
+                                                    _mm512_slli_epi32(qh, 16)));
+    scale[b] = sc;
+    sum[b] = _mm512_reduce_add_ps(_mm512_add_ps(lo, hi));
+  }
+}
+
+// 32 rows of 16 bytes, r[i] = [row i | row i + 16], transposed in place: r[j] = [byte j of rows 0-15 |
+// byte j of rows 16-31]. Four rounds of unpacks, each within 128-bit lanes.
+GEMM_TARGET inline void transpose_bytes(__m256i* r) {
+  __m256i t[16], u[16];
+  for (int i = 0; i < 8; ++i) {  // 16-bit units j: rows 2i, 2i+1 of byte j (t[2i]) or 8 + j (t[2i+1])
+    t[2 * i] = _mm256_unpacklo_epi8(r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = _mm256_unpackhi_epi8(r[2 * i], r[2 * i + 1]);
+  }
+  for (int g = 0; g < 4; ++g) {  // u[4g + q]: 32-bit units = rows 4g..4g+3 of bytes 4q..4q+3
+    u[4 * g] = _mm256_unpacklo_epi16(t[4 * g], t[4 * g + 2]);
+    u[4 * g + 1] = _mm256_unpackhi_epi16(t[4 * g], t[4 * g + 2]);
+    u[4 * g + 2] = _mm256_unpacklo_epi16(t[4 * g + 1], t[4 * g + 3]);
+    u[4 * g + 3] = _mm256_unpackhi_epi16(t[4 * g + 1], t[4 * g + 3]);
+  }
+  for (int h = 0; h < 2; ++h) {  // t[8h + k]: 64-bit units = rows 8h..8h+7 of bytes 2k, 2k + 1
+    for (int q = 0; q < 4; ++q) {
+      t[8 * h + 2 * q] = _mm256_unpacklo_epi32(u[8 * h + q], u[8 * h + 4 + q]);
+      t[8 * h + 2 * q + 1] = _mm256_unpackhi_epi32(u[8 * h + q], u[8 * h + 4 + q]);
+    }
+  }
+  for (int k = 0; k < 8; ++k) {
+    r[2 * k] = _mm256_unpacklo_epi64(t[k], t[8 + k]);
+    r[2 * k + 1] = _mm256_unpackhi_epi64(t[k], t[8 + k]);
+  }
+}
+
+// 16 bytes at offset `at` of rows r and r + 16 (zeros past nr) in one register.
+GEMM_TARGET inline __m256i two_rows(const Packed* rows, int64_t nr, int64_t r, int64_t at) {
+  const __m128i z = _mm_setzero_si128();
+  const __m128i a = r < nr ? _mm_loadu_si128(reinterpret_cast<const __m128i*>(rows[r].qs + at)) : z;
+  const __m128i b = r + 16 < nr ? _mm_loadu_si128(reinterpret_cast<const __m128i*>(rows[r + 16].qs + at)) : z;
+  return _mm256_inserti128_si256(_mm256_castsi128_si256(a), b, 1);
+}
+
+// Blocks b0..b0+kb-1 of rows[0..nr) -> tile: block i's slot j at tile + (16 i + j) * 32, one int32 pair a
+// row (rows past nr zero); d (and Q4_1's m) as fp32 at dsc / msc + 32 i.
+template <int64_t TYPE>
+GEMM_TARGET void unpack_tile(const Packed* rows, int64_t nr, int64_t b0, int64_t kb, int32_t* tile, float* dsc,
+                             float* msc) {
+  constexpr int64_t QB = TYPE == Q8_0 ? 32 : 16;
+  for (int64_t i = 0; i < kb; ++i) {
+    const int64_t b = b0 + i;
+    for (int64_t r = 0; r < GEMM_NR; ++r) {
+      dsc[32 * i + r] = r < nr ? _cvtsh_ss(rows[r].d[b]) : 0.f;
+      if (TYPE == Q4_1) msc[32 * i + r] = r < nr ? _cvtsh_ss(rows[r].m[b]) : 0.f;
+    }
+    int32_t* out = tile + 16 * i * 32;
+    __m256i c[16], e[16];
+    for (int r = 0; r < 16; ++r) c[r] = two_rows(rows, nr, r, b * QB);
+    transpose_bytes(c);
+    if (TYPE == Q8_0) {  // bytes j and j + 16 of the int8 row make pair j
+      for (int r = 0; r < 16; ++r) e[r] = two_rows(rows, nr, r, b * QB + 16);
+      transpose_bytes(e);
+    }
+    for (int j = 0; j < 16; ++j) {
+      for (int half = 0; half < 2; ++half) {
+        const __m128i cj = half ? _mm256_extracti128_si256(c[j], 1) : _mm256_castsi256_si128(c[j]);
+        __m512i p;
+        if (TYPE == Q8_0) {
+          const __m128i ej = half ? _mm256_extracti128_si256(e[j], 1) : _mm256_castsi256_si128(e[j]);
+          p = _mm512_or_si512(_mm512_and_si512(_mm512_cvtepi8_epi32(cj), _mm512_set1_epi32(0xffff)),
+                              _mm512_slli_epi32(_mm512_cvtepi8_epi32(ej), 16));
+        } else {  // (low nibble, high nibble) as two int16
+          const __m512i z = _mm512_cvtepu8_epi32(cj);
+          p = _mm512_and_si512(_mm512_or_si512(z, _mm512_slli_epi32(z, 12)), _mm512_set1_epi32(0x000f000f));
+          if (TYPE == Q4_0) p = _mm512_sub_epi16(p, _mm512_set1_epi16(8));
+        }
+        _mm512_storeu_si512(out + 32 * j + 16 * half, p);
+      }
+    }
+  }
+}
+
+// y[m, 0..nr) for MR activation rows against a tile of kb blocks: x, s and sum point at the rows'
+// first block of the tile, xstride / sstride apart; acc_in: start from y (a later tile of K, or add).
+template <int64_t TYPE, int MR>
+GEMM_TARGET void gemm_rows(const int32_t* tile, const float* dsc, const float* msc, int64_t kb, const int32_t* x,
+                           int64_t xstride, const float* s, const float* sum, int64_t sstride, float* y, int64_t ldy,
+                           int64_t nr, bool acc_in) {
+  const __mmask16 k0 = nr >= 16 ? 0xffff : (1u << nr) - 1;
+  const __mmask16 k1 = nr >= 32 ? 0xffff : nr > 16 ? (1u << (nr - 16)) - 1 : 0;
+  __m512 f[MR][2];
+  for (int m = 0; m < MR; ++m) {
+    f[m][0] = acc_in ? _mm512_maskz_loadu_ps(k0, y + m * ldy) : _mm512_setzero_ps();
+    f[m][1] = acc_in ? _mm512_maskz_loadu_ps(k1, y + m * ldy + 16) : _mm512_setzero_ps();
+  }
+  for (int64_t i = 0; i < kb; ++i) {
+    __m512i a[MR][2];
+    for (int m = 0; m < MR; ++m) a[m][0] = a[m][1] = _mm512_setzero_si512();
+    const int32_t* t = tile + 16 * i * 32;
+#pragma GCC unroll 16
+    for (int j = 0; j < 16; ++j) {
+      const __m512i w0 = _mm512_loadu_si512(t + 32 * j), w1 = _mm512_loadu_si512(t + 32 * j + 16);
+      for (int m = 0; m < MR; ++m) {
+        const __m512i xb = _mm512_set1_epi32(x[m * xstride + 16 * i + j]);
+        a[m][0] = _mm512_dpwssd_epi32(a[m][0], w0, xb);
+        a[m][1] = _mm512_dpwssd_epi32(a[m][1], w1, xb);
+      }
+    }
+    const __m512 d0 = _mm512_loadu_ps(dsc + 32 * i), d1 = _mm512_loadu_ps(dsc + 32 * i + 16);
+    for (int m = 0; m < MR; ++m) {
+      const __m512 sm = _mm512_set1_ps(s[m * sstride + i]);
+      f[m][0] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(a[m][0]), _mm512_mul_ps(d0, sm), f[m][0]);
+      f[m][1] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(a[m][1]), _mm512_mul_ps(d1, sm), f[m][1]);
+      if (TYPE == Q4_1) {
+        const __m512 xs = _mm512_set1_ps(sum[m * sstride + i]);
+        f[m][0] = _mm512_fmadd_ps(_mm512_loadu_ps(msc + 32 * i), xs, f[m][0]);
+        f[m][1] = _mm512_fmadd_ps(_mm512_loadu_ps(msc + 32 * i + 16), xs, f[m][1]);
+      }
+    }
+  }
+  for (int m = 0; m < MR; ++m) {
+    _mm512_mask_storeu_ps(y + m * ldy, k0, f[m][0]);
+    _mm512_mask_storeu_ps(y + m * ldy + 16, k1, f[m][1]);
+  }
+}
+
+// qproduct for M > MAX_ROWS on the VNNI path (see there for the arguments).
+template <int64_t TYPE>
+GEMM_TARGET void qgemm(const float* x, int64_t M, int64_t K, const std::vector<const uint8_t*>& bases,
+                       const std::vector<int64_t>& starts, float* y, bool add) {
+  const int64_t nb = K / 32, N = starts.back(), bb = block_bytes(TYPE);
+  std::vector<int32_t> xq(M * nb * 16);
+  std::vector<float> xs(M * nb), xsum(M * nb);
+  at::parallel_for(0, M, 8, [&](int64_t begin, int64_t end) {
+    for (int64_t m = begin; m < end; ++m) {
+      quantize_pairs(x + m * K, nb, xq.data() + m * nb * 16, xs.data() + m * nb, xsum.data() + m * nb);
+    }
+  });
+  std::vector<std::pair<size_t, int64_t>> tiles;  // (weight, first row)
+  for (size_t j = 0; j + 1 < starts.size(); ++j) {
+    for (int64_t n = 0; n < starts[j + 1] - starts[j]; n += GEMM_NR) tiles.push_back({j, n});
+  }
+  at::parallel_for(0, static_cast<int64_t>(tiles.size()), 1, [&](int64_t begin, int64_t end) {
+    thread_local std::vector<int32_t> tile(GEMM_KB * 16 * GEMM_NR);
+    thread_local std::vector<float> dsc(GEMM_KB * GEMM_NR), msc(GEMM_KB * GEMM_NR);
+    Packed rows[GEMM_NR];
+    for (int64_t t = begin; t < end; ++t) {
+      const auto [j, n0] = tiles[t];
+      const int64_t nr = std::min(GEMM_NR, starts[j + 1] - starts[j] - n0);
+      for (int64_t r = 0; r < nr; ++r) rows[r] = packed_row(TYPE, bases[j] + (n0 + r) * nb * bb, nb);
+      float* yt = y + starts[j] + n0;
+      for (int64_t b0 = 0; b0 < nb; b0 += GEMM_KB) {
+        const int64_t kb = std::min(GEMM_KB, nb - b0);
+        unpack_tile<TYPE>(rows, nr, b0, kb, tile.data(), dsc.data(), msc.data());
+        const bool acc_in = add || b0 > 0;
+        int64_t m = 0;
+        for (; m + GEMM_MR <= M; m += GEMM_MR) {
+          gemm_rows<TYPE, GEMM_MR>(tile.data(), dsc.data(), msc.data(), kb, xq.data() + (m * nb + b0) * 16, nb * 16,
+                                   xs.data() + m * nb + b0, xsum.data() + m * nb + b0, nb, yt + m * N, N, nr, acc_in);
+        }
+        auto rest = [&](auto mr) {
+          gemm_rows<TYPE, decltype(mr)::value>(tile.data(), dsc.data(), msc.data(), kb, xq.data() + (m * nb + b0) * 16,
+                                               nb * 16, xs.data() + m * nb + b0, xsum.data() + m * nb + b0, nb,
+                                               yt + m * N, N, nr, acc_in);
+        };
+        switch (M - m) {
+          case 1: rest(std::integral_constant<int, 1>()); break;
+          case 2: rest(std::integral_constant<int, 2>()); break;
+          case 3: rest(std::integral_constant<int, 3>()); break;
+          case 4: rest(std::integral_constant<int, 4>()); break;
+          case 5: rest(std::integral_constant<int, 5>()); break;
+        }
+      }
+    }
+  });
+}
+
 // y = x @ [W_0; W_1; ...].T for M activation rows x (M, K) fp32 and repacked weights given by their
 // first bytes (bases) and first output columns (starts, one more than bases: the last is N); y is
 // (M, N) with rows N apart, written or (add) added to. Layers that read the same input (q/k/v,
@@ -427,6 +628,13 @@ at::Tensor repack(const at::Tensor& w, int64_t type) {
 void qproduct(const float* x, int64_t M, int64_t K, const std::vector<const uint8_t*>& bases,
               const std::vector<int64_t>& starts, int64_t type, int64_t path, float* y, bool add) {
   const int64_t N = starts.back(), nb = K / 32, bb = block_bytes(type);
+  if (path == VNNI_GEMM) {
+    switch (type) {
+      case Q8_0: return qgemm<Q8_0>(x, M, K, bases, starts, y, add);
+      case Q4_1: return qgemm<Q4_1>(x, M, K, bases, starts, y, add);
+      default: return qgemm<Q4_0>(x, M, K, bases, starts, y, add);
+    }
+  }
   // One scratch buffer for the quantized activations, reused across calls by this thread.
   thread_local std::vector<uint8_t> scratch;
   const int64_t per_row = K * 2 + K * 2 + nb * 12;
@@ -480,7 +688,9 @@ at::Tensor qmatmul_list(const at::Tensor& x_in, at::TensorList ws, int64_t type,
     bases.push_back(w.data_ptr<uint8_t>());
   }
   auto out = at::empty({M, starts.back()}, x.options());
-  qproduct(x.data_ptr<float>(), M, K, bases, starts, type, resolve_path(path), out.data_ptr<float>(), false);
+  int64_t p = resolve_path(path);
+  if (path == BEST && p == VNNI && M > MAX_ROWS) p = VNNI_GEMM;  // matrix-matrix: weights unpacked once for all rows
+  qproduct(x.data_ptr<float>(), M, K, bases, starts, type, p, out.data_ptr<float>(), false);
   return out;
 }
 
@@ -781,6 +991,7 @@ at::Tensor decode_attention(const at::Tensor& q_in, const at::Tensor& k_in, cons
 std::vector<std::pair<std::string, int64_t>> simd_paths() {
   std::vector<std::pair<std::string, int64_t>> out;
   if (has_vnni()) out.push_back({"avx512vnni", VNNI});
+  if (has_vnni()) out.push_back({"avx512vnni-gemm", VNNI_GEMM});  // what qmatmul runs for more than MAX_ROWS rows
   if (has_avx2()) out.push_back({"avx2", AVX2});
   out.push_back({"portable", PORTABLE});
   return out;

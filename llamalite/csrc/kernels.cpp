@@ -212,7 +212,10 @@ AVX2_TARGET inline __m256i pair_dot_avx2(const Unpacked& w, const QRow& x, int64
 }
 
 constexpr int64_t MAX_ROWS = 8;  // activation rows a weight row is unpacked for at once
-constexpr int64_t GEMV_PREFETCH = 1024;  // bytes ahead of the dot products' weight reads
+// Rows of at least GEMV_PREFETCH_BLOCKS blocks prefetch their weights GEMV_PREFETCH bytes ahead: from
+// about 8K elements a row (7B's down projection) they streamed at half the rate of shorter rows
+// without it; on shorter rows the hardware's prefetch does as well and the extra loads cost.
+constexpr int64_t GEMV_PREFETCH = 1024, GEMV_PREFETCH_BLOCKS = 256;
 
 // Dot products of one weight row with M <= MAX_ROWS activation rows, y[m * ystride] (or added to it:
 // add, a residual connection folded into the product that feeds it), on one ISA,
@@ -253,10 +256,12 @@ constexpr int64_t GEMV_PREFETCH = 1024;  // bytes ahead of the dot products' wei
     for (int64_t m = 0; m < M; ++m) acc[m] = macc[m] = _mm256_setzero_ps();                            \
     int64_t b = 0;                                                                                     \
     for (; b + 8 <= nb; b += 8) {                                                                      \
-      for (int64_t l = 0; l < 8 * QB; l += 64) { /* the weights 1 KB ahead, the next row's included */  \
-        _mm_prefetch(reinterpret_cast<const char*>(w.qs + b * QB + l) + GEMV_PREFETCH, _MM_HINT_T0);   \
+      if (nb >= GEMV_PREFETCH_BLOCKS) { /* long rows: the weights 1 KB ahead, the next row's included */ \
+        for (int64_t l = 0; l < 8 * QB; l += 64) {                                                     \
+          _mm_prefetch(reinterpret_cast<const char*>(w.qs + b * QB + l) + GEMV_PREFETCH, _MM_HINT_T0); \
+        }                                                                                              \
+        _mm_prefetch(reinterpret_cast<const char*>(w.d + b) + GEMV_PREFETCH / 8, _MM_HINT_T0);         \
       }                                                                                                \
-      _mm_prefetch(reinterpret_cast<const char*>(w.d + b) + GEMV_PREFETCH / 8, _MM_HINT_T0);           \
       Unpacked u[8];                                                                                   \
       if (TYPE == Q8_0) {                                                                              \
         for (int j = 0; j < 8; ++j) u[j] = unpack_avx2<TYPE>(w.qs + (b + j) * QB);                     \

@@ -158,6 +158,52 @@ AVX2_TARGET inline float hsum(__m256 v) {
   return _mm_cvtss_f32(s);
 }
 
+// quantize_row on AVX2: the same int16 values, bytes, scales and integer sums; the fp32 sums (Q4_1's
+// min term) add in another order, 8 lanes and then across them.
+AVX2_TARGET void quantize_row_avx2(const float* x, int64_t k, int16_t* q, int8_t* hi, uint8_t* lo, float* scale,
+                                   float* sum, int32_t* qsum) {
+  const int64_t nb = k / 32, paired = nb / 2 * 2;
+  const __m256 sign = _mm256_set1_ps(-0.f);
+  const __m256i ff = _mm256_set1_epi16(0xff);
+  for (int64_t b = 0; b < nb; ++b) {
+    __m256 v[4];
+    for (int i = 0; i < 4; ++i) v[i] = _mm256_loadu_ps(x + b * 32 + 8 * i);
+    const __m256 mx = _mm256_max_ps(_mm256_max_ps(_mm256_andnot_ps(sign, v[0]), _mm256_andnot_ps(sign, v[1])),
+                                    _mm256_max_ps(_mm256_andnot_ps(sign, v[2]), _mm256_andnot_ps(sign, v[3])));
+    __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(mx), _mm256_extractf128_ps(mx, 1));
+    m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+    const float sc = _mm_cvtss_f32(_mm_max_ss(m4, _mm_movehdup_ps(m4))) / 32767.f;
+    const __m256 inv = _mm256_set1_ps(sc > 0.f ? 1.f / sc : 0.f);
+    __m256i qi[4];
+    for (int i = 0; i < 4; ++i) qi[i] = _mm256_cvtps_epi32(_mm256_mul_ps(v[i], inv));  // nearbyint
+    // packs interleaves the 128-bit lanes; the permute puts elements back in order
+    const __m256i q0 = _mm256_permute4x64_epi64(_mm256_packs_epi32(qi[0], qi[1]), 0xd8);  // elements 0-15
+    const __m256i q1 = _mm256_permute4x64_epi64(_mm256_packs_epi32(qi[2], qi[3]), 0xd8);  // 16-31
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(q + b * 32), q0);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(q + b * 32 + 16), q1);
+    const __m256i lb = _mm256_permute4x64_epi64(
+        _mm256_packus_epi16(_mm256_and_si256(q0, ff), _mm256_and_si256(q1, ff)), 0xd8);  // v & 0xff
+    const __m256i hb = _mm256_permute4x64_epi64(
+        _mm256_packs_epi16(_mm256_srai_epi16(q0, 8), _mm256_srai_epi16(q1, 8)), 0xd8);  // v >> 8
+    if (b < paired) {  // byte_slot's pair layout: elements 0-15 and 16-31 go 32 bytes apart
+      const int64_t at = byte_slot(b, 0);
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(lo + at), _mm256_castsi256_si128(lb));
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(lo + at + 32), _mm256_extracti128_si256(lb, 1));
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(hi + at), _mm256_castsi256_si128(hb));
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(hi + at + 32), _mm256_extracti128_si256(hb, 1));
+    } else {
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(lo + b * 32), lb);
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(hi + b * 32), hb);
+    }
+    scale[b] = sc;
+    sum[b] = hsum(_mm256_add_ps(_mm256_add_ps(v[0], v[1]), _mm256_add_ps(v[2], v[3])));
+    __m256i qs = _mm256_add_epi32(_mm256_add_epi32(qi[0], qi[1]), _mm256_add_epi32(qi[2], qi[3]));
+    __m128i q4 = _mm_add_epi32(_mm256_castsi256_si128(qs), _mm256_extracti128_si256(qs, 1));
+    q4 = _mm_hadd_epi32(q4, q4);
+    qsum[b] = _mm_cvtsi128_si32(_mm_hadd_epi32(q4, q4));
+  }
+}
+
 // A block's weights made ready for products, once for every activation row: Q8_0's 32 int8 widened
 // to int16 (two registers), or a 4-bit block's 32 nibbles in one register (elements 0-15 in the low lane).
 struct Unpacked {
@@ -658,7 +704,7 @@ void qproduct(const float* x, int64_t M, int64_t K, const std::vector<const uint
     auto* scale = reinterpret_cast<float*>(base + 4 * K);
     auto* sum = scale + nb;
     auto* qsum = reinterpret_cast<int32_t*>(sum + nb);
-    quantize_row(x + m * K, K, q, hi, lo, scale, sum, qsum);
+    (path == PORTABLE ? quantize_row : quantize_row_avx2)(x + m * K, K, q, hi, lo, scale, sum, qsum);
     rows[m] = {q, hi, lo, scale, sum, qsum};
   }
   at::parallel_for(0, N, 32, [&](int64_t begin, int64_t end) {

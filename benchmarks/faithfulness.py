@@ -92,7 +92,7 @@ def main() -> None:
     if peer:
         peer.close()
     summary = {"model": str(path), "kernels": simd_path(), "prompts": len(PROMPTS), "identical": same}
-    if args.peer:
+    if peer:
         summary["llamacpp_identical"] = peer_same
     print(json.dumps({**summary, "max_prefill_rel_err": worst_prefill, "max_decode_rel_err": worst_decode,
                       "per_prompt": rows}, indent=1))

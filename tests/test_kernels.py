@@ -217,4 +217,5 @@ def test_fast_transformer_step_matches_the_reference_forward(tables):
             torch.testing.assert_close(layer.attention.cache.v, v, rtol=1e-6, atol=1e-6)
         # one position shared by the batch, as generate passes it
         shared = torch.tensor([31])
-        torch.testing.assert_close(fast(tokens, shared), Transformer.forward(fast, tokens, shared), rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(fast(tokens, shared), Transformer.forward(fast, tokens, shared), rtol=1e-4,
+                                   atol=1e-4)

@@ -419,8 +419,8 @@ bool has_avx2() {
 }
 
 bool has_vnni() {
-  static const bool ok = has_avx2() && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512bw") &&
-                         __builtin_cpu_supports("avx512vnni");
+  static const bool ok = has_avx2() && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
+                         __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vnni");
   return ok;
 }
 
@@ -487,14 +487,12 @@ at::Tensor repack(const at::Tensor& w, int64_t type) {
 // exact integer arithmetic, scaled once per block; every row goes through the same operations in the
 // same order whatever the batch, so a row's result does not depend on the rows beside it.
 
-#define GEMM_TARGET __attribute__((target("avx2,fma,f16c,avx512f,avx512vl,avx512bw,avx512vnni")))
-
 constexpr int64_t GEMM_NR = 32;  // weight rows a tile: two registers of 16 lanes
 constexpr int64_t GEMM_MR = 6;   // activation rows a pass over the tile: 12 int32 + 12 fp32 accumulators
 constexpr int64_t GEMM_KB = 8;   // blocks a tile: 16 KB of int16 pairs, in L1 for every row
 
 // One row of x -> nb blocks of 16 int32 (pairs (q[j], q[j+16]) of int16), scales and fp32 sums.
-GEMM_TARGET void quantize_pairs(const float* x, int64_t nb, int32_t* q, float* scale, float* sum) {
+VNNI_TARGET void quantize_pairs(const float* x, int64_t nb, int32_t* q, float* scale, float* sum) {
   for (int64_t b = 0; b < nb; ++b) {
     const __m512 lo = _mm512_loadu_ps(x + b * 32), hi = _mm512_loadu_ps(x + b * 32 + 16);
     const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(lo), _mm512_abs_ps(hi)));
@@ -510,7 +508,7 @@ GEMM_TARGET void quantize_pairs(const float* x, int64_t nb, int32_t* q, float* s
 
 // 32 rows of 16 bytes, r[i] = [row i | row i + 16], transposed in place: r[j] = [byte j of rows 0-15 |
 // byte j of rows 16-31]. Four rounds of unpacks, each within 128-bit lanes.
-GEMM_TARGET inline void transpose_bytes(__m256i* r) {
+VNNI_TARGET inline void transpose_bytes(__m256i* r) {
   __m256i t[16], u[16];
   for (int i = 0; i < 8; ++i) {  // 16-bit units j: rows 2i, 2i+1 of byte j (t[2i]) or 8 + j (t[2i+1])
     t[2 * i] = _mm256_unpacklo_epi8(r[2 * i], r[2 * i + 1]);
@@ -535,7 +533,7 @@ GEMM_TARGET inline void transpose_bytes(__m256i* r) {
 }
 
 // 16 bytes at offset `at` of rows r and r + 16 (zeros past nr) in one register.
-GEMM_TARGET inline __m256i two_rows(const Packed* rows, int64_t nr, int64_t r, int64_t at) {
+VNNI_TARGET inline __m256i two_rows(const Packed* rows, int64_t nr, int64_t r, int64_t at) {
   const __m128i z = _mm_setzero_si128();
   const __m128i a = r < nr ? _mm_loadu_si128(reinterpret_cast<const __m128i*>(rows[r].qs + at)) : z;
   const __m128i b = r + 16 < nr ? _mm_loadu_si128(reinterpret_cast<const __m128i*>(rows[r + 16].qs + at)) : z;
@@ -545,7 +543,7 @@ GEMM_TARGET inline __m256i two_rows(const Packed* rows, int64_t nr, int64_t r, i
 // Blocks b0..b0+kb-1 of rows[0..nr) -> tile: block i's slot j at tile + (16 i + j) * 32, one int32 pair a
 // row (rows past nr zero); d (and Q4_1's m) as fp32 at dsc / msc + 32 i.
 template <int64_t TYPE>
-GEMM_TARGET void unpack_tile(const Packed* rows, int64_t nr, int64_t b0, int64_t kb, int32_t* tile, float* dsc,
+VNNI_TARGET void unpack_tile(const Packed* rows, int64_t nr, int64_t b0, int64_t kb, int32_t* tile, float* dsc,
                              float* msc) {
   constexpr int64_t QB = TYPE == Q8_0 ? 32 : 16;
   for (int64_t i = 0; i < kb; ++i) {
@@ -584,7 +582,7 @@ GEMM_TARGET void unpack_tile(const Packed* rows, int64_t nr, int64_t b0, int64_t
 // y[m, 0..nr) for MR activation rows against a tile of kb blocks: x, s and sum point at the rows'
 // first block of the tile, xstride / sstride apart; acc_in: start from y (a later tile of K, or add).
 template <int64_t TYPE, int MR>
-GEMM_TARGET void gemm_rows(const int32_t* tile, const float* dsc, const float* msc, int64_t kb, const int32_t* x,
+VNNI_TARGET void gemm_rows(const int32_t* tile, const float* dsc, const float* msc, int64_t kb, const int32_t* x,
                            int64_t xstride, const float* s, const float* sum, int64_t sstride, float* y, int64_t ldy,
                            int64_t nr, bool acc_in) {
   const __mmask16 k0 = nr >= 16 ? 0xffff : (1u << nr) - 1;
@@ -627,7 +625,7 @@ GEMM_TARGET void gemm_rows(const int32_t* tile, const float* dsc, const float* m
 
 // qproduct for M > MAX_ROWS on the VNNI path (see there for the arguments).
 template <int64_t TYPE>
-GEMM_TARGET void qgemm(const float* x, int64_t M, int64_t K, const std::vector<const uint8_t*>& bases,
+VNNI_TARGET void qgemm(const float* x, int64_t M, int64_t K, const std::vector<const uint8_t*>& bases,
                        const std::vector<int64_t>& starts, float* y, bool add) {
   const int64_t nb = K / 32, N = starts.back(), bb = block_bytes(TYPE);
   std::vector<int32_t> xq(M * nb * 16);

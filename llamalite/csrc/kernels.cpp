@@ -89,14 +89,24 @@ struct QRow {
   const int32_t* qsum;
 };
 
-// Where element i of block b goes in the byte arrays (hi, lo) of a quantized activation row: blocks
-// pair up (2p, 2p+1), and a pair's 64 bytes are block 2p's elements 0-15, block 2p+1's 0-15, then
-// block 2p's 16-31, block 2p+1's 16-31. That is the order of the nibbles in one 32-byte load of the
-// two blocks' weights (low nibbles, then high nibbles, each 16 bytes a block), so a pair unpacks with
-// one shift and two masks. The last block of an odd count stays in order.
-inline int64_t byte_slot(int64_t b, int64_t i) {
-  return (b / 2) * 64 + (i < 16 ? 0 : 32) + (b % 2) * 16 + (i % 16);
+// Where element i of block b goes in the byte arrays (hi, lo) of a quantized activation row of nb
+// blocks. Blocks group in fours (4q .. 4q+3): a quad's 128 bytes are its blocks' elements 0-15, block
+// after block, then their elements 16-31. That is the order of the nibbles in one 64-byte load of the
+// four blocks' weights (low nibbles, then high nibbles, 16 bytes a block), so a quad unpacks with one
+// shift and two masks, and each half of it is 32 bytes of pair (2p, 2p+1) for 256-bit registers.
+// After the last full quad, a pair of blocks takes the same order in 64 bytes; a last odd block stays
+// in order.
+inline int64_t byte_slot(int64_t b, int64_t i, int64_t nb) {
+  const int64_t quads = nb / 4 * 4;
+  if (b < quads) return (b / 4) * 128 + (i < 16 ? 0 : 64) + (b % 4) * 16 + (i % 16);
+  if (b < quads + (nb - quads) / 2 * 2) return quads * 32 + (i < 16 ? 0 : 32) + (b - quads) * 16 + (i % 16);
+  return b * 32 + i;
 }
+
+// Pair (b, b+1) of a quantized activation row, b even: its first byte in hi and lo, and how far its
+// elements 16-31 lie from its elements 0-15 (byte_slot).
+inline int64_t pair_half(int64_t b, int64_t nb) { return b < nb / 4 * 4 ? 64 : 32; }
+inline int64_t pair_start(int64_t b, int64_t nb) { return b < nb / 4 * 4 ? (b / 4) * 128 + (b % 4) * 16 : b * 32; }
 
 void quantize_row(const float* x, int64_t k, int16_t* q, int8_t* hi, uint8_t* lo, float* scale, float* sum,
                   int32_t* qsum) {
@@ -107,11 +117,10 @@ void quantize_row(const float* x, int64_t k, int16_t* q, int8_t* hi, uint8_t* lo
     const float sc = amax / 32767.f;
     const float inv = sc > 0.f ? 1.f / sc : 0.f;
     int32_t qs = 0;
-    const bool paired = b < k / 32 / 2 * 2;  // in a full pair of blocks (see pair_dot_*)
     for (int i = 0; i < 32; ++i) {
       const int v = static_cast<int>(std::nearbyint(xb[i] * inv));
       q[b * 32 + i] = static_cast<int16_t>(v);
-      const int64_t at = paired ? byte_slot(b, i) : b * 32 + i;
+      const int64_t at = byte_slot(b, i, k / 32);
       lo[at] = static_cast<uint8_t>(v & 0xff);
       hi[at] = static_cast<int8_t>((v - (v & 0xff)) >> 8);
       qs += v;
@@ -185,12 +194,12 @@ AVX2_TARGET void quantize_row_avx2(const float* x, int64_t k, int16_t* q, int8_t
         _mm256_packus_epi16(_mm256_and_si256(q0, ff), _mm256_and_si256(q1, ff)), 0xd8);  // v & 0xff
     const __m256i hb = _mm256_permute4x64_epi64(
         _mm256_packs_epi16(_mm256_srai_epi16(q0, 8), _mm256_srai_epi16(q1, 8)), 0xd8);  // v >> 8
-    if (b < paired) {  // byte_slot's pair layout: elements 0-15 and 16-31 go 32 bytes apart
-      const int64_t at = byte_slot(b, 0);
+    if (b < paired) {  // byte_slot: elements 0-15 and 16-31 go half a quad (or a pair) apart
+      const int64_t at = byte_slot(b, 0, nb), half = byte_slot(b, 16, nb) - at;
       _mm_storeu_si128(reinterpret_cast<__m128i*>(lo + at), _mm256_castsi256_si128(lb));
-      _mm_storeu_si128(reinterpret_cast<__m128i*>(lo + at + 32), _mm256_extracti128_si256(lb, 1));
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(lo + at + half), _mm256_extracti128_si256(lb, 1));
       _mm_storeu_si128(reinterpret_cast<__m128i*>(hi + at), _mm256_castsi256_si128(hb));
-      _mm_storeu_si128(reinterpret_cast<__m128i*>(hi + at + 32), _mm256_extracti128_si256(hb, 1));
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(hi + at + half), _mm256_extracti128_si256(hb, 1));
     } else {
       _mm256_storeu_si256(reinterpret_cast<__m256i*>(lo + b * 32), lb);
       _mm256_storeu_si256(reinterpret_cast<__m256i*>(hi + b * 32), hb);
@@ -236,7 +245,7 @@ AVX2_TARGET inline __m256i block_dot_avx2(const Unpacked& w, const QRow& x, int6
 }
 
 // Two consecutive 4-bit blocks in two registers: a = both blocks' elements 0-15 (block 2p in the low
-// lane), b = their elements 16-31: the byte order of quantize_row's pairs.
+// lane), b = their elements 16-31: the byte order of a quantized row's pairs (byte_slot).
 AVX2_TARGET inline Unpacked unpack_pair_avx2(const uint8_t* qs) {
   const __m256i q = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qs));
   const __m256i mask = _mm256_set1_epi8(0x0f);
@@ -246,39 +255,51 @@ AVX2_TARGET inline Unpacked unpack_pair_avx2(const uint8_t* qs) {
 // A pair's dot products with activation row x: [block 2p's 4 partial sums | block 2p+1's]. Byte
 // products as block_dot_avx2; the two halves' 16-bit sums are added before widening (each stays
 // below 2^15: 4 products of at most 15 x 255, or of 15 x 128).
-AVX2_TARGET inline __m256i pair_dot_avx2(const Unpacked& w, const QRow& x, int64_t b) {
-  const int64_t o = b * 32;  // the pair's first byte (b even)
+AVX2_TARGET inline __m256i pair_dot_avx2(const Unpacked& w, const QRow& x, int64_t b, int64_t nb) {
+  const int64_t o = pair_start(b, nb), h = pair_half(b, nb);
   const __m256i hi0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x.hi + o));
-  const __m256i hi1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x.hi + o + 32));
+  const __m256i hi1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x.hi + o + h));
   const __m256i lo0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x.lo + o));
-  const __m256i lo1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x.lo + o + 32));
+  const __m256i lo1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x.lo + o + h));
   const __m256i ph = _mm256_add_epi16(_mm256_maddubs_epi16(w.a, hi0), _mm256_maddubs_epi16(w.b, hi1));
   const __m256i pl = _mm256_add_epi16(_mm256_maddubs_epi16(lo0, w.a), _mm256_maddubs_epi16(lo1, w.b));
   return _mm256_add_epi32(_mm256_madd_epi16(ph, _mm256_set1_epi16(256)), _mm256_madd_epi16(pl, _mm256_set1_epi16(1)));
 }
 
 constexpr int64_t MAX_ROWS = 8;  // activation rows a weight row is unpacked for at once
-// Rows of at least GEMV_PREFETCH_BLOCKS blocks prefetch their weights GEMV_PREFETCH bytes ahead: from
-// about 8K elements a row (7B's down projection) they streamed at half the rate of shorter rows
-// without it; on shorter rows the hardware's prefetch does as well and the extra loads cost.
-constexpr int64_t GEMV_PREFETCH = 1024, GEMV_PREFETCH_BLOCKS = 256;
+// The dot products prefetch their weights GEMV_PREFETCH bytes ahead, into the rows after theirs:
+// the hardware's prefetch alone let one thread stream 16 GB/s from memory where a plain read loop
+// does 42 (Q4_0, 4096-wide rows); 1 KB ahead 17, 4 KB ahead 22, two threads 34 -> 43 GB/s.
+constexpr int64_t GEMV_PREFETCH = 4096;
+
+// Eight consecutive 4-bit blocks unpacked on AVX2 (four pairs), and their integer dot products with
+// an activation row: the eight blocks' sums in order. The pairs' partial sums are reduced by
+// horizontal adds (blocks 0 2 4 6 | 1 3 5 7), then put in order.
+struct Eight4Avx2 {
+  Unpacked u[4];
+  AVX2_TARGET static Eight4Avx2 load(const uint8_t* qs) {
+    Eight4Avx2 g;
+    for (int j = 0; j < 4; ++j) g.u[j] = unpack_pair_avx2(qs + 32 * j);
+    return g;
+  }
+  AVX2_TARGET __m256i dot(const QRow& x, int64_t b, int64_t nb) const {
+    const __m256i s = _mm256_hadd_epi32(_mm256_hadd_epi32(pair_dot_avx2(u[0], x, b, nb), pair_dot_avx2(u[1], x, b + 2, nb)),
+                                        _mm256_hadd_epi32(pair_dot_avx2(u[2], x, b + 4, nb), pair_dot_avx2(u[3], x, b + 6, nb)));
+    return _mm256_permutevar8x32_epi32(s, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+  }
+};
 
 // Dot products of one weight row with M <= MAX_ROWS activation rows, y[m * ystride] (or added to it:
 // add, a residual connection folded into the product that feeds it), on one ISA,
-// from that ISA's one-block dot product. Eight blocks are unpacked once for all rows; for each row,
-// their totals are reduced as they are made (few registers stay live) and scaled by eight scales at
-// once, then come the blocks that do not fill a group of eight. Each row goes through the same
-// operations in the same order whatever M is, so a row's result does not depend on its batch.
-// Stamped out once per ISA: each copy must be compiled for its own instruction set, so a template
-// alone cannot share it.
-#define LLAMALITE_DEFINE_DOT(TARGET, BLOCK_DOT, PAIR_DOT, NAME)                                        \
+// from that ISA's one-block and one-pair dot products and its EIGHT4 (eight 4-bit blocks at once).
+// Eight blocks are unpacked once for all rows; for each row, their integer sums come out in order and
+// are scaled by eight scales at once, then come the blocks that do not fill a group of eight. Each
+// block's sum is exact, and each row goes through the same operations in the same order whatever M
+// is, so a row's result depends neither on its batch nor on the ISA. Stamped out once per ISA: each
+// copy must be compiled for its own instruction set, so a template alone cannot share it.
+#define LLAMALITE_DEFINE_DOT(TARGET, BLOCK_DOT, PAIR_DOT, EIGHT4, NAME)                                \
   template <int64_t TYPE>                                                                              \
-  TARGET inline __m256i NAME##_8(const Unpacked* u, const QRow& x, int64_t b) {                        \
-    if (TYPE != Q8_0) { /* 4-bit: u holds 4 pairs; sums come out as blocks 0 2 4 6 | 1 3 5 7 */         \
-      const __m256i s = _mm256_hadd_epi32(_mm256_hadd_epi32(PAIR_DOT(u[0], x, b), PAIR_DOT(u[1], x, b + 2)), \
-                                          _mm256_hadd_epi32(PAIR_DOT(u[2], x, b + 4), PAIR_DOT(u[3], x, b + 6))); \
-      return _mm256_permutevar8x32_epi32(s, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));                \
-    }                                                                                                  \
+  TARGET inline __m256i NAME##_8(const Unpacked* u, const QRow& x, int64_t b) { /* Q8_0 */             \
     const __m256i h01 = _mm256_hadd_epi32(BLOCK_DOT<TYPE>(u[0], x, b), BLOCK_DOT<TYPE>(u[1], x, b + 1)); \
     const __m256i h23 = _mm256_hadd_epi32(BLOCK_DOT<TYPE>(u[2], x, b + 2), BLOCK_DOT<TYPE>(u[3], x, b + 3)); \
     const __m256i u0 = _mm256_hadd_epi32(h01, h23);                                                    \
@@ -302,22 +323,21 @@ constexpr int64_t GEMV_PREFETCH = 1024, GEMV_PREFETCH_BLOCKS = 256;
     for (int64_t m = 0; m < M; ++m) acc[m] = macc[m] = _mm256_setzero_ps();                            \
     int64_t b = 0;                                                                                     \
     for (; b + 8 <= nb; b += 8) {                                                                      \
-      if (nb >= GEMV_PREFETCH_BLOCKS) { /* long rows: the weights 1 KB ahead, the next row's included */ \
-        for (int64_t l = 0; l < 8 * QB; l += 64) {                                                     \
-          _mm_prefetch(reinterpret_cast<const char*>(w.qs + b * QB + l) + GEMV_PREFETCH, _MM_HINT_T0); \
-        }                                                                                              \
-        _mm_prefetch(reinterpret_cast<const char*>(w.d + b) + GEMV_PREFETCH / 8, _MM_HINT_T0);         \
+      for (int64_t l = 0; l < 8 * QB; l += 64) {                                                       \
+        _mm_prefetch(reinterpret_cast<const char*>(w.qs + b * QB + l) + GEMV_PREFETCH, _MM_HINT_T0);   \
       }                                                                                                \
+      _mm_prefetch(reinterpret_cast<const char*>(w.d + b) + GEMV_PREFETCH / 8, _MM_HINT_T0);           \
       Unpacked u[8];                                                                                   \
+      EIGHT4 g;                                                                                        \
       if (TYPE == Q8_0) {                                                                              \
         for (int j = 0; j < 8; ++j) u[j] = unpack_avx2<TYPE>(w.qs + (b + j) * QB);                     \
       } else {                                                                                         \
-        for (int j = 0; j < 4; ++j) u[j] = unpack_pair_avx2(w.qs + (b + 2 * j) * QB);                  \
+        g = EIGHT4::load(w.qs + b * QB);                                                               \
       }                                                                                                \
       const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w.d + b)));    \
       for (int64_t m = 0; m < M; ++m) {                                                                \
         const QRow& x = xs[m];                                                                         \
-        __m256i tot = NAME##_8<TYPE>(u, x, b);                                                         \
+        __m256i tot = TYPE == Q8_0 ? NAME##_8<TYPE>(u, x, b) : g.dot(x, b, nb);                        \
         if (TYPE == Q4_0) { /* (q - 8) . x = q . x - 8 * sum(x) */                                      \
           tot = _mm256_sub_epi32(tot, _mm256_slli_epi32(                                               \
               _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x.qsum + b)), 3));                   \
@@ -334,7 +354,7 @@ constexpr int64_t GEMV_PREFETCH = 1024, GEMV_PREFETCH_BLOCKS = 256;
       float tail = 0.f;                                                                                \
       int64_t t = b;                                                                                   \
       for (; TYPE != Q8_0 && t + 2 <= nb; t += 2) { /* pairs after the groups of 8 */                  \
-        __m256i h = PAIR_DOT(unpack_pair_avx2(w.qs + t * QB), x, t);                                   \
+        __m256i h = PAIR_DOT(unpack_pair_avx2(w.qs + t * QB), x, t, nb);                               \
         h = _mm256_hadd_epi32(h, h);                                                                   \
         h = _mm256_hadd_epi32(h, h); /* [block t's sum x4 | block t+1's x4] */                         \
         NAME##_add_block<TYPE>(tail, w, x, t, _mm256_cvtsi256_si32(h));                                \
@@ -360,7 +380,7 @@ constexpr int64_t GEMV_PREFETCH = 1024, GEMV_PREFETCH_BLOCKS = 256;
     }                                                                                                  \
   }
 
-LLAMALITE_DEFINE_DOT(AVX2_TARGET, block_dot_avx2, pair_dot_avx2, dot_avx2)
+LLAMALITE_DEFINE_DOT(AVX2_TARGET, block_dot_avx2, pair_dot_avx2, Eight4Avx2, dot_avx2)
 
 // ----- AVX-512 VNNI path (256-bit registers) -------------------------------------------------------
 // vpdpbusd multiplies unsigned by signed bytes and accumulates four products into each int32 lane:
@@ -378,17 +398,48 @@ VNNI_TARGET inline __m256i block_dot_vnni(const Unpacked& w, const QRow& x, int6
 }
 
 // A pair as pair_dot_avx2, on vpdpbusd: 256 * (q . hi) + q . lo, both halves accumulated in place.
-VNNI_TARGET inline __m256i pair_dot_vnni(const Unpacked& w, const QRow& x, int64_t b) {
-  const int64_t o = b * 32;
+VNNI_TARGET inline __m256i pair_dot_vnni(const Unpacked& w, const QRow& x, int64_t b, int64_t nb) {
+  const int64_t o = pair_start(b, nb), h = pair_half(b, nb);
   const __m256i hi0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x.hi + o));
-  const __m256i hi1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x.hi + o + 32));
+  const __m256i hi1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x.hi + o + h));
   const __m256i lo0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x.lo + o));
-  const __m256i lo1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x.lo + o + 32));
+  const __m256i lo1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x.lo + o + h));
   const __m256i ph = _mm256_dpbusd_epi32(_mm256_dpbusd_epi32(_mm256_setzero_si256(), w.a, hi0), w.b, hi1);
   return _mm256_dpbusd_epi32(_mm256_dpbusd_epi32(_mm256_slli_epi32(ph, 8), lo0, w.a), lo1, w.b);
 }
 
-LLAMALITE_DEFINE_DOT(VNNI_TARGET, block_dot_vnni, pair_dot_vnni, dot_vnni)
+// Eight 4-bit blocks on 512-bit registers: two quads, each one 64-byte load of weights whose low
+// nibbles meet the quad's first 64 activation bytes and high nibbles its last 64 (byte_slot). A quad
+// takes four vpdpbusd; its 16 lanes hold 4 partial sums a block, reduced with the other quad's in
+// three steps to the eight blocks' sums in order (the same integers as Eight4Avx2's).
+struct Eight4Vnni {
+  __m512i l0, h0, l1, h1;  // quad 0's low and high nibbles, quad 1's
+  VNNI_TARGET static Eight4Vnni load(const uint8_t* qs) {
+    const __m512i mask = _mm512_set1_epi8(0x0f);
+    const __m512i q0 = _mm512_loadu_si512(qs), q1 = _mm512_loadu_si512(qs + 64);
+    return {_mm512_and_si512(q0, mask), _mm512_and_si512(_mm512_srli_epi16(q0, 4), mask), _mm512_and_si512(q1, mask),
+            _mm512_and_si512(_mm512_srli_epi16(q1, 4), mask)};
+  }
+  // 256 * (q . hi) + q . lo over one quad, its first activation byte at o; hi and lo chains apart
+  VNNI_TARGET static __m512i quad(const __m512i& l, const __m512i& h, const QRow& x, int64_t o) {
+    const __m512i z = _mm512_setzero_si512();
+    const __m512i ph = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(z, l, _mm512_loadu_si512(x.hi + o)), h,
+                                           _mm512_loadu_si512(x.hi + o + 64));
+    const __m512i pl = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(z, _mm512_loadu_si512(x.lo + o), l),
+                                           _mm512_loadu_si512(x.lo + o + 64), h);
+    return _mm512_add_epi32(_mm512_slli_epi32(ph, 8), pl);
+  }
+  VNNI_TARGET __m256i dot(const QRow& x, int64_t b, int64_t) const {
+    const __m512i a = quad(l0, h0, x, b * 32), c = quad(l1, h1, x, b * 32 + 128);
+    // per 128-bit lane k: [a0+a2, c0+c2, a1+a3, c1+c3], then [block k, block 4+k, ...]
+    __m512i s = _mm512_add_epi32(_mm512_unpacklo_epi32(a, c), _mm512_unpackhi_epi32(a, c));
+    s = _mm512_add_epi32(s, _mm512_shuffle_epi32(s, _MM_PERM_BADC));
+    const __m512i order = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 0, 0, 0, 0, 0, 0, 0, 0);
+    return _mm512_castsi512_si256(_mm512_permutexvar_epi32(order, s));
+  }
+};
+
+LLAMALITE_DEFINE_DOT(VNNI_TARGET, block_dot_vnni, pair_dot_vnni, Eight4Vnni, dot_vnni)
 
 // One block to 32 floats.
 AVX2_TARGET void dequant_block_avx2(int64_t type, const Packed& w, int64_t b, float* out) {

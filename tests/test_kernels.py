@@ -10,10 +10,10 @@ from llamalite.quantized import KERNEL_TYPES, QuantLinear, kernels_available, si
 
 pytestmark = pytest.mark.skipif(not kernels_available(), reason="llamalite._kernels is not built")
 
-# (M, N, K), odd on purpose: K of 1, 2, 3, 8, 9, 18 (8 + 8 + 2) and 128 blocks; M past the GEMM's 6 rows a
-# pass, N past its 32 rows a tile
-SHAPES = [(1, 1, 32), (3, 17, 64), (8, 33, 96), (1, 5, 256), (2, 576, 576), (5, 250, 4096), (9, 17, 64),
-          (13, 70, 288), (40, 250, 576)]
+# (M, N, K), odd on purpose: K of 1, 2, 3, 7 (a quad of blocks, a pair, one), 8, 9, 15 (8 + 4 + 2 + 1),
+# 18 (8 + 8 + 2) and 128 blocks; M past the GEMM's 6 rows a pass, N past its 32 rows a tile
+SHAPES = [(1, 1, 32), (3, 17, 64), (8, 33, 96), (3, 19, 224), (1, 5, 256), (2, 23, 480), (2, 576, 576),
+          (5, 250, 4096), (9, 17, 64), (13, 70, 288), (40, 250, 576)]
 
 
 def _weights(type_name, n, k, seed=0):
@@ -92,6 +92,21 @@ def test_gemm_rows_do_not_depend_on_the_batch(type_name):
     assert torch.equal(joint[:, :45], full)
     assert torch.equal(joint[:, 45:], torch.ops.llamalite.qmatmul_path(x, parts[1], t, path))
 
+
+
+@pytest.mark.parametrize("type_name", sorted(KERNEL_TYPES))
+def test_dot_product_paths_agree_bit_for_bit(type_name):
+    """The AVX2 and AVX-512 dot products make the same exact block sums and scale them in the same
+    order: the same bits, in batches of one to eight rows and alone (decode on any x86 CPU)."""
+    if "avx512vnni" not in PATHS or "avx2" not in PATHS:
+        pytest.skip("this CPU lacks avx2 or avx512vnni")
+    t = KERNEL_TYPES[type_name]
+    for k in (224, 480, 576, 4096):  # 7, 15, 18 and 128 blocks
+        _, packed, _ = _weights(type_name, 37, k, seed=k)
+        x = torch.randn(8, k)
+        vnni = torch.ops.llamalite.qmatmul_path(x, packed, t, PATHS["avx512vnni"])
+        assert torch.equal(vnni, torch.ops.llamalite.qmatmul_path(x, packed, t, PATHS["avx2"]))
+        assert torch.equal(vnni[5:6], torch.ops.llamalite.qmatmul_path(x[5:6], packed, t, PATHS["avx512vnni"]))
 
 def test_bad_shapes_are_refused():
     raw, packed, _ = _weights("Q4_0", 4, 64)

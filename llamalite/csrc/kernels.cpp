@@ -20,6 +20,8 @@
 #include <ATen/Parallel.h>
 
 #include <immintrin.h>
+#include <sys/mman.h>
+#include <unistd.h>
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -516,6 +518,19 @@ void check_rows(const at::Tensor& w, int64_t type, int64_t K, const std::string&
 
 // ----- ops ---------------------------------------------------------------------------------------
 
+// Makes [p, p + n) private and writable in one call where the kernel can (Linux 5.14+): a copy-on-write
+// mapping of a file otherwise takes two page faults a page, a read and a copy, as it is rewritten
+// (7B: two million faults, 7 s of a 9 s load). Elsewhere a no-op; failure only costs that time.
+void populate_for_writing(uint8_t* p, int64_t n) {
+#ifdef __linux__
+  constexpr int kPopulateWrite = 23;  // MADV_POPULATE_WRITE, absent from older headers
+  const auto page = static_cast<uintptr_t>(sysconf(_SC_PAGESIZE));
+  const uintptr_t lo = reinterpret_cast<uintptr_t>(p) / page * page;
+  const uintptr_t hi = (reinterpret_cast<uintptr_t>(p) + n + page - 1) / page * page;
+  if (n > 0) madvise(reinterpret_cast<void*>(lo), hi - lo, kPopulateWrite);
+#endif
+}
+
 // GGUF rows (array of blocks) -> repacked rows (structure of arrays), in place, a row at a time.
 // In place, a copy-on-write mapping of the file turns into the weights without a second copy.
 void repack_(at::Tensor& w, int64_t type) {
@@ -524,6 +539,7 @@ void repack_(at::Tensor& w, int64_t type) {
   const int64_t sf = scale_fields(type);
   uint8_t* data = w.data_ptr<uint8_t>();
   at::parallel_for(0, N, 64, [&](int64_t begin, int64_t end) {
+    populate_for_writing(data + begin * nb * bb, (end - begin) * nb * bb);
     std::vector<uint8_t> row(nb * bb);
     for (int64_t n = begin; n < end; ++n) {
       uint8_t* o = data + n * nb * bb;

@@ -248,7 +248,7 @@ def load_gguf(path: Path, dtype: torch.dtype = torch.float32, quantized: bool = 
     block types are re-quantized to Q8_0 for the kernels; F32/F16/BF16 weights, or everything when
     `quantized` is False, are dequantized to `dtype`."""
     from .quantized import KERNEL_TYPES, REQUANT_TYPES, kernels_available, requantize_q8_0
-    from .quants import dequantize
+    from .quants import dequantize, q5_0_as_q8_0
 
     reader = open_gguf(path)
     meta = gguf_metadata(reader)
@@ -277,6 +277,9 @@ def load_gguf(path: Path, dtype: torch.dtype = torch.float32, quantized: bool = 
         types[t.tensor_type.name] += 1
         if quantized and t.tensor_type.name in KERNEL_TYPES and len(shape) == 2:
             blocks[meta_name] = (torch.from_numpy(t.data), t.tensor_type.name, False)
+            continue
+        if quantized and t.tensor_type.name == "Q5_0" and len(shape) == 2 and kernels_available():
+            blocks[meta_name] = (q5_0_as_q8_0(t.data, shape[0]), "Q8_0", False)  # exact, 34 bytes for 22
             continue
         try:
             w = dequantize(t.data, t.tensor_type.name, shape)

@@ -23,10 +23,11 @@ from .model import Attention, FeedForward, RMSNorm, Transformer, TransformerBloc
 from .quants import BLOCK, dequantize as dequantize_reference
 
 # ggml type ids of the block formats with a fused kernel
-KERNEL_TYPES = {"Q4_0": 2, "Q4_1": 3, "Q8_0": 8}
+KERNEL_TYPES = {"Q4_0": 2, "Q4_1": 3, "Q8_0": 8, "Q4_K": 12}
 # Lossy block types without a kernel of their own: re-quantized to Q8_0 at load to run on its kernel
-# (8-bit blocks on top of a 4-6-bit format add little error; fp32 would be 4x the memory and slower).
-REQUANT_TYPES = ("Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q6_K")
+# (8-bit blocks on top of a 5-6-bit format add little error; fp32 would be 4x the memory and slower).
+# Q5_0 is not among them: its values are Q8_0 values of the same scale, converted exactly at load.
+REQUANT_TYPES = ("Q5_1", "Q5_K", "Q6_K")
 GEMV_MAX_ROWS = 8  # up to this many activation rows use the fused dot-product kernel
 GEMM_TILE_BYTES = 4 << 20  # without the int16 GEMM, prefill dequantizes this much fp32 weight at a time
 QGEMM: bool | None = None  # whether more rows go to the int16 GEMM kernel (AVX-512 VNNI), set on first use

@@ -54,6 +54,17 @@ def _q5_0(blk):  # block_q5_0 { ggml_half d; uint8_t qh[4]; uint8_t qs[16]; }
     return (q - 16) * d
 
 
+def q5_0_as_q8_0(data: np.ndarray | torch.Tensor, rows: int) -> torch.Tensor:
+    """Q5_0 blocks -> the same values as Q8_0 blocks, exactly: d * (q - 16) with q - 16 in [-16, 15]
+    is a Q8_0 value of the same d. (rows, bytes) uint8 in GGUF order, 34 bytes a block for 22."""
+    blk = torch.as_tensor(data).reshape(-1, 22)
+    q = _nibbles(blk[:, 6:22]) + _bits(blk[:, 2:6], 32) * 16
+    out = torch.empty(blk.shape[0], 34, dtype=torch.uint8)
+    out[:, 0:2] = blk[:, 0:2]
+    out[:, 2:34] = (q - 16).to(torch.int8).view(torch.uint8)
+    return out.reshape(rows, -1)
+
+
 def _q5_1(blk):  # block_q5_1 { ggml_half d, m; uint8_t qh[4]; uint8_t qs[16]; }
     d, m = _f16(blk[:, 0:2]), _f16(blk[:, 2:4])
     q = _nibbles(blk[:, 8:24]) + _bits(blk[:, 4:8], 32) * 16

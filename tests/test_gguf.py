@@ -64,16 +64,17 @@ def test_every_type_loads_as_the_gguf_package_dequantizes_it(tmp_path, tensor_ty
     with torch.no_grad():
         expected_logits = expected_model(TOKENS)
         torch.testing.assert_close(lm.model(TOKENS), expected_logits, rtol=0, atol=0)
-    # The default load keeps Q4_0/Q4_1/Q8_0 in their blocks: same weights, kernel arithmetic. Other lossy
-    # block types are re-quantized to Q8_0 (ggml's rounding): within half a step (amax/127 per 32
-    # weights) of them, plus the fp16 rounding of the stored step (127 * 2^-11 of a step at most).
+    # The default load keeps Q4_0/Q4_1/Q8_0/Q4_K in their blocks: same weights, kernel arithmetic; Q5_0
+    # becomes Q8_0 of the same values. Other lossy block types are re-quantized to Q8_0 (ggml's
+    # rounding): within half a step (amax/127 per 32 weights) of them, plus the fp16 rounding of the
+    # stored step (127 * 2^-11 of a step at most).
     fast = load(path).model
     requant = tensor_type in REQUANT_TYPES
     for name, values in reference.items():
         module = fast.get_submodule(name.removesuffix(".weight"))
         if isinstance(module, (QuantLinear, QuantEmbedding)):
             weight = dequantize_rows(module.raw, module.type_name, module.packed)
-            assert module.type_name == ("Q8_0" if requant else tensor_type)
+            assert module.type_name == ("Q8_0" if requant or tensor_type == "Q5_0" else tensor_type)
         else:
             weight = module.weight
         if requant and values.dim() == 2:

@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from gguf import GGMLQuantizationType as T, quants as gq
 
 from llamalite.quantized import KERNEL_TYPES, QuantLinear, kernels_available, simd_path, simd_paths
+from tests.helpers import random_blocks
 
 pytestmark = pytest.mark.skipif(not kernels_available(), reason="llamalite._kernels is not built")
 
@@ -16,10 +17,23 @@ SHAPES = [(1, 1, 32), (3, 17, 64), (8, 33, 96), (3, 19, 224), (1, 5, 256), (2, 2
           (5, 250, 4096), (9, 17, 64), (13, 70, 288), (40, 250, 576)]
 
 
+def _k(type_name, k):
+    """k, or for Q4_K the whole super-blocks of 256 that hold it."""
+    return -(-k // 256) * 256 if type_name == "Q4_K" else k
+
+
 def _weights(type_name, n, k, seed=0):
-    """(GGUF rows, the same repacked for the kernels, the gguf package's dequantization)."""
-    w = np.random.default_rng(seed).standard_normal((n, k)).astype(np.float32) * 0.05
-    raw = gq.quantize(w, T[type_name])
+    """(GGUF rows, the same repacked for the kernels, the gguf package's dequantization). The gguf
+    package cannot quantize to Q4_K: its blocks are random bytes, d and dmin set so that weights are
+    about the size of the other types' (up to 63 * 15 steps of d)."""
+    if type_name == "Q4_K":
+        raw = random_blocks(type_name, n * k // 256, seed)
+        halves = np.random.default_rng(seed).uniform(0, 1e-4, size=(raw.shape[0], 2)).astype(np.float16)
+        raw[:, 0:4] = halves.view(np.uint8)
+        raw = raw.reshape(n, -1)
+    else:
+        w = np.random.default_rng(seed).standard_normal((n, k)).astype(np.float32) * 0.05
+        raw = gq.quantize(w, T[type_name])
     packed = torch.ops.llamalite.repack(torch.from_numpy(raw), KERNEL_TYPES[type_name])
     return torch.from_numpy(raw), packed, torch.from_numpy(gq.dequantize(raw, T[type_name]).astype(np.float32))
 
@@ -38,6 +52,7 @@ def test_the_best_path_is_chosen():
 def test_qmatmul_matches_dequantized_fp32(path, type_name, m, n, k):
     if path not in PATHS:
         pytest.skip(f"this CPU has no {path}")
+    k = _k(type_name, k)
     _, packed, w = _weights(type_name, n, k)
     x = torch.randn(m, k)
     got = torch.ops.llamalite.qmatmul_path(x, packed, KERNEL_TYPES[type_name], PATHS[path])
@@ -50,7 +65,7 @@ def test_qmatmul_matches_dequantized_fp32(path, type_name, m, n, k):
 
 @pytest.mark.parametrize("type_name", sorted(KERNEL_TYPES))
 def test_dequantize_op_is_exact(type_name):
-    _, packed, w = _weights(type_name, 37, 160)
+    _, packed, w = _weights(type_name, 37, _k(type_name, 160))
     torch.testing.assert_close(torch.ops.llamalite.dequantize(packed, KERNEL_TYPES[type_name]), w, rtol=0, atol=0)
 
 
@@ -64,15 +79,16 @@ def test_quant_linear_prefill_paths(type_name, gemm, monkeypatch):
     if gemm == "int16" and "avx512vnni-gemm" not in PATHS:
         pytest.skip("this CPU has no avx512vnni")
     monkeypatch.setattr(q, "QGEMM", gemm == "int16")
-    raw, _, w = _weights(type_name, 40, 128)
-    layer = QuantLinear(raw, type_name, 128)
+    k = _k(type_name, 128)
+    raw, _, w = _weights(type_name, 40, k)
+    layer = QuantLinear(raw, type_name, k)
     assert layer.packed
-    x = torch.randn(2, 9, 128)  # 18 rows
+    x = torch.randn(2, 9, k)  # 18 rows
     if gemm == "fp32":
         torch.testing.assert_close(layer(x), F.linear(x, w), rtol=0, atol=0)
     else:
         torch.testing.assert_close(layer(x), F.linear(x, w), rtol=1e-3, atol=1e-4)
-    small = torch.randn(1, 3, 128)  # 3 rows: the fused kernel
+    small = torch.randn(1, 3, k)  # 3 rows: the fused kernel
     torch.testing.assert_close(layer(small), F.linear(small, w), rtol=1e-3, atol=1e-4)
 
 
@@ -83,8 +99,9 @@ def test_gemm_rows_do_not_depend_on_the_batch(type_name):
     if "avx512vnni-gemm" not in PATHS:
         pytest.skip("this CPU has no avx512vnni")
     path, t = PATHS["avx512vnni-gemm"], KERNEL_TYPES[type_name]
-    parts = [_weights(type_name, n, 288, seed=n)[1] for n in (45, 7)]
-    x = torch.randn(40, 288)
+    k = _k(type_name, 288)
+    parts = [_weights(type_name, n, k, seed=n)[1] for n in (45, 7)]
+    x = torch.randn(40, k)
     full = torch.ops.llamalite.qmatmul_path(x, parts[0], t, path)
     for lo, hi in [(0, 1), (3, 12), (11, 24), (20, 40)]:
         assert torch.equal(torch.ops.llamalite.qmatmul_path(x[lo:hi], parts[0], t, path), full[lo:hi])
@@ -101,7 +118,7 @@ def test_dot_product_paths_agree_bit_for_bit(type_name):
     if "avx512vnni" not in PATHS or "avx2" not in PATHS:
         pytest.skip("this CPU lacks avx2 or avx512vnni")
     t = KERNEL_TYPES[type_name]
-    for k in (224, 480, 576, 4096):  # 7, 15, 18 and 128 blocks
+    for k in sorted({_k(type_name, k) for k in (224, 480, 576, 4096)}):  # 7, 15, 18 and 128 blocks
         _, packed, _ = _weights(type_name, 37, k, seed=k)
         x = torch.randn(8, k)
         vnni = torch.ops.llamalite.qmatmul_path(x, packed, t, PATHS["avx512vnni"])
@@ -180,8 +197,9 @@ def test_fast_attention_step_matches_the_model_attention(dim, n_heads, ctx_len):
 
 @pytest.mark.parametrize("type_name", sorted(KERNEL_TYPES))
 def test_qmatmul_multi_equals_separate_products(type_name):
-    parts = [_weights(type_name, n, 96, seed=n)[1] for n in (7, 33, 5)]
-    x = torch.randn(2, 96)
+    k = _k(type_name, 96)
+    parts = [_weights(type_name, n, k, seed=n)[1] for n in (7, 33, 5)]
+    x = torch.randn(2, k)
     joint = torch.ops.llamalite.qmatmul_multi(x, parts, KERNEL_TYPES[type_name])
     separate = torch.cat([torch.ops.llamalite.qmatmul(x, p, KERNEL_TYPES[type_name]) for p in parts], dim=1)
     torch.testing.assert_close(joint, separate, rtol=0, atol=0)

@@ -33,30 +33,56 @@
 
 namespace {
 
-enum QType : int64_t { Q4_0 = 2, Q4_1 = 3, Q8_0 = 8 };  // ggml type ids
+enum QType : int64_t { Q4_0 = 2, Q4_1 = 3, Q8_0 = 8, Q4_K = 12 };  // ggml type ids
 
+// Every type is handled in blocks of 32 elements here. A Q4_K super-block (256 elements, 144 bytes: d
+// and dmin as fp16, eight 6-bit scales and mins in 12 bytes, 128 bytes of nibbles) counts as eight
+// blocks of 18 bytes, whose scale is d * scale_j and min -dmin * min_j.
 int64_t block_bytes(int64_t t) {
   switch (t) {
     case Q4_0: return 18;
     case Q4_1: return 20;
     case Q8_0: return 34;
+    case Q4_K: return 18;
   }
-  TORCH_CHECK(false, "llamalite: unsupported ggml type ", t, " (supported: Q4_0=2, Q4_1=3, Q8_0=8)");
+  TORCH_CHECK(false, "llamalite: unsupported ggml type ", t, " (supported: Q4_0=2, Q4_1=3, Q8_0=8, Q4_K=12)");
 }
 
 inline int64_t quant_bytes(int64_t t) { return t == Q8_0 ? 32 : 16; }  // qs bytes a block
 inline int64_t scale_fields(int64_t t) { return t == Q4_1 ? 2 : 1; }  // halves a block: d (and m)
+inline int64_t elements_per_row_unit(int64_t t) { return t == Q4_K ? 256 : 32; }  // what K must divide by
 
-// A repacked row: nb scales d, nb mins m (Q4_1), then nb blocks of qs.
+// A repacked row: nb scales d, nb mins m (Q4_1), then nb blocks of qs. Q4_K: per super-block d, then
+// dmin, then its 12 bytes of scales and mins (sc), then the blocks' qs; each block's qs in Q4_0's
+// nibble order (byte i: element i low, i + 16 high) where the file keeps elements 0-31 of a 64-element
+// chunk in the low nibbles of its 32 bytes and 32-63 in the high ones.
 struct Packed {
   const uint16_t* d;
   const uint16_t* m;
   const uint8_t* qs;
+  const uint8_t* sc;
 };
 
 inline Packed packed_row(int64_t type, const uint8_t* row, int64_t nb) {
   const uint16_t* d = reinterpret_cast<const uint16_t*>(row);
-  return {d, d + nb, row + 2 * nb * scale_fields(type)};
+  if (type == Q4_K) {
+    const int64_t ns = nb / 8;
+    return {d, d + ns, row + 16 * ns, row + 4 * ns};
+  }
+  return {d, d + nb, row + 2 * nb * scale_fields(type), nullptr};
+}
+
+// Q4_K's eight 6-bit scales and mins of a super-block, as bytes in two words, from its 12 bytes: bytes
+// 0-3 hold scales 0-3 and 4-7 mins 0-3 in their low 6 bits; bytes 8-11 the low 4 bits of scales 4-7
+// (low nibble) and mins 4-7 (high nibble), whose top 2 bits are the top bits of bytes 0-3 and 4-7.
+inline void k4_scales(const uint8_t* q, uint64_t& sc, uint64_t& mn) {
+  uint32_t u0, u1, u2;
+  std::memcpy(&u0, q, 4);
+  std::memcpy(&u1, q + 4, 4);
+  std::memcpy(&u2, q + 8, 4);
+  const uint32_t low6 = 0x3f3f3f3f, low4 = 0x0f0f0f0f, low2 = 0x03030303;
+  sc = (u0 & low6) | static_cast<uint64_t>((u2 & low4) | (((u0 >> 6) & low2) << 4)) << 32;
+  mn = (u1 & low6) | static_cast<uint64_t>(((u2 >> 4) & low4) | (((u1 >> 6) & low2) << 4)) << 32;
 }
 
 inline float fp16_to_fp32(uint16_t h) {
@@ -146,14 +172,31 @@ int32_t block_dot_ref(int64_t type, const uint8_t* qs, const int16_t* xq) {
   return s;
 }
 
+// Block b's scale d and min m as fp32: its elements are q * d + m (Q4_0: m = -8 * d; Q8_0: m = 0).
+inline void block_scale_min(int64_t type, const Packed& w, int64_t b, float& d, float& m) {
+  if (type == Q4_K) {
+    uint64_t sc, mn;
+    k4_scales(w.sc + 12 * (b / 8), sc, mn);
+    d = fp16_to_fp32(w.d[b / 8]) * static_cast<float>((sc >> (8 * (b % 8))) & 0xff);
+    m = -fp16_to_fp32(w.m[b / 8]) * static_cast<float>((mn >> (8 * (b % 8))) & 0xff);
+    return;
+  }
+  d = fp16_to_fp32(w.d[b]);
+  m = type == Q4_1 ? fp16_to_fp32(w.m[b]) : type == Q4_0 ? -8.f * d : 0.f;
+}
+
+inline bool has_min(int64_t type) { return type == Q4_1 || type == Q4_K; }  // a min term: m * sum(x)
+
 float dot_ref(int64_t type, const Packed& w, const QRow& x, int64_t nb) {
   float acc = 0.f;
   const int64_t qb = quant_bytes(type);
   for (int64_t b = 0; b < nb; ++b) {
     int32_t s = block_dot_ref(type, w.qs + b * qb, x.q + b * 32);
     if (type == Q4_0) s -= 8 * x.qsum[b];
-    acc += fp16_to_fp32(w.d[b]) * x.scale[b] * s;
-    if (type == Q4_1) acc += fp16_to_fp32(w.m[b]) * x.sum[b];
+    float d, m;
+    block_scale_min(type, w, b, d, m);
+    acc += d * x.scale[b] * s;
+    if (has_min(type)) acc += m * x.sum[b];
   }
   return acc;
 }
@@ -314,6 +357,12 @@ struct Eight4Avx2 {
   /* adds block t's contribution from its integer dot product: scales, Q4_0's offset or Q4_1's min */ \
   template <int64_t TYPE>                                                                              \
   TARGET inline void NAME##_add_block(float& tail, const Packed& w, const QRow& x, int64_t t, int32_t tot) { \
+    if (TYPE == Q4_K) { /* never reached: its rows are whole super-blocks, groups of 8 */             \
+      float d, m;                                                                                      \
+      block_scale_min(TYPE, w, t, d, m);                                                               \
+      tail += d * x.scale[t] * tot + m * x.sum[t];                                                     \
+      return;                                                                                          \
+    }                                                                                                  \
     if (TYPE == Q4_0) tot -= 8 * x.qsum[t];                                                            \
     tail += _cvtsh_ss(w.d[t]) * x.scale[t] * tot;                                                      \
     if (TYPE == Q4_1) tail += _cvtsh_ss(w.m[t]) * x.sum[t];                                            \
@@ -336,7 +385,18 @@ struct Eight4Avx2 {
       } else {                                                                                         \
         g = EIGHT4::load(w.qs + b * QB);                                                               \
       }                                                                                                \
-      const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w.d + b)));    \
+      __m256 d, mn = _mm256_setzero_ps(); /* the 8 blocks' scales and mins */                            \
+      if (TYPE == Q4_K) { /* one super-block: d * scale_j, -dmin * min_j */                           \
+        uint64_t sc, mq;                                                                               \
+        k4_scales(w.sc + 12 * (b / 8), sc, mq);                                                        \
+        d = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_cvtsi64_si128(sc))),             \
+                          _mm256_set1_ps(_cvtsh_ss(w.d[b / 8])));                                      \
+        mn = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_cvtsi64_si128(mq))),            \
+                           _mm256_set1_ps(-_cvtsh_ss(w.m[b / 8])));                                    \
+      } else {                                                                                         \
+        d = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w.d + b)));               \
+        if (TYPE == Q4_1) mn = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w.m + b))); \
+      }                                                                                                \
       for (int64_t m = 0; m < M; ++m) {                                                                \
         const QRow& x = xs[m];                                                                         \
         __m256i tot = TYPE == Q8_0 ? NAME##_8<TYPE>(u, x, b) : g.dot(x, b, nb);                        \
@@ -345,10 +405,7 @@ struct Eight4Avx2 {
               _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x.qsum + b)), 3));                   \
         }                                                                                              \
         acc[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(tot), _mm256_mul_ps(d, _mm256_loadu_ps(x.scale + b)), acc[m]); \
-        if (TYPE == Q4_1) {                                                                            \
-          const __m256 mn = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w.m + b))); \
-          macc[m] = _mm256_fmadd_ps(mn, _mm256_loadu_ps(x.sum + b), macc[m]);                          \
-        }                                                                                              \
+        if (TYPE == Q4_1 || TYPE == Q4_K) macc[m] = _mm256_fmadd_ps(mn, _mm256_loadu_ps(x.sum + b), macc[m]); \
       }                                                                                                \
     }                                                                                                  \
     for (int64_t m = 0; m < M; ++m) {                                                                  \
@@ -394,6 +451,7 @@ struct Eight4Avx2 {
     switch (type) {                                                                                    \
       case Q8_0: return NAME##_rows<Q8_0>(w, xs, M, nb, y, ystride, add);                              \
       case Q4_1: return NAME##_rows<Q4_1>(w, xs, M, nb, y, ystride, add);                              \
+      case Q4_K: return NAME##_rows<Q4_K>(w, xs, M, nb, y, ystride, add);                              \
       default: return NAME##_rows<Q4_0>(w, xs, M, nb, y, ystride, add);                               \
     }                                                                                                  \
   }
@@ -461,7 +519,13 @@ LLAMALITE_DEFINE_DOT(VNNI_TARGET, block_dot_vnni, pair_dot_vnni, Eight4Vnni, dot
 
 // One block to 32 floats.
 AVX2_TARGET void dequant_block_avx2(int64_t type, const Packed& w, int64_t b, float* out) {
-  const float df = _cvtsh_ss(w.d[b]);
+  float df, mf;
+  if (type == Q4_K) {
+    block_scale_min(type, w, b, df, mf);
+  } else {
+    df = _cvtsh_ss(w.d[b]);
+    mf = type == Q4_1 ? _cvtsh_ss(w.m[b]) : -8.f * df;
+  }
   const __m256 d = _mm256_set1_ps(df);
   if (type == Q8_0) {
     for (int j = 0; j < 32; j += 8) {
@@ -473,7 +537,7 @@ AVX2_TARGET void dequant_block_avx2(int64_t type, const Packed& w, int64_t b, fl
   const __m128i q = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w.qs + b * 16));
   const __m128i mask = _mm_set1_epi8(0x0f);
   const __m128i lo = _mm_and_si128(q, mask), hi = _mm_and_si128(_mm_srli_epi16(q, 4), mask);
-  const __m256 m = _mm256_set1_ps(type == Q4_1 ? _cvtsh_ss(w.m[b]) : -8.f * df);
+  const __m256 m = _mm256_set1_ps(mf);
   const __m128i parts[4] = {lo, _mm_srli_si128(lo, 8), hi, _mm_srli_si128(hi, 8)};
   for (int j = 0; j < 4; ++j) {
     const __m256 v = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(parts[j]));
@@ -505,15 +569,17 @@ int64_t resolve_path(int64_t path) {
 void check_packed(const at::Tensor& w, int64_t type) {
   TORCH_CHECK(w.dim() == 2 && w.scalar_type() == at::kByte && w.is_contiguous(),
               "llamalite: weights must be a contiguous (N, bytes) uint8 tensor");
-  TORCH_CHECK(w.size(1) % block_bytes(type) == 0, "llamalite: a row of ", w.size(1),
-              " bytes is not a whole number of blocks of ", block_bytes(type));
+  const int64_t unit = block_bytes(type) * elements_per_row_unit(type) / 32;
+  TORCH_CHECK(w.size(1) % unit == 0, "llamalite: a row of ", w.size(1), " bytes is not a whole number of blocks of ",
+              unit);
 }
 
 // check_packed, and rows of K elements (K a multiple of 32); what names the weight in the error.
 void check_rows(const at::Tensor& w, int64_t type, int64_t K, const std::string& what) {
   check_packed(w, type);
-  TORCH_CHECK(K % 32 == 0 && w.size(1) == K / 32 * block_bytes(type), what, " has ", w.size(1),
-              " bytes a row, but K=", K, " needs ", K / 32 * block_bytes(type));
+  TORCH_CHECK(K % elements_per_row_unit(type) == 0 && w.size(1) == K / 32 * block_bytes(type), what, " has ",
+              w.size(1), " bytes a row, but K=", K, " needs ", K / 32 * block_bytes(type), " (and K a multiple of ",
+              elements_per_row_unit(type), ")");
 }
 
 // ----- ops ---------------------------------------------------------------------------------------
@@ -531,6 +597,24 @@ void populate_for_writing(uint8_t* p, int64_t n) {
 #endif
 }
 
+// ns Q4_K super-blocks as the file has them -> packed_row's layout (see Packed) at o.
+void repack_k4(const uint8_t* r, int64_t ns, uint8_t* o) {
+  for (int64_t s = 0; s < ns; ++s) {
+    const uint8_t* sb = r + 144 * s;
+    std::memcpy(o + 2 * s, sb, 2);                  // d
+    std::memcpy(o + 2 * ns + 2 * s, sb + 2, 2);     // dmin
+    std::memcpy(o + 4 * ns + 12 * s, sb + 4, 12);   // scales and mins
+    uint8_t* qs = o + 16 * ns + 128 * s;
+    for (int j = 0; j < 8; ++j) {  // block j: nibble j % 2 of the bytes of 64-element chunk j / 2
+      const uint8_t* chunk = sb + 16 + 32 * (j / 2);
+      const int shift = 4 * (j % 2);
+      for (int i = 0; i < 16; ++i) {
+        qs[16 * j + i] = static_cast<uint8_t>(((chunk[i] >> shift) & 0x0f) | (((chunk[i + 16] >> shift) & 0x0f) << 4));
+      }
+    }
+  }
+}
+
 // GGUF rows (array of blocks) -> repacked rows (structure of arrays), in place, a row at a time.
 // In place, a copy-on-write mapping of the file turns into the weights without a second copy.
 void repack_(at::Tensor& w, int64_t type) {
@@ -545,6 +629,10 @@ void repack_(at::Tensor& w, int64_t type) {
       uint8_t* o = data + n * nb * bb;
       std::memcpy(row.data(), o, nb * bb);
       const uint8_t* r = row.data();
+      if (type == Q4_K) {
+        repack_k4(r, nb / 8, o);
+        continue;
+      }
       for (int64_t b = 0; b < nb; ++b) {
         std::memcpy(o + 2 * b, r + b * bb, 2);                                   // d
         if (sf == 2) std::memcpy(o + 2 * nb + 2 * b, r + b * bb + 2, 2);         // m
@@ -632,6 +720,13 @@ VNNI_TARGET void unpack_tile(const Packed* rows, int64_t nr, int64_t b0, int64_t
   for (int64_t i = 0; i < kb; ++i) {
     const int64_t b = b0 + i;
     for (int64_t r = 0; r < GEMM_NR; ++r) {
+      if (TYPE == Q4_K) {
+        float d = 0.f, m = 0.f;
+        if (r < nr) block_scale_min(TYPE, rows[r], b, d, m);
+        dsc[32 * i + r] = d;
+        msc[32 * i + r] = m;
+        continue;
+      }
       dsc[32 * i + r] = r < nr ? _cvtsh_ss(rows[r].d[b]) : 0.f;
       if (TYPE == Q4_1) msc[32 * i + r] = r < nr ? _cvtsh_ss(rows[r].m[b]) : 0.f;
     }
@@ -693,7 +788,7 @@ VNNI_TARGET void gemm_rows(const int32_t* tile, const float* dsc, const float* m
       const __m512 sm = _mm512_set1_ps(s[m * sstride + i]);
       f[m][0] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(a[m][0]), _mm512_mul_ps(d0, sm), f[m][0]);
       f[m][1] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(a[m][1]), _mm512_mul_ps(d1, sm), f[m][1]);
-      if (TYPE == Q4_1) {
+      if (TYPE == Q4_1 || TYPE == Q4_K) {
         const __m512 xs = _mm512_set1_ps(sum[m * sstride + i]);
         f[m][0] = _mm512_fmadd_ps(_mm512_loadu_ps(msc + 32 * i), xs, f[m][0]);
         f[m][1] = _mm512_fmadd_ps(_mm512_loadu_ps(msc + 32 * i + 16), xs, f[m][1]);
@@ -769,6 +864,7 @@ void qproduct(const float* x, int64_t M, int64_t K, const std::vector<const uint
     switch (type) {
       case Q8_0: return qgemm<Q8_0>(x, M, K, bases, starts, y, add);
       case Q4_1: return qgemm<Q4_1>(x, M, K, bases, starts, y, add);
+      case Q4_K: return qgemm<Q4_K>(x, M, K, bases, starts, y, add);
       default: return qgemm<Q4_0>(x, M, K, bases, starts, y, add);
     }
   }
@@ -849,12 +945,12 @@ void dequant_row(int64_t type, const Packed& row, int64_t nb, float* out) {
       dequant_block_avx2(type, row, b, o);
       continue;
     }
-    const float d = fp16_to_fp32(row.d[b]);
+    float d, mn;
+    block_scale_min(type, row, b, d, mn);
     const uint8_t* qs = row.qs + b * qb;
     if (type == Q8_0) {
       for (int j = 0; j < 32; ++j) o[j] = reinterpret_cast<const int8_t*>(qs)[j] * d;
-    } else if (type == Q4_1) {
-      const float mn = fp16_to_fp32(row.m[b]);
+    } else if (has_min(type)) {
       for (int j = 0; j < 16; ++j) {
         o[j] = (qs[j] & 0x0f) * d + mn;
         o[j + 16] = (qs[j] >> 4) * d + mn;

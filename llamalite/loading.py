@@ -8,6 +8,7 @@ into a model built on the meta device, so nothing is allocated twice.
 from __future__ import annotations
 
 import json
+import mmap
 import re
 from contextlib import contextmanager
 from collections import Counter
@@ -231,12 +232,27 @@ def open_gguf(path: Path):
         @data.setter
         def data(self, value):
             self._data = value.view(np.ndarray)
+            self.file_map = getattr(value, "_mmap", None)  # the mmap.mmap object under the np.memmap
 
     try:
         return Reader(path, "c")  # copy-on-write: writable arrays, still read lazily
     except (ValueError, IndexError, KeyError, OverflowError, UnicodeDecodeError) as e:
         raise ModelFileError(f"{path} is not a readable GGUF file ({e}); it may be truncated or corrupt: "
                              f"download it again") from e
+
+
+def _drop_pages(reader, start: int, length: int) -> None:
+    """Unmaps the pages wholly inside bytes [start, start + length) of the file map from this process:
+    a tensor converted at load into a buffer of its own is not read again, and its pages would
+    otherwise count in the resident set for the life of the model (the page cache keeps them). Only
+    pages never written: the copy-on-write pages of in-place repacked neighbours are outside the range."""
+    mm = getattr(reader, "file_map", None)
+    if mm is None or not hasattr(mm, "madvise"):
+        return
+    lo = -(-start // mmap.PAGESIZE) * mmap.PAGESIZE
+    hi = (start + length) // mmap.PAGESIZE * mmap.PAGESIZE
+    if hi > lo:
+        mm.madvise(mmap.MADV_DONTNEED, lo, hi - lo)
 
 
 def gguf_metadata(reader) -> dict[str, Any]:
@@ -280,15 +296,16 @@ def load_gguf(path: Path, dtype: torch.dtype = torch.float32, quantized: bool = 
             continue
         if quantized and t.tensor_type.name == "Q5_0" and len(shape) == 2 and kernels_available():
             blocks[meta_name] = (q5_0_as_q8_0(t.data, shape[0]), "Q8_0", False)  # exact, 34 bytes for 22
+            _drop_pages(reader, t.data_offset, t.n_bytes)
             continue
         try:
-            w = dequantize(t.data, t.tensor_type.name, shape)
+            if quantized and t.tensor_type.name in REQUANT_TYPES and len(shape) == 2 and kernels_available():
+                blocks[meta_name] = (requantize_q8_0(t.data, t.tensor_type.name, shape), "Q8_0", True)
+                _drop_pages(reader, t.data_offset, t.n_bytes)
+            else:
+                weights[meta_name] = dequantize(t.data, t.tensor_type.name, shape)
         except ValueError as e:
             raise ModelFileError(f"{path}: tensor {name!r}: {e}") from e
-        if quantized and t.tensor_type.name in REQUANT_TYPES and len(shape) == 2 and kernels_available():
-            blocks[meta_name] = (requantize_q8_0(w), "Q8_0", True)
-        else:
-            weights[meta_name] = w
     model = build_model(cfg, weights, dtype, blocks)
     tokenizer = tokenizer_from_gguf(meta)
     template = meta.get("tokenizer.chat_template")

@@ -123,9 +123,18 @@ def pack(raw: torch.Tensor, type_name: str, in_place: bool = False) -> tuple[tor
     return raw, False
 
 
-def requantize_q8_0(w: torch.Tensor) -> torch.Tensor:
-    """fp32 (N, K) -> Q8_0 rows in the kernels' packed layout (needs the compiled kernels)."""
-    return torch.ops.llamalite.quantize_q8_0(w)
+def requantize_q8_0(data, type_name: str, shape: tuple[int, int], chunk_bytes: int = 16 << 20) -> torch.Tensor:
+    """Raw GGUF blocks of a (N, K) tensor -> Q8_0 rows in the kernels' packed layout (needs the compiled
+    kernels), through fp32 a few thousand rows at a time: the whole tensor in fp32 (a 49k-token
+    embedding: 113 MB, and as much again in the dequantization's temporaries) never exists at once."""
+    rows, k = shape
+    raw = torch.as_tensor(data).reshape(rows, -1)
+    out = torch.empty(rows, k // 32 * 34, dtype=torch.uint8)
+    step = max(1, chunk_bytes // (4 * k))
+    for r in range(0, rows, step):
+        part = dequantize_reference(raw[r:r + step], type_name, (min(step, rows - r), k))
+        out[r:r + step] = torch.ops.llamalite.quantize_q8_0(part)
+    return out
 
 
 def dequantize_rows(raw: torch.Tensor, type_name: str, packed: bool) -> torch.Tensor:

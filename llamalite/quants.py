@@ -58,10 +58,14 @@ def q5_0_as_q8_0(data: np.ndarray | torch.Tensor, rows: int) -> torch.Tensor:
     """Q5_0 blocks -> the same values as Q8_0 blocks, exactly: d * (q - 16) with q - 16 in [-16, 15]
     is a Q8_0 value of the same d. (rows, bytes) uint8 in GGUF order, 34 bytes a block for 22."""
     blk = torch.as_tensor(data).reshape(-1, 22)
-    q = _nibbles(blk[:, 6:22]) + _bits(blk[:, 2:6], 32) * 16
     out = torch.empty(blk.shape[0], 34, dtype=torch.uint8)
-    out[:, 0:2] = blk[:, 0:2]
-    out[:, 2:34] = (q - 16).to(torch.int8).view(torch.uint8)
+    step = 1 << 16  # blocks at a time: the temporaries stay a few MB
+    for b in range(0, blk.shape[0], step):
+        part = blk[b:b + step]
+        qs = part[:, 6:22]
+        q = torch.cat([qs & 0x0F, qs >> 4], dim=1) | (_bits(part[:, 2:6], 32) << 4)
+        out[b:b + step, 0:2] = part[:, 0:2]
+        out[b:b + step, 2:34] = (q.to(torch.int16) - 16).to(torch.int8).view(torch.uint8)
     return out.reshape(rows, -1)
 
 

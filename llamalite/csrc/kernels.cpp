@@ -3,12 +3,14 @@
 //   block_q4_0 { half d; uint8 qs[16]; }          x = (q - 8) * d
 //   block_q4_1 { half d; half m; uint8 qs[16]; }  x = q * d + m
 //   block_q8_0 { half d; int8 qs[32]; }           x = q * d
-// Low nibbles of qs hold elements 0-15 of a block, high nibbles 16-31.
+//   block_q4_K { half d, dmin; uint8 scales[12]; uint8 qs[128]; }  256 elements: 8 blocks of 32,
+//                                                  x = q * d * scale_j - dmin * min_j (6-bit scale_j, min_j)
+// Low nibbles of qs hold elements 0-15 of a block, high nibbles 16-31 (Q4_K: after the repack).
 //
 // At load, each weight row is repacked once from the file's array of blocks into a structure of
-// arrays: [d of every block][m of every block, Q4_1][qs of every block]. The row keeps its size; the
-// scales of 8 consecutive blocks then convert with one instruction, and the kernel reduces 8 blocks'
-// integer dot products together instead of paying a scale multiply per block.
+// arrays: [d of every block][m of every block, Q4_1][qs of every block] (Q4_K: see Packed). The row
+// keeps its size; the scales of 8 consecutive blocks then convert with one instruction, and the
+// kernel reduces 8 blocks' integer dot products together instead of paying a scale multiply per block.
 //
 // y[m, n] = sum_k x[m, k] * W[n, k]. Activations are quantized once per call to int16 with one fp32
 // scale per 32-element block (relative error ~1.5e-5, far closer to fp32 than llama.cpp's int8), so
@@ -328,8 +330,9 @@ struct Eight4Avx2 {
     return g;
   }
   AVX2_TARGET __m256i dot(const QRow& x, int64_t b, int64_t nb) const {
-    const __m256i s = _mm256_hadd_epi32(_mm256_hadd_epi32(pair_dot_avx2(u[0], x, b, nb), pair_dot_avx2(u[1], x, b + 2, nb)),
-                                        _mm256_hadd_epi32(pair_dot_avx2(u[2], x, b + 4, nb), pair_dot_avx2(u[3], x, b + 6, nb)));
+    const __m256i s01 = _mm256_hadd_epi32(pair_dot_avx2(u[0], x, b, nb), pair_dot_avx2(u[1], x, b + 2, nb));
+    const __m256i s23 = _mm256_hadd_epi32(pair_dot_avx2(u[2], x, b + 4, nb), pair_dot_avx2(u[3], x, b + 6, nb));
+    const __m256i s = _mm256_hadd_epi32(s01, s23);
     return _mm256_permutevar8x32_epi32(s, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
   }
 };

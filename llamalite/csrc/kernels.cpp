@@ -461,9 +461,10 @@ struct Eight4Avx2 {
 
 LLAMALITE_DEFINE_DOT(AVX2_TARGET, block_dot_avx2, pair_dot_avx2, Eight4Avx2, dot_avx2)
 
-// ----- AVX-512 VNNI path (256-bit registers) -------------------------------------------------------
+// ----- AVX-512 VNNI path ----------------------------------------------------------------------------
 // vpdpbusd multiplies unsigned by signed bytes and accumulates four products into each int32 lane:
-// two multiplies a 4-bit block instead of four, no widening step.
+// two multiplies a 4-bit block instead of four, no widening step. Groups of eight 4-bit blocks run on
+// 512-bit registers (Eight4Vnni), pairs and single blocks on 256-bit ones.
 
 #define VNNI_TARGET __attribute__((target("avx2,fma,f16c,avx512f,avx512vl,avx512bw,avx512vnni")))
 

@@ -23,11 +23,12 @@ from .model import Attention, FeedForward, RMSNorm, Transformer, TransformerBloc
 from .quants import BLOCK, dequantize as dequantize_reference
 
 # ggml type ids of the block formats with a fused kernel
-KERNEL_TYPES = {"Q4_0": 2, "Q4_1": 3, "Q8_0": 8, "Q4_K": 12}
+KERNEL_TYPES = {"Q4_0": 2, "Q4_1": 3, "Q8_0": 8, "Q4_K": 12, "Q6_K": 14}
+NO_GEMM_TYPES = ("Q6_K",)  # two scales a block: more rows than GEMV_MAX_ROWS take fp32 tiles
 # Lossy block types without a kernel of their own: re-quantized to Q8_0 at load to run on its kernel
-# (8-bit blocks on top of a 5-6-bit format add little error; fp32 would be 4x the memory and slower).
+# (8-bit blocks on top of a 5-bit format add little error; fp32 would be 4x the memory and slower).
 # Q5_0 is not among them: its values are Q8_0 values of the same scale, converted exactly at load.
-REQUANT_TYPES = ("Q5_1", "Q5_K", "Q6_K")
+REQUANT_TYPES = ("Q5_1", "Q5_K")
 GEMV_MAX_ROWS = 8  # up to this many activation rows use the fused dot-product kernel
 GEMM_TILE_BYTES = 4 << 20  # without the int16 GEMM, prefill dequantizes this much fp32 weight at a time
 QGEMM: bool | None = None  # whether more rows go to the int16 GEMM kernel (AVX-512 VNNI), set on first use
@@ -172,7 +173,8 @@ class QuantLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)
-        if self.packed and x.device.type == "cpu" and (x2.shape[0] <= GEMV_MAX_ROWS or _qgemm()):
+        if self.packed and x.device.type == "cpu" and (
+                x2.shape[0] <= GEMV_MAX_ROWS or (_qgemm() and self.type_name not in NO_GEMM_TYPES)):
             y = torch.ops.llamalite.qmatmul(x2, self.raw, KERNEL_TYPES[self.type_name])
         else:
             # Tiles of rows: dequantizing a 7B model's weights whole would write gigabytes per prefill.

@@ -18,18 +18,22 @@ SHAPES = [(1, 1, 32), (3, 17, 64), (8, 33, 96), (3, 19, 224), (1, 5, 256), (2, 2
 
 
 def _k(type_name, k):
-    """k, or for Q4_K the whole super-blocks of 256 that hold it."""
-    return -(-k // 256) * 256 if type_name == "Q4_K" else k
+    """k, or for the K-quants the whole super-blocks of 256 that hold it."""
+    return -(-k // 256) * 256 if type_name.endswith("_K") else k
 
 
 def _weights(type_name, n, k, seed=0):
     """(GGUF rows, the same repacked for the kernels, the gguf package's dequantization). The gguf
-    package cannot quantize to Q4_K: its blocks are random bytes, d and dmin set so that weights are
-    about the size of the other types' (up to 63 * 15 steps of d)."""
-    if type_name == "Q4_K":
+    package cannot quantize to the K-quants: their blocks are random bytes, d (and Q4_K's dmin) set so
+    that weights are about the size of the other types' (up to 63 * 15 steps of d for Q4_K, 128 * 32
+    for Q6_K)."""
+    if type_name.endswith("_K"):
         raw = random_blocks(type_name, n * k // 256, seed)
-        halves = np.random.default_rng(seed).uniform(0, 1e-4, size=(raw.shape[0], 2)).astype(np.float16)
-        raw[:, 0:4] = halves.view(np.uint8)
+        rng = np.random.default_rng(seed)
+        if type_name == "Q4_K":
+            raw[:, 0:4] = rng.uniform(0, 1e-4, size=(raw.shape[0], 2)).astype(np.float16).view(np.uint8)
+        else:
+            raw[:, 208:210] = rng.uniform(0, 2e-5, size=(raw.shape[0], 1)).astype(np.float16).view(np.uint8)
         raw = raw.reshape(n, -1)
     else:
         w = np.random.default_rng(seed).standard_normal((n, k)).astype(np.float32) * 0.05

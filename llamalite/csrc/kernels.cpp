@@ -35,43 +35,58 @@
 
 namespace {
 
-enum QType : int64_t { Q4_0 = 2, Q4_1 = 3, Q8_0 = 8, Q4_K = 12 };  // ggml type ids
+enum QType : int64_t { Q4_0 = 2, Q4_1 = 3, Q8_0 = 8, Q4_K = 12, Q6_K = 14 };  // ggml type ids
 
 // Every type is handled in blocks of 32 elements here. A Q4_K super-block (256 elements, 144 bytes: d
 // and dmin as fp16, eight 6-bit scales and mins in 12 bytes, 128 bytes of nibbles) counts as eight
-// blocks of 18 bytes, whose scale is d * scale_j and min -dmin * min_j.
-int64_t block_bytes(int64_t t) {
+// blocks whose scale is d * scale_j and min -dmin * min_j. A Q6_K super-block (256 elements, 210
+// bytes: 6-bit values less 32, an int8 scale per 16 elements, d) as eight blocks with two scales
+// each, d * scale for elements 0-15 and for 16-31.
+inline bool k_quant(int64_t t) { return t == Q4_K || t == Q6_K; }
+inline int64_t elements_per_row_unit(int64_t t) { return k_quant(t) ? 256 : 32; }  // what K must divide by
+
+// Bytes of a block, or of a K-quant's super-block.
+int64_t unit_bytes(int64_t t) {
   switch (t) {
     case Q4_0: return 18;
     case Q4_1: return 20;
     case Q8_0: return 34;
-    case Q4_K: return 18;
+    case Q4_K: return 144;
+    case Q6_K: return 210;
   }
-  TORCH_CHECK(false, "llamalite: unsupported ggml type ", t, " (supported: Q4_0=2, Q4_1=3, Q8_0=8, Q4_K=12)");
+  TORCH_CHECK(false, "llamalite: unsupported ggml type ", t,
+              " (supported: Q4_0=2, Q4_1=3, Q8_0=8, Q4_K=12, Q6_K=14)");
 }
+
+// Bytes of a row of nb 32-element blocks, and blocks of a row of so many bytes.
+inline int64_t row_bytes(int64_t t, int64_t nb) { return nb * 32 / elements_per_row_unit(t) * unit_bytes(t); }
+inline int64_t row_blocks(int64_t t, int64_t bytes) { return bytes / unit_bytes(t) * elements_per_row_unit(t) / 32; }
 
 inline int64_t quant_bytes(int64_t t) { return t == Q8_0 ? 32 : 16; }  // qs bytes a block
 inline int64_t scale_fields(int64_t t) { return t == Q4_1 ? 2 : 1; }  // halves a block: d (and m)
-inline int64_t elements_per_row_unit(int64_t t) { return t == Q4_K ? 256 : 32; }  // what K must divide by
 
 // A repacked row: nb scales d, nb mins m (Q4_1), then nb blocks of qs. Q4_K: per super-block d, then
 // dmin, then its 12 bytes of scales and mins (sc), then the blocks' qs; each block's qs in Q4_0's
 // nibble order (byte i: element i low, i + 16 high) where the file keeps elements 0-31 of a 64-element
-// chunk in the low nibbles of its 32 bytes and 32-63 in the high ones.
+// chunk in the low nibbles of its 32 bytes and 32-63 in the high ones. Q6_K: per super-block d, then
+// its 16 scales (sc: those of the blocks' elements 0-15, then of 16-31), then the top 2 bits of its
+// values (hb, 64 bytes), then the low 4 bits as qs in Q4_0's nibble order. In hb a super-block's two
+// quads of blocks take 32 bytes each: byte k of the first 16 holds, in bits 2t and 2t+1, the top bits
+// of element k of the quad's block t, byte k of the next 16 those of element 16 + k.
 struct Packed {
   const uint16_t* d;
   const uint16_t* m;
   const uint8_t* qs;
   const uint8_t* sc;
+  const uint8_t* hb;
 };
 
 inline Packed packed_row(int64_t type, const uint8_t* row, int64_t nb) {
   const uint16_t* d = reinterpret_cast<const uint16_t*>(row);
-  if (type == Q4_K) {
-    const int64_t ns = nb / 8;
-    return {d, d + ns, row + 16 * ns, row + 4 * ns};
-  }
-  return {d, d + nb, row + 2 * nb * scale_fields(type), nullptr};
+  const int64_t ns = nb / 8;
+  if (type == Q4_K) return {d, d + ns, row + 16 * ns, row + 4 * ns, nullptr};
+  if (type == Q6_K) return {d, nullptr, row + 82 * ns, row + 2 * ns, row + 18 * ns};
+  return {d, d + nb, row + 2 * nb * scale_fields(type), nullptr, nullptr};
 }
 
 // Q4_K's eight 6-bit scales and mins of a super-block, as bytes in two words, from its 12 bytes: bytes
@@ -117,6 +132,7 @@ struct QRow {
   const float* scale;
   const float* sum;
   const int32_t* qsum;
+  const int32_t* qsum16;  // the integer sum of each block's elements 0-15 (Q6_K's -32 offset)
 };
 
 // Where element i of block b goes in the byte arrays (hi, lo) of a quantized activation row of nb
@@ -139,7 +155,7 @@ inline int64_t pair_half(int64_t b, int64_t nb) { return b < nb / 4 * 4 ? 64 : 3
 inline int64_t pair_start(int64_t b, int64_t nb) { return b < nb / 4 * 4 ? (b / 4) * 128 + (b % 4) * 16 : b * 32; }
 
 void quantize_row(const float* x, int64_t k, int16_t* q, int8_t* hi, uint8_t* lo, float* scale, float* sum,
-                  int32_t* qsum) {
+                  int32_t* qsum, int32_t* qsum16) {
   for (int64_t b = 0; b < k / 32; ++b) {
     const float* xb = x + b * 32;
     float amax = 0.f, s = 0.f;
@@ -154,6 +170,7 @@ void quantize_row(const float* x, int64_t k, int16_t* q, int8_t* hi, uint8_t* lo
       lo[at] = static_cast<uint8_t>(v & 0xff);
       hi[at] = static_cast<int8_t>((v - (v & 0xff)) >> 8);
       qs += v;
+      if (i == 15) qsum16[b] = qs;
     }
     scale[b] = sc;
     sum[b] = s;
@@ -189,10 +206,26 @@ inline void block_scale_min(int64_t type, const Packed& w, int64_t b, float& d, 
 
 inline bool has_min(int64_t type) { return type == Q4_1 || type == Q4_K; }  // a min term: m * sum(x)
 
+// Q6_K: element i of block b as stored (0-63; its value is (q - 32) times q6_scale), and the scale
+// d * scale of the block's elements 0-15 (half 0) or 16-31 (half 1).
+inline int q6_value(const Packed& w, int64_t b, int i) {
+  const int nib = i < 16 ? w.qs[16 * b + i] & 0x0f : w.qs[16 * b + i - 16] >> 4;
+  const uint8_t top = w.hb[64 * (b / 8) + 32 * (b % 8 / 4) + 16 * (i / 16) + i % 16];
+  return nib | (((top >> (2 * (b % 4))) & 3) << 4);
+}
+inline float q6_scale(const Packed& w, int64_t b, int half) {
+  return fp16_to_fp32(w.d[b / 8]) * static_cast<float>(static_cast<int8_t>(w.sc[16 * (b / 8) + 8 * half + b % 8]));
+}
+
 float dot_ref(int64_t type, const Packed& w, const QRow& x, int64_t nb) {
   float acc = 0.f;
   const int64_t qb = quant_bytes(type);
-  for (int64_t b = 0; b < nb; ++b) {
+  for (int64_t b = 0; type == Q6_K && b < nb; ++b) {
+    int32_t s[2] = {0, 0};
+    for (int i = 0; i < 32; ++i) s[i / 16] += (q6_value(w, b, i) - 32) * x.q[b * 32 + i];
+    acc += q6_scale(w, b, 0) * x.scale[b] * s[0] + q6_scale(w, b, 1) * x.scale[b] * s[1];
+  }
+  for (int64_t b = 0; type != Q6_K && b < nb; ++b) {
     int32_t s = block_dot_ref(type, w.qs + b * qb, x.q + b * 32);
     if (type == Q4_0) s -= 8 * x.qsum[b];
     float d, m;
@@ -217,7 +250,7 @@ AVX2_TARGET inline float hsum(__m256 v) {
 // quantize_row on AVX2: the same int16 values, bytes, scales and integer sums; the fp32 sums (Q4_1's
 // min term) add in another order, 8 lanes and then across them.
 AVX2_TARGET void quantize_row_avx2(const float* x, int64_t k, int16_t* q, int8_t* hi, uint8_t* lo, float* scale,
-                                   float* sum, int32_t* qsum) {
+                                   float* sum, int32_t* qsum, int32_t* qsum16) {
   const int64_t nb = k / 32, paired = nb / 2 * 2;
   const __m256 sign = _mm256_set1_ps(-0.f);
   const __m256i ff = _mm256_set1_epi16(0xff);
@@ -253,10 +286,13 @@ AVX2_TARGET void quantize_row_avx2(const float* x, int64_t k, int16_t* q, int8_t
     }
     scale[b] = sc;
     sum[b] = hsum(_mm256_add_ps(_mm256_add_ps(v[0], v[1]), _mm256_add_ps(v[2], v[3])));
-    __m256i qs = _mm256_add_epi32(_mm256_add_epi32(qi[0], qi[1]), _mm256_add_epi32(qi[2], qi[3]));
-    __m128i q4 = _mm_add_epi32(_mm256_castsi256_si128(qs), _mm256_extracti128_si256(qs, 1));
-    q4 = _mm_hadd_epi32(q4, q4);
-    qsum[b] = _mm_cvtsi128_si32(_mm_hadd_epi32(q4, q4));
+    const __m256i q01 = _mm256_add_epi32(qi[0], qi[1]), q23 = _mm256_add_epi32(qi[2], qi[3]);
+    __m128i q4 = _mm_add_epi32(_mm256_castsi256_si128(q01), _mm256_extracti128_si256(q01, 1));
+    __m128i h4 = _mm_add_epi32(_mm256_castsi256_si128(q23), _mm256_extracti128_si256(q23, 1));
+    q4 = _mm_hadd_epi32(q4, h4);  // [lo lo hi hi]
+    q4 = _mm_hadd_epi32(q4, q4);  // [lo hi lo hi]
+    qsum16[b] = _mm_cvtsi128_si32(q4);
+    qsum[b] = qsum16[b] + _mm_extract_epi32(q4, 1);
   }
 }
 
@@ -337,6 +373,51 @@ struct Eight4Avx2 {
   }
 };
 
+// Q6_K's top 2 bits of two blocks of a quad (t0, t0 + 1), from the quad's 16 bytes of them for one
+// half of each block, at bits 4-5 of the bytes of a pair register (Unpacked's a or b).
+AVX2_TARGET inline __m256i six_top_avx2(const uint8_t* hb, int t0) {
+  const __m256i v = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(hb)));
+  const __m256i shifted = _mm256_srlv_epi32(v, _mm256_setr_epi32(2 * t0, 2 * t0, 2 * t0, 2 * t0, 2 * t0 + 2,
+                                                                  2 * t0 + 2, 2 * t0 + 2, 2 * t0 + 2));
+  return _mm256_and_si256(_mm256_slli_epi32(shifted, 4), _mm256_set1_epi8(0x30));
+}
+
+// Eight Q6_K blocks (a super-block) on AVX2: four pairs of 6-bit values (nibbles and top bits), and
+// their integer dot products with an activation row as two sums a block, of elements 0-15 and 16-31.
+struct Eight6Avx2 {
+  Unpacked u[4];
+  AVX2_TARGET static Eight6Avx2 load(const uint8_t* qs, const uint8_t* hb) {
+    Eight6Avx2 g;
+    for (int j = 0; j < 4; ++j) {
+      g.u[j] = unpack_pair_avx2(qs + 32 * j);
+      g.u[j].a = _mm256_or_si256(g.u[j].a, six_top_avx2(hb + 32 * (j / 2), 2 * (j % 2)));
+      g.u[j].b = _mm256_or_si256(g.u[j].b, six_top_avx2(hb + 32 * (j / 2) + 16, 2 * (j % 2)));
+    }
+    return g;
+  }
+  // 256 * (q . hi) + q . lo of one half of a pair: [block 2p's 4 partial sums | block 2p+1's]
+  AVX2_TARGET static __m256i half(const __m256i& q, const QRow& x, int64_t o) {
+    const __m256i hi = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x.hi + o));
+    const __m256i lo = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x.lo + o));
+    return _mm256_add_epi32(_mm256_madd_epi16(_mm256_maddubs_epi16(q, hi), _mm256_set1_epi16(256)),
+                            _mm256_madd_epi16(_mm256_maddubs_epi16(lo, q), _mm256_set1_epi16(1)));
+  }
+  AVX2_TARGET static __m256i in_order(const __m256i* p) {
+    const __m256i s = _mm256_hadd_epi32(_mm256_hadd_epi32(p[0], p[1]), _mm256_hadd_epi32(p[2], p[3]));
+    return _mm256_permutevar8x32_epi32(s, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+  }
+  AVX2_TARGET void dot(const QRow& x, int64_t b, int64_t nb, __m256i& lo, __m256i& hi) const {
+    __m256i pl[4], ph[4];
+    for (int j = 0; j < 4; ++j) {
+      const int64_t o = pair_start(b + 2 * j, nb), h = pair_half(b + 2 * j, nb);
+      pl[j] = half(u[j].a, x, o);
+      ph[j] = half(u[j].b, x, o + h);
+    }
+    lo = in_order(pl);
+    hi = in_order(ph);
+  }
+};
+
 // Dot products of one weight row with M <= MAX_ROWS activation rows, y[m * ystride] (or added to it:
 // add, a residual connection folded into the product that feeds it), on one ISA,
 // from that ISA's one-block and one-pair dot products and its EIGHT4 (eight 4-bit blocks at once).
@@ -345,7 +426,7 @@ struct Eight4Avx2 {
 // block's sum is exact, and each row goes through the same operations in the same order whatever M
 // is, so a row's result depends neither on its batch nor on the ISA. Stamped out once per ISA: each
 // copy must be compiled for its own instruction set, so a template alone cannot share it.
-#define LLAMALITE_DEFINE_DOT(TARGET, BLOCK_DOT, PAIR_DOT, EIGHT4, NAME)                                \
+#define LLAMALITE_DEFINE_DOT(TARGET, BLOCK_DOT, PAIR_DOT, EIGHT4, EIGHT6, NAME)                        \
   template <int64_t TYPE>                                                                              \
   TARGET inline __m256i NAME##_8(const Unpacked* u, const QRow& x, int64_t b) { /* Q8_0 */             \
     const __m256i h01 = _mm256_hadd_epi32(BLOCK_DOT<TYPE>(u[0], x, b), BLOCK_DOT<TYPE>(u[1], x, b + 1)); \
@@ -381,6 +462,27 @@ struct Eight4Avx2 {
         _mm_prefetch(reinterpret_cast<const char*>(w.qs + b * QB + l) + GEMV_PREFETCH, _MM_HINT_T0);   \
       }                                                                                                \
       _mm_prefetch(reinterpret_cast<const char*>(w.d + b) + GEMV_PREFETCH / 8, _MM_HINT_T0);           \
+      if (TYPE == Q6_K) { /* one super-block, two scales a block: elements 0-15's and 16-31's */      \
+        const EIGHT6 g6 = EIGHT6::load(w.qs + b * QB, w.hb + 8 * b);                                   \
+        const __m256 d = _mm256_set1_ps(_cvtsh_ss(w.d[b / 8]));                                        \
+        const __m256 dl = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(                       \
+            _mm_loadl_epi64(reinterpret_cast<const __m128i*>(w.sc + 2 * b)))), d);                     \
+        const __m256 dh = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(                       \
+            _mm_loadl_epi64(reinterpret_cast<const __m128i*>(w.sc + 2 * b + 8)))), d);                 \
+        for (int64_t m = 0; m < M; ++m) {                                                              \
+          const QRow& x = xs[m];                                                                       \
+          __m256i tl, th;                                                                              \
+          g6.dot(x, b, nb, tl, th);                                                                    \
+          const __m256i q16 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x.qsum16 + b));      \
+          const __m256i q32 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x.qsum + b));        \
+          tl = _mm256_sub_epi32(tl, _mm256_slli_epi32(q16, 5)); /* (q - 32) . x */                    \
+          th = _mm256_sub_epi32(th, _mm256_slli_epi32(_mm256_sub_epi32(q32, q16), 5));                 \
+          const __m256 xsc = _mm256_loadu_ps(x.scale + b);                                             \
+          acc[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(tl), _mm256_mul_ps(dl, xsc), acc[m]);            \
+          acc[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(th), _mm256_mul_ps(dh, xsc), acc[m]);            \
+        }                                                                                              \
+        continue;                                                                                      \
+      }                                                                                                \
       Unpacked u[8];                                                                                   \
       EIGHT4 g;                                                                                        \
       if (TYPE == Q8_0) {                                                                              \
@@ -415,14 +517,14 @@ struct Eight4Avx2 {
       const QRow& x = xs[m];                                                                           \
       float tail = 0.f;                                                                                \
       int64_t t = b;                                                                                   \
-      for (; TYPE != Q8_0 && t + 2 <= nb; t += 2) { /* pairs after the groups of 8 */                  \
+      for (; TYPE != Q8_0 && TYPE != Q6_K && t + 2 <= nb; t += 2) { /* pairs after the groups of 8 */  \
         __m256i h = PAIR_DOT(unpack_pair_avx2(w.qs + t * QB), x, t, nb);                               \
         h = _mm256_hadd_epi32(h, h);                                                                   \
         h = _mm256_hadd_epi32(h, h); /* [block t's sum x4 | block t+1's x4] */                         \
         NAME##_add_block<TYPE>(tail, w, x, t, _mm256_cvtsi256_si32(h));                                \
         NAME##_add_block<TYPE>(tail, w, x, t + 1, _mm_cvtsi128_si32(_mm256_extracti128_si256(h, 1))); \
       }                                                                                                \
-      for (; t < nb; ++t) {                                                                            \
+      for (; TYPE != Q6_K && t < nb; ++t) { /* (Q6_K and Q4_K rows are whole groups of 8) */           \
         const __m256i s = BLOCK_DOT<TYPE>(unpack_avx2<TYPE>(w.qs + t * QB), x, t);                     \
         __m128i h = _mm_add_epi32(_mm256_castsi256_si128(s), _mm256_extracti128_si256(s, 1));          \
         h = _mm_hadd_epi32(h, h);                                                                      \
@@ -455,11 +557,12 @@ struct Eight4Avx2 {
       case Q8_0: return NAME##_rows<Q8_0>(w, xs, M, nb, y, ystride, add);                              \
       case Q4_1: return NAME##_rows<Q4_1>(w, xs, M, nb, y, ystride, add);                              \
       case Q4_K: return NAME##_rows<Q4_K>(w, xs, M, nb, y, ystride, add);                              \
+      case Q6_K: return NAME##_rows<Q6_K>(w, xs, M, nb, y, ystride, add);                              \
       default: return NAME##_rows<Q4_0>(w, xs, M, nb, y, ystride, add);                               \
     }                                                                                                  \
   }
 
-LLAMALITE_DEFINE_DOT(AVX2_TARGET, block_dot_avx2, pair_dot_avx2, Eight4Avx2, dot_avx2)
+LLAMALITE_DEFINE_DOT(AVX2_TARGET, block_dot_avx2, pair_dot_avx2, Eight4Avx2, Eight6Avx2, dot_avx2)
 
 // ----- AVX-512 VNNI path ----------------------------------------------------------------------------
 // vpdpbusd multiplies unsigned by signed bytes and accumulates four products into each int32 lane:
@@ -509,17 +612,48 @@ struct Eight4Vnni {
                                            _mm512_loadu_si512(x.lo + o + 64), h);
     return _mm512_add_epi32(_mm512_slli_epi32(ph, 8), pl);
   }
-  VNNI_TARGET __m256i dot(const QRow& x, int64_t b, int64_t) const {
-    const __m512i a = quad(l0, h0, x, b * 32), c = quad(l1, h1, x, b * 32 + 128);
+  // Two quads' partial sums (4 lanes a block) -> the eight blocks' sums in order.
+  VNNI_TARGET static __m256i in_order(const __m512i& a, const __m512i& c) {
     // per 128-bit lane k: [a0+a2, c0+c2, a1+a3, c1+c3], then [block k, block 4+k, ...]
     __m512i s = _mm512_add_epi32(_mm512_unpacklo_epi32(a, c), _mm512_unpackhi_epi32(a, c));
     s = _mm512_add_epi32(s, _mm512_shuffle_epi32(s, _MM_PERM_BADC));
     const __m512i order = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 0, 0, 0, 0, 0, 0, 0, 0);
     return _mm512_castsi512_si256(_mm512_permutexvar_epi32(order, s));
   }
+  VNNI_TARGET __m256i dot(const QRow& x, int64_t b, int64_t) const {
+    return in_order(quad(l0, h0, x, b * 32), quad(l1, h1, x, b * 32 + 128));
+  }
 };
 
-LLAMALITE_DEFINE_DOT(VNNI_TARGET, block_dot_vnni, pair_dot_vnni, Eight4Vnni, dot_vnni)
+// Eight Q6_K blocks on 512-bit registers: Eight4Vnni's quads with each nibble's top 2 bits added (16
+// bytes of them broadcast to the four lanes, lane t shifted by 2t), and the sums of elements 0-15 and
+// 16-31 of each block kept apart for their two scales (the same integers as Eight6Avx2's).
+struct Eight6Vnni {
+  __m512i l0, h0, l1, h1;  // 6-bit values: quad 0's elements 0-15 and 16-31, quad 1's
+  VNNI_TARGET static __m512i top(const uint8_t* hb) {
+    const __m512i v = _mm512_broadcast_i32x4(_mm_loadu_si128(reinterpret_cast<const __m128i*>(hb)));
+    const __m512i shifted = _mm512_srlv_epi32(v, _mm512_setr_epi32(0, 0, 0, 0, 2, 2, 2, 2, 4, 4, 4, 4, 6, 6, 6, 6));
+    return _mm512_and_si512(_mm512_slli_epi32(shifted, 4), _mm512_set1_epi8(0x30));
+  }
+  VNNI_TARGET static Eight6Vnni load(const uint8_t* qs, const uint8_t* hb) {
+    const Eight4Vnni n = Eight4Vnni::load(qs);
+    return {_mm512_or_si512(n.l0, top(hb)), _mm512_or_si512(n.h0, top(hb + 16)), _mm512_or_si512(n.l1, top(hb + 32)),
+            _mm512_or_si512(n.h1, top(hb + 48))};
+  }
+  // 256 * (q . hi) + q . lo over one half of a quad's blocks, its first activation byte at o
+  VNNI_TARGET static __m512i half(const __m512i& q, const QRow& x, int64_t o) {
+    const __m512i z = _mm512_setzero_si512();
+    return _mm512_add_epi32(_mm512_slli_epi32(_mm512_dpbusd_epi32(z, q, _mm512_loadu_si512(x.hi + o)), 8),
+                            _mm512_dpbusd_epi32(z, _mm512_loadu_si512(x.lo + o), q));
+  }
+  VNNI_TARGET void dot(const QRow& x, int64_t b, int64_t, __m256i& lo, __m256i& hi) const {
+    const int64_t o = b * 32;
+    lo = Eight4Vnni::in_order(half(l0, x, o), half(l1, x, o + 128));
+    hi = Eight4Vnni::in_order(half(h0, x, o + 64), half(h1, x, o + 192));
+  }
+};
+
+LLAMALITE_DEFINE_DOT(VNNI_TARGET, block_dot_vnni, pair_dot_vnni, Eight4Vnni, Eight6Vnni, dot_vnni)
 
 // One block to 32 floats.
 AVX2_TARGET void dequant_block_avx2(int64_t type, const Packed& w, int64_t b, float* out) {
@@ -573,16 +707,15 @@ int64_t resolve_path(int64_t path) {
 void check_packed(const at::Tensor& w, int64_t type) {
   TORCH_CHECK(w.dim() == 2 && w.scalar_type() == at::kByte && w.is_contiguous(),
               "llamalite: weights must be a contiguous (N, bytes) uint8 tensor");
-  const int64_t unit = block_bytes(type) * elements_per_row_unit(type) / 32;
-  TORCH_CHECK(w.size(1) % unit == 0, "llamalite: a row of ", w.size(1), " bytes is not a whole number of blocks of ",
-              unit);
+  TORCH_CHECK(w.size(1) % unit_bytes(type) == 0, "llamalite: a row of ", w.size(1),
+              " bytes is not a whole number of blocks of ", unit_bytes(type));
 }
 
 // check_packed, and rows of K elements (K a multiple of 32); what names the weight in the error.
 void check_rows(const at::Tensor& w, int64_t type, int64_t K, const std::string& what) {
   check_packed(w, type);
-  TORCH_CHECK(K % elements_per_row_unit(type) == 0 && w.size(1) == K / 32 * block_bytes(type), what, " has ",
-              w.size(1), " bytes a row, but K=", K, " needs ", K / 32 * block_bytes(type), " (and K a multiple of ",
+  TORCH_CHECK(K % elements_per_row_unit(type) == 0 && w.size(1) == row_bytes(type, K / 32), what, " has ",
+              w.size(1), " bytes a row, but K=", K, " needs ", row_bytes(type, K / 32), " (and K a multiple of ",
               elements_per_row_unit(type), ")");
 }
 
@@ -619,22 +752,65 @@ void repack_k4(const uint8_t* r, int64_t ns, uint8_t* o) {
   }
 }
 
+// ns Q6_K super-blocks as the file has them -> packed_row's layout (see Packed) at o. The file's
+// layout (ggml's dequantize_row_q6_K): per 128 elements, 64 bytes of low nibbles ql, 32 of 2-bit
+// fields qh, 8 scales; element l + 32 i (l < 32, i < 4) takes nibble i / 2 of ql[l + 32 (i % 2)] and
+// bits 2i, 2i+1 of qh[l]; element e's scale is scales[e / 16].
+void repack_k6(const uint8_t* r, int64_t ns, uint8_t* o) {
+  for (int64_t s = 0; s < ns; ++s) {
+    const uint8_t* sb = r + 210 * s;
+    uint8_t q[256];
+    for (int half = 0; half < 2; ++half) {
+      const uint8_t* ql = sb + 64 * half;
+      const uint8_t* qh = sb + 128 + 32 * half;
+      for (int l = 0; l < 32; ++l) {
+        for (int i = 0; i < 4; ++i) {
+          const int nib = (ql[l + 32 * (i % 2)] >> (4 * (i / 2))) & 0x0f;
+          q[128 * half + l + 32 * i] = static_cast<uint8_t>(nib | (((qh[l] >> (2 * i)) & 3) << 4));
+        }
+      }
+    }
+    std::memcpy(o + 2 * s, sb + 208, 2);  // d
+    uint8_t* sc = o + 2 * ns + 16 * s;
+    for (int j = 0; j < 8; ++j) {  // block j's elements 0-15 are scale 2j's, 16-31 scale 2j+1's
+      sc[j] = sb[192 + 2 * j];
+      sc[8 + j] = sb[192 + 2 * j + 1];
+    }
+    uint8_t* hb = o + 18 * ns + 64 * s;
+    uint8_t* qs = o + 82 * ns + 128 * s;
+    for (int j = 0; j < 8; ++j) {
+      for (int i = 0; i < 16; ++i) qs[16 * j + i] = static_cast<uint8_t>((q[32 * j + i] & 0x0f) | (q[32 * j + i + 16] << 4));
+    }
+    for (int g = 0; g < 2; ++g) {
+      for (int k = 0; k < 16; ++k) {
+        uint8_t lo = 0, hi = 0;
+        for (int t = 0; t < 4; ++t) {
+          lo |= static_cast<uint8_t>((q[32 * (4 * g + t) + k] >> 4) << (2 * t));
+          hi |= static_cast<uint8_t>((q[32 * (4 * g + t) + 16 + k] >> 4) << (2 * t));
+        }
+        hb[32 * g + k] = lo;
+        hb[32 * g + 16 + k] = hi;
+      }
+    }
+  }
+}
+
 // GGUF rows (array of blocks) -> repacked rows (structure of arrays), in place, a row at a time.
 // In place, a copy-on-write mapping of the file turns into the weights without a second copy.
 void repack_(at::Tensor& w, int64_t type) {
   check_packed(w, type);
-  const int64_t N = w.size(0), bb = block_bytes(type), nb = w.size(1) / bb, qb = quant_bytes(type);
-  const int64_t sf = scale_fields(type);
+  const int64_t N = w.size(0), rb = w.size(1), nb = row_blocks(type, rb), qb = quant_bytes(type);
+  const int64_t sf = scale_fields(type), bb = unit_bytes(type);  // bb: a block's bytes (not K-quants)
   uint8_t* data = w.data_ptr<uint8_t>();
   at::parallel_for(0, N, 64, [&](int64_t begin, int64_t end) {
-    populate_for_writing(data + begin * nb * bb, (end - begin) * nb * bb);
-    std::vector<uint8_t> row(nb * bb);
+    populate_for_writing(data + begin * rb, (end - begin) * rb);
+    std::vector<uint8_t> row(rb);
     for (int64_t n = begin; n < end; ++n) {
-      uint8_t* o = data + n * nb * bb;
-      std::memcpy(row.data(), o, nb * bb);
+      uint8_t* o = data + n * rb;
+      std::memcpy(row.data(), o, rb);
       const uint8_t* r = row.data();
-      if (type == Q4_K) {
-        repack_k4(r, nb / 8, o);
+      if (type == Q4_K || type == Q6_K) {
+        (type == Q4_K ? repack_k4 : repack_k6)(r, nb / 8, o);
         continue;
       }
       for (int64_t b = 0; b < nb; ++b) {
@@ -809,7 +985,7 @@ VNNI_TARGET void gemm_rows(const int32_t* tile, const float* dsc, const float* m
 template <int64_t TYPE>
 VNNI_TARGET void qgemm(const float* x, int64_t M, int64_t K, const std::vector<const uint8_t*>& bases,
                        const std::vector<int64_t>& starts, float* y, bool add) {
-  const int64_t nb = K / 32, N = starts.back(), bb = block_bytes(TYPE);
+  const int64_t nb = K / 32, N = starts.back(), rb = row_bytes(TYPE, nb);
   std::vector<int32_t> xq(M * nb * 16);
   std::vector<float> xs(M * nb), xsum(M * nb);
   at::parallel_for(0, M, 8, [&](int64_t begin, int64_t end) {
@@ -828,7 +1004,7 @@ VNNI_TARGET void qgemm(const float* x, int64_t M, int64_t K, const std::vector<c
     for (int64_t t = begin; t < end; ++t) {
       const auto [j, n0] = tiles[t];
       const int64_t nr = std::min(GEMM_NR, starts[j + 1] - starts[j] - n0);
-      for (int64_t r = 0; r < nr; ++r) rows[r] = packed_row(TYPE, bases[j] + (n0 + r) * nb * bb, nb);
+      for (int64_t r = 0; r < nr; ++r) rows[r] = packed_row(TYPE, bases[j] + (n0 + r) * rb, nb);
       float* yt = y + starts[j] + n0;
       for (int64_t b0 = 0; b0 < nb; b0 += GEMM_KB) {
         const int64_t kb = std::min(GEMM_KB, nb - b0);
@@ -863,7 +1039,8 @@ VNNI_TARGET void qgemm(const float* x, int64_t M, int64_t K, const std::vector<c
 // they are.
 void qproduct(const float* x, int64_t M, int64_t K, const std::vector<const uint8_t*>& bases,
               const std::vector<int64_t>& starts, int64_t type, int64_t path, float* y, bool add) {
-  const int64_t N = starts.back(), nb = K / 32, bb = block_bytes(type);
+  const int64_t N = starts.back(), nb = K / 32, rb = row_bytes(type, nb);
+  if (path == VNNI_GEMM && type == Q6_K) path = VNNI;  // no GEMM for two scales a block: dot products
   if (path == VNNI_GEMM) {
     switch (type) {
       case Q8_0: return qgemm<Q8_0>(x, M, K, bases, starts, y, add);
@@ -874,7 +1051,7 @@ void qproduct(const float* x, int64_t M, int64_t K, const std::vector<const uint
   }
   // One scratch buffer for the quantized activations, reused across calls by this thread.
   thread_local std::vector<uint8_t> scratch;
-  const int64_t per_row = K * 2 + K * 2 + nb * 12;
+  const int64_t per_row = K * 2 + K * 2 + nb * 16;
   scratch.resize(M * per_row + 64);
   std::vector<QRow> rows(M);
   for (int64_t m = 0; m < M; ++m) {
@@ -885,14 +1062,15 @@ void qproduct(const float* x, int64_t M, int64_t K, const std::vector<const uint
     auto* scale = reinterpret_cast<float*>(base + 4 * K);
     auto* sum = scale + nb;
     auto* qsum = reinterpret_cast<int32_t*>(sum + nb);
-    (path == PORTABLE ? quantize_row : quantize_row_avx2)(x + m * K, K, q, hi, lo, scale, sum, qsum);
-    rows[m] = {q, hi, lo, scale, sum, qsum};
+    auto* qsum16 = qsum + nb;
+    (path == PORTABLE ? quantize_row : quantize_row_avx2)(x + m * K, K, q, hi, lo, scale, sum, qsum, qsum16);
+    rows[m] = {q, hi, lo, scale, sum, qsum, qsum16};
   }
   at::parallel_for(0, N, 32, [&](int64_t begin, int64_t end) {
     size_t j = 0;
     for (int64_t n = begin; n < end; ++n) {
       while (n >= starts[j + 1]) ++j;
-      const Packed row = packed_row(type, bases[j] + (n - starts[j]) * nb * bb, nb);
+      const Packed row = packed_row(type, bases[j] + (n - starts[j]) * rb, nb);
       for (int64_t m0 = 0; m0 < M; m0 += MAX_ROWS) {
         const int64_t mc = std::min(MAX_ROWS, M - m0);
         if (path == VNNI) {
@@ -943,7 +1121,10 @@ at::Tensor qmatmul(const at::Tensor& x, const at::Tensor& w, int64_t type) { ret
 void dequant_row(int64_t type, const Packed& row, int64_t nb, float* out) {
   const bool simd = has_avx2();
   const int64_t qb = quant_bytes(type);
-  for (int64_t b = 0; b < nb; ++b) {
+  for (int64_t b = 0; type == Q6_K && b < nb; ++b) {  // (q - 32) * (d * scale), exact
+    for (int i = 0; i < 32; ++i) out[b * 32 + i] = static_cast<float>(q6_value(row, b, i) - 32) * q6_scale(row, b, i / 16);
+  }
+  for (int64_t b = 0; type != Q6_K && b < nb; ++b) {
     float* o = out + b * 32;
     if (simd) {
       dequant_block_avx2(type, row, b, o);
@@ -972,12 +1153,12 @@ void dequant_row(int64_t type, const Packed& row, int64_t nb, float* out) {
 at::Tensor dequantize(const at::Tensor& w_in, int64_t type) {
   const at::Tensor w = w_in.contiguous();
   check_packed(w, type);
-  const int64_t bb = block_bytes(type), N = w.size(0), nb = w.size(1) / bb, K = nb * 32;
+  const int64_t N = w.size(0), nb = row_blocks(type, w.size(1)), K = nb * 32, rb = w.size(1);
   auto out = at::empty({N, K}, at::kFloat);
   float* y = out.data_ptr<float>();
   const uint8_t* wp = w.data_ptr<uint8_t>();
   at::parallel_for(0, N, 16, [&](int64_t begin, int64_t end) {
-    for (int64_t n = begin; n < end; ++n) dequant_row(type, packed_row(type, wp + n * nb * bb, nb), nb, y + n * K);
+    for (int64_t n = begin; n < end; ++n) dequant_row(type, packed_row(type, wp + n * rb, nb), nb, y + n * K);
   });
   return out;
 }
@@ -1385,7 +1566,7 @@ struct DecodePlan : torch::CustomClassHolder {
         std::memcpy(h + b * dim, embed.data_ptr<float>() + tokens[b] * dim, dim * sizeof(float));
       } else {
         const int64_t nb = dim / 32;
-        const uint8_t* row = embed.data_ptr<uint8_t>() + tokens[b] * nb * block_bytes(embed_type);
+        const uint8_t* row = embed.data_ptr<uint8_t>() + tokens[b] * row_bytes(embed_type, nb);
         dequant_row(embed_type, packed_row(embed_type, row, nb), nb, h + b * dim);
       }
     }

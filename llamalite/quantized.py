@@ -24,7 +24,10 @@ from .quants import BLOCK, dequantize as dequantize_reference
 
 # ggml type ids of the block formats with a fused kernel
 KERNEL_TYPES = {"Q4_0": 2, "Q4_1": 3, "Q8_0": 8, "Q4_K": 12, "Q6_K": 14}
-NO_GEMM_TYPES = ("Q6_K",)  # two scales a block: more rows than GEMV_MAX_ROWS take fp32 tiles
+# No int16 GEMM kernel (two scales a block): products of any number of rows run on the dot products,
+# eight rows a pass over the weights. fp32 tiles were 1.15x faster on a 128-token SmolLM2 prefill but
+# 2-3x slower at 7B (a 32-token prompt: 180 MB of fp32 written and read per down projection).
+DOT_ONLY_TYPES = ("Q6_K",)
 # Lossy block types without a kernel of their own: re-quantized to Q8_0 at load to run on its kernel
 # (8-bit blocks on top of a 5-bit format add little error; fp32 would be 4x the memory and slower).
 # Q5_0 is not among them: its values are Q8_0 values of the same scale, converted exactly at load.
@@ -174,7 +177,7 @@ class QuantLinear(nn.Module):
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)
         if self.packed and x.device.type == "cpu" and (
-                x2.shape[0] <= GEMV_MAX_ROWS or (_qgemm() and self.type_name not in NO_GEMM_TYPES)):
+                x2.shape[0] <= GEMV_MAX_ROWS or _qgemm() or self.type_name in DOT_ONLY_TYPES):
             y = torch.ops.llamalite.qmatmul(x2, self.raw, KERNEL_TYPES[self.type_name])
         else:
             # Tiles of rows: dequantizing a 7B model's weights whole would write gigabytes per prefill.

@@ -683,6 +683,29 @@ AVX2_TARGET void dequant_block_avx2(int64_t type, const Packed& w, int64_t b, fl
   }
 }
 
+// One Q6_K block to 32 floats: (q - 32) * (d * scale), exact as the scalar path.
+AVX2_TARGET void dequant_block6_avx2(const Packed& w, int64_t b, float* out) {
+  const __m128i mask = _mm_set1_epi8(0x0f), three = _mm_set1_epi8(3);
+  const __m128i q = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w.qs + 16 * b));
+  const uint8_t* hb = w.hb + 64 * (b / 8) + 32 * (b % 8 / 4);
+  const int shift = static_cast<int>(2 * (b % 4));
+  const __m128i tl = _mm_and_si128(_mm_srl_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(hb)),
+                                                 _mm_cvtsi32_si128(shift)), three);
+  const __m128i th = _mm_and_si128(_mm_srl_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(hb + 16)),
+                                                 _mm_cvtsi32_si128(shift)), three);
+  const __m128i v[2] = {_mm_or_si128(_mm_and_si128(q, mask), _mm_slli_epi16(tl, 4)),   // elements 0-15
+                        _mm_or_si128(_mm_and_si128(_mm_srli_epi16(q, 4), mask), _mm_slli_epi16(th, 4))};
+  for (int half = 0; half < 2; ++half) {
+    const __m256 sc = _mm256_set1_ps(_cvtsh_ss(w.d[b / 8]) *
+                                     static_cast<float>(static_cast<int8_t>(w.sc[16 * (b / 8) + 8 * half + b % 8])));
+    for (int j = 0; j < 2; ++j) {
+      const __m256i e = _mm256_sub_epi32(_mm256_cvtepu8_epi32(j ? _mm_srli_si128(v[half], 8) : v[half]),
+                                         _mm256_set1_epi32(32));
+      _mm256_storeu_ps(out + 16 * half + 8 * j, _mm256_mul_ps(_mm256_cvtepi32_ps(e), sc));
+    }
+  }
+}
+
 bool has_avx2() {
   static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
                          __builtin_cpu_supports("f16c");
@@ -1122,6 +1145,10 @@ void dequant_row(int64_t type, const Packed& row, int64_t nb, float* out) {
   const bool simd = has_avx2();
   const int64_t qb = quant_bytes(type);
   for (int64_t b = 0; type == Q6_K && b < nb; ++b) {  // (q - 32) * (d * scale), exact
+    if (simd) {
+      dequant_block6_avx2(row, b, out + b * 32);
+      continue;
+    }
     for (int i = 0; i < 32; ++i) out[b * 32 + i] = static_cast<float>(q6_value(row, b, i) - 32) * q6_scale(row, b, i / 16);
   }
   for (int64_t b = 0; type != Q6_K && b < nb; ++b) {

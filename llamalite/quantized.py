@@ -24,9 +24,9 @@ from .quants import BLOCK, dequantize as dequantize_reference
 
 # ggml type ids of the block formats with a fused kernel
 KERNEL_TYPES = {"Q4_0": 2, "Q4_1": 3, "Q8_0": 8, "Q4_K": 12, "Q6_K": 14}
-# No int16 GEMM kernel (two scales a block): products of any number of rows run on the dot products,
-# eight rows a pass over the weights. fp32 tiles were 1.15x faster on a 128-token SmolLM2 prefill but
-# 2-3x slower at 7B (a 32-token prompt: 180 MB of fp32 written and read per down projection).
+# Without the int16 GEMM (no AVX-512 VNNI), more rows than GEMV_MAX_ROWS of these run on the dot
+# products, eight rows a pass, not fp32 tiles: Q6_K's tiles were 1.15x faster on a 128-token SmolLM2
+# prefill but 2-3x slower at 7B (a 32-token prompt: 180 MB of fp32 written and read a down projection).
 DOT_ONLY_TYPES = ("Q6_K",)
 # Lossy block types without a kernel of their own: re-quantized to Q8_0 at load to run on its kernel
 # (8-bit blocks on top of a 5-bit format add little error; fp32 would be 4x the memory and slower).

@@ -78,7 +78,7 @@ def test_dequantize_op_is_exact(type_name):
 def test_quant_linear_prefill_paths(type_name, gemm, monkeypatch):
     """More rows than the dot-product kernel takes: the int16 GEMM (AVX-512 VNNI) or fp32 GEMM on
     dequantized weights (exact), whichever this CPU has; forced to fp32 here as on a CPU without VNNI.
-    Q6_K has neither: its rows run on the dot products, eight a pass."""
+    Without VNNI, Q6_K's rows run on the dot products, eight a pass, not on fp32 tiles."""
     import llamalite.quantized as q
 
     if gemm == "int16" and "avx512vnni-gemm" not in PATHS:
@@ -129,6 +129,24 @@ def test_dot_product_paths_agree_bit_for_bit(type_name):
         vnni = torch.ops.llamalite.qmatmul_path(x, packed, t, PATHS["avx512vnni"])
         assert torch.equal(vnni, torch.ops.llamalite.qmatmul_path(x, packed, t, PATHS["avx2"]))
         assert torch.equal(vnni[5:6], torch.ops.llamalite.qmatmul_path(x[5:6], packed, t, PATHS["avx512vnni"]))
+
+@pytest.mark.parametrize("path", ["avx512vnni", "avx512vnni-gemm", "avx2", "portable"])
+def test_q6_k_extremes_do_not_overflow(path):
+    """Q6_K's largest products: every value -32 at scale -128 (4096 steps of d) against activations all
+    at the int16 maximum. A block's 32 products sum past int32 (2^32); the GEMM adds its pair slots in
+    two runs of 8 for that reason."""
+    if path not in PATHS:
+        pytest.skip(f"this CPU has no {path}")
+    raw = np.zeros((3, 2 * 210), dtype=np.uint8)  # ql = qh = 0: q = 0, value (0 - 32) * scale * d
+    raw.reshape(3, 2, 210)[:, :, 192:208] = np.int8(-128).view(np.uint8)
+    raw.reshape(3, 2, 210)[:, :, 208:210] = np.array([2 ** -10], dtype=np.float16).view(np.uint8)
+    w = torch.from_numpy(gq.dequantize(raw, T.Q6_K).astype(np.float32)).reshape(3, 512)
+    assert (w == 4.0).all()  # 4096 * 2^-10
+    packed = torch.ops.llamalite.repack(torch.from_numpy(raw), KERNEL_TYPES["Q6_K"])
+    x = torch.full((12, 512), 0.5)
+    got = torch.ops.llamalite.qmatmul_path(x, packed, KERNEL_TYPES["Q6_K"], PATHS[path])
+    torch.testing.assert_close(got, x @ w.T, rtol=1e-6, atol=0)
+
 
 def test_bad_shapes_are_refused():
     raw, packed, _ = _weights("Q4_0", 4, 64)

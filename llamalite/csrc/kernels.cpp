@@ -960,6 +960,43 @@ VNNI_TARGET void unpack_tile(const Packed* rows, int64_t nr, int64_t b0, int64_t
   }
 }
 
+// unpack_tile for Q6_K: each value times its half-block's int8 scale, (q - 32) * scale, in int16 (at
+// most 32 * 128 = 4096; gemm_rows sums a block's 16 pair slots in two runs of 8, so that no int32 sum
+// can overflow: 8 * 2 * 4096 * 32767 < 2^31); dsc = d.
+VNNI_TARGET void unpack_tile6(const Packed* rows, int64_t nr, int64_t b0, int64_t kb, int32_t* tile, float* dsc) {
+  const __m128i mask = _mm_set1_epi8(0x0f), three = _mm_set1_epi8(3);
+  for (int64_t i = 0; i < kb; ++i) {
+    const int64_t b = b0 + i, s = b / 8, j = b % 8;
+    int32_t* out = tile + 16 * i * 32;
+    for (int64_t r = 0; r < GEMM_NR; ++r) {
+      if (r >= nr) {
+        dsc[32 * i + r] = 0.f;
+        for (int k = 0; k < 16; ++k) out[32 * k + r] = 0;
+        continue;
+      }
+      const Packed& w = rows[r];
+      dsc[32 * i + r] = _cvtsh_ss(w.d[s]);
+      const __m128i q = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w.qs + 16 * b));
+      const uint8_t* hb = w.hb + 64 * s + 32 * (j / 4);
+      const __m128i shift = _mm_cvtsi32_si128(static_cast<int>(2 * (j % 4)));
+      const __m128i tl = _mm_and_si128(_mm_srl_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(hb)), shift), three);
+      const __m128i th = _mm_and_si128(_mm_srl_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(hb + 16)), shift),
+                                       three);
+      const __m128i vl = _mm_or_si128(_mm_and_si128(q, mask), _mm_slli_epi16(tl, 4));  // elements 0-15
+      const __m128i vh = _mm_or_si128(_mm_and_si128(_mm_srli_epi16(q, 4), mask), _mm_slli_epi16(th, 4));
+      const __m512i c = _mm512_set1_epi32(32);
+      const __m512i lo = _mm512_mullo_epi32(_mm512_sub_epi32(_mm512_cvtepu8_epi32(vl), c),
+                                            _mm512_set1_epi32(static_cast<int8_t>(w.sc[16 * s + j])));
+      const __m512i hi = _mm512_mullo_epi32(_mm512_sub_epi32(_mm512_cvtepu8_epi32(vh), c),
+                                            _mm512_set1_epi32(static_cast<int8_t>(w.sc[16 * s + 8 + j])));
+      alignas(64) int32_t pairs[16];
+      _mm512_store_si512(pairs, _mm512_or_si512(_mm512_and_si512(lo, _mm512_set1_epi32(0xffff)),
+                                                _mm512_slli_epi32(hi, 16)));
+      for (int k = 0; k < 16; ++k) out[32 * k + r] = pairs[k];
+    }
+  }
+}
+
 // y[m, 0..nr) for MR activation rows against a tile of kb blocks: x, s and sum point at the rows'
 // first block of the tile, xstride / sstride apart; acc_in: start from y (a later tile of K, or add).
 template <int64_t TYPE, int MR>
@@ -977,8 +1014,17 @@ VNNI_TARGET void gemm_rows(const int32_t* tile, const float* dsc, const float* m
     __m512i a[MR][2];
     for (int m = 0; m < MR; ++m) a[m][0] = a[m][1] = _mm512_setzero_si512();
     const int32_t* t = tile + 16 * i * 32;
+    const __m512 d0 = _mm512_loadu_ps(dsc + 32 * i), d1 = _mm512_loadu_ps(dsc + 32 * i + 16);
 #pragma GCC unroll 16
     for (int j = 0; j < 16; ++j) {
+      if (TYPE == Q6_K && j == 8) {  // scaled 6-bit values: a run of 8 pair slots is all int32 can hold
+        for (int m = 0; m < MR; ++m) {
+          const __m512 sm = _mm512_set1_ps(s[m * sstride + i]);
+          f[m][0] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(a[m][0]), _mm512_mul_ps(d0, sm), f[m][0]);
+          f[m][1] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(a[m][1]), _mm512_mul_ps(d1, sm), f[m][1]);
+          a[m][0] = a[m][1] = _mm512_setzero_si512();
+        }
+      }
       const __m512i w0 = _mm512_loadu_si512(t + 32 * j), w1 = _mm512_loadu_si512(t + 32 * j + 16);
       for (int m = 0; m < MR; ++m) {
         const __m512i xb = _mm512_set1_epi32(x[m * xstride + 16 * i + j]);
@@ -986,7 +1032,6 @@ VNNI_TARGET void gemm_rows(const int32_t* tile, const float* dsc, const float* m
         a[m][1] = _mm512_dpwssd_epi32(a[m][1], w1, xb);
       }
     }
-    const __m512 d0 = _mm512_loadu_ps(dsc + 32 * i), d1 = _mm512_loadu_ps(dsc + 32 * i + 16);
     for (int m = 0; m < MR; ++m) {
       const __m512 sm = _mm512_set1_ps(s[m * sstride + i]);
       f[m][0] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(a[m][0]), _mm512_mul_ps(d0, sm), f[m][0]);
@@ -1031,7 +1076,11 @@ VNNI_TARGET void qgemm(const float* x, int64_t M, int64_t K, const std::vector<c
       float* yt = y + starts[j] + n0;
       for (int64_t b0 = 0; b0 < nb; b0 += GEMM_KB) {
         const int64_t kb = std::min(GEMM_KB, nb - b0);
-        unpack_tile<TYPE>(rows, nr, b0, kb, tile.data(), dsc.data(), msc.data());
+        if (TYPE == Q6_K) {
+          unpack_tile6(rows, nr, b0, kb, tile.data(), dsc.data());
+        } else {
+          unpack_tile<TYPE>(rows, nr, b0, kb, tile.data(), dsc.data(), msc.data());
+        }
         const bool acc_in = add || b0 > 0;
         int64_t m = 0;
         for (; m + GEMM_MR <= M; m += GEMM_MR) {
@@ -1063,12 +1112,12 @@ VNNI_TARGET void qgemm(const float* x, int64_t M, int64_t K, const std::vector<c
 void qproduct(const float* x, int64_t M, int64_t K, const std::vector<const uint8_t*>& bases,
               const std::vector<int64_t>& starts, int64_t type, int64_t path, float* y, bool add) {
   const int64_t N = starts.back(), nb = K / 32, rb = row_bytes(type, nb);
-  if (path == VNNI_GEMM && type == Q6_K) path = VNNI;  // no GEMM for two scales a block: dot products
   if (path == VNNI_GEMM) {
     switch (type) {
       case Q8_0: return qgemm<Q8_0>(x, M, K, bases, starts, y, add);
       case Q4_1: return qgemm<Q4_1>(x, M, K, bases, starts, y, add);
       case Q4_K: return qgemm<Q4_K>(x, M, K, bases, starts, y, add);
+      case Q6_K: return qgemm<Q6_K>(x, M, K, bases, starts, y, add);
       default: return qgemm<Q4_0>(x, M, K, bases, starts, y, add);
     }
   }

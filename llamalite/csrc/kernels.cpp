@@ -5,10 +5,12 @@
 //   block_q8_0 { half d; int8 qs[32]; }           x = q * d
 //   block_q4_K { half d, dmin; uint8 scales[12]; uint8 qs[128]; }  256 elements: 8 blocks of 32,
 //                                                  x = q * d * scale_j - dmin * min_j (6-bit scale_j, min_j)
-// Low nibbles of qs hold elements 0-15 of a block, high nibbles 16-31 (Q4_K: after the repack).
+//   block_q6_K { uint8 ql[128], qh[64]; int8 scales[16]; half d; }  256 elements, 6-bit q:
+//                                                  x = (q - 32) * d * scales[element / 16]
+// Low nibbles of qs hold elements 0-15 of a block, high nibbles 16-31 (K-quants: after the repack).
 //
 // At load, each weight row is repacked once from the file's array of blocks into a structure of
-// arrays: [d of every block][m of every block, Q4_1][qs of every block] (Q4_K: see Packed). The row
+// arrays: [d of every block][m of every block, Q4_1][qs of every block] (K-quants: see Packed). The row
 // keeps its size; the scales of 8 consecutive blocks then convert with one instruction, and the
 // kernel reduces 8 blocks' integer dot products together instead of paying a scale multiply per block.
 //

@@ -354,7 +354,10 @@ AVX2_TARGET inline __m256i pair_dot_avx2(const Unpacked& w, const QRow& x, int64
 constexpr int64_t MAX_ROWS = 8;  // activation rows a weight row is unpacked for at once
 // The dot products prefetch their weights GEMV_PREFETCH bytes ahead, into the rows after theirs:
 // the hardware's prefetch alone let one thread stream 16 GB/s from memory where a plain read loop
-// does 42 (Q4_0, 4096-wide rows); 1 KB ahead 17, 4 KB ahead 22, two threads 34 -> 43 GB/s.
+// does 42 (Q4_0, 4096-wide rows); 1 KB ahead 17, 4 KB ahead 22, two threads 34 -> 43 GB/s. A row is
+// prefetched as one stream, each group of 8 blocks its share of the row's bytes: prefetching only
+// the qs ahead covered 61% of a Q6_K row (128 of a super-block's 210 bytes), and one thread read it
+// from memory at half its in-cache rate.
 constexpr int64_t GEMV_PREFETCH = 4096;
 
 // Eight consecutive 4-bit blocks unpacked on AVX2 (four pairs), and their integer dot products with
@@ -456,14 +459,15 @@ struct Eight6Avx2 {
   template <int64_t TYPE, int64_t M>                                                                   \
   TARGET void NAME(const Packed& w, const QRow* xs, int64_t nb, float* y, int64_t ystride, bool add) { \
     constexpr int64_t QB = TYPE == Q8_0 ? 32 : 16;                                                     \
+    constexpr int64_t GROUP_BYTES = TYPE == Q8_0 ? 272 : TYPE == Q4_1 ? 160 : TYPE == Q6_K ? 210 : 144; \
     __m256 acc[MAX_ROWS], macc[MAX_ROWS];                                                              \
     for (int64_t m = 0; m < M; ++m) acc[m] = macc[m] = _mm256_setzero_ps();                            \
     int64_t b = 0;                                                                                     \
     for (; b + 8 <= nb; b += 8) {                                                                      \
-      for (int64_t l = 0; l < 8 * QB; l += 64) {                                                       \
-        _mm_prefetch(reinterpret_cast<const char*>(w.qs + b * QB + l) + GEMV_PREFETCH, _MM_HINT_T0);   \
+      { /* the row's bytes as one stream: a group's share of them (scales, qs, ...) 4 KB ahead */      \
+        const char* ahead = reinterpret_cast<const char*>(w.d) + b / 8 * GROUP_BYTES + GEMV_PREFETCH;  \
+        for (int64_t l = 0; l < GROUP_BYTES; l += 64) _mm_prefetch(ahead + l, _MM_HINT_T0);            \
       }                                                                                                \
-      _mm_prefetch(reinterpret_cast<const char*>(w.d + b) + GEMV_PREFETCH / 8, _MM_HINT_T0);           \
       if (TYPE == Q6_K) { /* one super-block, two scales a block: elements 0-15's and 16-31's */      \
         const EIGHT6 g6 = EIGHT6::load(w.qs + b * QB, w.hb + 8 * b);                                   \
         const __m256 d = _mm256_set1_ps(_cvtsh_ss(w.d[b / 8]));                                        \

@@ -370,11 +370,15 @@ struct Eight4Avx2 {
     for (int j = 0; j < 4; ++j) g.u[j] = unpack_pair_avx2(qs + 32 * j);
     return g;
   }
-  AVX2_TARGET __m256i dot(const QRow& x, int64_t b, int64_t nb) const {
-    const __m256i s01 = _mm256_hadd_epi32(pair_dot_avx2(u[0], x, b, nb), pair_dot_avx2(u[1], x, b + 2, nb));
-    const __m256i s23 = _mm256_hadd_epi32(pair_dot_avx2(u[2], x, b + 4, nb), pair_dot_avx2(u[3], x, b + 6, nb));
-    const __m256i s = _mm256_hadd_epi32(s01, s23);
+  // Four pairs' partial sums ([block 2p's 4 | block 2p+1's 4] each) -> the eight blocks' sums in order.
+  AVX2_TARGET static __m256i in_order(const __m256i* p) {
+    const __m256i s = _mm256_hadd_epi32(_mm256_hadd_epi32(p[0], p[1]), _mm256_hadd_epi32(p[2], p[3]));
     return _mm256_permutevar8x32_epi32(s, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+  }
+  AVX2_TARGET __m256i dot(const QRow& x, int64_t b, int64_t nb) const {
+    __m256i p[4];
+    for (int j = 0; j < 4; ++j) p[j] = pair_dot_avx2(u[j], x, b + 2 * j, nb);
+    return in_order(p);
   }
 };
 
@@ -407,10 +411,6 @@ struct Eight6Avx2 {
     return _mm256_add_epi32(_mm256_madd_epi16(_mm256_maddubs_epi16(q, hi), _mm256_set1_epi16(256)),
                             _mm256_madd_epi16(_mm256_maddubs_epi16(lo, q), _mm256_set1_epi16(1)));
   }
-  AVX2_TARGET static __m256i in_order(const __m256i* p) {
-    const __m256i s = _mm256_hadd_epi32(_mm256_hadd_epi32(p[0], p[1]), _mm256_hadd_epi32(p[2], p[3]));
-    return _mm256_permutevar8x32_epi32(s, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
-  }
   AVX2_TARGET void dot(const QRow& x, int64_t b, int64_t nb, __m256i& lo, __m256i& hi) const {
     __m256i pl[4], ph[4];
     for (int j = 0; j < 4; ++j) {
@@ -418,8 +418,8 @@ struct Eight6Avx2 {
       pl[j] = half(u[j].a, x, o);
       ph[j] = half(u[j].b, x, o + h);
     }
-    lo = in_order(pl);
-    hi = in_order(ph);
+    lo = Eight4Avx2::in_order(pl);
+    hi = Eight4Avx2::in_order(ph);
   }
 };
 
@@ -446,12 +446,6 @@ struct Eight6Avx2 {
   /* adds block t's contribution from its integer dot product: scales, Q4_0's offset or Q4_1's min */ \
   template <int64_t TYPE>                                                                              \
   TARGET inline void NAME##_add_block(float& tail, const Packed& w, const QRow& x, int64_t t, int32_t tot) { \
-    if (TYPE == Q4_K) { /* never reached: its rows are whole super-blocks, groups of 8 */             \
-      float d, m;                                                                                      \
-      block_scale_min(TYPE, w, t, d, m);                                                               \
-      tail += d * x.scale[t] * tot + m * x.sum[t];                                                     \
-      return;                                                                                          \
-    }                                                                                                  \
     if (TYPE == Q4_0) tot -= 8 * x.qsum[t];                                                            \
     tail += _cvtsh_ss(w.d[t]) * x.scale[t] * tot;                                                      \
     if (TYPE == Q4_1) tail += _cvtsh_ss(w.m[t]) * x.sum[t];                                            \
@@ -459,14 +453,14 @@ struct Eight6Avx2 {
   template <int64_t TYPE, int64_t M>                                                                   \
   TARGET void NAME(const Packed& w, const QRow* xs, int64_t nb, float* y, int64_t ystride, bool add) { \
     constexpr int64_t QB = TYPE == Q8_0 ? 32 : 16;                                                     \
-    constexpr int64_t GROUP_BYTES = TYPE == Q8_0 ? 272 : TYPE == Q4_1 ? 160 : TYPE == Q6_K ? 210 : 144; \
+    const int64_t group_bytes = row_bytes(TYPE, 8);                                                    \
     __m256 acc[MAX_ROWS], macc[MAX_ROWS];                                                              \
     for (int64_t m = 0; m < M; ++m) acc[m] = macc[m] = _mm256_setzero_ps();                            \
     int64_t b = 0;                                                                                     \
     for (; b + 8 <= nb; b += 8) {                                                                      \
       { /* the row's bytes as one stream: a group's share of them (scales, qs, ...) 4 KB ahead */      \
-        const char* ahead = reinterpret_cast<const char*>(w.d) + b / 8 * GROUP_BYTES + GEMV_PREFETCH;  \
-        for (int64_t l = 0; l < GROUP_BYTES; l += 64) _mm_prefetch(ahead + l, _MM_HINT_T0);            \
+        const char* ahead = reinterpret_cast<const char*>(w.d) + b / 8 * group_bytes + GEMV_PREFETCH;  \
+        for (int64_t l = 0; l < group_bytes; l += 64) _mm_prefetch(ahead + l, _MM_HINT_T0);            \
       }                                                                                                \
       if (TYPE == Q6_K) { /* one super-block, two scales a block: elements 0-15's and 16-31's */      \
         const EIGHT6 g6 = EIGHT6::load(w.qs + b * QB, w.hb + 8 * b);                                   \
@@ -523,14 +517,15 @@ struct Eight6Avx2 {
       const QRow& x = xs[m];                                                                           \
       float tail = 0.f;                                                                                \
       int64_t t = b;                                                                                   \
-      for (; TYPE != Q8_0 && TYPE != Q6_K && t + 2 <= nb; t += 2) { /* pairs after the groups of 8 */  \
+      constexpr bool TAIL = TYPE != Q4_K && TYPE != Q6_K; /* K-quant rows are whole groups of 8 */      \
+      for (; TAIL && TYPE != Q8_0 && t + 2 <= nb; t += 2) { /* pairs after the groups of 8 */          \
         __m256i h = PAIR_DOT(unpack_pair_avx2(w.qs + t * QB), x, t, nb);                               \
         h = _mm256_hadd_epi32(h, h);                                                                   \
         h = _mm256_hadd_epi32(h, h); /* [block t's sum x4 | block t+1's x4] */                         \
         NAME##_add_block<TYPE>(tail, w, x, t, _mm256_cvtsi256_si32(h));                                \
         NAME##_add_block<TYPE>(tail, w, x, t + 1, _mm_cvtsi128_si32(_mm256_extracti128_si256(h, 1))); \
       }                                                                                                \
-      for (; TYPE != Q6_K && t < nb; ++t) { /* (Q6_K and Q4_K rows are whole groups of 8) */           \
+      for (; TAIL && t < nb; ++t) {                                                                    \
         const __m256i s = BLOCK_DOT<TYPE>(unpack_avx2<TYPE>(w.qs + t * QB), x, t);                     \
         __m128i h = _mm_add_epi32(_mm256_castsi256_si128(s), _mm256_extracti128_si256(s, 1));          \
         h = _mm_hadd_epi32(h, h);                                                                      \
@@ -689,18 +684,23 @@ AVX2_TARGET void dequant_block_avx2(int64_t type, const Packed& w, int64_t b, fl
   }
 }
 
-// One Q6_K block to 32 floats: (q - 32) * (d * scale), exact as the scalar path.
-AVX2_TARGET void dequant_block6_avx2(const Packed& w, int64_t b, float* out) {
+// Q6_K block b's stored values (0-63) as bytes: v[0] elements 0-15, v[1] 16-31 (q6_value, 16 at once).
+AVX2_TARGET inline void six_bit_values(const Packed& w, int64_t b, __m128i* v) {
   const __m128i mask = _mm_set1_epi8(0x0f), three = _mm_set1_epi8(3);
   const __m128i q = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w.qs + 16 * b));
   const uint8_t* hb = w.hb + 64 * (b / 8) + 32 * (b % 8 / 4);
-  const int shift = static_cast<int>(2 * (b % 4));
-  const __m128i tl = _mm_and_si128(_mm_srl_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(hb)),
-                                                 _mm_cvtsi32_si128(shift)), three);
-  const __m128i th = _mm_and_si128(_mm_srl_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(hb + 16)),
-                                                 _mm_cvtsi32_si128(shift)), three);
-  const __m128i v[2] = {_mm_or_si128(_mm_and_si128(q, mask), _mm_slli_epi16(tl, 4)),   // elements 0-15
-                        _mm_or_si128(_mm_and_si128(_mm_srli_epi16(q, 4), mask), _mm_slli_epi16(th, 4))};
+  const __m128i shift = _mm_cvtsi32_si128(static_cast<int>(2 * (b % 4)));
+  const __m128i tl = _mm_and_si128(_mm_srl_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(hb)), shift), three);
+  const __m128i th = _mm_and_si128(_mm_srl_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(hb + 16)), shift),
+                                   three);
+  v[0] = _mm_or_si128(_mm_and_si128(q, mask), _mm_slli_epi16(tl, 4));
+  v[1] = _mm_or_si128(_mm_and_si128(_mm_srli_epi16(q, 4), mask), _mm_slli_epi16(th, 4));
+}
+
+// One Q6_K block to 32 floats: (q - 32) * (d * scale), exact as the scalar path.
+AVX2_TARGET void dequant_block6_avx2(const Packed& w, int64_t b, float* out) {
+  __m128i v[2];
+  six_bit_values(w, b, v);
   for (int half = 0; half < 2; ++half) {
     const __m256 sc = _mm256_set1_ps(_cvtsh_ss(w.d[b / 8]) *
                                      static_cast<float>(static_cast<int8_t>(w.sc[16 * (b / 8) + 8 * half + b % 8])));
@@ -970,7 +970,6 @@ VNNI_TARGET void unpack_tile(const Packed* rows, int64_t nr, int64_t b0, int64_t
 // most 32 * 128 = 4096; gemm_rows sums a block's 16 pair slots in two runs of 8, so that no int32 sum
 // can overflow: 8 * 2 * 4096 * 32767 < 2^31); dsc = d.
 VNNI_TARGET void unpack_tile6(const Packed* rows, int64_t nr, int64_t b0, int64_t kb, int32_t* tile, float* dsc) {
-  const __m128i mask = _mm_set1_epi8(0x0f), three = _mm_set1_epi8(3);
   for (int64_t i = 0; i < kb; ++i) {
     const int64_t b = b0 + i, s = b / 8, j = b % 8;
     int32_t* out = tile + 16 * i * 32;
@@ -982,18 +981,12 @@ VNNI_TARGET void unpack_tile6(const Packed* rows, int64_t nr, int64_t b0, int64_
       }
       const Packed& w = rows[r];
       dsc[32 * i + r] = _cvtsh_ss(w.d[s]);
-      const __m128i q = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w.qs + 16 * b));
-      const uint8_t* hb = w.hb + 64 * s + 32 * (j / 4);
-      const __m128i shift = _mm_cvtsi32_si128(static_cast<int>(2 * (j % 4)));
-      const __m128i tl = _mm_and_si128(_mm_srl_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(hb)), shift), three);
-      const __m128i th = _mm_and_si128(_mm_srl_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(hb + 16)), shift),
-                                       three);
-      const __m128i vl = _mm_or_si128(_mm_and_si128(q, mask), _mm_slli_epi16(tl, 4));  // elements 0-15
-      const __m128i vh = _mm_or_si128(_mm_and_si128(_mm_srli_epi16(q, 4), mask), _mm_slli_epi16(th, 4));
+      __m128i v[2];
+      six_bit_values(w, b, v);
       const __m512i c = _mm512_set1_epi32(32);
-      const __m512i lo = _mm512_mullo_epi32(_mm512_sub_epi32(_mm512_cvtepu8_epi32(vl), c),
+      const __m512i lo = _mm512_mullo_epi32(_mm512_sub_epi32(_mm512_cvtepu8_epi32(v[0]), c),
                                             _mm512_set1_epi32(static_cast<int8_t>(w.sc[16 * s + j])));
-      const __m512i hi = _mm512_mullo_epi32(_mm512_sub_epi32(_mm512_cvtepu8_epi32(vh), c),
+      const __m512i hi = _mm512_mullo_epi32(_mm512_sub_epi32(_mm512_cvtepu8_epi32(v[1]), c),
                                             _mm512_set1_epi32(static_cast<int8_t>(w.sc[16 * s + 8 + j])));
       alignas(64) int32_t pairs[16];
       _mm512_store_si512(pairs, _mm512_or_si512(_mm512_and_si512(lo, _mm512_set1_epi32(0xffff)),

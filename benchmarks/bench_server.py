@@ -48,7 +48,7 @@ def engine_only(args) -> int:
     import torch
 
     from llamalite.chat_template import render_chat
-    from llamalite.engine import Engine, Request, TokenEvent
+    from llamalite.serve.engine import Engine, Request, TokenEvent
     from llamalite.loading import load
     from llamalite.store import resolve_model
 
@@ -96,7 +96,7 @@ def main() -> int:
 
     import openai
 
-    from llamalite.server import wait_until_serving
+    from llamalite.serve import wait_until_serving
 
     with socket.socket() as sock:  # a free port for the server
         sock.bind(("127.0.0.1", 0))

@@ -217,7 +217,7 @@ def cmd_bench(args) -> int:
 
 
 def cmd_serve(args) -> int:
-    from .server import serve
+    from .serve import serve
 
     if args.max_batch < 1:
         raise ValueError("--max-batch must be at least 1")

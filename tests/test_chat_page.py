@@ -8,7 +8,7 @@ import time
 import pytest
 
 from llamalite.loading import load
-from llamalite.server import BackgroundServer, Server, create_app
+from llamalite.serve import BackgroundServer, Server, create_app
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 sync_api = pytest.importorskip("playwright.sync_api", reason="the test extras install playwright")

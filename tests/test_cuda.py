@@ -43,7 +43,7 @@ def test_cuda_gguf_q4_model_matches_cpu(tmp_path):
 
 
 def test_cuda_engine_batches_like_solo_and_like_the_cpu(tmp_path):
-    from llamalite.engine import Engine, Request, TokenEvent
+    from llamalite.serve.engine import Engine, Request, TokenEvent
 
     path = save_hf_dir(tiny_hf_model(), tmp_path / "hf")
     cpu, gpu = load(path), load(path, device="cuda")

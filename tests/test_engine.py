@@ -4,7 +4,7 @@ resent history reuses the cached prefix."""
 
 import pytest
 
-from llamalite.engine import Engine, Finished, Request, TokenEvent
+from llamalite.serve.engine import Engine, Finished, Request, TokenEvent
 from llamalite.generation import ContextLengthError, generate
 from llamalite.loading import load
 from llamalite.sampling import GREEDY, SamplingParams

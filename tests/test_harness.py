@@ -87,7 +87,7 @@ def test_lm_evals_local_completions_scores_through_our_server(default_lm, tmp_pa
     """`llamalite serve` as lm-eval's `local-completions` backend: remote tokenizer (/tokenizer_info,
     /tokenize), prompt scoring by echo + logprobs; the log-likelihoods equal a direct computation."""
     from llamalite.evaluate import loglikelihood, read_tasks
-    from llamalite.server import BackgroundServer, Server, create_app
+    from llamalite.serve import BackgroundServer, Server, create_app
 
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     server = Server(default_lm, "smollm2", max_batch=4, max_seq_len=512)

@@ -10,7 +10,7 @@ import pytest
 
 from llamalite.config import ModelConfig
 from llamalite.loading import load
-from llamalite.server import BackgroundServer, Server, create_app, wait_until_serving
+from llamalite.serve import BackgroundServer, Server, create_app, wait_until_serving
 from tests.helpers import meta_weights_from_hf, tiny_hf_model, write_gguf
 
 openai = pytest.importorskip("openai", reason="the test extras install openai: pip install -e '.[test]'")

@@ -25,9 +25,9 @@ from typing import Callable, Iterator, Sequence
 
 import torch
 
-from .generation import PREFILL_CHUNK, ContextLengthError, _common_prefix
-from .model import Transformer
-from .sampling import GREEDY, SamplingParams, sample
+from ..generation import PREFILL_CHUNK, ContextLengthError, _common_prefix
+from ..model import Transformer
+from ..sampling import GREEDY, SamplingParams, sample
 
 
 @dataclass

@@ -1,0 +1,125 @@
+"""The app: the API families' routes wired onto one FastAPI app over one `Server`, with the chat page,
+health, metrics, the OpenAPI spec and the error handlers that give every failure OpenAI's shape."""
+
+from __future__ import annotations
+
+from contextlib import asynccontextmanager
+from importlib import resources
+from typing import Any
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import HTMLResponse, Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from . import openai_api
+from .core import APIError, Server, _error
+
+
+def create_app(server: Server, start_engine: bool = True) -> FastAPI:
+    """The FastAPI app. With start_engine, the app runs the engine in a thread while it is up;
+    `serve` instead runs the engine on the main thread (see Engine.run) and the app beside it."""
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        if start_engine:
+            server.engine.start()
+        try:
+            yield
+        finally:
+            if start_engine:
+                server.engine.stop()
+
+    app = FastAPI(title="llamalite", version=__import__("llamalite").__version__, lifespan=lifespan,
+                  description="OpenAI-compatible API for a local LLaMA-family model")
+    app.state.server = server
+    default_openapi = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        # The one model id this server accepts, so the spec (and tools generating requests from it) know it.
+        if app.openapi_schema is None:
+            schema = default_openapi()
+            for name in ("CompletionRequest", "ChatRequest"):
+                fields = schema["components"]["schemas"][name]["properties"]
+                fields["model"]["enum"] = [server.model_name]
+                for key in ("max_tokens", "max_completion_tokens"):
+                    if key in fields:  # a number or null: bound the number by the context
+                        for option in fields[key].get("anyOf", [fields[key]]):
+                            if option.get("type") == "integer":
+                                option["maximum"] = server.engine.max_seq_len
+            vocab = server.tokenizer.vocab_size - 1
+
+            def bound_ids(node: Any) -> None:  # token ids: below the vocabulary size
+                if isinstance(node, dict):
+                    if node.get("type") == "integer" and node.get("minimum") == 0 and "maximum" not in node:
+                        node["maximum"] = vocab
+                    for v in node.values():
+                        bound_ids(v)
+                elif isinstance(node, list):
+                    for v in node:
+                        bound_ids(v)
+
+            for name in ("CompletionRequest", "DetokenizeRequest"):
+                bound_ids(schema["components"]["schemas"][name]["properties"].get("prompt" if name[0] == "C" else "tokens"))
+        return app.openapi_schema
+
+    app.openapi = openapi
+
+    async def authorize(http: Request) -> None:
+        if server.api_key is None:
+            return
+        header = http.headers.get("authorization", "")
+        if header != f"Bearer {server.api_key}":
+            raise APIError(401, "a valid API key is required: send the header 'Authorization: Bearer <key>'",
+                           type="authentication_error", code="invalid_api_key")
+
+    auth = [Depends(authorize)]
+
+    @app.exception_handler(APIError)
+    async def api_error(_: Request, e: APIError):
+        headers = {"WWW-Authenticate": "Bearer"} if e.status == 401 else None
+        return _error(e.status, e.message, e.type, e.param, e.code, headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(_: Request, e: RequestValidationError):
+        errors = e.errors()
+        first = errors[0] if errors else {}
+        if first.get("type") == "json_invalid":
+            return _error(400, f"the request body is not valid JSON ({first.get('ctx', {}).get('error', 'parse error')}); "
+                               "send a JSON object with Content-Type: application/json")
+        param = ".".join(str(p) for p in first.get("loc", ())[1:]) or None
+        detail = "; ".join(f"{'.'.join(str(p) for p in err.get('loc', ())[1:]) or 'body'}: {err.get('msg')}"
+                           for err in errors[:5])
+        return _error(400, f"invalid request: {detail}", param=param)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_: Request, e: StarletteHTTPException):
+        return _error(e.status_code, str(e.detail), type="not_found_error" if e.status_code == 404 else "invalid_request_error")
+
+    @app.exception_handler(Exception)
+    async def crash(_: Request, e: Exception):
+        return _error(500, f"internal error: {type(e).__name__}: {e}", type="server_error")
+
+    @app.middleware("http")
+    async def count(http: Request, call_next):
+        response = await call_next(http)
+        route = http.scope.get("route")
+        server.m_requests.labels(route.path if route else "other", str(response.status_code)).inc()
+        return response
+
+    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
+    async def page() -> HTMLResponse:
+        return HTMLResponse(resources.files("llamalite").joinpath("web/chat.html").read_text(encoding="utf-8"))
+
+    @app.get("/health")
+    async def health() -> dict[str, Any]:
+        return {"status": "ok", "model": server.model_name, "active": server.engine.active,
+                "queued": server.engine.queue_depth}
+
+    @app.get("/metrics", response_class=Response)
+    async def metrics() -> Response:
+        from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+        return Response(generate_latest(server.registry), media_type=CONTENT_TYPE_LATEST)
+
+    app.include_router(openai_api.router(server, auth))
+    return app

@@ -1,0 +1,294 @@
+"""The shared core of the server: the `Server` object over the engine, OpenAI-shaped errors, and the
+pieces every API family builds its responses from (one choice as a stream of pieces, several choices
+merged, a full collection, server-sent events, usage)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, AsyncIterator
+
+from fastapi import Request
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from ..generation import ContextLengthError, TextStream
+from ..loading import LoadedModel
+from .engine import Engine, PromptEvent, Request as EngineRequest, TokenEvent
+
+if TYPE_CHECKING:
+    from .openai_api import _Sampling
+
+
+class APIError(Exception):
+    def __init__(self, status: int, message: str, type: str = "invalid_request_error", param: str | None = None,
+                 code: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+
+
+def _error(status: int, message: str, type: str = "invalid_request_error", param: str | None = None,
+           code: str | None = None, headers: dict | None = None) -> JSONResponse:
+    body = {"error": {"message": message, "type": type, "param": param, "code": code}}
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+
+# ----- running one choice ----------------------------------------------------------------------------
+
+@dataclass
+class Choice:
+    """What one choice produced so far."""
+    index: int
+    text: str = ""
+    tokens: list[TokenEvent] = field(default_factory=list)
+    finish_reason: str | None = None
+    cached_tokens: int = 0
+    prompt_logprobs: list[TokenEvent] | None = None
+
+
+@dataclass
+class Piece:
+    """A step of one choice's stream: new text and the tokens that made it, or the end."""
+    index: int
+    text: str
+    tokens: list[TokenEvent]
+    finish_reason: str | None = None
+    cached_tokens: int = 0  # on the last piece: prompt tokens reused from the KV cache
+    prompt_logprobs: list[TokenEvent] | None = None  # with score_prompt: each prompt token's, the first None
+
+
+class Server:
+    """The state behind the app: the loaded model, its engine, the name it is served under."""
+
+    def __init__(self, lm: LoadedModel, model_name: str, *, max_batch: int = 8, max_seq_len: int | None = None,
+                 api_key: str | None = None):
+        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+        self.lm, self.tokenizer, self.model_name, self.api_key = lm, lm.tokenizer, model_name, api_key
+        self.engine = Engine(lm.model, max_batch=max_batch, max_seq_len=max_seq_len)
+        self.created = int(time.time())
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.m_requests = Counter("llamalite_requests", "HTTP requests by path and status", ["path", "status"], registry=r)
+        self.m_prompt = Counter("llamalite_prompt_tokens", "prompt tokens received", registry=r)
+        self.m_cached = Counter("llamalite_cached_prompt_tokens", "prompt tokens reused from the KV cache", registry=r)
+        self.m_generated = Counter("llamalite_generated_tokens", "tokens generated", registry=r)
+        self.m_latency = Histogram("llamalite_request_latency_seconds", "generation request latency", registry=r,
+                                   buckets=(0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120))
+        self.m_ttft = Histogram("llamalite_time_to_first_token_seconds", "time to first token", registry=r,
+                                buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10))
+        Gauge("llamalite_queue_depth", "requests waiting for a slot", registry=r).set_function(
+            lambda: self.engine.queue_depth)
+        Gauge("llamalite_active_requests", "requests being decoded", registry=r).set_function(lambda: self.engine.active)
+        Gauge("llamalite_batch_slots", "KV-cache slots (largest batch)", registry=r).set(max_batch)
+
+    def check_model(self, name: str) -> None:
+        if name != self.model_name:
+            raise APIError(404, f"the model '{name}' does not exist; this server serves '{self.model_name}' "
+                                f"(GET /v1/models lists it)", param="model", code="model_not_found")
+
+    def check_ids(self, ids: list[int], param: str) -> list[int]:
+        vocab = self.tokenizer.vocab_size
+        bad = [t for t in ids if not 0 <= t < vocab]
+        if bad:
+            raise APIError(400, f"token id {bad[0]} is outside the vocabulary of {vocab}", param=param)
+        return list(ids)
+
+    def prompt_ids(self, prompt: str | list[int]) -> list[int]:
+        if isinstance(prompt, str):
+            ids = self.tokenizer.encode(prompt)
+        else:
+            ids = self.check_ids(prompt, "prompt")
+        if not ids:
+            raise APIError(400, "the prompt is empty: give at least one token", param="prompt")
+        return ids
+
+    def budget(self, n_prompt: int, max_tokens: int | None) -> int:
+        """max_tokens checked against the context (None: everything the context leaves)."""
+        ctx = self.engine.max_seq_len
+        if max_tokens is None:
+            if n_prompt >= ctx:
+                raise APIError(400, f"the prompt is {n_prompt} tokens but the context is {ctx}; shorten it",
+                               param="messages", code="context_length_exceeded")
+            return ctx - n_prompt
+        try:
+            self.engine.check(n_prompt, max_tokens)
+        except ContextLengthError as e:
+            raise APIError(400, str(e), param="max_tokens", code="context_length_exceeded") from None
+        return max_tokens
+
+    async def run(self, index: int, prompt: list[int], max_tokens: int, body: _Sampling, logprobs: int | None,
+                  stop: list[str], score_prompt: bool = False) -> AsyncIterator[Piece]:
+        """One choice as a stream of pieces; leaving early (a client gone) cancels it in the engine."""
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue = asyncio.Queue()
+        seed = None if body.seed is None else (body.seed + index) % 2 ** 63
+        request = EngineRequest(prompt, max_tokens=max_tokens, sampling=body.sampling(),
+                                stop_ids=self.tokenizer.end_ids, seed=seed, logprobs=logprobs,
+                                score_prompt=score_prompt, deliver=lambda ev: loop.call_soon_threadsafe(events.put_nowait, ev))
+        start = time.monotonic()
+        first = True
+        self.engine.submit(request)
+        text = TextStream(self.tokenizer, stop)
+        held: list[TokenEvent] = []  # tokens whose text is not out yet
+        try:
+            while True:
+                event = await events.get()
+                if isinstance(event, PromptEvent):
+                    yield Piece(index, "", [], prompt_logprobs=[TokenEvent(prompt[0])] + event.logprobs)
+                    continue
+                if isinstance(event, TokenEvent):
+                    if first:
+                        self.m_ttft.observe(time.monotonic() - start)
+                        first = False
+                    held.append(event)
+                    piece = text.push(event.token)
+                    if text.stopped:
+                        request.cancel()
+                        yield Piece(index, piece, held, "stop", request.cached_tokens)
+                        self._account(request, len(held))
+                        return
+                    if piece:
+                        yield Piece(index, piece, held)
+                        held = []
+                    continue
+                self._account(request, event.completion_tokens)
+                if event.reason == "error":
+                    raise APIError(500, f"generation failed: {event.error}", type="server_error")
+                if event.reason == "cancelled":
+                    raise APIError(503, "the server is shutting down", type="server_error")
+                yield Piece(index, text.flush(), held, event.reason, event.cached_tokens)
+                return
+        finally:
+            request.cancel()
+            self.m_latency.observe(time.monotonic() - start)
+
+    def _account(self, request: EngineRequest, generated: int) -> None:
+        self.m_prompt.inc(len(request.prompt))
+        self.m_cached.inc(request.cached_tokens)
+        self.m_generated.inc(generated)
+
+
+def _merge(streams: list[AsyncIterator[Piece]]) -> AsyncIterator[Piece]:
+    """Pieces of several choices as they come (choices run side by side in the engine's batch)."""
+    async def merged():
+        if len(streams) == 1:
+            async for piece in streams[0]:
+                yield piece
+            return
+        out: asyncio.Queue = asyncio.Queue()
+        done = object()
+
+        async def pump(stream):
+            try:
+                async for piece in stream:
+                    await out.put(piece)
+                await out.put(done)
+            except BaseException as e:  # handed to the consumer, which re-raises it
+                await out.put(e)
+
+        tasks = [asyncio.create_task(pump(s)) for s in streams]
+        try:
+            remaining = len(tasks)
+            while remaining:
+                item = await out.get()
+                if item is done:
+                    remaining -= 1
+                elif isinstance(item, BaseException):
+                    raise item
+                else:
+                    yield item
+        finally:
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)  # each stream's own cleanup runs first
+            for s in streams:
+                await s.aclose()
+    return merged()
+
+
+def _token_text(server: Server, token: int) -> str:
+    return server.tokenizer.decode([token], skip_special=False)
+
+
+def _completion_logprobs(server: Server, tokens: list[TokenEvent], offset: int) -> dict[str, Any]:
+    texts = [_token_text(server, t.token) for t in tokens]
+    offsets = []
+    for t in texts:
+        offsets.append(offset)
+        offset += len(t)
+    return {"tokens": texts, "token_logprobs": [t.logprob for t in tokens],
+            "top_logprobs": [None if t.logprob is None else {_token_text(server, i): lp for i, lp in (t.top_logprobs or [])}
+                             for t in tokens],
+            "text_offset": offsets}
+
+
+def _chat_logprobs(server: Server, tokens: list[TokenEvent]) -> dict[str, Any]:
+    def entry(token: int, logprob: float) -> dict[str, Any]:
+        text = _token_text(server, token)
+        return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8"))}
+
+    return {"content": [{**entry(t.token, t.logprob),
+                         "top_logprobs": [entry(i, lp) for i, lp in (t.top_logprobs or [])]} for t in tokens]}
+
+
+def _sse(data: dict[str, Any] | str) -> str:
+    return f"data: {data if isinstance(data, str) else json.dumps(data, ensure_ascii=False)}\n\n"
+
+
+async def _collect(stream: AsyncIterator[Piece], n: int, http: Request) -> list[Choice]:
+    """Every choice in full; a client that goes away cancels the work."""
+    choices = [Choice(i) for i in range(n)]
+
+    async def consume():
+        async for piece in stream:
+            c = choices[piece.index]
+            c.text += piece.text
+            c.tokens.extend(piece.tokens)
+            if piece.finish_reason:
+                c.finish_reason, c.cached_tokens = piece.finish_reason, piece.cached_tokens
+            if piece.prompt_logprobs is not None:
+                c.prompt_logprobs = piece.prompt_logprobs
+
+    task = asyncio.create_task(consume())
+    try:
+        while not task.done():
+            await asyncio.wait({task}, timeout=0.5)
+            if not task.done() and await http.is_disconnected():
+                raise APIError(499, "the client closed the request")
+        task.result()  # an error from a choice surfaces here
+        return choices
+    finally:
+        if not task.done():
+            task.cancel()  # closes the choices' streams, which cancel their engine requests
+
+
+def _usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int | None = None) -> dict[str, Any]:
+    usage = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+             "total_tokens": prompt_tokens + completion_tokens}
+    if cached_tokens is not None:
+        usage["prompt_tokens_details"] = {"cached_tokens": cached_tokens}
+    return usage
+
+
+def _choices_usage(prompts: list[list[int]], n: int, choices: list[Choice]) -> dict[str, Any]:
+    return _usage(sum(len(p) for p in prompts) * n, sum(len(c.tokens) for c in choices),
+                  sum(c.cached_tokens for c in choices))
+
+
+def _streaming(stream: AsyncIterator[Piece], chunk, final) -> StreamingResponse:
+    async def body():
+        try:
+            async for piece in stream:
+                for data in chunk(piece):
+                    yield _sse(data)
+            for data in final():
+                yield _sse(data)
+        except APIError as e:  # headers are gone: the error travels as an event, as OpenAI's does
+            yield _sse({"error": {"message": e.message, "type": e.type, "param": e.param, "code": e.code}})
+        finally:
+            await stream.aclose()
+        yield _sse("[DONE]")
+    return StreamingResponse(body(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})

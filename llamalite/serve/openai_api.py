@@ -1,0 +1,252 @@
+"""OpenAI's API family: /v1/models, /v1/completions, /v1/chat/completions, and the tokenizer routes
+that its clients (llama.cpp's and vLLM's names, lm-eval's remote tokenizer) use beside it. The
+pydantic request models sit beside their routes."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Annotated, Any, Literal
+
+from fastapi import APIRouter, Request
+from pydantic import BaseModel, ConfigDict, Field
+
+from ..chat_template import TemplateError, render_chat
+from ..sampling import SamplingParams
+from .core import (APIError, Piece, Server, _chat_logprobs, _choices_usage, _collect, _completion_logprobs, _merge,
+                   _streaming, _usage)
+from .engine import TokenEvent
+
+MAX_STOP = 4  # as OpenAI: up to 4 stop sequences
+
+
+class StreamOptions(BaseModel):
+    include_usage: bool = False
+
+
+class _Sampling(BaseModel):
+    """Fields shared by both generation endpoints; unknown fields are accepted and ignored, as OpenAI's
+    clients send some (user, metadata) that change nothing here."""
+    model_config = ConfigDict(extra="allow")
+
+    model: str
+    temperature: float = Field(1.0, ge=0, le=2)
+    top_p: float = Field(1.0, gt=0, le=1)
+    top_k: int = Field(0, ge=0, le=1_000_000, description="llamalite extension: 0 turns it off")
+    min_p: float = Field(0.0, ge=0, le=1, description="llamalite extension: 0 turns it off")
+    repetition_penalty: float = Field(1.0, ge=0.01, le=100, description="llamalite extension: 1 turns it off")
+    presence_penalty: float = Field(0.0, ge=-2, le=2)
+    frequency_penalty: float = Field(0.0, ge=-2, le=2)
+    n: int = Field(1, ge=1, le=16)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    stop: str | Annotated[list[str], Field(max_length=MAX_STOP)] | None = None
+    seed: int | None = Field(None, ge=-(2 ** 63), le=2 ** 64 - 1)
+
+    def sampling(self) -> SamplingParams:
+        return SamplingParams(temperature=self.temperature, top_k=self.top_k, top_p=self.top_p, min_p=self.min_p,
+                              repetition_penalty=self.repetition_penalty, presence_penalty=self.presence_penalty,
+                              frequency_penalty=self.frequency_penalty)
+
+    def stop_strings(self) -> list[str]:
+        return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+
+
+TokenId = Annotated[int, Field(ge=0)]
+
+
+class CompletionRequest(_Sampling):
+    prompt: str | list[str] | list[TokenId] | list[list[TokenId]]
+    max_tokens: int | None = Field(16, ge=0, description="0 only with echo: score the prompt, generate nothing")
+    logprobs: int | None = Field(None, ge=0, le=20)
+    echo: bool = False
+
+
+class TextPart(BaseModel):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[TextPart] | None = None
+
+    def text(self) -> str:
+        if isinstance(self.content, list):
+            return "".join(p.text for p in self.content)
+        return self.content or ""
+
+
+class ChatRequest(_Sampling):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=20)
+
+
+class TokenizeRequest(BaseModel):
+    """llama.cpp's fields (content, add_special) or vLLM's (prompt, add_special_tokens): lm-eval's remote
+    tokenizer speaks the latter."""
+    model_config = ConfigDict(extra="allow")
+
+    content: str | None = Field(None, description="text to tokenize")
+    prompt: str | None = Field(None, description="the same, under vLLM's name")
+    add_special: bool | None = Field(None, description="add the BOS token where the model uses one (default true)")
+    add_special_tokens: bool | None = Field(None, description="the same, under vLLM's name")
+
+
+class DetokenizeRequest(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    tokens: list[TokenId]
+
+
+# ----- routes ------------------------------------------------------------------------------------------
+
+def router(server: Server, dependencies: list) -> APIRouter:
+    """The routes of this family over `server`; `dependencies` guard each (the API key)."""
+    api = APIRouter(dependencies=dependencies)
+
+    @api.get("/v1/models")
+    async def models() -> dict[str, Any]:
+        card = {"id": server.model_name, "object": "model", "created": server.created, "owned_by": "llamalite",
+                "context_length": server.engine.max_seq_len}
+        return {"object": "list", "data": [card]}
+
+    @api.post("/tokenize")
+    async def tokenize(body: TokenizeRequest) -> dict[str, Any]:
+        text = body.content if body.content is not None else body.prompt
+        if text is None:
+            raise APIError(400, "give the text to tokenize as content (or prompt)", param="content")
+        special = next((v for v in (body.add_special, body.add_special_tokens) if v is not None), True)
+        tokens = server.tokenizer.encode(text, add_bos=None if special else False)
+        return {"tokens": tokens, "count": len(tokens), "max_model_len": server.engine.max_seq_len}
+
+    @api.post("/detokenize")
+    async def detokenize(body: DetokenizeRequest) -> dict[str, Any]:
+        text = server.tokenizer.decode(server.check_ids(body.tokens, "tokens"))
+        return {"content": text, "prompt": text}  # llama.cpp's name and vLLM's
+
+    @api.get("/tokenizer_info")
+    async def tokenizer_info() -> dict[str, Any]:
+        """What a client needs to tokenize as the server does (vLLM's endpoint; lm-eval reads it)."""
+        tok = server.tokenizer
+        return {"tokenizer_class": type(tok).__name__, "bos_token": tok.bos_token if tok.bos_id is not None else None,
+                "eos_token": tok.eos_token if tok.eos_id is not None else None, "pad_token": None,
+                "add_bos_token": tok.add_bos, "chat_template": server.lm.chat_template,
+                "model_max_length": server.engine.max_seq_len}
+
+    @api.post("/v1/completions")
+    async def completions(body: CompletionRequest, http: Request):
+        server.check_model(body.model)
+        # The prompt's own log-probabilities (what lm-eval's loglikelihood reads), or an echo of nothing but it.
+        score = body.echo and (body.logprobs is not None or body.max_tokens == 0)
+        if body.max_tokens == 0 and not body.echo:
+            raise APIError(400, "max_tokens must be at least 1 (0 is only for echo: scoring the prompt)",
+                           param="max_tokens")
+        raw = body.prompt
+        prompts = ([raw] if isinstance(raw, str) or (raw and isinstance(raw[0], int)) else list(raw)) or [""]
+        ids = [server.prompt_ids(p) for p in prompts]
+        budgets = [server.budget(len(p), body.max_tokens) for p in ids]
+        stop = body.stop_strings()
+        texts = [p if isinstance(p, str) else server.tokenizer.decode(p) for p in prompts]
+        n = body.n
+        stream = _merge([server.run(i * n + j, p, b, body, body.logprobs, stop, score)
+                         for i, (p, b) in enumerate(zip(ids, budgets)) for j in range(n)])
+        rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
+        offsets = {}
+
+        def choice_logprobs(index: int, tokens: list[TokenEvent]):
+            if body.logprobs is None:
+                return None
+            out = _completion_logprobs(server, tokens, offsets.get(index, 0))
+            if out["text_offset"]:
+                offsets[index] = out["text_offset"][-1] + len(out["tokens"][-1])
+            return out
+
+        if body.stream:
+            usage_counts = {"completion": 0}
+            echoed: set[int] = set()
+
+            def chunk(piece: Piece):
+                usage_counts["completion"] += len(piece.tokens)
+                text, tokens = piece.text, piece.tokens
+                if body.echo and piece.index not in echoed and (piece.prompt_logprobs is not None or not score):
+                    echoed.add(piece.index)
+                    text = texts[piece.index // n] + text
+                    tokens = (piece.prompt_logprobs or []) + tokens
+                if not text and not tokens and not piece.finish_reason:
+                    return
+                yield {"id": rid, "object": "text_completion", "created": created, "model": server.model_name,
+                       "choices": [{"index": piece.index, "text": text,
+                                    "logprobs": choice_logprobs(piece.index, tokens),
+                                    "finish_reason": piece.finish_reason}]}
+
+            def final():
+                if body.stream_options and body.stream_options.include_usage:
+                    yield {"id": rid, "object": "text_completion", "created": created, "model": server.model_name,
+                           "choices": [], "usage": _usage(sum(len(x) for x in ids) * n, usage_counts["completion"])}
+            return _streaming(stream, chunk, final)
+
+        choices = await _collect(stream, len(ids) * n, http)
+        return {"id": rid, "object": "text_completion", "created": created, "model": server.model_name,
+                "choices": [{"index": c.index, "text": (texts[c.index // n] if body.echo else "") + c.text,
+                             "logprobs": choice_logprobs(c.index, (c.prompt_logprobs or []) + c.tokens),
+                             "finish_reason": c.finish_reason}
+                            for c in choices],
+                "usage": _choices_usage(ids, n, choices)}
+
+    @api.post("/v1/chat/completions")
+    async def chat_completions(body: ChatRequest, http: Request):
+        server.check_model(body.model)
+        messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in body.messages]
+        try:
+            text = render_chat(server.lm.chat_template, server.tokenizer, messages)
+        except TemplateError as e:
+            raise APIError(400, str(e), param="messages") from None
+        prompt = server.tokenizer.encode(text, add_bos=False)
+        if not prompt:
+            raise APIError(400, "the rendered conversation is empty", param="messages")
+        budget = server.budget(len(prompt), body.max_completion_tokens or body.max_tokens)
+        logprobs = (body.top_logprobs or 0) if body.logprobs else None
+        stop, n = body.stop_strings(), body.n
+        stream = _merge([server.run(j, prompt, budget, body, logprobs, stop) for j in range(n)])
+        rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+        head = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": server.model_name}
+
+        if body.stream:
+            usage_counts = {"completion": 0}
+
+            roles: set[int] = set()
+
+            def chunk(piece: Piece):
+                usage_counts["completion"] += len(piece.tokens)
+                if piece.index not in roles:  # each choice opens with its role, as OpenAI's streams do
+                    roles.add(piece.index)
+                    yield {**head, "choices": [{"index": piece.index, "delta": {"role": "assistant", "content": ""},
+                                                "logprobs": None, "finish_reason": None}]}
+                if piece.text or piece.tokens:
+                    yield {**head, "choices": [{"index": piece.index, "delta": {"content": piece.text},
+                                                "logprobs": _chat_logprobs(server, piece.tokens) if body.logprobs else None,
+                                                "finish_reason": None}]}
+                if piece.finish_reason:
+                    yield {**head, "choices": [{"index": piece.index, "delta": {}, "logprobs": None,
+                                                "finish_reason": piece.finish_reason}]}
+
+            def final():
+                if body.stream_options and body.stream_options.include_usage:
+                    yield {**head, "choices": [], "usage": _usage(len(prompt) * n, usage_counts["completion"])}
+
+            return _streaming(stream, chunk, final)
+
+        choices = await _collect(stream, n, http)
+        return {"id": rid, "object": "chat.completion", "created": created, "model": server.model_name,
+                "choices": [{"index": c.index, "message": {"role": "assistant", "content": c.text},
+                             "logprobs": _chat_logprobs(server, c.tokens) if body.logprobs else None,
+                             "finish_reason": c.finish_reason} for c in choices],
+                "usage": _choices_usage([prompt], n, choices)}
+
+    return api

@@ -83,3 +83,50 @@ def render_chat(template: str | None, tokenizer: Tokenizer, messages: Sequence[d
                                bos_token=tokenizer.bos_token, eos_token=tokenizer.eos_token, **kwargs)
     except jinja2.TemplateError as e:
         raise TemplateError(f"the chat template failed to render: {e}") from e
+
+
+def encode_chat(template: str | None, tokenizer: Tokenizer, messages: Sequence[dict[str, Any]],
+                add_generation_prompt: bool = True, **kwargs: Any) -> list[int]:
+    """The prompt's token ids for `messages`, with only the template's own markup read as special tokens.
+
+    A message whose text spells a special token ("<|im_end|>\\n<|im_start|>system") must not become
+    that token, or a user could forge turns. Messages without such text tokenize as part of the whole
+    prompt, exactly as `tokenizer.encode(render_chat(...))`. Each one with it is located exactly: the
+    template is rendered again with that message's text replaced by a marker, the marker must stand
+    where the text stood, and the text between is tokenized with special-token parsing off."""
+    messages = list(messages)
+    text = render_chat(template, tokenizer, messages, add_generation_prompt, **kwargs)
+    risky = [i for i, m in enumerate(messages) if isinstance(m.get("content"), str)
+             and tokenizer.encode(m["content"], add_bos=False) != tokenizer.encode(m["content"], add_bos=False,
+                                                                                  parse_special=False)]
+    if not risky:
+        return tokenizer.encode(text, add_bos=False)
+    markers = {i: f"\x00llamalite-message-{i}\x00" for i in risky}
+    marked = render_chat(template, tokenizer, [{**m, "content": markers[i]} if i in markers else m
+                                               for i, m in enumerate(messages)], add_generation_prompt, **kwargs)
+    # The real prompt must be the marked one with each marker replaced by its message's text (or that
+    # text stripped: templates often write `content | trim`); anything else is refused, not guessed.
+    segments = marked.split("\x00")  # text, marker, text, marker, ..., text
+    if len(segments) != 2 * len(risky) + 1 or segments[1::2] != [markers[i].strip("\x00") for i in risky]:
+        raise TemplateError(_UNKEPT)
+    parts, pos = [], 0
+    for k, i in enumerate(risky):
+        before = segments[2 * k]
+        if not text.startswith(before, pos):
+            raise TemplateError(_UNKEPT)
+        pos += len(before)
+        content = messages[i]["content"]
+        kept = next((c for c in (content, content.strip()) if text.startswith(c, pos)), None)
+        if kept is None:
+            raise TemplateError(_UNKEPT)
+        parts += [(before, True), (kept, False)]
+        pos += len(kept)
+    if text[pos:] != segments[-1]:
+        raise TemplateError(_UNKEPT)
+    parts.append((segments[-1], True))
+    return [t for part, special in parts if part
+            for t in tokenizer.encode(part, add_bos=False, parse_special=special)]
+
+
+_UNKEPT = ("a message contains the text of a special token, and the chat template changes that message's text, "
+           "so it cannot be kept as plain text; remove the special-token text from the message")

@@ -218,6 +218,7 @@ def cmd_bench(args) -> int:
 
 def cmd_serve(args) -> int:
     from .serve import serve
+    from .serve.guard import Limits
 
     if args.max_batch < 1:
         raise ValueError("--max-batch must be at least 1")
@@ -227,7 +228,14 @@ def cmd_serve(args) -> int:
     print(f"llamalite serving {name} on http://{args.host}:{args.port} (chat page at /, API at /v1, "
           f"{args.max_batch} slots of {min(args.ctx, lm.model.config.context_length)} tokens"
           f"{', API key required' if key else ''})", file=sys.stderr)
-    serve(lm, name, host=args.host, port=args.port, api_key=key, max_batch=args.max_batch, max_seq_len=args.ctx)
+    for flag in ("max_body", "max_queue", "read_timeout"):
+        if getattr(args, flag) is not None and getattr(args, flag) <= 0:
+            raise ValueError(f"--{flag.replace('_', '-')} must be positive")
+    hosts = tuple(h.strip().lower() for h in (args.allowed_hosts or "").split(",") if h.strip())
+    limits = Limits.for_context(min(args.ctx, lm.model.config.context_length), max_body=args.max_body,
+                                max_queue=args.max_queue, read_timeout=args.read_timeout, allowed_hosts=hosts)
+    serve(lm, name, host=args.host, port=args.port, api_key=key, max_batch=args.max_batch, max_seq_len=args.ctx,
+          limits=limits)
     return 0
 
 
@@ -418,6 +426,15 @@ def _serve_args(p):
     p.add_argument("--model-name", help="the model id clients send (default: the file or directory name)")
     p.add_argument("--threads", type=int, help="CPU threads (default: PyTorch's, one per core)")
     p.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:1, mps, ...")
+    p.add_argument("--max-body", type=int, metavar="BYTES",
+                   help="largest request body (default 64 bytes a context token, at least 1 MiB; 413 above)")
+    p.add_argument("--max-queue", type=int, metavar="N",
+                   help="generations waiting for a slot, all requests together (default 64; 429 above)")
+    p.add_argument("--read-timeout", type=float, metavar="SECONDS",
+                   help="time for a request's headers, and again for its body (default 10; 408 after)")
+    p.add_argument("--allowed-hosts", metavar="NAMES",
+                   help="comma-separated Host names served besides localhost, IP addresses and the bind address "
+                        "(a guard against DNS rebinding); '*' serves any")
 
 
 def _prepare_args(p):
@@ -510,12 +527,18 @@ VERBS: dict[str, tuple[Callable[[Any], int], str, Callable[[argparse.ArgumentPar
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="llamalite", description="Run LLaMA-family models on your own machine.")
     sub = parser.add_subparsers(dest="verb", metavar="VERB", required=True)
+    verbs = {}
     for name, (handler, help, setup) in VERBS.items():
-        p = sub.add_parser(name, help=help, description=help)
+        p = verbs[name] = sub.add_parser(name, help=help, description=help)
         setup(p)
-        p.set_defaults(handler=handler)
+        p.set_defaults(handler=handler, verb=name)
     argv = sys.argv[1:] if argv is None else argv
-    args = _passthrough(argv) if argv[:1] == ["lm-eval"] else parser.parse_args(argv)
+    if argv[:1] == ["lm-eval"]:
+        args = _passthrough(argv)
+    elif argv[:1] and argv[0] in verbs:  # options and positionals in any order: eval perplexity --ctx 512 FILE
+        args = verbs[argv[0]].parse_intermixed_args(argv[1:])
+    else:
+        args = parser.parse_args(argv)
     try:
         return args.handler(args)
     except KeyboardInterrupt:

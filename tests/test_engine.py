@@ -106,3 +106,16 @@ def test_a_failing_forward_fails_its_requests_not_the_engine(tmp_path):
         assert len(_run(engine, [[1, 5, 9]], max_tokens=4)[0]) == 4
     finally:
         engine.stop()
+
+
+def test_a_cancelled_request_leaves_the_queue_from_anywhere_in_it(default_model_file):
+    """A client gone while its request waits behind others frees its place at the next step, not when it
+    reaches the head of the queue."""
+    lm = load(default_model_file)
+    engine = Engine(lm.model, max_batch=1, max_seq_len=64)
+    requests = [engine.submit(Request([1, 2, 3], max_tokens=8)) for _ in range(4)]
+    engine.step()  # the first is admitted; three wait
+    assert engine.queue_depth == 3
+    requests[2].cancel()
+    engine.step()
+    assert engine.queue_depth == 2 and list(requests[2])[-1] == Finished("cancelled", 3, 0)

@@ -111,6 +111,63 @@ def test_stop_strings_are_held_back_and_not_emitted():
     assert done.finish_reason == "length"
 
 
+class PieceTokenizer:
+    """Each id indexes a list of text pieces: token boundaries of our choosing."""
+
+    def __init__(self, pieces):
+        self.pieces = pieces
+
+    def stream(self):
+        pieces = self.pieces
+
+        class D:
+            def push(self, i):
+                return pieces[i]
+
+            def flush(self):
+                return ""
+        return D()
+
+
+def _expected_stop(text: str, stops: list[str]) -> tuple[str, bool]:
+    """The reference: the text up to the first place a stop string ends (the longest one ending there)."""
+    ends = [(text.index(s) + len(s), -len(s)) for s in stops if s in text]
+    if not ends:
+        return text, False
+    end, neg = min(ends)
+    return text[:end + neg], True
+
+
+def test_stop_strings_match_a_reference_on_random_text_and_token_boundaries():
+    import random
+
+    rng = random.Random(0)
+    for _ in range(400):
+        text = "".join(rng.choice("ab c") for _ in range(rng.randint(0, 30)))
+        stops = ["".join(rng.choice("ab c") for _ in range(rng.randint(1, 4))) for _ in range(rng.randint(1, 4))]
+        cuts = sorted(rng.sample(range(1, len(text)), min(len(text) - 1, rng.randint(0, 8)))) if len(text) > 1 else []
+        pieces = [text[a:b] for a, b in zip([0] + cuts, cuts + [len(text)])] if text else []
+        done = Completion()
+
+        def ids():
+            yield from range(len(pieces))
+            return "length"
+        got = "".join(stream_text(PieceTokenizer(pieces), ids(), stop=stops, completion=done))
+        want, stopped = _expected_stop(text, stops)
+        assert (got, done.finish_reason == "stop") == (want, stopped), (text, stops, pieces)
+
+
+def test_long_stop_strings_take_linear_time():
+    """Four 100k-character stop strings over a long text: the held-back search is not quadratic."""
+    import time
+
+    stops = ["x" * 99_999 + str(k) for k in range(4)]
+    t = time.perf_counter()
+    got = "".join(stream_text(CharTokenizer(), _ids("x" * 150_000 + "3"), stop=stops))
+    assert got == "x" * 50_001
+    assert time.perf_counter() - t < 5  # quadratic matching takes hours here
+
+
 def test_top_k_top_p_min_p_filters():
     logits = torch.log(torch.tensor([0.5, 0.2, 0.15, 0.1, 0.05]))
     kept = lambda **kw: torch.isfinite(filter_logits(logits, SamplingParams(**kw))).nonzero().flatten().tolist()

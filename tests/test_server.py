@@ -206,6 +206,8 @@ def tiny(tmp_path_factory):
 
 def _post(url, path, body, key=KEY, raw=None):
     headers = {"Authorization": f"Bearer {key}"} if key else {}
+    if body is None and raw is None:
+        return httpx.get(url + path, headers=headers)
     if raw is not None:
         return httpx.post(url + path, content=raw, headers={**headers, "Content-Type": "application/json"})
     return httpx.post(url + path, json=body, headers=headers)
@@ -239,6 +241,13 @@ BAD = [  # (what, path, body or raw bytes, status, words in the message)
     ("empty prompt", "/v1/completions", {"model": "tiny", "prompt": ""}, 400, "empty"),
     ("wrong field type", "/v1/completions", {"model": "tiny", "prompt": "hi", "max_tokens": "lots"}, 400,
      "max_tokens"),
+    ("stop string too long", "/v1/completions", {"model": "tiny", "prompt": "hi", "stop": ["s" * 1001]}, 400, "stop"),
+    ("too many generations", "/v1/completions", {"model": "tiny", "prompt": ["a"] * 70, "n": 16}, 400, "prompts x n"),
+    ("lone surrogate", "/v1/chat/completions", b'{"model": "tiny", "messages": [{"role": "user", "content": "\\udc80"}]}',
+     400, "surrogate"),
+    ("prompt text beyond any context", "/v1/completions", {"model": "tiny", "prompt": "p" * 200_000}, 400, "characters"),
+    ("body over the cap", "/v1/completions", {"model": "tiny", "prompt": "p" * (2 << 20)}, 413, "--max-body"),
+    ("unknown model id", "/v1/models/gpt-4", None, 404, "does not exist"),
     ("detokenize bad id", "/detokenize", {"tokens": [5, 400]}, 400, "vocabulary"),
     ("negative token id", "/detokenize", {"tokens": [-5]}, 400, "tokens"),
 ]
@@ -266,7 +275,8 @@ def test_api_key_is_required_when_set(tiny):
 def test_server_still_answers_after_bad_input(tiny):
     for _, path, body, _, _ in BAD:
         _post(tiny, path, None if isinstance(body, bytes) else body, raw=body if isinstance(body, bytes) else None)
-    assert httpx.get(tiny + "/nowhere").json()["error"]["type"] == "not_found_error"
+    assert httpx.get(tiny + "/nowhere", headers={"Authorization": f"Bearer {KEY}"}).json()["error"]["type"] == \
+        "not_found_error"
     c = openai.OpenAI(base_url=tiny + "/v1", api_key=KEY, max_retries=0)
     r = c.completions.create(model="tiny", prompt="hello", max_tokens=5, temperature=0)
     assert r.usage.completion_tokens + (r.choices[0].finish_reason == "stop") >= 1

@@ -3,17 +3,21 @@ health, metrics, the OpenAPI spec and the error handlers that give every failure
 
 from __future__ import annotations
 
+import base64
+import hashlib
+import re
 from contextlib import asynccontextmanager
 from importlib import resources
 from typing import Any
 
-from fastapi import Depends, FastAPI, Request
+from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from . import openai_api
 from .core import APIError, Server, _error
+from .guard import Guard
 
 
 def create_app(server: Server, start_engine: bool = True) -> FastAPI:
@@ -46,6 +50,8 @@ def create_app(server: Server, start_engine: bool = True) -> FastAPI:
                         for option in fields[key].get("anyOf", [fields[key]]):
                             if option.get("type") == "integer":
                                 option["maximum"] = server.engine.max_seq_len
+            for parameter in schema["paths"]["/v1/models/{model_id}"]["get"]["parameters"]:
+                parameter["schema"]["enum"] = [server.model_name]
             vocab = server.tokenizer.vocab_size - 1
 
             def bound_ids(node: Any) -> None:  # token ids: below the vocabulary size
@@ -64,20 +70,9 @@ def create_app(server: Server, start_engine: bool = True) -> FastAPI:
 
     app.openapi = openapi
 
-    async def authorize(http: Request) -> None:
-        if server.api_key is None:
-            return
-        header = http.headers.get("authorization", "")
-        if header != f"Bearer {server.api_key}":
-            raise APIError(401, "a valid API key is required: send the header 'Authorization: Bearer <key>'",
-                           type="authentication_error", code="invalid_api_key")
-
-    auth = [Depends(authorize)]
-
     @app.exception_handler(APIError)
     async def api_error(_: Request, e: APIError):
-        headers = {"WWW-Authenticate": "Bearer"} if e.status == 401 else None
-        return _error(e.status, e.message, e.type, e.param, e.code, headers)
+        return _error(e.status, e.message, e.type, e.param, e.code, e.headers)
 
     @app.exception_handler(RequestValidationError)
     async def invalid(_: Request, e: RequestValidationError):
@@ -86,9 +81,8 @@ def create_app(server: Server, start_engine: bool = True) -> FastAPI:
         if first.get("type") == "json_invalid":
             return _error(400, f"the request body is not valid JSON ({first.get('ctx', {}).get('error', 'parse error')}); "
                                "send a JSON object with Content-Type: application/json")
-        param = ".".join(str(p) for p in first.get("loc", ())[1:]) or None
-        detail = "; ".join(f"{'.'.join(str(p) for p in err.get('loc', ())[1:]) or 'body'}: {err.get('msg')}"
-                           for err in errors[:5])
+        param = _field(first) or None
+        detail = "; ".join(f"{_field(err) or 'body'}: {err.get('msg')}" for err in errors[:5])
         return _error(400, f"invalid request: {detail}", param=param)
 
     @app.exception_handler(StarletteHTTPException)
@@ -99,16 +93,14 @@ def create_app(server: Server, start_engine: bool = True) -> FastAPI:
     async def crash(_: Request, e: Exception):
         return _error(500, f"internal error: {type(e).__name__}: {e}", type="server_error")
 
-    @app.middleware("http")
-    async def count(http: Request, call_next):
-        response = await call_next(http)
-        route = http.scope.get("route")
-        server.m_requests.labels(route.path if route else "other", str(response.status_code)).inc()
-        return response
+    app.add_middleware(Guard, limits=server.limits, api_key=lambda: server.api_key,
+                       count=lambda path, status: server.m_requests.labels(path, str(status)).inc())
+    html = resources.files("llamalite").joinpath("web/chat.html").read_text(encoding="utf-8")
+    page_headers = _page_headers(html)
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     async def page() -> HTMLResponse:
-        return HTMLResponse(resources.files("llamalite").joinpath("web/chat.html").read_text(encoding="utf-8"))
+        return HTMLResponse(html, headers=page_headers)
 
     @app.get("/health")
     async def health() -> dict[str, Any]:
@@ -121,5 +113,20 @@ def create_app(server: Server, start_engine: bool = True) -> FastAPI:
 
         return Response(generate_latest(server.registry), media_type=CONTENT_TYPE_LATEST)
 
-    app.include_router(openai_api.router(server, auth))
+    app.include_router(openai_api.router(server))
     return app
+
+
+def _field(error: dict[str, Any]) -> str:
+    """A validation error's field as a client wrote it: messages.0.content, without pydantic's union tags."""
+    return ".".join(str(p) for p in error.get("loc", ())[1:] if not any(c in str(p) for c in "[("))
+
+
+def _page_headers(html: str) -> dict[str, str]:
+    """The chat page's security headers: only its own inline script runs (by hash), it talks only to
+    this server, and no other site may frame it."""
+    scripts = re.findall(r"<script>(.*?)</script>", html, flags=re.S)
+    hashes = " ".join(f"'sha256-{base64.b64encode(hashlib.sha256(s.encode()).digest()).decode()}'" for s in scripts)
+    csp = (f"default-src 'none'; script-src {hashes}; style-src 'unsafe-inline'; connect-src 'self'; img-src 'self' data:; "
+           "base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
+    return {"Content-Security-Policy": csp, "X-Frame-Options": "DENY", "Referrer-Policy": "no-referrer"}

@@ -7,25 +7,43 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+import functools
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, AsyncIterator
+from typing import TYPE_CHECKING, Annotated, Any, AsyncIterator, Callable
 
-from fastapi import Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import AfterValidator
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from ..generation import ContextLengthError, TextStream
 from ..loading import LoadedModel
 from .engine import Engine, PromptEvent, Request as EngineRequest, TokenEvent
+from .guard import Limits, clip
 
 if TYPE_CHECKING:
     from .openai_api import _Sampling
 
 
+def _utf8(text: str) -> str:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError(f"the text is not valid Unicode: a lone surrogate (\\u{ord(text[e.start]):04x}) at "
+                         f"character {e.start}; send UTF-8 text") from None
+    return text
+
+
+# Every string a request carries: text that cannot be encoded as UTF-8 is refused as a 400 naming the
+# field, before anything downstream (tokenizer, JSON encoder) meets it.
+Text = Annotated[str, AfterValidator(_utf8)]
+
+
 class APIError(Exception):
     def __init__(self, status: int, message: str, type: str = "invalid_request_error", param: str | None = None,
-                 code: str | None = None):
+                 code: str | None = None, headers: dict[str, str] | None = None):
         super().__init__(message)
         self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+        self.headers = headers
 
 
 def _error(status: int, message: str, type: str = "invalid_request_error", param: str | None = None,
@@ -63,11 +81,18 @@ class Server:
     """The state behind the app: the loaded model, its engine, the name it is served under."""
 
     def __init__(self, lm: LoadedModel, model_name: str, *, max_batch: int = 8, max_seq_len: int | None = None,
-                 api_key: str | None = None):
+                 api_key: str | None = None, limits: Limits | None = None):
         from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
         self.lm, self.tokenizer, self.model_name, self.api_key = lm, lm.tokenizer, model_name, api_key
         self.engine = Engine(lm.model, max_batch=max_batch, max_seq_len=max_seq_len)
+        self.limits = limits or Limits.for_context(self.engine.max_seq_len)
+        # No prompt text longer than this fits the context: no token is longer than max_token_chars.
+        vocab = self.tokenizer.vocab_size
+        self.max_prompt_chars = self.engine.max_seq_len * max(len(self.tokenizer.decode([i], skip_special=False))
+                                                              for i in range(vocab))
+        # Tokenizing, rendering templates and building large responses run here, off the event loop.
+        self.prep = ThreadPoolExecutor(max_workers=2, thread_name_prefix="llamalite-prep")
         self.created = int(time.time())
         self.registry = CollectorRegistry()
         r = self.registry
@@ -84,10 +109,39 @@ class Server:
         Gauge("llamalite_active_requests", "requests being decoded", registry=r).set_function(lambda: self.engine.active)
         Gauge("llamalite_batch_slots", "KV-cache slots (largest batch)", registry=r).set(max_batch)
 
+    async def offload(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """fn(*args) on a worker thread, so that the event loop keeps answering other clients."""
+        return await asyncio.get_running_loop().run_in_executor(self.prep, functools.partial(fn, *args))
+
     def check_model(self, name: str) -> None:
         if name != self.model_name:
-            raise APIError(404, f"the model '{name}' does not exist; this server serves '{self.model_name}' "
+            raise APIError(404, f"the model '{clip(name)}' does not exist; this server serves '{self.model_name}' "
                                 f"(GET /v1/models lists it)", param="model", code="model_not_found")
+
+    def check_text(self, text: str, param: str) -> None:
+        """Refuse, before tokenizing it, text that cannot fit the context whatever its tokens."""
+        if len(text) > self.max_prompt_chars:
+            raise APIError(400, f"the {param} is {len(text)} characters, more than the context of "
+                                f"{self.engine.max_seq_len} tokens can hold; shorten it", param=param,
+                           code="context_length_exceeded")
+
+    def check_stop(self, stop: list[str]) -> list[str]:
+        limit = self.limits.max_stop_chars
+        if any(len(s) > limit for s in stop):
+            raise APIError(400, f"a stop string is {max(map(len, stop))} characters; the most is {limit}", param="stop")
+        return stop
+
+    def check_choices(self, choices: int, param: str) -> None:
+        """A request's prompts x n against the queue: too many for any queue is 400, for this one now 429."""
+        limit = self.limits.max_queue
+        if choices > self.engine.max_batch + limit:  # more than every slot and the whole queue
+            raise APIError(400, f"the request asks for {choices} generations (prompts x n); the most is "
+                                f"{self.engine.max_batch + limit}", param=param)
+        free = self.engine.max_batch - self.engine.active
+        if self.engine.queue_depth + choices - free > limit:
+            raise APIError(429, f"the server is busy: {self.engine.queue_depth} generations are waiting (the most is "
+                                f"{limit}); retry shortly", type="rate_limit_error", code="queue_full",
+                           headers={"Retry-After": "1"})
 
     def check_ids(self, ids: list[int], param: str) -> list[int]:
         vocab = self.tokenizer.vocab_size
@@ -98,6 +152,7 @@ class Server:
 
     def prompt_ids(self, prompt: str | list[int]) -> list[int]:
         if isinstance(prompt, str):
+            self.check_text(prompt, "prompt")
             ids = self.tokenizer.encode(prompt)
         else:
             ids = self.check_ids(prompt, "prompt")
@@ -238,31 +293,25 @@ def _sse(data: dict[str, Any] | str) -> str:
     return f"data: {data if isinstance(data, str) else json.dumps(data, ensure_ascii=False)}\n\n"
 
 
-async def _collect(stream: AsyncIterator[Piece], n: int, http: Request) -> list[Choice]:
-    """Every choice in full; a client that goes away cancels the work."""
+async def _collect(stream: AsyncIterator[Piece], n: int) -> list[Choice]:
+    """Every choice in full. A client that goes away cancels the task running this (see guard.Guard),
+    which closes the choices' streams, which cancel their engine requests."""
     choices = [Choice(i) for i in range(n)]
+    async for piece in stream:
+        c = choices[piece.index]
+        c.text += piece.text
+        c.tokens.extend(piece.tokens)
+        if piece.finish_reason:
+            c.finish_reason, c.cached_tokens = piece.finish_reason, piece.cached_tokens
+        if piece.prompt_logprobs is not None:
+            c.prompt_logprobs = piece.prompt_logprobs
+    return choices
 
-    async def consume():
-        async for piece in stream:
-            c = choices[piece.index]
-            c.text += piece.text
-            c.tokens.extend(piece.tokens)
-            if piece.finish_reason:
-                c.finish_reason, c.cached_tokens = piece.finish_reason, piece.cached_tokens
-            if piece.prompt_logprobs is not None:
-                c.prompt_logprobs = piece.prompt_logprobs
 
-    task = asyncio.create_task(consume())
-    try:
-        while not task.done():
-            await asyncio.wait({task}, timeout=0.5)
-            if not task.done() and await http.is_disconnected():
-                raise APIError(499, "the client closed the request")
-        task.result()  # an error from a choice surfaces here
-        return choices
-    finally:
-        if not task.done():
-            task.cancel()  # closes the choices' streams, which cancel their engine requests
+async def _json(server: Server, build: Callable[[], dict[str, Any]]) -> Response:
+    """A response body built and encoded on a worker thread: with logprobs it can run to megabytes."""
+    body = await server.offload(lambda: json.dumps(build(), ensure_ascii=False).encode("utf-8"))
+    return Response(body, media_type="application/json")
 
 
 def _usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int | None = None) -> dict[str, Any]:
@@ -278,10 +327,13 @@ def _choices_usage(prompts: list[list[int]], n: int, choices: list[Choice]) -> d
                   sum(c.cached_tokens for c in choices))
 
 
-def _streaming(stream: AsyncIterator[Piece], chunk, final) -> StreamingResponse:
+def _streaming(server: Server, stream: AsyncIterator[Piece], chunk, final) -> StreamingResponse:
     async def body():
         try:
             async for piece in stream:
+                if piece.prompt_logprobs is not None:  # a scored prompt: a large event, built off the loop
+                    yield await server.offload(lambda: "".join(_sse(data) for data in chunk(piece)))
+                    continue
                 for data in chunk(piece):
                     yield _sse(data)
             for data in final():

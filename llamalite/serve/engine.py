@@ -220,12 +220,12 @@ class Engine:
 
     def _admit(self) -> None:
         with self._cv:
+            if any(r.cancelled for r in self.waiting):  # anywhere in the queue: a client gone frees its place now
+                for request in [r for r in self.waiting if r.cancelled]:
+                    request.deliver(Finished("cancelled", len(request.prompt), 0))
+                self.waiting = deque(r for r in self.waiting if not r.cancelled)
             while self.waiting:
                 request = self.waiting[0]
-                if request.cancelled:
-                    self.waiting.popleft()
-                    request.deliver(Finished("cancelled", len(request.prompt), 0))
-                    continue
                 free = [s for s in self.slots if s.request is None]
                 if not free:
                     return

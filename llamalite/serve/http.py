@@ -10,6 +10,7 @@ from fastapi import FastAPI
 from ..loading import LoadedModel
 from .app import create_app
 from .core import Server
+from .guard import GuardedH11Protocol, Limits
 
 
 class BackgroundServer:
@@ -26,7 +27,7 @@ class BackgroundServer:
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self.sock.bind((host, 0))
         self.url = f"http://{host}:{self.sock.getsockname()[1]}"
-        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
+        self.server = uvicorn.Server(uvicorn_config(app, app.state.server.limits, log_level="warning", lifespan="on"))
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
 
     def __enter__(self) -> str:
@@ -42,6 +43,15 @@ class BackgroundServer:
         self.server.should_exit = True
         self.thread.join(timeout=30)
         self.sock.close()
+
+
+def uvicorn_config(app: FastAPI, limits: Limits, **kwargs):
+    """uvicorn's settings for our app: its h11 protocol with our header deadline and JSON errors (see
+    guard.GuardedH11Protocol), idle keep-alive connections closed after 5 s."""
+    import uvicorn
+
+    protocol = type("Protocol", (GuardedH11Protocol,), {"header_timeout": limits.read_timeout})
+    return uvicorn.Config(app, http=protocol, timeout_keep_alive=5, **kwargs)
 
 
 def wait_until_serving(url: str, proc, timeout: float = 120) -> None:
@@ -63,10 +73,15 @@ def wait_until_serving(url: str, proc, timeout: float = 120) -> None:
 
 
 def serve(lm: LoadedModel, model_name: str, *, host: str = "127.0.0.1", port: int = 8000,
-          api_key: str | None = None, max_batch: int = 8, max_seq_len: int | None = None) -> None:
+          api_key: str | None = None, max_batch: int = 8, max_seq_len: int | None = None,
+          limits: Limits | None = None) -> None:
     """Serve until Ctrl-C or SIGTERM: the engine on this thread (the one that loaded the model), HTTP in
-    another. Requests still running when it stops end with an error event (503), not a hang."""
+    another. Requests still running when it stops end with an error event (503), not a hang. The Host
+    names served are localhost, IP literals, the bind address and, bound to every interface, this
+    machine's name, besides `limits.allowed_hosts`."""
+    import dataclasses
     import signal
+    import socket
     import threading
 
     import uvicorn
@@ -76,8 +91,10 @@ def serve(lm: LoadedModel, model_name: str, *, host: str = "127.0.0.1", port: in
 
     signal.signal(signal.SIGTERM, interrupt)  # a service manager's stop: the same clean shutdown as Ctrl-C
 
-    server = Server(lm, model_name, max_batch=max_batch, max_seq_len=max_seq_len, api_key=api_key)
-    http = uvicorn.Server(uvicorn.Config(create_app(server, start_engine=False), host=host, port=port,
+    server = Server(lm, model_name, max_batch=max_batch, max_seq_len=max_seq_len, api_key=api_key, limits=limits)
+    names = [host.lower()] + ([socket.gethostname().lower(), socket.getfqdn().lower()] if host in ("0.0.0.0", "::") else [])
+    server.limits = dataclasses.replace(server.limits, allowed_hosts=(*server.limits.allowed_hosts, *names))
+    http = uvicorn.Server(uvicorn_config(create_app(server, start_engine=False), server.limits, host=host, port=port,
                                          log_level="info"))
     thread = threading.Thread(target=http.run, name="llamalite-http", daemon=True)
     thread.start()

@@ -8,13 +8,13 @@ import time
 import uuid
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter
 from pydantic import BaseModel, ConfigDict, Field
 
-from ..chat_template import TemplateError, render_chat
+from ..chat_template import TemplateError, encode_chat
 from ..sampling import SamplingParams
-from .core import (APIError, Piece, Server, _chat_logprobs, _choices_usage, _collect, _completion_logprobs, _merge,
-                   _streaming, _usage)
+from .core import (APIError, Piece, Server, Text, _chat_logprobs, _choices_usage, _collect, _completion_logprobs,
+                   _json, _merge, _streaming, _usage)
 from .engine import TokenEvent
 
 MAX_STOP = 4  # as OpenAI: up to 4 stop sequences
@@ -29,7 +29,7 @@ class _Sampling(BaseModel):
     clients send some (user, metadata) that change nothing here."""
     model_config = ConfigDict(extra="allow")
 
-    model: str
+    model: Text
     temperature: float = Field(1.0, ge=0, le=2)
     top_p: float = Field(1.0, gt=0, le=1)
     top_k: int = Field(0, ge=0, le=1_000_000, description="llamalite extension: 0 turns it off")
@@ -40,7 +40,7 @@ class _Sampling(BaseModel):
     n: int = Field(1, ge=1, le=16)
     stream: bool = False
     stream_options: StreamOptions | None = None
-    stop: str | Annotated[list[str], Field(max_length=MAX_STOP)] | None = None
+    stop: Text | Annotated[list[Text], Field(max_length=MAX_STOP)] | None = None
     seed: int | None = Field(None, ge=-(2 ** 63), le=2 ** 64 - 1)
 
     def sampling(self) -> SamplingParams:
@@ -56,7 +56,7 @@ TokenId = Annotated[int, Field(ge=0)]
 
 
 class CompletionRequest(_Sampling):
-    prompt: str | list[str] | list[TokenId] | list[list[TokenId]]
+    prompt: Text | list[Text] | list[TokenId] | list[list[TokenId]]
     max_tokens: int | None = Field(16, ge=0, description="0 only with echo: score the prompt, generate nothing")
     logprobs: int | None = Field(None, ge=0, le=20)
     echo: bool = False
@@ -64,14 +64,14 @@ class CompletionRequest(_Sampling):
 
 class TextPart(BaseModel):
     type: Literal["text"]
-    text: str
+    text: Text
 
 
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="allow")
 
     role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: str | list[TextPart] | None = None
+    content: Text | list[TextPart] | None = None
 
     def text(self) -> str:
         if isinstance(self.content, list):
@@ -92,8 +92,8 @@ class TokenizeRequest(BaseModel):
     tokenizer speaks the latter."""
     model_config = ConfigDict(extra="allow")
 
-    content: str | None = Field(None, description="text to tokenize")
-    prompt: str | None = Field(None, description="the same, under vLLM's name")
+    content: Text | None = Field(None, description="text to tokenize")
+    prompt: Text | None = Field(None, description="the same, under vLLM's name")
     add_special: bool | None = Field(None, description="add the BOS token where the model uses one (default true)")
     add_special_tokens: bool | None = Field(None, description="the same, under vLLM's name")
 
@@ -106,15 +106,23 @@ class DetokenizeRequest(BaseModel):
 
 # ----- routes ------------------------------------------------------------------------------------------
 
-def router(server: Server, dependencies: list) -> APIRouter:
-    """The routes of this family over `server`; `dependencies` guard each (the API key)."""
-    api = APIRouter(dependencies=dependencies)
+def router(server: Server) -> APIRouter:
+    """The routes of this family over `server` (the API key is checked before them, in guard.Guard)."""
+    api = APIRouter()
+
+    def card() -> dict[str, Any]:
+        return {"id": server.model_name, "object": "model", "created": server.created, "owned_by": "llamalite",
+                "context_length": server.engine.max_seq_len}
 
     @api.get("/v1/models")
     async def models() -> dict[str, Any]:
-        card = {"id": server.model_name, "object": "model", "created": server.created, "owned_by": "llamalite",
-                "context_length": server.engine.max_seq_len}
-        return {"object": "list", "data": [card]}
+        return {"object": "list", "data": [card()]}
+
+    @api.get("/v1/models/{model_id:path}")
+    async def model(model_id: str) -> dict[str, Any]:
+        """One model's card (the `openai` client's models.retrieve)."""
+        server.check_model(model_id)
+        return card()
 
     @api.post("/tokenize")
     async def tokenize(body: TokenizeRequest) -> dict[str, Any]:
@@ -122,12 +130,12 @@ def router(server: Server, dependencies: list) -> APIRouter:
         if text is None:
             raise APIError(400, "give the text to tokenize as content (or prompt)", param="content")
         special = next((v for v in (body.add_special, body.add_special_tokens) if v is not None), True)
-        tokens = server.tokenizer.encode(text, add_bos=None if special else False)
+        tokens = await server.offload(server.tokenizer.encode, text, None if special else False)
         return {"tokens": tokens, "count": len(tokens), "max_model_len": server.engine.max_seq_len}
 
     @api.post("/detokenize")
     async def detokenize(body: DetokenizeRequest) -> dict[str, Any]:
-        text = server.tokenizer.decode(server.check_ids(body.tokens, "tokens"))
+        text = await server.offload(server.tokenizer.decode, server.check_ids(body.tokens, "tokens"))
         return {"content": text, "prompt": text}  # llama.cpp's name and vLLM's
 
     @api.get("/tokenizer_info")
@@ -140,7 +148,7 @@ def router(server: Server, dependencies: list) -> APIRouter:
                 "model_max_length": server.engine.max_seq_len}
 
     @api.post("/v1/completions")
-    async def completions(body: CompletionRequest, http: Request):
+    async def completions(body: CompletionRequest):
         server.check_model(body.model)
         # The prompt's own log-probabilities (what lm-eval's loglikelihood reads), or an echo of nothing but it.
         score = body.echo and (body.logprobs is not None or body.max_tokens == 0)
@@ -149,11 +157,23 @@ def router(server: Server, dependencies: list) -> APIRouter:
                            param="max_tokens")
         raw = body.prompt
         prompts = ([raw] if isinstance(raw, str) or (raw and isinstance(raw[0], int)) else list(raw)) or [""]
-        ids = [server.prompt_ids(p) for p in prompts]
-        budgets = [server.budget(len(p), body.max_tokens) for p in ids]
-        stop = body.stop_strings()
-        texts = [p if isinstance(p, str) else server.tokenizer.decode(p) for p in prompts]
         n = body.n
+        server.check_choices(len(prompts) * n, "n" if n > 1 else "prompt")
+        stop = server.check_stop(body.stop_strings())
+
+        def prepare():
+            ids = [server.prompt_ids(p) for p in prompts]
+            if score:  # every prompt token with its top alternatives, for every choice: bound the response
+                entries = sum(len(p) for p in ids) * n * (1 + (body.logprobs or 0))
+                if entries > server.limits.max_scored_entries:
+                    raise APIError(400, f"scoring these prompts would return {entries} log-probabilities (prompt "
+                                        f"tokens x n x (1 + logprobs)); the most is "
+                                        f"{server.limits.max_scored_entries}: send fewer or shorter prompts, "
+                                        f"or lower logprobs or n", param="logprobs")
+            texts = [p if isinstance(p, str) else server.tokenizer.decode(p) for p in prompts]
+            return ids, texts
+        ids, texts = await server.offload(prepare)
+        budgets = [server.budget(len(p), body.max_tokens) for p in ids]
         stream = _merge([server.run(i * n + j, p, b, body, body.logprobs, stop, score)
                          for i, (p, b) in enumerate(zip(ids, budgets)) for j in range(n)])
         rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
@@ -189,30 +209,35 @@ def router(server: Server, dependencies: list) -> APIRouter:
                 if body.stream_options and body.stream_options.include_usage:
                     yield {"id": rid, "object": "text_completion", "created": created, "model": server.model_name,
                            "choices": [], "usage": _usage(sum(len(x) for x in ids) * n, usage_counts["completion"])}
-            return _streaming(stream, chunk, final)
+            return _streaming(server, stream, chunk, final)
 
-        choices = await _collect(stream, len(ids) * n, http)
-        return {"id": rid, "object": "text_completion", "created": created, "model": server.model_name,
-                "choices": [{"index": c.index, "text": (texts[c.index // n] if body.echo else "") + c.text,
-                             "logprobs": choice_logprobs(c.index, (c.prompt_logprobs or []) + c.tokens),
-                             "finish_reason": c.finish_reason}
-                            for c in choices],
-                "usage": _choices_usage(ids, n, choices)}
+        choices = await _collect(stream, len(ids) * n)
+        return await _json(server, lambda: {
+            "id": rid, "object": "text_completion", "created": created, "model": server.model_name,
+            "choices": [{"index": c.index, "text": (texts[c.index // n] if body.echo else "") + c.text,
+                         "logprobs": choice_logprobs(c.index, (c.prompt_logprobs or []) + c.tokens),
+                         "finish_reason": c.finish_reason}
+                        for c in choices],
+            "usage": _choices_usage(ids, n, choices)})
 
     @api.post("/v1/chat/completions")
-    async def chat_completions(body: ChatRequest, http: Request):
+    async def chat_completions(body: ChatRequest):
         server.check_model(body.model)
+        stop, n = server.check_stop(body.stop_strings()), body.n
+        server.check_choices(n, "n")
         messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in body.messages]
-        try:
-            text = render_chat(server.lm.chat_template, server.tokenizer, messages)
-        except TemplateError as e:
-            raise APIError(400, str(e), param="messages") from None
-        prompt = server.tokenizer.encode(text, add_bos=False)
+        server.check_text("".join(m["content"] for m in messages), "messages")
+
+        def prepare() -> list[int]:
+            try:  # message text never becomes special tokens: only the template's markup does
+                return encode_chat(server.lm.chat_template, server.tokenizer, messages)
+            except TemplateError as e:
+                raise APIError(400, str(e), param="messages") from None
+        prompt = await server.offload(prepare)
         if not prompt:
             raise APIError(400, "the rendered conversation is empty", param="messages")
         budget = server.budget(len(prompt), body.max_completion_tokens or body.max_tokens)
         logprobs = (body.top_logprobs or 0) if body.logprobs else None
-        stop, n = body.stop_strings(), body.n
         stream = _merge([server.run(j, prompt, budget, body, logprobs, stop) for j in range(n)])
         rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         head = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": server.model_name}
@@ -240,13 +265,14 @@ def router(server: Server, dependencies: list) -> APIRouter:
                 if body.stream_options and body.stream_options.include_usage:
                     yield {**head, "choices": [], "usage": _usage(len(prompt) * n, usage_counts["completion"])}
 
-            return _streaming(stream, chunk, final)
+            return _streaming(server, stream, chunk, final)
 
-        choices = await _collect(stream, n, http)
-        return {"id": rid, "object": "chat.completion", "created": created, "model": server.model_name,
-                "choices": [{"index": c.index, "message": {"role": "assistant", "content": c.text},
-                             "logprobs": _chat_logprobs(server, c.tokens) if body.logprobs else None,
-                             "finish_reason": c.finish_reason} for c in choices],
-                "usage": _choices_usage([prompt], n, choices)}
+        choices = await _collect(stream, n)
+        return await _json(server, lambda: {
+            "id": rid, "object": "chat.completion", "created": created, "model": server.model_name,
+            "choices": [{"index": c.index, "message": {"role": "assistant", "content": c.text},
+                         "logprobs": _chat_logprobs(server, c.tokens) if body.logprobs else None,
+                         "finish_reason": c.finish_reason} for c in choices],
+            "usage": _choices_usage([prompt], n, choices)})
 
     return api

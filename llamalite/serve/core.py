@@ -5,15 +5,15 @@ merged, a full collection, server-sent events, usage)."""
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import time
-import functools
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Annotated, Any, AsyncIterator, Callable
 
-from pydantic import AfterValidator
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import AfterValidator
 
 from ..generation import ContextLengthError, TextStream
 from ..loading import LoadedModel
@@ -87,7 +87,8 @@ class Server:
         self.lm, self.tokenizer, self.model_name, self.api_key = lm, lm.tokenizer, model_name, api_key
         self.engine = Engine(lm.model, max_batch=max_batch, max_seq_len=max_seq_len)
         self.limits = limits or Limits.for_context(self.engine.max_seq_len)
-        # No prompt text longer than this fits the context: no token is longer than max_token_chars.
+        # No prompt text longer than this fits the context, since no token decodes to more characters
+        # than the longest one in the vocabulary.
         vocab = self.tokenizer.vocab_size
         self.max_prompt_chars = self.engine.max_seq_len * max(len(self.tokenizer.decode([i], skip_special=False))
                                                               for i in range(vocab))

@@ -222,15 +222,15 @@ def cmd_serve(args) -> int:
 
     if args.max_batch < 1:
         raise ValueError("--max-batch must be at least 1")
+    for flag in ("max_body", "max_queue", "read_timeout"):
+        if getattr(args, flag) is not None and getattr(args, flag) <= 0:
+            raise ValueError(f"--{flag.replace('_', '-')} must be positive")
     lm = _load(args)
     name = args.model_name or (lm.path.stem if lm.path.is_file() else lm.path.name)
     key = args.api_key or os.environ.get("LLAMALITE_API_KEY") or None
     print(f"llamalite serving {name} on http://{args.host}:{args.port} (chat page at /, API at /v1, "
           f"{args.max_batch} slots of {min(args.ctx, lm.model.config.context_length)} tokens"
           f"{', API key required' if key else ''})", file=sys.stderr)
-    for flag in ("max_body", "max_queue", "read_timeout"):
-        if getattr(args, flag) is not None and getattr(args, flag) <= 0:
-            raise ValueError(f"--{flag.replace('_', '-')} must be positive")
     hosts = tuple(h.strip().lower() for h in (args.allowed_hosts or "").split(",") if h.strip())
     limits = Limits.for_context(min(args.ctx, lm.model.config.context_length), max_body=args.max_body,
                                 max_queue=args.max_queue, read_timeout=args.read_timeout, allowed_hosts=hosts)

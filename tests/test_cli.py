@@ -147,3 +147,9 @@ def test_options_and_positionals_in_any_order(capsys, tmp_path):
     assert results[0] == results[1] and results[0] > 1
     code, out, _ = run(capsys, "tokenize", "--no-special", "<|im_start|>")
     assert code == 0 and len(json.loads(out)) > 1
+
+
+def test_serve_limits_must_be_positive(capsys):
+    for flag in ("--max-body", "--max-queue", "--read-timeout"):
+        code, _, err = run(capsys, "serve", flag, "0")
+        assert code == 1 and f"{flag} must be positive" in err

@@ -125,13 +125,14 @@ def router(server: Server) -> APIRouter:
         return card()
 
     @api.post("/tokenize")
-    async def tokenize(body: TokenizeRequest) -> dict[str, Any]:
+    async def tokenize(body: TokenizeRequest):
         text = body.content if body.content is not None else body.prompt
         if text is None:
             raise APIError(400, "give the text to tokenize as content (or prompt)", param="content")
         special = next((v for v in (body.add_special, body.add_special_tokens) if v is not None), True)
         tokens = await server.offload(server.tokenizer.encode, text, None if special else False)
-        return {"tokens": tokens, "count": len(tokens), "max_model_len": server.engine.max_seq_len}
+        return await _json(server, lambda: {"tokens": tokens, "count": len(tokens),
+                                            "max_model_len": server.engine.max_seq_len})
 
     @api.post("/detokenize")
     async def detokenize(body: DetokenizeRequest) -> dict[str, Any]:

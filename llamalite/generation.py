@@ -9,13 +9,16 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass, field
-from typing import Generator, Iterator, Sequence
+from typing import TYPE_CHECKING, Generator, Iterator, Sequence
 
 import torch
 
 from .model import Transformer
 from .sampling import SamplingParams, sample
 from .tokenizer import Tokenizer
+
+if TYPE_CHECKING:
+    from .constrain import Matcher
 
 PREFILL_CHUNK = 512  # prompt tokens per forward: bounds activation memory on long prompts
 CACHE_ROUND = 256  # KV cache capacity grows in steps of this many positions
@@ -81,10 +84,13 @@ def prefill(model: Transformer, tokens: Sequence[int]) -> torch.Tensor:
 
 def generate(model: Transformer, prompt: Sequence[int], *, max_new_tokens: int = 256,
              sampling: SamplingParams = SamplingParams(), stop_ids: Sequence[int] = (),
-             generator: torch.Generator | None = None, truncate: bool = False) -> Generator[int, None, str]:
+             generator: torch.Generator | None = None, truncate: bool = False,
+             constraint: Matcher | None = None) -> Generator[int, None, str]:
     """Yield new token ids; the generator's return value is the finish reason, "stop" or "length".
 
-    Stop ids end generation and are not yielded. Generation also ends at the model's context.
+    Stop ids end generation and are not yielded. Generation also ends at the model's context. With a
+    `constraint` (constrain.Grammar(...).matcher()) every token is one the grammar allows, and
+    generation stops ("stop") once the grammar is complete.
     """
     ctx = model.config.context_length
     prompt = fit_prompt(prompt, ctx, truncate)
@@ -98,10 +104,16 @@ def generate(model: Transformer, prompt: Sequence[int], *, max_new_tokens: int =
     stop = set(stop_ids)
     step = getattr(model, "decode_step", model)
     for i in range(budget):
+        if constraint is not None:
+            logits = constraint.mask(logits)
         token = sample(logits, sampling, history, generator)
         if token in stop:
             return "stop"
+        if constraint is not None:
+            constraint.advance(token)
         yield token
+        if constraint is not None and constraint.done:  # the grammar is complete: nothing more may follow
+            return "stop"
         if i == budget - 1:
             break
         with torch.inference_mode():

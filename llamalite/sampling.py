@@ -1,7 +1,7 @@
 """Sampling: pure functions from logits to a token id, with an explicit torch.Generator.
 
-Order, as llama.cpp's default sampler chain: penalties (repetition, presence, frequency) over the
-recent history, then top-k, top-p, min-p, temperature, and a draw. Temperature 0 means greedy: the
+Order, as llama.cpp's default sampler chain: logit bias (OpenAI's `logit_bias`, added to the raw
+logits), penalties (repetition, presence, frequency) over the recent history, then top-k, top-p, min-p, temperature, and a draw. Temperature 0 means greedy: the
 argmax after penalties, with no randomness at all.
 """
 
@@ -23,6 +23,7 @@ class SamplingParams:
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     penalty_last_n: int = 64  # how many recent tokens the penalties look at; -1: all
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, added to its logit); -100 bans, 100 forces
 
     def __post_init__(self):
         checks = [(self.temperature >= 0, "temperature must be >= 0"),
@@ -31,7 +32,8 @@ class SamplingParams:
                   (0 <= self.min_p <= 1, "min_p must be in [0, 1]"),
                   (0.01 <= self.repetition_penalty <= 100, "repetition_penalty must be in [0.01, 100] (1 is off)"),
                   (-2 <= self.presence_penalty <= 2, "presence_penalty must be in [-2, 2]"),
-                  (-2 <= self.frequency_penalty <= 2, "frequency_penalty must be in [-2, 2]")]
+                  (-2 <= self.frequency_penalty <= 2, "frequency_penalty must be in [-2, 2]"),
+                  (all(-100 <= b <= 100 for _, b in self.logit_bias), "logit_bias values must be in [-100, 100]")]
         for ok, message in checks:
             if not ok:
                 raise ValueError(message)
@@ -83,7 +85,12 @@ def filter_logits(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
 def sample(logits: torch.Tensor, p: SamplingParams, history: Sequence[int] = (),
            generator: torch.Generator | None = None) -> int:
     """One token id from next-token logits (V,). Sampling runs on the CPU, where the generator is."""
-    logits = apply_penalties(logits.float().cpu(), history, p)
+    logits = logits.float().cpu()
+    if p.logit_bias:
+        ids, bias = zip(*p.logit_bias)
+        logits = logits.clone()
+        logits[list(ids)] += torch.tensor(bias)
+    logits = apply_penalties(logits, history, p)
     if p.greedy:
         return int(logits.argmax())
     logits = filter_logits(logits, p)

@@ -90,6 +90,15 @@ class Tokenizer:
     def stream(self, skip_special: bool = True) -> "StreamDecoder":
         return StreamDecoder(self, skip_special)
 
+    def token_bytes(self) -> list[bytes]:
+        """Each token's bytes as it adds them to the text (a byte-level piece mapped back to its bytes,
+        SentencePiece's "▁" as a space, byte-fallback pieces as their byte); special tokens as their
+        text after a 0xFF byte, which no UTF-8 text contains (llguidance's convention, so that a grammar
+        can name them but text can never produce them)."""
+        special = self.engine.special_ids()
+        return [b"\xff" + self.engine.id_to_piece(i).encode() if i in special else raw
+                for i, raw in enumerate(self.engine.raw_bytes())]
+
 
 class StreamDecoder:
     """Turns token ids arriving one by one into text, never emitting a broken UTF-8 sequence.
@@ -130,6 +139,8 @@ class _Engine:
     def decode(self, ids: list[int], skip_special: bool) -> str: ...
     def id_to_piece(self, token_id: int) -> str: ...
     def piece_to_id(self, piece: str) -> int | None: ...
+    def raw_bytes(self) -> list[bytes]: ...
+    def special_ids(self) -> set[int]: ...
 
 
 class HFEngine(_Engine):
@@ -162,6 +173,17 @@ class HFEngine(_Engine):
 
     def id_to_piece(self, token_id: int) -> str:
         return self.tok.id_to_token(token_id)
+
+    def raw_bytes(self) -> list[bytes]:
+        decoder = json.loads(self.tok.to_str()).get("decoder") or {}
+        pieces = [self.tok.id_to_token(i) or "" for i in range(self.vocab_size)]
+        if decoder.get("type") == "ByteLevel":  # GPT-2's printable stand-ins for bytes
+            byte_of = {c: b for b, c in _bytes_to_unicode().items()}
+            return [bytes(byte_of[c] for c in p) if all(c in byte_of for c in p) else p.encode() for p in pieces]
+        return [_sentencepiece_bytes(p) for p in pieces]  # Llama 2's tokenizer.json: "▁" and <0xNN>
+
+    def special_ids(self) -> set[int]:
+        return {i for i, t in self.tok.get_added_tokens_decoder().items() if t.special}
 
     def piece_to_id(self, piece: str) -> int | None:
         return self.tok.token_to_id(piece)
@@ -205,9 +227,22 @@ class SPEngine(_Engine):
     def id_to_piece(self, token_id: int) -> str:
         return self.sp.id_to_piece(token_id)
 
+    def raw_bytes(self) -> list[bytes]:
+        return [b"" if i in self.control_ids or self.sp.is_unknown(i) else _sentencepiece_bytes(self.sp.id_to_piece(i))
+                for i in range(self.vocab_size)]
+
+    def special_ids(self) -> set[int]:
+        return set(self.control_ids)
+
     def piece_to_id(self, piece: str) -> int | None:
         i = self.sp.piece_to_id(piece)
         return None if i == self.sp.unk_id() and piece != self.sp.id_to_piece(i) else i
+
+
+def _sentencepiece_bytes(piece: str) -> bytes:
+    if len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">"):  # byte fallback
+        return bytes([int(piece[3:5], 16)])
+    return piece.replace("\u2581", " ").encode()
 
 
 def _require(module: str, package: str):

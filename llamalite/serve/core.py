@@ -21,6 +21,7 @@ from .engine import Engine, PromptEvent, Request as EngineRequest, TokenEvent
 from .guard import Limits, clip
 
 if TYPE_CHECKING:
+    from ..constrain import Grammar
     from .openai_api import _Sampling
 
 
@@ -176,14 +177,16 @@ class Server:
         return max_tokens
 
     async def run(self, index: int, prompt: list[int], max_tokens: int, body: _Sampling, logprobs: int | None,
-                  stop: list[str], score_prompt: bool = False) -> AsyncIterator[Piece]:
-        """One choice as a stream of pieces; leaving early (a client gone) cancels it in the engine."""
+                  stop: list[str], score_prompt: bool = False, grammar: Grammar | None = None) -> AsyncIterator[Piece]:
+        """One choice as a stream of pieces; leaving early (a client gone) cancels it in the engine. With a
+        grammar, the choice gets its own matcher of it."""
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
         seed = None if body.seed is None else (body.seed + index) % 2 ** 63
         request = EngineRequest(prompt, max_tokens=max_tokens, sampling=body.sampling(),
                                 stop_ids=self.tokenizer.end_ids, seed=seed, logprobs=logprobs,
-                                score_prompt=score_prompt, deliver=lambda ev: loop.call_soon_threadsafe(events.put_nowait, ev))
+                                score_prompt=score_prompt, constraint=grammar.matcher() if grammar else None,
+                                deliver=lambda ev: loop.call_soon_threadsafe(events.put_nowait, ev))
         start = time.monotonic()
         first = True
         self.engine.submit(request)

@@ -21,13 +21,16 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Callable, Iterator, Sequence
+from typing import TYPE_CHECKING, Callable, Iterator, Sequence
 
 import torch
 
 from ..generation import PREFILL_CHUNK, ContextLengthError, _common_prefix
 from ..model import Transformer
 from ..sampling import GREEDY, SamplingParams, sample
+
+if TYPE_CHECKING:
+    from ..constrain import Matcher
 
 
 @dataclass
@@ -64,7 +67,8 @@ class Request:
 
     def __init__(self, prompt: Sequence[int], *, max_tokens: int, sampling: SamplingParams = GREEDY,
                  stop_ids: Sequence[int] = (), seed: int | None = None, logprobs: int | None = None,
-                 score_prompt: bool = False, deliver: Callable[[Event], None] | None = None):
+                 score_prompt: bool = False, deliver: Callable[[Event], None] | None = None,
+                 constraint: Matcher | None = None):
         if len(prompt) == 0:
             raise ValueError("the prompt is empty: give at least one token")
         if max_tokens < (0 if score_prompt else 1):
@@ -73,6 +77,7 @@ class Request:
         self.stop_ids = frozenset(stop_ids)
         self.logprobs = logprobs
         self.score_prompt = score_prompt  # deliver a PromptEvent: what log-likelihood evaluations read
+        self.constraint = constraint  # this sequence's grammar state (constrain.Matcher): masks its logits
         self.prompt_logprobs: list[TokenEvent] = []
         self.generator = torch.Generator().manual_seed(seed if seed is not None else torch.seed())
         self.generated = 0
@@ -287,10 +292,14 @@ class Engine:
     def _sampled(self, slot: _Slot, logits: torch.Tensor) -> None:
         """Draw the request's next token from its logits and report it (or finish)."""
         request = slot.request
+        if request.constraint is not None:  # this row's own mask: a batch mixes free and constrained rows
+            logits = request.constraint.mask(logits)
         token = sample(logits, request.sampling, slot.tokens, request.generator)
         if token in request.stop_ids:
             self._finish(slot, "stop")
             return
+        if request.constraint is not None:
+            request.constraint.advance(token)
         if request.logprobs is None:
             event = TokenEvent(token)
         else:
@@ -298,7 +307,9 @@ class Engine:
         request.generated += 1
         self.stats["generated_tokens"] += 1
         request.deliver(event)
-        if request.generated >= request.max_tokens or len(slot.tokens) + 1 >= self.max_seq_len:
+        if request.constraint is not None and request.constraint.done:  # complete: nothing more may follow
+            self._finish(slot, "stop")
+        elif request.generated >= request.max_tokens or len(slot.tokens) + 1 >= self.max_seq_len:
             self._finish(slot, "length")
         else:
             slot.pending = token

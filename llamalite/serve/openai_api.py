@@ -12,21 +12,43 @@ from fastapi import APIRouter
 from pydantic import BaseModel, ConfigDict, Field
 
 from ..chat_template import TemplateError, encode_chat
+from ..constrain import Grammar, GrammarError
 from ..sampling import SamplingParams
 from .core import (APIError, Piece, Server, Text, _chat_logprobs, _choices_usage, _collect, _completion_logprobs,
                    _json, _merge, _streaming, _usage)
 from .engine import TokenEvent
+from .guard import clip
 
 MAX_STOP = 4  # as OpenAI: up to 4 stop sequences
+
+
+# Request fields accepted and left alone because they change nothing this server produces. Any other
+# field it does not know is refused with a 400 naming it: a field that would change the output is
+# either honoured or refused, never dropped.
+HARMLESS = frozenset({"user", "metadata", "store", "service_tier", "prompt_cache_key", "safety_identifier",
+                      "cache_prompt"})
 
 
 class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
+class JSONSchemaFormat(BaseModel):
+    model_config = ConfigDict(populate_by_name=True)
+
+    name: Text = "response"
+    description: Text | None = None
+    schema_: dict[str, Any] | bool = Field(True, alias="schema", description="the JSON Schema the reply matches")
+    strict: bool | None = Field(None, description="always honoured: the reply is constrained to the schema")
+
+
+class ResponseFormat(BaseModel):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JSONSchemaFormat | None = None
+
+
 class _Sampling(BaseModel):
-    """Fields shared by both generation endpoints; unknown fields are accepted and ignored, as OpenAI's
-    clients send some (user, metadata) that change nothing here."""
+    """Fields shared by both generation endpoints. Unknown fields are refused (see HARMLESS)."""
     model_config = ConfigDict(extra="allow")
 
     model: Text
@@ -37,19 +59,65 @@ class _Sampling(BaseModel):
     repetition_penalty: float = Field(1.0, ge=0.01, le=100, description="llamalite extension: 1 turns it off")
     presence_penalty: float = Field(0.0, ge=-2, le=2)
     frequency_penalty: float = Field(0.0, ge=-2, le=2)
+    logit_bias: dict[Text, Annotated[float, Field(ge=-100, le=100)]] | None = Field(
+        None, description="token id (as a string) -> added to its logit; -100 bans it, 100 all but forces it")
     n: int = Field(1, ge=1, le=16)
     stream: bool = False
     stream_options: StreamOptions | None = None
     stop: Text | Annotated[list[Text], Field(max_length=MAX_STOP)] | None = None
     seed: int | None = Field(None, ge=-(2 ** 63), le=2 ** 64 - 1)
+    response_format: ResponseFormat | None = None
+    grammar: Text | None = Field(None, description="llama.cpp extension: a GBNF grammar the output matches")
+    json_schema: dict[str, Any] | None = Field(None, description="llama.cpp extension: a JSON Schema the output matches")
 
     def sampling(self) -> SamplingParams:
+        bias = tuple((int(k), v) for k, v in (self.logit_bias or {}).items())
         return SamplingParams(temperature=self.temperature, top_k=self.top_k, top_p=self.top_p, min_p=self.min_p,
                               repetition_penalty=self.repetition_penalty, presence_penalty=self.presence_penalty,
-                              frequency_penalty=self.frequency_penalty)
+                              frequency_penalty=self.frequency_penalty, logit_bias=bias)
 
     def stop_strings(self) -> list[str]:
         return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+
+    def check(self, server: Server) -> None:
+        """What the field types cannot say: unknown fields, logit_bias's ids."""
+        for name in sorted(set(self.model_extra or ()) - HARMLESS):
+            raise APIError(400, f"the field '{clip(name, 40)}' is not supported by this server; remove it", param=name)
+        for key in self.logit_bias or {}:
+            if not key.isdigit() or int(key) >= server.tokenizer.vocab_size:
+                raise APIError(400, f"logit_bias key '{clip(key, 20)}' is not a token id of this model (0 to "
+                                    f"{server.tokenizer.vocab_size - 1})", param="logit_bias")
+
+    def grammar_spec(self) -> tuple[str, Any] | None:
+        """The one constraint asked for, as (kind, source), or None."""
+        asked = []
+        if self.response_format is not None and self.response_format.type != "text":
+            if self.response_format.type == "json_object":
+                asked.append(("json_schema", {"type": "object"}, "response_format"))
+            elif self.response_format.json_schema is None:
+                raise APIError(400, "response_format of type json_schema needs its json_schema: {\"name\": ..., "
+                                    "\"schema\": {...}}", param="response_format")
+            else:
+                asked.append(("json_schema", self.response_format.json_schema.schema_, "response_format"))
+        if self.json_schema is not None:
+            asked.append(("json_schema", self.json_schema, "json_schema"))
+        if self.grammar is not None:
+            asked.append(("gbnf", self.grammar, "grammar"))
+        if len(asked) > 1:
+            raise APIError(400, f"give one of {', '.join(a[2] for a in asked)}, not several", param=asked[1][2])
+        return asked[0] if asked else None
+
+
+def compile_grammar(server: Server, spec: tuple[str, Any, str] | None) -> Grammar | None:
+    """The request's constraint compiled for the model's tokenizer (on a worker thread: up to ~1 s)."""
+    if spec is None:
+        return None
+    kind, source, param = spec
+    try:
+        return Grammar.json_schema(server.tokenizer, source) if kind == "json_schema" else \
+            Grammar.gbnf(server.tokenizer, source)
+    except GrammarError as e:
+        raise APIError(400, clip(str(e), 500), param=param) from None
 
 
 TokenId = Annotated[int, Field(ge=0)]
@@ -159,8 +227,10 @@ def router(server: Server) -> APIRouter:
         raw = body.prompt
         prompts = ([raw] if isinstance(raw, str) or (raw and isinstance(raw[0], int)) else list(raw)) or [""]
         n = body.n
+        body.check(server)
         server.check_choices(len(prompts) * n, "n" if n > 1 else "prompt")
         stop = server.check_stop(body.stop_strings())
+        spec = body.grammar_spec()
 
         def prepare():
             ids = [server.prompt_ids(p) for p in prompts]
@@ -172,10 +242,10 @@ def router(server: Server) -> APIRouter:
                                         f"{server.limits.max_scored_entries}: send fewer or shorter prompts, "
                                         f"or lower logprobs or n", param="logprobs")
             texts = [p if isinstance(p, str) else server.tokenizer.decode(p) for p in prompts]
-            return ids, texts
-        ids, texts = await server.offload(prepare)
+            return ids, texts, compile_grammar(server, spec)
+        ids, texts, grammar = await server.offload(prepare)
         budgets = [server.budget(len(p), body.max_tokens) for p in ids]
-        stream = _merge([server.run(i * n + j, p, b, body, body.logprobs, stop, score)
+        stream = _merge([server.run(i * n + j, p, b, body, body.logprobs, stop, score, grammar)
                          for i, (p, b) in enumerate(zip(ids, budgets)) for j in range(n)])
         rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
         offsets = {}
@@ -225,21 +295,24 @@ def router(server: Server) -> APIRouter:
     async def chat_completions(body: ChatRequest):
         server.check_model(body.model)
         stop, n = server.check_stop(body.stop_strings()), body.n
+        body.check(server)
         server.check_choices(n, "n")
+        spec = body.grammar_spec()
         messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in body.messages]
         server.check_text("".join(m["content"] for m in messages), "messages")
 
-        def prepare() -> list[int]:
+        def prepare() -> tuple[list[int], Grammar | None]:
             try:  # message text never becomes special tokens: only the template's markup does
-                return encode_chat(server.lm.chat_template, server.tokenizer, messages)
+                ids = encode_chat(server.lm.chat_template, server.tokenizer, messages)
             except TemplateError as e:
                 raise APIError(400, str(e), param="messages") from None
-        prompt = await server.offload(prepare)
+            return ids, compile_grammar(server, spec)
+        prompt, grammar = await server.offload(prepare)
         if not prompt:
             raise APIError(400, "the rendered conversation is empty", param="messages")
         budget = server.budget(len(prompt), body.max_completion_tokens or body.max_tokens)
         logprobs = (body.top_logprobs or 0) if body.logprobs else None
-        stream = _merge([server.run(j, prompt, budget, body, logprobs, stop) for j in range(n)])
+        stream = _merge([server.run(j, prompt, budget, body, logprobs, stop, grammar=grammar) for j in range(n)])
         rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         head = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": server.model_name}
 

@@ -1,0 +1,162 @@
+"""Constrained decoding: a JSON schema or a grammar becomes, at every step, a mask over the vocabulary
+that is applied to one sequence's logits before sampling, so the text produced always parses.
+
+The grammar engine is llguidance (Microsoft's; llama.cpp and vLLM use it), chosen over xgrammar by
+measurement on the default model (`benchmarks/bench_grammar.py`, figures in BENCHMARKS.md):
+- speed: its masks cost a few tens of microseconds a token, computed lazily from a token trie with
+  no per-schema precompilation over the whole vocabulary, where xgrammar compiles each schema against
+  the vocabulary first;
+- coverage: both accept the schemas that apps send; llguidance also reads GBNF (llama.cpp's `grammar`
+  field), Lark and regular expressions, and reports an unsupported keyword as an error naming it;
+- weight: llguidance is one wheel with no dependencies; xgrammar requires transformers, triton and
+  a tensor runtime at import time.
+
+A `Grammar` is compiled once per request; each sequence (each choice of `n`) gets its own `Matcher`,
+whose state advances with every token the sequence takes. The mask is built from the model's own
+tokenizer (every token's bytes, byte-level BPE and SentencePiece alike), so any tokenization of the
+allowed text is allowed, not only the canonical one.
+"""
+
+from __future__ import annotations
+
+import json
+import weakref
+from typing import Any
+
+import numpy as np
+import torch
+
+from .tokenizer import Tokenizer
+
+# Whitespace allowed between JSON tokens: nothing, one space, or a newline and up to 20 spaces or tabs of
+# indent (llama.cpp's json-schema-to-grammar uses the same bound). Unbounded whitespace lets a small
+# model spend its whole max_tokens on blanks.
+JSON_WHITESPACE = r"(?:[ ]|\n[ \t]{0,20})?"
+
+
+SAFE_INTEGERS = (-(2 ** 53), 2 ** 53)  # exact in every JSON parser (IEEE doubles), JavaScript's included
+_DATA_KEYWORDS = {"const", "enum", "default", "examples"}  # hold JSON values, not subschemas
+
+
+def _bounded(schema: Any) -> Any:
+    """The schema with every integer that has no bounds bounded to +-2^53, the integers that every JSON
+    parser reads exactly: an unbounded integer lets a small model loop on digits ("population":
+    1111...) until max_tokens. Everything else is left as it is."""
+    if isinstance(schema, list):
+        return [_bounded(x) for x in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {k: v if k in _DATA_KEYWORDS else _bounded(v) for k, v in schema.items()}
+    kind = out.get("type")
+    if (kind == "integer" or isinstance(kind, list) and "integer" in kind) and \
+            not {"minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum"} & out.keys():
+        out["minimum"], out["maximum"] = SAFE_INTEGERS
+    return out
+
+
+class GrammarError(ValueError):
+    """A schema or grammar the engine cannot compile; the message says why."""
+
+
+def _llguidance():
+    try:
+        import llguidance
+    except ImportError as e:
+        raise ImportError("constrained decoding needs llguidance: pip install llguidance") from e
+    return llguidance
+
+
+_TOKENIZERS: "weakref.WeakKeyDictionary[Tokenizer, Any]" = weakref.WeakKeyDictionary()
+
+
+def ll_tokenizer(tokenizer: Tokenizer) -> Any:
+    """llguidance's view of our tokenizer (built once per tokenizer: about a second for 50k tokens)."""
+    if tokenizer not in _TOKENIZERS:
+        llg = _llguidance()
+
+        class Wrapped:  # what llguidance.TokenizerWrapper reads
+            eos_token_id = next(iter(sorted(tokenizer.end_ids)), tokenizer.eos_id)
+            bos_token_id = tokenizer.bos_id
+            tokens = tokenizer.token_bytes()
+            special_token_ids: list[int] = []  # marked in `tokens` already, by their 0xFF byte
+
+            def __call__(self, text: str) -> list[int]:
+                return tokenizer.encode(text, add_bos=False, parse_special=False)
+
+        _TOKENIZERS[tokenizer] = llg.LLTokenizer(llg.TokenizerWrapper(Wrapped()), n_vocab=tokenizer.vocab_size,
+                                                 eos_token=sorted(tokenizer.end_ids) or None)
+    return _TOKENIZERS[tokenizer]
+
+
+class Grammar:
+    """A compiled constraint for one tokenizer; `matcher()` starts a sequence under it."""
+
+    def __init__(self, tokenizer: Tokenizer, grammar: str, what: str):
+        llg = _llguidance()
+        self.tokenizer, self.what = tokenizer, what
+        self.vocab_size = tokenizer.vocab_size
+        self._template = llg.LLMatcher(ll_tokenizer(tokenizer), grammar, log_level=0)
+        if self._template.is_error():
+            raise GrammarError(f"the {what} cannot be used: {self._template.get_error()}")
+
+    @classmethod
+    def json_schema(cls, tokenizer: Tokenizer, schema: dict[str, Any] | bool) -> "Grammar":
+        """JSON matching `schema` (a JSON Schema); {"type": "object"} is any JSON object."""
+        llg = _llguidance()
+        if not isinstance(schema, (dict, bool)):
+            raise GrammarError("the JSON schema must be an object")
+        try:
+            text = llg.LLMatcher.grammar_from_json_schema(
+                json.dumps(_bounded(schema)),
+                overrides={"whitespace_flexible": False, "whitespace_pattern": JSON_WHITESPACE})
+        except ValueError as e:
+            raise GrammarError(f"the JSON schema cannot be used: {e}") from None
+        return cls(tokenizer, text, "JSON schema")
+
+    @classmethod
+    def gbnf(cls, tokenizer: Tokenizer, source: str) -> "Grammar":
+        """A grammar in llama.cpp's GBNF (its `root` rule is the start)."""
+        llg = _llguidance()
+        from llguidance.gbnf_to_lark import gbnf_to_lark
+
+        try:
+            lark = gbnf_to_lark(source)
+        except Exception as e:  # noqa: BLE001 (the converter raises assorted errors on bad input)
+            raise GrammarError(f"the GBNF grammar cannot be used: {e}") from None
+        return cls(tokenizer, llg.LLMatcher.grammar_from_lark(lark), "GBNF grammar")
+
+    @classmethod
+    def lark(cls, tokenizer: Tokenizer, source: str) -> "Grammar":
+        """A grammar in Lark's syntax (llguidance's own; `start` is the start)."""
+        return cls(tokenizer, _llguidance().LLMatcher.grammar_from_lark(source), "Lark grammar")
+
+    def matcher(self) -> "Matcher":
+        return Matcher(self._template.deep_copy(), self.vocab_size, self.what)
+
+
+class Matcher:
+    """One sequence's place in a grammar: `mask` the next logits, then `advance` with the token taken."""
+
+    def __init__(self, matcher: Any, vocab_size: int, what: str):
+        self._m, self.vocab_size, self.what = matcher, vocab_size, what
+
+    def allowed(self) -> torch.Tensor:
+        """(vocab,) bool: the tokens the grammar allows next."""
+        bits = np.frombuffer(self._m.compute_bitmask(), dtype=np.uint8)
+        return torch.from_numpy(np.unpackbits(bits, bitorder="little")[:self.vocab_size].astype(bool))
+
+    def mask(self, logits: torch.Tensor) -> torch.Tensor:
+        """The logits with every token the grammar forbids at -inf (a new tensor; the input is untouched)."""
+        allowed = self.allowed().to(logits.device)
+        if logits.shape[-1] > allowed.shape[0]:  # rows past the tokenizer's vocabulary (padding) are never allowed
+            allowed = torch.cat([allowed, allowed.new_zeros(logits.shape[-1] - allowed.shape[0])])
+        return logits.masked_fill(~allowed, float("-inf"))
+
+    def advance(self, token: int) -> None:
+        if not self._m.consume_token(token):
+            raise GrammarError(f"the {self.what} rejected token {token}: {self._m.get_error()}")
+
+    @property
+    def done(self) -> bool:
+        """The grammar is complete and admits nothing more (only an end token)."""
+        return self._m.is_stopped()

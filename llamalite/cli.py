@@ -33,6 +33,29 @@ def _sampling(args):
                           repetition_penalty=args.repeat_penalty)
 
 
+def _grammar(args, tokenizer):
+    """The constraint asked for with --json, --json-schema FILE or --grammar FILE (GBNF), or None."""
+    from pathlib import Path
+
+    from .constrain import Grammar
+
+    asked = [flag for flag, value in (("--json", args.json), ("--json-schema", args.json_schema),
+                                      ("--grammar", args.grammar)) if value]
+    if len(asked) > 1:
+        raise ValueError(f"give one of {', '.join(asked)}, not several")
+    if args.json:
+        return Grammar.json_schema(tokenizer, {"type": "object"})
+    if args.json_schema:
+        try:
+            schema = json.loads(Path(args.json_schema).read_text(encoding="utf-8"))
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{args.json_schema} is not valid JSON: {e}") from None
+        return Grammar.json_schema(tokenizer, schema)
+    if args.grammar:
+        return Grammar.gbnf(tokenizer, Path(args.grammar).read_text(encoding="utf-8"))
+    return None
+
+
 def _generator(seed: int | None):
     import torch
 
@@ -46,7 +69,7 @@ def _read_prompt(text: str | None) -> str:
 
 
 def cmd_generate(args) -> int:
-    from .chat_template import render_chat
+    from .chat_template import encode_chat
     from .generation import generate, stream_text
 
     lm = _load(args)
@@ -54,11 +77,13 @@ def cmd_generate(args) -> int:
     if args.chat:
         messages = ([{"role": "system", "content": args.system}] if args.system else []) + [
             {"role": "user", "content": text}]
-        ids = lm.tokenizer.encode(render_chat(lm.chat_template, lm.tokenizer, messages), add_bos=False)
+        ids = encode_chat(lm.chat_template, lm.tokenizer, messages)
     else:
         ids = lm.tokenizer.encode(text)
+    grammar = _grammar(args, lm.tokenizer)
     tokens = generate(lm.model, ids, max_new_tokens=args.max_new_tokens, sampling=_sampling(args),
-                      stop_ids=lm.tokenizer.end_ids, generator=_generator(args.seed), truncate=args.truncate)
+                      stop_ids=lm.tokenizer.end_ids, generator=_generator(args.seed), truncate=args.truncate,
+                      constraint=grammar.matcher() if grammar else None)
     for piece in stream_text(lm.tokenizer, tokens, stop=args.stop or ()):
         sys.stdout.write(piece)
         sys.stdout.flush()
@@ -67,7 +92,7 @@ def cmd_generate(args) -> int:
 
 
 def cmd_chat(args) -> int:
-    from .chat_template import render_chat
+    from .chat_template import encode_chat
     from .generation import ContextLengthError, generate, stream_text
 
     lm = _load(args)
@@ -81,6 +106,7 @@ def cmd_chat(args) -> int:
     system = [{"role": "system", "content": args.system}] if args.system else []
     history: list[dict[str, str]] = []
     generator = _generator(args.seed)
+    grammar = _grammar(args, lm.tokenizer)
     ctx = lm.config.context_length
     while True:
         try:
@@ -103,13 +129,14 @@ def cmd_chat(args) -> int:
         history.append({"role": "user", "content": message})
         # Drop the oldest turns while the conversation (plus room to answer) exceeds the context.
         while True:
-            ids = lm.tokenizer.encode(render_chat(lm.chat_template, lm.tokenizer, system + history), add_bos=False)
+            ids = encode_chat(lm.chat_template, lm.tokenizer, system + history)
             if len(ids) + min(args.max_new_tokens, 64) <= ctx or len(history) <= 1:
                 break
             history = history[2:] if len(history) > 2 else history[1:]
         try:
             tokens = generate(lm.model, ids, max_new_tokens=args.max_new_tokens, sampling=_sampling(args),
-                              stop_ids=lm.tokenizer.end_ids, generator=generator)
+                              stop_ids=lm.tokenizer.end_ids, generator=generator,
+                              constraint=grammar.matcher() if grammar else None)
             reply = []
             for piece in stream_text(lm.tokenizer, tokens):
                 reply.append(piece)
@@ -377,9 +404,16 @@ def _sampling_args(p: argparse.ArgumentParser) -> None:
                    help="torch.compile the decode step: faster decoding after a one-off compile (cached on disk)")
 
 
+def _grammar_args(p):
+    p.add_argument("--json", action="store_true", help="constrain the reply to a JSON object")
+    p.add_argument("--json-schema", metavar="FILE", help="constrain the reply to JSON matching this JSON Schema file")
+    p.add_argument("--grammar", metavar="FILE", help="constrain the reply to this GBNF grammar (llama.cpp's format)")
+
+
 def _generate_args(p):
     _model_arg(p)
     _sampling_args(p)
+    _grammar_args(p)
     p.add_argument("--stop", action="append", help="stop string (repeatable)")
     p.add_argument("--chat", action="store_true", help="wrap the prompt as a user message in the chat template")
     p.add_argument("--system", help="system prompt, with --chat")
@@ -390,6 +424,7 @@ def _generate_args(p):
 def _chat_args(p):
     _model_arg(p)
     _sampling_args(p)
+    _grammar_args(p)
     p.add_argument("--system", help="system prompt")
 
 

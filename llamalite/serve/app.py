@@ -17,7 +17,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from . import openai_api
 from .core import APIError, Server, _error
-from .guard import Guard
+from .guard import Guard, clip
 
 
 def create_app(server: Server, start_engine: bool = True) -> FastAPI:
@@ -81,6 +81,9 @@ def create_app(server: Server, start_engine: bool = True) -> FastAPI:
         if first.get("type") == "json_invalid":
             return _error(400, f"the request body is not valid JSON ({first.get('ctx', {}).get('error', 'parse error')}); "
                                "send a JSON object with Content-Type: application/json")
+        if first.get("type") == "extra_forbidden":
+            name = clip(_field(first), 40)
+            return _error(400, f"the field '{name}' is not supported by this server; remove it", param=name)
         param = _field(first) or None
         detail = "; ".join(f"{_field(err) or 'body'}: {err.get('msg')}" for err in errors[:5])
         return _error(400, f"invalid request: {detail}", param=param)

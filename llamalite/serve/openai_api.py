@@ -22,19 +22,14 @@ from .guard import clip
 MAX_STOP = 4  # as OpenAI: up to 4 stop sequences
 
 
-# Request fields accepted and left alone because they change nothing this server produces. Any other
-# field it does not know is refused with a 400 naming it: a field that would change the output is
-# either honoured or refused, never dropped.
-HARMLESS = frozenset({"user", "metadata", "store", "service_tier", "prompt_cache_key", "safety_identifier",
-                      "cache_prompt"})
-
-
 class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
     include_usage: bool = False
 
 
 class JSONSchemaFormat(BaseModel):
-    model_config = ConfigDict(populate_by_name=True)
+    model_config = ConfigDict(populate_by_name=True, extra="forbid")
 
     name: Text = "response"
     description: Text | None = None
@@ -43,13 +38,17 @@ class JSONSchemaFormat(BaseModel):
 
 
 class ResponseFormat(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
     type: Literal["text", "json_object", "json_schema"]
     json_schema: JSONSchemaFormat | None = None
 
 
 class _Sampling(BaseModel):
-    """Fields shared by both generation endpoints. Unknown fields are refused (see HARMLESS)."""
-    model_config = ConfigDict(extra="allow")
+    """Fields shared by both generation endpoints. A field this server does not know is refused with a
+    400 naming it: one that would change the output is honoured or refused, never dropped. The last
+    group changes nothing here and is accepted."""
+    model_config = ConfigDict(extra="forbid")
 
     model: Text
     temperature: float = Field(1.0, ge=0, le=2)
@@ -59,7 +58,7 @@ class _Sampling(BaseModel):
     repetition_penalty: float = Field(1.0, ge=0.01, le=100, description="llamalite extension: 1 turns it off")
     presence_penalty: float = Field(0.0, ge=-2, le=2)
     frequency_penalty: float = Field(0.0, ge=-2, le=2)
-    logit_bias: dict[Text, Annotated[float, Field(ge=-100, le=100)]] | None = Field(
+    logit_bias: dict[Annotated[str, Field(pattern=r"^[0-9]{1,9}$")], Annotated[float, Field(ge=-100, le=100)]] | None = Field(
         None, description="token id (as a string) -> added to its logit; -100 bans it, 100 all but forces it")
     n: int = Field(1, ge=1, le=16)
     stream: bool = False
@@ -69,6 +68,13 @@ class _Sampling(BaseModel):
     response_format: ResponseFormat | None = None
     grammar: Text | None = Field(None, description="llama.cpp extension: a GBNF grammar the output matches")
     json_schema: dict[str, Any] | None = Field(None, description="llama.cpp extension: a JSON Schema the output matches")
+    user: Text | None = Field(None, description="accepted; changes nothing")
+    metadata: dict[Text, Text] | None = Field(None, description="accepted; changes nothing")
+    store: bool | None = Field(None, description="accepted; nothing is stored")
+    service_tier: Text | None = Field(None, description="accepted; changes nothing")
+    prompt_cache_key: Text | None = Field(None, description="accepted; the KV cache is reused by prefix anyway")
+    safety_identifier: Text | None = Field(None, description="accepted; changes nothing")
+    cache_prompt: bool | None = Field(None, description="llama.cpp's; accepted, the prefix is always reused")
 
     def sampling(self) -> SamplingParams:
         bias = tuple((int(k), v) for k, v in (self.logit_bias or {}).items())
@@ -80,9 +86,7 @@ class _Sampling(BaseModel):
         return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
 
     def check(self, server: Server) -> None:
-        """What the field types cannot say: unknown fields, logit_bias's ids."""
-        for name in sorted(set(self.model_extra or ()) - HARMLESS):
-            raise APIError(400, f"the field '{clip(name, 40)}' is not supported by this server; remove it", param=name)
+        """What the field types cannot say: logit_bias's ids against the vocabulary."""
         for key in self.logit_bias or {}:
             if not key.isdigit() or int(key) >= server.tokenizer.vocab_size:
                 raise APIError(400, f"logit_bias key '{clip(key, 20)}' is not a token id of this model (0 to "

@@ -45,6 +45,11 @@ COVERAGE = {  # name -> schema: the keywords apps and SDKs send (pydantic, zod, 
                         {"required": ["a"]}]},
     "patternProperties": {"type": "object", "patternProperties": {"^x_": {"type": "integer"}}},
     "type list": {"type": ["string", "integer"]},
+    "uniqueItems": {"type": "array", "items": {"type": "integer"}, "uniqueItems": True},
+    "not": {"not": {"type": "string"}},
+    "if / then / else": {"if": {"type": "integer"}, "then": {"minimum": 0}, "else": {"type": "string"}},
+    "minProperties": {"type": "object", "minProperties": 2},
+    "dependentRequired": {"type": "object", "dependentRequired": {"a": ["b"]}},
 }
 
 
@@ -100,8 +105,11 @@ def engines(lm) -> dict:
                              stop_token_ids=sorted(tok.end_ids))
     compiler = xgr.GrammarCompiler(info)
     xgr_setup = time.perf_counter() - t
+    from llamalite import constrain
+
+    constrain._TOKENIZERS.clear()  # measure building llguidance's view of the vocabulary too
     t = time.perf_counter()
-    Grammar.json_schema(tok, {"type": "object"})  # builds llguidance's tokenizer once
+    constrain.ll_tokenizer(tok)
     llg_setup = time.perf_counter() - t
 
     # The same token sequence through both: llguidance's greedy constrained reply.
@@ -121,7 +129,8 @@ def engines(lm) -> dict:
         matcher.advance(token)
 
     t = time.perf_counter()
-    compiled = compiler.compile_json_schema(json.dumps(SCHEMA), any_whitespace=False)
+    # the same bound on whitespace as ours (a newline and up to 20 blanks)
+    compiled = compiler.compile_json_schema(json.dumps(SCHEMA), any_whitespace=True, max_whitespace_cnt=21)
     xgr_compile = time.perf_counter() - t
     xm = xgr.GrammarMatcher(compiled)
     bitmask = xgr.allocate_token_bitmask(1, info.vocab_size)

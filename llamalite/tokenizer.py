@@ -90,6 +90,12 @@ class Tokenizer:
     def stream(self, skip_special: bool = True) -> "StreamDecoder":
         return StreamDecoder(self, skip_special)
 
+    def encode_continuation(self, text: str) -> list[int]:
+        """`text` as it tokenizes in the middle of a text: no BOS, special-token texts as plain text,
+        and no leading space added (SentencePiece's dummy prefix, a Metaspace "prepend"). What a grammar
+        engine needs to tokenize forced text."""
+        return self.engine.encode_continuation(text)
+
     def token_bytes(self) -> list[bytes]:
         """Each token's bytes as it adds them to the text (a byte-level piece mapped back to its bytes,
         SentencePiece's "▁" as a space, byte-fallback pieces as their byte); special tokens as their
@@ -141,6 +147,7 @@ class _Engine:
     def piece_to_id(self, piece: str) -> int | None: ...
     def raw_bytes(self) -> list[bytes]: ...
     def special_ids(self) -> set[int]: ...
+    def encode_continuation(self, text: str) -> list[int]: ...
 
 
 class HFEngine(_Engine):
@@ -150,6 +157,7 @@ class HFEngine(_Engine):
         self.tok = tok
         self.vocab_size = tok.get_vocab_size(with_added_tokens=True)
         self._plain: Any = None  # a copy that reads special-token texts as plain text, made on first use
+        self._continuation: Any = None  # the same, without SentencePiece's leading "\u2581" either
         self._plain_lock = threading.Lock()
 
     def encode(self, text: str, parse_special: bool) -> list[int]:
@@ -159,6 +167,17 @@ class HFEngine(_Engine):
         # tokenizing on a worker thread keeps answering on its event loop.
         tok = self.tok if parse_special else self._plain_tokenizer()
         return tok.encode_batch([text], add_special_tokens=False)[0].ids
+
+    def encode_continuation(self, text: str) -> list[int]:
+        with self._plain_lock:
+            if self._continuation is None:
+                spec = json.loads(self.tok.to_str())
+                spec["normalizer"] = _without_prepend(spec.get("normalizer"))
+                spec["pre_tokenizer"] = _without_prepend(spec.get("pre_tokenizer"))
+                continuation = type(self.tok).from_str(json.dumps(spec))
+                continuation.encode_special_tokens = True
+                self._continuation = continuation
+        return self._continuation.encode_batch([text], add_special_tokens=False)[0].ids
 
     def _plain_tokenizer(self) -> Any:
         with self._plain_lock:
@@ -227,6 +246,16 @@ class SPEngine(_Engine):
     def id_to_piece(self, token_id: int) -> str:
         return self.sp.id_to_piece(token_id)
 
+    def encode_continuation(self, text: str) -> list[int]:
+        if getattr(self, "_continuation", None) is None:
+            from sentencepiece import sentencepiece_model_pb2 as pb
+
+            proto = pb.ModelProto()
+            proto.ParseFromString(self.sp.serialized_model_proto())
+            proto.normalizer_spec.add_dummy_prefix = False
+            self._continuation = type(self.sp)(model_proto=proto.SerializeToString())
+        return self._continuation.encode(text)
+
     def raw_bytes(self) -> list[bytes]:
         return [b"" if i in self.control_ids or self.sp.is_unknown(i) else _sentencepiece_bytes(self.sp.id_to_piece(i))
                 for i in range(self.vocab_size)]
@@ -237,6 +266,22 @@ class SPEngine(_Engine):
     def piece_to_id(self, piece: str) -> int | None:
         i = self.sp.piece_to_id(piece)
         return None if i == self.sp.unk_id() and piece != self.sp.id_to_piece(i) else i
+
+
+def _without_prepend(node: Any) -> Any:
+    """A tokenizer.json normalizer or pre-tokenizer that never adds a leading "▁": Llama 2 style
+    Prepend normalizers dropped, Metaspace's prepend_scheme set to never."""
+    if not isinstance(node, dict):
+        return node
+    if node.get("type") == "Sequence":
+        key = "normalizers" if "normalizers" in node else "pretokenizers"
+        kept = [_without_prepend(n) for n in node.get(key, []) if not (isinstance(n, dict) and n.get("type") == "Prepend")]
+        return {**node, key: kept}
+    if node.get("type") == "Prepend":
+        return None
+    if node.get("type") == "Metaspace":
+        return {**node, "prepend_scheme": "never", "add_prefix_space": False}
+    return node
 
 
 def _sentencepiece_bytes(piece: str) -> bytes:

@@ -255,3 +255,39 @@ def test_cli_generate_and_chat_with_constraints(capsys, tmp_path, monkeypatch):
     assert len(replies) == 2 and all(isinstance(r, dict) for r in replies)
     assert main(["generate", "--json", "--grammar", str(grammar), "x"]) == 1
     assert "not several" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("kind", ["sentencepiece", "bytelevel-bpe", "default-model"])
+def test_masks_from_every_tokenizer_kind_only_ever_allow_valid_json(kind, tmp_path, default_lm):
+    """A random walk through the allowed tokens (a model that picks uniformly among them) always spells
+    JSON that validates: each token's bytes are read right, for SentencePiece ("\u2581", byte fallback) and
+    byte-level BPE alike."""
+    from llamalite.tokenizer import tokenizer_from_hf_dir, tokenizer_from_model_file
+    from tests.helpers import train_bytelevel_bpe, train_sentencepiece
+
+    if kind == "sentencepiece":
+        tok = tokenizer_from_model_file(train_sentencepiece(tmp_path / "tokenizer.model"))
+    elif kind == "bytelevel-bpe":
+        train_bytelevel_bpe(400).save(str(tmp_path / "tokenizer.json"))
+        (tmp_path / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<s>", "eos_token": "</s>"}))
+        tok = tokenizer_from_hf_dir(tmp_path)
+    else:
+        tok = default_lm.tokenizer
+    schema = {"type": "object", "additionalProperties": False, "required": ["word", "n", "flag"],
+              "properties": {"word": {"type": "string", "maxLength": 6}, "n": {"type": "integer", "maximum": 999},
+                             "flag": {"type": "boolean"}, "tags": {"type": "array", "items": {"enum": ["x", "yz"]},
+                                                                    "maxItems": 2}}}
+    grammar, pieces = Grammar.json_schema(tok, schema), tok.token_bytes()
+    rng = torch.Generator().manual_seed(0)
+    for _ in range(20):
+        matcher, tokens = grammar.matcher(), []
+        while not matcher.done:
+            allowed = matcher.allowed().nonzero().flatten()
+            allowed = allowed[~torch.isin(allowed, torch.tensor(sorted(tok.end_ids)))]  # ends only when complete
+            if not len(allowed):
+                break  # complete: only an end token may follow
+            token = int(allowed[torch.randint(len(allowed), (1,), generator=rng)])
+            matcher.advance(token)
+            tokens.append(token)
+            assert len(tokens) < 400
+        jsonschema.validate(json.loads(b"".join(pieces[t] for t in tokens)), schema)

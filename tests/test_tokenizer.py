@@ -141,3 +141,15 @@ def test_llama3_tiktoken_file_matches_tiktoken(tmp_path):
     assert ours.bos_id == special["<|begin_of_text|>"] and special["<|eot_id|>"] in ours.end_ids
     for text in SAMPLES + [CORPUS]:
         assert ours.encode(text, add_bos=False) == enc.encode(text, allowed_special="all"), text
+
+
+def test_continuation_encoding_adds_no_leading_space(tmp_path, default_lm):
+    """What a grammar engine tokenizes forced text with: SentencePiece's dummy prefix left out, special-token
+    texts read as text."""
+    tok = tokenizer_from_model_file(train_sentencepiece(tmp_path / "tokenizer.model"))
+    assert tok.decode(tok.encode("x", add_bos=False))
+    ids = tok.encode_continuation("hello world")
+    assert tok.decode(tok.encode("x", add_bos=False) + ids) == "xhello world"
+    assert tok.decode(tok.encode("hello world", add_bos=False)) == "hello world"  # the ordinary encoding keeps it
+    smol = default_lm.tokenizer
+    assert smol.encode_continuation("<|im_end|> hi") == smol.encode("<|im_end|> hi", add_bos=False, parse_special=False)

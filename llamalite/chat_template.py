@@ -31,13 +31,22 @@ LLAMA3_TEMPLATE = (
 )
 
 
+# ChatML (OpenAI's, used by Qwen, SmolLM and Hermes models): every turn, any role, between <|im_start|> and <|im_end|>.
+CHATML_TEMPLATE = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
+
 class TemplateError(ValueError):
     """The chat template failed to render (it raised, or the messages break its rules)."""
 
 
 def builtin_template(tokenizer: Tokenizer) -> str:
-    """Llama 3's format if the vocabulary has its header tokens, else Llama 2's."""
-    return LLAMA3_TEMPLATE if tokenizer.token_id("<|start_header_id|>") is not None else LLAMA2_TEMPLATE
+    """Llama 3's format if the vocabulary has its header tokens, ChatML if it has <|im_start|>, else Llama 2's."""
+    if tokenizer.token_id("<|start_header_id|>") is not None:
+        return LLAMA3_TEMPLATE
+    return CHATML_TEMPLATE if tokenizer.token_id("<|im_start|>") is not None else LLAMA2_TEMPLATE
 
 
 @lru_cache(maxsize=8)

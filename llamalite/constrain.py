@@ -59,6 +59,17 @@ def _bounded(schema: Any) -> Any:
     return out
 
 
+JSON_OPTIONS = {"whitespace_flexible": False, "whitespace_pattern": JSON_WHITESPACE}
+
+
+def json_lark(schema: dict[str, Any] | bool) -> str:
+    """A Lark terminal (llguidance's %json) for JSON matching `schema`, bounded as Grammar.json_schema is."""
+    bounded = _bounded(schema)
+    if isinstance(bounded, dict):
+        bounded = {**bounded, "x-guidance": JSON_OPTIONS}
+    return "%json " + json.dumps(bounded, separators=(",", ":"))
+
+
 class GrammarError(ValueError):
     """A schema or grammar the engine cannot compile; the message says why."""
 
@@ -111,12 +122,16 @@ class Grammar:
         if not isinstance(schema, (dict, bool)):
             raise GrammarError("the JSON schema must be an object")
         try:
-            text = llg.LLMatcher.grammar_from_json_schema(
-                json.dumps(_bounded(schema)),
-                overrides={"whitespace_flexible": False, "whitespace_pattern": JSON_WHITESPACE})
+            text = llg.LLMatcher.grammar_from_json_schema(json.dumps(_bounded(schema)), overrides=JSON_OPTIONS)
         except ValueError as e:
             raise GrammarError(f"the JSON schema cannot be used: {e}") from None
         return cls(tokenizer, text, "JSON schema")
+
+    @classmethod
+    def lark(cls, tokenizer: Tokenizer, source: str) -> "Grammar":
+        """A grammar in Lark's syntax (llguidance's own; `start` is the start). `json_lark(schema)`
+        writes a JSON-schema terminal for one, with the same bounds as `json_schema`."""
+        return cls(tokenizer, _llguidance().LLMatcher.grammar_from_lark(source), "Lark grammar")
 
     @classmethod
     def gbnf(cls, tokenizer: Tokenizer, source: str) -> "Grammar":
@@ -129,11 +144,6 @@ class Grammar:
         except Exception as e:  # noqa: BLE001 (the converter raises assorted errors on bad input)
             raise GrammarError(f"the GBNF grammar cannot be used: {e}") from None
         return cls(tokenizer, llg.LLMatcher.grammar_from_lark(lark), "GBNF grammar")
-
-    @classmethod
-    def lark(cls, tokenizer: Tokenizer, source: str) -> "Grammar":
-        """A grammar in Lark's syntax (llguidance's own; `start` is the start)."""
-        return cls(tokenizer, _llguidance().LLMatcher.grammar_from_lark(source), "Lark grammar")
 
     def matcher(self) -> "Matcher":
         return Matcher(self._template.deep_copy(), self.vocab_size, self.what)

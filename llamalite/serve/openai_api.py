@@ -13,6 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from ..chat_template import TemplateError, encode_chat
 from ..constrain import Grammar, GrammarError
+from ..tools import ToolError, ToolFormat, ToolStream, native_messages, tool_format
 from ..sampling import SamplingParams
 from .core import (APIError, Piece, Server, Text, _chat_logprobs, _choices_usage, _collect, _completion_logprobs,
                    _json, _merge, _streaming, _usage)
@@ -112,6 +113,63 @@ class _Sampling(BaseModel):
         return asked[0] if asked else None
 
 
+class ToolCalling:
+    """A chat request's tools: how they reach the prompt, whether a call is required, how replies are read."""
+
+    def __init__(self, fmt: ToolFormat, native: bool, tools: list[dict[str, Any]], choice: Any, parallel: bool):
+        self.fmt, self.native, self.tools, self.parallel = fmt, native, tools, parallel
+        self.required = choice == "required" or isinstance(choice, NamedToolChoice)
+        self.callable = [t for t in tools if not isinstance(choice, NamedToolChoice)
+                         or t["function"]["name"] == choice.function.name]
+        self.names = {t["function"]["name"] for t in self.callable}
+
+    def messages(self, messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        return native_messages(messages) if self.native else self.fmt.prepare(messages, self.tools)
+
+    def template_kwargs(self) -> dict[str, Any]:
+        return {"tools": self.tools} if self.native and self.tools else {}
+
+    def grammar(self, server: Server) -> Grammar:
+        try:
+            return Grammar.lark(server.tokenizer, self.fmt.grammar(self.callable, self.parallel))
+        except GrammarError as e:
+            raise APIError(400, clip(str(e), 500), param="tools") from None
+
+    def stream(self) -> ToolStream:
+        return ToolStream(self.fmt, self.names, calls_only=self.required)
+
+
+def tool_setup(server: Server, body: "ChatRequest", spec) -> ToolCalling | None:
+    """The request's tool calling, checked (None without tools, or with tool_choice "none" and no tool turns)."""
+    choice = body.tool_choice or ("auto" if body.tools else "none")
+    history = any(m.tool_calls or m.role == "tool" for m in body.messages)
+    if isinstance(choice, NamedToolChoice) or choice == "required":
+        if not body.tools:
+            raise APIError(400, "tool_choice asks for a call, but no tools were given", param="tool_choice")
+        if isinstance(choice, NamedToolChoice) and choice.function.name not in {t.function.name for t in body.tools}:
+            raise APIError(400, f"tool_choice names the function '{clip(choice.function.name, 64)}', which is not "
+                                f"in tools", param="tool_choice")
+        if spec is not None:
+            raise APIError(400, f"a required tool call and {spec[2]} cannot both shape the reply; give one",
+                           param="tool_choice")
+    if spec is not None and body.tools and choice != "none":
+        raise APIError(400, f"tools and {spec[2]} together are not supported: the reply cannot be both a call and "
+                            f"constrained text; give one", param="tools")
+    if choice == "none" and not history:
+        return None
+    try:
+        fmt, native = tool_format(server.lm.chat_template, server.tokenizer)
+    except ToolError as e:
+        raise APIError(400, str(e), param="tools" if body.tools else "messages") from None
+    tools = [t.model_dump(exclude_none=True) for t in body.tools or []] if choice != "none" else []
+    for k, tool in enumerate(tools):  # each parameters schema must compile: the call may be constrained to it
+        try:
+            Grammar.json_schema(server.tokenizer, tool["function"].get("parameters") or {"type": "object"})
+        except GrammarError as e:
+            raise APIError(400, f"tools[{k}].function.parameters: {clip(str(e), 400)}", param="tools") from None
+    return ToolCalling(fmt, native, tools, choice, body.parallel_tool_calls is not False)
+
+
 def compile_grammar(server: Server, spec: tuple[str, Any, str] | None) -> Grammar | None:
     """The request's constraint compiled for the model's tokenizer (on a worker thread: up to ~1 s)."""
     if spec is None:
@@ -135,20 +193,79 @@ class CompletionRequest(_Sampling):
 
 
 class TextPart(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
     type: Literal["text"]
     text: Text
 
 
+class FunctionCall(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: Text
+    arguments: Text = Field(description="the arguments as a JSON object, in text")
+
+
+class ToolCallItem(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    id: Text | None = None
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="forbid")
 
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: Text | list[TextPart] | None = None
+    name: Text | None = Field(None, description="passed to the chat template, which may show it")
+    tool_calls: list[ToolCallItem] | None = Field(None, description="an assistant turn's calls")
+    tool_call_id: Text | None = Field(None, description="a tool turn's call")
+    refusal: Text | None = Field(None, description="accepted on assistant turns; not shown to the model")
 
     def text(self) -> str:
         if isinstance(self.content, list):
             return "".join(p.text for p in self.content)
         return self.content or ""
+
+    def for_template(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"role": "system" if self.role == "developer" else self.role, "content": self.text()}
+        for key in ("name", "tool_call_id"):
+            if getattr(self, key) is not None:
+                out[key] = getattr(self, key)
+        if self.tool_calls:
+            out["tool_calls"] = [c.model_dump() for c in self.tool_calls]
+        return out
+
+
+class FunctionSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")]
+    description: Text | None = None
+    parameters: dict[str, Any] | None = Field(None, description="a JSON Schema for the arguments")
+    strict: bool | None = Field(None, description="always honoured when a call is required")
+
+
+class ToolSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["function"]
+    function: FunctionSpec
+
+
+class NamedFunction(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: Text
+
+
+class NamedToolChoice(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["function"]
+    function: NamedFunction
 
 
 class ChatRequest(_Sampling):
@@ -157,6 +274,9 @@ class ChatRequest(_Sampling):
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
+    tools: list[ToolSpec] | None = Field(None, max_length=128)
+    tool_choice: Literal["auto", "none", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool | None = Field(None, description="more than one call in a reply (default true)")
 
 
 class TokenizeRequest(BaseModel):
@@ -302,14 +422,21 @@ def router(server: Server) -> APIRouter:
         body.check(server)
         server.check_choices(n, "n")
         spec = body.grammar_spec()
-        messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in body.messages]
+        messages = [m.for_template() for m in body.messages]
         server.check_text("".join(m["content"] for m in messages), "messages")
+        calling = tool_setup(server, body, spec)
 
         def prepare() -> tuple[list[int], Grammar | None]:
             try:  # message text never becomes special tokens: only the template's markup does
-                ids = encode_chat(server.lm.chat_template, server.tokenizer, messages)
+                if calling is None:
+                    ids = encode_chat(server.lm.chat_template, server.tokenizer, messages)
+                else:
+                    ids = encode_chat(server.lm.chat_template, server.tokenizer, calling.messages(messages),
+                                      **calling.template_kwargs())
             except TemplateError as e:
                 raise APIError(400, str(e), param="messages") from None
+            if calling is not None and calling.required:
+                return ids, calling.grammar(server)
             return ids, compile_grammar(server, spec)
         prompt, grammar = await server.offload(prepare)
         if not prompt:
@@ -324,6 +451,7 @@ def router(server: Server) -> APIRouter:
             usage_counts = {"completion": 0}
 
             roles: set[int] = set()
+            streams = {j: calling.stream() for j in range(n)} if calling is not None else {}
 
             def chunk(piece: Piece):
                 usage_counts["completion"] += len(piece.tokens)
@@ -331,13 +459,30 @@ def router(server: Server) -> APIRouter:
                     roles.add(piece.index)
                     yield {**head, "choices": [{"index": piece.index, "delta": {"role": "assistant", "content": ""},
                                                 "logprobs": None, "finish_reason": None}]}
-                if piece.text or piece.tokens:
-                    yield {**head, "choices": [{"index": piece.index, "delta": {"content": piece.text},
+                split = streams.get(piece.index)
+                text = piece.text if split is None else split.push(piece.text)
+                if text or piece.tokens and (split is None or body.logprobs):  # held-back calls send nothing yet
+                    yield {**head, "choices": [{"index": piece.index, "delta": {"content": text},
                                                 "logprobs": _chat_logprobs(server, piece.tokens) if body.logprobs else None,
                                                 "finish_reason": None}]}
-                if piece.finish_reason:
+                finish = piece.finish_reason
+                if finish and split is not None:
+                    rest, calls = split.finish()
+                    if rest:
+                        yield {**head, "choices": [{"index": piece.index, "delta": {"content": rest}, "logprobs": None,
+                                                    "finish_reason": None}]}
+                    for k, call in enumerate(calls):  # as OpenAI streams them: id and name, then the arguments
+                        yield {**head, "choices": [{"index": piece.index, "logprobs": None, "finish_reason": None,
+                                                    "delta": {"tool_calls": [{"index": k, "id": call.id, "type": "function",
+                                                                              "function": {"name": call.name,
+                                                                                           "arguments": ""}}]}}]}
+                        yield {**head, "choices": [{"index": piece.index, "logprobs": None, "finish_reason": None,
+                                                    "delta": {"tool_calls": [{"index": k, "function": {
+                                                        "arguments": call.arguments}}]}}]}
+                    finish = "tool_calls" if calls and finish == "stop" else finish
+                if finish:
                     yield {**head, "choices": [{"index": piece.index, "delta": {}, "logprobs": None,
-                                                "finish_reason": piece.finish_reason}]}
+                                                "finish_reason": finish}]}
 
             def final():
                 if body.stream_options and body.stream_options.include_usage:
@@ -346,11 +491,28 @@ def router(server: Server) -> APIRouter:
             return _streaming(server, stream, chunk, final)
 
         choices = await _collect(stream, n)
-        return await _json(server, lambda: {
-            "id": rid, "object": "chat.completion", "created": created, "model": server.model_name,
-            "choices": [{"index": c.index, "message": {"role": "assistant", "content": c.text},
-                         "logprobs": _chat_logprobs(server, c.tokens) if body.logprobs else None,
-                         "finish_reason": c.finish_reason} for c in choices],
-            "usage": _choices_usage([prompt], n, choices)})
+
+        def message(c) -> tuple[dict[str, Any], str | None]:
+            if calling is None:
+                return {"role": "assistant", "content": c.text}, c.finish_reason
+            split = calling.stream()
+            content = split.push(c.text)
+            rest, calls = split.finish()
+            content += rest
+            if not calls:
+                return {"role": "assistant", "content": content}, c.finish_reason
+            return ({"role": "assistant", "content": content or None, "tool_calls": [
+                {"id": t.id, "type": "function", "function": {"name": t.name, "arguments": t.arguments}}
+                for t in calls]}, "tool_calls" if c.finish_reason == "stop" else c.finish_reason)
+
+        def build():
+            out = []
+            for c in choices:
+                msg, finish = message(c)
+                out.append({"index": c.index, "message": msg, "finish_reason": finish,
+                            "logprobs": _chat_logprobs(server, c.tokens) if body.logprobs else None})
+            return {"id": rid, "object": "chat.completion", "created": created, "model": server.model_name,
+                    "choices": out, "usage": _choices_usage([prompt], n, choices)}
+        return await _json(server, build)
 
     return api

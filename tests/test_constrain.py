@@ -291,3 +291,24 @@ def test_masks_from_every_tokenizer_kind_only_ever_allow_valid_json(kind, tmp_pa
             tokens.append(token)
             assert len(tokens) < 400
         jsonschema.validate(json.loads(b"".join(pieces[t] for t in tokens)), schema)
+
+
+def test_constraints_keep_logprobs_stop_strings_and_prefix_reuse(served, client):
+    """Logprobs under a mask are finite (the ruled-out tokens are no alternatives), stop strings still cut,
+    and a resent conversation still reuses its cached prefix."""
+    url, _ = served
+    body = {"model": MODEL, "prompt": "A JSON object describing a dog:", "max_tokens": 30, "temperature": 0,
+            "logprobs": 5, "response_format": {"type": "json_object"}}
+    r = httpx.post(url + "/v1/completions", json=body)
+    assert r.status_code == 200
+    lp = json.loads(r.text, parse_constant=lambda c: pytest.fail(f"{c} in the response"))["choices"][0]["logprobs"]
+    assert lp["tokens"][0].lstrip().startswith("{") and all(x <= 0 for x in lp["token_logprobs"])
+    assert all(len(top) >= 1 for top in lp["top_logprobs"])
+    full = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": ASK}], temperature=0,
+                                          max_tokens=200, response_format={"type": "json_schema", "json_schema": {
+                                              "name": "p", "schema": PERSON}}).choices[0].message.content
+    cut = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": ASK}], temperature=0,
+                                         max_tokens=200, stop=['"age"'], response_format={
+                                             "type": "json_schema", "json_schema": {"name": "p", "schema": PERSON}})
+    assert cut.choices[0].finish_reason == "stop" and cut.choices[0].message.content == full[:full.index('"age"')]
+    assert cut.usage.prompt_tokens_details.cached_tokens > 0  # the same prompt again: its prefix came from the cache

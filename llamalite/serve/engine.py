@@ -274,7 +274,8 @@ class Engine:
         if top:
             values, indices = logp.topk(top, dim=-1)
             for e, i, v in zip(events, indices.tolist(), values.tolist()):
-                e.top_logprobs = list(zip(i, v))
+                # Tokens a constraint or a -100 bias ruled out have no probability: not alternatives.
+                e.top_logprobs = [(t, lp) for t, lp in zip(i, v) if lp != float("-inf")]
         return events
 
     def _decode(self, slots: list[_Slot]) -> None:

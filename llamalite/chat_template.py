@@ -106,8 +106,7 @@ def encode_chat(template: str | None, tokenizer: Tokenizer, messages: Sequence[d
     messages = list(messages)
     text = render_chat(template, tokenizer, messages, add_generation_prompt, **kwargs)
     risky = [i for i, m in enumerate(messages) if isinstance(m.get("content"), str)
-             and tokenizer.encode(m["content"], add_bos=False) != tokenizer.encode(m["content"], add_bos=False,
-                                                                                  parse_special=False)]
+             and tokenizer.has_special_text(m["content"])]
     if not risky:
         return tokenizer.encode(text, add_bos=False)
     markers = {i: f"\x00llamalite-message-{i}\x00" for i in risky}

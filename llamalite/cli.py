@@ -262,7 +262,19 @@ def cmd_serve(args) -> int:
     limits = Limits.for_context(min(args.ctx, lm.model.config.context_length), max_body=args.max_body,
                                 max_queue=args.max_queue, read_timeout=args.read_timeout, allowed_hosts=hosts)
     serve(lm, name, host=args.host, port=args.port, api_key=key, max_batch=args.max_batch, max_seq_len=args.ctx,
-          limits=limits)
+          limits=limits, pooling=args.pooling)
+    return 0
+
+
+def cmd_embed(args) -> int:
+    from .embed import embed
+
+    lm = _load(args)
+    texts = args.texts or [line.rstrip("\n") for line in sys.stdin if line.strip()]
+    if not texts:
+        raise ValueError("give texts to embed as arguments, or one per line on stdin")
+    for i, vector in enumerate(embed(lm, texts, args.pooling)):
+        print(json.dumps({"index": i, "embedding": [round(x, 7) for x in vector.tolist()]}))
     return 0
 
 
@@ -467,9 +479,21 @@ def _serve_args(p):
                    help="generations waiting for a slot, all requests together (default 64; 429 above)")
     p.add_argument("--read-timeout", type=float, metavar="SECONDS",
                    help="time for a request's headers, and again for its body (default 10; 408 after)")
+    p.add_argument("--pooling", choices=("mean", "last", "cls"), default="mean",
+                   help="how /v1/embeddings pools the last hidden state (default mean)")
     p.add_argument("--allowed-hosts", metavar="NAMES",
                    help="comma-separated Host names served besides localhost, IP addresses and the bind address "
                         "(a guard against DNS rebinding); '*' serves any")
+
+
+def _embed_args(p):
+    _model_arg(p)
+    p.add_argument("--pooling", choices=("mean", "last", "cls"), default="mean",
+                   help="pool the last hidden state over the text's tokens (mean, the default), or take the last "
+                        "or first token's")
+    p.add_argument("--threads", type=int, help="CPU threads (default: PyTorch's, one per core)")
+    p.add_argument("--device", default="cpu", help="cpu (default), cuda, ...")
+    p.add_argument("texts", nargs="*", help="texts to embed (default: one per line from stdin)")
 
 
 def _prepare_args(p):
@@ -543,6 +567,8 @@ VERBS: dict[str, tuple[Callable[[Any], int], str, Callable[[argparse.ArgumentPar
     "tokenize": (cmd_tokenize, "print the token ids of a text as JSON", _tokenize_args),
     "info": (cmd_info, "show a model's architecture, sizes, quantization and template", _info_args),
     "bench": (cmd_bench, "measure load, prefill, decode, time to first token and memory", _bench_args),
+    "embed": (cmd_embed, "print each text's embedding (pooled last hidden state, L2-normalized) as a JSON line",
+              _embed_args),
     "serve": (cmd_serve, "serve the OpenAI API (completions, chat, streaming, batching) and a chat page", _serve_args),
     "prepare": (cmd_prepare, "tokenize a corpus into training shards (or train a tokenizer on it)", _prepare_args),
     "train": (cmd_train, "pretrain a LLaMA on prepared data with the paper's recipe; --resume continues", _train_args),

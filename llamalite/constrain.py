@@ -40,18 +40,40 @@ JSON_WHITESPACE = r"(?:[ ]|\n[ \t]{0,20})?"
 
 
 SAFE_INTEGERS = (-(2 ** 53), 2 ** 53)  # exact in every JSON parser (IEEE doubles), JavaScript's included
-_DATA_KEYWORDS = {"const", "enum", "default", "examples"}  # hold JSON values, not subschemas
+
+# JSON Schema's own keywords (2020-12, with draft-07's definitions and tuple items), by what their value is.
+_SCHEMA_MAPS = {"properties", "patternProperties", "$defs", "definitions", "dependentSchemas"}  # name -> schema
+_SCHEMA_LISTS = {"allOf", "anyOf", "oneOf", "prefixItems"}
+_SCHEMAS = {"items", "additionalItems", "additionalProperties", "unevaluatedItems", "unevaluatedProperties",
+            "contains", "propertyNames", "not", "if", "then", "else"}
+_VALUES = {"type", "enum", "const", "default", "examples", "format", "pattern", "minimum", "maximum",
+           "exclusiveMinimum", "exclusiveMaximum", "multipleOf", "minLength", "maxLength", "minItems", "maxItems",
+           "uniqueItems", "minContains", "maxContains", "minProperties", "maxProperties", "required",
+           "dependentRequired", "dependencies", "title", "description", "$schema", "$id", "$ref", "$anchor",
+           "$dynamicRef", "$dynamicAnchor", "$comment", "$vocabulary", "deprecated", "readOnly", "writeOnly",
+           "contentEncoding", "contentMediaType", "contentSchema", "x-guidance"}
 
 
-def _bounded(schema: Any) -> Any:
-    """The schema with every integer that has no bounds bounded to +-2^53, the integers that every JSON
-    parser reads exactly: an unbounded integer lets a small model loop on digits ("population":
-    1111...) until max_tokens. Everything else is left as it is."""
-    if isinstance(schema, list):
-        return [_bounded(x) for x in schema]
+def _prepared(schema: Any) -> Any:
+    """The schema as the grammar engine gets it:
+    - keywords JSON Schema does not define (`x-order`, an app's own annotations) are left out: the
+      specification makes them annotations, which constrain nothing. Its own keywords all stay, so one
+      the engine cannot enforce (uniqueItems, not, ...) is still refused by name;
+    - every integer without bounds is bounded to +-2^53, the integers that every JSON parser reads
+      exactly: an unbounded integer lets a small model loop on digits ("population": 1111...) until
+      max_tokens."""
     if not isinstance(schema, dict):
         return schema
-    out = {k: v if k in _DATA_KEYWORDS else _bounded(v) for k, v in schema.items()}
+    out: dict[str, Any] = {}
+    for key, value in schema.items():
+        if key in _SCHEMA_MAPS and isinstance(value, dict):
+            out[key] = {name: _prepared(v) for name, v in value.items()}
+        elif key in _SCHEMA_LISTS and isinstance(value, list) or key == "items" and isinstance(value, list):
+            out[key] = [_prepared(v) for v in value]
+        elif key in _SCHEMAS:
+            out[key] = _prepared(value)
+        elif key in _VALUES:
+            out[key] = value
     kind = out.get("type")
     if (kind == "integer" or isinstance(kind, list) and "integer" in kind) and \
             not {"minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum"} & out.keys():
@@ -63,11 +85,11 @@ JSON_OPTIONS = {"whitespace_flexible": False, "whitespace_pattern": JSON_WHITESP
 
 
 def json_lark(schema: dict[str, Any] | bool) -> str:
-    """A Lark terminal (llguidance's %json) for JSON matching `schema`, bounded as Grammar.json_schema is."""
-    bounded = _bounded(schema)
-    if isinstance(bounded, dict):
-        bounded = {**bounded, "x-guidance": JSON_OPTIONS}
-    return "%json " + json.dumps(bounded, separators=(",", ":"))
+    """A Lark terminal (llguidance's %json) for JSON matching `schema`, prepared as Grammar.json_schema does."""
+    prepared = _prepared(schema)
+    if isinstance(prepared, dict):
+        prepared = {**prepared, "x-guidance": JSON_OPTIONS}
+    return "%json " + json.dumps(prepared, separators=(",", ":"))
 
 
 class GrammarError(ValueError):
@@ -122,7 +144,7 @@ class Grammar:
         if not isinstance(schema, (dict, bool)):
             raise GrammarError("the JSON schema must be an object")
         try:
-            text = llg.LLMatcher.grammar_from_json_schema(json.dumps(_bounded(schema)), overrides=JSON_OPTIONS)
+            text = llg.LLMatcher.grammar_from_json_schema(json.dumps(_prepared(schema)), overrides=JSON_OPTIONS)
         except ValueError as e:
             raise GrammarError(f"the JSON schema cannot be used: {e}") from None
         return cls(tokenizer, text, "JSON schema")

@@ -206,6 +206,17 @@ class Transformer(nn.Module):
             x = x[:, -1:]
         return self.output(self.norm(x)).float()
 
+    def hidden(self, tokens: torch.Tensor) -> torch.Tensor:
+        """tokens (B, T) -> the last hidden state (B, T, dim), after the final norm: a causal forward from
+        position 0 without the caches or the output layer, what embeddings pool."""
+        T = tokens.shape[1]
+        if T > self.config.context_length:
+            raise ValueError(f"{T} tokens exceed the model's context of {self.config.context_length}")
+        angles = torch.arange(T, device=tokens.device).float()[:, None] * self.inv_freq  # (T, head_dim/2)
+        x = self.run_layers(self.tok_embeddings(tokens), torch.polar(torch.ones_like(angles), angles), None, None, T,
+                            None)
+        return self.norm(x)
+
     def run_layers(self, x, rot, input_pos, mask, end, rows):
         """The blocks in order (a kernel-backed model runs a one-token step of all of them as one op)."""
         for layer in self.layers:

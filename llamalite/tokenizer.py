@@ -59,6 +59,7 @@ class Tokenizer:
         self.add_bos = add_bos
         self.end_ids = frozenset(i for i in (eos_id, *end_ids) if i is not None)
         self.chat_template: str | None = None  # set where the source has one (load_tokenizer), kept by save
+        self._special_pattern: re.Pattern | None = None
 
     @property
     def vocab_size(self) -> int:
@@ -89,6 +90,13 @@ class Tokenizer:
 
     def stream(self, skip_special: bool = True) -> "StreamDecoder":
         return StreamDecoder(self, skip_special)
+
+    def has_special_text(self, text: str) -> bool:
+        """Whether `encode` would read part of `text` as a special token (parse_special on)."""
+        if self._special_pattern is None:
+            texts = sorted(self.engine.special_texts(), key=len, reverse=True)
+            self._special_pattern = re.compile("|".join(map(re.escape, texts))) if texts else re.compile(r"(?!)")
+        return self._special_pattern.search(text) is not None
 
     def encode_continuation(self, text: str) -> list[int]:
         """`text` as it tokenizes in the middle of a text: no BOS, special-token texts as plain text,
@@ -148,6 +156,7 @@ class _Engine:
     def raw_bytes(self) -> list[bytes]: ...
     def special_ids(self) -> set[int]: ...
     def encode_continuation(self, text: str) -> list[int]: ...
+    def special_texts(self) -> set[str]: ...
 
 
 class HFEngine(_Engine):
@@ -203,6 +212,9 @@ class HFEngine(_Engine):
 
     def special_ids(self) -> set[int]:
         return {i for i, t in self.tok.get_added_tokens_decoder().items() if t.special}
+
+    def special_texts(self) -> set[str]:  # what encode_special_tokens reads as text: special added tokens
+        return {t.content for t in self.tok.get_added_tokens_decoder().values() if t.special}
 
     def piece_to_id(self, piece: str) -> int | None:
         return self.tok.token_to_id(piece)
@@ -262,6 +274,9 @@ class SPEngine(_Engine):
 
     def special_ids(self) -> set[int]:
         return set(self.control_ids)
+
+    def special_texts(self) -> set[str]:  # what encode splits out with parse_special
+        return set(self.special)
 
     def piece_to_id(self, piece: str) -> int | None:
         i = self.sp.piece_to_id(piece)

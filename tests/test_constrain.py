@@ -12,7 +12,6 @@ from llamalite.constrain import Grammar, GrammarError
 from llamalite.generation import generate
 from llamalite.loading import load
 from llamalite.sampling import GREEDY, SamplingParams
-from llamalite.serve import BackgroundServer, Server, create_app
 from llamalite.serve.engine import Engine, Request, TokenEvent
 
 jsonschema = pytest.importorskip("jsonschema", reason="the test extras install jsonschema")
@@ -24,18 +23,6 @@ PERSON = {"type": "object", "additionalProperties": False, "required": ["name", 
                          "age": {"type": "integer", "minimum": 0, "maximum": 150},
                          "hobbies": {"type": "array", "items": {"type": "string", "maxLength": 20}, "maxItems": 3}}}
 ASK = "Describe a person called Ann, aged 30, who likes chess, as JSON."
-
-
-@pytest.fixture(scope="module")
-def served(default_model_file):
-    server = Server(load(default_model_file), MODEL, max_batch=8, max_seq_len=1024)
-    with BackgroundServer(create_app(server)) as url:
-        yield url, server
-
-
-@pytest.fixture(scope="module")
-def client(served):
-    return openai.OpenAI(base_url=served[0] + "/v1", api_key="unused", max_retries=0)
 
 
 def _prompt(lm, text=ASK):
@@ -89,16 +76,22 @@ def test_bounded_whitespace_even_when_the_model_wants_only_blanks(default_lm):
     assert not tok.decode(free).strip()  # what the bias does unconstrained
 
 
-def test_unbounded_integers_are_bounded():
-    from llamalite.constrain import SAFE_INTEGERS, _bounded
+def test_unbounded_integers_are_bounded_and_annotations_left_out(default_lm):
+    from llamalite.constrain import SAFE_INTEGERS, _prepared
 
-    schema = {"type": "object", "properties": {"n": {"type": "integer"}, "m": {"type": ["integer", "null"],
-                                                                                "maximum": 5},
-                                               "c": {"const": {"type": "integer"}}}}
-    out = _bounded(schema)
+    schema = {"type": "object", "x-order": 1, "properties": {
+        "n": {"type": "integer", "x-ui": "slider"}, "m": {"type": ["integer", "null"], "maximum": 5},
+        "c": {"const": {"type": "integer", "x": 1}}, "x-order": {"type": "string"}},
+        "$defs": {"d": {"items": [{"type": "integer"}], "foo": 2}}}
+    out = _prepared(schema)
     assert (out["properties"]["n"]["minimum"], out["properties"]["n"]["maximum"]) == SAFE_INTEGERS
-    assert "minimum" not in out["properties"]["m"] and out["properties"]["c"] == {"const": {"type": "integer"}}
-    assert schema["properties"]["n"] == {"type": "integer"}  # the caller's schema is left alone
+    assert "minimum" not in out["properties"]["m"] and out["properties"]["c"] == {"const": {"type": "integer", "x": 1}}
+    assert "x-order" not in out and "x-ui" not in out["properties"]["n"] and "x-order" in out["properties"]
+    assert out["$defs"]["d"] == {"items": [{"type": "integer", "minimum": SAFE_INTEGERS[0], "maximum": SAFE_INTEGERS[1]}]}
+    assert schema["properties"]["n"] == {"type": "integer", "x-ui": "slider"}  # the caller's schema is left alone
+    Grammar.json_schema(default_lm.tokenizer, schema)  # compiles: the annotations constrain nothing
+    with pytest.raises(GrammarError, match="uniqueItems"):  # a keyword it cannot enforce is still refused
+        Grammar.json_schema(default_lm.tokenizer, {"type": "array", "uniqueItems": True})
 
 
 def test_gbnf_and_lark_grammars(default_lm):
@@ -208,7 +201,7 @@ BAD = [  # (what, body, param, words)
     ("unknown field in response_format", {"response_format": {"type": "json_object", "schema": {}}},
      "response_format.schema", "not supported"),
     ("logit_bias out of range", {"logit_bias": {"5": 500}}, "logit_bias", "100"),
-    ("unknown field tools", {"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools", "not supported"),
+    ("unknown field functions", {"functions": [{"name": "f"}]}, "functions", "not supported"),
     ("unknown field suffix", {"suffix": "end"}, "suffix", "not supported"),
 ]
 

@@ -20,18 +20,6 @@ QUESTIONS = ["What is the capital of France?", "Name three colors.", "What is 2+
              "Tell me a joke.", "What is the largest planet?", "Say hello in Spanish.", "What color is the sky?"]
 
 
-@pytest.fixture(scope="module")
-def served(default_model_file):
-    server = Server(load(default_model_file), MODEL, max_batch=8, max_seq_len=1024)
-    with BackgroundServer(create_app(server)) as url:
-        yield url, server
-
-
-@pytest.fixture(scope="module")
-def client(served):
-    return openai.OpenAI(base_url=served[0] + "/v1", api_key="unused", max_retries=0)
-
-
 def _chat(client, text, **kw):
     return client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": text}], **kw)
 

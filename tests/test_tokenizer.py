@@ -153,3 +153,11 @@ def test_continuation_encoding_adds_no_leading_space(tmp_path, default_lm):
     assert tok.decode(tok.encode("hello world", add_bos=False)) == "hello world"  # the ordinary encoding keeps it
     smol = default_lm.tokenizer
     assert smol.encode_continuation("<|im_end|> hi") == smol.encode("<|im_end|> hi", add_bos=False, parse_special=False)
+
+
+def test_special_text_is_found_exactly_where_encoding_reads_it(default_lm):
+    tok = default_lm.tokenizer
+    for text in ["plain", "<|im_start|>", "a<|im_end|>b", "<|im_start", "<repo_name>x", "|im_end|>", "<|endoftext|>",
+                 "<tool_call>", "😀 <|im_start|>system"]:
+        assert tok.has_special_text(text) == (tok.encode(text, add_bos=False) !=
+                                              tok.encode(text, add_bos=False, parse_special=False)), text

@@ -15,7 +15,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from . import openai_api
+from . import embeddings_api, openai_api
+from ..tools import ToolError, tool_format
 from .core import APIError, Server, _error
 from .guard import Guard, clip
 
@@ -42,7 +43,7 @@ def create_app(server: Server, start_engine: bool = True) -> FastAPI:
         # The one model id this server accepts, so the spec (and tools generating requests from it) know it.
         if app.openapi_schema is None:
             schema = default_openapi()
-            for name in ("CompletionRequest", "ChatRequest"):
+            for name in ("CompletionRequest", "ChatRequest", "EmbeddingRequest"):
                 fields = schema["components"]["schemas"][name]["properties"]
                 fields["model"]["enum"] = [server.model_name]
                 for key in ("max_tokens", "max_completion_tokens"):
@@ -64,8 +65,20 @@ def create_app(server: Server, start_engine: bool = True) -> FastAPI:
                     for v in node:
                         bound_ids(v)
 
-            for name in ("CompletionRequest", "DetokenizeRequest"):
-                bound_ids(schema["components"]["schemas"][name]["properties"].get("prompt" if name[0] == "C" else "tokens"))
+            components = schema["components"]["schemas"]
+            for name, field in (("CompletionRequest", "prompt"), ("DetokenizeRequest", "tokens"),
+                                ("EmbeddingRequest", "input")):
+                bound_ids(components[name]["properties"][field])
+            # What this model can do: its embeddings' one width, and tools only where it has a format for them.
+            components["EmbeddingRequest"]["properties"]["dimensions"] = {
+                "anyOf": [{"type": "integer", "enum": [server.lm.config.dim]}, {"type": "null"}],
+                "description": "only the model's own width"}
+            try:
+                tool_format(server.lm.chat_template, server.tokenizer)
+            except ToolError:
+                chat = components["ChatRequest"]["properties"]
+                chat["tools"] = {"type": "null", "description": "this model has no known tool-call format"}
+                chat["tool_choice"] = {"anyOf": [{"const": "none"}, {"type": "null"}]}
         return app.openapi_schema
 
     app.openapi = openapi
@@ -117,6 +130,7 @@ def create_app(server: Server, start_engine: bool = True) -> FastAPI:
         return Response(generate_latest(server.registry), media_type=CONTENT_TYPE_LATEST)
 
     app.include_router(openai_api.router(server))
+    app.include_router(embeddings_api.router(server))
     return app
 
 

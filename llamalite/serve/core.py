@@ -82,10 +82,11 @@ class Server:
     """The state behind the app: the loaded model, its engine, the name it is served under."""
 
     def __init__(self, lm: LoadedModel, model_name: str, *, max_batch: int = 8, max_seq_len: int | None = None,
-                 api_key: str | None = None, limits: Limits | None = None):
+                 api_key: str | None = None, limits: Limits | None = None, pooling: str = "mean"):
         from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
         self.lm, self.tokenizer, self.model_name, self.api_key = lm, lm.tokenizer, model_name, api_key
+        self.pooling = pooling  # of /v1/embeddings: mean, last or cls (llamalite.embed)
         self.engine = Engine(lm.model, max_batch=max_batch, max_seq_len=max_seq_len)
         self.limits = limits or Limits.for_context(self.engine.max_seq_len)
         # No prompt text longer than this fits the context, since no token decodes to more characters

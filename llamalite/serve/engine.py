@@ -20,6 +20,7 @@ import queue
 import threading
 import time
 from collections import deque
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable, Iterator, Sequence
 
@@ -130,6 +131,7 @@ class Engine:
         self.stats = {"requests": 0, "prompt_tokens": 0, "cached_tokens": 0, "generated_tokens": 0, "steps": 0,
                       "largest_batch": 0}
         self._cv = threading.Condition()
+        self._jobs: deque[tuple[Callable[[], object], Future]] = deque()  # other work for the engine's thread
         self._stopping = False
         self._thread: threading.Thread | None = None
 
@@ -148,6 +150,19 @@ class Engine:
             self.waiting.append(request)
             self._cv.notify()
         return request
+
+    def call(self, fn: Callable[[], object]) -> Future:
+        """Run fn() on the engine's thread between two steps (a forward of another kind, such as
+        embeddings: the model's thread team stays the only one); its result or error comes back in
+        the Future."""
+        future: Future = Future()
+        with self._cv:
+            if self._stopping:
+                future.set_exception(RuntimeError("the server is shutting down"))
+                return future
+            self._jobs.append((fn, future))
+            self._cv.notify()
+        return future
 
     @property
     def queue_depth(self) -> int:
@@ -181,11 +196,20 @@ class Engine:
         try:
             while True:
                 with self._cv:
-                    while not self._stopping and not self.waiting and not self.active:
+                    while not self._stopping and not self.waiting and not self.active and not self._jobs:
                         self._cv.wait()
                     if self._stopping:
                         break
-                self.step()
+                    jobs = list(self._jobs)
+                    self._jobs.clear()
+                for fn, future in jobs:
+                    if future.set_running_or_notify_cancel():  # not cancelled while it waited
+                        try:
+                            future.set_result(fn())
+                        except Exception as e:  # noqa: BLE001 (handed to the caller)
+                            future.set_exception(e)
+                if self.waiting or self.active:
+                    self.step()
         finally:  # stopped, or interrupted (Ctrl-C): every request still here hears that it is over
             for slot in self.slots:
                 if slot.request is not None:
@@ -193,6 +217,11 @@ class Engine:
             while self.waiting:
                 r = self.waiting.popleft()
                 r.deliver(Finished("cancelled", len(r.prompt), 0))
+            with self._cv:
+                jobs, self._jobs = list(self._jobs), deque()
+            for _, future in jobs:
+                if future.set_running_or_notify_cancel():
+                    future.set_exception(RuntimeError("the server is shutting down"))
 
     # ----- the engine's thread -----
 

@@ -74,7 +74,7 @@ def wait_until_serving(url: str, proc, timeout: float = 120) -> None:
 
 def serve(lm: LoadedModel, model_name: str, *, host: str = "127.0.0.1", port: int = 8000,
           api_key: str | None = None, max_batch: int = 8, max_seq_len: int | None = None,
-          limits: Limits | None = None) -> None:
+          limits: Limits | None = None, pooling: str = "mean") -> None:
     """Serve until Ctrl-C or SIGTERM: the engine on this thread (the one that loaded the model), HTTP in
     another. Requests still running when it stops end with an error event (503), not a hang. The Host
     names served are localhost, IP literals, the bind address and, bound to every interface, this
@@ -91,7 +91,8 @@ def serve(lm: LoadedModel, model_name: str, *, host: str = "127.0.0.1", port: in
 
     signal.signal(signal.SIGTERM, interrupt)  # a service manager's stop: the same clean shutdown as Ctrl-C
 
-    server = Server(lm, model_name, max_batch=max_batch, max_seq_len=max_seq_len, api_key=api_key, limits=limits)
+    server = Server(lm, model_name, max_batch=max_batch, max_seq_len=max_seq_len, api_key=api_key, limits=limits,
+                    pooling=pooling)
     names = [host.lower()] + ([socket.gethostname().lower(), socket.getfqdn().lower()] if host in ("0.0.0.0", "::") else [])
     server.limits = dataclasses.replace(server.limits, allowed_hosts=(*server.limits.allowed_hosts, *names))
     http = uvicorn.Server(uvicorn_config(create_app(server, start_engine=False), server.limits, host=host, port=port,

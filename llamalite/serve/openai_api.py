@@ -23,14 +23,17 @@ from .guard import clip
 MAX_STOP = 4  # as OpenAI: up to 4 stop sequences
 
 
-class StreamOptions(BaseModel):
+class _Strict(BaseModel):
+    """A request object whose unknown fields are refused (400 naming them), never dropped."""
     model_config = ConfigDict(extra="forbid")
 
+
+class StreamOptions(_Strict):
     include_usage: bool = False
 
 
-class JSONSchemaFormat(BaseModel):
-    model_config = ConfigDict(populate_by_name=True, extra="forbid")
+class JSONSchemaFormat(_Strict):
+    model_config = ConfigDict(populate_by_name=True)  # and extra="forbid", from _Strict
 
     name: Text = "response"
     description: Text | None = None
@@ -38,18 +41,15 @@ class JSONSchemaFormat(BaseModel):
     strict: bool | None = Field(None, description="always honoured: the reply is constrained to the schema")
 
 
-class ResponseFormat(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
+class ResponseFormat(_Strict):
     type: Literal["text", "json_object", "json_schema"]
     json_schema: JSONSchemaFormat | None = None
 
 
-class _Sampling(BaseModel):
+class _Sampling(_Strict):
     """Fields shared by both generation endpoints. A field this server does not know is refused with a
     400 naming it: one that would change the output is honoured or refused, never dropped. The last
     group changes nothing here and is accepted."""
-    model_config = ConfigDict(extra="forbid")
 
     model: Text
     temperature: float = Field(1.0, ge=0, le=2)
@@ -192,31 +192,23 @@ class CompletionRequest(_Sampling):
     echo: bool = False
 
 
-class TextPart(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
+class TextPart(_Strict):
     type: Literal["text"]
     text: Text
 
 
-class FunctionCall(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
+class FunctionCall(_Strict):
     name: Text
     arguments: Text = Field(description="the arguments as a JSON object, in text")
 
 
-class ToolCallItem(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
+class ToolCallItem(_Strict):
     id: Text | None = None
     type: Literal["function"] = "function"
     function: FunctionCall
 
 
-class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
+class ChatMessage(_Strict):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: Text | list[TextPart] | None = None
     name: Text | None = Field(None, description="passed to the chat template, which may show it")
@@ -239,31 +231,23 @@ class ChatMessage(BaseModel):
         return out
 
 
-class FunctionSpec(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
+class FunctionSpec(_Strict):
     name: Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")]
     description: Text | None = None
     parameters: dict[str, Any] | None = Field(None, description="a JSON Schema for the arguments")
     strict: bool | None = Field(None, description="always honoured when a call is required")
 
 
-class ToolSpec(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
+class ToolSpec(_Strict):
     type: Literal["function"]
     function: FunctionSpec
 
 
-class NamedFunction(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
+class NamedFunction(_Strict):
     name: Text
 
 
-class NamedToolChoice(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
+class NamedToolChoice(_Strict):
     type: Literal["function"]
     function: NamedFunction
 

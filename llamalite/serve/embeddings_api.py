@@ -1,0 +1,77 @@
+"""OpenAI's embeddings API: POST /v1/embeddings, pooled last hidden states (see llamalite.embed), computed
+on the engine's thread between decode steps."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+from typing import Annotated, Any, Literal
+
+from fastapi import APIRouter
+from pydantic import BaseModel, ConfigDict, Field
+
+from ..embed import embed_ids
+from .core import APIError, Server, Text, _json
+
+MAX_INPUTS = 2048  # as OpenAI
+
+
+class EmbeddingRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    model: Text
+    input: Text | Annotated[list[Text], Field(min_length=1, max_length=MAX_INPUTS)] | \
+        Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)] | \
+        Annotated[list[Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)]],
+                  Field(min_length=1, max_length=MAX_INPUTS)]
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: int | None = Field(None, ge=1, description="only the model's own width: no other can be honoured")
+    user: Text | None = Field(None, description="accepted; changes nothing")
+
+
+def router(server: Server) -> APIRouter:
+    api = APIRouter()
+
+    @api.post("/v1/embeddings")
+    async def embeddings(body: EmbeddingRequest):
+        server.check_model(body.model)
+        dim = server.lm.config.dim
+        if body.dimensions is not None and body.dimensions != dim:
+            raise APIError(400, f"this model's embeddings have {dim} dimensions and cannot be shortened to "
+                                f"{body.dimensions}; leave dimensions out or give {dim}", param="dimensions")
+        raw = body.input
+        inputs = [raw] if isinstance(raw, str) or isinstance(raw[0], int) else list(raw)
+
+        def tokenize() -> list[list[int]]:
+            ids = []
+            for k, x in enumerate(inputs):
+                if isinstance(x, str):
+                    server.check_text(x, "input")
+                    tokens = server.tokenizer.encode(x)
+                else:
+                    tokens = server.check_ids(x, "input")
+                if not tokens:
+                    raise APIError(400, f"input {k} is empty: give at least one token", param="input")
+                if len(tokens) > server.engine.max_seq_len:
+                    raise APIError(400, f"input {k} is {len(tokens)} tokens but the context is "
+                                        f"{server.engine.max_seq_len}; shorten it", param="input",
+                                   code="context_length_exceeded")
+                ids.append(tokens)
+            return ids
+        ids = await server.offload(tokenize)
+        vectors = await asyncio.wrap_future(server.engine.call(lambda: embed_ids(server.lm.model, ids, server.pooling)))
+
+        def build() -> dict[str, Any]:
+            def encode(v) -> Any:
+                if body.encoding_format == "base64":  # little-endian float32, as OpenAI's clients decode it
+                    return base64.b64encode(v.numpy().astype("<f4").tobytes()).decode()
+                return v.tolist()
+            n = sum(len(t) for t in ids)
+            return {"object": "list", "model": server.model_name,
+                    "data": [{"object": "embedding", "index": i, "embedding": encode(v)} for i, v in enumerate(vectors)],
+                    "usage": {"prompt_tokens": n, "total_tokens": n}}
+        return await _json(server, build)
+
+    return api
+
+

@@ -153,14 +153,15 @@ class Server:
             raise APIError(400, f"token id {bad[0]} is outside the vocabulary of {vocab}", param=param)
         return list(ids)
 
-    def prompt_ids(self, prompt: str | list[int]) -> list[int]:
+    def prompt_ids(self, prompt: str | list[int], param: str = "prompt") -> list[int]:
+        """Text (tokenized as the model's tokenizer does) or token ids, checked; `param` names the field."""
         if isinstance(prompt, str):
-            self.check_text(prompt, "prompt")
+            self.check_text(prompt, param)
             ids = self.tokenizer.encode(prompt)
         else:
-            ids = self.check_ids(prompt, "prompt")
+            ids = self.check_ids(prompt, param)
         if not ids:
-            raise APIError(400, "the prompt is empty: give at least one token", param="prompt")
+            raise APIError(400, f"the {param} is empty: give at least one token", param=param)
         return ids
 
     def budget(self, n_prompt: int, max_tokens: int | None) -> int:

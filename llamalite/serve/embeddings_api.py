@@ -45,13 +45,7 @@ def router(server: Server) -> APIRouter:
         def tokenize() -> list[list[int]]:
             ids = []
             for k, x in enumerate(inputs):
-                if isinstance(x, str):
-                    server.check_text(x, "input")
-                    tokens = server.tokenizer.encode(x)
-                else:
-                    tokens = server.check_ids(x, "input")
-                if not tokens:
-                    raise APIError(400, f"input {k} is empty: give at least one token", param="input")
+                tokens = server.prompt_ids(x, "input")
                 if len(tokens) > server.engine.max_seq_len:
                     raise APIError(400, f"input {k} is {len(tokens)} tokens but the context is "
                                         f"{server.engine.max_seq_len}; shorten it", param="input",

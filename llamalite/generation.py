@@ -148,6 +148,7 @@ class TextStream:
         self._state = [0] * len(self.stop)
         self.pending = ""  # decoded, not yet emitted
         self.stopped = False
+        self.matched: str | None = None  # the stop string that ended the text
 
     def push(self, token: int) -> str:
         """The text that is now safe to emit (maybe empty)."""
@@ -157,7 +158,7 @@ class TextStream:
         start = len(self.pending)
         self.pending += new
         for offset, ch in enumerate(new):
-            longest = 0
+            longest, which = 0, None
             for k, (s, fail) in enumerate(zip(self.stop, self._fail)):
                 state = self._state[k]
                 while state and s[state] != ch:
@@ -165,11 +166,12 @@ class TextStream:
                 if s[state] == ch:
                     state += 1
                 if state == len(s):
-                    longest = max(longest, state)
+                    if state > longest:
+                        longest, which = state, s
                     state = fail[state - 1]
                 self._state[k] = state
             if longest:
-                self.stopped = True
+                self.stopped, self.matched = True, which
                 text, self.pending = self.pending[:start + offset + 1 - longest], ""
                 return text
         cut = len(self.pending) - max(self._state, default=0)

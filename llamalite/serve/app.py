@@ -15,7 +15,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from . import embeddings_api, openai_api
+from . import anthropic_api, embeddings_api, openai_api
 from ..tools import ToolError, tool_format
 from .core import APIError, Server, _error
 from .guard import Guard, clip
@@ -43,7 +43,7 @@ def create_app(server: Server, start_engine: bool = True) -> FastAPI:
         # The one model id this server accepts, so the spec (and tools generating requests from it) know it.
         if app.openapi_schema is None:
             schema = default_openapi()
-            for name in ("CompletionRequest", "ChatRequest", "EmbeddingRequest"):
+            for name in ("CompletionRequest", "ChatRequest", "EmbeddingRequest", "MessagesRequest", "CountTokensRequest"):
                 fields = schema["components"]["schemas"][name]["properties"]
                 fields["model"]["enum"] = [server.model_name]
                 for key in ("max_tokens", "max_completion_tokens"):
@@ -76,38 +76,43 @@ def create_app(server: Server, start_engine: bool = True) -> FastAPI:
             try:
                 tool_format(server.lm.chat_template, server.tokenizer)
             except ToolError:
-                chat = components["ChatRequest"]["properties"]
-                chat["tools"] = {"type": "null", "description": "this model has no known tool-call format"}
-                chat["tool_choice"] = {"anyOf": [{"const": "none"}, {"type": "null"}]}
+                for name in ("ChatRequest", "MessagesRequest", "CountTokensRequest"):
+                    fields = components[name]["properties"]
+                    fields["tools"] = {"type": "null", "description": "this model has no known tool-call format"}
+                    fields.pop("tool_choice", None)
+                message = components["ChatMessage"]["properties"]  # nor tool turns in the conversation
+                message["role"]["enum"] = [r for r in message["role"]["enum"] if r != "tool"]
+                message["tool_calls"] = {"type": "null"}
         return app.openapi_schema
 
     app.openapi = openapi
 
     @app.exception_handler(APIError)
-    async def api_error(_: Request, e: APIError):
-        return _error(e.status, e.message, e.type, e.param, e.code, e.headers)
+    async def api_error(http: Request, e: APIError):
+        return _error(e.status, e.message, e.type, e.param, e.code, e.headers, http.url.path)
 
     @app.exception_handler(RequestValidationError)
-    async def invalid(_: Request, e: RequestValidationError):
-        errors = e.errors()
+    async def invalid(http: Request, e: RequestValidationError):
+        errors, path = e.errors(), http.url.path
         first = errors[0] if errors else {}
         if first.get("type") == "json_invalid":
             return _error(400, f"the request body is not valid JSON ({first.get('ctx', {}).get('error', 'parse error')}); "
-                               "send a JSON object with Content-Type: application/json")
+                               "send a JSON object with Content-Type: application/json", path=path)
         if first.get("type") == "extra_forbidden":
             name = clip(_field(first), 40)
-            return _error(400, f"the field '{name}' is not supported by this server; remove it", param=name)
+            return _error(400, f"the field '{name}' is not supported by this server; remove it", param=name, path=path)
         param = _field(first) or None
         detail = "; ".join(f"{_field(err) or 'body'}: {err.get('msg')}" for err in errors[:5])
-        return _error(400, f"invalid request: {detail}", param=param)
+        return _error(400, f"invalid request: {detail}", param=param, path=path)
 
     @app.exception_handler(StarletteHTTPException)
-    async def http_error(_: Request, e: StarletteHTTPException):
-        return _error(e.status_code, str(e.detail), type="not_found_error" if e.status_code == 404 else "invalid_request_error")
+    async def http_error(http: Request, e: StarletteHTTPException):
+        return _error(e.status_code, str(e.detail), type="not_found_error" if e.status_code == 404 else
+                      "invalid_request_error", path=http.url.path)
 
     @app.exception_handler(Exception)
-    async def crash(_: Request, e: Exception):
-        return _error(500, f"internal error: {type(e).__name__}: {e}", type="server_error")
+    async def crash(http: Request, e: Exception):
+        return _error(500, f"internal error: {type(e).__name__}: {e}", type="server_error", path=http.url.path)
 
     app.add_middleware(Guard, limits=server.limits, api_key=lambda: server.api_key,
                        count=lambda path, status: server.m_requests.labels(path, str(status)).inc())
@@ -131,6 +136,7 @@ def create_app(server: Server, start_engine: bool = True) -> FastAPI:
 
     app.include_router(openai_api.router(server))
     app.include_router(embeddings_api.router(server))
+    app.include_router(anthropic_api.router(server))
     return app
 
 

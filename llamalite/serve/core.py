@@ -12,17 +12,17 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Annotated, Any, AsyncIterator, Callable
 
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import Response, StreamingResponse
 from pydantic import AfterValidator
 
 from ..generation import ContextLengthError, TextStream
 from ..loading import LoadedModel
+from ..sampling import SamplingParams
 from .engine import Engine, PromptEvent, Request as EngineRequest, TokenEvent
-from .guard import Limits, clip
+from .guard import Limits, clip, error_body
 
 if TYPE_CHECKING:
     from ..constrain import Grammar
-    from .openai_api import _Sampling
 
 
 def _utf8(text: str) -> str:
@@ -48,9 +48,10 @@ class APIError(Exception):
 
 
 def _error(status: int, message: str, type: str = "invalid_request_error", param: str | None = None,
-           code: str | None = None, headers: dict | None = None) -> JSONResponse:
-    body = {"error": {"message": message, "type": type, "param": param, "code": code}}
-    return JSONResponse(body, status_code=status, headers=headers)
+           code: str | None = None, headers: dict | None = None, path: str = "") -> Response:
+    """An error response in the shape of the API family of `path` (see guard.error_body)."""
+    return Response(error_body(status, message, type, param, code, path), status_code=status, headers=headers,
+                    media_type="application/json")
 
 
 
@@ -76,6 +77,7 @@ class Piece:
     finish_reason: str | None = None
     cached_tokens: int = 0  # on the last piece: prompt tokens reused from the KV cache
     prompt_logprobs: list[TokenEvent] | None = None  # with score_prompt: each prompt token's, the first None
+    stop_string: str | None = None  # on the last piece: the stop string that ended the choice, if one did
 
 
 class Server:
@@ -178,14 +180,15 @@ class Server:
             raise APIError(400, str(e), param="max_tokens", code="context_length_exceeded") from None
         return max_tokens
 
-    async def run(self, index: int, prompt: list[int], max_tokens: int, body: _Sampling, logprobs: int | None,
-                  stop: list[str], score_prompt: bool = False, grammar: Grammar | None = None) -> AsyncIterator[Piece]:
-        """One choice as a stream of pieces; leaving early (a client gone) cancels it in the engine. With a
-        grammar, the choice gets its own matcher of it."""
+    async def run(self, index: int, prompt: list[int], max_tokens: int, sampling: SamplingParams, seed: int | None,
+                  logprobs: int | None, stop: list[str], score_prompt: bool = False,
+                  grammar: Grammar | None = None) -> AsyncIterator[Piece]:
+        """One choice as a stream of pieces; leaving early (a client gone) cancels it in the engine. Choice
+        `index` is seeded with seed + index; with a grammar, it gets its own matcher of it."""
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
-        seed = None if body.seed is None else (body.seed + index) % 2 ** 63
-        request = EngineRequest(prompt, max_tokens=max_tokens, sampling=body.sampling(),
+        seed = None if seed is None else (seed + index) % 2 ** 63
+        request = EngineRequest(prompt, max_tokens=max_tokens, sampling=sampling,
                                 stop_ids=self.tokenizer.end_ids, seed=seed, logprobs=logprobs,
                                 score_prompt=score_prompt, constraint=grammar.matcher() if grammar else None,
                                 deliver=lambda ev: loop.call_soon_threadsafe(events.put_nowait, ev))
@@ -208,7 +211,7 @@ class Server:
                     piece = text.push(event.token)
                     if text.stopped:
                         request.cancel()
-                        yield Piece(index, piece, held, "stop", request.cached_tokens)
+                        yield Piece(index, piece, held, "stop", request.cached_tokens, stop_string=text.matched)
                         self._account(request, len(held))
                         return
                     if piece:

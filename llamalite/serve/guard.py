@@ -46,8 +46,20 @@ class Limits:
         return Limits(**{"max_body": max(1 << 20, 64 * ctx), **{k: v for k, v in overrides.items() if v is not None}})
 
 
+ANTHROPIC_PATHS = ("/v1/messages",)  # routes whose clients expect Anthropic's error shape
+ANTHROPIC_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
+                   404: "not_found_error", 408: "invalid_request_error", 413: "request_too_large",
+                   429: "rate_limit_error", 503: "overloaded_error"}
+
+
 def error_body(status: int, message: str, type: str = "invalid_request_error", param: str | None = None,
-               code: str | None = None) -> bytes:
+               code: str | None = None, path: str = "") -> bytes:
+    """An error in the shape the route's API family uses: OpenAI's {"error": {message, type, param,
+    code}}, or on Anthropic's routes {"type": "error", "error": {type, message}}."""
+    if path.startswith(ANTHROPIC_PATHS):
+        where = f" ({param})" if param and param not in message else ""
+        return json.dumps({"type": "error", "error": {"type": ANTHROPIC_TYPES.get(status, "api_error"),
+                                                      "message": message + where}}).encode()
     return json.dumps({"error": {"message": message, "type": type, "param": param, "code": code}}).encode()
 
 
@@ -96,7 +108,7 @@ class Guard:
         status = {"code": 0, "done": False}
 
         async def respond(code: int, message: str, type: str, code_name: str | None, extra=()) -> None:
-            body = error_body(code, message, type, None, code_name)
+            body = error_body(code, message, type, None, code_name, scope["path"])
             # The connection closes after it: a body left unread must not be taken for the next request.
             await send({"type": "http.response.start", "status": code,
                         "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
@@ -111,7 +123,8 @@ class Guard:
                                  "permission_error", "host_not_allowed")
         key = self.api_key()
         if key is not None and scope["path"] not in PUBLIC_PATHS and not _key_matches(headers, key):
-            return await respond(401, "a valid API key is required: send the header 'Authorization: Bearer <key>'",
+            return await respond(401, "a valid API key is required: send the header 'Authorization: Bearer <key>' "
+                                      "(or 'x-api-key: <key>')",
                                  "authentication_error", "invalid_api_key", [(b"www-authenticate", b"Bearer")])
         declared = headers.get("content-length", "")
         if declared.isdigit() and int(declared) > self.limits.max_body:
@@ -194,9 +207,11 @@ class Guard:
 
 
 def _key_matches(headers: dict[str, str], key: str) -> bool:
+    """`Authorization: Bearer KEY` (OpenAI's clients; the scheme is case-insensitive, RFC 7235) or
+    `x-api-key: KEY` (Anthropic's), compared in constant time."""
     scheme, _, token = headers.get("authorization", "").strip().partition(" ")
-    # The scheme is case-insensitive (RFC 7235); the key is compared in constant time.
-    return scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), key.encode())
+    bearer = scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), key.encode())
+    return bearer or hmac.compare_digest(headers.get("x-api-key", "").strip().encode(), key.encode())
 
 
 def _client(scope) -> str:

@@ -12,11 +12,11 @@ from fastapi import APIRouter
 from pydantic import BaseModel, ConfigDict, Field
 
 from ..chat_template import TemplateError, encode_chat
-from ..constrain import Grammar, GrammarError
-from ..tools import ToolError, ToolFormat, ToolStream, native_messages, tool_format
+from ..constrain import Grammar
 from ..sampling import SamplingParams
 from .core import (APIError, Piece, Server, Text, _chat_logprobs, _choices_usage, _collect, _completion_logprobs,
                    _json, _merge, _streaming, _usage)
+from .calling import compile_grammar, tool_setup
 from .engine import TokenEvent
 from .guard import clip
 
@@ -111,75 +111,6 @@ class _Sampling(_Strict):
         if len(asked) > 1:
             raise APIError(400, f"give one of {', '.join(a[2] for a in asked)}, not several", param=asked[1][2])
         return asked[0] if asked else None
-
-
-class ToolCalling:
-    """A chat request's tools: how they reach the prompt, whether a call is required, how replies are read."""
-
-    def __init__(self, fmt: ToolFormat, native: bool, tools: list[dict[str, Any]], choice: Any, parallel: bool):
-        self.fmt, self.native, self.tools, self.parallel = fmt, native, tools, parallel
-        self.required = choice == "required" or isinstance(choice, NamedToolChoice)
-        self.callable = [t for t in tools if not isinstance(choice, NamedToolChoice)
-                         or t["function"]["name"] == choice.function.name]
-        self.names = {t["function"]["name"] for t in self.callable}
-
-    def messages(self, messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        return native_messages(messages) if self.native else self.fmt.prepare(messages, self.tools)
-
-    def template_kwargs(self) -> dict[str, Any]:
-        return {"tools": self.tools} if self.native and self.tools else {}
-
-    def grammar(self, server: Server) -> Grammar:
-        try:
-            return Grammar.lark(server.tokenizer, self.fmt.grammar(self.callable, self.parallel))
-        except GrammarError as e:
-            raise APIError(400, clip(str(e), 500), param="tools") from None
-
-    def stream(self) -> ToolStream:
-        return ToolStream(self.fmt, self.names, calls_only=self.required)
-
-
-def tool_setup(server: Server, body: "ChatRequest", spec) -> ToolCalling | None:
-    """The request's tool calling, checked (None without tools, or with tool_choice "none" and no tool turns)."""
-    choice = body.tool_choice or ("auto" if body.tools else "none")
-    history = any(m.tool_calls or m.role == "tool" for m in body.messages)
-    if isinstance(choice, NamedToolChoice) or choice == "required":
-        if not body.tools:
-            raise APIError(400, "tool_choice asks for a call, but no tools were given", param="tool_choice")
-        if isinstance(choice, NamedToolChoice) and choice.function.name not in {t.function.name for t in body.tools}:
-            raise APIError(400, f"tool_choice names the function '{clip(choice.function.name, 64)}', which is not "
-                                f"in tools", param="tool_choice")
-        if spec is not None:
-            raise APIError(400, f"a required tool call and {spec[2]} cannot both shape the reply; give one",
-                           param="tool_choice")
-    if spec is not None and body.tools and choice != "none":
-        raise APIError(400, f"tools and {spec[2]} together are not supported: the reply cannot be both a call and "
-                            f"constrained text; give one", param="tools")
-    if choice == "none" and not history:
-        return None
-    try:
-        fmt, native = tool_format(server.lm.chat_template, server.tokenizer)
-    except ToolError as e:
-        raise APIError(400, str(e), param="tools" if body.tools else "messages") from None
-    tools = [t.model_dump(exclude_none=True) for t in body.tools or []] if choice != "none" else []
-    for k, tool in enumerate(tools):  # each parameters schema must compile: the call may be constrained to it
-        try:
-            Grammar.json_schema(server.tokenizer, tool["function"].get("parameters") or {"type": "object"})
-        except GrammarError as e:
-            raise APIError(400, f"tools[{k}].function.parameters: {clip(str(e), 400)}", param="tools") from None
-    return ToolCalling(fmt, native, tools, choice, body.parallel_tool_calls is not False)
-
-
-def compile_grammar(server: Server, spec: tuple[str, Any, str] | None) -> Grammar | None:
-    """The request's constraint compiled for the model's tokenizer (on a worker thread: up to ~1 s)."""
-    if spec is None:
-        return None
-    kind, source, param = spec
-    try:
-        return Grammar.json_schema(server.tokenizer, source) if kind == "json_schema" else \
-            Grammar.gbnf(server.tokenizer, source)
-    except GrammarError as e:
-        raise APIError(400, clip(str(e), 500), param=param) from None
 
 
 TokenId = Annotated[int, Field(ge=0)]
@@ -353,7 +284,7 @@ def router(server: Server) -> APIRouter:
             return ids, texts, compile_grammar(server, spec)
         ids, texts, grammar = await server.offload(prepare)
         budgets = [server.budget(len(p), body.max_tokens) for p in ids]
-        stream = _merge([server.run(i * n + j, p, b, body, body.logprobs, stop, score, grammar)
+        stream = _merge([server.run(i * n + j, p, b, body.sampling(), body.seed, body.logprobs, stop, score, grammar)
                          for i, (p, b) in enumerate(zip(ids, budgets)) for j in range(n)])
         rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
         offsets = {}
@@ -408,7 +339,12 @@ def router(server: Server) -> APIRouter:
         spec = body.grammar_spec()
         messages = [m.for_template() for m in body.messages]
         server.check_text("".join(m["content"] for m in messages), "messages")
-        calling = tool_setup(server, body, spec)
+        choice = body.tool_choice or ("auto" if body.tools else "none")
+        calling = tool_setup(server, [t.model_dump(exclude_none=True) for t in body.tools or []],
+                             "named" if isinstance(choice, NamedToolChoice) else choice,
+                             choice.function.name if isinstance(choice, NamedToolChoice) else None,
+                             body.parallel_tool_calls is not False,
+                             any(m.tool_calls or m.role == "tool" for m in body.messages), spec)
 
         def prepare() -> tuple[list[int], Grammar | None]:
             try:  # message text never becomes special tokens: only the template's markup does
@@ -427,7 +363,8 @@ def router(server: Server) -> APIRouter:
             raise APIError(400, "the rendered conversation is empty", param="messages")
         budget = server.budget(len(prompt), body.max_completion_tokens or body.max_tokens)
         logprobs = (body.top_logprobs or 0) if body.logprobs else None
-        stream = _merge([server.run(j, prompt, budget, body, logprobs, stop, grammar=grammar) for j in range(n)])
+        stream = _merge([server.run(j, prompt, budget, body.sampling(), body.seed, logprobs, stop, grammar=grammar)
+                         for j in range(n)])
         rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         head = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": server.model_name}
 

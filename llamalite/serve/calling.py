@@ -1,0 +1,82 @@
+"""What a generation request asks of the model's output, shared by the API families: a grammar or JSON
+schema (constrain.Grammar), or tool calling (tools.ToolFormat), each checked and compiled."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ..constrain import Grammar, GrammarError
+from ..tools import ToolError, ToolFormat, ToolStream, native_messages, tool_format
+from .core import APIError, Server
+from .guard import clip
+
+
+class ToolCalling:
+    """A request's tools: how they reach the prompt, whether a call is required, how replies are read.
+    `tools` are OpenAI-shaped ({"type": "function", "function": {"name", "description", "parameters"}})."""
+
+    def __init__(self, fmt: ToolFormat, native: bool, tools: list[dict[str, Any]], required: bool,
+                 named: str | None, parallel: bool):
+        self.fmt, self.native, self.tools, self.parallel = fmt, native, tools, parallel
+        self.required = required
+        self.callable = [t for t in tools if named is None or t["function"]["name"] == named]
+        self.names = {t["function"]["name"] for t in self.callable}
+
+    def messages(self, messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        return native_messages(messages) if self.native else self.fmt.prepare(messages, self.tools)
+
+    def template_kwargs(self) -> dict[str, Any]:
+        return {"tools": self.tools} if self.native and self.tools else {}
+
+    def grammar(self, server: Server) -> Grammar:
+        try:
+            return Grammar.lark(server.tokenizer, self.fmt.grammar(self.callable, self.parallel))
+        except GrammarError as e:
+            raise APIError(400, clip(str(e), 500), param="tools") from None
+
+    def stream(self) -> ToolStream:
+        return ToolStream(self.fmt, self.names, calls_only=self.required)
+
+
+def tool_setup(server: Server, tools: list[dict[str, Any]], mode: str, named: str | None, parallel: bool,
+               history: bool, spec: tuple[str, Any, str] | None, param: str = "tool_choice") -> ToolCalling | None:
+    """The request's tool calling, checked; None without tools (or with mode "none") and no tool turns.
+    mode: "auto", "none", "required" or "named" (a call to the function `named`); `param` names the
+    choice field in errors; `spec` is the request's other constraint, if any."""
+    if mode in ("required", "named"):
+        if not tools:
+            raise APIError(400, f"{param} asks for a call, but no tools were given", param=param)
+        if mode == "named" and named not in {t["function"]["name"] for t in tools}:
+            raise APIError(400, f"{param} names the function '{clip(named or '', 64)}', which is not in tools",
+                           param=param)
+        if spec is not None:
+            raise APIError(400, f"a required tool call and {spec[2]} cannot both shape the reply; give one",
+                           param=param)
+    if spec is not None and tools and mode != "none":
+        raise APIError(400, f"tools and {spec[2]} together are not supported: the reply cannot be both a call and "
+                            f"constrained text; give one", param="tools")
+    if mode == "none" and not history:
+        return None
+    try:
+        fmt, native = tool_format(server.lm.chat_template, server.tokenizer)
+    except ToolError as e:
+        raise APIError(400, str(e), param="tools" if tools else "messages") from None
+    tools = tools if mode != "none" else []
+    for k, tool in enumerate(tools):  # each parameters schema must compile: the call may be constrained to it
+        try:
+            Grammar.json_schema(server.tokenizer, tool["function"].get("parameters") or {"type": "object"})
+        except GrammarError as e:
+            raise APIError(400, f"tools[{k}] parameters: {clip(str(e), 400)}", param="tools") from None
+    return ToolCalling(fmt, native, tools, mode in ("required", "named"), named if mode == "named" else None, parallel)
+
+
+def compile_grammar(server: Server, spec: tuple[str, Any, str] | None) -> Grammar | None:
+    """The request's constraint compiled for the model's tokenizer (on a worker thread: up to ~1 s)."""
+    if spec is None:
+        return None
+    kind, source, param = spec
+    try:
+        return Grammar.json_schema(server.tokenizer, source) if kind == "json_schema" else \
+            Grammar.gbnf(server.tokenizer, source)
+    except GrammarError as e:
+        raise APIError(400, clip(str(e), 500), param=param) from None

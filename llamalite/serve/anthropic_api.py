@@ -102,7 +102,7 @@ class _Conversation(_Strict):
             calls = [{"id": b.id, "type": "function", "function": {"name": b.name, "arguments": json.dumps(b.input)}}
                      for b in m.content if isinstance(b, ToolUseBlock)]
             results = [b for b in m.content if isinstance(b, ToolResultBlock)]
-            if m.role == "user" and (calls or any(isinstance(b, ToolUseBlock) for b in m.content)):
+            if m.role == "user" and calls:
                 raise APIError(400, "tool_use blocks belong to assistant turns", param="messages")
             if m.role == "assistant" and results:
                 raise APIError(400, "tool_result blocks belong to user turns", param="messages")

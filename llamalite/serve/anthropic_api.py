@@ -17,9 +17,8 @@ from fastapi import APIRouter
 from fastapi.responses import StreamingResponse
 from pydantic import Field
 
-from ..chat_template import TemplateError, encode_chat
 from ..sampling import SamplingParams
-from .calling import tool_setup
+from .calling import encode_conversation, tool_setup
 from .core import APIError, Server, Text, _json
 from .guard import clip
 from .openai_api import MAX_STOP, _Strict
@@ -159,14 +158,7 @@ def router(server: Server) -> APIRouter:
                              any(m.get("tool_calls") or m["role"] == "tool" for m in messages), None)
 
         def encode():
-            try:
-                if calling is None:
-                    ids = encode_chat(server.lm.chat_template, server.tokenizer, messages)
-                else:
-                    ids = encode_chat(server.lm.chat_template, server.tokenizer, calling.messages(messages),
-                                      **calling.template_kwargs())
-            except TemplateError as e:
-                raise APIError(400, str(e), param="messages") from None
+            ids = encode_conversation(server, messages, calling)
             return ids, calling.grammar(server) if calling is not None and calling.required else None
         return calling, encode
 

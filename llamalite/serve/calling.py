@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from ..chat_template import TemplateError, encode_chat
 from ..constrain import Grammar, GrammarError
 from ..tools import ToolError, ToolFormat, ToolStream, native_messages, tool_format
 from .core import APIError, Server
@@ -36,6 +37,19 @@ class ToolCalling:
 
     def stream(self) -> ToolStream:
         return ToolStream(self.fmt, self.names, calls_only=self.required)
+
+
+def encode_conversation(server: Server, messages: list[dict[str, Any]], calling: ToolCalling | None) -> list[int]:
+    """The prompt's token ids for chat messages, with the request's tools written in (off the event loop:
+    rendering and tokenizing a long conversation takes tens of milliseconds). Message text never
+    becomes special tokens: only the template's own markup does."""
+    try:
+        if calling is None:
+            return encode_chat(server.lm.chat_template, server.tokenizer, messages)
+        return encode_chat(server.lm.chat_template, server.tokenizer, calling.messages(messages),
+                           **calling.template_kwargs())
+    except TemplateError as e:
+        raise APIError(400, str(e), param="messages") from None
 
 
 def tool_setup(server: Server, tools: list[dict[str, Any]], mode: str, named: str | None, parallel: bool,

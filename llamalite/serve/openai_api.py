@@ -11,12 +11,11 @@ from typing import Annotated, Any, Literal
 from fastapi import APIRouter
 from pydantic import BaseModel, ConfigDict, Field
 
-from ..chat_template import TemplateError, encode_chat
 from ..constrain import Grammar
 from ..sampling import SamplingParams
 from .core import (APIError, Piece, Server, Text, _chat_logprobs, _choices_usage, _collect, _completion_logprobs,
                    _json, _merge, _streaming, _usage)
-from .calling import compile_grammar, tool_setup
+from .calling import compile_grammar, encode_conversation, tool_setup
 from .engine import TokenEvent
 from .guard import clip
 
@@ -347,14 +346,7 @@ def router(server: Server) -> APIRouter:
                              any(m.tool_calls or m.role == "tool" for m in body.messages), spec)
 
         def prepare() -> tuple[list[int], Grammar | None]:
-            try:  # message text never becomes special tokens: only the template's markup does
-                if calling is None:
-                    ids = encode_chat(server.lm.chat_template, server.tokenizer, messages)
-                else:
-                    ids = encode_chat(server.lm.chat_template, server.tokenizer, calling.messages(messages),
-                                      **calling.template_kwargs())
-            except TemplateError as e:
-                raise APIError(400, str(e), param="messages") from None
+            ids = encode_conversation(server, messages, calling)
             if calling is not None and calling.required:
                 return ids, calling.grammar(server)
             return ids, compile_grammar(server, spec)

@@ -204,12 +204,7 @@ def router(server: Server) -> APIRouter:
                 finish, stop_string = piece.finish_reason, piece.stop_string
 
         def build() -> dict[str, Any]:
-            content, calls = text, []
-            if calling is not None:
-                split = calling.stream()
-                content = split.push(text)
-                rest, calls = split.finish()
-                content += rest
+            content, calls = calling.split(text) if calling is not None else (text, [])
             reason, sequence = stop_reason(finish, stop_string, calls)
             blocks = ([{"type": "text", "text": content}] if content or not calls else []) + [tool_block(c) for c in calls]
             return {**head, "content": blocks, "stop_reason": reason, "stop_sequence": sequence,

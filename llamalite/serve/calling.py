@@ -38,6 +38,13 @@ class ToolCalling:
     def stream(self) -> ToolStream:
         return ToolStream(self.fmt, self.names, calls_only=self.required)
 
+    def split(self, text: str) -> tuple[str, list]:
+        """A whole reply as (content, calls), read as a stream of it would be."""
+        stream = self.stream()
+        content = stream.push(text)
+        rest, calls = stream.finish()
+        return content + rest, calls
+
 
 def encode_conversation(server: Server, messages: list[dict[str, Any]], calling: ToolCalling | None) -> list[int]:
     """The prompt's token ids for chat messages, with the request's tools written in (off the event loop:

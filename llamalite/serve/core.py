@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Annotated, Any, AsyncIterator, Callable
 
 from fastapi.responses import Response, StreamingResponse
-from pydantic import AfterValidator
+from pydantic import AfterValidator, Field
 
 from ..generation import ContextLengthError, TextStream
 from ..loading import LoadedModel
@@ -37,6 +37,7 @@ def _utf8(text: str) -> str:
 # Every string a request carries: text that cannot be encoded as UTF-8 is refused as a 400 naming the
 # field, before anything downstream (tokenizer, JSON encoder) meets it.
 Text = Annotated[str, AfterValidator(_utf8)]
+TokenId = Annotated[int, Field(ge=0)]  # checked against the vocabulary by Server.check_ids
 
 
 class APIError(Exception):
@@ -52,7 +53,6 @@ def _error(status: int, message: str, type: str = "invalid_request_error", param
     """An error response in the shape of the API family of `path` (see guard.error_body)."""
     return Response(error_body(status, message, type, param, code, path), status_code=status, headers=headers,
                     media_type="application/json")
-
 
 
 # ----- running one choice ----------------------------------------------------------------------------

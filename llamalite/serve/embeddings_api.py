@@ -11,7 +11,7 @@ from fastapi import APIRouter
 from pydantic import BaseModel, ConfigDict, Field
 
 from ..embed import embed_ids
-from .core import APIError, Server, Text, _json
+from .core import APIError, Server, Text, TokenId, _json
 
 MAX_INPUTS = 2048  # as OpenAI
 
@@ -21,9 +21,8 @@ class EmbeddingRequest(BaseModel):
 
     model: Text
     input: Text | Annotated[list[Text], Field(min_length=1, max_length=MAX_INPUTS)] | \
-        Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)] | \
-        Annotated[list[Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)]],
-                  Field(min_length=1, max_length=MAX_INPUTS)]
+        Annotated[list[TokenId], Field(min_length=1)] | \
+        Annotated[list[Annotated[list[TokenId], Field(min_length=1)]], Field(min_length=1, max_length=MAX_INPUTS)]
     encoding_format: Literal["float", "base64"] = "float"
     dimensions: int | None = Field(None, ge=1, description="only the model's own width: no other can be honoured")
     user: Text | None = Field(None, description="accepted; changes nothing")

@@ -13,8 +13,8 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from ..constrain import Grammar
 from ..sampling import SamplingParams
-from .core import (APIError, Piece, Server, Text, _chat_logprobs, _choices_usage, _collect, _completion_logprobs,
-                   _json, _merge, _streaming, _usage)
+from .core import (APIError, Piece, Server, Text, TokenId, _chat_logprobs, _choices_usage, _collect,
+                   _completion_logprobs, _json, _merge, _streaming, _usage)
 from .calling import compile_grammar, encode_conversation, tool_setup
 from .engine import TokenEvent
 from .guard import clip
@@ -86,14 +86,15 @@ class _Sampling(_Strict):
         return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
 
     def check(self, server: Server) -> None:
-        """What the field types cannot say: logit_bias's ids against the vocabulary."""
+        """What the field types cannot say: logit_bias's ids (digits, by the field's pattern) against the
+        vocabulary."""
         for key in self.logit_bias or {}:
-            if not key.isdigit() or int(key) >= server.tokenizer.vocab_size:
+            if int(key) >= server.tokenizer.vocab_size:
                 raise APIError(400, f"logit_bias key '{clip(key, 20)}' is not a token id of this model (0 to "
                                     f"{server.tokenizer.vocab_size - 1})", param="logit_bias")
 
-    def grammar_spec(self) -> tuple[str, Any] | None:
-        """The one constraint asked for, as (kind, source), or None."""
+    def grammar_spec(self) -> tuple[str, Any, str] | None:
+        """The one constraint asked for, as (kind, source, the field that asked), or None."""
         asked = []
         if self.response_format is not None and self.response_format.type != "text":
             if self.response_format.type == "json_object":
@@ -110,9 +111,6 @@ class _Sampling(_Strict):
         if len(asked) > 1:
             raise APIError(400, f"give one of {', '.join(a[2] for a in asked)}, not several", param=asked[1][2])
         return asked[0] if asked else None
-
-
-TokenId = Annotated[int, Field(ge=0)]
 
 
 class CompletionRequest(_Sampling):
@@ -408,10 +406,7 @@ def router(server: Server) -> APIRouter:
         def message(c) -> tuple[dict[str, Any], str | None]:
             if calling is None:
                 return {"role": "assistant", "content": c.text}, c.finish_reason
-            split = calling.stream()
-            content = split.push(c.text)
-            rest, calls = split.finish()
-            content += rest
+            content, calls = calling.split(c.text)
             if not calls:
                 return {"role": "assistant", "content": content}, c.finish_reason
             return ({"role": "assistant", "content": content or None, "tool_calls": [

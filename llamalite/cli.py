@@ -249,6 +249,8 @@ def cmd_serve(args) -> int:
 
     if args.max_batch < 1:
         raise ValueError("--max-batch must be at least 1")
+    if args.max_stored_responses is not None and args.max_stored_responses < 0:
+        raise ValueError("--max-stored-responses must be 0 (store none) or more")
     for flag in ("max_body", "max_queue", "read_timeout"):
         if getattr(args, flag) is not None and getattr(args, flag) <= 0:
             raise ValueError(f"--{flag.replace('_', '-')} must be positive")
@@ -260,7 +262,8 @@ def cmd_serve(args) -> int:
           f"{', API key required' if key else ''})", file=sys.stderr)
     hosts = tuple(h.strip().lower() for h in (args.allowed_hosts or "").split(",") if h.strip())
     limits = Limits.for_context(min(args.ctx, lm.model.config.context_length), max_body=args.max_body,
-                                max_queue=args.max_queue, read_timeout=args.read_timeout, allowed_hosts=hosts)
+                                max_queue=args.max_queue, read_timeout=args.read_timeout, allowed_hosts=hosts,
+                                max_stored_responses=args.max_stored_responses)
     serve(lm, name, host=args.host, port=args.port, api_key=key, max_batch=args.max_batch, max_seq_len=args.ctx,
           limits=limits, pooling=args.pooling)
     return 0
@@ -481,6 +484,9 @@ def _serve_args(p):
                    help="time for a request's headers, and again for its body (default 10; 408 after)")
     p.add_argument("--pooling", choices=("mean", "last", "cls"), default="mean",
                    help="how /v1/embeddings pools the last hidden state (default mean)")
+    p.add_argument("--max-stored-responses", type=int, metavar="N",
+                   help="Responses API: responses kept in memory for previous_response_id and GET (default 1000, "
+                        "the oldest evicted first; 0 stores none)")
     p.add_argument("--allowed-hosts", metavar="NAMES",
                    help="comma-separated Host names served besides localhost, IP addresses and the bind address "
                         "(a guard against DNS rebinding); '*' serves any")

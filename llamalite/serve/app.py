@@ -15,7 +15,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from . import anthropic_api, embeddings_api, openai_api
+from . import anthropic_api, embeddings_api, openai_api, responses_api
 from ..tools import ToolError, tool_format
 from .core import APIError, Server, _error
 from .guard import Guard, clip
@@ -43,10 +43,11 @@ def create_app(server: Server, start_engine: bool = True) -> FastAPI:
         # The one model id this server accepts, so the spec (and tools generating requests from it) know it.
         if app.openapi_schema is None:
             schema = default_openapi()
-            for name in ("CompletionRequest", "ChatRequest", "EmbeddingRequest", "MessagesRequest", "CountTokensRequest"):
+            for name in ("CompletionRequest", "ChatRequest", "EmbeddingRequest", "MessagesRequest", "CountTokensRequest",
+                         "ResponsesRequest", "InputTokensRequest"):
                 fields = schema["components"]["schemas"][name]["properties"]
                 fields["model"]["enum"] = [server.model_name]
-                for key in ("max_tokens", "max_completion_tokens"):
+                for key in ("max_tokens", "max_completion_tokens", "max_output_tokens"):
                     if key in fields:  # a number or null: bound the number by the context
                         for option in fields[key].get("anyOf", [fields[key]]):
                             if option.get("type") == "integer":
@@ -76,7 +77,8 @@ def create_app(server: Server, start_engine: bool = True) -> FastAPI:
             try:
                 tool_format(server.lm.chat_template, server.tokenizer)
             except ToolError:
-                for name in ("ChatRequest", "MessagesRequest", "CountTokensRequest"):
+                for name in ("ChatRequest", "MessagesRequest", "CountTokensRequest", "ResponsesRequest",
+                             "InputTokensRequest"):
                     fields = components[name]["properties"]
                     fields["tools"] = {"type": "null", "description": "this model has no known tool-call format"}
                     fields.pop("tool_choice", None)
@@ -137,6 +139,7 @@ def create_app(server: Server, start_engine: bool = True) -> FastAPI:
     app.include_router(openai_api.router(server))
     app.include_router(embeddings_api.router(server))
     app.include_router(anthropic_api.router(server))
+    app.include_router(responses_api.router(server))
     return app
 
 

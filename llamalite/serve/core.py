@@ -166,18 +166,21 @@ class Server:
             raise APIError(400, f"the {param} is empty: give at least one token", param=param)
         return ids
 
-    def budget(self, n_prompt: int, max_tokens: int | None) -> int:
-        """max_tokens checked against the context (None: everything the context leaves)."""
+    def budget(self, n_prompt: int, max_tokens: int | None, param: str = "messages",
+               limit_param: str = "max_tokens") -> int:
+        """max_tokens checked against the context (None: everything the context leaves); `param` and
+        `limit_param` name the prompt's field and the limit's, as the request's API spells them."""
         ctx = self.engine.max_seq_len
         if max_tokens is None:
             if n_prompt >= ctx:
                 raise APIError(400, f"the prompt is {n_prompt} tokens but the context is {ctx}; shorten it",
-                               param="messages", code="context_length_exceeded")
+                               param=param, code="context_length_exceeded")
             return ctx - n_prompt
         try:
             self.engine.check(n_prompt, max_tokens)
         except ContextLengthError as e:
-            raise APIError(400, str(e), param="max_tokens", code="context_length_exceeded") from None
+            message = str(e).replace("max_tokens", limit_param)
+            raise APIError(400, message, param=limit_param, code="context_length_exceeded") from None
         return max_tokens
 
     async def run(self, index: int, prompt: list[int], max_tokens: int, sampling: SamplingParams, seed: int | None,

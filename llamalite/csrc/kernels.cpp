@@ -1547,6 +1547,67 @@ void check_table(const at::Tensor& w, int64_t type, int64_t dim, const char* wha
   }
 }
 
+// sum a[c] x[c] over whole vectors of 8 (the count done in *done), for LoRA's A product.
+AVX2_TARGET float lora_dot_avx2(const float* a, const float* x, int64_t n, int64_t* done) {
+  __m256 s0 = _mm256_setzero_ps(), s1 = _mm256_setzero_ps();
+  int64_t c = 0;
+  for (; c + 16 <= n; c += 16) {
+    s0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + c), _mm256_loadu_ps(x + c), s0);
+    s1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + c + 8), _mm256_loadu_ps(x + c + 8), s1);
+  }
+  for (; c + 8 <= n; c += 8) s0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + c), _mm256_loadu_ps(x + c), s0);
+  s0 = _mm256_add_ps(s0, s1);
+  const __m128 h = _mm_add_ps(_mm256_castps256_ps128(s0), _mm256_extractf128_ps(s0, 1));
+  const __m128 q = _mm_add_ps(h, _mm_movehl_ps(h, h));
+  *done = c;
+  return _mm_cvtss_f32(_mm_add_ss(q, _mm_shuffle_ps(q, q, 1)));
+}
+
+// y[j] += t b[j] over whole vectors of 8; returns the count done. LoRA's B product, a row of Bt at a time.
+AVX2_TARGET int64_t lora_axpy_avx2(float* y, float t, const float* b, int64_t n) {
+  const __m256 tv = _mm256_set1_ps(t);
+  int64_t j = 0;
+  for (; j + 8 <= n; j += 8) _mm256_storeu_ps(y + j, _mm256_fmadd_ps(tv, _mm256_loadu_ps(b + j), _mm256_loadu_ps(y + j)));
+  return j;
+}
+
+// LoRA's low-rank update, unmerged (Hu et al. 2021): y_b += Bt^T (A x_b) for the rows b of each adapter k
+// (groups[k]) that has a pair at `slot` (empty tensors where it has none). A (r, in) and Bt (r, out) are
+// fp32 and contiguous, the adapter's scale folded into Bt. A step is bound by reading the pairs, so each
+// row of A and of Bt is read once for all the rows of its adapter: t_b = A_i . x_b, then y_b += t_b Bt_i,
+// in vectors of 8 where the CPU has AVX2.
+void lora_add(const float* x, int64_t xs, float* y, int64_t ys, const std::vector<std::vector<int64_t>>& groups,
+              const std::vector<std::vector<at::Tensor>>& as, const std::vector<std::vector<at::Tensor>>& bts,
+              int64_t slot) {
+  const bool avx2 = has_avx2();
+  std::vector<float> t;
+  for (size_t k = 0; k < groups.size(); ++k) {
+    const std::vector<int64_t>& rows = groups[k];
+    if (rows.empty() || as[k][slot].numel() == 0) continue;
+    const at::Tensor& a_t = as[k][slot];
+    const at::Tensor& bt_t = bts[k][slot];
+    const int64_t r = a_t.size(0), in = a_t.size(1), out = bt_t.size(1);
+    const float* a = a_t.data_ptr<float>();
+    const float* bt = bt_t.data_ptr<float>();
+    t.resize(rows.size());
+    for (int64_t i = 0; i < r; ++i) {
+      const float* ai = a + i * in;
+      for (size_t n = 0; n < rows.size(); ++n) {
+        const float* xb = x + rows[n] * xs;
+        int64_t c = 0;
+        float dot = avx2 ? lora_dot_avx2(ai, xb, in, &c) : 0.0f;
+        for (; c < in; ++c) dot += ai[c] * xb[c];
+        t[n] = dot;
+      }
+      const float* bi = bt + i * out;
+      for (size_t n = 0; n < rows.size(); ++n) {
+        float* yb = y + rows[n] * ys;
+        for (int64_t j = avx2 ? lora_axpy_avx2(yb, t[n], bi, out) : 0; j < out; ++j) yb[j] += t[n] * bi[j];
+      }
+    }
+  }
+}
+
 // One decode step of the whole model for a batch of single tokens, token ids to logits, with no
 // Python and no tensor op between its parts: the embedding row, then per layer
 //   h = x + wo(attention(rms_norm(x))), x' = h + w2(silu(w1 n) * w3 n) with n = rms_norm(h),
@@ -1556,9 +1617,11 @@ void check_table(const at::Tensor& w, int64_t type, int64_t dim, const char* wha
 //   embed (V, dim) and out_w (V, dim): repacked blocks of embed_type / out_type, or fp32 (DENSE);
 //   inv_freq (head_dim/2,) RoPE's; per layer: norms attention and ffn norm, weights wq wk wv wo w1 w3
 //   w2, types of q/k/v, wo, w1/w3 and w2; caches (set_caches, after each setup_caches) k and v.
+// LoRA adapters (add_adapter) are served unmerged: step_adapted names each row's adapter.
 struct DecodePlan : torch::CustomClassHolder {
   at::Tensor embed, inv_freq, out_norm, out_w;
   std::vector<at::Tensor> norms, weights, caches;
+  std::vector<std::vector<at::Tensor>> lora_a, lora_bt;  // per adapter, per layer wq wk wv wo w1 w3 w2
   std::vector<int64_t> types;
   int64_t embed_type, out_type, n_heads, n_kv_heads, L, dim, D, nq, nk, hidden;
   double eps, out_eps;
@@ -1609,8 +1672,51 @@ struct DecodePlan : torch::CustomClassHolder {
     caches = std::move(c);
   }
 
+  // Adapter `index` (the next one: 0, 1, ...): per layer 7 A (r, in) and 7 Bt (r, out) in the weights' order
+  // (wq wk wv wo w1 w3 w2), each pair empty where the adapter leaves that weight alone.
+  void add_adapter(int64_t index, std::vector<at::Tensor> as, std::vector<at::Tensor> bts) {
+    TORCH_CHECK(index == static_cast<int64_t>(lora_a.size()), "DecodePlan: adapters are added in order");
+    TORCH_CHECK(static_cast<int64_t>(as.size()) == 7 * L && static_cast<int64_t>(bts.size()) == 7 * L,
+                "DecodePlan: an adapter has 7 (A, Bt) pairs per layer");
+    for (int64_t i = 0; i < 7 * L; ++i) {
+      const int64_t l = i / 7, j = i % 7;
+      const int64_t rows[7] = {nq, nk, nk, dim, hidden, hidden, dim};
+      const int64_t cols[7] = {dim, dim, dim, nq, dim, dim, hidden};
+      if (as[i].numel() == 0 && bts[i].numel() == 0) continue;
+      TORCH_CHECK(as[i].dim() == 2 && bts[i].dim() == 2 && as[i].scalar_type() == at::kFloat &&
+                      bts[i].scalar_type() == at::kFloat && as[i].is_contiguous() && bts[i].is_contiguous() &&
+                      as[i].size(0) == bts[i].size(0) && as[i].size(1) == cols[j] && bts[i].size(1) == rows[j],
+                  "DecodePlan: adapter ", index, " layer ", l, " weight ", j, ": A must be fp32 (r, ", cols[j],
+                  ") and Bt (r, ", rows[j], "), contiguous");
+    }
+    lora_a.push_back(std::move(as));
+    lora_bt.push_back(std::move(bts));
+  }
+
   // tokens, pos, rows (B,): each token, its position and its cache row -> logits (B, V).
   at::Tensor step(const at::Tensor& tokens_in, const at::Tensor& pos_in, const at::Tensor& rows_in) {
+    return run(tokens_in, pos_in, rows_in, nullptr);
+  }
+
+  // The same with each row's adapter (B,): an index of add_adapter, or -1 for the base model.
+  at::Tensor step_adapted(const at::Tensor& tokens_in, const at::Tensor& pos_in, const at::Tensor& rows_in,
+                          const at::Tensor& adapters_in) {
+    const at::Tensor which_t = adapters_in.to(at::kLong).contiguous();
+    TORCH_CHECK(which_t.numel() == tokens_in.numel(), "DecodePlan: need one adapter (or -1) a token");
+    const int64_t* which = which_t.data_ptr<int64_t>();
+    for (int64_t b = 0; b < which_t.numel(); ++b) {
+      TORCH_CHECK(which[b] >= -1 && which[b] < static_cast<int64_t>(lora_a.size()), "DecodePlan: adapter ",
+                  which[b], " was never added");
+    }
+    std::vector<std::vector<int64_t>> groups(lora_a.size());
+    for (int64_t b = 0; b < which_t.numel(); ++b) {
+      if (which[b] >= 0) groups[which[b]].push_back(b);
+    }
+    return run(tokens_in, pos_in, rows_in, &groups);
+  }
+
+  at::Tensor run(const at::Tensor& tokens_in, const at::Tensor& pos_in, const at::Tensor& rows_in,
+                 const std::vector<std::vector<int64_t>>* adapters) {
     TORCH_CHECK(!caches.empty(), "DecodePlan: set_caches first");
     const at::Tensor tokens_t = tokens_in.to(at::kLong).contiguous(), pos_t = pos_in.to(at::kLong).contiguous();
     const at::Tensor rows_t = rows_in.to(at::kLong).contiguous();
@@ -1663,16 +1769,28 @@ struct DecodePlan : torch::CustomClassHolder {
       bases = {w[0].data_ptr<uint8_t>(), w[1].data_ptr<uint8_t>(), w[2].data_ptr<uint8_t>()};
       starts = {0, nq, nq + nk, nq + 2 * nk};
       qproduct(n, B, dim, bases, starts, t[0], path, qkv, false);
+      if (adapters != nullptr) {
+        const int64_t qs = nq + 2 * nk;
+        lora_add(n, dim, qkv, qs, *adapters, lora_a, lora_bt, 7 * l);
+        lora_add(n, dim, qkv + nq, qs, *adapters, lora_a, lora_bt, 7 * l + 1);
+        lora_add(n, dim, qkv + nq + nk, qs, *adapters, lora_a, lora_bt, 7 * l + 2);
+      }
       attention_step(qkv, nq + 2 * nk, qkv + nq, qkv + nq + nk, nq + 2 * nk, cs.data(), true,
                      caches[2 * l].data_ptr<float>(), caches[2 * l + 1].data_ptr<float>(), slots, n_heads, n_kv_heads,
                      D, qr, att);
       product(att, B, nq, w[3], t[1], h, true, path);  // h += wo(att)
+      if (adapters != nullptr) lora_add(att, nq, h, dim, *adapters, lora_a, lora_bt, 7 * l + 3);
       rms_rows(h, norms[2 * l + 1].data_ptr<float>(), n, B, dim, static_cast<float>(eps));
       bases = {w[4].data_ptr<uint8_t>(), w[5].data_ptr<uint8_t>()};
       starts = {0, hidden, 2 * hidden};
       qproduct(n, B, dim, bases, starts, t[2], path, gu, false);
+      if (adapters != nullptr) {
+        lora_add(n, dim, gu, 2 * hidden, *adapters, lora_a, lora_bt, 7 * l + 4);
+        lora_add(n, dim, gu + hidden, 2 * hidden, *adapters, lora_a, lora_bt, 7 * l + 5);
+      }
       silu_mul(gu, B, hidden, act);
       product(act, B, hidden, w[6], t[3], h, true, path);  // h += w2(act)
+      if (adapters != nullptr) lora_add(act, hidden, h, dim, *adapters, lora_a, lora_bt, 7 * l + 6);
     }
     rms_rows(h, out_norm.data_ptr<float>(), n, B, dim, static_cast<float>(out_eps));
     auto logits = at::empty({B, out_w.size(0)}, at::kFloat);
@@ -1698,7 +1816,9 @@ TORCH_LIBRARY(llamalite, m) {
       .def(torch::init<at::Tensor, int64_t, at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>,
                        std::vector<int64_t>, double, at::Tensor, double, at::Tensor, int64_t, int64_t, int64_t>())
       .def("set_caches", &DecodePlan::set_caches)
-      .def("step", &DecodePlan::step);
+      .def("step", &DecodePlan::step)
+      .def("add_adapter", &DecodePlan::add_adapter)
+      .def("step_adapted", &DecodePlan::step_adapted);
 }
 
 TORCH_LIBRARY_IMPL(llamalite, CPU, m) {

@@ -21,6 +21,7 @@ from ..sampling import SamplingParams
 from .calling import encode_conversation, tool_setup
 from .core import APIError, Server, Text, _json
 from .guard import clip
+from .hub import Hub
 from .openai_api import MAX_STOP, _Strict
 
 
@@ -146,11 +147,10 @@ class CountTokensRequest(_Conversation):
     pass
 
 
-def router(server: Server) -> APIRouter:
+def router(hub: Hub) -> APIRouter:
     api = APIRouter()
 
-    def prepare(body: _Conversation):
-        server.check_model(body.model)
+    def prepare(server: Server, body: _Conversation):
         messages = body.chat_messages()
         server.check_text("".join(m["content"] or "" for m in messages), "messages")
         mode, named, parallel = body.tool_mode()
@@ -164,15 +164,17 @@ def router(server: Server) -> APIRouter:
 
     @api.post("/v1/messages/count_tokens")
     async def count_tokens(body: CountTokensRequest):
-        _, encode = prepare(body)
+        server = await hub.get(body.model)
+        _, encode = prepare(server, body)
         ids, _ = await server.offload(encode)
         return {"input_tokens": len(ids)}
 
     @api.post("/v1/messages")
     async def messages(body: MessagesRequest):
+        server = await hub.get(body.model)
         stop = server.check_stop(list(body.stop_sequences or []))
         server.check_choices(1, "messages")
-        calling, encode = prepare(body)
+        calling, encode = prepare(server, body)
         prompt, grammar = await server.offload(encode)
         if not prompt:
             raise APIError(400, "the rendered conversation is empty", param="messages")

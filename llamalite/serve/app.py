@@ -18,73 +18,52 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from . import anthropic_api, embeddings_api, openai_api, responses_api
 from ..tools import ToolError, tool_format
 from .core import APIError, Server, _error
+from .hub import Hub
 from .guard import Guard, clip
 
 
-def create_app(server: Server, start_engine: bool = True) -> FastAPI:
-    """The FastAPI app. With start_engine, the app runs the engine in a thread while it is up;
-    `serve` instead runs the engine on the main thread (see Engine.run) and the app beside it."""
+def create_app(target: Server | Hub, start_engine: bool = True) -> FastAPI:
+    """The FastAPI app over one model (a Server) or several (a Hub). With start_engine, the app runs the
+    engines in a thread while it is up; `serve` instead runs them on the main thread (see engine.Runner)
+    and the app beside it."""
+    hub = target if isinstance(target, Hub) else Hub.of(target)
+
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         if start_engine:
-            server.engine.start()
+            hub.start()
         try:
             yield
         finally:
             if start_engine:
-                server.engine.stop()
+                hub.stop()
 
     app = FastAPI(title="llamalite", version=__import__("llamalite").__version__, lifespan=lifespan,
-                  description="OpenAI-compatible API for a local LLaMA-family model")
-    app.state.server = server
+                  description="OpenAI-compatible API for local LLaMA-family models")
+    app.state.hub = hub
     default_openapi = app.openapi
 
     def openapi() -> dict[str, Any]:
-        # The one model id this server accepts, so the spec (and tools generating requests from it) know it.
+        # The model ids this server accepts, so the spec (and tools generating requests from it) know them;
+        # with one model, also what that model can take.
         if app.openapi_schema is None:
             schema = default_openapi()
+            components = schema["components"]["schemas"]
+            contexts = [hub.contexts.get(n) for n in hub.names]
             for name in ("CompletionRequest", "ChatRequest", "EmbeddingRequest", "MessagesRequest", "CountTokensRequest",
                          "ResponsesRequest", "InputTokensRequest"):
-                fields = schema["components"]["schemas"][name]["properties"]
-                fields["model"]["enum"] = [server.model_name]
+                fields = components[name]["properties"]
+                fields["model"]["enum"] = hub.names
                 for key in ("max_tokens", "max_completion_tokens", "max_output_tokens"):
-                    if key in fields:  # a number or null: bound the number by the context
+                    if key in fields and None not in contexts:  # a number or null: bound the number by the context
                         for option in fields[key].get("anyOf", [fields[key]]):
                             if option.get("type") == "integer":
-                                option["maximum"] = server.engine.max_seq_len
+                                option["maximum"] = max(contexts)
             for parameter in schema["paths"]["/v1/models/{model_id}"]["get"]["parameters"]:
-                parameter["schema"]["enum"] = [server.model_name]
-            vocab = server.tokenizer.vocab_size - 1
-
-            def bound_ids(node: Any) -> None:  # token ids: below the vocabulary size
-                if isinstance(node, dict):
-                    if node.get("type") == "integer" and node.get("minimum") == 0 and "maximum" not in node:
-                        node["maximum"] = vocab
-                    for v in node.values():
-                        bound_ids(v)
-                elif isinstance(node, list):
-                    for v in node:
-                        bound_ids(v)
-
-            components = schema["components"]["schemas"]
-            for name, field in (("CompletionRequest", "prompt"), ("DetokenizeRequest", "tokens"),
-                                ("EmbeddingRequest", "input")):
-                bound_ids(components[name]["properties"][field])
-            # What this model can do: its embeddings' one width, and tools only where it has a format for them.
-            components["EmbeddingRequest"]["properties"]["dimensions"] = {
-                "anyOf": [{"type": "integer", "enum": [server.lm.config.dim]}, {"type": "null"}],
-                "description": "only the model's own width"}
-            try:
-                tool_format(server.lm.chat_template, server.tokenizer)
-            except ToolError:
-                for name in ("ChatRequest", "MessagesRequest", "CountTokensRequest", "ResponsesRequest",
-                             "InputTokensRequest"):
-                    fields = components[name]["properties"]
-                    fields["tools"] = {"type": "null", "description": "this model has no known tool-call format"}
-                    fields.pop("tool_choice", None)
-                message = components["ChatMessage"]["properties"]  # nor tool turns in the conversation
-                message["role"]["enum"] = [r for r in message["role"]["enum"] if r != "tool"]
-                message["tool_calls"] = {"type": "null"}
+                parameter["schema"]["enum"] = hub.names
+            if len(hub.names) == 1 and hub.first is not None:
+                _one_model(components, hub.first)
+            app.openapi_schema = schema
         return app.openapi_schema
 
     app.openapi = openapi
@@ -116,8 +95,8 @@ def create_app(server: Server, start_engine: bool = True) -> FastAPI:
     async def crash(http: Request, e: Exception):
         return _error(500, f"internal error: {type(e).__name__}: {e}", type="server_error", path=http.url.path)
 
-    app.add_middleware(Guard, limits=server.limits, api_key=lambda: server.api_key,
-                       count=lambda path, status: server.m_requests.labels(path, str(status)).inc())
+    app.add_middleware(Guard, limits=hub.limits, api_key=lambda: hub.api_key,
+                       count=lambda path, status: hub.metrics.requests.labels(path, str(status)).inc())
     html = resources.files("llamalite").joinpath("web/chat.html").read_text(encoding="utf-8")
     page_headers = _page_headers(html)
 
@@ -127,20 +106,53 @@ def create_app(server: Server, start_engine: bool = True) -> FastAPI:
 
     @app.get("/health")
     async def health() -> dict[str, Any]:
-        return {"status": "ok", "model": server.model_name, "active": server.engine.active,
-                "queued": server.engine.queue_depth}
+        loaded = list(hub.servers.values())
+        return {"status": "ok", "model": hub.names[0], "models": hub.cards(),
+                "active": sum(s.engine.active for s in loaded), "queued": sum(s.engine.queue_depth for s in loaded)}
 
     @app.get("/metrics", response_class=Response)
     async def metrics() -> Response:
         from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-        return Response(generate_latest(server.registry), media_type=CONTENT_TYPE_LATEST)
+        return Response(generate_latest(hub.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
-    app.include_router(openai_api.router(server))
-    app.include_router(embeddings_api.router(server))
-    app.include_router(anthropic_api.router(server))
-    app.include_router(responses_api.router(server))
+    app.include_router(openai_api.router(hub))
+    app.include_router(embeddings_api.router(hub))
+    app.include_router(anthropic_api.router(hub))
+    app.include_router(responses_api.router(hub))
     return app
+
+
+def _one_model(components: dict[str, Any], server: Server) -> None:
+    """The spec narrowed to what the one model served takes: token ids below its vocabulary size, its
+    embeddings' one width, and tools only where it has a format for them."""
+    vocab = server.tokenizer.vocab_size - 1
+
+    def bound_ids(node: Any) -> None:
+        if isinstance(node, dict):
+            if node.get("type") == "integer" and node.get("minimum") == 0 and "maximum" not in node:
+                node["maximum"] = vocab
+            for v in node.values():
+                bound_ids(v)
+        elif isinstance(node, list):
+            for v in node:
+                bound_ids(v)
+
+    for name, field in (("CompletionRequest", "prompt"), ("DetokenizeRequest", "tokens"), ("EmbeddingRequest", "input")):
+        bound_ids(components[name]["properties"][field])
+    components["EmbeddingRequest"]["properties"]["dimensions"] = {
+        "anyOf": [{"type": "integer", "enum": [server.lm.config.dim]}, {"type": "null"}],
+        "description": "only the model's own width"}
+    try:
+        tool_format(server.lm.chat_template, server.tokenizer)
+    except ToolError:
+        for name in ("ChatRequest", "MessagesRequest", "CountTokensRequest", "ResponsesRequest", "InputTokensRequest"):
+            fields = components[name]["properties"]
+            fields["tools"] = {"type": "null", "description": "this model has no known tool-call format"}
+            fields.pop("tool_choice", None)
+        message = components["ChatMessage"]["properties"]  # nor tool turns in the conversation
+        message["role"]["enum"] = [r for r in message["role"]["enum"] if r != "tool"]
+        message["tool_calls"] = {"type": "null"}
 
 
 def _field(error: dict[str, Any]) -> str:

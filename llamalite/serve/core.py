@@ -5,6 +5,7 @@ merged, a full collection, server-sent events, usage)."""
 from __future__ import annotations
 
 import asyncio
+import copy
 import functools
 import json
 import time
@@ -18,8 +19,8 @@ from pydantic import AfterValidator, Field
 from ..generation import ContextLengthError, TextStream
 from ..loading import LoadedModel
 from ..sampling import SamplingParams
-from .engine import Engine, PromptEvent, Request as EngineRequest, TokenEvent
-from .guard import Limits, clip, error_body
+from .engine import Engine, EngineClosed, PromptEvent, Request as EngineRequest, Runner, TokenEvent
+from .guard import Limits, error_body
 
 if TYPE_CHECKING:
     from ..constrain import Grammar
@@ -80,16 +81,41 @@ class Piece:
     stop_string: str | None = None  # on the last piece: the stop string that ended the choice, if one did
 
 
-class Server:
-    """The state behind the app: the loaded model, its engine, the name it is served under."""
+class Metrics:
+    """A server's Prometheus metrics; token counts and latencies by model, queue gauges over every loaded
+    model (`servers` says which those are)."""
 
-    def __init__(self, lm: LoadedModel, model_name: str, *, max_batch: int = 8, max_seq_len: int | None = None,
-                 api_key: str | None = None, limits: Limits | None = None, pooling: str = "mean"):
+    def __init__(self, servers: Callable[[], list["Server"]]):
         from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+        r = self.registry = CollectorRegistry()
+        self.requests = Counter("llamalite_requests", "HTTP requests by path and status", ["path", "status"], registry=r)
+        self.prompt = Counter("llamalite_prompt_tokens", "prompt tokens received", ["model"], registry=r)
+        self.cached = Counter("llamalite_cached_prompt_tokens", "prompt tokens reused from the KV cache", ["model"],
+                              registry=r)
+        self.generated = Counter("llamalite_generated_tokens", "tokens generated", ["model"], registry=r)
+        self.latency = Histogram("llamalite_request_latency_seconds", "generation request latency", ["model"],
+                                 registry=r, buckets=(0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120))
+        self.ttft = Histogram("llamalite_time_to_first_token_seconds", "time to first token", ["model"], registry=r,
+                              buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10))
+        Gauge("llamalite_queue_depth", "requests waiting for a slot", registry=r).set_function(
+            lambda: sum(s.engine.queue_depth for s in servers()))
+        Gauge("llamalite_active_requests", "requests being decoded", registry=r).set_function(
+            lambda: sum(s.engine.active for s in servers()))
+        Gauge("llamalite_batch_slots", "KV-cache slots (largest batch) of the loaded models", registry=r).set_function(
+            lambda: sum(s.engine.max_batch for s in servers()))
+
+
+class Server:
+    """One loaded model served under a name: its engine and the checks and runs of its requests. A
+    server of several models (hub.Hub) shares its runner, worker threads, metrics and limits among them."""
+
+    def __init__(self, lm: LoadedModel, model_name: str, *, max_batch: int = 8, max_seq_len: int | None = None,
+                 api_key: str | None = None, limits: Limits | None = None, pooling: str = "mean",
+                 runner: Runner | None = None, prep: ThreadPoolExecutor | None = None, metrics: Metrics | None = None):
         self.lm, self.tokenizer, self.model_name, self.api_key = lm, lm.tokenizer, model_name, api_key
         self.pooling = pooling  # of /v1/embeddings: mean, last or cls (llamalite.embed)
-        self.engine = Engine(lm.model, max_batch=max_batch, max_seq_len=max_seq_len)
+        self.engine = Engine(lm.model, max_batch=max_batch, max_seq_len=max_seq_len, runner=runner)
         self.limits = limits or Limits.for_context(self.engine.max_seq_len)
         # No prompt text longer than this fits the context, since no token decodes to more characters
         # than the longest one in the vocabulary.
@@ -97,31 +123,23 @@ class Server:
         self.max_prompt_chars = self.engine.max_seq_len * max(len(self.tokenizer.decode([i], skip_special=False))
                                                               for i in range(vocab))
         # Tokenizing, rendering templates and building large responses run here, off the event loop.
-        self.prep = ThreadPoolExecutor(max_workers=2, thread_name_prefix="llamalite-prep")
+        self.prep = prep or ThreadPoolExecutor(max_workers=2, thread_name_prefix="llamalite-prep")
         self.created = int(time.time())
-        self.registry = CollectorRegistry()
-        r = self.registry
-        self.m_requests = Counter("llamalite_requests", "HTTP requests by path and status", ["path", "status"], registry=r)
-        self.m_prompt = Counter("llamalite_prompt_tokens", "prompt tokens received", registry=r)
-        self.m_cached = Counter("llamalite_cached_prompt_tokens", "prompt tokens reused from the KV cache", registry=r)
-        self.m_generated = Counter("llamalite_generated_tokens", "tokens generated", registry=r)
-        self.m_latency = Histogram("llamalite_request_latency_seconds", "generation request latency", registry=r,
-                                   buckets=(0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120))
-        self.m_ttft = Histogram("llamalite_time_to_first_token_seconds", "time to first token", registry=r,
-                                buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10))
-        Gauge("llamalite_queue_depth", "requests waiting for a slot", registry=r).set_function(
-            lambda: self.engine.queue_depth)
-        Gauge("llamalite_active_requests", "requests being decoded", registry=r).set_function(lambda: self.engine.active)
-        Gauge("llamalite_batch_slots", "KV-cache slots (largest batch)", registry=r).set(max_batch)
+        self.metrics = metrics or Metrics(lambda: [self])
+        self.adapter: int | None = None  # the LoRA adapter this view of the model serves (with_adapter)
+        self.base_name: str | None = None
+        self.views: dict[str, Server] = {}  # its adapters' views, by name (hub.Hub.build)
+
+    def with_adapter(self, name: str, index: int) -> "Server":
+        """This model served as `name` with its LoRA adapter `index` (adapters.AdapterSet): the same
+        engine, slots and weights, each request's rows routed to the adapter."""
+        view = copy.copy(self)
+        view.model_name, view.adapter, view.base_name = name, index, self.model_name
+        return view
 
     async def offload(self, fn: Callable[..., Any], *args: Any) -> Any:
         """fn(*args) on a worker thread, so that the event loop keeps answering other clients."""
         return await asyncio.get_running_loop().run_in_executor(self.prep, functools.partial(fn, *args))
-
-    def check_model(self, name: str) -> None:
-        if name != self.model_name:
-            raise APIError(404, f"the model '{clip(name)}' does not exist; this server serves '{self.model_name}' "
-                                f"(GET /v1/models lists it)", param="model", code="model_not_found")
 
     def check_text(self, text: str, param: str) -> None:
         """Refuse, before tokenizing it, text that cannot fit the context whatever its tokens."""
@@ -194,10 +212,15 @@ class Server:
         request = EngineRequest(prompt, max_tokens=max_tokens, sampling=sampling,
                                 stop_ids=self.tokenizer.end_ids, seed=seed, logprobs=logprobs,
                                 score_prompt=score_prompt, constraint=grammar.matcher() if grammar else None,
+                                adapter=self.adapter,
                                 deliver=lambda ev: loop.call_soon_threadsafe(events.put_nowait, ev))
         start = time.monotonic()
         first = True
-        self.engine.submit(request)
+        try:
+            self.engine.submit(request)
+        except EngineClosed:  # unloaded for another model between this request's checks and now
+            raise APIError(503, f"the model '{self.model_name}' was just unloaded to make room for another; retry",
+                           type="server_error", code="model_unloaded", headers={"Retry-After": "1"}) from None
         text = TextStream(self.tokenizer, stop)
         held: list[TokenEvent] = []  # tokens whose text is not out yet
         try:
@@ -208,7 +231,7 @@ class Server:
                     continue
                 if isinstance(event, TokenEvent):
                     if first:
-                        self.m_ttft.observe(time.monotonic() - start)
+                        self.metrics.ttft.labels(self.model_name).observe(time.monotonic() - start)
                         first = False
                     held.append(event)
                     piece = text.push(event.token)
@@ -230,12 +253,13 @@ class Server:
                 return
         finally:
             request.cancel()
-            self.m_latency.observe(time.monotonic() - start)
+            self.metrics.latency.labels(self.model_name).observe(time.monotonic() - start)
 
     def _account(self, request: EngineRequest, generated: int) -> None:
-        self.m_prompt.inc(len(request.prompt))
-        self.m_cached.inc(request.cached_tokens)
-        self.m_generated.inc(generated)
+        m, name = self.metrics, self.model_name
+        m.prompt.labels(name).inc(len(request.prompt))
+        m.cached.labels(name).inc(request.cached_tokens)
+        m.generated.labels(name).inc(generated)
 
 
 def _merge(streams: list[AsyncIterator[Piece]]) -> AsyncIterator[Piece]:

@@ -11,7 +11,9 @@ from fastapi import APIRouter
 from pydantic import BaseModel, ConfigDict, Field
 
 from ..embed import embed_ids
-from .core import APIError, Server, Text, TokenId, _json
+from .core import APIError, Text, TokenId, _json
+from .engine import EngineClosed
+from .hub import Hub
 
 MAX_INPUTS = 2048  # as OpenAI
 
@@ -28,12 +30,12 @@ class EmbeddingRequest(BaseModel):
     user: Text | None = Field(None, description="accepted; changes nothing")
 
 
-def router(server: Server) -> APIRouter:
+def router(hub: Hub) -> APIRouter:
     api = APIRouter()
 
     @api.post("/v1/embeddings")
     async def embeddings(body: EmbeddingRequest):
-        server.check_model(body.model)
+        server = await hub.get(body.model)
         dim = server.lm.config.dim
         if body.dimensions is not None and body.dimensions != dim:
             raise APIError(400, f"this model's embeddings have {dim} dimensions and cannot be shortened to "
@@ -52,7 +54,10 @@ def router(server: Server) -> APIRouter:
                 ids.append(tokens)
             return ids
         ids = await server.offload(tokenize)
-        vectors = await asyncio.wrap_future(server.engine.call(lambda: embed_ids(server.lm.model, ids, server.pooling)))
+        try:
+            vectors = await asyncio.wrap_future(server.engine.call(lambda: _embed(server, ids)))
+        except EngineClosed as e:  # the server stopping, or the model unloaded for another meanwhile
+            raise APIError(503, f"{e}; retry", type="server_error", headers={"Retry-After": "1"}) from None
 
         def build() -> dict[str, Any]:
             def encode(v) -> Any:
@@ -68,3 +73,10 @@ def router(server: Server) -> APIRouter:
     return api
 
 
+def _embed(server, ids: list[list[int]]):
+    """The inputs' embeddings on the engine's thread, through the request's LoRA adapter if it has one."""
+    adapters = getattr(server.lm.model, "adapters", None)
+    if adapters is None or server.adapter is None:
+        return embed_ids(server.lm.model, ids, server.pooling)
+    with adapters.use([server.adapter] * len(ids)):
+        return embed_ids(server.lm.model, ids, server.pooling)

@@ -16,6 +16,7 @@ through a callback (the server's event loop) or a queue (plain Python callers).
 
 from __future__ import annotations
 
+import contextlib
 import queue
 import threading
 import time
@@ -69,7 +70,7 @@ class Request:
     def __init__(self, prompt: Sequence[int], *, max_tokens: int, sampling: SamplingParams = GREEDY,
                  stop_ids: Sequence[int] = (), seed: int | None = None, logprobs: int | None = None,
                  score_prompt: bool = False, deliver: Callable[[Event], None] | None = None,
-                 constraint: Matcher | None = None):
+                 constraint: Matcher | None = None, adapter: int | None = None):
         if len(prompt) == 0:
             raise ValueError("the prompt is empty: give at least one token")
         if max_tokens < (0 if score_prompt else 1):
@@ -79,6 +80,7 @@ class Request:
         self.logprobs = logprobs
         self.score_prompt = score_prompt  # deliver a PromptEvent: what log-likelihood evaluations read
         self.constraint = constraint  # this sequence's grammar state (constrain.Matcher): masks its logits
+        self.adapter = adapter  # the model's LoRA adapter for this request (adapters.AdapterSet), None: none
         self.prompt_logprobs: list[TokenEvent] = []
         self.generator = torch.Generator().manual_seed(seed if seed is not None else torch.seed())
         self.generated = 0
@@ -110,6 +112,7 @@ class _Slot:
     tokens: list[int] = field(default_factory=list)  # what this cache row holds, positions 0..len-1
     request: Request | None = None
     pending: int | None = None  # sampled, emitted, not yet in the cache: the next step's input
+    adapter: int | None = None  # the LoRA adapter its cached keys and values were computed with
     last_used: float = 0.0
 
     @property
@@ -117,10 +120,78 @@ class _Slot:
         return self.request is not None and self.pending is None
 
 
-class Engine:
-    """Schedules requests over one model with `max_batch` KV-cache rows of `max_seq_len` positions."""
+class EngineClosed(RuntimeError):
+    """A request handed to an engine that has been closed (its model unloaded, or the server stopping)."""
 
-    def __init__(self, model: Transformer, *, max_batch: int = 8, max_seq_len: int | None = None):
+
+class Runner:
+    """The one thread that drives every engine of a server, one scheduling round of each in turn.
+    One thread, because GNU OpenMP keeps a thread team per calling thread, and once two teams exist on a
+    machine with as many cores as one team it stops spin-waiting between parallel regions (one decode
+    step is about 120 of them), which measured 2x slower here. Best run on the thread that loaded the
+    first model, for the same reason."""
+
+    def __init__(self):
+        self.cv = threading.Condition()
+        self.engines: list[Engine] = []
+        self.stopping = False
+        self._thread: threading.Thread | None = None
+
+    def add(self, engine: "Engine") -> None:
+        with self.cv:
+            self.engines.append(engine)
+            self.cv.notify()
+
+    def retire(self, engine: "Engine") -> None:
+        """Close `engine` once it has nothing left to do (what it runs now finishes first)."""
+        with self.cv:
+            engine.retiring = True
+            self.cv.notify()
+
+    def start(self) -> "Runner":
+        """Run in a background thread (see the class for when to prefer the calling thread)."""
+        if self._thread is None:
+            self.stopping = False
+            self._thread = threading.Thread(target=self.run, name="llamalite-engine", daemon=True)
+            self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        with self.cv:
+            self.stopping = True
+            self.cv.notify()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join()
+            self._thread = None
+
+    def run(self) -> None:
+        """Run every engine's requests until stop() is called."""
+        try:
+            while True:
+                with self.cv:
+                    while not self.stopping and not any(e.has_work() or e.retiring for e in self.engines):
+                        self.cv.wait()
+                    if self.stopping:
+                        break
+                    for engine in [e for e in self.engines if e.retiring and not e.has_work()]:
+                        self.engines.remove(engine)
+                        engine.close()
+                    busy = [e for e in self.engines if e.has_work()]
+                for engine in busy:
+                    engine.tick()
+        finally:  # stopped, or interrupted (Ctrl-C): every request still here hears that it is over
+            with self.cv:
+                engines = list(self.engines)
+            for engine in engines:
+                engine.drain()
+
+
+class Engine:
+    """Schedules requests over one model with `max_batch` KV-cache rows of `max_seq_len` positions. Its
+    rounds run on a Runner's thread: its own, or one shared with the other models of a server."""
+
+    def __init__(self, model: Transformer, *, max_batch: int = 8, max_seq_len: int | None = None,
+                 runner: Runner | None = None):
         ctx = model.config.context_length
         self.model = model
         self.max_seq_len = min(ctx, max_seq_len or ctx)
@@ -130,10 +201,12 @@ class Engine:
         self.waiting: deque[Request] = deque()
         self.stats = {"requests": 0, "prompt_tokens": 0, "cached_tokens": 0, "generated_tokens": 0, "steps": 0,
                       "largest_batch": 0}
-        self._cv = threading.Condition()
+        self.runner = runner or Runner()
+        self._cv = self.runner.cv
         self._jobs: deque[tuple[Callable[[], object], Future]] = deque()  # other work for the engine's thread
-        self._stopping = False
-        self._thread: threading.Thread | None = None
+        self.retiring = False  # close once idle (Runner.retire)
+        self.closed = False
+        self.runner.add(self)
 
     # ----- the public side (any thread) -----
 
@@ -147,6 +220,8 @@ class Engine:
     def submit(self, request: Request) -> Request:
         self.check(len(request.prompt), request.max_tokens)
         with self._cv:
+            if self.closed:
+                raise EngineClosed("this model has been unloaded")
             self.waiting.append(request)
             self._cv.notify()
         return request
@@ -157,8 +232,9 @@ class Engine:
         the Future."""
         future: Future = Future()
         with self._cv:
-            if self._stopping:
-                future.set_exception(RuntimeError("the server is shutting down"))
+            if self.closed or self.runner.stopping:
+                future.set_exception(EngineClosed("the server is shutting down" if self.runner.stopping else
+                                                  "this model has been unloaded"))
                 return future
             self._jobs.append((fn, future))
             self._cv.notify()
@@ -172,58 +248,56 @@ class Engine:
     def active(self) -> int:
         return sum(s.request is not None for s in self.slots)
 
+    def has_work(self) -> bool:
+        return bool(self.waiting or self._jobs) or any(s.request is not None for s in self.slots)
+
     def start(self) -> "Engine":
-        """Run the engine in a background thread (see run for when to prefer the calling thread)."""
-        if self._thread is None:
-            self._stopping = False
-            self._thread = threading.Thread(target=self.run, name="llamalite-engine", daemon=True)
-            self._thread.start()
+        """Run the engine (and any other on its runner) in a background thread."""
+        self.runner.start()
         return self
 
     def stop(self) -> None:
-        with self._cv:
-            self._stopping = True
-            self._cv.notify()
-        if self._thread is not None and self._thread is not threading.current_thread():
-            self._thread.join()
-            self._thread = None
+        self.runner.stop()
 
     def run(self) -> None:
-        """Schedule and run requests until stop() is called. Best run on the thread that loaded the model:
-        GNU OpenMP keeps a thread team per calling thread, and once two teams exist on a machine with
-        as many cores as one team it stops spin-waiting between parallel regions (one decode step is
-        about 120 of them), which measured 2x slower here."""
-        try:
-            while True:
-                with self._cv:
-                    while not self._stopping and not self.waiting and not self.active and not self._jobs:
-                        self._cv.wait()
-                    if self._stopping:
-                        break
-                    jobs = list(self._jobs)
-                    self._jobs.clear()
-                for fn, future in jobs:
-                    if future.set_running_or_notify_cancel():  # not cancelled while it waited
-                        try:
-                            future.set_result(fn())
-                        except Exception as e:  # noqa: BLE001 (handed to the caller)
-                            future.set_exception(e)
-                if self.waiting or self.active:
-                    self.step()
-        finally:  # stopped, or interrupted (Ctrl-C): every request still here hears that it is over
-            for slot in self.slots:
-                if slot.request is not None:
-                    self._finish(slot, "cancelled")
-            while self.waiting:
-                r = self.waiting.popleft()
-                r.deliver(Finished("cancelled", len(r.prompt), 0))
-            with self._cv:
-                jobs, self._jobs = list(self._jobs), deque()
-            for _, future in jobs:
-                if future.set_running_or_notify_cancel():
-                    future.set_exception(RuntimeError("the server is shutting down"))
+        """Schedule and run requests on this thread until stop() is called (see Runner)."""
+        self.runner.run()
 
-    # ----- the engine's thread -----
+    # ----- the runner's thread -----
+
+    def tick(self) -> None:
+        """Work handed over by call(), then one scheduling round."""
+        with self._cv:
+            jobs = list(self._jobs)
+            self._jobs.clear()
+        for fn, future in jobs:
+            if future.set_running_or_notify_cancel():  # not cancelled while it waited
+                try:
+                    future.set_result(fn())
+                except Exception as e:  # noqa: BLE001 (handed to the caller)
+                    future.set_exception(e)
+        if self.waiting or self.active:
+            self.step()
+
+    def close(self) -> None:
+        """Refuse new work from now on, and end what is here."""
+        with self._cv:
+            self.closed = True
+        self.drain()
+
+    def drain(self) -> None:
+        """Every request still here hears that it is over (cancelled); work handed over fails."""
+        for slot in self.slots:
+            if slot.request is not None:
+                self._finish(slot, "cancelled")
+        with self._cv:
+            waiting, self.waiting = list(self.waiting), deque()
+            jobs, self._jobs = list(self._jobs), deque()
+        for r in waiting:
+            r.deliver(Finished("cancelled", len(r.prompt), 0))
+        for _, future in jobs:
+            if future.set_running_or_notify_cancel():
+                future.set_exception(EngineClosed("the server is shutting down"))
 
     @torch.inference_mode()
     def step(self) -> None:
@@ -264,13 +338,16 @@ class Engine:
                 if not free:
                     return
                 self.waiting.popleft()
-                # The slot already holding most of this prompt; among equals, the least recently used.
-                slot = max(free, key=lambda s: (_common_prefix(s.tokens, request.prompt), -s.last_used))
-                keep = min(_common_prefix(slot.tokens, request.prompt), len(request.prompt) - 1)
+                # The slot already holding most of this prompt; among equals, the least recently used. A
+                # cache computed with another adapter holds other keys and values: nothing of it is reused.
+                def reusable(s: _Slot) -> int:
+                    return _common_prefix(s.tokens, request.prompt) if s.adapter == request.adapter else 0
+                slot = max(free, key=lambda s: (reusable(s), -s.last_used))
+                keep = min(reusable(slot), len(request.prompt) - 1)
                 if request.score_prompt:
                     keep = 0  # every prompt position's logits are needed: nothing comes from the cache
                 slot.tokens = slot.tokens[:keep]
-                slot.request, slot.pending = request, None
+                slot.request, slot.pending, slot.adapter = request, None, request.adapter
                 request.cached_tokens = keep
                 self.stats["requests"] += 1
                 self.stats["prompt_tokens"] += len(request.prompt)
@@ -281,8 +358,9 @@ class Engine:
         lo = len(slot.tokens)
         chunk = request.prompt[lo:lo + PREFILL_CHUNK]
         device = self.model.device
-        logits = self.model(torch.tensor([chunk], device=device), torch.arange(lo, lo + len(chunk), device=device),
-                            last_only=not request.score_prompt, rows=torch.tensor([row], device=device))
+        with self._adapters([request.adapter]):
+            logits = self.model(torch.tensor([chunk], device=device), torch.arange(lo, lo + len(chunk), device=device),
+                                last_only=not request.score_prompt, rows=torch.tensor([row], device=device))
         slot.tokens.extend(chunk)
         if request.score_prompt:  # logits at position i score prompt token i + 1
             targets = request.prompt[lo + 1:lo + len(chunk) + 1]
@@ -312,12 +390,18 @@ class Engine:
         tokens = torch.tensor([[s.pending] for s in slots], device=device)
         pos = torch.tensor([[len(s.tokens)] for s in slots], device=device)
         rows = torch.tensor([self.slots.index(s) for s in slots], device=device)
-        logits = self.model(tokens, pos, rows=rows)  # (B, 1, vocab)
+        with self._adapters([s.request.adapter for s in slots]):
+            logits = self.model(tokens, pos, rows=rows)  # (B, 1, vocab)
         self.stats["largest_batch"] = max(self.stats["largest_batch"], len(slots))
         for i, slot in enumerate(slots):
             slot.tokens.append(slot.pending)
             slot.pending = None
             self._sampled(slot, logits[i, -1])
+
+    def _adapters(self, row_adapters: list[int | None]):
+        """Each row of the next forward routed to its LoRA adapter (when the model serves any)."""
+        adapters = getattr(self.model, "adapters", None)
+        return adapters.use(row_adapters) if adapters is not None else contextlib.nullcontext()
 
     def _sampled(self, slot: _Slot, logits: torch.Tensor) -> None:
         """Draw the request's next token from its logits and report it (or finish)."""

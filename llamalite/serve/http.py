@@ -7,10 +7,9 @@ import time
 
 from fastapi import FastAPI
 
-from ..loading import LoadedModel
 from .app import create_app
-from .core import Server
 from .guard import GuardedH11Protocol, Limits
+from .hub import Hub
 
 
 class BackgroundServer:
@@ -27,7 +26,7 @@ class BackgroundServer:
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self.sock.bind((host, 0))
         self.url = f"http://{host}:{self.sock.getsockname()[1]}"
-        self.server = uvicorn.Server(uvicorn_config(app, app.state.server.limits, log_level="warning", lifespan="on"))
+        self.server = uvicorn.Server(uvicorn_config(app, app.state.hub.limits, log_level="warning", lifespan="on"))
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
 
     def __enter__(self) -> str:
@@ -72,13 +71,11 @@ def wait_until_serving(url: str, proc, timeout: float = 120) -> None:
         time.sleep(0.1)
 
 
-def serve(lm: LoadedModel, model_name: str, *, host: str = "127.0.0.1", port: int = 8000,
-          api_key: str | None = None, max_batch: int = 8, max_seq_len: int | None = None,
-          limits: Limits | None = None, pooling: str = "mean") -> None:
-    """Serve until Ctrl-C or SIGTERM: the engine on this thread (the one that loaded the model), HTTP in
-    another. Requests still running when it stops end with an error event (503), not a hang. The Host
-    names served are localhost, IP literals, the bind address and, bound to every interface, this
-    machine's name, besides `limits.allowed_hosts`."""
+def serve(hub: Hub, *, host: str = "127.0.0.1", port: int = 8000) -> None:
+    """Serve the hub's models until Ctrl-C or SIGTERM: the engines on this thread (the one that loaded
+    the first model), HTTP in another. Requests still running when it stops end with an error event
+    (503), not a hang. The Host names served are localhost, IP literals, the bind address and, bound to
+    every interface, this machine's name, besides `hub.limits.allowed_hosts`."""
     import dataclasses
     import signal
     import socket
@@ -91,24 +88,22 @@ def serve(lm: LoadedModel, model_name: str, *, host: str = "127.0.0.1", port: in
 
     signal.signal(signal.SIGTERM, interrupt)  # a service manager's stop: the same clean shutdown as Ctrl-C
 
-    server = Server(lm, model_name, max_batch=max_batch, max_seq_len=max_seq_len, api_key=api_key, limits=limits,
-                    pooling=pooling)
     names = [host.lower()] + ([socket.gethostname().lower(), socket.getfqdn().lower()] if host in ("0.0.0.0", "::") else [])
-    server.limits = dataclasses.replace(server.limits, allowed_hosts=(*server.limits.allowed_hosts, *names))
-    http = uvicorn.Server(uvicorn_config(create_app(server, start_engine=False), server.limits, host=host, port=port,
+    hub.limits = dataclasses.replace(hub.limits, allowed_hosts=(*hub.limits.allowed_hosts, *names))
+    http = uvicorn.Server(uvicorn_config(create_app(hub, start_engine=False), hub.limits, host=host, port=port,
                                          log_level="info"))
     thread = threading.Thread(target=http.run, name="llamalite-http", daemon=True)
     thread.start()
-    watcher = threading.Thread(target=lambda: (thread.join(), server.engine.stop()), daemon=True)
+    watcher = threading.Thread(target=lambda: (thread.join(), hub.stop()), daemon=True)
     watcher.start()  # the HTTP side ending (port taken, shutdown) ends the engine loop too
     try:
-        server.engine.run()
+        hub.runner.run()
     except KeyboardInterrupt:
         pass
     finally:
         failed = not http.should_exit and not thread.is_alive()
         http.should_exit = True
-        server.engine.stop()
+        hub.stop()
         thread.join(timeout=10)
     if failed:
         raise OSError(f"could not serve on {host}:{port} (the reason is logged above); is the port in use? "

@@ -18,6 +18,7 @@ from .core import (APIError, Piece, Server, Text, TokenId, _chat_logprobs, _choi
 from .calling import compile_grammar, encode_conversation, tool_setup
 from .engine import TokenEvent
 from .guard import clip
+from .hub import Hub
 
 MAX_STOP = 4  # as OpenAI: up to 4 stop sequences
 
@@ -196,6 +197,7 @@ class TokenizeRequest(BaseModel):
     tokenizer speaks the latter."""
     model_config = ConfigDict(extra="allow")
 
+    model: Text | None = Field(None, description="whose tokenizer (default: the first model served)")
     content: Text | None = Field(None, description="text to tokenize")
     prompt: Text | None = Field(None, description="the same, under vLLM's name")
     add_special: bool | None = Field(None, description="add the BOS token where the model uses one (default true)")
@@ -205,31 +207,30 @@ class TokenizeRequest(BaseModel):
 class DetokenizeRequest(BaseModel):
     model_config = ConfigDict(extra="allow")
 
+    model: Text | None = Field(None, description="whose tokenizer (default: the first model served)")
     tokens: list[TokenId]
 
 
 # ----- routes ------------------------------------------------------------------------------------------
 
-def router(server: Server) -> APIRouter:
-    """The routes of this family over `server` (the API key is checked before them, in guard.Guard)."""
+def router(hub: Hub) -> APIRouter:
+    """The routes of this family over the models of `hub` (the API key is checked before them, in
+    guard.Guard)."""
     api = APIRouter()
-
-    def card() -> dict[str, Any]:
-        return {"id": server.model_name, "object": "model", "created": server.created, "owned_by": "llamalite",
-                "context_length": server.engine.max_seq_len}
 
     @api.get("/v1/models")
     async def models() -> dict[str, Any]:
-        return {"object": "list", "data": [card()]}
+        return {"object": "list", "data": hub.cards()}
 
     @api.get("/v1/models/{model_id:path}")
     async def model(model_id: str) -> dict[str, Any]:
         """One model's card (the `openai` client's models.retrieve)."""
-        server.check_model(model_id)
-        return card()
+        hub.check_name(model_id)
+        return hub.cards()[hub.names.index(model_id)]
 
     @api.post("/tokenize")
     async def tokenize(body: TokenizeRequest):
+        server = await hub.get(body.model or hub.names[0])
         text = body.content if body.content is not None else body.prompt
         if text is None:
             raise APIError(400, "give the text to tokenize as content (or prompt)", param="content")
@@ -240,12 +241,14 @@ def router(server: Server) -> APIRouter:
 
     @api.post("/detokenize")
     async def detokenize(body: DetokenizeRequest) -> dict[str, Any]:
+        server = await hub.get(body.model or hub.names[0])
         text = await server.offload(server.tokenizer.decode, server.check_ids(body.tokens, "tokens"))
         return {"content": text, "prompt": text}  # llama.cpp's name and vLLM's
 
     @api.get("/tokenizer_info")
-    async def tokenizer_info() -> dict[str, Any]:
+    async def tokenizer_info(model: str | None = None) -> dict[str, Any]:
         """What a client needs to tokenize as the server does (vLLM's endpoint; lm-eval reads it)."""
+        server = await hub.get(model or hub.names[0])
         tok = server.tokenizer
         return {"tokenizer_class": type(tok).__name__, "bos_token": tok.bos_token if tok.bos_id is not None else None,
                 "eos_token": tok.eos_token if tok.eos_id is not None else None, "pad_token": None,
@@ -254,7 +257,7 @@ def router(server: Server) -> APIRouter:
 
     @api.post("/v1/completions")
     async def completions(body: CompletionRequest):
-        server.check_model(body.model)
+        server = await hub.get(body.model)
         # The prompt's own log-probabilities (what lm-eval's loglikelihood reads), or an echo of nothing but it.
         score = body.echo and (body.logprobs is not None or body.max_tokens == 0)
         if body.max_tokens == 0 and not body.echo:
@@ -329,7 +332,7 @@ def router(server: Server) -> APIRouter:
 
     @api.post("/v1/chat/completions")
     async def chat_completions(body: ChatRequest):
-        server.check_model(body.model)
+        server = await hub.get(body.model)
         stop, n = server.check_stop(body.stop_strings()), body.n
         body.check(server)
         server.check_choices(n, "n")

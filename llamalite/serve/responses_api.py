@@ -26,6 +26,7 @@ from ..sampling import SamplingParams
 from .calling import ToolCalling, compile_grammar, encode_conversation, tool_setup
 from .core import APIError, Server, Text, _chat_logprobs, _json
 from .guard import clip
+from .hub import Hub
 from .openai_api import JSONSchemaFormat, _Strict
 
 LOGPROBS = "message.output_text.logprobs"
@@ -325,13 +326,12 @@ class ResponseStore:
 
 # ----- routes -------------------------------------------------------------------------------------------
 
-def router(server: Server) -> APIRouter:
+def router(hub: Hub) -> APIRouter:
     api = APIRouter()
-    store = ResponseStore(server.limits.max_stored_responses, server.limits.max_stored_chars)
+    store = ResponseStore(hub.limits.max_stored_responses, hub.limits.max_stored_chars)
 
-    def prepare(body: _Input, room: int):
+    def prepare(server: Server, body: _Input, room: int):
         """Checks that need no tokenizing, then (for a worker thread) the prompt and its constraint."""
-        server.check_model(body.model)
         items = body.items()
         history = store.get(body.previous_response_id, "previous_response_id")["messages"] \
             if body.previous_response_id is not None else []
@@ -357,13 +357,15 @@ def router(server: Server) -> APIRouter:
 
     @api.post("/v1/responses/input_tokens")
     async def input_tokens(body: InputTokensRequest):
-        _, _, _, encode = prepare(body, 1)
+        server = await hub.get(body.model)
+        _, _, _, encode = prepare(server, body, 1)
         ids, _ = await server.offload(encode)
         return {"object": "response.input_tokens", "input_tokens": len(ids)}
 
     @api.post("/v1/responses")
     async def create(body: ResponsesRequest):
-        conversation, items, calling, encode = prepare(body, body.max_output_tokens or 1)
+        server = await hub.get(body.model)
+        conversation, items, calling, encode = prepare(server, body, body.max_output_tokens or 1)
         server.check_choices(1, "input")
         prompt, grammar = await server.offload(encode)
         if not prompt:

@@ -115,25 +115,71 @@ def test_the_kernels_decode_step_adds_the_adapters(tmp_path):
         assert (outs[0][0] - outs[0][1]).abs().max() > 1e-3
 
 
-def test_a_finetune_run_is_served_without_export(tmp_path):
-    from llamalite.export import load_for_export
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """A tiny base model and a 4-step `llamalite finetune` LoRA run on it: (base dir, run dir)."""
     from llamalite.finetune import finetune
 
-    base = save_hf_dir(tiny_hf_model(), tmp_path / "base")
-    data = tmp_path / "d.jsonl"
+    d = tmp_path_factory.mktemp("finetune")
+    base = save_hf_dir(tiny_hf_model(), d / "base")
+    data = d / "d.jsonl"
     data.write_text("".join(json.dumps({"prompt": f"Item {i}:", "completion": f" value {i * 7}"}) + "\n"
                             for i in range(8)))
-    finetune(FinetuneConfig(model=str(base), data=str(data), out=str(tmp_path / "run"), steps=4, batch_size=2,
-                            lr=1e-2, lora_rank=4, targets="wq,wv,w2", lora_dropout=0.0, progress=False,
-                            save_every=2, eval_every=2, val_every=4))
-    merged, _, _ = load_for_export(tmp_path / "run", merge=True)
+    finetune(FinetuneConfig(model=str(base), data=str(data), out=str(d / "run"), steps=4, batch_size=2, lr=3e-2,
+                            lora_rank=4, targets="wq,wv,w2", lora_dropout=0.0, progress=False, save_every=2,
+                            eval_every=2, val_every=4))
+    return base, d / "run"
+
+
+def test_a_finetune_run_is_served_without_export(run, tmp_path):
+    from llamalite.export import load_for_export
+
+    base, out = run
+    merged, _, _ = load_for_export(out, merge=True)
     served = load(base)
-    AdapterSet(served.model).add("run", read_adapter(tmp_path / "run", served.model.config, served.path))
+    AdapterSet(served.model).add("run", read_adapter(out, served.model.config, served.path))
     with torch.no_grad(), served.model.adapters.use([0]):
         torch.testing.assert_close(served.model(IDS), merged(IDS), atol=1e-4, rtol=0)
     other = save_hf_dir(tiny_hf_model(), tmp_path / "other")
     with pytest.raises(AdapterError, match="trained on base"):
-        read_adapter(tmp_path / "run", served.model.config, other)
+        read_adapter(out, served.model.config, other)
+
+
+def test_llamalite_serve_lora_serves_a_finetune_run(run):
+    """The command line end to end: `llamalite serve --model BASE --lora tuned=RUN`."""
+    import socket
+    import subprocess
+    import sys
+
+    from llamalite.export import load_for_export
+    from llamalite.generation import generate
+    from llamalite.sampling import GREEDY
+    from llamalite.serve import wait_until_serving
+
+    openai = pytest.importorskip("openai")
+    base, out = run
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "llamalite", "serve", "--model", str(base), "--lora",
+                             f"tuned={out}", "--port", str(port), "--max-batch", "2", "--ctx", "128"],
+                            stderr=subprocess.PIPE, text=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_until_serving(url, proc, timeout=120)
+        client = openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0)
+        assert [(m.id, getattr(m, "parent", None)) for m in client.models.list().data] == [("base", None),
+                                                                                           ("tuned", "base")]
+        merged, tokenizer, _ = load_for_export(out, merge=True)
+        prompt = tokenizer.encode("Item 3:")
+        expected = tokenizer.decode(list(generate(merged, prompt, max_new_tokens=8, sampling=GREEDY,
+                                                  stop_ids=tokenizer.end_ids)))
+        tuned = client.completions.create(model="tuned", prompt="Item 3:", max_tokens=8, temperature=0)
+        plain = client.completions.create(model="base", prompt="Item 3:", max_tokens=8, temperature=0)
+        assert tuned.choices[0].text == expected != plain.choices[0].text
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
 
 
 def test_adapters_that_do_not_fit_are_refused(dense, tmp_path):

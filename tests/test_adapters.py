@@ -232,3 +232,23 @@ def test_the_server_batches_base_and_adapter_requests(dense, tmp_path, weights):
             together = list(pool.map(complete, ["base", "tuned", "tuned", "base"]))
         assert together == [alone["base"], alone["tuned"], alone["tuned"], alone["base"]]
         assert 'llamalite_generated_tokens_total{model="tuned"}' in httpx.get(url + "/metrics").text
+
+
+def test_generate_with_lora_runs_the_fine_tune(run, capsys):
+    """`llamalite generate --lora RUN`: the base run as its fine-tune, unmerged, as the merged model answers."""
+    from llamalite.cli import main
+    from llamalite.export import load_for_export
+    from llamalite.generation import generate
+    from llamalite.sampling import GREEDY
+
+    base, out = run
+    merged, tokenizer, _ = load_for_export(out, merge=True)
+    expected = tokenizer.decode(list(generate(merged, tokenizer.encode("Item 5:"), max_new_tokens=8, sampling=GREEDY,
+                                              stop_ids=tokenizer.end_ids)))
+    assert main(["generate", "--model", str(base), "--lora", str(out), "-t", "0", "-n", "8", "Item 5:"]) == 0
+    tuned = capsys.readouterr().out
+    assert main(["generate", "--model", str(base), "-t", "0", "-n", "8", "Item 5:"]) == 0
+    plain = capsys.readouterr().out
+    assert expected in tuned and tuned != plain
+    assert main(["generate", "--model", str(base), "--lora", str(base), "hi"]) == 1  # not an adapter: an error
+    assert "neither a PEFT adapter" in capsys.readouterr().err

@@ -136,3 +136,14 @@ def test_the_api_key_in_either_header(served):
     with pytest.raises(anthropic.AuthenticationError):
         anthropic.Anthropic(base_url=url, api_key="wrong", max_retries=0).messages.create(
             model="smollm2", max_tokens=2, messages=ASK)
+
+
+def test_models_in_anthropic_shape(served):
+    url, client = served
+    listed = client.models.list()
+    assert [m.id for m in listed.data] == ["smollm2"] and listed.data[0].type == "model"
+    one = client.models.retrieve("smollm2")
+    assert one.id == "smollm2" and one.max_input_tokens == 2048 and one.created_at.year >= 2026
+    with pytest.raises(anthropic.NotFoundError):
+        client.models.retrieve("claude-3")
+    assert httpx.get(url + "/v1/models", headers={"x-api-key": KEY}).json()["object"] == "list"  # OpenAI's without

@@ -6,9 +6,10 @@ from __future__ import annotations
 
 import time
 import uuid
+from datetime import datetime, timezone
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Request
 from pydantic import BaseModel, ConfigDict, Field
 
 from ..constrain import Grammar
@@ -218,15 +219,25 @@ def router(hub: Hub) -> APIRouter:
     guard.Guard)."""
     api = APIRouter()
 
+    def anthropic_card(card: dict[str, Any]) -> dict[str, Any]:
+        created = datetime.fromtimestamp(card["created"], timezone.utc).isoformat().replace("+00:00", "Z")
+        return {"type": "model", "id": card["id"], "display_name": card["id"], "created_at": created,
+                "max_input_tokens": card["context_length"]}
+
     @api.get("/v1/models")
-    async def models() -> dict[str, Any]:
+    async def models(http: Request) -> dict[str, Any]:
+        """Every model served: in OpenAI's list, or in Anthropic's for its clients (which send anthropic-version)."""
+        if "anthropic-version" in http.headers:
+            data = [anthropic_card(c) for c in hub.cards()]
+            return {"data": data, "has_more": False, "first_id": data[0]["id"], "last_id": data[-1]["id"]}
         return {"object": "list", "data": hub.cards()}
 
     @api.get("/v1/models/{model_id:path}")
-    async def model(model_id: str) -> dict[str, Any]:
-        """One model's card (the `openai` client's models.retrieve)."""
+    async def model(model_id: str, http: Request) -> dict[str, Any]:
+        """One model's card (the `openai` client's models.retrieve, or the `anthropic` client's)."""
         hub.check_name(model_id)
-        return hub.cards()[hub.names.index(model_id)]
+        card = hub.cards()[hub.names.index(model_id)]
+        return anthropic_card(card) if "anthropic-version" in http.headers else card
 
     @api.post("/tokenize")
     async def tokenize(body: TokenizeRequest):

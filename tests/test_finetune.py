@@ -112,6 +112,14 @@ def test_lora_finetune_lowers_held_out_loss_and_teaches_the_answer(default_lm, d
     # exported quantized again, it still answers the intended way
     quantized = load(export_gguf(model, tokenizer, tmp_path / "tuned.gguf", "q8_0"))
     assert "Pemberton" in _answer(quantized.model, quantized.tokenizer, quantized.chat_template, held_questions[0])
+    # and served unmerged on the Q4_1 base itself (where a merged Q4_1 export loses the update), as
+    # `--lora` runs it: the run directory, no export
+    from llamalite.adapters import AdapterSet, read_adapter
+
+    served = load(default_lm.path)
+    adapters = AdapterSet(served.model)
+    adapters.route_all(adapters.add("pemberton", read_adapter(cfg.out, served.model.config, served.path)))
+    assert all("Pemberton" in _answer(served.model, tok, template, q) for q in held_questions[:2])
 
 
 def test_finetune_resumes_exactly(tmp_path):

@@ -18,7 +18,15 @@ def _load(args):
 
     if getattr(args, "threads", None):
         torch.set_num_threads(args.threads)
-    lm = load(resolve_model(args.model), device=args.device)
+    shard = None
+    if args.verb in TENSOR_PARALLEL:  # under torchrun with several processes: this rank's part of the model
+        from .parallel import from_env
+
+        shard = from_env()
+        if shard is not None and getattr(args, "lora", None):
+            raise ValueError("--lora with tensor parallelism is not supported yet: run the adapter in one process, or "
+                             "merge it (llamalite export) and split the merged model")
+    lm = load(resolve_model(args.model), device=args.device, shard=shard)
     if getattr(args, "lora", None):
         from .adapters import AdapterSet, read_adapter
 
@@ -64,12 +72,18 @@ def _grammar(args, tokenizer):
 def _generator(seed: int | None):
     import torch
 
-    return torch.Generator().manual_seed(seed if seed is not None else int.from_bytes(os.urandom(8), "little") >> 1)
+    from .parallel import agree
+
+    # every rank of a tensor-parallel run samples with rank 0's seed: the same tokens everywhere
+    seed = agree(seed if seed is not None else int.from_bytes(os.urandom(8), "little") >> 1)
+    return torch.Generator().manual_seed(seed)
 
 
 def _read_prompt(text: str | None) -> str:
-    if text is None or text == "-":
-        return sys.stdin.read()
+    from .parallel import agree
+
+    if text is None or text == "-":  # stdin is rank 0's to read (torchrun gives it to rank 0 only)
+        return agree(sys.stdin.read() if int(os.environ.get("RANK", "0")) == 0 else None)
     return text
 
 
@@ -681,6 +695,12 @@ VERBS: dict[str, tuple[Callable[[Any], int], str, Callable[[argparse.ArgumentPar
 }
 
 
+# Verbs that run split over torchrun's processes (llamalite.parallel); train and finetune use torchrun for
+# data parallelism instead.
+TENSOR_PARALLEL = ("generate", "eval")
+_SINGLE_PROCESS = ("chat", "serve", "bench", "embed", "tokenize", "info", "export", "prepare", "pull", "list")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="llamalite", description="Run LLaMA-family models on your own machine.")
     sub = parser.add_subparsers(dest="verb", metavar="VERB", required=True)
@@ -696,6 +716,14 @@ def main(argv: list[str] | None = None) -> int:
         args = verbs[argv[0]].parse_intermixed_args(argv[1:])
     else:
         args = parser.parse_args(argv)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and args.verb in _SINGLE_PROCESS:
+        print(f"llamalite: error: `{args.verb}` runs in one process; under torchrun, llamalite splits "
+              f"{' and '.join(TENSOR_PARALLEL)} (tensor parallelism) and trains (train, finetune)", file=sys.stderr)
+        return 1
+    quiet = world > 1 and args.verb in TENSOR_PARALLEL and int(os.environ.get("RANK", "0")) != 0
+    if quiet:  # one rank speaks for the group: the others compute the same thing
+        sys.stdout = open(os.devnull, "w")
     try:
         return args.handler(args)
     except KeyboardInterrupt:
@@ -706,6 +734,12 @@ def main(argv: list[str] | None = None) -> int:
         # Our errors say what is wrong and what to do; a traceback would only bury that.
         print(f"llamalite: error: {e}", file=sys.stderr)
         return 1
+    finally:
+        if world > 1 and args.verb in TENSOR_PARALLEL:
+            import torch.distributed as dist
+
+            if dist.is_initialized():
+                dist.destroy_process_group()
 
 
 if __name__ == "__main__":

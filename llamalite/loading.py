@@ -14,7 +14,7 @@ from contextlib import contextmanager
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping
 
 import numpy as np
 import torch
@@ -23,6 +23,9 @@ from torch import nn
 from .config import ModelConfig, RopeScaling, config_from_gguf, config_from_hf, config_from_meta
 from .model import Transformer, rope_inv_freq
 from .tokenizer import Tokenizer, tokenizer_from_gguf, tokenizer_from_hf_dir, tokenizer_from_model_file
+
+if TYPE_CHECKING:
+    from .parallel import Shard
 
 
 class ModelFileError(ValueError):
@@ -45,13 +48,26 @@ class LoadedModel:
 
 
 def load(path: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
-         quantized: bool = True) -> LoadedModel:
+         quantized: bool = True, shard: "Shard | None" = None) -> LoadedModel:
     """Load a GGUF file, an HF directory or a Meta checkpoint directory, telling which by its files,
     onto `device` in `dtype` (fp32 by default: without AVX-512 BF16, bf16 matmuls are slow on CPUs).
     GGUF Q4_0/Q4_1/Q8_0 weights stay quantized for the CPU kernels unless `quantized` is False (e.g.
-    for training); on other devices they are dequantized, where dense matmuls are the fast path."""
+    for training); on other devices they are dequantized, where dense matmuls are the fast path.
+    With `shard` (parallel.Shard, under torchrun), only this rank's slices of a GGUF file are read and
+    the model is this rank's part of a tensor-parallel one (llamalite.parallel)."""
     on_cpu = torch.device(device).type == "cpu"
-    lm = _load(Path(path).expanduser(), dtype, quantized and on_cpu)
+    path = Path(path).expanduser()
+    if shard is not None:
+        from .parallel import ParallelError, parallelize
+
+        gguf = path if path.is_file() else next(iter(sorted(path.glob("*.gguf"))), None)
+        if gguf is None or not path.exists():
+            raise ParallelError(f"tensor parallelism reads GGUF files (each rank its own slices of the memory map); "
+                                f"{path} is not one: convert it with `llamalite export {path} --to gguf`")
+        lm = load_gguf(gguf, dtype, quantized and on_cpu, shard)
+        parallelize(lm.model)
+    else:
+        lm = _load(path, dtype, quantized and on_cpu)
     if not on_cpu:
         lm.model.to(device)
     if lm.tokenizer is not None and lm.chat_template and not lm.tokenizer.chat_template:
@@ -255,14 +271,49 @@ def _drop_pages(reader, start: int, length: int) -> None:
         mm.madvise(mmap.MADV_DONTNEED, lo, hi - lo)
 
 
+class _ShardView:
+    """A GGUF tensor cut to one rank's rows and whole-block columns (parallel.Split.ranges), read as the
+    loader reads a tensor: `data` (rows of blocks as bytes, or of elements), `tensor_type`, the Meta-order
+    `shape`. A row range is a view of the memory map (only its pages are ever touched); a column range
+    is copied out, row by row, and the tensor's pages (every one of them held a piece) are dropped from
+    this process's memory again."""
+
+    def __init__(self, t, rows: tuple[int, int] | None, cols: tuple[int, int] | None, shape: tuple[int, ...],
+                 reader=None):
+        from .quants import BLOCK
+
+        self.tensor_type, self.data_offset, self.n_bytes = t.tensor_type, t.data_offset, t.n_bytes
+        self.data, self.shape = t.data, shape
+        if len(shape) != 2 or (rows is None and cols is None):
+            return
+        r0, r1 = rows or (0, shape[0])
+        c0, c1 = cols or (0, shape[1])
+        data = t.data[r0:r1]
+        if cols is not None:
+            if data.shape[1] == shape[1]:  # one entry an element (F32, F16)
+                b0, b1 = c0, c1
+            else:  # rows of blocks, as bytes
+                n_el, n_bytes = BLOCK[t.tensor_type.name]
+                if c0 % n_el or c1 % n_el:
+                    raise ModelFileError(f"columns {c0}:{c1} of a {t.tensor_type.name} tensor do not fall on whole "
+                                         f"blocks of {n_el}")
+                b0, b1 = c0 // n_el * n_bytes, c1 // n_el * n_bytes
+            data = np.ascontiguousarray(data[:, b0:b1])
+            if reader is not None:
+                _drop_pages(reader, t.data_offset, t.n_bytes)
+        self.data, self.shape = data, (r1 - r0, c1 - c0)
+
+
 def gguf_metadata(reader) -> dict[str, Any]:
     return {k: v.contents() for k, v in reader.fields.items()}
 
 
-def load_gguf(path: Path, dtype: torch.dtype = torch.float32, quantized: bool = True) -> LoadedModel:
+def load_gguf(path: Path, dtype: torch.dtype = torch.float32, quantized: bool = True,
+              shard: "Shard | None" = None) -> LoadedModel:
     """With `quantized`, Q4_0/Q4_1/Q8_0 weights stay in their blocks (QuantLinear), and the other lossy
     block types are re-quantized to Q8_0 for the kernels; F32/F16/BF16 weights, or everything when
-    `quantized` is False, are dequantized to `dtype`."""
+    `quantized` is False, are dequantized to `dtype`. With `shard`, each weight is first cut to this
+    rank's rows or whole-block columns (parallel.Split) and the config is the rank's own."""
     from .quantized import KERNEL_TYPES, REQUANT_TYPES, kernels_available, requantize_q8_0
     from .quants import dequantize, q5_0_as_q8_0
 
@@ -281,6 +332,16 @@ def load_gguf(path: Path, dtype: torch.dtype = torch.float32, quantized: bool = 
         cfg = config_from_gguf(meta, has_output="output.weight" in tensors, rope_scaling=rope)
     except ValueError as e:
         raise ModelFileError(f"{path}: {e}") from e
+    split = None
+    if shard is not None:
+        from .parallel import Split
+        from .quants import BLOCK as _BLOCK
+
+        def block_of(gguf_name: str) -> int:
+            t = tensors.get(gguf_name)
+            return _BLOCK.get(t.tensor_type.name, (1, 1))[0] if t is not None else 1
+        split = Split(cfg, shard, w2_block=block_of("blk.0.ffn_down.weight"), wo_block=block_of("blk.0.attn_output.weight"))
+        cfg = split.local_config()
     weights, blocks = {}, {}
     types: Counter = Counter()
     for name, t in tensors.items():
@@ -291,6 +352,9 @@ def load_gguf(path: Path, dtype: torch.dtype = torch.float32, quantized: bool = 
             raise ModelFileError(f"{path}: tensor {name!r} is not part of a llama model")
         shape = tuple(int(d) for d in reversed(t.shape))  # GGUF lists dimensions fastest-first
         types[t.tensor_type.name] += 1
+        if split is not None:
+            t = _ShardView(t, *split.ranges(meta_name), shape, reader)
+            shape = t.shape
         if quantized and t.tensor_type.name in KERNEL_TYPES and len(shape) == 2:
             blocks[meta_name] = (torch.from_numpy(t.data), t.tensor_type.name, False)
             continue

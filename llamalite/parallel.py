@@ -1,0 +1,174 @@
+"""Tensor parallelism for inference (Megatron-LM, Shoeybi et al. 2019) over torch.distributed: a model
+too big for one machine split across N processes (ranks) launched by torchrun, on one or several
+machines, gloo between CPUs and NCCL between GPUs.
+
+Each rank holds whole key/value-head groups of every attention layer (so grouped-query attention
+stays intact) and a slice of every feed-forward: wq, wk, wv, w1 and w3 split by output rows (their
+"columns" in Megatron's terms), wo and w2 by input columns, so that each rank's wo and w2 give a
+partial sum of the block's output and one all-reduce after each completes it. Norms, RoPE and the KV
+cache are local to the rank's heads; the embedding and the output layer are replicated, so every rank
+ends a step with the same logits. Each rank reads only its own slices from the GGUF memory map
+(quantized rows split on whole rows and whole blocks), so it holds about 1/N of the layers' weights.
+
+Heads are dealt out as evenly as whole groups allow (SmolLM2-135M's 3 groups go 2 + 1 over two ranks);
+feed-forward rows as evenly as whole blocks of w2's type allow.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+import torch
+from torch import nn
+
+from .config import ModelConfig
+
+
+class ParallelError(ValueError):
+    """A model or setting that cannot be split as asked, with what to do instead."""
+
+
+@dataclass(frozen=True)
+class Shard:
+    """This process's place in a tensor-parallel group: rank `rank` of `world`."""
+    rank: int
+    world: int
+
+
+def _even(units: int, world: int) -> list[tuple[int, int]]:
+    """`units` split into `world` contiguous ranges as evenly as possible, the larger ones first."""
+    base, extra = divmod(units, world)
+    out, start = [], 0
+    for r in range(world):
+        n = base + (r < extra)
+        out.append((start, start + n))
+        start += n
+    return out
+
+
+@dataclass(frozen=True)
+class Split:
+    """What rank `shard.rank` holds of a model with config `cfg`: row ranges of wq/wk/wv and w1/w3, the
+    same ranges as input columns of wo and w2, and its local config (its heads and hidden width).
+    `w2_block` and `wo_block` are the elements per quantization block along those weights' rows."""
+    cfg: ModelConfig
+    shard: Shard
+    w2_block: int = 1
+    wo_block: int = 1
+
+    def __post_init__(self):
+        cfg, world = self.cfg, self.shard.world
+        if world > cfg.n_kv_heads:
+            raise ParallelError(f"tensor parallelism over {world} ranks needs at least {world} key/value-head groups; "
+                                f"this model has {cfg.n_kv_heads}: use at most {cfg.n_kv_heads} ranks")
+        rep, hd = cfg.n_heads // cfg.n_kv_heads, cfg.head_dim
+        for lo, hi in _even(cfg.n_kv_heads, world):
+            if (lo * rep * hd) % self.wo_block or (hi * rep * hd) % self.wo_block:
+                raise ParallelError(f"wo's blocks of {self.wo_block} columns do not split on this model's head "
+                                    f"boundaries ({rep} x {hd} columns a group) for {world} ranks; try another "
+                                    f"--tp, or a file whose wo is in a type of 32-wide blocks (Q4_0, Q4_1, Q8_0)")
+        if cfg.hidden_dim % self.w2_block or cfg.hidden_dim // self.w2_block < world:
+            raise ParallelError(f"the feed-forward's {cfg.hidden_dim} columns of w2 in blocks of {self.w2_block} do "
+                                f"not split over {world} ranks")
+
+    @property
+    def heads(self) -> tuple[int, int]:
+        """This rank's key/value-head groups, [lo, hi)."""
+        return _even(self.cfg.n_kv_heads, self.shard.world)[self.shard.rank]
+
+    @property
+    def hidden(self) -> tuple[int, int]:
+        """This rank's feed-forward rows of w1/w3 (columns of w2), [lo, hi), on whole w2 blocks."""
+        lo, hi = _even(self.cfg.hidden_dim // self.w2_block, self.shard.world)[self.shard.rank]
+        return lo * self.w2_block, hi * self.w2_block
+
+    def local_config(self) -> ModelConfig:
+        lo, hi = self.heads
+        rep = self.cfg.n_heads // self.cfg.n_kv_heads
+        h_lo, h_hi = self.hidden
+        return dataclasses.replace(self.cfg, n_heads=(hi - lo) * rep, n_kv_heads=hi - lo, hidden_dim=h_hi - h_lo,
+                                   head_dim=self.cfg.head_dim)
+
+    def ranges(self, name: str) -> tuple[tuple[int, int] | None, tuple[int, int] | None]:
+        """(rows, columns) this rank keeps of Meta-named weight `name` (None: all of them)."""
+        lo, hi = self.heads
+        hd, rep = self.cfg.head_dim, self.cfg.n_heads // self.cfg.n_kv_heads
+        q, kv = (lo * rep * hd, hi * rep * hd), (lo * hd, hi * hd)
+        target = name.removesuffix(".weight").rsplit(".", 1)[-1]
+        return {"wq": (q, None), "wk": (kv, None), "wv": (kv, None), "wo": (None, q), "w1": (self.hidden, None),
+                "w3": (self.hidden, None), "w2": (None, self.hidden)}.get(target, (None, None))
+
+
+class AllReduce(nn.Module):
+    """A row-parallel layer (wo or w2): this rank's partial product, summed over the group, so that every
+    rank holds the whole output."""
+
+    def __init__(self, inner: nn.Module, group: Any = None):
+        super().__init__()
+        self.inner, self.group = inner, group
+        self.in_features, self.out_features = inner.in_features, inner.out_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        import torch.distributed as dist
+
+        y = self.inner(x)
+        dist.all_reduce(y, group=self.group)
+        return y
+
+
+def parallelize(model: nn.Module, group: Any = None) -> nn.Module:
+    """Complete a rank's model: an all-reduce after each wo and w2 (the kernels' one-call decode step,
+    which has no collective inside, is left for the per-layer path)."""
+    for layer in model.layers:
+        layer.attention.wo = AllReduce(layer.attention.wo, group)
+        layer.feed_forward.w2 = AllReduce(layer.feed_forward.w2, group)
+    if hasattr(model, "plan"):
+        model.plan = None
+    model.shard = Shard(group_rank(group), group_size(group))
+    return model
+
+
+def group_rank(group: Any = None) -> int:
+    import torch.distributed as dist
+
+    return dist.get_rank(group)
+
+
+def group_size(group: Any = None) -> int:
+    import torch.distributed as dist
+
+    return dist.get_world_size(group)
+
+
+def from_env(timeout_s: float = 300.0) -> Shard | None:
+    """This process's shard when torchrun started it with more than one process (WORLD_SIZE > 1): the
+    default process group is set up (gloo on CPUs, with a timeout so that a rank that never arrives is
+    an error, not a hang). None in a single process."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return None
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        try:
+            dist.init_process_group("gloo", timeout=timedelta(seconds=timeout_s))
+        except Exception as e:  # noqa: BLE001 (a rendezvous that fails says where it tried)
+            raise ParallelError(f"rank {os.environ.get('RANK')} of {world} could not join the group at "
+                                f"{os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')} ({e}); check that "
+                                "every machine runs the same torchrun command with a reachable --rdzv-endpoint") from e
+    return Shard(dist.get_rank(), dist.get_world_size())
+
+
+def agree(value: Any) -> Any:
+    """Rank 0's `value` on every rank (a prompt read from stdin, a random seed): what all ranks must share."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]

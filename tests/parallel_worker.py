@@ -1,0 +1,61 @@
+"""Run by tests/test_parallel.py, in one process or as each rank under torchrun: for every GGUF file
+given, the logits of a full forward, of a cached prefill and one decode step, 16 greedy tokens, and
+what this process holds (bytes of layer weights, peak RSS), saved to OUT/<file stem>-<rank>.pt."""
+
+import resource
+import sys
+from pathlib import Path
+
+import torch
+
+
+def held_bytes(model) -> dict[str, int]:
+    """Bytes of the blocks' weights and of everything else this model holds (parameters and blocks)."""
+    from llamalite.quantized import QuantEmbedding, QuantLinear
+
+    layers = other = 0
+    seen = set()
+    for name, module in model.named_modules():
+        tensors = [module.raw] if isinstance(module, (QuantLinear, QuantEmbedding)) else \
+            list(module.parameters(recurse=False))
+        for t in tensors:
+            if t.data_ptr() in seen:
+                continue
+            seen.add(t.data_ptr())
+            n = t.numel() * t.element_size()
+            if name.startswith("layers.") and "norm" not in name:
+                layers += n
+            else:
+                other += n
+    return {"layers": layers, "other": other}
+
+
+def main() -> None:
+    from llamalite.generation import generate
+    from llamalite.loading import load
+    from llamalite.parallel import from_env
+    from llamalite.sampling import GREEDY
+
+    out = Path(sys.argv[1])
+    shard = from_env()
+    rank = shard.rank if shard else 0
+    for path in sys.argv[2:]:
+        lm = load(path, shard=shard)
+        ids = lm.tokenizer.encode("The capital of France is a city of")[:10]
+        with torch.no_grad():
+            full = lm.model(torch.tensor([ids]))
+            lm.model.setup_caches(1, 64)
+            pre = lm.model(torch.tensor([ids[:6]]), torch.arange(6))
+            step = lm.model(torch.tensor([ids[6:7]]), torch.tensor([6]))
+        tokens = list(generate(lm.model, ids, max_new_tokens=16, sampling=GREEDY))
+        torch.save({"full": full, "pre": pre, "step": step, "tokens": tokens, "held": held_bytes(lm.model),
+                    "peak_rss_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss},
+                   out / f"{Path(path).stem}-{rank}.pt")
+    if shard is not None:
+        import torch.distributed as dist
+
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,114 @@
+"""Tensor parallelism (llamalite.parallel) under torchrun with two CPU processes over gloo: the same
+logits and greedy tokens as one process, on tiny random models and on the default model (whose three
+key/value-head groups split 2 + 1), each rank holding its share of the weights; the rules of the split
+and the errors for what cannot be split."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from llamalite.config import ModelConfig
+from llamalite.parallel import ParallelError, Shard, Split
+from tests.helpers import meta_weights_from_hf, tiny_hf_model, write_gguf
+
+ROOT = Path(__file__).resolve().parent.parent
+CFG = ModelConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=400, hidden_dim=160, context_length=256)
+
+
+def _torchrun(n: int, *args: str, timeout: float = 300, stdin: str | None = None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(n),
+                           *args], capture_output=True, text=True, timeout=timeout, cwd=ROOT, env=env, input=stdin)
+
+
+def test_the_split_deals_whole_head_groups_and_blocks():
+    smol = ModelConfig(dim=576, n_layers=30, n_heads=9, n_kv_heads=3, vocab_size=49152, hidden_dim=1536,
+                       context_length=8192)
+    first, second = (Split(smol, Shard(r, 2), w2_block=32, wo_block=32) for r in range(2))
+    assert (first.heads, second.heads) == ((0, 2), (2, 3))  # 3 groups of 3 query heads: 2 + 1
+    assert first.local_config().n_heads == 6 and second.local_config().n_kv_heads == 1
+    assert first.ranges("layers.0.attention.wq.weight") == ((0, 384), None)
+    assert second.ranges("layers.4.attention.wo.weight") == (None, (384, 576))
+    assert second.ranges("layers.4.attention.wk.weight") == ((128, 192), None)
+    assert first.hidden == (0, 768) and second.ranges("layers.0.feed_forward.w2.weight") == (None, (768, 1536))
+    assert first.ranges("tok_embeddings.weight") == (None, None)  # replicated
+    assert Split(CFG, Shard(1, 2), w2_block=32).hidden == (96, 160)  # 5 blocks: 3 + 2
+    with pytest.raises(ParallelError, match="at most 3 ranks"):
+        Split(smol, Shard(0, 4))
+    with pytest.raises(ParallelError, match="blocks of 256"):  # K-quant blocks across a 384-column head split
+        Split(smol, Shard(0, 2), wo_block=256)
+
+
+@pytest.fixture(scope="module")
+def tiny_files(tmp_path_factory):
+    d = tmp_path_factory.mktemp("tp")
+    weights = {k: v.numpy() for k, v in meta_weights_from_hf(tiny_hf_model()).items()}
+    return [write_gguf(d / f"tiny-{t}.gguf", weights, CFG, tensor_type=t) for t in ("F32", "Q8_0")]
+
+
+def _runs(tmp_path, files, n):
+    """The worker's results for each file: one process, and each rank of `n` under torchrun."""
+    one, split = tmp_path / "one", tmp_path / "split"
+    one.mkdir()
+    split.mkdir()
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    done = subprocess.run([sys.executable, "tests/parallel_worker.py", str(one), *map(str, files)], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    done = _torchrun(n, "tests/parallel_worker.py", str(split), *map(str, files))
+    assert done.returncode == 0, done.stderr[-3000:]
+    return {Path(f).stem: (torch.load(one / f"{Path(f).stem}-0.pt"),
+                           [torch.load(split / f"{Path(f).stem}-{r}.pt") for r in range(n)]) for f in files}
+
+
+def test_two_ranks_equal_one_process_on_tiny_models(tiny_files, tmp_path):
+    for name, (one, ranks) in _runs(tmp_path, tiny_files, 2).items():
+        # F32: only the order of the fp32 sums differs; Q8_0: the kernels also quantize each activation
+        # block, and a sum that differs in its last bit can round a block's value the other way
+        tol = 1e-5 if name.endswith("F32") else 1e-3
+        for key in ("full", "pre", "step"):
+            for rank in ranks:  # every rank ends with the whole logits
+                err = (rank[key] - one[key]).abs().max() / one[key].abs().max()
+                assert err < tol, (name, key, float(err))
+        assert all(r["tokens"] == one["tokens"] for r in ranks), name
+        held = [r["held"]["layers"] for r in ranks]
+        assert sum(held) == one["held"]["layers"] and max(held) <= 0.61 * one["held"]["layers"], (name, held)
+
+
+def test_the_default_model_over_two_ranks(default_model_file, tmp_path):
+    """SmolLM2-135M (Q4_1): its 3 head groups split 2 + 1 and its feed-forward in halves; the same logits
+    (within the kernels' activation rounding), the same greedy tokens, and the layers' weights shared out."""
+    (one, ranks), = _runs(tmp_path, [default_model_file], 2).values()
+    for key in ("full", "pre", "step"):
+        err = (ranks[0][key] - one[key]).abs().max() / one[key].abs().max()
+        assert err < 1e-3, (key, float(err))
+    assert ranks[0]["tokens"] == ranks[1]["tokens"] == one["tokens"]
+    held = [r["held"]["layers"] for r in ranks]
+    assert sum(held) == one["held"]["layers"] and held[1] < held[0] < 0.62 * one["held"]["layers"]
+    # and the memory it saves shows in each rank's peak RSS (the file's other slices never paged in)
+    for r in ranks:
+        saved_kb = (one["held"]["layers"] - r["held"]["layers"]) / 1024
+        assert r["peak_rss_kb"] <= one["peak_rss_kb"] - 0.5 * saved_kb, (r["peak_rss_kb"], one["peak_rss_kb"], saved_kb)
+
+
+def test_generate_under_torchrun(default_model_file):
+    """`torchrun --nproc_per_node 2 -m llamalite generate`: 32 greedy tokens as one process writes them,
+    printed once; a prompt on stdin is rank 0's, shared with the other."""
+    args = ["-m", "llamalite", "generate", "-t", "0", "-n", "32", "The capital of France is"]
+    one = subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=300, cwd=ROOT)
+    two = _torchrun(2, *args)
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert two.stdout == one.stdout and one.stdout.strip()
+    piped = _torchrun(2, *args[:-1], stdin="The capital of France is")
+    assert piped.stdout == one.stdout
+
+
+def test_what_cannot_be_split_is_refused(tiny_files):
+    three = _torchrun(3, "-m", "llamalite", "generate", "--model", str(tiny_files[0]), "-n", "2", "hi", timeout=120)
+    assert three.returncode != 0 and "at most 2 ranks" in three.stderr
+    chat = _torchrun(2, "-m", "llamalite", "chat", timeout=120)
+    assert chat.returncode != 0 and "runs in one process" in chat.stderr

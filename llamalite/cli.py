@@ -328,6 +328,8 @@ def cmd_serve(args) -> int:
         import torch
 
         torch.set_num_threads(args.threads)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        return _serve_split(args, models)
 
     def loader(path):
         def load_it():
@@ -356,6 +358,43 @@ def cmd_serve(args) -> int:
     print(f"llamalite serving {served} on http://{args.host}:{args.port} (chat page at /, API at /v1, "
           f"{args.max_batch} slots per model{', API key required' if key else ''})", file=sys.stderr)
     serve(hub, host=args.host, port=args.port)
+    return 0
+
+
+def _serve_split(args, models: dict) -> int:
+    """`serve` under torchrun: one model split over the ranks (llamalite.parallel). Rank 0 serves HTTP and
+    runs the batching engine, handing each forward to the other ranks, which follow."""
+    from .loading import load
+    from .parallel import Leader, control_group, follow, from_env
+    from .serve import serve
+    from .serve.guard import Limits
+    from .serve.hub import Hub
+
+    if len(models) > 1 or args.lora or args.max_loaded is not None:
+        raise ValueError("under torchrun, serve splits one model over the ranks: give a single --model (no --lora "
+                         "or --max-loaded)")
+    shard = from_env()
+    (name, path), = models.items()
+    lm = load(path, device=args.device, shard=shard)
+    control = control_group()
+    if shard.rank != 0:
+        follow(lm.model, control)
+        return 0
+    lm.model = Leader(lm.model, control)
+    key = args.api_key or os.environ.get("LLAMALITE_API_KEY") or None
+    hosts = tuple(h.strip().lower() for h in (args.allowed_hosts or "").split(",") if h.strip())
+    limits = Limits.for_context(args.ctx, max_body=args.max_body, max_queue=args.max_queue,
+                                read_timeout=args.read_timeout, allowed_hosts=hosts,
+                                max_stored_responses=args.max_stored_responses)
+    hub = Hub({name: lambda: lm}, max_batch=args.max_batch, max_seq_len=args.ctx, api_key=key, limits=limits,
+              pooling=args.pooling)
+    try:
+        hub.servers[name] = hub.build(name)
+        print(f"llamalite serving {name} split over {shard.world} ranks on http://{args.host}:{args.port}",
+              file=sys.stderr)
+        serve(hub, host=args.host, port=args.port)
+    finally:
+        lm.model.close()
     return 0
 
 
@@ -697,8 +736,8 @@ VERBS: dict[str, tuple[Callable[[Any], int], str, Callable[[argparse.ArgumentPar
 
 # Verbs that run split over torchrun's processes (llamalite.parallel); train and finetune use torchrun for
 # data parallelism instead.
-TENSOR_PARALLEL = ("generate", "eval")
-_SINGLE_PROCESS = ("chat", "serve", "bench", "embed", "tokenize", "info", "export", "prepare", "pull", "list")
+TENSOR_PARALLEL = ("generate", "eval", "serve")
+_SINGLE_PROCESS = ("chat", "bench", "embed", "tokenize", "info", "export", "prepare", "pull", "list")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -719,7 +758,7 @@ def main(argv: list[str] | None = None) -> int:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1 and args.verb in _SINGLE_PROCESS:
         print(f"llamalite: error: `{args.verb}` runs in one process; under torchrun, llamalite splits "
-              f"{' and '.join(TENSOR_PARALLEL)} (tensor parallelism) and trains (train, finetune)", file=sys.stderr)
+              f"{', '.join(TENSOR_PARALLEL)} (tensor parallelism) and trains (train, finetune)", file=sys.stderr)
         return 1
     quiet = world > 1 and args.verb in TENSOR_PARALLEL and int(os.environ.get("RANK", "0")) != 0
     if quiet:  # one rank speaks for the group: the others compute the same thing

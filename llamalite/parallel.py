@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import time
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -105,7 +106,10 @@ class Split:
 
 class AllReduce(nn.Module):
     """A row-parallel layer (wo or w2): this rank's partial product, summed over the group, so that every
-    rank holds the whole output."""
+    rank holds the whole output. `AllReduce.seconds` adds up the time spent in the collectives (waiting
+    for the slowest rank included), for benchmarks."""
+
+    seconds = 0.0
 
     def __init__(self, inner: nn.Module, group: Any = None):
         super().__init__()
@@ -116,7 +120,9 @@ class AllReduce(nn.Module):
         import torch.distributed as dist
 
         y = self.inner(x)
+        start = time.perf_counter()
         dist.all_reduce(y, group=self.group)
+        AllReduce.seconds += time.perf_counter() - start
         return y
 
 
@@ -172,3 +178,62 @@ def agree(value: Any) -> Any:
     box = [value]
     dist.broadcast_object_list(box, src=0)
     return box[0]
+
+
+def control_group() -> Any:
+    """The group over which rank 0 hands its calls to the others (`Leader`, `follow`): no timeout worth the
+    name, since a follower waits there as long as the server is idle (torchrun stops the others when one
+    rank exits)."""
+    import torch.distributed as dist
+
+    return dist.new_group(backend="gloo", timeout=timedelta(days=365))
+
+
+class Leader:
+    """Rank 0's model in a tensor-parallel server: every call the engine makes on it (a forward, the
+    hidden states, setting up the caches) is first handed to the other ranks, which make the same call
+    on their parts of the model (`follow`), so that the collectives inside meet. Sampling and everything
+    else happen on rank 0 alone: every rank ends a forward with the same logits."""
+
+    def __init__(self, model: nn.Module, group: Any):
+        self.model, self.group = model, group
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.model, name)
+
+    def _hand(self, op: str, args: tuple, kwargs: dict) -> None:
+        import torch.distributed as dist
+
+        dist.broadcast_object_list([(op, args, kwargs)], src=0, group=self.group)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        self._hand("forward", args, kwargs)
+        return self.model(*args, **kwargs)
+
+    def hidden(self, tokens: torch.Tensor) -> torch.Tensor:
+        self._hand("hidden", (tokens,), {})
+        return self.model.hidden(tokens)
+
+    def setup_caches(self, *args: Any, **kwargs: Any) -> None:
+        self._hand("setup_caches", args, kwargs)
+        self.model.setup_caches(*args, **kwargs)
+
+    def close(self) -> None:
+        """Let the followers go (the server is stopping)."""
+        self._hand("stop", (), {})
+
+
+def follow(model: nn.Module, group: Any) -> None:
+    """A rank other than 0 of a tensor-parallel server: make each call rank 0's Leader hands over, on this
+    rank's part of the model, until it says stop."""
+    import torch.distributed as dist
+
+    calls = {"forward": model, "hidden": model.hidden, "setup_caches": model.setup_caches}
+    while True:
+        box: list = [None]
+        dist.broadcast_object_list(box, src=0, group=group)
+        op, args, kwargs = box[0]
+        if op == "stop":
+            return
+        with torch.inference_mode():
+            calls[op](*args, **kwargs)

@@ -112,3 +112,38 @@ def test_what_cannot_be_split_is_refused(tiny_files):
     assert three.returncode != 0 and "at most 2 ranks" in three.stderr
     chat = _torchrun(2, "-m", "llamalite", "chat", timeout=120)
     assert chat.returncode != 0 and "runs in one process" in chat.stderr
+
+
+def test_serve_split_over_two_ranks(client):
+    """`torchrun --nproc_per_node 2 -m llamalite serve`: rank 0 serves and schedules, rank 1 follows each
+    forward; greedy replies, streamed or not, and embeddings equal one process's."""
+    import socket
+    import signal
+
+    from llamalite.serve import wait_until_serving
+
+    openai = pytest.importorskip("openai")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                             "-m", "llamalite", "serve", "--port", str(port), "--model-name", "smollm2", "--max-batch", "2",
+                             "--ctx", "1024"], env=env, cwd=ROOT, stderr=subprocess.DEVNULL, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_until_serving(url, proc, timeout=180)
+        split = openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0)
+        ask = dict(model="smollm2", messages=[{"role": "user", "content": "What is the capital of France?"}],
+                   max_tokens=24, temperature=0)
+        one = client.chat.completions.create(**ask).choices[0].message.content
+        assert split.chat.completions.create(**ask).choices[0].message.content == one
+        streamed = "".join(c.choices[0].delta.content or "" for c in split.chat.completions.create(**ask, stream=True)
+                           if c.choices)
+        assert streamed == one
+        vectors = [torch.tensor(c.embeddings.create(model="smollm2", input=["a llama on a hill"]).data[0].embedding)
+                   for c in (client, split)]
+        assert torch.nn.functional.cosine_similarity(vectors[0], vectors[1], dim=0) > 0.9999
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=60)

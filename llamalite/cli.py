@@ -311,7 +311,6 @@ def _served_adapters(args, models: dict) -> dict:
 def cmd_serve(args) -> int:
     from .loading import load
     from .serve import serve
-    from .serve.guard import Limits
     from .serve.hub import Hub
 
     if args.max_batch < 1:
@@ -341,11 +340,7 @@ def cmd_serve(args) -> int:
             return lm
         return load_it
 
-    key = args.api_key or os.environ.get("LLAMALITE_API_KEY") or None
-    hosts = tuple(h.strip().lower() for h in (args.allowed_hosts or "").split(",") if h.strip())
-    limits = Limits.for_context(args.ctx, max_body=args.max_body, max_queue=args.max_queue,
-                                read_timeout=args.read_timeout, allowed_hosts=hosts,
-                                max_stored_responses=args.max_stored_responses)
+    key, limits = _serve_settings(args)
     hub = Hub({name: loader(path) for name, path in models.items()}, max_loaded=args.max_loaded,
               max_batch=args.max_batch, max_seq_len=args.ctx, api_key=key, limits=limits, pooling=args.pooling,
               adapters=_served_adapters(args, models))
@@ -361,13 +356,23 @@ def cmd_serve(args) -> int:
     return 0
 
 
+def _serve_settings(args):
+    """serve's API key (the flag, else $LLAMALITE_API_KEY) and limits (guard.Limits) from its flags."""
+    from .serve.guard import Limits
+
+    key = args.api_key or os.environ.get("LLAMALITE_API_KEY") or None
+    hosts = tuple(h.strip().lower() for h in (args.allowed_hosts or "").split(",") if h.strip())
+    return key, Limits.for_context(args.ctx, max_body=args.max_body, max_queue=args.max_queue,
+                                   read_timeout=args.read_timeout, allowed_hosts=hosts,
+                                   max_stored_responses=args.max_stored_responses)
+
+
 def _serve_split(args, models: dict) -> int:
     """`serve` under torchrun: one model split over the ranks (llamalite.parallel). Rank 0 serves HTTP and
     runs the batching engine, handing each forward to the other ranks, which follow."""
     from .loading import load
     from .parallel import Leader, control_group, follow, from_env
     from .serve import serve
-    from .serve.guard import Limits
     from .serve.hub import Hub
 
     if len(models) > 1 or args.lora or args.max_loaded is not None:
@@ -381,11 +386,7 @@ def _serve_split(args, models: dict) -> int:
         follow(lm.model, control)
         return 0
     lm.model = Leader(lm.model, control)
-    key = args.api_key or os.environ.get("LLAMALITE_API_KEY") or None
-    hosts = tuple(h.strip().lower() for h in (args.allowed_hosts or "").split(",") if h.strip())
-    limits = Limits.for_context(args.ctx, max_body=args.max_body, max_queue=args.max_queue,
-                                read_timeout=args.read_timeout, allowed_hosts=hosts,
-                                max_stored_responses=args.max_stored_responses)
+    key, limits = _serve_settings(args)
     hub = Hub({name: lambda: lm}, max_batch=args.max_batch, max_seq_len=args.ctx, api_key=key, limits=limits,
               pooling=args.pooling)
     try:

@@ -1,12 +1,14 @@
-"""One process against the same model split over torchrun's processes (tensor parallelism, gloo).
+"""One process against the same model split over torchrun's processes, by heads (tensor parallelism)
+and by layers (pipeline stages), over gloo.
 
     python benchmarks/bench_parallel.py --model /tmp/llama2-7b-shape-q4_0.gguf [--tp 2] [--threads 2]
         [--prompt-tokens 128] [--gen-tokens 32]
 
 Runs the model in one process with --threads threads, then under torchrun with --tp ranks of
-threads/tp threads each, in turn. Each run loads the model, prefills a --prompt-tokens prompt (time to
+threads/tp threads each, split by heads and then by layers (--pp), in turn. Each run loads the model, prefills a --prompt-tokens prompt (time to
 first token), then decodes --gen-tokens tokens greedily, and reports per rank: load seconds, TTFT,
-decode tok/s, peak RSS, and the share of the decode spent in all-reduces (parallel.AllReduce.seconds).
+decode tok/s, peak RSS, and (split by heads) the share of the decode spent in all-reduces
+(parallel.AllReduce.seconds).
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import time
 from pathlib import Path
 
 
-def worker(model: str, prompt_tokens: int, gen_tokens: int, out: Path) -> None:
+def worker(model: str, prompt_tokens: int, gen_tokens: int, out: Path, pipeline: bool) -> None:
     import torch
 
     from llamalite.generation import generate
@@ -32,7 +34,7 @@ def worker(model: str, prompt_tokens: int, gen_tokens: int, out: Path) -> None:
 
     shard = from_env()
     t0 = time.perf_counter()
-    lm = load(model, shard=shard)
+    lm = load(model, shard=shard, pipeline=pipeline)
     load_s = time.perf_counter() - t0
     words = "the quick brown fox jumps over a lazy dog while the river runs past an old mill " * 40
     prompt = lm.tokenizer.encode(words)[:prompt_tokens]
@@ -66,17 +68,18 @@ def main() -> int:
     ap.add_argument("--prompt-tokens", type=int, default=128)
     ap.add_argument("--gen-tokens", type=int, default=32)
     ap.add_argument("--worker", metavar="OUT", help=argparse.SUPPRESS)
+    ap.add_argument("--pp", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
-        worker(args.model, args.prompt_tokens, args.gen_tokens, Path(args.worker))
+        worker(args.model, args.prompt_tokens, args.gen_tokens, Path(args.worker), args.pp)
         return 0
     me = [str(Path(__file__).resolve()), "--model", args.model, "--prompt-tokens", str(args.prompt_tokens),
           "--gen-tokens", str(args.gen_tokens)]
     report = {"model": Path(args.model).name, "prompt_tokens": args.prompt_tokens, "gen_tokens": args.gen_tokens}
-    for label, cmd, threads in (
-            ("one_process", [sys.executable, *me], args.threads),
-            (f"tp{args.tp}", [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
-                              str(args.tp), *me], max(1, args.threads // args.tp))):
+    split = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(args.tp), *me]
+    for label, cmd, threads in (("one_process", [sys.executable, *me], args.threads),
+                                (f"tp{args.tp}", split, max(1, args.threads // args.tp)),
+                                (f"pp{args.tp}", [*split, "--pp"], max(1, args.threads // args.tp))):
         with tempfile.TemporaryDirectory() as out:
             env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
             run = subprocess.run([*cmd, "--worker", out], env=env, capture_output=True, text=True)

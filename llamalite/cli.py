@@ -26,7 +26,7 @@ def _load(args):
         if shard is not None and getattr(args, "lora", None):
             raise ValueError("--lora with tensor parallelism is not supported yet: run the adapter in one process, or "
                              "merge it (llamalite export) and split the merged model")
-    lm = load(resolve_model(args.model), device=args.device, shard=shard)
+    lm = load(resolve_model(args.model), device=args.device, shard=shard, pipeline=getattr(args, "pp", False))
     if getattr(args, "lora", None):
         from .adapters import AdapterSet, read_adapter
 
@@ -380,7 +380,7 @@ def _serve_split(args, models: dict) -> int:
                          "or --max-loaded)")
     shard = from_env()
     (name, path), = models.items()
-    lm = load(path, device=args.device, shard=shard)
+    lm = load(path, device=args.device, shard=shard, pipeline=args.pp)
     control = control_group()
     if shard.rank != 0:
         follow(lm.model, control)
@@ -558,8 +558,14 @@ def _grammar_args(p):
     p.add_argument("--grammar", metavar="FILE", help="constrain the reply to this GBNF grammar (llama.cpp's format)")
 
 
+def _split_arg(p):
+    p.add_argument("--pp", action="store_true", help="under torchrun: split the model by layers into pipeline stages "
+                                                     "(one hand-over a stage a token) instead of by heads")
+
+
 def _generate_args(p):
     _model_arg(p, lora=True)
+    _split_arg(p)
     _sampling_args(p)
     _grammar_args(p)
     p.add_argument("--stop", action="append", help="stop string (repeatable)")
@@ -606,6 +612,7 @@ def _serve_args(p):
                    help="serve a LoRA adapter (a `llamalite finetune` output directory or a PEFT adapter directory) "
                         "unmerged as model NAME, on MODEL (default: the first --model); repeatable, and requests "
                         "for different adapters and the base batch together")
+    _split_arg(p)
     p.add_argument("--max-loaded", type=int, metavar="N",
                    help="keep at most N models loaded: the others load on their first request and the least "
                         "recently used is unloaded (default: every model, loaded at start)")
@@ -697,6 +704,7 @@ def _eval_args(p):
     p.add_argument("kind", choices=("perplexity", "tasks"), help="perplexity of a text file, or multiple-choice tasks")
     p.add_argument("file", nargs="?", help="the text file (perplexity)")
     _model_arg(p, lora=True)
+    _split_arg(p)
     p.add_argument("--ctx", type=int, default=512, help="perplexity window in tokens (default 512, as llama.cpp)")
     p.add_argument("--tasks", help="JSONL task file (default: llamalite's basic_facts.jsonl, 40 questions)")
     p.add_argument("--limit", type=int, help="only the first N questions")

@@ -48,24 +48,28 @@ class LoadedModel:
 
 
 def load(path: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
-         quantized: bool = True, shard: "Shard | None" = None) -> LoadedModel:
+         quantized: bool = True, shard: "Shard | None" = None, pipeline: bool = False) -> LoadedModel:
     """Load a GGUF file, an HF directory or a Meta checkpoint directory, telling which by its files,
     onto `device` in `dtype` (fp32 by default: without AVX-512 BF16, bf16 matmuls are slow on CPUs).
     GGUF Q4_0/Q4_1/Q8_0 weights stay quantized for the CPU kernels unless `quantized` is False (e.g.
     for training); on other devices they are dequantized, where dense matmuls are the fast path.
     With `shard` (parallel.Shard, under torchrun), only this rank's slices of a GGUF file are read and
-    the model is this rank's part of a tensor-parallel one (llamalite.parallel)."""
+    the model is this rank's part of a tensor-parallel one (llamalite.parallel), or with `pipeline` its
+    stage of consecutive layers."""
     on_cpu = torch.device(device).type == "cpu"
     path = Path(path).expanduser()
     if shard is not None:
-        from .parallel import ParallelError, parallelize
+        from .parallel import ParallelError, parallelize, pipeline as stage
 
         gguf = path if path.is_file() else next(iter(sorted(path.glob("*.gguf"))), None)
         if gguf is None or not path.exists():
             raise ParallelError(f"tensor parallelism reads GGUF files (each rank its own slices of the memory map); "
                                 f"{path} is not one: convert it with `llamalite export {path} --to gguf`")
-        lm = load_gguf(gguf, dtype, quantized and on_cpu, shard)
-        parallelize(lm.model)
+        lm = load_gguf(gguf, dtype, quantized and on_cpu, shard, pipeline)
+        if pipeline:
+            stage(lm.model, shard)
+        else:
+            parallelize(lm.model)
     else:
         lm = _load(path, dtype, quantized and on_cpu)
     if not on_cpu:
@@ -309,11 +313,12 @@ def gguf_metadata(reader) -> dict[str, Any]:
 
 
 def load_gguf(path: Path, dtype: torch.dtype = torch.float32, quantized: bool = True,
-              shard: "Shard | None" = None) -> LoadedModel:
+              shard: "Shard | None" = None, pipeline: bool = False) -> LoadedModel:
     """With `quantized`, Q4_0/Q4_1/Q8_0 weights stay in their blocks (QuantLinear), and the other lossy
     block types are re-quantized to Q8_0 for the kernels; F32/F16/BF16 weights, or everything when
     `quantized` is False, are dequantized to `dtype`. With `shard`, each weight is first cut to this
-    rank's rows or whole-block columns (parallel.Split) and the config is the rank's own."""
+    rank's rows or whole-block columns (parallel.Split) and the config is the rank's own; with
+    `pipeline` instead, only this rank's layers are read (parallel.Stages)."""
     from .quantized import KERNEL_TYPES, REQUANT_TYPES, kernels_available, requantize_q8_0
     from .quants import dequantize, q5_0_as_q8_0
 
@@ -332,8 +337,13 @@ def load_gguf(path: Path, dtype: torch.dtype = torch.float32, quantized: bool = 
         cfg = config_from_gguf(meta, has_output="output.weight" in tensors, rope_scaling=rope)
     except ValueError as e:
         raise ModelFileError(f"{path}: {e}") from e
-    split = None
-    if shard is not None:
+    split = stages = None
+    if shard is not None and pipeline:
+        from .parallel import Stages
+
+        stages = Stages(cfg, shard)
+        cfg = stages.local_config()
+    elif shard is not None:
         from .parallel import Split
         from .quants import BLOCK as _BLOCK
 
@@ -350,6 +360,10 @@ def load_gguf(path: Path, dtype: torch.dtype = torch.float32, quantized: bool = 
         meta_name = gguf_to_meta_name(name)
         if meta_name is None:
             raise ModelFileError(f"{path}: tensor {name!r} is not part of a llama model")
+        if stages is not None:
+            meta_name = stages.rename(meta_name)
+            if meta_name is None:  # another stage's layer: never read here
+                continue
         shape = tuple(int(d) for d in reversed(t.shape))  # GGUF lists dimensions fastest-first
         types[t.tensor_type.name] += 1
         if split is not None:

@@ -237,3 +237,116 @@ def follow(model: nn.Module, group: Any) -> None:
             return
         with torch.inference_mode():
             calls[op](*args, **kwargs)
+
+
+# ----- pipeline stages ------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Stages:
+    """A pipeline split (as llama.cpp's default over several devices): rank r of N holds a contiguous run
+    of the layers, dealt out as evenly as whole layers allow; the embedding, final norm and output layer
+    are on every rank (replicated, as in the tensor-parallel split)."""
+    cfg: ModelConfig
+    shard: Shard
+
+    def __post_init__(self):
+        if self.shard.world > self.cfg.n_layers:
+            raise ParallelError(f"a pipeline over {self.shard.world} ranks needs at least as many layers; this model "
+                                f"has {self.cfg.n_layers}")
+
+    @property
+    def layers(self) -> tuple[int, int]:
+        return _even(self.cfg.n_layers, self.shard.world)[self.shard.rank]
+
+    def local_config(self) -> ModelConfig:
+        lo, hi = self.layers
+        return dataclasses.replace(self.cfg, n_layers=hi - lo)
+
+    def rename(self, name: str) -> str | None:
+        """Meta-named weight `name` as this rank's model names it (its layers counted from 0), or None
+        when another rank holds it."""
+        if not name.startswith("layers."):
+            return name
+        index, rest = name[len("layers."):].split(".", 1)
+        lo, hi = self.layers
+        return f"layers.{int(index) - lo}.{rest}" if lo <= int(index) < hi else None
+
+
+class _FromPrevious(nn.Module):
+    """A later stage's input: the previous stage's hidden states, received in place of the embedding."""
+
+    def __init__(self, src: int, width: int, dtype: torch.dtype):
+        super().__init__()
+        self.src, self.width, self.dtype = src, width, dtype
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        import torch.distributed as dist
+
+        x = torch.empty(*tokens.shape, self.width, dtype=self.dtype)
+        dist.recv(x, self.src)
+        return x
+
+
+class _ThenSend(nn.Module):
+    """A stage's last block, whose output goes on to the next stage."""
+
+    def __init__(self, block: nn.Module, dst: int):
+        super().__init__()
+        self.block, self.dst = block, dst
+
+    def forward(self, *args: Any) -> torch.Tensor:
+        import torch.distributed as dist
+
+        y = self.block(*args)
+        dist.send(y.contiguous(), self.dst)
+        return y
+
+    def __getattr__(self, name: str) -> Any:  # attention, feed_forward, ... as the block has them
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self.block, name)
+
+
+class _FromLast(nn.Module):
+    """The final norm or output layer: computed on the last stage and broadcast, so that every rank ends
+    a forward with the same hidden states and logits (as in the tensor-parallel split)."""
+
+    def __init__(self, inner: nn.Module, src: int, width: int | None = None):
+        super().__init__()
+        self.inner, self.src, self.width = inner, src, width
+
+    @property
+    def weight(self) -> torch.Tensor:  # Transformer.device reads the norm's
+        return self.inner.weight
+
+    @property
+    def eps(self) -> float:
+        return self.inner.eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        import torch.distributed as dist
+
+        if dist.get_rank() == self.src:
+            y = self.inner(x).float().contiguous()
+        else:
+            y = torch.empty(*x.shape[:-1], self.width or x.shape[-1], dtype=torch.float32)
+        dist.broadcast(y, self.src)
+        return y if self.width else y.to(x.dtype)
+
+
+def pipeline(model: nn.Module, shard: Shard) -> nn.Module:
+    """Complete a stage's model: its input from the previous stage (after the first), its output on to the
+    next (before the last), the last stage's norm and logits broadcast to all."""
+    last = shard.world - 1
+    cfg = model.config
+    if shard.rank > 0:
+        model.tok_embeddings = _FromPrevious(shard.rank - 1, cfg.dim, model.norm.weight.dtype)
+    if shard.rank < last:
+        model.layers[-1] = _ThenSend(model.layers[-1], shard.rank + 1)
+    model.norm = _FromLast(model.norm, last)
+    model.output = _FromLast(model.output, last, cfg.vocab_size)
+    if hasattr(model, "plan"):
+        model.plan = None
+    model.shard = shard
+    return model

@@ -1,6 +1,10 @@
-"""Run by tests/test_parallel.py, in one process or as each rank under torchrun: for every GGUF file
-given, the logits of a full forward, of a cached prefill and one decode step, 16 greedy tokens, and
-what this process holds (bytes of layer weights, peak RSS), saved to OUT/<file stem>-<rank>.pt."""
+"""Run by tests/test_parallel.py, in one process or as each rank under torchrun (split by heads, or with
+--pp by layers): for every GGUF file given, the logits of a full forward, of a cached prefill and one
+decode step, 16 greedy tokens, the last hidden states, and what this process holds (bytes of layer
+weights, peak RSS), saved to OUT/<file stem>-<rank>.pt.
+
+    python tests/parallel_worker.py [--pp] OUT FILE...
+"""
 
 import resource
 import sys
@@ -36,19 +40,23 @@ def main() -> None:
     from llamalite.parallel import from_env
     from llamalite.sampling import GREEDY
 
-    out = Path(sys.argv[1])
+    args = sys.argv[1:]
+    pipeline = "--pp" in args
+    args = [a for a in args if a != "--pp"]
+    out = Path(args[0])
     shard = from_env()
     rank = shard.rank if shard else 0
-    for path in sys.argv[2:]:
-        lm = load(path, shard=shard)
+    for path in args[1:]:
+        lm = load(path, shard=shard, pipeline=pipeline)
         ids = lm.tokenizer.encode("The capital of France is a city of")[:10]
         with torch.no_grad():
             full = lm.model(torch.tensor([ids]))
             lm.model.setup_caches(1, 64)
             pre = lm.model(torch.tensor([ids[:6]]), torch.arange(6))
             step = lm.model(torch.tensor([ids[6:7]]), torch.tensor([6]))
+            hidden = lm.model.hidden(torch.tensor([ids]))
         tokens = list(generate(lm.model, ids, max_new_tokens=16, sampling=GREEDY))
-        torch.save({"full": full, "pre": pre, "step": step, "tokens": tokens, "held": held_bytes(lm.model),
+        torch.save({"full": full, "pre": pre, "step": step, "hidden": hidden, "tokens": tokens, "held": held_bytes(lm.model),
                     "peak_rss_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss},
                    out / f"{Path(path).stem}-{rank}.pt")
     if shard is not None:

@@ -1,7 +1,8 @@
-"""Tensor parallelism (llamalite.parallel) under torchrun with two CPU processes over gloo: the same
-logits and greedy tokens as one process, on tiny random models and on the default model (whose three
-key/value-head groups split 2 + 1), each rank holding its share of the weights; the rules of the split
-and the errors for what cannot be split."""
+"""A model split over torchrun's processes (llamalite.parallel), two CPU processes over gloo, by heads
+(tensor parallelism) or by layers (pipeline stages, --pp): the same logits and greedy tokens as one
+process, on tiny random models and on the default model (whose three key/value-head groups split
+2 + 1), each rank holding its share of the weights; served; the rules of the split and the errors
+for what cannot be split."""
 
 import os
 import subprocess
@@ -50,7 +51,7 @@ def tiny_files(tmp_path_factory):
     return [write_gguf(d / f"tiny-{t}.gguf", weights, CFG, tensor_type=t) for t in ("F32", "Q8_0")]
 
 
-def _runs(tmp_path, files, n):
+def _runs(tmp_path, files, n, *flags):
     """The worker's results for each file: one process, and each rank of `n` under torchrun."""
     one, split = tmp_path / "one", tmp_path / "split"
     one.mkdir()
@@ -59,18 +60,19 @@ def _runs(tmp_path, files, n):
     done = subprocess.run([sys.executable, "tests/parallel_worker.py", str(one), *map(str, files)], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
-    done = _torchrun(n, "tests/parallel_worker.py", str(split), *map(str, files))
+    done = _torchrun(n, "tests/parallel_worker.py", *flags, str(split), *map(str, files))
     assert done.returncode == 0, done.stderr[-3000:]
     return {Path(f).stem: (torch.load(one / f"{Path(f).stem}-0.pt"),
                            [torch.load(split / f"{Path(f).stem}-{r}.pt") for r in range(n)]) for f in files}
 
 
-def test_two_ranks_equal_one_process_on_tiny_models(tiny_files, tmp_path):
-    for name, (one, ranks) in _runs(tmp_path, tiny_files, 2).items():
+@pytest.mark.parametrize("flags", [(), ("--pp",)], ids=["heads", "layers"])
+def test_two_ranks_equal_one_process_on_tiny_models(tiny_files, tmp_path, flags):
+    for name, (one, ranks) in _runs(tmp_path, tiny_files, 2, *flags).items():
         # F32: only the order of the fp32 sums differs; Q8_0: the kernels also quantize each activation
         # block, and a sum that differs in its last bit can round a block's value the other way
         tol = 1e-5 if name.endswith("F32") else 1e-3
-        for key in ("full", "pre", "step"):
+        for key in ("full", "pre", "step", "hidden"):
             for rank in ranks:  # every rank ends with the whole logits
                 err = (rank[key] - one[key]).abs().max() / one[key].abs().max()
                 assert err < tol, (name, key, float(err))
@@ -96,13 +98,14 @@ def test_the_default_model_over_two_ranks(default_model_file, tmp_path):
 
 
 def test_generate_under_torchrun(default_model_file):
-    """`torchrun --nproc_per_node 2 -m llamalite generate`: 32 greedy tokens as one process writes them,
-    printed once; a prompt on stdin is rank 0's, shared with the other."""
+    """`torchrun --nproc_per_node 2 -m llamalite generate [--pp]`: 32 greedy tokens as one process writes
+    them, printed once; a prompt on stdin is rank 0's, shared with the other."""
     args = ["-m", "llamalite", "generate", "-t", "0", "-n", "32", "The capital of France is"]
     one = subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=300, cwd=ROOT)
-    two = _torchrun(2, *args)
-    assert two.returncode == 0, two.stderr[-3000:]
-    assert two.stdout == one.stdout and one.stdout.strip()
+    for split in ([], ["--pp"]):
+        two = _torchrun(2, *args[:-1], *split, args[-1])
+        assert two.returncode == 0, two.stderr[-3000:]
+        assert two.stdout == one.stdout and one.stdout.strip(), split
     piped = _torchrun(2, *args[:-1], stdin="The capital of France is")
     assert piped.stdout == one.stdout
 

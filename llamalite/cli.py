@@ -26,7 +26,12 @@ def _load(args):
         if shard is not None and getattr(args, "lora", None):
             raise ValueError("--lora with tensor parallelism is not supported yet: run the adapter in one process, or "
                              "merge it (llamalite export) and split the merged model")
-    lm = load(resolve_model(args.model), device=args.device, shard=shard, pipeline=getattr(args, "pp", False))
+    device = args.device
+    if shard is not None:
+        from .parallel import rank_device
+
+        device = rank_device(device)
+    lm = load(resolve_model(args.model), device=device, shard=shard, pipeline=getattr(args, "pp", False))
     if getattr(args, "lora", None):
         from .adapters import AdapterSet, read_adapter
 
@@ -371,7 +376,7 @@ def _serve_split(args, models: dict) -> int:
     """`serve` under torchrun: one model split over the ranks (llamalite.parallel). Rank 0 serves HTTP and
     runs the batching engine, handing each forward to the other ranks, which follow."""
     from .loading import load
-    from .parallel import Leader, control_group, follow, from_env
+    from .parallel import Leader, control_group, follow, from_env, rank_device
     from .serve import serve
     from .serve.hub import Hub
 
@@ -380,7 +385,7 @@ def _serve_split(args, models: dict) -> int:
                          "or --max-loaded)")
     shard = from_env()
     (name, path), = models.items()
-    lm = load(path, device=args.device, shard=shard, pipeline=args.pp)
+    lm = load(path, device=rank_device(args.device), shard=shard, pipeline=args.pp)
     control = control_group()
     if shard.rank != 0:
         follow(lm.model, control)

@@ -7,6 +7,7 @@ into a model built on the meta device, so nothing is allocated twice.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import mmap
 import re
@@ -59,13 +60,16 @@ def load(path: str | Path, dtype: torch.dtype = torch.float32, device: str | tor
     on_cpu = torch.device(device).type == "cpu"
     path = Path(path).expanduser()
     if shard is not None:
-        from .parallel import ParallelError, parallelize, pipeline as stage
+        from .parallel import ParallelError, check_same, parallelize, pipeline as stage
 
         gguf = path if path.is_file() else next(iter(sorted(path.glob("*.gguf"))), None)
         if gguf is None or not path.exists():
             raise ParallelError(f"tensor parallelism reads GGUF files (each rank its own slices of the memory map); "
                                 f"{path} is not one: convert it with `llamalite export {path} --to gguf`")
         lm = load_gguf(gguf, dtype, quantized and on_cpu, shard, pipeline)
+        with open(gguf, "rb") as f:  # the header (metadata and tensor table) tells two models apart
+            head = hashlib.sha256(f.read(1 << 20)).hexdigest()[:16]
+        check_same({"bytes": gguf.stat().st_size, "header_sha256": head})
         if pipeline:
             stage(lm.model, shard)
         else:

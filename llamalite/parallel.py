@@ -160,13 +160,39 @@ def from_env(timeout_s: float = 300.0) -> Shard | None:
     import torch.distributed as dist
 
     if not dist.is_initialized():
+        # gloo between CPUs; NCCL between GPUs where there are any (each rank then on cuda:LOCAL_RANK)
+        backend = "cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo"
         try:
-            dist.init_process_group("gloo", timeout=timedelta(seconds=timeout_s))
+            dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s))
         except Exception as e:  # noqa: BLE001 (a rendezvous that fails says where it tried)
             raise ParallelError(f"rank {os.environ.get('RANK')} of {world} could not join the group at "
                                 f"{os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')} ({e}); check that "
                                 "every machine runs the same torchrun command with a reachable --rdzv-endpoint") from e
     return Shard(dist.get_rank(), dist.get_world_size())
+
+
+def rank_device(device: str) -> str:
+    """A rank's device: plain "cuda" means this rank's own GPU (torchrun's LOCAL_RANK) when split."""
+    if device == "cuda" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        return f"cuda:{os.environ.get('LOCAL_RANK', '0')}"
+    return device
+
+
+def check_same(what: dict[str, Any]) -> None:
+    """Refuse to go on when the ranks loaded different models (each machine reads its own copy of the
+    file): `what` is this rank's description of it, compared with rank 0's."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return
+    everyone: list = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, what)
+    for rank, other in enumerate(everyone):
+        if other != everyone[0]:
+            differ = sorted(k for k in everyone[0] if other.get(k) != everyone[0].get(k))
+            raise ParallelError(f"rank {rank} loaded a different model file than rank 0 (they differ in "
+                                f"{', '.join(differ)}: {other} against {everyone[0]}); every machine needs the "
+                                "same GGUF file")
 
 
 def agree(value: Any) -> Any:
@@ -282,7 +308,7 @@ class _FromPrevious(nn.Module):
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         import torch.distributed as dist
 
-        x = torch.empty(*tokens.shape, self.width, dtype=self.dtype)
+        x = torch.empty(*tokens.shape, self.width, dtype=self.dtype, device=tokens.device)
         dist.recv(x, self.src)
         return x
 
@@ -330,7 +356,7 @@ class _FromLast(nn.Module):
         if dist.get_rank() == self.src:
             y = self.inner(x).float().contiguous()
         else:
-            y = torch.empty(*x.shape[:-1], self.width or x.shape[-1], dtype=torch.float32)
+            y = torch.empty(*x.shape[:-1], self.width or x.shape[-1], dtype=torch.float32, device=x.device)
         dist.broadcast(y, self.src)
         return y if self.width else y.to(x.dtype)
 

@@ -110,16 +110,23 @@ def test_generate_under_torchrun(default_model_file):
     assert piped.stdout == one.stdout
 
 
-def test_what_cannot_be_split_is_refused(tiny_files):
+def test_what_cannot_be_split_is_refused(tiny_files, tmp_path):
     three = _torchrun(3, "-m", "llamalite", "generate", "--model", str(tiny_files[0]), "-n", "2", "hi", timeout=120)
     assert three.returncode != 0 and "at most 2 ranks" in three.stderr
     chat = _torchrun(2, "-m", "llamalite", "chat", timeout=120)
     assert chat.returncode != 0 and "runs in one process" in chat.stderr
+    # each machine reads its own copy of the file: copies that differ are caught at load
+    script = tmp_path / "mismatch.py"
+    script.write_text("import sys\nfrom llamalite.loading import load\nfrom llamalite.parallel import from_env\n"
+                      "shard = from_env()\nload(sys.argv[1 + shard.rank], shard=shard)\n")
+    mixed = _torchrun(2, str(script), *map(str, tiny_files), timeout=120)
+    assert mixed.returncode != 0 and "different model file than rank 0" in mixed.stderr
 
 
-def test_serve_split_over_two_ranks(client):
-    """`torchrun --nproc_per_node 2 -m llamalite serve`: rank 0 serves and schedules, rank 1 follows each
-    forward; greedy replies, streamed or not, and embeddings equal one process's."""
+@pytest.mark.parametrize("flags", [[], ["--pp"]], ids=["heads", "layers"])
+def test_serve_split_over_two_ranks(client, flags):
+    """`torchrun --nproc_per_node 2 -m llamalite serve [--pp]`: rank 0 serves and schedules, rank 1 follows
+    each forward; greedy replies, streamed or not, two at once, and embeddings equal one process's."""
     import socket
     import signal
 
@@ -132,7 +139,8 @@ def test_serve_split_over_two_ranks(client):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                              "-m", "llamalite", "serve", "--port", str(port), "--model-name", "smollm2", "--max-batch", "2",
-                             "--ctx", "1024"], env=env, cwd=ROOT, stderr=subprocess.DEVNULL, start_new_session=True)
+                             "--ctx", "1024", *flags], env=env, cwd=ROOT, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     try:
         wait_until_serving(url, proc, timeout=180)
@@ -144,6 +152,13 @@ def test_serve_split_over_two_ranks(client):
         streamed = "".join(c.choices[0].delta.content or "" for c in split.chat.completions.create(**ask, stream=True)
                            if c.choices)
         assert streamed == one
+        from concurrent.futures import ThreadPoolExecutor
+
+        other = dict(ask, messages=[{"role": "user", "content": "Name a colour."}])
+        alone = client.chat.completions.create(**other).choices[0].message.content
+        with ThreadPoolExecutor(2) as pool:  # batched together on the split model
+            both = list(pool.map(lambda a: split.chat.completions.create(**a).choices[0].message.content, [ask, other]))
+        assert both == [one, alone]
         vectors = [torch.tensor(c.embeddings.create(model="smollm2", input=["a llama on a hill"]).data[0].embedding)
                    for c in (client, split)]
         assert torch.nn.functional.cosine_similarity(vectors[0], vectors[1], dim=0) > 0.9999

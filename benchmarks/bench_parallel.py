@@ -7,8 +7,8 @@ and by layers (pipeline stages), over gloo.
 Runs the model in one process with --threads threads, then under torchrun with --tp ranks of
 threads/tp threads each, split by heads and then by layers (--pp), in turn. Each run loads the model, prefills a --prompt-tokens prompt (time to
 first token), then decodes --gen-tokens tokens greedily, and reports per rank: load seconds, TTFT,
-decode tok/s, peak RSS, and (split by heads) the share of the decode spent in all-reduces
-(parallel.AllReduce.seconds).
+decode tok/s, peak RSS, and the share of the decode spent in collectives and hand-overs
+(parallel.Collectives.seconds).
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ def worker(model: str, prompt_tokens: int, gen_tokens: int, out: Path, pipeline:
 
     from llamalite.generation import generate
     from llamalite.loading import load
-    from llamalite.parallel import AllReduce, from_env
+    from llamalite.parallel import Collectives, from_env
     from llamalite.sampling import GREEDY
 
     shard = from_env()
@@ -39,19 +39,19 @@ def worker(model: str, prompt_tokens: int, gen_tokens: int, out: Path, pipeline:
     words = "the quick brown fox jumps over a lazy dog while the river runs past an old mill " * 40
     prompt = lm.tokenizer.encode(words)[:prompt_tokens]
     times = []
-    AllReduce.seconds = 0.0
+    Collectives.seconds = 0.0
     start = time.perf_counter()
     with torch.no_grad():
         for _ in generate(lm.model, prompt, max_new_tokens=gen_tokens + 1, sampling=GREEDY):
             times.append(time.perf_counter())
             if len(times) == 1:
-                AllReduce.seconds = 0.0  # the decode's share only
+                Collectives.seconds = 0.0  # the decode's share only
     decode_s = times[-1] - times[0]
     rank = shard.rank if shard else 0
     result = {"rank": rank, "world": shard.world if shard else 1, "threads": torch.get_num_threads(),
               "load_s": round(load_s, 2), "ttft_s": round(times[0] - start, 3),
               "decode_tok_s": round(gen_tokens / decode_s, 2),
-              "allreduce_share": round(AllReduce.seconds / decode_s, 3) if shard else 0.0,
+              "collective_share": round(Collectives.seconds / decode_s, 3) if shard else 0.0,
               "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024}
     (out / f"rank{rank}.json").write_text(json.dumps(result))
     if shard is not None:

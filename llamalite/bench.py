@@ -31,9 +31,13 @@ def peak_rss_mib() -> float:
 
 
 def run_bench(model_path: Path, prompt_tokens: int = 128, gen_tokens: int = 128, repeats: int = 3,
-              compile: bool = False) -> dict:
+              compile: bool = False, shard=None, pipeline: bool = False) -> dict:
+    """Load, time to first token, decode and prefill speed, peak RSS: medians of `repeats` runs. Split
+    over torchrun's ranks (`shard`, parallel.Shard; `pipeline` for stages), every rank runs the same and
+    the result also lists each rank's peak RSS and the share of its decode spent in all-reduces."""
     from .generation import compile_decode, generate, prefill
     from .loading import load
+    from .parallel import Collectives
     from .quantized import simd_path
     from .sampling import GREEDY
 
@@ -43,7 +47,7 @@ def run_bench(model_path: Path, prompt_tokens: int = 128, gen_tokens: int = 128,
     for _ in range(repeats):
         del lm
         t0 = time.perf_counter()
-        lm = load(model_path)
+        lm = load(model_path, shard=shard, pipeline=pipeline)
         load_s = time.perf_counter() - t0
         prompt = bench_prompt(lm.tokenizer, prompt_tokens)
         capacity = min(lm.config.context_length, prompt_tokens + gen_tokens)
@@ -60,15 +64,18 @@ def run_bench(model_path: Path, prompt_tokens: int = 128, gen_tokens: int = 128,
         next(tokens)
         ttft = time.perf_counter() - t0
         t1 = time.perf_counter()
+        Collectives.seconds = 0.0
         n = 1 + sum(1 for _ in tokens)
         decode_s = time.perf_counter() - t1
+        collective_s = Collectives.seconds
         # Prefill alone: the whole prompt again into an emptied cache.
         lm.model.cache_tokens = []
         t0 = time.perf_counter()
         prefill(lm.model, prompt)
         prefill_s = time.perf_counter() - t0
         runs.append({"load_s": load_s, "ttft_s": ttft, "prefill_tok_s": prompt_tokens / prefill_s,
-                     "decode_tok_s": (n - 1) / decode_s if n > 1 else float("nan")})
+                     "decode_tok_s": (n - 1) / decode_s if n > 1 else float("nan"),
+                     "collective_share": collective_s / decode_s})
     keys = ["prefill_tok_s", "decode_tok_s", "ttft_s", "load_s"]
     result: dict = {k: statistics.median(r[k] for r in runs) for k in keys}
     result["peak_rss_mib"] = peak_rss_mib()
@@ -77,4 +84,12 @@ def run_bench(model_path: Path, prompt_tokens: int = 128, gen_tokens: int = 128,
     result.update(model=str(model_path), prompt_tokens=prompt_tokens, gen_tokens=gen_tokens, repeats=repeats,
                   threads=torch.get_num_threads(), kernels=simd_path(), torch=torch.__version__,
                   compiled=compile, compile_s=compile_s)
+    if shard is not None:  # every rank's own figures, gathered
+        import torch.distributed as dist
+
+        mine = {"rank": shard.rank, "peak_rss_mib": result["peak_rss_mib"],
+                "collective_share": statistics.median(r["collective_share"] for r in runs)}
+        ranks: list = [None] * shard.world
+        dist.all_gather_object(ranks, mine)
+        result.update(split="layers" if pipeline else "heads", world=shard.world, ranks=ranks)
     return result

@@ -251,10 +251,13 @@ def cmd_bench(args) -> int:
     from .bench import run_bench
     from .store import resolve_model
 
+    from .parallel import from_env
+
     if args.threads:
         torch.set_num_threads(args.threads)
+    shard = from_env()
     result = run_bench(resolve_model(args.model), args.prompt_tokens, args.gen_tokens, args.repeats,
-                       compile=args.compile)
+                       compile=args.compile, shard=shard, pipeline=args.pp)
     if args.json:
         print(json.dumps(result))
     else:
@@ -264,6 +267,9 @@ def cmd_bench(args) -> int:
         if result.get("compile_s") is not None:
             print(f"{'compile_s':14s} {result['compile_s']:10.1f}   (one-off, before the timed runs)")
         print(f"threads {result['threads']}, kernels {result['kernels']}, {result['repeats']} runs")
+        for r in result.get("ranks", []):
+            print(f"rank {r['rank']}: peak_rss_mib {r['peak_rss_mib']:.1f}, share of decode in collectives "
+                  f"{r['collective_share']:.0%}")
     return 0
 
 
@@ -600,6 +606,7 @@ def _info_args(p):
 
 def _bench_args(p):
     _model_arg(p)
+    _split_arg(p)
     p.add_argument("--prompt-tokens", type=int, default=128)
     p.add_argument("--gen-tokens", type=int, default=128)
     p.add_argument("--repeats", type=int, default=3)
@@ -750,8 +757,8 @@ VERBS: dict[str, tuple[Callable[[Any], int], str, Callable[[argparse.ArgumentPar
 
 # Verbs that run split over torchrun's processes (llamalite.parallel); train and finetune use torchrun for
 # data parallelism instead.
-TENSOR_PARALLEL = ("generate", "eval", "serve")
-_SINGLE_PROCESS = ("chat", "bench", "embed", "tokenize", "info", "export", "prepare", "pull", "list")
+TENSOR_PARALLEL = ("generate", "eval", "serve", "bench")
+_SINGLE_PROCESS = ("chat", "embed", "tokenize", "info", "export", "prepare", "pull", "list")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -104,12 +104,15 @@ class Split:
                 "w3": (self.hidden, None), "w2": (None, self.hidden)}.get(target, (None, None))
 
 
+class Collectives:
+    """Seconds this process has spent in the split's collectives and hand-overs, waiting for the other
+    ranks included: what benchmarks report as the communication share of a step."""
+    seconds = 0.0
+
+
 class AllReduce(nn.Module):
     """A row-parallel layer (wo or w2): this rank's partial product, summed over the group, so that every
-    rank holds the whole output. `AllReduce.seconds` adds up the time spent in the collectives (waiting
-    for the slowest rank included), for benchmarks."""
-
-    seconds = 0.0
+    rank holds the whole output."""
 
     def __init__(self, inner: nn.Module, group: Any = None):
         super().__init__()
@@ -122,7 +125,7 @@ class AllReduce(nn.Module):
         y = self.inner(x)
         start = time.perf_counter()
         dist.all_reduce(y, group=self.group)
-        AllReduce.seconds += time.perf_counter() - start
+        Collectives.seconds += time.perf_counter() - start
         return y
 
 
@@ -309,7 +312,9 @@ class _FromPrevious(nn.Module):
         import torch.distributed as dist
 
         x = torch.empty(*tokens.shape, self.width, dtype=self.dtype, device=tokens.device)
+        start = time.perf_counter()
         dist.recv(x, self.src)
+        Collectives.seconds += time.perf_counter() - start
         return x
 
 
@@ -324,7 +329,9 @@ class _ThenSend(nn.Module):
         import torch.distributed as dist
 
         y = self.block(*args)
+        start = time.perf_counter()
         dist.send(y.contiguous(), self.dst)
+        Collectives.seconds += time.perf_counter() - start
         return y
 
     def __getattr__(self, name: str) -> Any:  # attention, feed_forward, ... as the block has them
@@ -357,7 +364,9 @@ class _FromLast(nn.Module):
             y = self.inner(x).float().contiguous()
         else:
             y = torch.empty(*x.shape[:-1], self.width or x.shape[-1], dtype=torch.float32, device=x.device)
+        start = time.perf_counter()
         dist.broadcast(y, self.src)
+        Collectives.seconds += time.perf_counter() - start
         return y if self.width else y.to(x.dtype)
 
 

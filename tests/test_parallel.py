@@ -165,3 +165,71 @@ def test_serve_split_over_two_ranks(client, flags):
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(timeout=60)
+
+
+@pytest.fixture
+def two_hosts():
+    """Two network namespaces joined by a veth pair, 10.77.x.1 and 10.77.x.2: two hosts as torchrun sees
+    them, on this machine. Needs root and iproute2 (.ci/run has both); skipped with the reason elsewhere."""
+    import shutil
+
+    if os.geteuid() != 0 or shutil.which("ip") is None:
+        pytest.skip("network namespaces need root and iproute2 (`ip`)")
+    tag = f"ll{os.getpid() % 100000}"
+    net = f"10.77.{os.getpid() % 250 + 1}"
+    hosts = [(f"{tag}a", f"{tag}va", f"{net}.1"), (f"{tag}b", f"{tag}vb", f"{net}.2")]
+
+    def ip(*args):
+        subprocess.run(["ip", *args], check=True, capture_output=True, text=True)
+
+    try:
+        ip("link", "add", hosts[0][1], "type", "veth", "peer", "name", hosts[1][1])
+        for ns, dev, addr in hosts:
+            ip("netns", "add", ns)
+            ip("link", "set", dev, "netns", ns)
+            ip("-n", ns, "addr", "add", f"{addr}/24", "dev", dev)
+            ip("-n", ns, "link", "set", dev, "up")
+            ip("-n", ns, "link", "set", "lo", "up")
+    except subprocess.CalledProcessError as e:
+        for ns, _, _ in hosts:
+            subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+        pytest.skip(f"could not set up network namespaces here: {e.stderr.strip()}")
+    try:
+        yield hosts
+    finally:
+        for ns, _, _ in hosts:
+            subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+
+
+@pytest.mark.parametrize("flags", [[], ["--pp"]], ids=["heads", "layers"])
+def test_across_two_hosts(two_hosts, flags, default_model_file):
+    """Two "machines" (network namespaces), one process each, meeting through torchrun's c10d
+    rendezvous on the first one's address: the same 32 greedy tokens as one process."""
+    args = ["-m", "llamalite", "generate", "-t", "0", "-n", "32", *flags, "The capital of France is"]
+    one = subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=300, cwd=ROOT)
+    endpoint = f"{two_hosts[0][2]}:29531"
+    procs = []
+    for k, (ns, dev, addr) in enumerate(two_hosts):
+        # The namespaces share this machine's hostname, which resolves to neither: each node is told its
+        # own address (--local-addr) and whether it hosts the rendezvous, as a container setup would be.
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "GLOO_SOCKET_IFNAME": dev}
+        procs.append(subprocess.Popen(
+            ["ip", "netns", "exec", ns, sys.executable, "-m", "torch.distributed.run", "--nnodes", "2",
+             "--nproc_per_node", "1", "--rdzv-backend", "c10d", "--rdzv-endpoint", endpoint, "--rdzv-id", "lltest",
+             "--rdzv-conf", f"is_host={'true' if k == 0 else 'false'}", "--local-addr", addr, *args],
+            env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [err[-2000:] for _, err in outs]
+    assert "".join(out for out, _ in outs) == one.stdout and one.stdout.strip()
+
+
+def test_bench_under_torchrun_reports_each_rank(tiny_files):
+    import json
+
+    for flags, split in (([], "heads"), (["--pp"], "layers")):
+        run = _torchrun(2, "-m", "llamalite", "bench", "--model", str(tiny_files[1]), "--json", "--repeats", "1",
+                        "--prompt-tokens", "8", "--gen-tokens", "4", *flags, timeout=120)
+        assert run.returncode == 0, run.stderr[-2000:]
+        result = json.loads(run.stdout)  # printed once, by rank 0
+        assert result["split"] == split and result["world"] == 2 and [r["rank"] for r in result["ranks"]] == [0, 1]
+        assert all(r["peak_rss_mib"] > 0 and 0 < r["collective_share"] < 1 for r in result["ranks"])

@@ -137,20 +137,7 @@ def parallelize(model: nn.Module, group: Any = None) -> nn.Module:
         layer.feed_forward.w2 = AllReduce(layer.feed_forward.w2, group)
     if hasattr(model, "plan"):
         model.plan = None
-    model.shard = Shard(group_rank(group), group_size(group))
     return model
-
-
-def group_rank(group: Any = None) -> int:
-    import torch.distributed as dist
-
-    return dist.get_rank(group)
-
-
-def group_size(group: Any = None) -> int:
-    import torch.distributed as dist
-
-    return dist.get_world_size(group)
 
 
 def from_env(timeout_s: float = 300.0) -> Shard | None:
@@ -383,5 +370,4 @@ def pipeline(model: nn.Module, shard: Shard) -> nn.Module:
     model.output = _FromLast(model.output, last, cfg.vocab_size)
     if hasattr(model, "plan"):
         model.plan = None
-    model.shard = shard
     return model

@@ -26,6 +26,11 @@ def _wait(page, expression: str, timeout: float = 30) -> None:
         time.sleep(0.05)
 
 
+def _send(page, text: str) -> None:
+    page.fill("#input", text)
+    page.press("#input", "Enter")
+
+
 @pytest.fixture(scope="module")
 def page_url(default_model_file):
     server = Server(load(default_model_file), "smollm2", max_batch=2, max_seq_len=2048)
@@ -47,15 +52,13 @@ def page(page_url):
 def test_a_message_gets_a_streamed_reply(page):
     page.fill("#system", "You are a helpful assistant.")
     page.fill("#temperature", "0")
-    page.fill("#input", "What is the capital of France?")
-    page.press("#input", "Enter")
+    _send(page, "What is the capital of France?")
     reply = page.locator(".msg.assistant .content").last
     _wait(page, "document.querySelector('.msg.assistant').dataset.done === 'true'", timeout=60)
     assert "Paris" in reply.inner_text()
     assert page.locator(".msg.user").first.inner_text().endswith("What is the capital of France?")
     # the conversation goes on with its history
-    page.fill("#input", "And of Italy?")
-    page.press("#input", "Enter")
+    _send(page, "And of Italy?")
     _wait(page, "document.querySelectorAll('.msg.assistant').length === 2 && "
                            "document.querySelectorAll('.msg.assistant')[1].dataset.done === 'true'", timeout=60)
     assert page.locator(".msg.assistant .content").nth(1).inner_text().strip()
@@ -64,8 +67,7 @@ def test_a_message_gets_a_streamed_reply(page):
 def test_stop_ends_the_stream_and_frees_the_slot(page, page_url):
     server = page_url[1]
     page.fill("#temperature", "1.0")
-    page.fill("#input", "Write a very long story about a dragon, with many chapters.")
-    page.press("#input", "Enter")
+    _send(page, "Write a very long story about a dragon, with many chapters.")
     reply = page.locator(".msg.assistant .content").last
     _wait(page, "document.querySelector('.msg.assistant .content').textContent.length > 20",
                            timeout=60)
@@ -101,8 +103,7 @@ def _reply_done(page, n: int) -> None:
 
 def test_each_reply_shows_its_speed_and_context(page):
     page.fill("#temperature", "0")
-    page.fill("#input", "What is the capital of France?")
-    page.press("#input", "Enter")
+    _send(page, "What is the capital of France?")
     _reply_done(page, 1)
     stats = page.locator(".msg.assistant .stats").first.inner_text()
     import re
@@ -113,8 +114,7 @@ def test_each_reply_shows_its_speed_and_context(page):
 
 def test_conversations_are_kept_switched_renamed_and_deleted(page):
     page.fill("#temperature", "0")
-    page.fill("#input", "What is the capital of France?")
-    page.press("#input", "Enter")
+    _send(page, "What is the capital of France?")
     _reply_done(page, 1)
     first_reply = page.locator(".msg.assistant .content").first.inner_text()
     assert page.locator("#chats li").count() == 1
@@ -124,8 +124,7 @@ def test_conversations_are_kept_switched_renamed_and_deleted(page):
     assert page.locator(".msg.assistant .content").first.inner_text() == first_reply
     page.click("#new")
     assert page.locator(".msg").count() == 0 and page.locator("#chats li").count() == 2
-    page.fill("#input", "Say hello.")
-    page.press("#input", "Enter")
+    _send(page, "Say hello.")
     _reply_done(page, 1)
     page.fill("#title", "Greetings")  # rename the current one
     assert page.locator("#chats li.current .open").inner_text() == "Greetings"
@@ -146,14 +145,12 @@ def test_the_schema_and_tools_panel(page):
     schema = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 20}}, "required": ["city"],
               "additionalProperties": False}
     page.fill("#schema", json.dumps(schema))
-    page.fill("#input", "Name the capital of France.")
-    page.press("#input", "Enter")
+    _send(page, "Name the capital of France.")
     _reply_done(page, 1)
     reply = json.loads(page.locator(".msg.assistant .content").first.inner_text())
     assert set(reply) == {"city"}
     page.fill("#schema", "{not json")
-    page.fill("#input", "Again.")
-    page.press("#input", "Enter")
+    _send(page, "Again.")
     assert "not valid JSON" in page.locator("#panel-error").inner_text()
     page.fill("#schema", "")
     tool = {"type": "function", "function": {"name": "get_weather", "description": "Get the weather in a city",
@@ -161,8 +158,7 @@ def test_the_schema_and_tools_panel(page):
                                                             "required": ["city"]}}}
     page.fill("#tools", json.dumps([tool]))
     page.select_option("#tool-choice", "required")
-    page.fill("#input", "What is the weather in Paris?")
-    page.press("#input", "Enter")
+    _send(page, "What is the weather in Paris?")
     _reply_done(page, 2)
     call = page.locator(".msg.assistant .toolcall").first.inner_text()
     assert call.startswith("tool call: get_weather(") and "city" in call
@@ -182,8 +178,7 @@ def test_the_model_picker_routes_requests(tmp_path, default_model_file):
         _wait(page, "document.querySelectorAll('#model option').length === 2")
         page.select_option("#model", "second")
         page.fill("#temperature", "0")
-        page.fill("#input", "Hi!")
-        page.press("#input", "Enter")
+        _send(page, "Hi!")
         _reply_done(page, 1)
         assert page.locator(".msg.assistant .role").first.inner_text() == "assistant · second"
         assert hub.servers["second"].engine.stats["requests"] == 1 and hub.servers["smollm2"].engine.stats["requests"] == 0
@@ -198,8 +193,7 @@ def test_a_screenshot_shows_the_page(page, tmp_path):
 
     page.set_viewport_size({"width": 1100, "height": 700})
     page.fill("#temperature", "0")
-    page.fill("#input", "What is the capital of France?")
-    page.press("#input", "Enter")
+    _send(page, "What is the capital of France?")
     _reply_done(page, 1)
     shot = tmp_path / "chat.png"
     page.screenshot(path=str(shot))

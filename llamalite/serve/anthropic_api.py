@@ -18,7 +18,7 @@ from fastapi.responses import StreamingResponse
 from pydantic import Field
 
 from ..sampling import SamplingParams
-from .calling import encode_conversation, tool_setup
+from .calling import encode_conversation, shown, tool_setup
 from .core import APIError, Server, Text, _json
 from .guard import clip
 from .hub import Hub
@@ -230,11 +230,7 @@ async def _events(server, stream, head, input_tokens, calling, stop_reason, tool
     try:
         async for piece in stream:
             generated += len(piece.tokens)
-            text = piece.text if split is None else split.push(piece.text)
-            calls: list = []
-            if piece.finish_reason and split is not None:
-                rest, calls = split.finish()
-                text += rest
+            text, calls = shown(split, piece)
             if text:
                 if not text_open:
                     yield _event("content_block_start", {"index": index, "content_block": {"type": "text", "text": ""}})

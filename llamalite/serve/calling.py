@@ -8,7 +8,7 @@ from typing import Any
 from ..chat_template import TemplateError, encode_chat
 from ..constrain import Grammar, GrammarError
 from ..tools import ToolError, ToolFormat, ToolStream, native_messages, tool_format
-from .core import APIError, Server
+from .core import APIError, Piece, Server
 from .guard import clip
 
 
@@ -44,6 +44,18 @@ class ToolCalling:
         content = stream.push(text)
         rest, calls = stream.finish()
         return content + rest, calls
+
+
+def shown(split: ToolStream | None, piece: Piece) -> tuple[str, list]:
+    """A piece's text as a client sees it while tool calls are held back (`split`, a reply's stream of
+    ToolCalling.stream(), or None without tools), and the calls, found once the reply ends."""
+    if split is None:
+        return piece.text, []
+    text = split.push(piece.text)
+    if not piece.finish_reason:
+        return text, []
+    rest, calls = split.finish()
+    return text + rest, calls
 
 
 def encode_conversation(server: Server, messages: list[dict[str, Any]], calling: ToolCalling | None) -> list[int]:

@@ -23,7 +23,7 @@ from fastapi.responses import StreamingResponse
 from pydantic import Discriminator, Field, Tag
 
 from ..sampling import SamplingParams
-from .calling import ToolCalling, compile_grammar, encode_conversation, tool_setup
+from .calling import ToolCalling, compile_grammar, encode_conversation, shown, tool_setup
 from .core import APIError, Server, Text, _chat_logprobs, _json
 from .guard import clip
 from .hub import Hub
@@ -499,11 +499,7 @@ async def _events(server: Server, stream, calling: ToolCalling | None, response,
             generated += len(piece.tokens)
             tokens += piece.tokens
             pending += piece.tokens
-            delta = piece.text if split is None else split.push(piece.text)
-            calls: list = []
-            if piece.finish_reason and split is not None:
-                rest, calls = split.finish()
-                delta += rest
+            delta, calls = shown(split, piece)
             if delta:
                 if not opened:
                     for e in open_message():

@@ -48,7 +48,7 @@ def read_adapter(path: str | Path, config, base: Path | None = None) -> Pairs:
         found = [path / "best.pt"] if (path / "best.pt").exists() else _checkpoints(path)
         if not found:
             raise AdapterError(f"{path} holds neither a PEFT adapter (adapter_config.json) nor a llamalite "
-                               "fine-tuning checkpoint (best.pt, step-*.pt)")
+                               "fine-tuning checkpoint (best.pt, ckpt-*.pt)")
         path = found[0]
     if path.suffix != ".pt" or not path.is_file():
         raise AdapterError(f"{path} is not an adapter: give a PEFT adapter directory or a `llamalite finetune` run "
@@ -69,11 +69,11 @@ def _read_peft(path: Path, config) -> Pairs:
     bad = [what for hit, what in refuse if hit]
     if bad:
         raise AdapterError(f"{path}: this adapter uses {', '.join(bad)}, which llamalite does not serve unmerged")
-    files = [path / "adapter_model.safetensors"]
-    if not files[0].exists():
+    weights = path / "adapter_model.safetensors"
+    if not weights.exists():
         raise AdapterError(f"{path} has no adapter_model.safetensors (PyTorch .bin adapters are not read: save "
                            "it with safe_serialization=True)")
-    tensors = load_file(str(files[0]))
+    tensors = load_file(str(weights))
     found: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
     for key, t in tensors.items():
         m = re.search(r"layers\.(\d+)\.(?:self_attn|mlp)\.(\w+_proj)\.lora_([AB])(?:\.\w+)?\.weight$", key)
@@ -123,7 +123,7 @@ def _read_finetune(path: Path, config, base: Path | None) -> Pairs:
 
 def _checked(pairs: Pairs, config, path: Path) -> Pairs:
     """Pairs whose shapes fit the model (a mismatch means an adapter of another model)."""
-    dim, hd = config.dim, config.dim // config.n_heads
+    dim, hd = config.dim, config.head_dim
     shapes = {"wq": (config.n_heads * hd, dim), "wk": (config.n_kv_heads * hd, dim),
               "wv": (config.n_kv_heads * hd, dim), "wo": (dim, config.n_heads * hd), "w1": (config.hidden_dim, dim),
               "w3": (config.hidden_dim, dim), "w2": (dim, config.hidden_dim)}
@@ -185,7 +185,7 @@ class AdapterSet:
     def add(self, name: str, pairs: Pairs) -> int:
         """Serve `pairs` as adapter `name`; returns its index for `use`."""
         index = len(self.names)
-        device = next(self.model.parameters()).device
+        device = self.model.device
         for (layer, target), (a, b) in pairs.items():
             parent = getattr(self.model.layers[layer], _PARENT[target])
             module = getattr(parent, target)
@@ -226,7 +226,7 @@ class AdapterSet:
         """Route the rows of the forwards inside to their adapters (None or -1: the base model)."""
         ks = [-1 if k is None else k for k in row_adapters]
         saved = self.rows, self.index
-        device = next(self.model.parameters()).device
+        device = self.model.device
         self.rows = torch.tensor(ks, dtype=torch.long) if any(k >= 0 for k in ks) else None
         self.index = {k: None if all(j == k for j in ks) else
                       torch.tensor([b for b, j in enumerate(ks) if j == k], device=device) for k in set(ks) if k >= 0}

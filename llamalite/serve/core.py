@@ -127,14 +127,13 @@ class Server:
         self.created = int(time.time())
         self.metrics = metrics or Metrics(lambda: [self])
         self.adapter: int | None = None  # the LoRA adapter this view of the model serves (with_adapter)
-        self.base_name: str | None = None
         self.views: dict[str, Server] = {}  # its adapters' views, by name (hub.Hub.build)
 
     def with_adapter(self, name: str, index: int) -> "Server":
         """This model served as `name` with its LoRA adapter `index` (adapters.AdapterSet): the same
         engine, slots and weights, each request's rows routed to the adapter."""
         view = copy.copy(self)
-        view.model_name, view.adapter, view.base_name = name, index, self.model_name
+        view.model_name, view.adapter = name, index
         return view
 
     async def offload(self, fn: Callable[..., Any], *args: Any) -> Any:

@@ -5,10 +5,12 @@ and by layers (pipeline stages), over gloo.
         [--prompt-tokens 128] [--gen-tokens 32]
 
 Runs the model in one process with --threads threads, then under torchrun with --tp ranks of
-threads/tp threads each, split by heads and then by layers (--pp), in turn. Each run loads the model, prefills a --prompt-tokens prompt (time to
+threads/tp threads each, split by heads (the all-reduces through shared memory, as ranks on one
+machine run them, then through gloo, as ranks on several machines do: LLAMALITE_TP_REDUCE=group) and
+then by layers (--pp), in turn. Each run loads the model, prefills a --prompt-tokens prompt (time to
 first token), then decodes --gen-tokens tokens greedily, and reports per rank: load seconds, TTFT,
 decode tok/s, peak RSS, and the share of the decode spent in collectives and hand-overs
-(parallel.Collectives.seconds).
+(parallel.Collectives).
 """
 
 from __future__ import annotations
@@ -39,19 +41,19 @@ def worker(model: str, prompt_tokens: int, gen_tokens: int, out: Path, pipeline:
     words = "the quick brown fox jumps over a lazy dog while the river runs past an old mill " * 40
     prompt = lm.tokenizer.encode(words)[:prompt_tokens]
     times = []
-    Collectives.seconds = 0.0
+    Collectives.reset()
     start = time.perf_counter()
     with torch.no_grad():
         for _ in generate(lm.model, prompt, max_new_tokens=gen_tokens + 1, sampling=GREEDY):
             times.append(time.perf_counter())
             if len(times) == 1:
-                Collectives.seconds = 0.0  # the decode's share only
+                Collectives.reset()  # the decode's share only
     decode_s = times[-1] - times[0]
     rank = shard.rank if shard else 0
     result = {"rank": rank, "world": shard.world if shard else 1, "threads": torch.get_num_threads(),
               "load_s": round(load_s, 2), "ttft_s": round(times[0] - start, 3),
               "decode_tok_s": round(gen_tokens / decode_s, 2),
-              "collective_share": round(Collectives.seconds / decode_s, 3) if shard else 0.0,
+              "collective_share": round(Collectives.since_reset() / decode_s, 3) if shard else 0.0,
               "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024}
     (out / f"rank{rank}.json").write_text(json.dumps(result))
     if shard is not None:
@@ -77,11 +79,13 @@ def main() -> int:
           "--gen-tokens", str(args.gen_tokens)]
     report = {"model": Path(args.model).name, "prompt_tokens": args.prompt_tokens, "gen_tokens": args.gen_tokens}
     split = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(args.tp), *me]
-    for label, cmd, threads in (("one_process", [sys.executable, *me], args.threads),
-                                (f"tp{args.tp}", split, max(1, args.threads // args.tp)),
-                                (f"pp{args.tp}", [*split, "--pp"], max(1, args.threads // args.tp))):
+    each = max(1, args.threads // args.tp)
+    for label, cmd, threads, reduce in (("one_process", [sys.executable, *me], args.threads, "auto"),
+                                        (f"tp{args.tp}", split, each, "auto"),
+                                        (f"tp{args.tp}_gloo", split, each, "group"),
+                                        (f"pp{args.tp}", [*split, "--pp"], each, "auto")):
         with tempfile.TemporaryDirectory() as out:
-            env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+            env = {**os.environ, "OMP_NUM_THREADS": str(threads), "LLAMALITE_TP_REDUCE": reduce}
             run = subprocess.run([*cmd, "--worker", out], env=env, capture_output=True, text=True)
             if run.returncode != 0:
                 print(run.stderr[-3000:], file=sys.stderr)

@@ -64,10 +64,10 @@ def run_bench(model_path: Path, prompt_tokens: int = 128, gen_tokens: int = 128,
         next(tokens)
         ttft = time.perf_counter() - t0
         t1 = time.perf_counter()
-        Collectives.seconds = 0.0
+        Collectives.reset()
         n = 1 + sum(1 for _ in tokens)
         decode_s = time.perf_counter() - t1
-        collective_s = Collectives.seconds
+        collective_s = Collectives.since_reset()
         # Prefill alone: the whole prompt again into an emptied cache.
         lm.model.cache_tokens = []
         t0 = time.perf_counter()
@@ -91,5 +91,8 @@ def run_bench(model_path: Path, prompt_tokens: int = 128, gen_tokens: int = 128,
                 "collective_share": statistics.median(r["collective_share"] for r in runs)}
         ranks: list = [None] * shard.world
         dist.all_gather_object(ranks, mine)
-        result.update(split="layers" if pipeline else "heads", world=shard.world, ranks=ranks)
+        from .parallel import transport
+
+        result.update(split="layers" if pipeline else "heads", world=shard.world, ranks=ranks,
+                      all_reduce=None if pipeline else transport())
     return result

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import sys
 import time
 from dataclasses import dataclass
 from datetime import timedelta
@@ -106,37 +107,144 @@ class Split:
 
 class Collectives:
     """Seconds this process has spent in the split's collectives and hand-overs, waiting for the other
-    ranks included: what benchmarks report as the communication share of a step."""
+    ranks included: what benchmarks report as the communication share of a step. Python's collectives
+    add to `seconds`; the kernels' all-reduces (a Reducer's) count their own."""
     seconds = 0.0
+    reducers: list = []
+    _start = 0.0
+
+    @classmethod
+    def reset(cls) -> None:
+        """Count from now (the kernels' counters run on: their reading now is taken off)."""
+        cls.seconds, cls._start = 0.0, sum(r.seconds() for r in cls.reducers)
+
+    @classmethod
+    def since_reset(cls) -> float:
+        return cls.seconds + sum(r.seconds() for r in cls.reducers) - cls._start
+
+
+def _this_host() -> tuple:
+    """What tells whether two ranks can share memory: the same boot of the same machine, seen from the
+    same mount, network and process namespaces (containers, or test "hosts" in namespaces, count as
+    machines of their own)."""
+    import socket
+
+    def read(path: str) -> str:
+        try:
+            return open(path).read().strip()
+        except OSError:
+            return ""
+
+    def inode(path: str) -> int:
+        try:
+            return os.stat(path).st_ino
+        except OSError:
+            return 0
+    return (socket.gethostname(), read("/proc/sys/kernel/random/boot_id"),
+            *(inode(f"/proc/self/ns/{ns}") for ns in ("mnt", "net", "pid", "ipc")))
+
+
+def reducer(dim: int, timeout_s: float = 300.0, group: Any = None) -> Any:
+    """The kernels' all-reduce for this rank's group (llamalite.Reducer): through a shared-memory region
+    when every rank runs on this machine (microseconds a call), else through the process group's own
+    all-reduce (gloo: a network round trip), called from C++ in both cases. LLAMALITE_TP_REDUCE=group
+    forces the second (to measure one against the other). None without the kernels."""
+    import mmap
+    import tempfile
+    import uuid
+
+    import torch.distributed as dist
+
+    from .quantized import kernels_available
+
+    if not kernels_available():
+        return None
+    rank, world = dist.get_rank(group), dist.get_world_size(group)
+    made = torch.classes.llamalite.Reducer(rank, world, float(timeout_s))
+    hosts: list = [None] * world
+    dist.all_gather_object(hosts, _this_host(), group=group)
+    shared = all(h == hosts[0] for h in hosts) and os.environ.get("LLAMALITE_TP_REDUCE", "auto") != "group"
+    if shared:
+        capacity = max(dim * 64, 1 << 18)  # floats a rank's slot holds: larger sums go in pieces
+        size = torch.classes.llamalite.Reducer.region_bytes(world, capacity)
+        folder = "/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir()
+        path = agree(os.path.join(folder, f"llamalite-tp-{uuid.uuid4().hex}") if rank == 0 else None)
+        region = None
+        try:
+            if rank == 0:
+                with open(path, "wb") as f:
+                    f.truncate(size)
+            dist.barrier(group=group)
+            with open(path, "r+b") as f:
+                region = torch.frombuffer(mmap.mmap(f.fileno(), size), dtype=torch.uint8)
+        except OSError:
+            region = None
+        finally:
+            everyone: list = [None] * world
+            dist.all_gather_object(everyone, region is not None, group=group)
+            if rank == 0 and os.path.exists(path):
+                os.unlink(path)  # mapped by every rank that could: nothing is left behind when they exit
+        shared = all(everyone)
+        if shared:
+            made.share(region, capacity)
+    if not shared:
+        made.use_group((group or dist.group.WORLD).boxed())
+    Collectives.reducers = [made]  # this process's model's (a model loaded again replaces it)
+    return made
+
+
+def transport() -> str | None:
+    """How this process's tensor-parallel all-reduces travel: "shared memory" (ranks on one machine), the
+    process group's backend ("gloo", "nccl"), or None when nothing is split by heads."""
+    import torch.distributed as dist
+
+    if Collectives.reducers:
+        return "shared memory" if Collectives.reducers[-1].shares_memory() else dist.get_backend()
+    return dist.get_backend() if dist.is_initialized() else None
 
 
 class AllReduce(nn.Module):
     """A row-parallel layer (wo or w2): this rank's partial product, summed over the group, so that every
-    rank holds the whole output."""
+    rank holds the whole output (by the kernels' Reducer where there is one and the product is on the
+    CPU, else by torch.distributed)."""
 
-    def __init__(self, inner: nn.Module, group: Any = None):
+    def __init__(self, inner: nn.Module, group: Any = None, reducer: Any = None):
         super().__init__()
-        self.inner, self.group = inner, group
+        self.inner, self.group, self.reducer = inner, group, reducer
         self.in_features, self.out_features = inner.in_features, inner.out_features
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         import torch.distributed as dist
 
         y = self.inner(x)
+        if self.reducer is not None and y.device.type == "cpu" and y.dtype == torch.float32:
+            y = y.contiguous()
+            self.reducer.all_reduce_(y)
+            return y
         start = time.perf_counter()
         dist.all_reduce(y, group=self.group)
         Collectives.seconds += time.perf_counter() - start
         return y
 
 
-def parallelize(model: nn.Module, group: Any = None) -> nn.Module:
-    """Complete a rank's model: an all-reduce after each wo and w2 (the kernels' one-call decode step,
-    which has no collective inside, is left for the per-layer path)."""
+def parallelize(model: nn.Module, group: Any = None, timeout_s: float = 300.0) -> nn.Module:
+    """Complete a rank's model: an all-reduce after each wo and w2, in the Python forward and inside the
+    kernels' one-call decode step (DecodePlan) alike, both through one Reducer."""
+    on_cpu = model.norm.weight.device.type == "cpu"
+    summer = reducer(model.config.dim, timeout_s, group) if on_cpu else None
     for layer in model.layers:
-        layer.attention.wo = AllReduce(layer.attention.wo, group)
-        layer.feed_forward.w2 = AllReduce(layer.feed_forward.w2, group)
-    if hasattr(model, "plan"):
-        model.plan = None
+        layer.attention.wo = AllReduce(layer.attention.wo, group, summer)
+        layer.feed_forward.w2 = AllReduce(layer.feed_forward.w2, group, summer)
+    if getattr(model, "plan", None) is not None:
+        if summer is None:
+            model.plan = None
+        else:
+            model.plan.set_reducer(summer)
+    import torch.distributed as dist
+
+    if dist.get_rank(group) == 0:
+        print(f"llamalite: split by heads over {dist.get_world_size(group)} ranks, all-reduces through "
+              f"{transport()}", file=sys.stderr)
     return model
 
 

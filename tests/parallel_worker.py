@@ -1,7 +1,7 @@
 """Run by tests/test_parallel.py, in one process or as each rank under torchrun (split by heads, or with
 --pp by layers): for every GGUF file given, the logits of a full forward, of a cached prefill and one
-decode step, 16 greedy tokens, the last hidden states, and what this process holds (bytes of layer
-weights, peak RSS), saved to OUT/<file stem>-<rank>.pt.
+decode step, 16 greedy tokens, the last hidden states, what this process holds (bytes of layer
+weights, peak RSS), whether its decode step is the kernels' one call, and how its all-reduces travel, saved to OUT/<file stem>-<rank>.pt.
 
     python tests/parallel_worker.py [--pp] OUT FILE...
 """
@@ -37,7 +37,7 @@ def held_bytes(model) -> dict[str, int]:
 def main() -> None:
     from llamalite.generation import generate
     from llamalite.loading import load
-    from llamalite.parallel import from_env
+    from llamalite.parallel import from_env, transport
     from llamalite.sampling import GREEDY
 
     args = sys.argv[1:]
@@ -57,6 +57,7 @@ def main() -> None:
             hidden = lm.model.hidden(torch.tensor([ids]))
         tokens = list(generate(lm.model, ids, max_new_tokens=16, sampling=GREEDY))
         torch.save({"full": full, "pre": pre, "step": step, "hidden": hidden, "tokens": tokens, "held": held_bytes(lm.model),
+                    "plan": getattr(lm.model, "plan", None) is not None, "transport": transport() if shard else None,
                     "peak_rss_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss},
                    out / f"{Path(path).stem}-{rank}.pt")
     if shard is not None:

@@ -77,6 +77,10 @@ def test_two_ranks_equal_one_process_on_tiny_models(tiny_files, tmp_path, flags)
                 err = (rank[key] - one[key]).abs().max() / one[key].abs().max()
                 assert err < tol, (name, key, float(err))
         assert all(r["tokens"] == one["tokens"] for r in ranks), name
+        # split by heads, it decodes with the kernels' one-call step wherever one process does (the Q8_0 file)
+        assert one["plan"] == name.endswith("Q8_0"), name
+        if not flags:
+            assert all(r["plan"] == one["plan"] and r["transport"] == "shared memory" for r in ranks), name
         held = [r["held"]["layers"] for r in ranks]
         assert sum(held) == one["held"]["layers"] and max(held) <= 0.61 * one["held"]["layers"], (name, held)
 
@@ -89,6 +93,7 @@ def test_the_default_model_over_two_ranks(default_model_file, tmp_path):
         err = (ranks[0][key] - one[key]).abs().max() / one[key].abs().max()
         assert err < 1e-3, (key, float(err))
     assert ranks[0]["tokens"] == ranks[1]["tokens"] == one["tokens"]
+    assert one["plan"] and all(r["plan"] and r["transport"] == "shared memory" for r in ranks)
     held = [r["held"]["layers"] for r in ranks]
     assert sum(held) == one["held"]["layers"] and held[1] < held[0] < 0.62 * one["held"]["layers"]
     # and the memory it saves shows in each rank's peak RSS (the file's other slices never paged in)
@@ -121,6 +126,55 @@ def test_what_cannot_be_split_is_refused(tiny_files, tmp_path):
                       "shard = from_env()\nload(sys.argv[1 + shard.rank], shard=shard)\n")
     mixed = _torchrun(2, str(script), *map(str, tiny_files), timeout=120)
     assert mixed.returncode != 0 and "different model file than rank 0" in mixed.stderr
+
+
+@pytest.mark.parametrize("n,reduce,expect", [(3, "auto", "shared memory"), (2, "group", "gloo")])
+def test_the_kernels_all_reduce(tmp_path, n, reduce, expect, monkeypatch):
+    """parallel.reducer: ranks on one machine sum through shared memory (in rank order, so every rank
+    holds the same bits), or through the process group where told to (as across machines); a tensor
+    larger than a slot is summed in pieces."""
+    monkeypatch.setenv("LLAMALITE_TP_REDUCE", reduce)
+    done = _torchrun(n, "tests/reducer_worker.py", "sum", str(tmp_path), timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    ranks = [torch.load(tmp_path / f"{r}.pt") for r in range(n)]
+    parts = ranks[0]["parts"]
+    exact = parts[0].clone()
+    for p in parts[1:]:
+        exact += p
+    for r in ranks:
+        assert r["transport"] == expect
+        assert torch.equal(r["large"], ranks[0]["large"]) and torch.equal(r["small"], r["large"][:5])
+        assert torch.allclose(r["large"], exact, rtol=0, atol=1e-5)
+    if reduce == "auto":
+        assert torch.equal(ranks[0]["large"], exact)
+    assert not list(Path("/dev/shm").glob("llamalite-tp-*"))  # the region's name is gone once all have mapped it
+
+
+@pytest.mark.parametrize("mode,expect", [("exit", "rank 1 of the tensor-parallel group (process"),
+                                         ("stall", "did not reach the same step within 2")])
+def test_a_rank_that_is_gone_or_stuck_stops_the_others(mode, expect):
+    """A rank waiting in the kernels' all-reduce notices within seconds that another rank's process has
+    exited (no timeout needed), or gives up after the collective timeout when it is alive but stuck."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    procs = []
+    for rank in range(2):
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "MASTER_ADDR": "127.0.0.1",
+               "MASTER_PORT": str(port), "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2"}
+        procs.append(subprocess.Popen([sys.executable, "tests/reducer_worker.py", mode, "2"], env=env, cwd=ROOT,
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    try:
+        out, err = procs[0].communicate(timeout=120)  # rank 1 is not reaped meanwhile: a zombie counts as gone
+        waited, _, message = out.strip().partition(" ")
+        assert expect in message, (out, err[-2000:])
+        assert float(waited) < (10 if mode == "exit" else 2 + 10), out
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait()
 
 
 @pytest.mark.parametrize("flags", [[], ["--pp"]], ids=["heads", "layers"])
@@ -220,6 +274,8 @@ def test_across_two_hosts(two_hosts, flags, default_model_file):
             env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
     outs = [p.communicate(timeout=300) for p in procs]
     assert all(p.returncode == 0 for p in procs), [err[-2000:] for _, err in outs]
+    if not flags:  # ranks on two machines (namespaces of their own) cannot share memory: gloo carries the sums
+        assert "all-reduces through gloo" in outs[0][1], outs[0][1][-2000:]
     assert "".join(out for out, _ in outs) == one.stdout and one.stdout.strip()
 
 
@@ -232,4 +288,5 @@ def test_bench_under_torchrun_reports_each_rank(tiny_files):
         assert run.returncode == 0, run.stderr[-2000:]
         result = json.loads(run.stdout)  # printed once, by rank 0
         assert result["split"] == split and result["world"] == 2 and [r["rank"] for r in result["ranks"]] == [0, 1]
+        assert result["all_reduce"] == ("shared memory" if split == "heads" else None)
         assert all(r["peak_rss_mib"] > 0 and 0 < r["collective_share"] < 1 for r in result["ranks"])

@@ -22,13 +22,19 @@
 
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
+#include <torch/csrc/distributed/c10d/ProcessGroup.hpp>
 
 #include <immintrin.h>
+#include <sched.h>
+#include <signal.h>
 #include <sys/mman.h>
 #include <unistd.h>
 #include <algorithm>
+#include <cerrno>
+#include <chrono>
 #include <cmath>
 #include <cstdint>
+#include <cstdio>
 #include <cstring>
 #include <string>
 #include <type_traits>
@@ -1607,6 +1613,124 @@ void lora_add(const float* x, int64_t xs, float* y, int64_t ys, const std::vecto
     }
   }
 }
+// The sum of a tensor-parallel group's partial products (after wo and after w2: parallel.py), each
+// rank ending with the same floats, from inside a DecodePlan step or from Python (all_reduce_).
+// Ranks on one machine share a memory region (share): per rank a 64-byte line (its generation and
+// process id), then two sets of per-rank slots of `capacity` floats, used in turn. A rank writes its
+// part into its slot, publishes the generation, waits for every rank's, and sums the slots in rank
+// order (so all ranks get the same bits). Set g is written again only at generation g + 2, after
+// every rank has published g + 1, which each does only once it has read set g: no second barrier.
+// A waiting rank spins, then yields its core; it fails after `timeout_s`, or as soon as another rank's
+// process has gone. Ranks on several machines use a torch.distributed process group instead (use_group).
+struct Reducer : torch::CustomClassHolder {
+  c10::intrusive_ptr<c10d::ProcessGroup> group;
+  at::Tensor region;
+  int64_t rank, world, capacity = 0, generation = 0;
+  double timeout_s, spent = 0;
+
+  Reducer(int64_t rank_, int64_t world_, double timeout_s_) : rank(rank_), world(world_), timeout_s(timeout_s_) {
+    TORCH_CHECK(world > 1 && rank >= 0 && rank < world, "Reducer: rank ", rank, " of ", world);
+  }
+
+  static int64_t region_bytes(int64_t world, int64_t capacity) {
+    return world * 64 + 2 * world * capacity * static_cast<int64_t>(sizeof(float));
+  }
+
+  int64_t* line(int64_t r) { return reinterpret_cast<int64_t*>(region.data_ptr<uint8_t>() + r * 64); }
+  float* slot(int64_t set, int64_t r) {
+    return reinterpret_cast<float*>(region.data_ptr<uint8_t>() + world * 64) + (set * world + r) * capacity;
+  }
+
+  // region: a zeroed uint8 mapping of region_bytes(world, capacity) that every rank of the group maps.
+  void share(at::Tensor region_, int64_t capacity_) {
+    TORCH_CHECK(region_.scalar_type() == at::kByte && region_.is_contiguous() && capacity_ >= 1 &&
+                    region_.numel() >= region_bytes(world, capacity_) &&
+                    reinterpret_cast<uintptr_t>(region_.data_ptr()) % 64 == 0,
+                "Reducer: the shared region must be ", region_bytes(world, capacity_), " bytes, 64-aligned");
+    region = std::move(region_);
+    capacity = capacity_;
+    group.reset();
+    __atomic_store_n(line(rank) + 1, static_cast<int64_t>(getpid()), __ATOMIC_RELEASE);
+  }
+
+  void use_group(c10::intrusive_ptr<c10d::ProcessGroup> g) {
+    group = std::move(g);
+    region = at::Tensor();
+  }
+
+  bool shares_memory() const { return region.defined(); }
+  double seconds() const { return spent; }
+
+  // Whether process `pid` has exited (gone, or a zombie its parent has not reaped yet).
+  static bool exited(int64_t pid) {
+    if (pid <= 0) return false;
+    if (kill(static_cast<pid_t>(pid), 0) != 0) return errno == ESRCH;
+    char path[64], state = 0;
+    std::snprintf(path, sizeof path, "/proc/%lld/stat", static_cast<long long>(pid));
+    if (FILE* f = std::fopen(path, "r")) {  // "pid (name) state ...": the state follows the last ')'
+      char line[512];
+      const size_t n = std::fread(line, 1, sizeof line - 1, f);
+      std::fclose(f);
+      line[n] = 0;
+      if (const char* close = std::strrchr(line, ')'); close != nullptr && close[1] == ' ') state = close[2];
+    }
+    return state == 'Z' || state == 'X';
+  }
+
+  void wait_for(int64_t r, int64_t gen, std::chrono::steady_clock::time_point start) {
+    int64_t* l = line(r);
+    for (int64_t spins = 0; __atomic_load_n(l, __ATOMIC_ACQUIRE) < gen; ++spins) {
+      if (spins < 4096) {
+        _mm_pause();
+        continue;
+      }
+      sched_yield();
+      if (spins % 4096 != 0) continue;
+      const int64_t pid = __atomic_load_n(l + 1, __ATOMIC_ACQUIRE);
+      TORCH_CHECK(!exited(pid), "llamalite: rank ", r,
+                  " of the tensor-parallel group (process ", pid, ") has exited; rank ", rank,
+                  " stops too (see that rank's output for why)");
+      const double waited = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+      TORCH_CHECK(waited < timeout_s, "llamalite: rank ", r, " of the tensor-parallel group did not reach the same "
+                  "step within ", timeout_s, " s; is it stuck, or running a different command?");
+    }
+  }
+
+  void sum(float* x, int64_t n) {
+    const auto start = std::chrono::steady_clock::now();
+    if (group) {
+      std::vector<at::Tensor> ts{at::from_blob(x, {n}, at::kFloat)};
+      group->allreduce(ts)->wait();
+    } else {
+      TORCH_CHECK(region.defined(), "Reducer: share a region or use a group first");
+      for (int64_t off = 0; off < n; off += capacity) {
+        const int64_t m = std::min(capacity, n - off);
+        const int64_t gen = ++generation, set = gen % 2;
+        std::memcpy(slot(set, rank), x + off, m * sizeof(float));
+        __atomic_store_n(line(rank), gen, __ATOMIC_RELEASE);
+        for (int64_t r = 0; r < world; ++r) {
+          if (r != rank) wait_for(r, gen, start);
+        }
+        float* out = x + off;
+        std::memcpy(out, slot(set, 0), m * sizeof(float));
+        for (int64_t r = 1; r < world; ++r) {
+          const float* part = slot(set, r);
+          for (int64_t i = 0; i < m; ++i) out[i] += part[i];
+        }
+      }
+    }
+    spent += std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  }
+
+  // x (any shape, contiguous fp32 on the CPU), summed over the group in place.
+  void all_reduce_(at::Tensor x) {
+    TORCH_CHECK(x.scalar_type() == at::kFloat && x.is_contiguous() && x.device().is_cpu(),
+                "Reducer: a contiguous fp32 CPU tensor");
+    sum(x.data_ptr<float>(), x.numel());
+  }
+};
+
+
 
 // One decode step of the whole model for a batch of single tokens, token ids to logits, with no
 // Python and no tensor op between its parts: the embedding row, then per layer
@@ -1622,6 +1746,7 @@ struct DecodePlan : torch::CustomClassHolder {
   at::Tensor embed, inv_freq, out_norm, out_w;
   std::vector<at::Tensor> norms, weights, caches;
   std::vector<std::vector<at::Tensor>> lora_a, lora_bt;  // per adapter, per layer wq wk wv wo w1 w3 w2
+  c10::intrusive_ptr<Reducer> reducer;  // a tensor-parallel rank's: wo and w2 give partial sums
   std::vector<int64_t> types;
   int64_t embed_type, out_type, n_heads, n_kv_heads, L, dim, D, nq, nk, hidden;
   double eps, out_eps;
@@ -1672,10 +1797,15 @@ struct DecodePlan : torch::CustomClassHolder {
     caches = std::move(c);
   }
 
+  // A rank of a tensor-parallel group: its weights are its slices (parallel.Split), and the products of
+  // wo and w2 are summed over the group (each rank then adds the same sums to its residual stream).
+  void set_reducer(c10::intrusive_ptr<Reducer> r) { reducer = std::move(r); }
+
   // Adapter `index` (the next one: 0, 1, ...): per layer 7 A (r, in) and 7 Bt (r, out) in the weights' order
   // (wq wk wv wo w1 w3 w2), each pair empty where the adapter leaves that weight alone.
   void add_adapter(int64_t index, std::vector<at::Tensor> as, std::vector<at::Tensor> bts) {
     TORCH_CHECK(index == static_cast<int64_t>(lora_a.size()), "DecodePlan: adapters are added in order");
+    TORCH_CHECK(!reducer, "DecodePlan: adapters are not served on a model split over processes");
     TORCH_CHECK(static_cast<int64_t>(as.size()) == 7 * L && static_cast<int64_t>(bts.size()) == 7 * L,
                 "DecodePlan: an adapter has 7 (A, Bt) pairs per layer");
     for (int64_t i = 0; i < 7 * L; ++i) {
@@ -1733,7 +1863,8 @@ struct DecodePlan : torch::CustomClassHolder {
     const int64_t path = resolve_path(BEST);
 
     // Activations: the residual stream h, a normed copy n, [q|k|v], rotated q, attention out, [gate|up], act.
-    auto buf = at::empty({B * (2 * dim + nq + 2 * nk + 2 * nq + 3 * hidden)}, at::kFloat);
+    // Split over a group: wo's and w2's partial products (part) are summed before they are added to h.
+    auto buf = at::empty({B * (3 * dim + nq + 2 * nk + 2 * nq + 3 * hidden)}, at::kFloat);
     float* h = buf.data_ptr<float>();
     float* n = h + B * dim;
     float* qkv = n + B * dim;
@@ -1741,6 +1872,17 @@ struct DecodePlan : torch::CustomClassHolder {
     float* att = qr + B * nq;
     float* gu = att + B * nq;
     float* act = gu + B * 2 * hidden;
+    float* part = act + B * hidden;
+    Reducer* sum = reducer.get();
+    auto add_summed = [&](const float* x, int64_t K, const at::Tensor& w, int64_t type) {  // h += the group's x @ w.T
+      if (sum == nullptr) {
+        product(x, B, K, w, type, h, true, path);
+        return;
+      }
+      product(x, B, K, w, type, part, false, path);
+      sum->sum(part, B * dim);
+      for (int64_t i = 0; i < B * dim; ++i) h[i] += part[i];
+    };
 
     for (int64_t b = 0; b < B; ++b) {  // the embedding rows
       if (embed_type == DENSE) {
@@ -1778,7 +1920,7 @@ struct DecodePlan : torch::CustomClassHolder {
       attention_step(qkv, nq + 2 * nk, qkv + nq, qkv + nq + nk, nq + 2 * nk, cs.data(), true,
                      caches[2 * l].data_ptr<float>(), caches[2 * l + 1].data_ptr<float>(), slots, n_heads, n_kv_heads,
                      D, qr, att);
-      product(att, B, nq, w[3], t[1], h, true, path);  // h += wo(att)
+      add_summed(att, nq, w[3], t[1]);  // h += wo(att)
       if (adapters != nullptr) lora_add(att, nq, h, dim, *adapters, lora_a, lora_bt, 7 * l + 3);
       rms_rows(h, norms[2 * l + 1].data_ptr<float>(), n, B, dim, static_cast<float>(eps));
       bases = {w[4].data_ptr<uint8_t>(), w[5].data_ptr<uint8_t>()};
@@ -1789,7 +1931,7 @@ struct DecodePlan : torch::CustomClassHolder {
         lora_add(n, dim, gu + hidden, 2 * hidden, *adapters, lora_a, lora_bt, 7 * l + 5);
       }
       silu_mul(gu, B, hidden, act);
-      product(act, B, hidden, w[6], t[3], h, true, path);  // h += w2(act)
+      add_summed(act, hidden, w[6], t[3]);  // h += w2(act)
       if (adapters != nullptr) lora_add(act, hidden, h, dim, *adapters, lora_a, lora_bt, 7 * l + 6);
     }
     rms_rows(h, out_norm.data_ptr<float>(), n, B, dim, static_cast<float>(out_eps));
@@ -1812,11 +1954,20 @@ TORCH_LIBRARY(llamalite, m) {
   m.def("rms_norm(Tensor x, Tensor w, float eps) -> Tensor");
   m.def("decode_attention(Tensor q, Tensor k, Tensor v, Tensor cos_sin, Tensor(a!) cache_k, Tensor(b!) cache_v, "
         "Tensor pos, Tensor rows, int n_heads, int n_kv_heads) -> Tensor");
+  m.class_<Reducer>("Reducer")
+      .def(torch::init<int64_t, int64_t, double>())
+      .def_static("region_bytes", &Reducer::region_bytes)
+      .def("share", &Reducer::share)
+      .def("use_group", &Reducer::use_group)
+      .def("shares_memory", &Reducer::shares_memory)
+      .def("seconds", &Reducer::seconds)
+      .def("all_reduce_", &Reducer::all_reduce_);
   m.class_<DecodePlan>("DecodePlan")
       .def(torch::init<at::Tensor, int64_t, at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>,
                        std::vector<int64_t>, double, at::Tensor, double, at::Tensor, int64_t, int64_t, int64_t>())
       .def("set_caches", &DecodePlan::set_caches)
       .def("step", &DecodePlan::step)
+      .def("set_reducer", &DecodePlan::set_reducer)
       .def("add_adapter", &DecodePlan::add_adapter)
       .def("step_adapted", &DecodePlan::step_adapted);
 }

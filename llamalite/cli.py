@@ -382,7 +382,7 @@ def _serve_split(args, models: dict) -> int:
     """`serve` under torchrun: one model split over the ranks (llamalite.parallel). Rank 0 serves HTTP and
     runs the batching engine, handing each forward to the other ranks, which follow."""
     from .loading import load
-    from .parallel import Leader, control_group, follow, from_env, rank_device
+    from .parallel import Leader, ParallelError, control_group, follow, from_env, rank_device
     from .serve import serve
     from .serve.hub import Hub
 
@@ -396,17 +396,19 @@ def _serve_split(args, models: dict) -> int:
     if shard.rank != 0:
         follow(lm.model, control)
         return 0
-    lm.model = Leader(lm.model, control)
     key, limits = _serve_settings(args)
     hub = Hub({name: lambda: lm}, max_batch=args.max_batch, max_seq_len=args.ctx, api_key=key, limits=limits,
               pooling=args.pooling)
+    lm.model = leader = Leader(lm.model, control, on_broken=hub.stop)  # a rank lost: the server stops
     try:
         hub.servers[name] = hub.build(name)
         print(f"llamalite serving {name} split over {shard.world} ranks on http://{args.host}:{args.port}",
               file=sys.stderr)
         serve(hub, host=args.host, port=args.port)
     finally:
-        lm.model.close()
+        leader.close()
+    if leader.broken:
+        raise ParallelError(leader.broken)
     return 0
 
 

@@ -313,14 +313,26 @@ def control_group() -> Any:
     return dist.new_group(backend="gloo", timeout=timedelta(days=365))
 
 
+def _why(e: BaseException) -> str:
+    """The gist of a collective's error: its first sentence, without gloo's source location."""
+    import re
+
+    text = re.sub(r"^\[[^\]]*\]\s*", "", (str(e).strip().splitlines() or [""])[0])
+    return text.split(". ")[0].rstrip(".") or type(e).__name__
+
+
 class Leader:
     """Rank 0's model in a tensor-parallel server: every call the engine makes on it (a forward, the
     hidden states, setting up the caches) is first handed to the other ranks, which make the same call
     on their parts of the model (`follow`), so that the collectives inside meet. Sampling and everything
-    else happen on rank 0 alone: every rank ends a forward with the same logits."""
+    else happen on rank 0 alone: every rank ends a forward with the same logits.
 
-    def __init__(self, model: nn.Module, group: Any):
-        self.model, self.group = model, group
+    A call that fails leaves the ranks out of step (or one of them gone), so the split cannot go on: the
+    Leader says why (`broken`), calls `on_broken` (the server stops) and refuses every later call."""
+
+    def __init__(self, model: nn.Module, group: Any, on_broken: Any = None):
+        self.model, self.group, self.on_broken = model, group, on_broken
+        self.broken: str | None = None
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.model, name)
@@ -330,37 +342,58 @@ class Leader:
 
         dist.broadcast_object_list([(op, args, kwargs)], src=0, group=self.group)
 
+    def _call(self, op: str, call: Any, args: tuple, kwargs: dict) -> Any:
+        if self.broken is not None:
+            raise ParallelError(self.broken)
+        try:
+            self._hand(op, args, kwargs)
+            return call(*args, **kwargs)
+        except Exception as e:  # noqa: BLE001 (any failure leaves the ranks out of step)
+            import torch.distributed as dist
+
+            self.broken = (f"the model split over {dist.get_world_size()} ranks cannot go on: {_why(e)} (a rank "
+                           "has exited or fallen out of step: see the other ranks' output); restart the whole group")
+            if self.on_broken is not None:
+                self.on_broken()
+            raise ParallelError(self.broken) from e
+
     def __call__(self, *args: Any, **kwargs: Any) -> torch.Tensor:
-        self._hand("forward", args, kwargs)
-        return self.model(*args, **kwargs)
+        return self._call("forward", self.model, args, kwargs)
 
     def hidden(self, tokens: torch.Tensor) -> torch.Tensor:
-        self._hand("hidden", (tokens,), {})
-        return self.model.hidden(tokens)
+        return self._call("hidden", self.model.hidden, (tokens,), {})
 
     def setup_caches(self, *args: Any, **kwargs: Any) -> None:
-        self._hand("setup_caches", args, kwargs)
-        self.model.setup_caches(*args, **kwargs)
+        self._call("setup_caches", self.model.setup_caches, args, kwargs)
 
     def close(self) -> None:
-        """Let the followers go (the server is stopping)."""
-        self._hand("stop", (), {})
+        """Let the followers go (the server is stopping); nothing to say to a group already broken."""
+        if self.broken is None:
+            try:
+                self._hand("stop", (), {})
+            except Exception:  # noqa: BLE001 (the others are gone already: torchrun stopped them)
+                pass
 
 
 def follow(model: nn.Module, group: Any) -> None:
     """A rank other than 0 of a tensor-parallel server: make each call rank 0's Leader hands over, on this
-    rank's part of the model, until it says stop."""
+    rank's part of the model, until it says stop. Rank 0 gone, or a call that fails, ends it with an
+    error (the split cannot go on)."""
     import torch.distributed as dist
 
     calls = {"forward": model, "hidden": model.hidden, "setup_caches": model.setup_caches}
     while True:
         box: list = [None]
-        dist.broadcast_object_list(box, src=0, group=group)
-        op, args, kwargs = box[0]
-        if op == "stop":
-            return
-        with torch.inference_mode():
-            calls[op](*args, **kwargs)
+        try:
+            dist.broadcast_object_list(box, src=0, group=group)
+            op, args, kwargs = box[0]
+            if op == "stop":
+                return
+            with torch.inference_mode():
+                calls[op](*args, **kwargs)
+        except Exception as e:  # noqa: BLE001
+            raise ParallelError(f"rank {dist.get_rank()} of the split server stops: {_why(e)} (rank 0, which serves, "
+                                "has exited or fallen out of step: see its output)") from e
 
 
 # ----- pipeline stages ------------------------------------------------------------------------------------

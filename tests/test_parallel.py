@@ -221,6 +221,49 @@ def test_serve_split_over_two_ranks(client, flags):
         proc.wait(timeout=60)
 
 
+@pytest.mark.parametrize("victim", [1, 0])
+def test_a_split_server_whose_rank_dies_stops_with_a_clear_error(victim):
+    """Ranks started as torchrun would on two machines (no agent here to stop the others): SIGKILL one.
+    Rank 1 killed: rank 0's next forward fails, the request gets an error instead of hanging, and the
+    server stops, saying why. Rank 0 killed: rank 1 stops, saying why."""
+    import signal
+    import socket
+
+    import httpx
+
+    from llamalite.serve import wait_until_serving
+
+    ports = []
+    for _ in range(2):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            ports.append(s.getsockname()[1])
+    procs = []
+    for rank in range(2):
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "MASTER_ADDR": "127.0.0.1",
+               "MASTER_PORT": str(ports[0]), "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2"}
+        procs.append(subprocess.Popen([sys.executable, "-m", "llamalite", "serve", "--port", str(ports[1]),
+                                       "--ctx", "512", "--model-name", "m"], env=env, cwd=ROOT, stdout=subprocess.DEVNULL,
+                                      stderr=subprocess.PIPE, text=True))
+    url = f"http://127.0.0.1:{ports[1]}"
+    try:
+        wait_until_serving(url, procs[0], timeout=180)
+        procs[victim].send_signal(signal.SIGKILL)
+        procs[victim].wait()
+        survivor = procs[1 - victim]
+        if victim == 1:
+            reply = httpx.post(url + "/v1/completions", json={"model": "m", "prompt": "Once upon a time",
+                                                                "max_tokens": 8}, timeout=60)
+            assert reply.status_code >= 500, reply.text
+        _, err = survivor.communicate(timeout=60)
+        assert survivor.returncode == 1, err[-3000:]
+        assert ("cannot go on" if victim == 1 else "rank 1 of the split server stops") in err, err[-3000:]
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait()
+
+
 @pytest.fixture
 def two_hosts():
     """Two network namespaces joined by a veth pair, 10.77.x.1 and 10.77.x.2: two hosts as torchrun sees

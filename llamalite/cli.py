@@ -74,14 +74,15 @@ def _grammar(args, tokenizer):
     return None
 
 
-def _generator(seed: int | None):
+def _generator(seed: int | None, every_rank: bool = True):
+    """The sampler's random generator. Where `every_rank` samples (generate, eval under torchrun), each one
+    gets rank 0's seed, so that they all draw the same tokens; chat samples on rank 0 alone."""
     import torch
 
     from .parallel import agree
 
-    # every rank of a tensor-parallel run samples with rank 0's seed: the same tokens everywhere
-    seed = agree(seed if seed is not None else int.from_bytes(os.urandom(8), "little") >> 1)
-    return torch.Generator().manual_seed(seed)
+    seed = seed if seed is not None else int.from_bytes(os.urandom(8), "little") >> 1
+    return torch.Generator().manual_seed(agree(seed) if every_rank else seed)
 
 
 def _read_prompt(text: str | None) -> str:
@@ -116,10 +117,30 @@ def cmd_generate(args) -> int:
 
 
 def cmd_chat(args) -> int:
+    lm = _load(args)
+    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        return _chat(args, lm)
+    # Under torchrun: rank 0 holds the conversation (stdin is its own) and hands each forward of its part of
+    # the model to the other ranks, which make the same call on theirs (as a split server does).
+    import torch.distributed as dist
+
+    from .parallel import Leader, control_group, follow
+
+    control = control_group()
+    if dist.get_rank() != 0:
+        follow(lm.model, control)
+        return 0
+    lm.model = leader = Leader(lm.model, control)
+    try:
+        return _chat(args, lm)
+    finally:
+        leader.close()
+
+
+def _chat(args, lm) -> int:
     from .chat_template import encode_chat
     from .generation import ContextLengthError, generate, stream_text
 
-    lm = _load(args)
     interactive = sys.stdin.isatty()
     if interactive:
         try:
@@ -129,7 +150,7 @@ def cmd_chat(args) -> int:
         print(f"llamalite chat with {lm.path.name}. /clear starts over, /exit quits.", file=sys.stderr)
     system = [{"role": "system", "content": args.system}] if args.system else []
     history: list[dict[str, str]] = []
-    generator = _generator(args.seed)
+    generator = _generator(args.seed, every_rank=False)  # under torchrun, rank 0 alone samples (Leader)
     grammar = _grammar(args, lm.tokenizer)
     ctx = lm.config.context_length
     while True:
@@ -592,6 +613,7 @@ def _chat_args(p):
     _model_arg(p, lora=True)
     _sampling_args(p)
     _grammar_args(p)
+    _split_arg(p)
     p.add_argument("--system", help="system prompt")
 
 
@@ -759,8 +781,8 @@ VERBS: dict[str, tuple[Callable[[Any], int], str, Callable[[argparse.ArgumentPar
 
 # Verbs that run split over torchrun's processes (llamalite.parallel); train and finetune use torchrun for
 # data parallelism instead.
-TENSOR_PARALLEL = ("generate", "eval", "serve", "bench")
-_SINGLE_PROCESS = ("chat", "embed", "tokenize", "info", "export", "prepare", "pull", "list")
+TENSOR_PARALLEL = ("generate", "chat", "eval", "serve", "bench")
+_SINGLE_PROCESS = ("embed", "tokenize", "info", "export", "prepare", "pull", "list")
 
 
 def main(argv: list[str] | None = None) -> int:

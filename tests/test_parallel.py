@@ -115,11 +115,24 @@ def test_generate_under_torchrun(default_model_file):
     assert piped.stdout == one.stdout
 
 
+def test_chat_under_torchrun():
+    """`torchrun --nproc_per_node 2 -m llamalite chat [--pp]`: rank 0 holds the conversation (piped, two
+    turns), the other rank follows each forward; the replies are one process's."""
+    turns = "What is the capital of France?\nAnd of Italy?\n"
+    args = ["-m", "llamalite", "chat", "-t", "0", "-n", "24"]
+    one = subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=300, cwd=ROOT, input=turns)
+    assert one.returncode == 0 and len(one.stdout.strip().splitlines()) == 2, one.stderr[-2000:]
+    for split in ([], ["--pp"]):
+        two = _torchrun(2, *args, *split, stdin=turns)
+        assert two.returncode == 0, two.stderr[-3000:]
+        assert two.stdout == one.stdout, split
+
+
 def test_what_cannot_be_split_is_refused(tiny_files, tmp_path):
     three = _torchrun(3, "-m", "llamalite", "generate", "--model", str(tiny_files[0]), "-n", "2", "hi", timeout=120)
     assert three.returncode != 0 and "at most 2 ranks" in three.stderr
-    chat = _torchrun(2, "-m", "llamalite", "chat", timeout=120)
-    assert chat.returncode != 0 and "runs in one process" in chat.stderr
+    embed = _torchrun(2, "-m", "llamalite", "embed", "hi", timeout=120)
+    assert embed.returncode != 0 and "runs in one process" in embed.stderr
     # each machine reads its own copy of the file: copies that differ are caught at load
     script = tmp_path / "mismatch.py"
     script.write_text("import sys\nfrom llamalite.loading import load\nfrom llamalite.parallel import from_env\n"

@@ -447,20 +447,29 @@ class _FromPrevious(nn.Module):
 
 
 class _ThenSend(nn.Module):
-    """A stage's last block, whose output goes on to the next stage."""
+    """A stage's last block, whose output goes on to the next stage. The send does not wait for the next
+    stage to take it (so that this stage goes on with the next micro-batch of a prompt); `drain` waits
+    for every send still under way."""
 
     def __init__(self, block: nn.Module, dst: int):
         super().__init__()
         self.block, self.dst = block, dst
+        self.pending: list = []
 
     def forward(self, *args: Any) -> torch.Tensor:
         import torch.distributed as dist
 
         y = self.block(*args)
         start = time.perf_counter()
-        dist.send(y.contiguous(), self.dst)
+        self.pending.append(dist.isend(y.contiguous(), self.dst))
         Collectives.seconds += time.perf_counter() - start
         return y
+
+    def drain(self) -> None:
+        start = time.perf_counter()
+        while self.pending:
+            self.pending.pop(0).wait()
+        Collectives.seconds += time.perf_counter() - start
 
     def __getattr__(self, name: str) -> Any:  # attention, feed_forward, ... as the block has them
         try:
@@ -476,6 +485,7 @@ class _FromLast(nn.Module):
     def __init__(self, inner: nn.Module, src: int, width: int | None = None):
         super().__init__()
         self.inner, self.src, self.width = inner, src, width
+        self.skip = False  # a micro-batch whose logits nobody reads: no output, no broadcast
 
     @property
     def weight(self) -> torch.Tensor:  # Transformer.device reads the norm's
@@ -488,6 +498,8 @@ class _FromLast(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         import torch.distributed as dist
 
+        if self.skip:
+            return x if self.width is None else x.new_empty(*x.shape[:-1], 0)
         if dist.get_rank() == self.src:
             y = self.inner(x).float().contiguous()
         else:
@@ -498,9 +510,19 @@ class _FromLast(nn.Module):
         return y if self.width else y.to(x.dtype)
 
 
+MICRO_BATCH = 16  # the fewest prompt tokens in a micro-batch: smaller ones make the products less efficient
+
+
 def pipeline(model: nn.Module, shard: Shard) -> nn.Module:
     """Complete a stage's model: its input from the previous stage (after the first), its output on to the
-    next (before the last), the last stage's norm and logits broadcast to all."""
+    next (before the last), the last stage's norm and logits broadcast to all.
+
+    A prompt's cached prefill (a forward with positions that wants the last logits only) goes through the
+    stages in micro-batches of its tokens: while a stage works on one, the stage before it already works
+    on the next, as llama.cpp pipelines a prompt over devices. Sequential stages would leave each rank
+    idle for the others' share of the prompt. (Decoding gains nothing from micro-batches on a memory-bound
+    CPU: a stage reads all its weights for one row as for several, so splitting the batch costs as much
+    as it overlaps; see BENCHMARKS.md.)"""
     last = shard.world - 1
     cfg = model.config
     if shard.rank > 0:
@@ -511,4 +533,30 @@ def pipeline(model: nn.Module, shard: Shard) -> nn.Module:
     model.output = _FromLast(model.output, last, cfg.vocab_size)
     if hasattr(model, "plan"):
         model.plan = None
+    whole = model.forward
+    ends = (model.norm, model.output)
+    sender = model.layers[-1] if shard.rank < last else None
+
+    def forward(tokens: torch.Tensor, input_pos: torch.Tensor | None = None, last_only: bool = False,
+                rows: torch.Tensor | None = None) -> torch.Tensor:
+        T = tokens.shape[1]
+        micro = max(MICRO_BATCH, -(-T // (2 * shard.world)))
+        try:
+            if input_pos is None or not last_only or T < 2 * micro:
+                return whole(tokens, input_pos, last_only, rows)
+            cuts = list(range(0, T, micro))
+            for end in ends:
+                end.skip = True
+            try:
+                for lo in cuts[:-1]:
+                    whole(tokens[:, lo:lo + micro], input_pos[..., lo:lo + micro], True, rows)
+            finally:
+                for end in ends:
+                    end.skip = False
+            return whole(tokens[:, cuts[-1]:], input_pos[..., cuts[-1]:], True, rows)
+        finally:
+            if sender is not None:
+                sender.drain()
+
+    model.forward = forward  # nn.Module.__call__ calls the instance's
     return model

@@ -55,8 +55,13 @@ def main() -> None:
             pre = lm.model(torch.tensor([ids[:6]]), torch.arange(6))
             step = lm.model(torch.tensor([ids[6:7]]), torch.tensor([6]))
             hidden = lm.model.hidden(torch.tensor([ids]))
+            # a longer cached prefill (by layers: in micro-batches through the stages), then a step after it
+            lm.model.setup_caches(1, 64)
+            long_ids = (ids * 5)[:40]
+            long = lm.model(torch.tensor([long_ids]), torch.arange(40), last_only=True)
+            after = lm.model(torch.tensor([ids[:1]]), torch.tensor([40]))
         tokens = list(generate(lm.model, ids, max_new_tokens=16, sampling=GREEDY))
-        torch.save({"full": full, "pre": pre, "step": step, "hidden": hidden, "tokens": tokens, "held": held_bytes(lm.model),
+        torch.save({"full": full, "pre": pre, "step": step, "hidden": hidden, "long": long, "after": after, "tokens": tokens, "held": held_bytes(lm.model),
                     "plan": getattr(lm.model, "plan", None) is not None, "transport": transport() if shard else None,
                     "peak_rss_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss},
                    out / f"{Path(path).stem}-{rank}.pt")

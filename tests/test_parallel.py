@@ -72,7 +72,7 @@ def test_two_ranks_equal_one_process_on_tiny_models(tiny_files, tmp_path, flags)
         # F32: only the order of the fp32 sums differs; Q8_0: the kernels also quantize each activation
         # block, and a sum that differs in its last bit can round a block's value the other way
         tol = 1e-5 if name.endswith("F32") else 1e-3
-        for key in ("full", "pre", "step", "hidden"):
+        for key in ("full", "pre", "step", "hidden", "long", "after"):
             for rank in ranks:  # every rank ends with the whole logits
                 err = (rank[key] - one[key]).abs().max() / one[key].abs().max()
                 assert err < tol, (name, key, float(err))
@@ -89,7 +89,7 @@ def test_the_default_model_over_two_ranks(default_model_file, tmp_path):
     """SmolLM2-135M (Q4_1): its 3 head groups split 2 + 1 and its feed-forward in halves; the same logits
     (within the kernels' activation rounding), the same greedy tokens, and the layers' weights shared out."""
     (one, ranks), = _runs(tmp_path, [default_model_file], 2).values()
-    for key in ("full", "pre", "step"):
+    for key in ("full", "pre", "step", "long", "after"):
         err = (ranks[0][key] - one[key]).abs().max() / one[key].abs().max()
         assert err < 1e-3, (key, float(err))
     assert ranks[0]["tokens"] == ranks[1]["tokens"] == one["tokens"]

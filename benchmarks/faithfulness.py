@@ -2,9 +2,10 @@
 prefill) is to the reference (every weight dequantized to fp32, PyTorch's own ops) on the default
 model: greedy answers to chat prompts token for token, and the largest logit difference over each
 whole prompt (prefill) and over single tokens (decode). With --peer, llama.cpp's greedy answers from the
-same token ids are held against the same reference.
+same token ids are held against the same reference. The reference's KV cache is fp32; the fast path's
+is llamalite's default (f16 on CPUs) or --kv's.
 
-    python benchmarks/faithfulness.py [--model FILE.gguf] [--tokens 48] [--peer]
+    python benchmarks/faithfulness.py [--model FILE.gguf] [--tokens 48] [--peer] [--kv f16|bf16|q8_0|f32]
 """
 
 from __future__ import annotations
@@ -60,9 +61,10 @@ def main() -> None:
     p.add_argument("--model", help="GGUF file (default: the embedded default model)")
     p.add_argument("--tokens", type=int, default=48, help="greedy tokens per prompt (default 48)")
     p.add_argument("--peer", action="store_true", help="also llama.cpp's answers (needs llama-cpp-python)")
+    p.add_argument("--kv", choices=("f32", "f16", "bf16", "q8_0"), help="the fast path's KV cache (default: llamalite's)")
     args = p.parse_args()
     path = args.model or default_model_path()
-    fast, exact = load(path), load(path, quantized=False)
+    fast, exact = load(path, kv_type=args.kv), load(path, quantized=False, kv_type="f32")
     peer = None
     if args.peer:
         from llama_cpp import Llama
@@ -91,7 +93,8 @@ def main() -> None:
             peer_same += rows[-1]["llamacpp_first_difference"] is None
     if peer:
         peer.close()
-    summary = {"model": str(path), "kernels": simd_path(), "prompts": len(PROMPTS), "identical": same}
+    summary = {"model": str(path), "kernels": simd_path(), "kv_type": fast.model.kv_type, "prompts": len(PROMPTS),
+               "identical": same}
     if peer:
         summary["llamacpp_identical"] = peer_same
     print(json.dumps({**summary, "max_prefill_rel_err": worst_prefill, "max_decode_rel_err": worst_decode,

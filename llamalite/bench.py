@@ -31,7 +31,7 @@ def peak_rss_mib() -> float:
 
 
 def run_bench(model_path: Path, prompt_tokens: int = 128, gen_tokens: int = 128, repeats: int = 3,
-              compile: bool = False, shard=None, pipeline: bool = False) -> dict:
+              compile: bool = False, shard=None, pipeline: bool = False, kv_type: str | None = None) -> dict:
     """Load, time to first token, decode and prefill speed, peak RSS: medians of `repeats` runs. Split
     over torchrun's ranks (`shard`, parallel.Shard; `pipeline` for stages), every rank runs the same and
     the result also lists each rank's peak RSS and the share of its decode spent in all-reduces."""
@@ -47,7 +47,7 @@ def run_bench(model_path: Path, prompt_tokens: int = 128, gen_tokens: int = 128,
     for _ in range(repeats):
         del lm
         t0 = time.perf_counter()
-        lm = load(model_path, shard=shard, pipeline=pipeline)
+        lm = load(model_path, shard=shard, pipeline=pipeline, kv_type=kv_type)
         load_s = time.perf_counter() - t0
         prompt = bench_prompt(lm.tokenizer, prompt_tokens)
         capacity = min(lm.config.context_length, prompt_tokens + gen_tokens)
@@ -83,7 +83,7 @@ def run_bench(model_path: Path, prompt_tokens: int = 128, gen_tokens: int = 128,
     result["max"] = {k: max(r[k] for r in runs) for k in keys}
     result.update(model=str(model_path), prompt_tokens=prompt_tokens, gen_tokens=gen_tokens, repeats=repeats,
                   threads=torch.get_num_threads(), kernels=simd_path(), torch=torch.__version__,
-                  compiled=compile, compile_s=compile_s)
+                  compiled=compile, compile_s=compile_s, kv_type=lm.model.kv_type)
     if shard is not None:  # every rank's own figures, gathered
         import torch.distributed as dist
 

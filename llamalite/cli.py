@@ -31,7 +31,8 @@ def _load(args):
         from .parallel import rank_device
 
         device = rank_device(device)
-    lm = load(resolve_model(args.model), device=device, shard=shard, pipeline=getattr(args, "pp", False))
+    lm = load(resolve_model(args.model), device=device, shard=shard, pipeline=getattr(args, "pp", False),
+              kv_type=getattr(args, "kv_type", None))
     if getattr(args, "lora", None):
         from .adapters import AdapterSet, read_adapter
 
@@ -108,7 +109,8 @@ def cmd_generate(args) -> int:
     grammar = _grammar(args, lm.tokenizer)
     tokens = generate(lm.model, ids, max_new_tokens=args.max_new_tokens, sampling=_sampling(args),
                       stop_ids=lm.tokenizer.end_ids, generator=_generator(args.seed), truncate=args.truncate,
-                      constraint=grammar.matcher() if grammar else None)
+                      constraint=grammar.matcher() if grammar else None, context_shift=args.context_shift,
+                      keep=args.keep)
     for piece in stream_text(lm.tokenizer, tokens, stop=args.stop or ()):
         sys.stdout.write(piece)
         sys.stdout.flush()
@@ -181,7 +183,8 @@ def _chat(args, lm) -> int:
         try:
             tokens = generate(lm.model, ids, max_new_tokens=args.max_new_tokens, sampling=_sampling(args),
                               stop_ids=lm.tokenizer.end_ids, generator=generator,
-                              constraint=grammar.matcher() if grammar else None)
+                              constraint=grammar.matcher() if grammar else None, context_shift=args.context_shift,
+                              keep=args.keep)
             reply = []
             for piece in stream_text(lm.tokenizer, tokens):
                 reply.append(piece)
@@ -278,7 +281,7 @@ def cmd_bench(args) -> int:
         torch.set_num_threads(args.threads)
     shard = from_env()
     result = run_bench(resolve_model(args.model), args.prompt_tokens, args.gen_tokens, args.repeats,
-                       compile=args.compile, shard=shard, pipeline=args.pp)
+                       compile=args.compile, shard=shard, pipeline=args.pp, kv_type=args.kv_type)
     if args.json:
         print(json.dumps(result))
     else:
@@ -364,7 +367,7 @@ def cmd_serve(args) -> int:
 
     def loader(path):
         def load_it():
-            lm = load(path, device=args.device)
+            lm = load(path, device=args.device, kv_type=args.kv_type)
             if getattr(args, "compile", False):
                 from .generation import compile_decode
 
@@ -412,7 +415,7 @@ def _serve_split(args, models: dict) -> int:
                          "or --max-loaded)")
     shard = from_env()
     (name, path), = models.items()
-    lm = load(path, device=rank_device(args.device), shard=shard, pipeline=args.pp)
+    lm = load(path, device=rank_device(args.device), shard=shard, pipeline=args.pp, kv_type=args.kv_type)
     control = control_group()
     if shard.rank != 0:
         follow(lm.model, control)
@@ -592,12 +595,28 @@ def _grammar_args(p):
     p.add_argument("--grammar", metavar="FILE", help="constrain the reply to this GBNF grammar (llama.cpp's format)")
 
 
+def _shift_args(p):
+    p.add_argument("--context-shift", action="store_true",
+                   help="when a reply reaches the context, drop half of the tokens after --keep and go on (the "
+                        "cached keys moved, not recomputed); without it the reply ends there")
+    p.add_argument("--keep", type=int, default=0, metavar="N",
+                   help="with --context-shift: the first N tokens always stay (at least the first; -1: the prompt)")
+
+
+def _kv_arg(p):
+    p.add_argument("--kv-type", choices=("f32", "f16", "bf16", "q8_0"),
+                   help="what the KV cache holds: f16 (the default on CPUs with llamalite's kernels; elsewhere the "
+                        "model's dtype), bf16, q8_0 (about a quarter of f32's bytes) or f32")
+
+
 def _split_arg(p):
     p.add_argument("--pp", action="store_true", help="under torchrun: split the model by layers into pipeline stages "
                                                      "(one hand-over a stage a token) instead of by heads")
 
 
 def _generate_args(p):
+    _kv_arg(p)
+    _shift_args(p)
     _model_arg(p, lora=True)
     _split_arg(p)
     _sampling_args(p)
@@ -610,6 +629,8 @@ def _generate_args(p):
 
 
 def _chat_args(p):
+    _kv_arg(p)
+    _shift_args(p)
     _model_arg(p, lora=True)
     _sampling_args(p)
     _grammar_args(p)
@@ -629,6 +650,7 @@ def _info_args(p):
 
 
 def _bench_args(p):
+    _kv_arg(p)
     _model_arg(p)
     _split_arg(p)
     p.add_argument("--prompt-tokens", type=int, default=128)
@@ -649,6 +671,7 @@ def _serve_args(p):
                         "unmerged as model NAME, on MODEL (default: the first --model); repeatable, and requests "
                         "for different adapters and the base batch together")
     _split_arg(p)
+    _kv_arg(p)
     p.add_argument("--max-loaded", type=int, metavar="N",
                    help="keep at most N models loaded: the others load on their first request and the least "
                         "recently used is unloaded (default: every model, loaded at start)")

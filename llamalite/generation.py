@@ -85,19 +85,24 @@ def prefill(model: Transformer, tokens: Sequence[int]) -> torch.Tensor:
 def generate(model: Transformer, prompt: Sequence[int], *, max_new_tokens: int = 256,
              sampling: SamplingParams = SamplingParams(), stop_ids: Sequence[int] = (),
              generator: torch.Generator | None = None, truncate: bool = False,
-             constraint: Matcher | None = None) -> Generator[int, None, str]:
+             constraint: Matcher | None = None, context_shift: bool = False,
+             keep: int = 0) -> Generator[int, None, str]:
     """Yield new token ids; the generator's return value is the finish reason, "stop" or "length".
 
-    Stop ids end generation and are not yielded. Generation also ends at the model's context. With a
+    Stop ids end generation and are not yielded. Generation also ends at the model's context, unless
+    `context_shift`: then, each time the cache is full, the first `keep` tokens (at least the first one,
+    BOS where the model has one; -1: the whole prompt) stay, half of the rest are dropped and the others
+    move down in the cache (Transformer.shift_caches), as llama.cpp's context shift does. With a
     `constraint` (constrain.Grammar(...).matcher()) every token is one the grammar allows, and
     generation stops ("stop") once the grammar is complete.
     """
     ctx = model.config.context_length
     prompt = fit_prompt(prompt, ctx, truncate)
-    budget = min(max_new_tokens, ctx - len(prompt))
+    budget = max_new_tokens if context_shift else min(max_new_tokens, ctx - len(prompt))
     if budget <= 0:
         return "length"
-    _ensure_cache(model, len(prompt) + budget)
+    keep = max(1, len(prompt) if keep < 0 else keep)
+    _ensure_cache(model, min(ctx, len(prompt) + budget))
     device = model.device
     logits = prefill(model, prompt)
     history = model.cache_tokens = list(prompt)  # kept equal to what the cache holds
@@ -116,6 +121,12 @@ def generate(model: Transformer, prompt: Sequence[int], *, max_new_tokens: int =
             return "stop"
         if i == budget - 1:
             break
+        if len(history) >= model.max_seq_len:  # the cache is full (only with context_shift)
+            if keep >= len(history) - 1:
+                return "length"
+            discard = (len(history) - keep) // 2
+            model.shift_caches(keep, discard, len(history))
+            history = model.cache_tokens = history[:keep] + history[keep + discard:]
         with torch.inference_mode():
             pos = torch.tensor([len(history)], device=device)
             logits = step(torch.tensor([[token]], device=device), pos)[0, -1]

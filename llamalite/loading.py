@@ -49,14 +49,20 @@ class LoadedModel:
 
 
 def load(path: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
-         quantized: bool = True, shard: "Shard | None" = None, pipeline: bool = False) -> LoadedModel:
+         quantized: bool = True, shard: "Shard | None" = None, pipeline: bool = False,
+         kv_type: str | None = None) -> LoadedModel:
     """Load a GGUF file, an HF directory or a Meta checkpoint directory, telling which by its files,
     onto `device` in `dtype` (fp32 by default: without AVX-512 BF16, bf16 matmuls are slow on CPUs).
     GGUF Q4_0/Q4_1/Q8_0 weights stay quantized for the CPU kernels unless `quantized` is False (e.g.
     for training); on other devices they are dequantized, where dense matmuls are the fast path.
     With `shard` (parallel.Shard, under torchrun), only this rank's slices of a GGUF file are read and
     the model is this rank's part of a tensor-parallel one (llamalite.parallel), or with `pipeline` its
-    stage of consecutive layers."""
+    stage of consecutive layers. `kv_type` (model.KV_TYPES) is what its KV caches hold; by default
+    default_kv_type's choice."""
+    from .model import kv_type_name
+
+    if kv_type is not None:
+        kv_type_name(kv_type)  # an unknown name is refused before the weights are read
     on_cpu = torch.device(device).type == "cpu"
     path = Path(path).expanduser()
     if shard is not None:
@@ -80,7 +86,20 @@ def load(path: str | Path, dtype: torch.dtype = torch.float32, device: str | tor
         lm.model.to(device)
     if lm.tokenizer is not None and lm.chat_template and not lm.tokenizer.chat_template:
         lm.tokenizer.chat_template = lm.chat_template  # travels with the tokenizer (save_tokenizer, GGUF export)
+    if kv_type == "q8_0" and not on_cpu:
+        raise ValueError(f"a q8_0 KV cache needs the CPU kernels, not {device}: use --kv-type f16 or bf16")
+    lm.model.kv_type = kv_type or default_kv_type(lm.model)
     return lm
+
+
+def default_kv_type(model: torch.nn.Module) -> str | None:
+    """f16 for an fp32 model on the CPU kernels, whose attention reads fp16 keys and values directly:
+    half the bytes of fp32 a step, so decode at long contexts runs faster (BENCHMARKS.md) for a
+    rounding that keeps greedy answers (benchmarks/faithfulness.py). Otherwise None: the model's dtype."""
+    from .quantized import kernels_available
+
+    on_cpu = model.norm.weight.device.type == "cpu"
+    return "f16" if on_cpu and kernels_available() and model.norm.weight.dtype == torch.float32 else None
 
 
 def _load(path: Path, dtype: torch.dtype, quantized: bool) -> LoadedModel:

@@ -56,30 +56,83 @@ def apply_rope(x: torch.Tensor, rot: torch.Tensor) -> torch.Tensor:
     return torch.view_as_real(xc * rot.unsqueeze(-2)).flatten(-2).type_as(x)
 
 
-class KVCache(nn.Module):
-    """Static per-layer cache of keys and values, (B, n_kv_heads, max_seq_len, head_dim)."""
+KV_TYPES = ("f32", "f16", "bf16", "q8_0")  # what a KV cache can hold (--kv-type)
+_KV_DTYPES = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}
 
-    def __init__(self, batch: int, n_kv_heads: int, max_seq_len: int, head_dim: int, dtype: torch.dtype,
+
+def kv_type_name(kind: "str | torch.dtype") -> str:
+    """A KV type's name ("f16", ...) from a name or a torch dtype; anything else is refused."""
+    if isinstance(kind, torch.dtype):
+        for name, dtype in _KV_DTYPES.items():
+            if dtype == kind:
+                return name
+        raise ValueError(f"a KV cache of {kind} is not supported: use one of {', '.join(KV_TYPES)}")
+    if kind not in KV_TYPES:
+        raise ValueError(f"unknown KV cache type {kind!r}: use one of {', '.join(KV_TYPES)}")
+    return kind
+
+
+class KVCache(nn.Module):
+    """Static per-layer cache of keys and values, (B, n_kv_heads, max_seq_len, head_dim), in one of
+    KV_TYPES: fp32, fp16 or bf16 values, or Q8_0 blocks (per position and head, head_dim / 32 blocks of
+    an fp16 scale and 32 int8 values, 34 bytes, in the kernels' packed layout: needs the kernels).
+    Keys and values come in and go out in the model's dtype; what is stored is rounded to the type."""
+
+    def __init__(self, batch: int, n_kv_heads: int, max_seq_len: int, head_dim: int, dtype: "torch.dtype | str",
                  device: torch.device | str | None = None):
         super().__init__()
-        shape = (batch, n_kv_heads, max_seq_len, head_dim)
-        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
-        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.kind = kv_type_name(dtype)
+        self.head_dim = head_dim
+        if self.kind == "q8_0":
+            from .quantized import kernels_available
+
+            if torch.device(device or "cpu").type != "cpu" or not kernels_available():
+                raise ValueError("a q8_0 KV cache needs the CPU kernels (llamalite._kernels): use f16 or bf16 here")
+            if head_dim % 32:
+                raise ValueError(f"a q8_0 KV cache needs a head_dim that divides by 32, not {head_dim}: use f16")
+            shape, storage = (batch, n_kv_heads, max_seq_len, head_dim // 32 * 34), torch.uint8
+        else:
+            shape, storage = (batch, n_kv_heads, max_seq_len, head_dim), _KV_DTYPES[self.kind]
+        self.register_buffer("k", torch.zeros(shape, dtype=storage, device=device), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, dtype=storage, device=device), persistent=False)
+
+    def _store(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kind != "q8_0":
+            return x.to(self.k.dtype)
+        return torch.ops.llamalite.quantize_q8_0(x.reshape(-1, self.head_dim)).view(*x.shape[:-1], -1)
+
+    def _load(self, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        if self.kind != "q8_0":
+            return x.to(dtype)
+        flat = torch.ops.llamalite.dequantize(x.reshape(-1, x.shape[-1]), 8)  # 8: ggml's Q8_0
+        return flat.view(*x.shape[:-1], self.head_dim).to(dtype)
+
+    def shift(self, row: int, keep: int, discard: int, end: int, rot: torch.Tensor) -> None:
+        """Context shift: drop positions keep .. keep+discard-1 of cache row `row` (filled up to `end`),
+        moving the rest down by `discard`; the moved keys are turned back by rot = e^(-i*discard*freq),
+        in place of recomputing them at their new positions (RoPE's rotations add up)."""
+        src, dst = slice(keep + discard, end), slice(keep, end - discard)
+        k = self._load(self.k[row, :, src], torch.float32)  # (n_kv_heads, n, head_dim)
+        k = torch.view_as_real(torch.view_as_complex(k.unflatten(-1, (-1, 2))) * rot).flatten(-2)
+        self.k[row, :, dst] = self._store(k)
+        self.v[row, :, dst] = self.v[row, :, src].clone()
 
     def update(self, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor, end: int,
                rows: torch.Tensor | None = None):
         # k, v: (B, n_kv_heads, T, head_dim), written at their absolute positions (input_pos (T,) or
         # (B, T)) in cache rows `rows` (B,) (default: rows 0..B-1); positions up to `end` come back.
+        dtype = k.dtype
+        k, v = self._store(k), self._store(v)
         if rows is None and input_pos.dim() == 1:
             self.k.index_copy_(2, input_pos, k)
             self.v.index_copy_(2, input_pos, v)
-            return self.k[:, :, :end], self.v[:, :, :end]
+            return self._load(self.k[:, :, :end], dtype), self._load(self.v[:, :, :end], dtype)
         B, T = k.shape[0], k.shape[2]
         rows = torch.arange(B, device=k.device) if rows is None else rows
         pos = input_pos.expand(B, T)
-        self.k[rows[:, None], :, pos] = k.transpose(1, 2)  # indexed view: (B, T, n_kv_heads, head_dim)
+        self.k[rows[:, None], :, pos] = k.transpose(1, 2)  # indexed view: (B, T, n_kv_heads, row)
         self.v[rows[:, None], :, pos] = v.transpose(1, 2)
-        return self.k[rows, :, :end], self.v[rows, :, :end]
+        return self._load(self.k[rows, :, :end], dtype), self._load(self.v[rows, :, :end], dtype)
 
 
 class Attention(nn.Module):
@@ -148,22 +201,35 @@ class Transformer(nn.Module):
         self.cache_batch = 0  # rows of the KV caches
         self.checkpointing = False  # recompute each layer's activations in backward (training memory)
         self.cache_tokens: list[int] = []  # token ids whose keys/values the caches hold (kept by generate)
+        self.kv_type: str | None = None  # what setup_caches allocates by default (KV_TYPES; None: the model's dtype)
 
     @property
     def device(self) -> torch.device:
         return self.norm.weight.device  # always a dense parameter, whatever the linear layers hold
 
-    def setup_caches(self, max_batch_size: int, max_seq_len: int, dtype: torch.dtype | None = None) -> None:
-        """Allocate static KV caches; positions 0..max_seq_len-1 can then be decoded."""
+    def setup_caches(self, max_batch_size: int, max_seq_len: int, dtype: "torch.dtype | str | None" = None) -> None:
+        """Allocate static KV caches; positions 0..max_seq_len-1 can then be decoded. Their type: `dtype`
+        (a torch dtype or a name of KV_TYPES), else the model's `kv_type`, else the model's dtype."""
         if max_seq_len > self.config.context_length:
             raise ValueError(f"{max_seq_len} positions exceed the model's context of {self.config.context_length}")
-        dtype = dtype or self.norm.weight.dtype
+        dtype = dtype or getattr(self, "kv_type", None) or self.norm.weight.dtype
         device = self.device
         for layer in self.layers:
             layer.attention.cache = KVCache(max_batch_size, self.config.n_kv_heads, max_seq_len,
                                             self.config.head_dim, dtype, device)
         self.max_seq_len, self.cache_batch = max_seq_len, max_batch_size
         self.cache_tokens = []
+
+    def shift_caches(self, keep: int, discard: int, end: int, row: int = 0) -> None:
+        """Context shift of cache row `row`, filled up to position `end`: its first `keep` positions stay,
+        the next `discard` go, the rest move down (KVCache.shift). The caller updates `cache_tokens`."""
+        if not 0 < discard <= end - keep:
+            raise ValueError(f"cannot discard {discard} of the {end - keep} cached positions after the first {keep}")
+        angles = -float(discard) * self.inv_freq.to(self.device)
+        rot = torch.polar(torch.ones_like(angles), angles)
+        with torch.inference_mode():
+            for layer in self.layers:
+                layer.attention.cache.shift(row, keep, discard, end, rot)
 
     def forward(self, tokens: torch.Tensor, input_pos: torch.Tensor | None = None,
                 last_only: bool = False, rows: torch.Tensor | None = None) -> torch.Tensor:

@@ -366,6 +366,9 @@ class Leader:
     def setup_caches(self, *args: Any, **kwargs: Any) -> None:
         self._call("setup_caches", self.model.setup_caches, args, kwargs)
 
+    def shift_caches(self, *args: Any, **kwargs: Any) -> None:
+        self._call("shift_caches", self.model.shift_caches, args, kwargs)
+
     def close(self) -> None:
         """Let the followers go (the server is stopping); nothing to say to a group already broken."""
         if self.broken is None:
@@ -381,7 +384,8 @@ def follow(model: nn.Module, group: Any) -> None:
     error (the split cannot go on)."""
     import torch.distributed as dist
 
-    calls = {"forward": model, "hidden": model.hidden, "setup_caches": model.setup_caches}
+    calls = {"forward": model, "hidden": model.hidden, "setup_caches": model.setup_caches,
+             "shift_caches": model.shift_caches}
     while True:
         box: list = [None]
         try:

@@ -265,7 +265,7 @@ class FastAttention(Attention):
 
     def forward(self, x, rot, input_pos, mask, end, rows=None):
         B = x.shape[0]
-        if input_pos is None or not _fast_step(x) or self.cache.k.dtype != torch.float32:
+        if input_pos is None or not _fast_step(x):
             return super().forward(x, rot, input_pos, mask, end, rows)
         x2 = x.reshape(B, -1)
         if self.qkv:  # one product for the three, then any LoRA adapters' updates (adapters.py)
@@ -354,7 +354,7 @@ class FastTransformer(Transformer):
     def _plan_ready(self) -> bool:
         """Whether the plan can run on the current caches (handed to it again after setup_caches)."""
         first = self.layers[0].attention.cache
-        if first is None or first.k.dtype != torch.float32:
+        if first is None:
             return False
         if self._caches_of is not first:
             caches = [layer.attention.cache for layer in self.layers]

@@ -1322,26 +1322,147 @@ AVX2_TARGET inline __m256 exp_avx2(__m256 x) {
   return _mm256_mul_ps(y, _mm256_castsi256_ps(e));
 }
 
-// 8 partial sums of q . k (nv registers of 8 each).
-AVX2_TARGET inline __m256 dot8(const float* q, int64_t nv, const float* k) {
-  __m256 acc = _mm256_mul_ps(_mm256_loadu_ps(q), _mm256_loadu_ps(k));
-  for (int64_t j = 1; j < nv; ++j) acc = _mm256_fmadd_ps(_mm256_loadu_ps(q + 8 * j), _mm256_loadu_ps(k + 8 * j), acc);
-  return acc;
+// KV cache types: a cache row (one position of one key/value head) holds head_dim values as fp32, fp16,
+// bf16, or Q8_0 blocks in the kernels' packed layout ([d of each block as fp16][32 int8 of each block]:
+// 34 bytes per 32 values, ggml's rounding). Attention reads each type as it is, converting 8 values at a
+// time inside its loops: no fp32 copy of the cache.
+enum KvType : int64_t { KV_F32 = 0, KV_F16 = 1, KV_BF16 = 2, KV_Q8_0 = 3 };
+
+int64_t kv_row_bytes(int64_t type, int64_t D) {
+  return type == KV_F32 ? 4 * D : type == KV_Q8_0 ? D / 32 * 34 : 2 * D;
 }
 
-// One query head against positions 0..end-1 of its cache row, head_dim D a multiple of 8: scores 8
-// positions at a time (their 8 dot products reduced together), softmax with exp_avx2, then the
-// weighted sum of values in registers, normalised once at the end. p: scratch of at least end + 8.
-AVX2_TARGET void attend_avx2(const float* qh, const float* kb, const float* vb, int64_t end, int64_t D, float scale,
-                             float* p, float* oh) {
-  const int64_t nv = D / 8;
+int64_t kv_type_of(const at::Tensor& cache) {
+  switch (cache.scalar_type()) {
+    case at::kFloat: return KV_F32;
+    case at::kHalf: return KV_F16;
+    case at::kBFloat16: return KV_BF16;
+    case at::kByte: return KV_Q8_0;
+    default: TORCH_CHECK(false, "llamalite: a KV cache of ", cache.scalar_type(), "; use f32, f16, bf16 or q8_0");
+  }
+  return KV_F32;
+}
+
+inline float bf16_to_fp32(uint16_t h) {
+  const uint32_t bits = static_cast<uint32_t>(h) << 16;
+  float f;
+  std::memcpy(&f, &bits, 4);
+  return f;
+}
+
+// One cache row written from D fp32 values (round to nearest even; Q8_0 as quantize_q8_0).
+void kv_write(int64_t type, const float* x, int64_t D, uint8_t* row) {
+  if (type == KV_F32) {
+    std::memcpy(row, x, D * sizeof(float));
+  } else if (type == KV_F16) {
+    auto* h = reinterpret_cast<at::Half*>(row);
+    for (int64_t i = 0; i < D; ++i) h[i] = at::Half(x[i]);
+  } else if (type == KV_BF16) {
+    auto* h = reinterpret_cast<at::BFloat16*>(row);
+    for (int64_t i = 0; i < D; ++i) h[i] = at::BFloat16(x[i]);
+  } else {
+    const int64_t nb = D / 32;
+    auto* d = reinterpret_cast<uint16_t*>(row);
+    auto* qs = reinterpret_cast<int8_t*>(row + 2 * nb);
+    for (int64_t b = 0; b < nb; ++b) {
+      float amax = 0.f;
+      for (int i = 0; i < 32; ++i) amax = std::max(amax, std::fabs(x[b * 32 + i]));
+      const float scale = amax / 127.f, inv = scale > 0.f ? 1.f / scale : 0.f;
+      const at::Half h(scale);
+      std::memcpy(d + b, &h, 2);
+      for (int i = 0; i < 32; ++i) qs[b * 32 + i] = static_cast<int8_t>(std::nearbyint(x[b * 32 + i] * inv));
+    }
+  }
+}
+
+// One cache row back to D fp32 values (the portable path and tests).
+void kv_read(int64_t type, const uint8_t* row, int64_t D, float* out) {
+  if (type == KV_F32) {
+    std::memcpy(out, row, D * sizeof(float));
+  } else if (type == KV_F16) {
+    const auto* h = reinterpret_cast<const uint16_t*>(row);
+    for (int64_t i = 0; i < D; ++i) out[i] = fp16_to_fp32(h[i]);
+  } else if (type == KV_BF16) {
+    const auto* h = reinterpret_cast<const uint16_t*>(row);
+    for (int64_t i = 0; i < D; ++i) out[i] = bf16_to_fp32(h[i]);
+  } else {
+    const int64_t nb = D / 32;
+    const auto* d = reinterpret_cast<const uint16_t*>(row);
+    const auto* qs = reinterpret_cast<const int8_t*>(row + 2 * nb);
+    for (int64_t i = 0; i < D; ++i) out[i] = fp16_to_fp32(d[i / 32]) * qs[i];
+  }
+}
+
+// Eight values j*8 .. j*8+7 of a cache row, as fp32, for each type.
+struct RowF32 {
+  AVX2_TARGET static inline __m256 load(const uint8_t* row, int64_t, int64_t j) {
+    return _mm256_loadu_ps(reinterpret_cast<const float*>(row) + 8 * j);
+  }
+};
+struct RowF16 {
+  AVX2_TARGET static inline __m256 load(const uint8_t* row, int64_t, int64_t j) {
+    return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + 16 * j)));
+  }
+};
+struct RowBf16 {
+  AVX2_TARGET static inline __m256 load(const uint8_t* row, int64_t, int64_t j) {
+    const __m256i w = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + 16 * j)));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(w, 16));
+  }
+};
+struct RowQ8 {  // eight int8 values as fp32, unscaled: dot8 and attend_avx2 apply each block's d (scale)
+  static constexpr bool blocked = true;
+  AVX2_TARGET static inline __m256 load(const uint8_t* row, int64_t nb, int64_t j) {
+    const __m128i q = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(row + 2 * nb + 8 * j));
+    return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q));
+  }
+  AVX2_TARGET static inline float scale(const uint8_t* row, int64_t b) {
+    return _cvtsh_ss(reinterpret_cast<const uint16_t*>(row)[b]);
+  }
+};
+
+template <class Row, class = void>
+struct Blocked : std::false_type {};
+template <class Row>
+struct Blocked<Row, std::void_t<decltype(Row::blocked)>> : std::true_type {};
+
+// 8 partial sums of q . k (nv registers of 8 each), k a cache row.
+template <class Row>
+AVX2_TARGET inline __m256 dot8(const float* q, int64_t nv, const uint8_t* k, int64_t nb) {
+  if constexpr (Blocked<Row>::value) {  // per block of 32: the integer values' dot, then times the block's d
+    __m256 acc = _mm256_setzero_ps();
+    for (int64_t b = 0; b < nb; ++b) {
+      const float* qb = q + 32 * b;
+      __m256 part = _mm256_mul_ps(_mm256_loadu_ps(qb), Row::load(k, nb, 4 * b));
+      part = _mm256_fmadd_ps(_mm256_loadu_ps(qb + 8), Row::load(k, nb, 4 * b + 1), part);
+      part = _mm256_fmadd_ps(_mm256_loadu_ps(qb + 16), Row::load(k, nb, 4 * b + 2), part);
+      part = _mm256_fmadd_ps(_mm256_loadu_ps(qb + 24), Row::load(k, nb, 4 * b + 3), part);
+      acc = _mm256_fmadd_ps(part, _mm256_set1_ps(Row::scale(k, b)), acc);
+    }
+    return acc;
+  } else {
+    __m256 acc = _mm256_mul_ps(_mm256_loadu_ps(q), Row::load(k, nb, 0));
+    for (int64_t j = 1; j < nv; ++j) acc = _mm256_fmadd_ps(_mm256_loadu_ps(q + 8 * j), Row::load(k, nb, j), acc);
+    return acc;
+  }
+}
+
+// One query head against positions 0..end-1 of its cache row (rows rb bytes apart), head_dim D a
+// multiple of 8: scores 8 positions at a time (their 8 dot products reduced together), softmax with
+// exp_avx2, then the weighted sum of values in registers, normalised once at the end. p: scratch of
+// at least end + 8.
+template <class Row>
+AVX2_TARGET void attend_avx2(const float* qh, const uint8_t* kb, const uint8_t* vb, int64_t rb, int64_t end,
+                             int64_t D, float scale, float* p, float* oh) {
+  const int64_t nv = D / 8, nb = D / 32;
   __m256 vmax = _mm256_set1_ps(-INFINITY);
   int64_t t = 0;
   for (; t + 8 <= end; t += 8) {
-    const __m256 h01 = _mm256_hadd_ps(dot8(qh, nv, kb + t * D), dot8(qh, nv, kb + (t + 1) * D));
-    const __m256 h23 = _mm256_hadd_ps(dot8(qh, nv, kb + (t + 2) * D), dot8(qh, nv, kb + (t + 3) * D));
-    const __m256 h45 = _mm256_hadd_ps(dot8(qh, nv, kb + (t + 4) * D), dot8(qh, nv, kb + (t + 5) * D));
-    const __m256 h67 = _mm256_hadd_ps(dot8(qh, nv, kb + (t + 6) * D), dot8(qh, nv, kb + (t + 7) * D));
+    const uint8_t* k0 = kb + t * rb;
+    const __m256 h01 = _mm256_hadd_ps(dot8<Row>(qh, nv, k0, nb), dot8<Row>(qh, nv, k0 + rb, nb));
+    const __m256 h23 = _mm256_hadd_ps(dot8<Row>(qh, nv, k0 + 2 * rb, nb), dot8<Row>(qh, nv, k0 + 3 * rb, nb));
+    const __m256 h45 = _mm256_hadd_ps(dot8<Row>(qh, nv, k0 + 4 * rb, nb), dot8<Row>(qh, nv, k0 + 5 * rb, nb));
+    const __m256 h67 = _mm256_hadd_ps(dot8<Row>(qh, nv, k0 + 6 * rb, nb), dot8<Row>(qh, nv, k0 + 7 * rb, nb));
     const __m256 u0 = _mm256_hadd_ps(h01, h23), u1 = _mm256_hadd_ps(h45, h67);
     const __m256 sc = _mm256_mul_ps(_mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20),
                                                   _mm256_permute2f128_ps(u0, u1, 0x31)), _mm256_set1_ps(scale));
@@ -1350,7 +1471,7 @@ AVX2_TARGET void attend_avx2(const float* qh, const float* kb, const float* vb, 
   }
   float mx = -INFINITY;
   for (; t < end; ++t) {
-    p[t] = hsum(dot8(qh, nv, kb + t * D)) * scale;
+    p[t] = hsum(dot8<Row>(qh, nv, kb + t * rb, nb)) * scale;
     mx = std::max(mx, p[t]);
   }
   alignas(32) float lanes[8];
@@ -1365,19 +1486,25 @@ AVX2_TARGET void attend_avx2(const float* qh, const float* kb, const float* vb, 
   }
   float sum = hsum(vsum);
   for (; t < end; ++t) { p[t] = std::exp(p[t] - mx); sum += p[t]; }
-  __m256 acc[16];  // D <= 128 in registers; wider heads go through memory below
-  const int64_t nr = std::min<int64_t>(nv, 16);
-  for (int64_t j = 0; j < nr; ++j) acc[j] = _mm256_setzero_ps();
-  for (int64_t j = nr * 8; j < D; ++j) oh[j] = 0.f;
-  for (t = 0; t < end; ++t) {
-    const __m256 w = _mm256_set1_ps(p[t]);
-    const float* vt = vb + t * D;
-    for (int64_t j = 0; j < nr; ++j) acc[j] = _mm256_fmadd_ps(w, _mm256_loadu_ps(vt + 8 * j), acc[j]);
-    for (int64_t j = nr * 8; j < D; ++j) oh[j] += p[t] * vt[j];
+  __m256 acc[16];  // D <= 128 in registers; wider heads go in passes of 128 values
+  for (int64_t j0 = 0; j0 < nv; j0 += 16) {
+    const int64_t nr = std::min<int64_t>(nv - j0, 16);
+    for (int64_t j = 0; j < nr; ++j) acc[j] = _mm256_setzero_ps();
+    for (t = 0; t < end; ++t) {
+      const uint8_t* vt = vb + t * rb;
+      if constexpr (Blocked<Row>::value) {  // the weight times each block's d, once a block (4 registers)
+        for (int64_t j = 0; j < nr; j += 4) {
+          const __m256 w = _mm256_set1_ps(p[t] * Row::scale(vt, (j0 + j) / 4));
+          for (int64_t i = 0; i < 4; ++i) acc[j + i] = _mm256_fmadd_ps(w, Row::load(vt, nb, j0 + j + i), acc[j + i]);
+        }
+      } else {
+        const __m256 w = _mm256_set1_ps(p[t]);
+        for (int64_t j = 0; j < nr; ++j) acc[j] = _mm256_fmadd_ps(w, Row::load(vt, nb, j0 + j), acc[j]);
+      }
+    }
+    const __m256 inv = _mm256_set1_ps(1.f / sum);
+    for (int64_t j = 0; j < nr; ++j) _mm256_storeu_ps(oh + 8 * (j0 + j), _mm256_mul_ps(acc[j], inv));
   }
-  const __m256 inv = _mm256_set1_ps(1.f / sum);
-  for (int64_t j = 0; j < nr; ++j) _mm256_storeu_ps(oh + 8 * j, _mm256_mul_ps(acc[j], inv));
-  for (int64_t j = nr * 8; j < D; ++j) oh[j] /= sum;
 }
 
 // Where a batch of single queries sits in the KV caches (R, KV, S, D) of a layer: row b of the batch
@@ -1397,14 +1524,14 @@ void check_slots(const CacheSlots& c) {
 }
 
 // One decode step of attention for a batch of single queries: RoPE on q and k, the new k and v
-// written into the caches, then grouped-query attention over the cache. Row b attends to positions
-// 0..pos[b] of its cache row: requests of different lengths decode together. RoPE rotates
-// interleaved pairs as model.apply_rope; softmax in fp32 (model.Attention is the reference).
+// written into the caches (in the caches' type), then grouped-query attention over the cache. Row b
+// attends to positions 0..pos[b] of its cache row: requests of different lengths decode together.
+// RoPE rotates interleaved pairs as model.apply_rope; softmax in fp32 (model.Attention is the reference).
 //   q: B rows of H*D, qstride apart; k, v: B rows of KV*D, kvstride apart; cs: (B or 1 if !cs_rows,
-//   D/2, 2) cos/sin; caches (R, KV, S, D); qr: scratch of B*H*D; out: (B, H*D).
+//   D/2, 2) cos/sin; caches (R, KV, S, row) of kv_type; qr: scratch of B*H*D (and D more); out: (B, H*D).
 void attention_step(const float* q, int64_t qstride, const float* k, const float* v, int64_t kvstride,
-                    const float* cs, bool cs_rows, float* kc, float* vc, const CacheSlots& c, int64_t H,
-                    int64_t KV, int64_t D, float* qr, float* out) {
+                    const float* cs, bool cs_rows, uint8_t* kc, uint8_t* vc, int64_t kv_type, const CacheSlots& c,
+                    int64_t H, int64_t KV, int64_t D, float* qr, float* out, int64_t path = BEST) {
   auto rope = [&](const float* rot, const float* src, float* dst) {
     for (int64_t i = 0; i < D / 2; ++i) {
       const float co = rot[2 * i], si = rot[2 * i + 1], x0 = src[2 * i], x1 = src[2 * i + 1];
@@ -1412,37 +1539,45 @@ void attention_step(const float* q, int64_t qstride, const float* k, const float
       dst[2 * i + 1] = x0 * si + x1 * co;
     }
   };
-  const int64_t S = c.S;
+  const int64_t S = c.S, rb = kv_row_bytes(kv_type, D);
+  std::vector<float> kr(D);
   for (int64_t b = 0; b < c.B; ++b) {
     const float* rot = cs + (cs_rows ? b : 0) * D;
     for (int64_t h = 0; h < H; ++h) rope(rot, q + b * qstride + h * D, qr + (b * H + h) * D);
     for (int64_t h = 0; h < KV; ++h) {
-      const int64_t at = ((c.rows[b] * KV + h) * S + c.pos[b]) * D;
-      rope(rot, k + b * kvstride + h * D, kc + at);
-      std::memcpy(vc + at, v + b * kvstride + h * D, D * sizeof(float));
+      const int64_t at = ((c.rows[b] * KV + h) * S + c.pos[b]) * rb;
+      rope(rot, k + b * kvstride + h * D, kr.data());
+      kv_write(kv_type, kr.data(), D, kc + at);
+      kv_write(kv_type, v + b * kvstride + h * D, D, vc + at);
     }
   }
   const float scale = 1.f / std::sqrt(static_cast<float>(D));
   const int64_t group = H / KV;
-  const bool fast = has_avx2() && D % 8 == 0;
+  const bool fast = resolve_path(path) != PORTABLE && D % (kv_type == KV_Q8_0 ? 32 : 8) == 0;
   at::parallel_for(0, c.B * H, 1, [&](int64_t begin, int64_t stop) {
-    thread_local std::vector<float> p;
+    thread_local std::vector<float> p, row;
     for (int64_t bh = begin; bh < stop; ++bh) {
       const int64_t b = bh / H, h = bh % H, kvh = h / group, end = c.pos[b] + 1;
       p.resize(end + 8);
       const float* qh = qr + bh * D;
-      const float* kb = kc + (c.rows[b] * KV + kvh) * S * D;
-      const float* vb = vc + (c.rows[b] * KV + kvh) * S * D;
+      const uint8_t* kb = kc + (c.rows[b] * KV + kvh) * S * rb;
+      const uint8_t* vb = vc + (c.rows[b] * KV + kvh) * S * rb;
       float* oh = out + bh * D;
       if (fast) {
-        attend_avx2(qh, kb, vb, end, D, scale, p.data(), oh);
+        switch (kv_type) {
+          case KV_F32: attend_avx2<RowF32>(qh, kb, vb, rb, end, D, scale, p.data(), oh); break;
+          case KV_F16: attend_avx2<RowF16>(qh, kb, vb, rb, end, D, scale, p.data(), oh); break;
+          case KV_BF16: attend_avx2<RowBf16>(qh, kb, vb, rb, end, D, scale, p.data(), oh); break;
+          default: attend_avx2<RowQ8>(qh, kb, vb, rb, end, D, scale, p.data(), oh); break;
+        }
         continue;
       }
+      row.resize(D);
       float mx = -INFINITY;
       for (int64_t t = 0; t < end; ++t) {
+        kv_read(kv_type, kb + t * rb, D, row.data());
         float dot = 0.f;
-#pragma omp simd reduction(+ : dot)
-        for (int64_t i = 0; i < D; ++i) dot += qh[i] * kb[t * D + i];
+        for (int64_t i = 0; i < D; ++i) dot += qh[i] * row[i];
         p[t] = dot * scale;
         mx = std::max(mx, p[t]);
       }
@@ -1450,29 +1585,38 @@ void attention_step(const float* q, int64_t qstride, const float* k, const float
       for (int64_t t = 0; t < end; ++t) { p[t] = std::exp(p[t] - mx); sum += p[t]; }
       for (int64_t i = 0; i < D; ++i) oh[i] = 0.f;
       for (int64_t t = 0; t < end; ++t) {
+        kv_read(kv_type, vb + t * rb, D, row.data());
         const float w = p[t] / sum;
-        for (int64_t i = 0; i < D; ++i) oh[i] += w * vb[t * D + i];
+        for (int64_t i = 0; i < D; ++i) oh[i] += w * row[i];
       }
     }
   });
 }
 
-void check_cache(const at::Tensor& cache, const at::Tensor& like, int64_t n_kv_heads) {
-  TORCH_CHECK(cache.scalar_type() == at::kFloat && cache.is_contiguous() && cache.dim() == 4 &&
-              cache.sizes() == like.sizes() && cache.size(1) == n_kv_heads,
-              "llamalite: KV caches must be fp32, contiguous, (rows, n_kv_heads, positions, head_dim), k and v alike");
+// A layer's k or v cache: (rows, n_kv_heads, positions, row) of one KV type, contiguous, k and v alike.
+void check_cache(const at::Tensor& cache, const at::Tensor& like, int64_t n_kv_heads, int64_t D) {
+  TORCH_CHECK(cache.is_contiguous() && cache.dim() == 4 && cache.sizes() == like.sizes() &&
+                  cache.scalar_type() == like.scalar_type() && cache.size(1) == n_kv_heads,
+              "llamalite: KV caches must be contiguous, (rows, n_kv_heads, positions, head_dim), k and v alike");
+  const int64_t type = kv_type_of(cache);
+  TORCH_CHECK(type != KV_Q8_0 || D % 32 == 0, "llamalite: a q8_0 KV cache needs a head_dim that divides by 32, not ", D,
+              "; use --kv-type f16");
+  TORCH_CHECK(cache.size(3) * cache.element_size() == kv_row_bytes(type, D), "llamalite: a KV cache row of ",
+              cache.size(3) * cache.element_size(), " bytes, not the ", kv_row_bytes(type, D), " of head_dim ", D);
 }
 
 // attention_step as an op (one call where the eager path takes about fifteen):
-//   q (B, H*D), k and v (B, KV*D), cos_sin (B or 1, D/2, 2), caches (R, KV, S, D); returns (B, H*D).
+//   q (B, H*D), k and v (B, KV*D), cos_sin (B or 1, D/2, 2), caches (R, KV, S, row) of one KV type; returns
+//   (B, H*D). path: BEST, or PORTABLE (the loop that reads a row at a time) for tests.
 at::Tensor decode_attention(const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
                             const at::Tensor& cos_sin_in, at::Tensor& cache_k, at::Tensor& cache_v,
-                            const at::Tensor& pos_in, const at::Tensor& rows_in, int64_t n_heads, int64_t n_kv_heads) {
+                            const at::Tensor& pos_in, const at::Tensor& rows_in, int64_t n_heads, int64_t n_kv_heads,
+                            int64_t path) {
   const at::Tensor q = q_in.to(at::kFloat).contiguous(), k = k_in.to(at::kFloat).contiguous();
   const at::Tensor v = v_in.to(at::kFloat).contiguous(), cs = cos_sin_in.to(at::kFloat).contiguous();
   const at::Tensor pos_t = pos_in.to(at::kLong).contiguous(), rows_t = rows_in.to(at::kLong).contiguous();
-  check_cache(cache_k, cache_v, n_kv_heads);
   const int64_t B = q.size(0), D = q.size(1) / n_heads;
+  check_cache(cache_k, cache_v, n_kv_heads, D);
   TORCH_CHECK(pos_t.numel() == B && rows_t.numel() == B, "decode_attention: need one position and one cache row a query");
   TORCH_CHECK(cs.dim() == 3 && cs.size(1) * 2 == D && (cs.size(0) == B || cs.size(0) == 1),
               "decode_attention: cos/sin table does not match the batch and head_dim ", D);
@@ -1481,8 +1625,9 @@ at::Tensor decode_attention(const at::Tensor& q_in, const at::Tensor& k_in, cons
   auto qr = at::empty({B, n_heads * D}, at::kFloat);
   auto out = at::empty({B, n_heads * D}, at::kFloat);
   attention_step(q.data_ptr<float>(), n_heads * D, k.data_ptr<float>(), v.data_ptr<float>(), n_kv_heads * D,
-                 cs.data_ptr<float>(), cs.size(0) != 1, cache_k.data_ptr<float>(), cache_v.data_ptr<float>(), slots,
-                 n_heads, n_kv_heads, D, qr.data_ptr<float>(), out.data_ptr<float>());
+                 cs.data_ptr<float>(), cs.size(0) != 1, static_cast<uint8_t*>(cache_k.data_ptr()),
+                 static_cast<uint8_t*>(cache_v.data_ptr()), kv_type_of(cache_k), slots, n_heads, n_kv_heads, D,
+                 qr.data_ptr<float>(), out.data_ptr<float>(), path);
   return out;
 }
 
@@ -1790,10 +1935,7 @@ struct DecodePlan : torch::CustomClassHolder {
 
   void set_caches(std::vector<at::Tensor> c) {
     TORCH_CHECK(static_cast<int64_t>(c.size()) == 2 * L, "DecodePlan: need a k and a v cache per layer");
-    for (const at::Tensor& t : c) {
-      check_cache(t, c[0], n_kv_heads);
-      TORCH_CHECK(t.size(3) == D, "DecodePlan: caches of head_dim ", t.size(3), ", not ", D);
-    }
+    for (const at::Tensor& t : c) check_cache(t, c[0], n_kv_heads, D);
     caches = std::move(c);
   }
 
@@ -1918,7 +2060,8 @@ struct DecodePlan : torch::CustomClassHolder {
         lora_add(n, dim, qkv + nq + nk, qs, *adapters, lora_a, lora_bt, 7 * l + 2);
       }
       attention_step(qkv, nq + 2 * nk, qkv + nq, qkv + nq + nk, nq + 2 * nk, cs.data(), true,
-                     caches[2 * l].data_ptr<float>(), caches[2 * l + 1].data_ptr<float>(), slots, n_heads, n_kv_heads,
+                     static_cast<uint8_t*>(caches[2 * l].data_ptr()), static_cast<uint8_t*>(caches[2 * l + 1].data_ptr()),
+                     kv_type_of(caches[0]), slots, n_heads, n_kv_heads,
                      D, qr, att);
       add_summed(att, nq, w[3], t[1]);  // h += wo(att)
       if (adapters != nullptr) lora_add(att, nq, h, dim, *adapters, lora_a, lora_bt, 7 * l + 3);
@@ -1953,7 +2096,7 @@ TORCH_LIBRARY(llamalite, m) {
   m.def("quantize_q8_0(Tensor w) -> Tensor");
   m.def("rms_norm(Tensor x, Tensor w, float eps) -> Tensor");
   m.def("decode_attention(Tensor q, Tensor k, Tensor v, Tensor cos_sin, Tensor(a!) cache_k, Tensor(b!) cache_v, "
-        "Tensor pos, Tensor rows, int n_heads, int n_kv_heads) -> Tensor");
+        "Tensor pos, Tensor rows, int n_heads, int n_kv_heads, int path=0) -> Tensor");
   m.class_<Reducer>("Reducer")
       .def(torch::init<int64_t, int64_t, double>())
       .def_static("region_bytes", &Reducer::region_bytes)

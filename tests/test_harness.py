@@ -90,6 +90,9 @@ def test_lm_evals_local_completions_scores_through_our_server(default_lm, tmp_pa
     from llamalite.serve import BackgroundServer, Server, create_app
 
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    # an fp32 KV cache, as the direct computation attends in fp32 (the default f16 cache rounds keys
+    # and values: about 1e-3 of a log-likelihood summed over a few tokens)
+    monkeypatch.setattr(default_lm.model, "kv_type", "f32")
     server = Server(default_lm, "smollm2", max_batch=4, max_seq_len=512)
     with BackgroundServer(create_app(server)) as url:
         results, scores = _run("local-completions", f"model=smollm2,base_url={url}/v1/completions,"

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
@@ -43,6 +44,7 @@ def perplexity(model: Callable[[torch.Tensor], torch.Tensor], tokenizer: Tokeniz
                         f"give more text or a smaller --ctx")
     first = ctx // 2
     nll, count = 0.0, 0
+    start = time.perf_counter()
     for i in tqdm(range(n_chunk), desc="perplexity", unit="window", disable=not progress):
         window = tokens[i * ctx:(i + 1) * ctx]
         if tokenizer.add_bos and tokenizer.bos_id is not None:
@@ -51,8 +53,10 @@ def perplexity(model: Callable[[torch.Tensor], torch.Tensor], tokenizer: Tokeniz
         targets = torch.tensor(tokens[i * ctx + first + 1:(i + 1) * ctx], device=logits.device)
         nll -= float(logits.log_softmax(-1).gather(1, targets[:, None]).sum())
         count += len(targets)
+    seconds = time.perf_counter() - start
     return {"perplexity": math.exp(nll / count), "nll_per_token": nll / count, "ctx": ctx, "windows": n_chunk,
-            "scored_tokens": count, "tokens": len(tokens)}
+            "scored_tokens": count, "tokens": len(tokens), "seconds": seconds,
+            "tokens_per_second": n_chunk * ctx / seconds}
 
 
 @dataclass

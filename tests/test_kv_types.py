@@ -144,3 +144,24 @@ def test_the_flag(default_model_file, tmp_path):
         lm.model.setup_caches(1, 16)
     with pytest.raises(ValueError, match="unknown KV cache type 'f8'"):
         load(path, kv_type="f8")
+
+
+def test_the_server_decodes_through_the_models_kv_type(default_model_file):
+    """`serve --kv-type q8_0` loads the model with it: the engine's slots are q8_0 caches, and greedy
+    replies to two prompts decoded together through them are what `generate` gives with that type."""
+    from llamalite.generation import generate
+    from llamalite.loading import load
+    from llamalite.sampling import GREEDY
+    from llamalite.serve.engine import Engine, Request, TokenEvent
+
+    lm = load(default_model_file, kv_type="q8_0")
+    prompts = [lm.tokenizer.encode(p) for p in ("The capital of France is", "Once upon a time")]
+    want = [list(generate(lm.model, p, max_new_tokens=12, sampling=GREEDY)) for p in prompts]
+    engine = Engine(lm.model, max_batch=2, max_seq_len=256).start()
+    try:
+        assert lm.model.layers[0].attention.cache.k.dtype == torch.uint8
+        requests = [engine.submit(Request(p, max_tokens=12, sampling=GREEDY)) for p in prompts]
+        got = [[e.token for e in r if isinstance(e, TokenEvent)] for r in requests]
+    finally:
+        engine.stop()
+    assert got == want

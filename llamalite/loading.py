@@ -7,6 +7,7 @@ into a model built on the meta device, so nothing is allocated twice.
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import json
 import mmap
@@ -259,11 +260,15 @@ def _meta_to(name: str, top: Mapping[str, str], layer: Mapping[str, str], fmt: s
 
 
 def open_gguf(path: Path):
-    """A `gguf.GGUFReader` over a plain ndarray view of the memory map.
+    """A `gguf.GGUFReader` over a plain ndarray view of the memory map, with a faster parse of arrays.
 
     The reader slices its `np.memmap` once per metadata item, and each memmap slice costs a Python-level
     `__array_finalize__`: a plain ndarray view of the same mapping parses a 49k-token vocabulary 3x
-    faster and still reads tensors lazily from the page cache.
+    faster and still reads tensors lazily from the page cache. Arrays are then most of the header (a
+    vocabulary's tokens, scores, types and merges: 147k items for the default model, each a numpy view
+    or two): an array of numbers becomes one view of all of them, and each string of an array two
+    memoryview slices (what a field's `contents()` reads: `nbytes`, `tobytes()`), which took the
+    default model's metadata from about 0.5 s to 0.1 s (with the cyclic collector paused meanwhile).
     """
     import gguf
 
@@ -275,13 +280,39 @@ def open_gguf(path: Path):
         @data.setter
         def data(self, value):
             self._data = value.view(np.ndarray)
+            self._bytes = memoryview(self._data).cast("B")
             self.file_map = getattr(value, "_mmap", None)  # the mmap.mmap object under the np.memmap
 
+        def _get_field_parts(self, orig_offs, raw_type):
+            if raw_type != gguf.GGUFValueType.ARRAY or self.byte_order != "I":
+                return super()._get_field_parts(orig_offs, raw_type)
+            raw_itype = self._get(orig_offs, np.uint32)
+            alen = self._get(orig_offs + 4, np.uint64)
+            itype, n, offs = gguf.GGUFValueType(int(raw_itype[0])), int(alen[0]), orig_offs + 12
+            nptype = self.gguf_scalar_to_np.get(itype)
+            if nptype is not None and n > 0:  # numbers: one view of the whole array
+                values = self._get(offs, nptype, n)
+                return 12 + int(values.nbytes), [raw_itype, alen, values], [2], [raw_type, itype]
+            if itype != gguf.GGUFValueType.STRING or n == 0:
+                return super()._get_field_parts(orig_offs, raw_type)
+            mv, parts, idxs = self._bytes, [raw_itype, alen], []
+            for _ in range(n):  # strings: (length, bytes) as memoryview slices
+                size = int.from_bytes(mv[offs:offs + 8], "little")
+                idxs.append(len(parts) + 1)
+                parts += (mv[offs:offs + 8], mv[offs + 8:offs + 8 + size])
+                offs += 8 + size
+            return offs - orig_offs, parts, idxs, [raw_type, itype]
+
+    collecting = gc.isenabled()
+    gc.disable()  # 100k new objects would set off the cyclic collector again and again for nothing
     try:
         return Reader(path, "c")  # copy-on-write: writable arrays, still read lazily
     except (ValueError, IndexError, KeyError, OverflowError, UnicodeDecodeError) as e:
         raise ModelFileError(f"{path} is not a readable GGUF file ({e}); it may be truncated or corrupt: "
                              f"download it again") from e
+    finally:
+        if collecting:
+            gc.enable()
 
 
 def _drop_pages(reader, start: int, length: int) -> None:

@@ -172,3 +172,20 @@ def test_quantized_decode_steps_match_a_full_forward(tmp_path):
         model.setup_caches(1, 32)
         steps = torch.cat([model(TOKENS[:, i:i + 1], torch.tensor([i])) for i in range(TOKENS.shape[1])], dim=1)
     assert (steps - full).abs().max() <= 1e-3 * full.abs().max()
+
+
+def test_our_faster_metadata_parse_reads_what_the_gguf_package_reads(default_model_file, tmp_path):
+    """open_gguf parses arrays of numbers as one view and strings as memoryview slices: every field's
+    contents, and every tensor's name, type, shape and bytes, as the gguf package's own reader has them."""
+    from llamalite.loading import gguf_metadata, open_gguf
+
+    for path in (default_model_file, write_gguf(tmp_path / "tiny.gguf", {k: v.numpy() for k, v in
+                                                 meta_weights_from_hf(tiny_hf_model()).items()},
+                                                 ModelConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2,
+                                                             vocab_size=400, hidden_dim=160))):
+        ours, theirs = open_gguf(path), GGUFReader(path)
+        assert gguf_metadata(ours) == {k: v.contents() for k, v in theirs.fields.items()}
+        for a, b in zip(ours.tensors, theirs.tensors, strict=True):
+            assert (a.name, a.tensor_type, a.shape.tolist(), a.data_offset) == \
+                   (b.name, b.tensor_type, b.shape.tolist(), b.data_offset)
+            assert np.array_equal(a.data, b.data)

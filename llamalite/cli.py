@@ -378,7 +378,7 @@ def cmd_serve(args) -> int:
     key, limits = _serve_settings(args)
     hub = Hub({name: loader(path) for name, path in models.items()}, max_loaded=args.max_loaded,
               max_batch=args.max_batch, max_seq_len=args.ctx, api_key=key, limits=limits, pooling=args.pooling,
-              adapters=_served_adapters(args, models))
+              adapters=_served_adapters(args, models), context_shift=args.context_shift, keep=args.keep)
     first = hub.names[0]
     hub.servers[first] = hub.build(first)  # on this thread, which then runs the engines (see engine.Runner)
     if args.max_loaded is None:
@@ -422,7 +422,7 @@ def _serve_split(args, models: dict) -> int:
         return 0
     key, limits = _serve_settings(args)
     hub = Hub({name: lambda: lm}, max_batch=args.max_batch, max_seq_len=args.ctx, api_key=key, limits=limits,
-              pooling=args.pooling)
+              pooling=args.pooling, context_shift=args.context_shift, keep=args.keep)
     lm.model = leader = Leader(lm.model, control, on_broken=hub.stop)  # a rank lost: the server stops
     try:
         hub.servers[name] = hub.build(name)
@@ -598,7 +598,8 @@ def _grammar_args(p):
 def _shift_args(p):
     p.add_argument("--context-shift", action="store_true",
                    help="when a reply reaches the context, drop half of the tokens after --keep and go on (the "
-                        "cached keys moved, not recomputed); without it the reply ends there")
+                        "cached keys moved, not recomputed); without it the reply ends there (serve: a request "
+                        "whose max_tokens outgrows the context is then accepted)")
     p.add_argument("--keep", type=int, default=0, metavar="N",
                    help="with --context-shift: the first N tokens always stay (at least the first; -1: the prompt)")
 
@@ -672,6 +673,7 @@ def _serve_args(p):
                         "for different adapters and the base batch together")
     _split_arg(p)
     _kv_arg(p)
+    _shift_args(p)
     p.add_argument("--max-loaded", type=int, metavar="N",
                    help="keep at most N models loaded: the others load on their first request and the least "
                         "recently used is unloaded (default: every model, loaded at start)")

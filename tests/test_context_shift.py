@@ -113,3 +113,28 @@ def test_the_flags(short_context_model):
                           "-n", "150", "--context-shift", "--keep", "4", "hello there"], capture_output=True,
                          text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-2000:]
+
+
+def test_the_server_shifts_each_slot_on_its_own(short_context_model):
+    """`serve --context-shift`: a request whose max_tokens outgrows its slot is accepted, and decoded
+    next to another request in the batch, each slot shifting on its own, it gives what generate gives;
+    without the flag the same request is refused with the context's size."""
+    from llamalite.generation import ContextLengthError, generate
+    from llamalite.loading import load
+    from llamalite.sampling import GREEDY
+    from llamalite.serve.engine import Engine, Request, TokenEvent
+
+    lm = load(short_context_model)
+    prompts = [list(range(10, 50)), list(range(100, 120))]
+    want = [list(generate(lm.model, p, max_new_tokens=150, sampling=GREEDY, context_shift=True, keep=8))
+            for p in prompts]
+    engine = Engine(lm.model, max_batch=2, max_seq_len=64, context_shift=True, keep=8).start()
+    try:
+        requests = [engine.submit(Request(p, max_tokens=150, sampling=GREEDY)) for p in prompts]
+        got = [[e.token for e in r if isinstance(e, TokenEvent)] for r in requests]
+    finally:
+        engine.stop()
+    assert got == want and all(len(g) == 150 for g in got)
+    plain = Engine(lm.model, max_batch=1, max_seq_len=64)
+    with pytest.raises(ContextLengthError, match="context is 64 tokens"):
+        plain.submit(Request(prompts[0], max_tokens=150, sampling=GREEDY))

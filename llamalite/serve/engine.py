@@ -114,6 +114,7 @@ class _Slot:
     pending: int | None = None  # sampled, emitted, not yet in the cache: the next step's input
     adapter: int | None = None  # the LoRA adapter its cached keys and values were computed with
     last_used: float = 0.0
+    shifted: bool = False  # its cache went through a context shift: no longer what a prefill would compute
 
     @property
     def prefilling(self) -> bool:
@@ -191,9 +192,13 @@ class Engine:
     rounds run on a Runner's thread: its own, or one shared with the other models of a server."""
 
     def __init__(self, model: Transformer, *, max_batch: int = 8, max_seq_len: int | None = None,
-                 runner: Runner | None = None):
+                 runner: Runner | None = None, context_shift: bool = False, keep: int = 0):
+        """With `context_shift`, a reply that fills its slot's context goes on: the first `keep` tokens (at
+        least one; -1: the request's prompt) stay, half of the rest are dropped and the others move down
+        (Transformer.shift_caches), as generate does; max_tokens is then bounded by nothing but itself."""
         ctx = model.config.context_length
         self.model = model
+        self.context_shift, self.keep = context_shift, keep  # keep -1: each request's whole prompt
         self.max_seq_len = min(ctx, max_seq_len or ctx)
         self.max_batch = max_batch
         model.setup_caches(max_batch, self.max_seq_len)
@@ -212,6 +217,8 @@ class Engine:
 
     def check(self, prompt_tokens: int, max_tokens: int) -> None:
         """Raise ContextLengthError if a request of this size cannot run here."""
+        if self.context_shift and prompt_tokens < self.max_seq_len:
+            return
         if prompt_tokens + max_tokens > self.max_seq_len:
             raise ContextLengthError(
                 f"the prompt is {prompt_tokens} tokens and {max_tokens} more were asked for, but the context "
@@ -423,12 +430,29 @@ class Engine:
         request.deliver(event)
         if request.constraint is not None and request.constraint.done:  # complete: nothing more may follow
             self._finish(slot, "stop")
-        elif request.generated >= request.max_tokens or len(slot.tokens) + 1 >= self.max_seq_len:
+        elif request.generated >= request.max_tokens:
+            self._finish(slot, "length")
+        elif not self.context_shift and len(slot.tokens) + 1 >= self.max_seq_len:
+            self._finish(slot, "length")
+        elif len(slot.tokens) >= self.max_seq_len and not self._shift(slot):  # no position left for it
             self._finish(slot, "length")
         else:
             slot.pending = token
 
+    def _shift(self, slot: _Slot) -> bool:
+        """Make room in a full slot by a context shift, if the engine does them and there is room to make."""
+        n, keep = len(slot.tokens), max(1, len(slot.request.prompt) if self.keep < 0 else self.keep)
+        if not self.context_shift or keep >= n - 1:
+            return False
+        discard = (n - keep) // 2
+        self.model.shift_caches(keep, discard, n, row=self.slots.index(slot))
+        slot.tokens = slot.tokens[:keep] + slot.tokens[keep + discard:]
+        slot.shifted = True
+        return True
+
     def _finish(self, slot: _Slot, reason: str, error: str | None = None) -> None:
         request = slot.request
         slot.request, slot.pending, slot.last_used = None, None, time.monotonic()
+        if slot.shifted:  # its keys and values are not what a prompt's prefill gives: not a prefix to reuse
+            slot.tokens, slot.shifted = [], False
         request.deliver(Finished(reason, len(request.prompt), request.generated, request.cached_tokens, error))

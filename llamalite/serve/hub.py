@@ -25,7 +25,8 @@ class Hub:
     def __init__(self, loaders: dict[str, Callable[[], LoadedModel]], *, max_loaded: int | None = None,
                  max_batch: int = 8, max_seq_len: int | None = None, api_key: str | None = None,
                  limits: Limits | None = None, pooling: str = "mean",
-                 adapters: dict[str, tuple[str, str | Path]] | None = None):
+                 adapters: dict[str, tuple[str, str | Path]] | None = None, context_shift: bool = False,
+                 keep: int = 0):
         """`adapters`: name -> (the model it adapts, its path), LoRA adapters served unmerged on that model
         (llamalite.adapters), each a model name of its own."""
         if not loaders:
@@ -41,7 +42,8 @@ class Hub:
         self.loaders = dict(loaders)
         self.adapters = dict(adapters or {})
         self.max_loaded = max_loaded
-        self.options = {"max_batch": max_batch, "max_seq_len": max_seq_len, "pooling": pooling}
+        self.options = {"max_batch": max_batch, "max_seq_len": max_seq_len, "pooling": pooling,
+                        "context_shift": context_shift, "keep": keep}
         self.api_key = api_key
         self.limits = limits or Limits.for_context(max_seq_len or 2048)
         self.runner = Runner()
@@ -85,7 +87,7 @@ class Hub:
                 served.add(adapter, read_adapter(path, lm.model.config, lm.path))
         server = Server(lm, name, max_batch=o["max_batch"], max_seq_len=o["max_seq_len"],
                         api_key=self.api_key, limits=self.limits, pooling=o["pooling"], runner=self.runner,
-                        prep=self.prep, metrics=self.metrics)
+                        prep=self.prep, metrics=self.metrics, context_shift=o["context_shift"], keep=o["keep"])
         server.created = self.created
         server.views = {adapter: server.with_adapter(adapter, k) for k, adapter in enumerate(mine)}
         self.contexts[name] = server.engine.max_seq_len

@@ -163,27 +163,30 @@ def reducer(dim: int, timeout_s: float = 300.0, group: Any = None) -> Any:
     made = torch.classes.llamalite.Reducer(rank, world, float(timeout_s))
     hosts: list = [None] * world
     dist.all_gather_object(hosts, _this_host(), group=group)
-    shared = all(h == hosts[0] for h in hosts) and os.environ.get("LLAMALITE_TP_REDUCE", "auto") != "group"
+    forced = agree(os.environ.get("LLAMALITE_TP_REDUCE", "auto") == "group")  # rank 0's say: all ranks alike
+    shared = all(h == hosts[0] for h in hosts) and not forced
     if shared:
         capacity = max(dim * 64, 1 << 18)  # floats a rank's slot holds: larger sums go in pieces
         size = torch.classes.llamalite.Reducer.region_bytes(world, capacity)
         folder = "/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir()
         path = agree(os.path.join(folder, f"llamalite-tp-{uuid.uuid4().hex}") if rank == 0 else None)
         region = None
-        try:
-            if rank == 0:
+        if rank == 0:
+            try:
                 with open(path, "wb") as f:
                     f.truncate(size)
-            dist.barrier(group=group)
+            except OSError:
+                pass  # the others then find no file: everyone goes through the process group
+        dist.barrier(group=group)  # every rank gets here, whatever failed: no one is left waiting
+        try:
             with open(path, "r+b") as f:
                 region = torch.frombuffer(mmap.mmap(f.fileno(), size), dtype=torch.uint8)
         except OSError:
             region = None
-        finally:
-            everyone: list = [None] * world
-            dist.all_gather_object(everyone, region is not None, group=group)
-            if rank == 0 and os.path.exists(path):
-                os.unlink(path)  # mapped by every rank that could: nothing is left behind when they exit
+        everyone: list = [None] * world
+        dist.all_gather_object(everyone, region is not None, group=group)
+        if rank == 0 and os.path.exists(path):
+            os.unlink(path)  # mapped by every rank that could: nothing is left behind when they exit
         shared = all(everyone)
         if shared:
             made.share(region, capacity)

@@ -538,17 +538,54 @@ def pipeline(model: nn.Module, shard: Shard) -> nn.Module:
         model.layers[-1] = _ThenSend(model.layers[-1], shard.rank + 1)
     model.norm = _FromLast(model.norm, last)
     model.output = _FromLast(model.output, last, cfg.vocab_size)
-    if hasattr(model, "plan"):
-        model.plan = None
+    # The kernels' one-call step over this stage's layers (DecodePlan.step_stage), for decoding; the model's
+    # own forward (FastTransformer) must not take it for the whole model's step.
+    plan, caches_of = getattr(model, "plan", None), [None]
+    if plan is not None:
+        model.plan, model.stage_plan = None, plan
     whole = model.forward
     ends = (model.norm, model.output)
     sender = model.layers[-1] if shard.rank < last else None
+
+    def plan_step(tokens: torch.Tensor, input_pos: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor | None:
+        """One decode step of this stage through the plan: the previous stage's hidden states in, this
+        stage's out to the next (the last: the logits, broadcast to all); None where the plan cannot run."""
+        import torch.distributed as dist
+
+        first = model.layers[0].attention.cache
+        B = tokens.shape[0]
+        if (plan is None or first is None or tokens.shape[1] != 1 or tokens.device.type != "cpu"
+                or torch.compiler.is_compiling() or int(input_pos.max()) >= model.max_seq_len):
+            return None
+        if caches_of[0] is not first:
+            plan.set_caches([t for layer in model.layers for t in (layer.attention.cache.k, layer.attention.cache.v)])
+            caches_of[0] = first
+        pos = input_pos.reshape(-1).expand(B)
+        rows = torch.arange(B) if rows is None else rows
+        start = time.perf_counter()
+        hidden = torch.empty(0)
+        if shard.rank > 0:
+            hidden = torch.empty(B, cfg.dim)
+            dist.recv(hidden, shard.rank - 1)
+        Collectives.seconds += time.perf_counter() - start
+        out = plan.step_stage(tokens.reshape(-1), pos, rows, hidden, shard.rank == last)
+        start = time.perf_counter()
+        if shard.rank < last:
+            dist.send(out, shard.rank + 1)
+            out = torch.empty(B, cfg.vocab_size)
+        dist.broadcast(out, last)
+        Collectives.seconds += time.perf_counter() - start
+        return out.view(B, 1, -1)
 
     def forward(tokens: torch.Tensor, input_pos: torch.Tensor | None = None, last_only: bool = False,
                 rows: torch.Tensor | None = None) -> torch.Tensor:
         T = tokens.shape[1]
         micro = max(MICRO_BATCH, -(-T // (2 * shard.world)))
         try:
+            if input_pos is not None and T == 1:
+                logits = plan_step(tokens, input_pos, rows)
+                if logits is not None:
+                    return logits
             if input_pos is None or not last_only or T < 2 * micro:
                 return whole(tokens, input_pos, last_only, rows)
             cuts = list(range(0, T, micro))

@@ -62,7 +62,7 @@ def main() -> None:
             after = lm.model(torch.tensor([ids[:1]]), torch.tensor([40]))
         tokens = list(generate(lm.model, ids, max_new_tokens=16, sampling=GREEDY))
         torch.save({"full": full, "pre": pre, "step": step, "hidden": hidden, "long": long, "after": after, "tokens": tokens, "held": held_bytes(lm.model),
-                    "plan": getattr(lm.model, "plan", None) is not None, "transport": transport() if shard else None,
+                    "plan": any(getattr(lm.model, a, None) is not None for a in ("plan", "stage_plan")), "transport": transport() if shard else None,
                     "peak_rss_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss},
                    out / f"{Path(path).stem}-{rank}.pt")
     if shard is not None:

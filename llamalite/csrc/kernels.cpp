@@ -1970,6 +1970,14 @@ struct DecodePlan : torch::CustomClassHolder {
     return run(tokens_in, pos_in, rows_in, nullptr);
   }
 
+  // A pipeline stage's step (parallel.pipeline): its layers only, from the previous stage's hidden states
+  // (B, dim) instead of the embedding when `hidden` is not empty, and to the logits only when `head` (the
+  // last stage), else to the hidden states it hands on (B, dim).
+  at::Tensor step_stage(const at::Tensor& tokens_in, const at::Tensor& pos_in, const at::Tensor& rows_in,
+                        const at::Tensor& hidden, bool head) {
+    return run(tokens_in, pos_in, rows_in, nullptr, hidden.numel() ? &hidden : nullptr, head);
+  }
+
   // The same with each row's adapter (B,): an index of add_adapter, or -1 for the base model.
   at::Tensor step_adapted(const at::Tensor& tokens_in, const at::Tensor& pos_in, const at::Tensor& rows_in,
                           const at::Tensor& adapters_in) {
@@ -1988,7 +1996,8 @@ struct DecodePlan : torch::CustomClassHolder {
   }
 
   at::Tensor run(const at::Tensor& tokens_in, const at::Tensor& pos_in, const at::Tensor& rows_in,
-                 const std::vector<std::vector<int64_t>>* adapters) {
+                 const std::vector<std::vector<int64_t>>* adapters, const at::Tensor* hidden_in = nullptr,
+                 bool head = true) {
     TORCH_CHECK(!caches.empty(), "DecodePlan: set_caches first");
     const at::Tensor tokens_t = tokens_in.to(at::kLong).contiguous(), pos_t = pos_in.to(at::kLong).contiguous();
     const at::Tensor rows_t = rows_in.to(at::kLong).contiguous();
@@ -2026,7 +2035,12 @@ struct DecodePlan : torch::CustomClassHolder {
       for (int64_t i = 0; i < B * dim; ++i) h[i] += part[i];
     };
 
-    for (int64_t b = 0; b < B; ++b) {  // the embedding rows
+    if (hidden_in != nullptr) {  // a later pipeline stage: the previous stage's hidden states
+      TORCH_CHECK(hidden_in->scalar_type() == at::kFloat && hidden_in->is_contiguous() && hidden_in->numel() == B * dim,
+                  "DecodePlan: the hidden states handed in must be contiguous fp32 (", B, ", ", dim, ")");
+      std::memcpy(h, hidden_in->data_ptr<float>(), B * dim * sizeof(float));
+    }
+    for (int64_t b = 0; b < B && hidden_in == nullptr; ++b) {  // the embedding rows
       if (embed_type == DENSE) {
         std::memcpy(h + b * dim, embed.data_ptr<float>() + tokens[b] * dim, dim * sizeof(float));
       } else {
@@ -2077,6 +2091,7 @@ struct DecodePlan : torch::CustomClassHolder {
       add_summed(act, hidden, w[6], t[3]);  // h += w2(act)
       if (adapters != nullptr) lora_add(act, hidden, h, dim, *adapters, lora_a, lora_bt, 7 * l + 6);
     }
+    if (!head) return buf.narrow(0, 0, B * dim).view({B, dim}).clone();
     rms_rows(h, out_norm.data_ptr<float>(), n, B, dim, static_cast<float>(out_eps));
     auto logits = at::empty({B, out_w.size(0)}, at::kFloat);
     product(n, B, dim, out_w, out_type, logits.data_ptr<float>(), false, path);
@@ -2110,6 +2125,7 @@ TORCH_LIBRARY(llamalite, m) {
                        std::vector<int64_t>, double, at::Tensor, double, at::Tensor, int64_t, int64_t, int64_t>())
       .def("set_caches", &DecodePlan::set_caches)
       .def("step", &DecodePlan::step)
+      .def("step_stage", &DecodePlan::step_stage)
       .def("set_reducer", &DecodePlan::set_reducer)
       .def("add_adapter", &DecodePlan::add_adapter)
       .def("step_adapted", &DecodePlan::step_adapted);

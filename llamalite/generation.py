@@ -82,6 +82,17 @@ def prefill(model: Transformer, tokens: Sequence[int]) -> torch.Tensor:
     return logits[0, -1]
 
 
+def shift_context(model: Transformer, tokens: list[int], keep: int, row: int = 0) -> list[int] | None:
+    """llama.cpp's context shift of cache row `row`, full of `tokens`: the first `keep` stay, half of the
+    rest are dropped and the others move down (Transformer.shift_caches). Returns the tokens the row then
+    holds, or None when there is nothing after the kept ones to drop."""
+    if keep >= len(tokens) - 1:
+        return None
+    discard = (len(tokens) - keep) // 2
+    model.shift_caches(keep, discard, len(tokens), row=row)
+    return tokens[:keep] + tokens[keep + discard:]
+
+
 def generate(model: Transformer, prompt: Sequence[int], *, max_new_tokens: int = 256,
              sampling: SamplingParams = SamplingParams(), stop_ids: Sequence[int] = (),
              generator: torch.Generator | None = None, truncate: bool = False,
@@ -122,11 +133,10 @@ def generate(model: Transformer, prompt: Sequence[int], *, max_new_tokens: int =
         if i == budget - 1:
             break
         if len(history) >= model.max_seq_len:  # the cache is full (only with context_shift)
-            if keep >= len(history) - 1:
+            shifted = shift_context(model, history, keep)
+            if shifted is None:
                 return "length"
-            discard = (len(history) - keep) // 2
-            model.shift_caches(keep, discard, len(history))
-            history = model.cache_tokens = history[:keep] + history[keep + discard:]
+            history = model.cache_tokens = shifted
         with torch.inference_mode():
             pos = torch.tensor([len(history)], device=device)
             logits = step(torch.tensor([[token]], device=device), pos)[0, -1]

@@ -540,7 +540,7 @@ def pipeline(model: nn.Module, shard: Shard) -> nn.Module:
     model.output = _FromLast(model.output, last, cfg.vocab_size)
     # The kernels' one-call step over this stage's layers (DecodePlan.step_stage), for decoding; the model's
     # own forward (FastTransformer) must not take it for the whole model's step.
-    plan, caches_of = getattr(model, "plan", None), [None]
+    plan = getattr(model, "plan", None)
     if plan is not None:
         model.plan, model.stage_plan = None, plan
     whole = model.forward
@@ -552,14 +552,10 @@ def pipeline(model: nn.Module, shard: Shard) -> nn.Module:
         stage's out to the next (the last: the logits, broadcast to all); None where the plan cannot run."""
         import torch.distributed as dist
 
-        first = model.layers[0].attention.cache
         B = tokens.shape[0]
-        if (plan is None or first is None or tokens.shape[1] != 1 or tokens.device.type != "cpu"
-                or torch.compiler.is_compiling() or int(input_pos.max()) >= model.max_seq_len):
+        if (plan is None or tokens.shape[1] != 1 or tokens.device.type != "cpu" or torch.compiler.is_compiling()
+                or int(input_pos.max()) >= model.max_seq_len or not model._plan_ready(plan)):
             return None
-        if caches_of[0] is not first:
-            plan.set_caches([t for layer in model.layers for t in (layer.attention.cache.k, layer.attention.cache.v)])
-            caches_of[0] = first
         pos = input_pos.reshape(-1).expand(B)
         rows = torch.arange(B) if rows is None else rows
         start = time.perf_counter()

@@ -351,14 +351,15 @@ class FastTransformer(Transformer):
                 model.norm.weight, model.norm.eps, out[0], out[1], a.n_heads, a.n_kv_heads)
         return fast
 
-    def _plan_ready(self) -> bool:
-        """Whether the plan can run on the current caches (handed to it again after setup_caches)."""
+    def _plan_ready(self, plan=None) -> bool:
+        """Whether the plan (or a pipeline stage's, `plan`) can run on the current caches (handed to it
+        again after setup_caches)."""
         first = self.layers[0].attention.cache
         if first is None:
             return False
         if self._caches_of is not first:
             caches = [layer.attention.cache for layer in self.layers]
-            self.plan.set_caches([t for c in caches for t in (c.k, c.v)])
+            (self.plan if plan is None else plan).set_caches([t for c in caches for t in (c.k, c.v)])
             self._caches_of = first
         return True
 

@@ -96,7 +96,7 @@ def test_generation_goes_on_past_the_context(short_context_model):
     assert len(list(generate(lm.model, prompt, max_new_tokens=200, sampling=GREEDY))) == 64 - 40
     shifts = []
     original = lm.model.shift_caches
-    lm.model.shift_caches = lambda *a: (shifts.append(a), original(*a))
+    lm.model.shift_caches = lambda *a, **k: (shifts.append(a), original(*a, **k))
     out = list(generate(lm.model, prompt, max_new_tokens=200, sampling=GREEDY, context_shift=True, keep=8))
     assert len(out) == 200
     assert shifts[0] == (8, 28, 64) and all(s == (8, 28, 64) for s in shifts)  # 8 kept, half of 56 dropped

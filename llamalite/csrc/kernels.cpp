@@ -1244,9 +1244,25 @@ at::Tensor dequantize(const at::Tensor& w_in, int64_t type) {
   return out;
 }
 
-// fp32 (N, K) -> Q8_0 blocks in the kernels' packed layout, ggml's rounding: d = amax / 127,
-// q = round(x / d). For weight types without a kernel of their own (the K-quants): re-quantized to
-// Q8_0 at load, they run on the Q8_0 kernel instead of as fp32.
+// One row of K = 32 * nb fp32 values -> Q8_0 blocks in the kernels' packed layout ([d of each block as fp16]
+// [32 int8 of each block]), ggml's rounding: d = amax / 127, q = round(x / d).
+void quantize_row_q8_0(const float* x, int64_t nb, uint8_t* row) {
+  auto* d = reinterpret_cast<uint16_t*>(row);
+  auto* qs = reinterpret_cast<int8_t*>(row + 2 * nb);
+  for (int64_t b = 0; b < nb; ++b) {
+    const float* xb = x + b * 32;
+    float amax = 0.f;
+    for (int i = 0; i < 32; ++i) amax = std::max(amax, std::fabs(xb[i]));
+    const float scale = amax / 127.f, inv = scale > 0.f ? 1.f / scale : 0.f;
+    const at::Half h(scale);
+    std::memcpy(d + b, &h, 2);
+    for (int i = 0; i < 32; ++i) qs[b * 32 + i] = static_cast<int8_t>(std::nearbyint(xb[i] * inv));
+  }
+}
+
+// fp32 (N, K) -> Q8_0 blocks in the kernels' packed layout (quantize_row_q8_0). For weight types without a
+// kernel of their own (the K-quants): re-quantized to Q8_0 at load, they run on the Q8_0 kernel instead
+// of as fp32.
 at::Tensor quantize_q8_0(const at::Tensor& w_in) {
   const at::Tensor w = w_in.to(at::kFloat).contiguous();
   TORCH_CHECK(w.dim() == 2 && w.size(1) % 32 == 0, "quantize_q8_0: w must be (N, K) with K a multiple of 32");
@@ -1255,20 +1271,7 @@ at::Tensor quantize_q8_0(const at::Tensor& w_in) {
   const float* src = w.data_ptr<float>();
   uint8_t* dst = out.data_ptr<uint8_t>();
   at::parallel_for(0, N, 16, [&](int64_t begin, int64_t end) {
-    for (int64_t n = begin; n < end; ++n) {
-      uint8_t* row = dst + n * nb * 34;
-      auto* d = reinterpret_cast<uint16_t*>(row);
-      auto* qs = reinterpret_cast<int8_t*>(row + 2 * nb);
-      for (int64_t b = 0; b < nb; ++b) {
-        const float* x = src + n * K + b * 32;
-        float amax = 0.f;
-        for (int i = 0; i < 32; ++i) amax = std::max(amax, std::fabs(x[i]));
-        const float scale = amax / 127.f, inv = scale > 0.f ? 1.f / scale : 0.f;
-        const at::Half h(scale);
-        std::memcpy(d + b, &h, 2);
-        for (int i = 0; i < 32; ++i) qs[b * 32 + i] = static_cast<int8_t>(std::nearbyint(x[i] * inv));
-      }
-    }
+    for (int64_t n = begin; n < end; ++n) quantize_row_q8_0(src + n * K, nb, dst + n * nb * 34);
   });
   return out;
 }
@@ -1350,7 +1353,7 @@ inline float bf16_to_fp32(uint16_t h) {
   return f;
 }
 
-// One cache row written from D fp32 values (round to nearest even; Q8_0 as quantize_q8_0).
+// One cache row written from D fp32 values (round to nearest even; Q8_0 by quantize_row_q8_0).
 void kv_write(int64_t type, const float* x, int64_t D, uint8_t* row) {
   if (type == KV_F32) {
     std::memcpy(row, x, D * sizeof(float));
@@ -1361,17 +1364,7 @@ void kv_write(int64_t type, const float* x, int64_t D, uint8_t* row) {
     auto* h = reinterpret_cast<at::BFloat16*>(row);
     for (int64_t i = 0; i < D; ++i) h[i] = at::BFloat16(x[i]);
   } else {
-    const int64_t nb = D / 32;
-    auto* d = reinterpret_cast<uint16_t*>(row);
-    auto* qs = reinterpret_cast<int8_t*>(row + 2 * nb);
-    for (int64_t b = 0; b < nb; ++b) {
-      float amax = 0.f;
-      for (int i = 0; i < 32; ++i) amax = std::max(amax, std::fabs(x[b * 32 + i]));
-      const float scale = amax / 127.f, inv = scale > 0.f ? 1.f / scale : 0.f;
-      const at::Half h(scale);
-      std::memcpy(d + b, &h, 2);
-      for (int i = 0; i < 32; ++i) qs[b * 32 + i] = static_cast<int8_t>(std::nearbyint(x[b * 32 + i] * inv));
-    }
+    quantize_row_q8_0(x, D / 32, row);
   }
 }
 
@@ -1386,10 +1379,7 @@ void kv_read(int64_t type, const uint8_t* row, int64_t D, float* out) {
     const auto* h = reinterpret_cast<const uint16_t*>(row);
     for (int64_t i = 0; i < D; ++i) out[i] = bf16_to_fp32(h[i]);
   } else {
-    const int64_t nb = D / 32;
-    const auto* d = reinterpret_cast<const uint16_t*>(row);
-    const auto* qs = reinterpret_cast<const int8_t*>(row + 2 * nb);
-    for (int64_t i = 0; i < D; ++i) out[i] = fp16_to_fp32(d[i / 32]) * qs[i];
+    dequant_row(Q8_0, packed_row(Q8_0, row, D / 32), D / 32, out);
   }
 }
 

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Callable, Iterator, Sequence
 
 import torch
 
-from ..generation import PREFILL_CHUNK, ContextLengthError, _common_prefix
+from ..generation import PREFILL_CHUNK, ContextLengthError, _common_prefix, shift_context
 from ..model import Transformer
 from ..sampling import GREEDY, SamplingParams, sample
 
@@ -441,13 +441,13 @@ class Engine:
 
     def _shift(self, slot: _Slot) -> bool:
         """Make room in a full slot by a context shift, if the engine does them and there is room to make."""
-        n, keep = len(slot.tokens), max(1, len(slot.request.prompt) if self.keep < 0 else self.keep)
-        if not self.context_shift or keep >= n - 1:
+        if not self.context_shift:
             return False
-        discard = (n - keep) // 2
-        self.model.shift_caches(keep, discard, n, row=self.slots.index(slot))
-        slot.tokens = slot.tokens[:keep] + slot.tokens[keep + discard:]
-        slot.shifted = True
+        keep = max(1, len(slot.request.prompt) if self.keep < 0 else self.keep)
+        tokens = shift_context(self.model, slot.tokens, keep, row=self.slots.index(slot))
+        if tokens is None:
+            return False
+        slot.tokens, slot.shifted = tokens, True
         return True
 
     def _finish(self, slot: _Slot, reason: str, error: str | None = None) -> None:

@@ -98,7 +98,9 @@ def cmd_generate(args) -> int:
     from .chat_template import encode_chat
     from .generation import generate, stream_text
 
+    _prompt_cache_size(args)
     lm = _load(args)
+    cache = _prompt_cache(args, lm)
     text = _read_prompt(args.prompt)
     if args.chat:
         messages = ([{"role": "system", "content": args.system}] if args.system else []) + [
@@ -110,18 +112,28 @@ def cmd_generate(args) -> int:
     tokens = generate(lm.model, ids, max_new_tokens=args.max_new_tokens, sampling=_sampling(args),
                       stop_ids=lm.tokenizer.end_ids, generator=_generator(args.seed), truncate=args.truncate,
                       constraint=grammar.matcher() if grammar else None, context_shift=args.context_shift,
-                      keep=args.keep)
-    for piece in stream_text(lm.tokenizer, tokens, stop=args.stop or ()):
-        sys.stdout.write(piece)
-        sys.stdout.flush()
-    sys.stdout.write("\n")
+                      keep=args.keep, prompt_cache=cache)
+    try:
+        for piece in stream_text(lm.tokenizer, tokens, stop=args.stop or ()):
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+        sys.stdout.write("\n")
+    finally:
+        if cache is not None:
+            cache.close()  # the entry written before the process ends
     return 0
 
 
 def cmd_chat(args) -> int:
+    _prompt_cache_size(args)
     lm = _load(args)
     if int(os.environ.get("WORLD_SIZE", "1")) == 1:
-        return _chat(args, lm)
+        cache = _prompt_cache(args, lm)
+        try:
+            return _chat(args, lm, cache)
+        finally:
+            if cache is not None:
+                cache.close()
     # Under torchrun: rank 0 holds the conversation (stdin is its own) and hands each forward of its part of
     # the model to the other ranks, which make the same call on theirs (as a split server does).
     import torch.distributed as dist
@@ -139,7 +151,7 @@ def cmd_chat(args) -> int:
         leader.close()
 
 
-def _chat(args, lm) -> int:
+def _chat(args, lm, cache=None) -> int:
     from .chat_template import encode_chat
     from .generation import ContextLengthError, generate, stream_text
 
@@ -184,7 +196,7 @@ def _chat(args, lm) -> int:
             tokens = generate(lm.model, ids, max_new_tokens=args.max_new_tokens, sampling=_sampling(args),
                               stop_ids=lm.tokenizer.end_ids, generator=generator,
                               constraint=grammar.matcher() if grammar else None, context_shift=args.context_shift,
-                              keep=args.keep)
+                              keep=args.keep, prompt_cache=cache)
             reply = []
             for piece in stream_text(lm.tokenizer, tokens):
                 reply.append(piece)
@@ -358,6 +370,7 @@ def cmd_serve(args) -> int:
         if getattr(args, flag) is not None and getattr(args, flag) <= 0:
             raise ValueError(f"--{flag.replace('_', '-')} must be positive")
     models = _served_models(args)
+    cache_size = _prompt_cache_size(args)
     if args.threads:
         import torch
 
@@ -378,7 +391,8 @@ def cmd_serve(args) -> int:
     key, limits = _serve_settings(args)
     hub = Hub({name: loader(path) for name, path in models.items()}, max_loaded=args.max_loaded,
               max_batch=args.max_batch, max_seq_len=args.ctx, api_key=key, limits=limits, pooling=args.pooling,
-              adapters=_served_adapters(args, models), context_shift=args.context_shift, keep=args.keep)
+              adapters=_served_adapters(args, models), context_shift=args.context_shift, keep=args.keep,
+              prompt_cache=args.prompt_cache, prompt_cache_size=cache_size)
     first = hub.names[0]
     hub.servers[first] = hub.build(first)  # on this thread, which then runs the engines (see engine.Runner)
     if args.max_loaded is None:
@@ -604,6 +618,40 @@ def _shift_args(p):
                    help="with --context-shift: the first N tokens always stay (at least the first; -1: the prompt)")
 
 
+def _prompt_cache_args(p):
+    p.add_argument("--prompt-cache", metavar="DIR",
+                   help="keep the keys and values of processed prompts in DIR, across restarts: a resent "
+                        "conversation's prefix is loaded, not computed (entries of other models are skipped)")
+    p.add_argument("--prompt-cache-size", metavar="SIZE",
+                   help="with --prompt-cache: at most this much on disk, least recently used entries evicted "
+                        "(e.g. 2G, 500M; default 4G)")
+
+
+def _prompt_cache(args, lm):
+    """The --prompt-cache for this model, or None."""
+    size = _prompt_cache_size(args)
+    if not args.prompt_cache:
+        return None
+    from pathlib import Path
+
+    from .prompt_cache import PromptCache, fingerprint, model_key
+
+    extra = [fingerprint(Path(args.lora))] if getattr(args, "lora", None) else []  # the adapter's keys and values
+    return PromptCache(args.prompt_cache, model_key(lm, *extra), size)
+
+
+def _prompt_cache_size(args) -> int:
+    """--prompt-cache-size in bytes, checked with the flags it goes with before any model loads."""
+    from .prompt_cache import DEFAULT_SIZE, parse_size
+
+    if args.prompt_cache_size is not None and not args.prompt_cache:
+        raise ValueError("--prompt-cache-size needs --prompt-cache DIR")
+    if args.prompt_cache and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ValueError("--prompt-cache with a model split over ranks (torchrun) is not supported yet: run "
+                         "without it, or in one process")
+    return parse_size(args.prompt_cache_size) if args.prompt_cache_size is not None else DEFAULT_SIZE
+
+
 def _kv_arg(p):
     p.add_argument("--kv-type", choices=("f32", "f16", "bf16", "q8_0"),
                    help="what the KV cache holds: f16 (the default on CPUs with llamalite's kernels; elsewhere the "
@@ -617,6 +665,7 @@ def _split_arg(p):
 
 def _generate_args(p):
     _kv_arg(p)
+    _prompt_cache_args(p)
     _shift_args(p)
     _model_arg(p, lora=True)
     _split_arg(p)
@@ -631,6 +680,7 @@ def _generate_args(p):
 
 def _chat_args(p):
     _kv_arg(p)
+    _prompt_cache_args(p)
     _shift_args(p)
     _model_arg(p, lora=True)
     _sampling_args(p)
@@ -673,6 +723,7 @@ def _serve_args(p):
                         "for different adapters and the base batch together")
     _split_arg(p)
     _kv_arg(p)
+    _prompt_cache_args(p)
     _shift_args(p)
     p.add_argument("--max-loaded", type=int, metavar="N",
                    help="keep at most N models loaded: the others load on their first request and the least "

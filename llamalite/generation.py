@@ -19,6 +19,7 @@ from .tokenizer import Tokenizer
 
 if TYPE_CHECKING:
     from .constrain import Matcher
+    from .prompt_cache import PromptCache
 
 PREFILL_CHUNK = 512  # prompt tokens per forward: bounds activation memory on long prompts
 CACHE_ROUND = 256  # KV cache capacity grows in steps of this many positions
@@ -69,10 +70,16 @@ def _ensure_cache(model: Transformer, needed: int) -> None:
 
 
 @torch.inference_mode()
-def prefill(model: Transformer, tokens: Sequence[int]) -> torch.Tensor:
-    """Run `tokens` through the cache, reusing the cached common prefix; returns the last logits (V,)."""
+def prefill(model: Transformer, tokens: Sequence[int], prompt_cache: PromptCache | None = None) -> torch.Tensor:
+    """Run `tokens` through the cache, reusing the cached common prefix (or a longer one from
+    `prompt_cache`, on disk); returns the last logits (V,)."""
     device = model.device
     start = min(_common_prefix(model.cache_tokens, tokens), len(tokens) - 1)  # at least one token to get logits
+    if prompt_cache is not None:
+        entry, n = prompt_cache.lookup(model, tokens)
+        n = min(n, len(tokens) - 1)
+        if n > start and prompt_cache.restore(model, entry, n):
+            start, model.cache_tokens = n, list(tokens[:n])
     logits = None
     for lo in range(start, len(tokens), PREFILL_CHUNK):
         chunk = torch.tensor([tokens[lo:lo + PREFILL_CHUNK]], device=device)
@@ -97,7 +104,7 @@ def generate(model: Transformer, prompt: Sequence[int], *, max_new_tokens: int =
              sampling: SamplingParams = SamplingParams(), stop_ids: Sequence[int] = (),
              generator: torch.Generator | None = None, truncate: bool = False,
              constraint: Matcher | None = None, context_shift: bool = False,
-             keep: int = 0) -> Generator[int, None, str]:
+             keep: int = 0, prompt_cache: PromptCache | None = None) -> Generator[int, None, str]:
     """Yield new token ids; the generator's return value is the finish reason, "stop" or "length".
 
     Stop ids end generation and are not yielded. Generation also ends at the model's context, unless
@@ -105,7 +112,9 @@ def generate(model: Transformer, prompt: Sequence[int], *, max_new_tokens: int =
     BOS where the model has one; -1: the whole prompt) stay, half of the rest are dropped and the others
     move down in the cache (Transformer.shift_caches), as llama.cpp's context shift does. With a
     `constraint` (constrain.Grammar(...).matcher()) every token is one the grammar allows, and
-    generation stops ("stop") once the grammar is complete.
+    generation stops ("stop") once the grammar is complete. With a `prompt_cache` (llamalite.prompt_cache),
+    the prompt's longest prefix saved on disk is restored rather than computed, and what the cache holds
+    at the end is saved.
     """
     ctx = model.config.context_length
     prompt = fit_prompt(prompt, ctx, truncate)
@@ -115,33 +124,41 @@ def generate(model: Transformer, prompt: Sequence[int], *, max_new_tokens: int =
     keep = max(1, len(prompt) if keep < 0 else keep)
     _ensure_cache(model, min(ctx, len(prompt) + budget))
     device = model.device
-    logits = prefill(model, prompt)
+    logits = prefill(model, prompt, prompt_cache)
     history = model.cache_tokens = list(prompt)  # kept equal to what the cache holds
     stop = set(stop_ids)
     step = getattr(model, "decode_step", model)
-    for i in range(budget):
-        if constraint is not None:
-            logits = constraint.mask(logits)
-        token = sample(logits, sampling, history, generator)
-        if token in stop:
-            return "stop"
-        if constraint is not None:
-            constraint.advance(token)
-        yield token
-        if constraint is not None and constraint.done:  # the grammar is complete: nothing more may follow
-            return "stop"
-        if i == budget - 1:
-            break
-        if len(history) >= model.max_seq_len:  # the cache is full (only with context_shift)
-            shifted = shift_context(model, history, keep)
-            if shifted is None:
-                return "length"
-            history = model.cache_tokens = shifted
-        with torch.inference_mode():
-            pos = torch.tensor([len(history)], device=device)
-            logits = step(torch.tensor([[token]], device=device), pos)[0, -1]
-        history.append(token)
-    return "length"
+    shifted = False
+    try:
+        for i in range(budget):
+            if constraint is not None:
+                logits = constraint.mask(logits)
+            token = sample(logits, sampling, history, generator)
+            if token in stop:
+                return "stop"
+            if constraint is not None:
+                constraint.advance(token)
+            yield token
+            if constraint is not None and constraint.done:  # the grammar is complete: nothing more may follow
+                return "stop"
+            if i == budget - 1:
+                break
+            if len(history) >= model.max_seq_len:  # the cache is full (only with context_shift)
+                tokens = shift_context(model, history, keep)
+                if tokens is None:
+                    return "length"
+                history = model.cache_tokens = tokens
+                shifted = True
+            with torch.inference_mode():
+                pos = torch.tensor([len(history)], device=device)
+                logits = step(torch.tensor([[token]], device=device), pos)[0, -1]
+            history.append(token)
+        return "length"
+    finally:
+        if shifted:  # the positions after `keep` were moved, not computed from these tokens: no prefix to reuse
+            model.cache_tokens = model.cache_tokens[:keep]
+        if prompt_cache is not None:
+            prompt_cache.save(model, model.cache_tokens)
 
 
 @dataclass

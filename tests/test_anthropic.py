@@ -34,17 +34,21 @@ def test_a_reply_with_usage_and_stop_reasons(served):
     assert r.type == "message" and r.role == "assistant" and r.id.startswith("msg_")
     assert r.content[0].type == "text" and "Paris" in r.content[0].text
     assert r.stop_reason == "end_turn" and r.usage.output_tokens > 0
-    assert r.usage.input_tokens == client.messages.count_tokens(model="smollm2", messages=ASK).input_tokens
+    counted = client.messages.count_tokens(model="smollm2", messages=ASK).input_tokens
+    assert r.usage.input_tokens + r.usage.cache_read_input_tokens == counted
     cut = client.messages.create(model="smollm2", max_tokens=3, messages=ASK, extra_body=GREEDY)
     assert cut.stop_reason == "max_tokens" and cut.usage.output_tokens == 3
+    # the same prompt again: all but its last token read from the KV cache, counted as Anthropic counts cache reads
+    assert (cut.usage.cache_read_input_tokens, cut.usage.input_tokens) == (counted - 1, 1)
     stopped = client.messages.create(model="smollm2", max_tokens=40, messages=ASK, stop_sequences=["Paris"],
                                      extra_body=GREEDY)
     assert stopped.stop_reason == "stop_sequence" and stopped.stop_sequence == "Paris"
     assert stopped.content[0].text == r.content[0].text[:r.content[0].text.index("Paris")]
     system = [{"type": "text", "text": "Answer in one word."}]  # replaces SmolLM2's default system prompt
     with_system = client.messages.create(model="smollm2", max_tokens=20, messages=ASK, extra_body=GREEDY, system=system)
-    counted = client.messages.count_tokens(model="smollm2", messages=ASK, system=system).input_tokens
-    assert with_system.usage.input_tokens == counted != r.usage.input_tokens
+    counted_system = client.messages.count_tokens(model="smollm2", messages=ASK, system=system).input_tokens
+    assert with_system.usage.input_tokens + with_system.usage.cache_read_input_tokens == counted_system
+    assert counted_system != r.usage.input_tokens + r.usage.cache_read_input_tokens
 
 
 def test_streaming_events_equal_the_whole_reply(served):
@@ -55,6 +59,8 @@ def test_streaming_events_equal_the_whole_reply(served):
         final = stream.get_final_message()
     assert text == whole.content[0].text and final.stop_reason == whole.stop_reason
     assert final.usage.output_tokens == whole.usage.output_tokens
+    assert final.usage.input_tokens + final.usage.cache_read_input_tokens == (
+        whole.usage.input_tokens + whole.usage.cache_read_input_tokens)
     raw = httpx.post(url + "/v1/messages", headers={"x-api-key": KEY}, json={
         "model": "smollm2", "max_tokens": 5, "messages": ASK, "stream": True, **GREEDY}).text
     kinds = [line[7:] for line in raw.splitlines() if line.startswith("event: ")]

@@ -70,6 +70,10 @@ def test_streaming_equals_non_streaming(client):
     assert pieces[-1].usage.completion_tokens == 12 and pieces[-1].choices == []
     plain = client.completions.create(model=MODEL, prompt="Once upon a time", max_tokens=12, temperature=0)
     assert "".join(c.choices[0].text for c in pieces[:-1]) == plain.choices[0].text
+    again = list(client.completions.create(model=MODEL, prompt="Once upon a time", max_tokens=12, temperature=0,
+                                           stream=True, stream_options={"include_usage": True}))
+    usage = again[-1].usage  # the prompt's prefix came from the KV cache, reported as the whole reply reports it
+    assert usage.prompt_tokens_details.cached_tokens == usage.prompt_tokens - 1 == plain.usage.prompt_tokens - 1
 
 
 def test_stop_strings(client):

@@ -198,22 +198,29 @@ def router(hub: Hub) -> APIRouter:
             return StreamingResponse(_events(server, stream, head, len(prompt), calling, stop_reason, tool_block),
                                      media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
-        text, generated, finish, stop_string = "", 0, None, None
+        text, generated, finish, stop_string, cached = "", 0, None, None, 0
         async for piece in stream:
             text += piece.text
             generated += len(piece.tokens)
             if piece.finish_reason:
-                finish, stop_string = piece.finish_reason, piece.stop_string
+                finish, stop_string, cached = piece.finish_reason, piece.stop_string, piece.cached_tokens
 
         def build() -> dict[str, Any]:
             content, calls = calling.split(text) if calling is not None else (text, [])
             reason, sequence = stop_reason(finish, stop_string, calls)
             blocks = ([{"type": "text", "text": content}] if content or not calls else []) + [tool_block(c) for c in calls]
             return {**head, "content": blocks, "stop_reason": reason, "stop_sequence": sequence,
-                    "usage": {"input_tokens": len(prompt), "output_tokens": generated}}
+                    "usage": _usage(len(prompt), cached, generated)}
         return await _json(server, build)
 
     return api
+
+
+def _usage(prompt_tokens: int, cached: int, generated: int) -> dict[str, int]:
+    """Anthropic's usage: the prompt tokens read from the cache (the KV cache's reused prefix, in memory or
+    from --prompt-cache) counted apart from the ones computed, as its prompt caching counts them."""
+    return {"input_tokens": prompt_tokens - cached, "cache_creation_input_tokens": 0,
+            "cache_read_input_tokens": cached, "output_tokens": generated}
 
 
 def _event(kind: str, data: dict[str, Any]) -> str:
@@ -250,7 +257,7 @@ async def _events(server, stream, head, input_tokens, calling, stop_reason, tool
                 index += 1
             reason, sequence = stop_reason(piece.finish_reason, piece.stop_string, calls)
             yield _event("message_delta", {"delta": {"stop_reason": reason, "stop_sequence": sequence},
-                                           "usage": {"output_tokens": generated}})
+                                           "usage": _usage(input_tokens, piece.cached_tokens, generated)})
             yield _event("message_stop", {})
             return
     except APIError as e:  # the headers are gone: the error travels as an event, as Anthropic's does

@@ -24,6 +24,7 @@ from .guard import Limits, error_body
 
 if TYPE_CHECKING:
     from ..constrain import Grammar
+    from ..prompt_cache import PromptCache
 
 
 def _utf8(text: str) -> str:
@@ -113,11 +114,11 @@ class Server:
     def __init__(self, lm: LoadedModel, model_name: str, *, max_batch: int = 8, max_seq_len: int | None = None,
                  api_key: str | None = None, limits: Limits | None = None, pooling: str = "mean",
                  runner: Runner | None = None, prep: ThreadPoolExecutor | None = None, metrics: Metrics | None = None,
-                 context_shift: bool = False, keep: int = 0):
+                 context_shift: bool = False, keep: int = 0, prompt_cache: "PromptCache | None" = None):
         self.lm, self.tokenizer, self.model_name, self.api_key = lm, lm.tokenizer, model_name, api_key
         self.pooling = pooling  # of /v1/embeddings: mean, last or cls (llamalite.embed)
         self.engine = Engine(lm.model, max_batch=max_batch, max_seq_len=max_seq_len, runner=runner,
-                             context_shift=context_shift, keep=keep)
+                             context_shift=context_shift, keep=keep, prompt_cache=prompt_cache)
         self.limits = limits or Limits.for_context(self.engine.max_seq_len)
         # No prompt text longer than this fits the context, since no token decodes to more characters
         # than the longest one in the vocabulary.

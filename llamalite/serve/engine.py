@@ -33,6 +33,7 @@ from ..sampling import GREEDY, SamplingParams, sample
 
 if TYPE_CHECKING:
     from ..constrain import Matcher
+    from ..prompt_cache import Entry, PromptCache
 
 
 @dataclass
@@ -115,6 +116,7 @@ class _Slot:
     adapter: int | None = None  # the LoRA adapter its cached keys and values were computed with
     last_used: float = 0.0
     shifted: bool = False  # its cache went through a context shift: no longer what a prefill would compute
+    restore: "tuple[Entry, int] | None" = None  # a prompt-cache entry to load before its first prefill chunk
 
     @property
     def prefilling(self) -> bool:
@@ -185,6 +187,8 @@ class Runner:
                 engines = list(self.engines)
             for engine in engines:
                 engine.drain()
+                if engine.prompt_cache is not None:  # what the last requests left is written before the process ends
+                    engine.prompt_cache.flush()
 
 
 class Engine:
@@ -192,15 +196,20 @@ class Engine:
     rounds run on a Runner's thread: its own, or one shared with the other models of a server."""
 
     def __init__(self, model: Transformer, *, max_batch: int = 8, max_seq_len: int | None = None,
-                 runner: Runner | None = None, context_shift: bool = False, keep: int = 0):
+                 runner: Runner | None = None, context_shift: bool = False, keep: int = 0,
+                 prompt_cache: PromptCache | None = None):
         """With `context_shift`, a reply that fills its slot's context goes on: the first `keep` tokens (at
         least one; -1: the request's prompt) stay, half of the rest are dropped and the others move down
-        (Transformer.shift_caches), as generate does; max_tokens is then bounded by nothing but itself."""
+        (Transformer.shift_caches), as generate does; max_tokens is then bounded by nothing but itself.
+        With a `prompt_cache` (llamalite.prompt_cache, on disk), a prompt's prefix found there and longer
+        than any slot's is loaded rather than computed, and what a slot holds when its request ends is
+        saved (not for LoRA adapters' requests, nor after a context shift)."""
         ctx = model.config.context_length
         self.model = model
         self.context_shift, self.keep = context_shift, keep  # keep -1: each request's whole prompt
         self.max_seq_len = min(ctx, max_seq_len or ctx)
         self.max_batch = max_batch
+        self.prompt_cache = prompt_cache
         model.setup_caches(max_batch, self.max_seq_len)
         self.slots = [_Slot() for _ in range(max_batch)]
         self.waiting: deque[Request] = deque()
@@ -291,6 +300,8 @@ class Engine:
         with self._cv:
             self.closed = True
         self.drain()
+        if self.prompt_cache is not None:
+            self.prompt_cache.close()
 
     def drain(self) -> None:
         """Every request still here hears that it is over (cancelled); work handed over fails."""
@@ -355,6 +366,10 @@ class Engine:
                     keep = 0  # every prompt position's logits are needed: nothing comes from the cache
                 slot.tokens = slot.tokens[:keep]
                 slot.request, slot.pending, slot.adapter = request, None, request.adapter
+                if self.prompt_cache is not None and request.adapter is None and not request.score_prompt:
+                    entry, n = self.prompt_cache.lookup(self.model, request.prompt)
+                    n = min(n, len(request.prompt) - 1)
+                    slot.restore = (entry, n) if n > keep else None
                 request.cached_tokens = keep
                 self.stats["requests"] += 1
                 self.stats["prompt_tokens"] += len(request.prompt)
@@ -362,6 +377,12 @@ class Engine:
 
     def _prefill_chunk(self, slot: _Slot) -> None:
         request, row = slot.request, self.slots.index(slot)
+        if slot.restore is not None:  # found on disk: loaded here, off the admission lock
+            (entry, n), slot.restore = slot.restore, None
+            if self.prompt_cache.restore(self.model, entry, n, row):
+                slot.tokens = list(request.prompt[:n])
+                self.stats["cached_tokens"] += n - request.cached_tokens
+                request.cached_tokens = n
         lo = len(slot.tokens)
         chunk = request.prompt[lo:lo + PREFILL_CHUNK]
         device = self.model.device
@@ -452,7 +473,9 @@ class Engine:
 
     def _finish(self, slot: _Slot, reason: str, error: str | None = None) -> None:
         request = slot.request
-        slot.request, slot.pending, slot.last_used = None, None, time.monotonic()
+        if self.prompt_cache is not None and reason != "error" and not slot.shifted and slot.adapter is None:
+            self.prompt_cache.save(self.model, slot.tokens, self.slots.index(slot))
+        slot.request, slot.pending, slot.last_used, slot.restore = None, None, time.monotonic(), None
         if slot.shifted:  # its keys and values are not what a prompt's prefill gives: not a prefix to reuse
             slot.tokens, slot.shifted = [], False
         request.deliver(Finished(reason, len(request.prompt), request.generated, request.cached_tokens, error))

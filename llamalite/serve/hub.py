@@ -26,9 +26,11 @@ class Hub:
                  max_batch: int = 8, max_seq_len: int | None = None, api_key: str | None = None,
                  limits: Limits | None = None, pooling: str = "mean",
                  adapters: dict[str, tuple[str, str | Path]] | None = None, context_shift: bool = False,
-                 keep: int = 0):
+                 keep: int = 0, prompt_cache: str | Path | None = None, prompt_cache_size: int | None = None):
         """`adapters`: name -> (the model it adapts, its path), LoRA adapters served unmerged on that model
-        (llamalite.adapters), each a model name of its own."""
+        (llamalite.adapters), each a model name of its own. `prompt_cache`: a directory where each model
+        keeps its processed prompts across restarts (llamalite.prompt_cache), at most `prompt_cache_size`
+        bytes in all."""
         if not loaders:
             raise ValueError("a server needs at least one model")
         for name, (base, _) in (adapters or {}).items():
@@ -43,7 +45,8 @@ class Hub:
         self.adapters = dict(adapters or {})
         self.max_loaded = max_loaded
         self.options = {"max_batch": max_batch, "max_seq_len": max_seq_len, "pooling": pooling,
-                        "context_shift": context_shift, "keep": keep}
+                        "context_shift": context_shift, "keep": keep, "prompt_cache": prompt_cache,
+                        "prompt_cache_size": prompt_cache_size}
         self.api_key = api_key
         self.limits = limits or Limits.for_context(max_seq_len or 2048)
         self.runner = Runner()
@@ -85,9 +88,15 @@ class Hub:
             served = AdapterSet(lm.model)
             for adapter, path in mine.items():
                 served.add(adapter, read_adapter(path, lm.model.config, lm.path))
+        cache = None
+        if o["prompt_cache"] is not None:
+            from ..prompt_cache import DEFAULT_SIZE, PromptCache, model_key
+
+            cache = PromptCache(o["prompt_cache"], model_key(lm), o["prompt_cache_size"] or DEFAULT_SIZE)
         server = Server(lm, name, max_batch=o["max_batch"], max_seq_len=o["max_seq_len"],
                         api_key=self.api_key, limits=self.limits, pooling=o["pooling"], runner=self.runner,
-                        prep=self.prep, metrics=self.metrics, context_shift=o["context_shift"], keep=o["keep"])
+                        prep=self.prep, metrics=self.metrics, context_shift=o["context_shift"], keep=o["keep"],
+                        prompt_cache=cache)
         server.created = self.created
         server.views = {adapter: server.with_adapter(adapter, k) for k, adapter in enumerate(mine)}
         self.contexts[name] = server.engine.max_seq_len

@@ -309,11 +309,12 @@ def router(hub: Hub) -> APIRouter:
             return out
 
         if body.stream:
-            usage_counts = {"completion": 0}
+            usage_counts = {"completion": 0, "cached": 0}
             echoed: set[int] = set()
 
             def chunk(piece: Piece):
                 usage_counts["completion"] += len(piece.tokens)
+                usage_counts["cached"] += piece.cached_tokens if piece.finish_reason else 0
                 text, tokens = piece.text, piece.tokens
                 if body.echo and piece.index not in echoed and (piece.prompt_logprobs is not None or not score):
                     echoed.add(piece.index)
@@ -329,7 +330,8 @@ def router(hub: Hub) -> APIRouter:
             def final():
                 if body.stream_options and body.stream_options.include_usage:
                     yield {"id": rid, "object": "text_completion", "created": created, "model": server.model_name,
-                           "choices": [], "usage": _usage(sum(len(x) for x in ids) * n, usage_counts["completion"])}
+                           "choices": [], "usage": _usage(sum(len(x) for x in ids) * n, usage_counts["completion"],
+                                                               usage_counts["cached"])}
             return _streaming(server, stream, chunk, final)
 
         choices = await _collect(stream, len(ids) * n)
@@ -373,13 +375,14 @@ def router(hub: Hub) -> APIRouter:
         head = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": server.model_name}
 
         if body.stream:
-            usage_counts = {"completion": 0}
+            usage_counts = {"completion": 0, "cached": 0}
 
             roles: set[int] = set()
             streams = {j: calling.stream() for j in range(n)} if calling is not None else {}
 
             def chunk(piece: Piece):
                 usage_counts["completion"] += len(piece.tokens)
+                usage_counts["cached"] += piece.cached_tokens if piece.finish_reason else 0
                 if piece.index not in roles:  # each choice opens with its role, as OpenAI's streams do
                     roles.add(piece.index)
                     yield {**head, "choices": [{"index": piece.index, "delta": {"role": "assistant", "content": ""},
@@ -411,7 +414,8 @@ def router(hub: Hub) -> APIRouter:
 
             def final():
                 if body.stream_options and body.stream_options.include_usage:
-                    yield {**head, "choices": [], "usage": _usage(len(prompt) * n, usage_counts["completion"])}
+                    yield {**head, "choices": [], "usage": _usage(len(prompt) * n, usage_counts["completion"],
+                                                                      usage_counts["cached"])}
 
             return _streaming(server, stream, chunk, final)
 

@@ -31,8 +31,11 @@ def peak_rss_mib() -> float:
 
 
 def run_bench(model_path: Path, prompt_tokens: int = 128, gen_tokens: int = 128, repeats: int = 3,
-              compile: bool = False, shard=None, pipeline: bool = False, kv_type: str | None = None) -> dict:
-    """Load, time to first token, decode and prefill speed, peak RSS: medians of `repeats` runs. Split
+              compile: bool = False, shard=None, pipeline: bool = False, kv_type: str | None = None,
+              speculation=None) -> dict:
+    """Load, time to first token, decode and prefill speed, peak RSS: medians of `repeats` runs. With
+    `speculation` (a function of the loaded model giving a speculative.Speculation), the decode is
+    speculative and the result says how many drafted tokens were accepted, over all runs. Split
     over torchrun's ranks (`shard`, parallel.Shard; `pipeline` for stages), every rank runs the same and
     the result also lists each rank's peak RSS and the share of its decode spent in all-reduces."""
     from .generation import compile_decode, generate, prefill
@@ -44,6 +47,7 @@ def run_bench(model_path: Path, prompt_tokens: int = 128, gen_tokens: int = 128,
     runs = []
     lm = None
     compile_s = None
+    spec_stats = None
     for _ in range(repeats):
         del lm
         t0 = time.perf_counter()
@@ -59,8 +63,9 @@ def run_bench(model_path: Path, prompt_tokens: int = 128, gen_tokens: int = 128,
             compile_s = compile_s or time.perf_counter() - t0
         # Time to first token: prefill plus the first sample, from a cold cache.
         lm.model.setup_caches(1, capacity)
+        spec = speculation(lm) if speculation is not None else None
         t0 = time.perf_counter()
-        tokens = generate(lm.model, prompt, max_new_tokens=gen_tokens, sampling=GREEDY)
+        tokens = generate(lm.model, prompt, max_new_tokens=gen_tokens, sampling=GREEDY, speculation=spec)
         next(tokens)
         ttft = time.perf_counter() - t0
         t1 = time.perf_counter()
@@ -68,6 +73,12 @@ def run_bench(model_path: Path, prompt_tokens: int = 128, gen_tokens: int = 128,
         n = 1 + sum(1 for _ in tokens)
         decode_s = time.perf_counter() - t1
         collective_s = Collectives.since_reset()
+        if spec is not None:
+            from .speculative import Stats
+
+            spec_stats = spec_stats or Stats()
+            for f in ("passes", "drafted", "accepted", "plain"):
+                setattr(spec_stats, f, getattr(spec_stats, f) + getattr(spec.stats, f))
         # Prefill alone: the whole prompt again into an emptied cache.
         lm.model.cache_tokens = []
         t0 = time.perf_counter()
@@ -83,7 +94,8 @@ def run_bench(model_path: Path, prompt_tokens: int = 128, gen_tokens: int = 128,
     result["max"] = {k: max(r[k] for r in runs) for k in keys}
     result.update(model=str(model_path), prompt_tokens=prompt_tokens, gen_tokens=gen_tokens, repeats=repeats,
                   threads=torch.get_num_threads(), kernels=simd_path(), torch=torch.__version__,
-                  compiled=compile, compile_s=compile_s, kv_type=lm.model.kv_type)
+                  compiled=compile, compile_s=compile_s, kv_type=lm.model.kv_type,
+                  speculation=spec_stats.as_dict() if spec_stats is not None else None)
     if shard is not None:  # every rank's own figures, gathered
         import torch.distributed as dist
 

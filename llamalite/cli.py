@@ -101,6 +101,7 @@ def cmd_generate(args) -> int:
     _prompt_cache_size(args)
     lm = _load(args)
     cache = _prompt_cache(args, lm)
+    speculation = _speculation(args, lm)
     text = _read_prompt(args.prompt)
     if args.chat:
         messages = ([{"role": "system", "content": args.system}] if args.system else []) + [
@@ -112,7 +113,7 @@ def cmd_generate(args) -> int:
     tokens = generate(lm.model, ids, max_new_tokens=args.max_new_tokens, sampling=_sampling(args),
                       stop_ids=lm.tokenizer.end_ids, generator=_generator(args.seed), truncate=args.truncate,
                       constraint=grammar.matcher() if grammar else None, context_shift=args.context_shift,
-                      keep=args.keep, prompt_cache=cache)
+                      keep=args.keep, prompt_cache=cache, speculation=speculation)
     try:
         for piece in stream_text(lm.tokenizer, tokens, stop=args.stop or ()):
             sys.stdout.write(piece)
@@ -127,10 +128,12 @@ def cmd_generate(args) -> int:
 def cmd_chat(args) -> int:
     _prompt_cache_size(args)
     lm = _load(args)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        _speculation(args, lm)  # refused there, with the reason
     if int(os.environ.get("WORLD_SIZE", "1")) == 1:
         cache = _prompt_cache(args, lm)
         try:
-            return _chat(args, lm, cache)
+            return _chat(args, lm, cache, _speculation(args, lm))
         finally:
             if cache is not None:
                 cache.close()
@@ -151,7 +154,7 @@ def cmd_chat(args) -> int:
         leader.close()
 
 
-def _chat(args, lm, cache=None) -> int:
+def _chat(args, lm, cache=None, speculation=None) -> int:
     from .chat_template import encode_chat
     from .generation import ContextLengthError, generate, stream_text
 
@@ -196,7 +199,7 @@ def _chat(args, lm, cache=None) -> int:
             tokens = generate(lm.model, ids, max_new_tokens=args.max_new_tokens, sampling=_sampling(args),
                               stop_ids=lm.tokenizer.end_ids, generator=generator,
                               constraint=grammar.matcher() if grammar else None, context_shift=args.context_shift,
-                              keep=args.keep, prompt_cache=cache)
+                              keep=args.keep, prompt_cache=cache, speculation=speculation)
             reply = []
             for piece in stream_text(lm.tokenizer, tokens):
                 reply.append(piece)
@@ -292,8 +295,10 @@ def cmd_bench(args) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     shard = from_env()
+    asked = args.draft_model or args.lookup is not None or args.draft_max or args.draft_min or args.draft_p_min
     result = run_bench(resolve_model(args.model), args.prompt_tokens, args.gen_tokens, args.repeats,
-                       compile=args.compile, shard=shard, pipeline=args.pp, kv_type=args.kv_type)
+                       compile=args.compile, shard=shard, pipeline=args.pp, kv_type=args.kv_type,
+                       speculation=(lambda lm: _speculation(args, lm)) if asked else None)
     if args.json:
         print(json.dumps(result))
     else:
@@ -303,6 +308,8 @@ def cmd_bench(args) -> int:
         if result.get("compile_s") is not None:
             print(f"{'compile_s':14s} {result['compile_s']:10.1f}   (one-off, before the timed runs)")
         print(f"threads {result['threads']}, kernels {result['kernels']}, {result['repeats']} runs")
+        if result.get("speculation"):
+            print("speculation " + ", ".join(f"{k} {v}" for k, v in result["speculation"].items()))
         for r in result.get("ranks", []):
             print(f"rank {r['rank']}: peak_rss_mib {r['peak_rss_mib']:.1f}, share of decode in collectives "
                   f"{r['collective_share']:.0%}")
@@ -652,6 +659,52 @@ def _prompt_cache_size(args) -> int:
     return parse_size(args.prompt_cache_size) if args.prompt_cache_size is not None else DEFAULT_SIZE
 
 
+def _speculation_args(p):
+    p.add_argument("--draft-model", metavar="MODEL",
+                   help="speculative decoding: a smaller model of the same vocabulary drafts tokens that the model "
+                        "checks several at a pass; the output is the same, faster where the drafts are accepted")
+    p.add_argument("--lookup", type=int, metavar="N",
+                   help="speculative decoding with no second model: draft the tokens that followed the latest earlier "
+                        "occurrence of the last N (down to 1) tokens of the prompt and output (edits, summaries, code)")
+    p.add_argument("--draft-max", type=int, metavar="K",
+                   help="tokens drafted a pass, at most 7 (default 4 with --draft-model, 5 with --lookup)")
+    p.add_argument("--draft-min", type=int, metavar="K", help="no pass over a draft shorter than K (default 1)")
+    p.add_argument("--draft-p-min", type=float, metavar="P",
+                   help="greedy drafting stops where the draft model's own top probability is below P (default 0.75)")
+
+
+def _speculation(args, lm):
+    """The Speculation asked for with --draft-model or --lookup, or None."""
+    from .speculative import DRAFT_P_MIN, DraftModel, PromptLookup, Speculation, default_draft_max
+
+    tuning = [f for f in ("draft_max", "draft_min", "draft_p_min") if getattr(args, f, None) is not None]
+    if not args.draft_model and args.lookup is None:
+        if tuning:
+            raise ValueError(f"--{tuning[0].replace('_', '-')} needs --draft-model MODEL or --lookup N")
+        return None
+    if args.draft_model and args.lookup is not None:
+        raise ValueError("give --draft-model or --lookup, not both")
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ValueError("speculative decoding with a model split over ranks (torchrun) is not supported yet: run "
+                         "without --draft-model / --lookup, or in one process")
+    if args.lookup is not None:
+        if args.draft_p_min is not None:
+            raise ValueError("--draft-p-min is the draft model's: --lookup drafts with no probabilities")
+        drafter = PromptLookup(args.lookup)
+    else:
+        from .loading import load
+        from .store import resolve_model
+
+        draft = load(resolve_model(args.draft_model), device=lm.model.device, kv_type=lm.model.kv_type)
+        DraftModel.check_vocabulary(lm.tokenizer, draft.tokenizer, lm.config.vocab_size, draft.config.vocab_size)
+        p_min = DRAFT_P_MIN if args.draft_p_min is None else args.draft_p_min
+        if not 0 <= p_min <= 1:
+            raise ValueError("--draft-p-min must be between 0 and 1")
+        drafter = DraftModel(draft.model, p_min)
+    return Speculation(drafter, args.draft_max or default_draft_max(drafter),
+                       1 if args.draft_min is None else args.draft_min)
+
+
 def _kv_arg(p):
     p.add_argument("--kv-type", choices=("f32", "f16", "bf16", "q8_0"),
                    help="what the KV cache holds: f16 (the default on CPUs with llamalite's kernels; elsewhere the "
@@ -666,6 +719,7 @@ def _split_arg(p):
 def _generate_args(p):
     _kv_arg(p)
     _prompt_cache_args(p)
+    _speculation_args(p)
     _shift_args(p)
     _model_arg(p, lora=True)
     _split_arg(p)
@@ -681,6 +735,7 @@ def _generate_args(p):
 def _chat_args(p):
     _kv_arg(p)
     _prompt_cache_args(p)
+    _speculation_args(p)
     _shift_args(p)
     _model_arg(p, lora=True)
     _sampling_args(p)
@@ -702,6 +757,7 @@ def _info_args(p):
 
 def _bench_args(p):
     _kv_arg(p)
+    _speculation_args(p)
     _model_arg(p)
     _split_arg(p)
     p.add_argument("--prompt-tokens", type=int, default=128)

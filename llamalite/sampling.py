@@ -82,19 +82,37 @@ def filter_logits(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
     return logits
 
 
+def distribution(logits: torch.Tensor, p: SamplingParams, history: Sequence[int] = ()) -> torch.Tensor:
+    """What `sample` draws from: fp64 probabilities (V,) after the whole chain (for greedy, all the mass on
+    the argmax). Speculative decoding compares a draft's tokens against it."""
+    logits = _biased(logits, p, history)
+    if p.greedy:
+        out = torch.zeros(logits.shape, dtype=torch.float64)
+        out[int(logits.argmax())] = 1.0
+        return out
+    return _probs(logits, p)
+
+
 def sample(logits: torch.Tensor, p: SamplingParams, history: Sequence[int] = (),
            generator: torch.Generator | None = None) -> int:
     """One token id from next-token logits (V,). Sampling runs on the CPU, where the generator is."""
+    logits = _biased(logits, p, history)
+    if p.greedy:
+        return int(logits.argmax())
+    return int(torch.multinomial(_probs(logits, p), 1, generator=generator))
+
+
+def _biased(logits: torch.Tensor, p: SamplingParams, history: Sequence[int]) -> torch.Tensor:
     logits = logits.float().cpu()
     if p.logit_bias:
         ids, bias = zip(*p.logit_bias)
         logits = logits.clone()
         logits[list(ids)] += torch.tensor(bias)
-    logits = apply_penalties(logits, history, p)
-    if p.greedy:
-        return int(logits.argmax())
+    return apply_penalties(logits, history, p)
+
+
+def _probs(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
     logits = filter_logits(logits, p)
     # Shift the best logit to 0 and divide in fp64: a tiny temperature (down to the smallest double)
     # then sends the rest to -inf, a sure draw of the best, where fp32 would make 0/0 = nan.
-    probs = ((logits - logits.max()).double() / p.temperature).softmax(-1)
-    return int(torch.multinomial(probs, 1, generator=generator))
+    return ((logits - logits.max()).double() / p.temperature).softmax(-1)

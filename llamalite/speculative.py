@@ -1,0 +1,198 @@
+"""Speculative decoding: a cheap guess of the next few tokens (a draft), checked by the model in one pass
+over its weights instead of one pass a token. Decoding on a CPU is bound by reading the weights, so a
+pass over k + 1 rows costs little more than over one, and every draft token the model agrees with is a
+step saved.
+
+Two drafters:
+- DraftModel: a small model of the same vocabulary (Llama 3.2 1B for Llama 3.1 8B, ...) decodes k tokens
+  ahead on its own KV cache, which follows the accepted tokens.
+- PromptLookup: the tokens that followed the latest earlier occurrence of the last n tokens, in the
+  prompt and the output so far (free: no second model). Edits, summaries and code copy their prompt.
+
+The output is exactly what decoding without a draft gives. Greedy: a draft token is kept while it is
+the model's argmax, and the first one that is not is replaced by the argmax (with llamalite's kernels
+the checking pass computes each row as a one-token step does, so the tokens are the same, bit for bit).
+Sampled: the speculative sampling rule (Leviathan et al. 2023, "Fast Inference from Transformers via
+Speculative Decoding"; Chen et al. 2023): draft token d, drawn from the draft's distribution q, is kept
+with probability min(1, p(d) / q(d)) under the model's distribution p (after the whole sampling chain);
+otherwise a token is drawn from max(0, p - q), renormalized. Each token is then distributed as p.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Sequence
+
+import torch
+
+from .sampling import SamplingParams, distribution, sample
+
+if TYPE_CHECKING:
+    from .model import Transformer
+    from .tokenizer import Tokenizer
+
+DRAFT_MAX = 7  # with the one token that is known, 8 rows: the kernels' one-token products up to GEMV_MAX_ROWS
+DRAFT_P_MIN = 0.75  # a greedy draft model stops where its top probability falls below this
+
+
+def default_draft_max(drafter: "DraftModel | PromptLookup") -> int:
+    """Tokens drafted a pass unless told (BENCHMARKS.md, speculative decoding): a draft model pays a step of
+    its own for each, a lookup nothing."""
+    return 5 if isinstance(drafter, PromptLookup) else 4
+
+
+class DraftError(ValueError):
+    """A draft model that cannot draft for this model (another vocabulary)."""
+
+
+@dataclass
+class Stats:
+    """What speculation did: passes of the model that checked a draft, tokens drafted and kept."""
+    passes: int = 0  # forwards of the model over a draft (each also yields one token of its own)
+    drafted: int = 0
+    accepted: int = 0
+    plain: int = 0  # one-token steps with no draft (none found, or fewer than draft_min)
+
+    @property
+    def acceptance(self) -> float:
+        return self.accepted / self.drafted if self.drafted else 0.0
+
+    def as_dict(self) -> dict:
+        tokens = self.accepted + self.passes + self.plain
+        return {"draft_passes": self.passes, "drafted": self.drafted, "accepted": self.accepted,
+                "acceptance_rate": round(self.acceptance, 4),
+                "tokens_per_pass": round(tokens / (self.passes + self.plain), 3) if self.passes + self.plain else 0.0}
+
+
+@dataclass
+class Speculation:
+    """How to speculate: a drafter, at most `draft_max` tokens a pass, none unless at least `draft_min`."""
+    drafter: "DraftModel | PromptLookup"
+    draft_max: int = 4
+    draft_min: int = 1
+    stats: Stats = field(default_factory=Stats)
+
+    def __post_init__(self):
+        if not 1 <= self.draft_max <= DRAFT_MAX:
+            raise ValueError(f"--draft-max must be between 1 and {DRAFT_MAX}")
+        if not 0 <= self.draft_min <= self.draft_max:
+            raise ValueError("--draft-min must be between 0 and --draft-max")
+
+    def propose(self, tokens: list[int], left: int, room: int, sampling: SamplingParams,
+                generator: torch.Generator | None) -> tuple[list[int], list[torch.Tensor] | None]:
+        """Draft tokens to follow `tokens` (and their distributions), at most `left` (the tokens still to
+        generate, less the pass's own) and `room` (the cache's free positions); none if fewer than draft_min."""
+        k = min(self.draft_max, left, room)
+        if k < max(1, self.draft_min):
+            self.stats.plain += 1
+            return [], None
+        drafts, qs = self.drafter.draft(tokens, k, sampling, generator)
+        drafts, qs = drafts[:k], (qs[:k] if qs else None)
+        if not drafts or len(drafts) < self.draft_min:
+            self.stats.plain += 1
+            return [], None
+        self.stats.passes += 1
+        self.stats.drafted += len(drafts)
+        return drafts, qs
+
+
+class PromptLookup:
+    """Drafts from the sequence itself: the tokens after the latest earlier occurrence of its last n tokens,
+    trying n = `ngram` down to 1. An index of every n-gram's latest end keeps each lookup O(ngram)."""
+
+    def __init__(self, ngram: int = 3):
+        if ngram < 1:
+            raise ValueError("--lookup needs an n-gram size of at least 1")
+        self.ngram = ngram
+        self._seen: list[int] = []
+        self._index: list[dict[tuple[int, ...], int]] = [{} for _ in range(ngram)]
+
+    def draft(self, tokens: Sequence[int], k: int, sampling: SamplingParams,
+              generator: torch.Generator | None) -> tuple[list[int], list[torch.Tensor] | None]:
+        """Up to k tokens to follow `tokens`; None for their distributions (each drafted for sure)."""
+        n = len(tokens)
+        if self._seen != list(tokens[:len(self._seen)]) or len(self._seen) > n:  # another sequence: start over
+            self._seen, self._index = [], [{} for _ in range(self.ngram)]
+        for end in range(max(len(self._seen) - 1, 0), n - 1):  # n-grams ending before the last token
+            for m in range(1, self.ngram + 1):
+                if end - m + 1 >= 0:
+                    self._index[m - 1][tuple(tokens[end - m + 1:end + 1])] = end
+        self._seen = list(tokens)
+        for m in range(min(self.ngram, n), 0, -1):
+            end = self._index[m - 1].get(tuple(tokens[n - m:]))
+            if end is not None:
+                return list(tokens[end + 1:end + 1 + k]), None
+        return [], None
+
+
+class DraftModel:
+    """A second, smaller model that decodes ahead on its own KV cache (kept in step with the accepted
+    tokens: its cache's common prefix with the sequence is reused, the rest computed). With greedy
+    decoding it stops drafting once its own top probability falls below `p_min`."""
+
+    def __init__(self, model: "Transformer", p_min: float = 0.0):
+        self.model, self.p_min = model, p_min
+
+    @staticmethod
+    def check_vocabulary(target: "Tokenizer", draft: "Tokenizer", target_vocab: int, draft_vocab: int) -> None:
+        """The draft must speak the model's vocabulary: the same token for every id both have."""
+        a, b = target.token_bytes(), draft.token_bytes()
+        n = min(len(a), len(b))
+        differ = next((i for i in range(n) if a[i] != b[i]), None)
+        if differ is not None or abs(len(a) - len(b)) > 128 or abs(target_vocab - draft_vocab) > 128:
+            def shown(raw: bytes) -> str:  # a special token's text follows a 0xFF byte (Tokenizer.token_bytes)
+                return repr(raw[1:].decode(errors="replace") if raw[:1] == b"\xff" else raw.decode(errors="replace"))
+            where = (f"token {differ} is {shown(a[differ])} in the model and {shown(b[differ])} in the draft"
+                     if differ is not None else f"{len(a)} tokens against the draft's {len(b)}")
+            raise DraftError(f"the draft model has another vocabulary ({where}); a draft model must share the "
+                             f"model's tokenizer, as a smaller model of the same family does")
+
+    def draft(self, tokens: Sequence[int], k: int, sampling: SamplingParams,
+              generator: torch.Generator | None) -> tuple[list[int], list[torch.Tensor] | None]:
+        from .generation import _ensure_cache, prefill
+
+        model = self.model
+        room = model.config.context_length - len(tokens)
+        k = min(k, room)
+        if k <= 0:
+            return [], None
+        _ensure_cache(model, len(tokens) + k)
+        logits = prefill(model, tokens)
+        seq = model.cache_tokens = list(tokens)
+        out, qs = [], []
+        for i in range(k):
+            if sampling.greedy:
+                token = sample(logits, sampling, seq)
+                if self.p_min > 0 and float(logits.float().softmax(-1)[token]) < self.p_min:
+                    break  # an unsure guess costs a row of the model's pass and is likely wrong
+            else:
+                q = distribution(logits, sampling, seq)
+                token = int(torch.multinomial(q, 1, generator=generator))
+                qs.append(q)
+            out.append(token)
+            if i == k - 1:
+                break
+            with torch.inference_mode():
+                logits = model(torch.tensor([[token]], device=model.device),
+                               torch.tensor([len(seq)], device=model.device))[0, -1]
+            seq.append(token)
+        return out, (qs if not sampling.greedy else None)
+
+
+def choose(logits: torch.Tensor, sampling: SamplingParams, history: Sequence[int], generator: torch.Generator | None,
+           draft: int | None = None, q: torch.Tensor | None = None) -> int:
+    """The next token from the model's logits (V,): `sample`'s draw when there is no draft token to check;
+    else the draft token or its replacement, by the rule in the module's docstring (q: the distribution
+    the draft token was drawn from; None: it was certain, as a prompt lookup's is)."""
+    if draft is None or sampling.greedy:
+        return sample(logits, sampling, history, generator)
+    p = distribution(logits, sampling, history)
+    drawn = float(q[draft]) if q is not None else 1.0
+    if float(torch.rand((), generator=generator, dtype=torch.float64)) * drawn < float(p[draft]):
+        return draft
+    residual = (p - q).clamp_(min=0) if q is not None else p.clone()
+    if q is None:
+        residual[draft] = 0.0
+    if float(residual.sum()) <= 0.0:  # p and q the same: a rejection cannot happen; guard the rounding anyway
+        residual = p
+    return int(torch.multinomial(residual / residual.sum(), 1, generator=generator))

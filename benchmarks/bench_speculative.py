@@ -98,6 +98,7 @@ def med(runs, key):
 def copy_task(args) -> None:
     import torch
 
+    from llamalite.bench import bench_prompt
     from llamalite.chat_template import encode_chat
     from llamalite.loading import load
     from llamalite.speculative import PromptLookup, Speculation
@@ -106,10 +107,18 @@ def copy_task(args) -> None:
     torch.set_num_threads(args.threads)
     model = str(default_model_path())
     lm = load(model)
-    ids = encode_chat(lm.chat_template, lm.tokenizer, [{"role": "user", "content": "Copy this text word for word:\n\n"
-                                                        + TEXT}])
-    print(f"## 1. Copy task: default model, {len(ids)} prompt tokens, greedy, up to {GEN} tokens, "
-          f"{args.threads} threads, median of {args.repeats}")
+    tasks = {"copy (asked to copy a 300-token text; it copies most, rewording some)": encode_chat(
+        lm.chat_template, lm.tokenizer, [{"role": "user", "content": "Copy this text word for word:\n\n" + TEXT}]),
+        "repeat (`llamalite bench`'s prompt, a text repeated: it goes on repeating)": bench_prompt(lm.tokenizer, 128)}
+    for label, ids in tasks.items():
+        print(f"\n## 1. {label}: default model, {len(ids)} prompt tokens, greedy, up to {GEN} tokens, "
+              f"{args.threads} threads, median of {args.repeats}")
+        one_task(args, lm, model, ids)
+
+
+def one_task(args, lm, model, ids) -> None:
+    from llamalite.speculative import PromptLookup, Speculation
+
     configs = [("plain", None)] + [(f"--lookup {n} --draft-max {k}", (n, k)) for n in (2, 3) for k in (3, 5, 7)]
     rows = {name: [] for name, _ in configs}
     peers = {"llama.cpp plain": [], "llama.cpp lookup (ngram 2, 10 tokens)": [], "llama.cpp lookup (ngram 3, 7 tokens)": []}

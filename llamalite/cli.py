@@ -667,10 +667,12 @@ def _speculation_args(p):
                    help="speculative decoding with no second model: draft the tokens that followed the latest earlier "
                         "occurrence of the last N (down to 1) tokens of the prompt and output (edits, summaries, code)")
     p.add_argument("--draft-max", type=int, metavar="K",
-                   help="tokens drafted a pass, at most 7 (default 4 with --draft-model, 5 with --lookup)")
+                   help="tokens drafted a pass at most, up to 7 (default 3 with --draft-model, 7 with --lookup); "
+                        "fewer after a pass that was not kept whole, more after one that was")
     p.add_argument("--draft-min", type=int, metavar="K", help="no pass over a draft shorter than K (default 1)")
     p.add_argument("--draft-p-min", type=float, metavar="P",
-                   help="greedy drafting stops where the draft model's own top probability is below P (default 0.75)")
+                   help="greedy drafting stops where the draft model's own top probability is below P (default 0: "
+                        "off; a small draft model is often right below 0.75, see BENCHMARKS.md)")
 
 
 def _speculation(args, lm):

@@ -159,6 +159,8 @@ def generate(model: Transformer, prompt: Sequence[int], *, max_new_tokens: int =
                 if token != draft:  # a draft token replaced, or the pass's own next token: the rest is void
                     break
                 speculation.stats.accepted += 1
+            if drafts:
+                speculation.checked(len(drafts), j)
             del history[valid:]
             if len(history) >= model.max_seq_len:  # the cache is full (only with context_shift)
                 tokens = shift_context(model, history, keep)

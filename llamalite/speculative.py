@@ -32,13 +32,13 @@ if TYPE_CHECKING:
     from .tokenizer import Tokenizer
 
 DRAFT_MAX = 7  # with the one token that is known, 8 rows: the kernels' one-token products up to GEMV_MAX_ROWS
-DRAFT_P_MIN = 0.75  # a greedy draft model stops where its top probability falls below this
+DRAFT_P_MIN = 0.0  # off: a draft model's own top probability, below which greedy drafting stops (see --draft-p-min)
 
 
 def default_draft_max(drafter: "DraftModel | PromptLookup") -> int:
     """Tokens drafted a pass unless told (BENCHMARKS.md, speculative decoding): a draft model pays a step of
     its own for each, a lookup nothing."""
-    return 5 if isinstance(drafter, PromptLookup) else 4
+    return 7 if isinstance(drafter, PromptLookup) else 3
 
 
 class DraftError(ValueError):
@@ -70,6 +70,7 @@ class Speculation:
     drafter: "DraftModel | PromptLookup"
     draft_max: int = 4
     draft_min: int = 1
+    adaptive: bool = True
     stats: Stats = field(default_factory=Stats)
 
     def __post_init__(self):
@@ -77,12 +78,19 @@ class Speculation:
             raise ValueError(f"--draft-max must be between 1 and {DRAFT_MAX}")
         if not 0 <= self.draft_min <= self.draft_max:
             raise ValueError("--draft-min must be between 0 and --draft-max")
+        self.k = self.draft_max
+
+    def checked(self, drafted: int, kept: int) -> None:
+        """After a pass: the next draft is longer when this one was kept whole, shorter when not (as
+        transformers' assisted generation does), within 1..draft_max."""
+        if self.adaptive:
+            self.k = min(self.draft_max, self.k + 2) if kept == drafted else max(1, self.k - 1)
 
     def propose(self, tokens: list[int], left: int, room: int, sampling: SamplingParams,
                 generator: torch.Generator | None) -> tuple[list[int], list[torch.Tensor] | None]:
         """Draft tokens to follow `tokens` (and their distributions), at most `left` (the tokens still to
         generate, less the pass's own) and `room` (the cache's free positions); none if fewer than draft_min."""
-        k = min(self.draft_max, left, room)
+        k = min(self.k if self.adaptive else self.draft_max, left, room)
         if k < max(1, self.draft_min):
             self.stats.plain += 1
             return [], None
@@ -100,10 +108,10 @@ class PromptLookup:
     """Drafts from the sequence itself: the tokens after the latest earlier occurrence of its last n tokens,
     trying n = `ngram` down to 1. An index of every n-gram's latest end keeps each lookup O(ngram)."""
 
-    def __init__(self, ngram: int = 3):
+    def __init__(self, ngram: int = 3, per: int = 2):
         if ngram < 1:
             raise ValueError("--lookup needs an n-gram size of at least 1")
-        self.ngram = ngram
+        self.ngram, self.per = ngram, per
         self._seen: list[int] = []
         self._index: list[dict[tuple[int, ...], int]] = [{} for _ in range(ngram)]
 
@@ -121,7 +129,10 @@ class PromptLookup:
         for m in range(min(self.ngram, n), 0, -1):
             end = self._index[m - 1].get(tuple(tokens[n - m:]))
             if end is not None:
-                return list(tokens[end + 1:end + 1 + k]), None
+                matched = m  # how far back the two places agree: the longer, the likelier the copy goes on
+                while matched < 64 and end - matched >= 0 and tokens[end - matched] == tokens[n - 1 - matched]:
+                    matched += 1
+                return list(tokens[end + 1:end + 1 + min(k, max(1, matched // self.per))]), None
         return [], None
 
 

@@ -378,6 +378,8 @@ def cmd_serve(args) -> int:
             raise ValueError(f"--{flag.replace('_', '-')} must be positive")
     models = _served_models(args)
     cache_size = _prompt_cache_size(args)
+    if not args.draft_model:
+        _drafting(args, None)  # the flags checked before any model loads (a draft model's, once loaded)
     if args.threads:
         import torch
 
@@ -399,7 +401,8 @@ def cmd_serve(args) -> int:
     hub = Hub({name: loader(path) for name, path in models.items()}, max_loaded=args.max_loaded,
               max_batch=args.max_batch, max_seq_len=args.ctx, api_key=key, limits=limits, pooling=args.pooling,
               adapters=_served_adapters(args, models), context_shift=args.context_shift, keep=args.keep,
-              prompt_cache=args.prompt_cache, prompt_cache_size=cache_size)
+              prompt_cache=args.prompt_cache, prompt_cache_size=cache_size,
+              drafting=(lambda lm: _drafting(args, lm)) if args.draft_model or args.lookup is not None else None)
     first = hub.names[0]
     hub.servers[first] = hub.build(first)  # on this thread, which then runs the engines (see engine.Runner)
     if args.max_loaded is None:
@@ -431,9 +434,9 @@ def _serve_split(args, models: dict) -> int:
     from .serve import serve
     from .serve.hub import Hub
 
-    if len(models) > 1 or args.lora or args.max_loaded is not None:
-        raise ValueError("under torchrun, serve splits one model over the ranks: give a single --model (no --lora "
-                         "or --max-loaded)")
+    if len(models) > 1 or args.lora or args.max_loaded is not None or args.draft_model or args.lookup is not None:
+        raise ValueError("under torchrun, serve splits one model over the ranks: give a single --model (no --lora, "
+                         "--max-loaded, --draft-model or --lookup)")
     shard = from_env()
     (name, path), = models.items()
     lm = load(path, device=rank_device(args.device), shard=shard, pipeline=args.pp, kv_type=args.kv_type)
@@ -677,7 +680,14 @@ def _speculation_args(p):
 
 def _speculation(args, lm):
     """The Speculation asked for with --draft-model or --lookup, or None."""
-    from .speculative import DRAFT_P_MIN, DraftModel, PromptLookup, Speculation, default_draft_max
+    drafting = _drafting(args, lm)
+    return drafting.for_request() if drafting is not None else None
+
+
+def _drafting(args, lm):
+    """The speculative.Drafting asked for with --draft-model or --lookup (and their settings), or None;
+    a draft model is loaded here, for `lm`."""
+    from .speculative import DRAFT_P_MIN, DraftModel, Drafting, PromptLookup, default_draft_max
 
     tuning = [f for f in ("draft_max", "draft_min", "draft_p_min") if getattr(args, f, None) is not None]
     if not args.draft_model and args.lookup is None:
@@ -689,22 +699,27 @@ def _speculation(args, lm):
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise ValueError("speculative decoding with a model split over ranks (torchrun) is not supported yet: run "
                          "without --draft-model / --lookup, or in one process")
+    if args.draft_max is not None and not 1 <= args.draft_max <= 7:
+        raise ValueError("--draft-max must be between 1 and 7")
     if args.lookup is not None:
         if args.draft_p_min is not None:
             raise ValueError("--draft-p-min is the draft model's: --lookup drafts with no probabilities")
-        drafter = PromptLookup(args.lookup)
+        PromptLookup(args.lookup)  # its checks
+        draft_model = None
     else:
         from .loading import load
         from .store import resolve_model
 
-        draft = load(resolve_model(args.draft_model), device=lm.model.device, kv_type=lm.model.kv_type)
-        DraftModel.check_vocabulary(lm.tokenizer, draft.tokenizer, lm.config.vocab_size, draft.config.vocab_size)
         p_min = DRAFT_P_MIN if args.draft_p_min is None else args.draft_p_min
         if not 0 <= p_min <= 1:
             raise ValueError("--draft-p-min must be between 0 and 1")
-        drafter = DraftModel(draft.model, p_min)
-    return Speculation(drafter, args.draft_max or default_draft_max(drafter),
-                       1 if args.draft_min is None else args.draft_min)
+        draft = load(resolve_model(args.draft_model), device=lm.model.device, kv_type=lm.model.kv_type)
+        DraftModel.check_vocabulary(lm.tokenizer, draft.tokenizer, lm.config.vocab_size, draft.config.vocab_size)
+        draft_model = DraftModel(draft.model, p_min)
+    k = args.draft_max or default_draft_max(draft_model or PromptLookup(args.lookup))
+    drafting = Drafting(draft_model, args.lookup, k, 1 if args.draft_min is None else args.draft_min)
+    drafting.for_request()  # --draft-min against --draft-max, now
+    return drafting
 
 
 def _kv_arg(p):
@@ -782,6 +797,7 @@ def _serve_args(p):
     _split_arg(p)
     _kv_arg(p)
     _prompt_cache_args(p)
+    _speculation_args(p)
     _shift_args(p)
     p.add_argument("--max-loaded", type=int, metavar="N",
                    help="keep at most N models loaded: the others load on their first request and the least "

@@ -71,6 +71,7 @@ class Speculation:
     draft_max: int = 4
     draft_min: int = 1
     adaptive: bool = True
+    p_min: float | None = None  # for a draft model: this in place of its own p_min
     stats: Stats = field(default_factory=Stats)
 
     def __post_init__(self):
@@ -87,14 +88,14 @@ class Speculation:
             self.k = min(self.draft_max, self.k + 2) if kept == drafted else max(1, self.k - 1)
 
     def propose(self, tokens: list[int], left: int, room: int, sampling: SamplingParams,
-                generator: torch.Generator | None) -> tuple[list[int], list[torch.Tensor] | None]:
+                generator: torch.Generator | None, row: int = 0) -> tuple[list[int], list[torch.Tensor] | None]:
         """Draft tokens to follow `tokens` (and their distributions), at most `left` (the tokens still to
         generate, less the pass's own) and `room` (the cache's free positions); none if fewer than draft_min."""
         k = min(self.k if self.adaptive else self.draft_max, left, room)
         if k < max(1, self.draft_min):
             self.stats.plain += 1
             return [], None
-        drafts, qs = self.drafter.draft(tokens, k, sampling, generator)
+        drafts, qs = self.drafter.draft(tokens, k, sampling, generator, row, self.p_min)
         drafts, qs = drafts[:k], (qs[:k] if qs else None)
         if not drafts or len(drafts) < self.draft_min:
             self.stats.plain += 1
@@ -102,6 +103,28 @@ class Speculation:
         self.stats.passes += 1
         self.stats.drafted += len(drafts)
         return drafts, qs
+
+
+@dataclass
+class Drafting:
+    """A server's speculative decoding: a draft model (its cache rows the engine's slots) or a prompt
+    lookup of n-grams up to `lookup`, and the settings a request may change (llama.cpp's server names
+    them speculative.n_max, n_min and p_min)."""
+    draft_model: "DraftModel | None" = None
+    lookup: int | None = None
+    draft_max: int = 3
+    draft_min: int = 1
+
+    def for_request(self, n_max: int | None = None, n_min: int | None = None,
+                    p_min: float | None = None) -> Speculation | None:
+        """One request's Speculation (its own statistics and draft length); None with n_max 0."""
+        k = self.draft_max if n_max is None else n_max
+        if k == 0:
+            return None
+        if p_min is not None and self.draft_model is None:
+            raise ValueError("speculative.p_min is a draft model's setting; this server drafts by prompt lookup")
+        drafter = self.draft_model if self.draft_model is not None else PromptLookup(self.lookup)
+        return Speculation(drafter, k, min(k, self.draft_min if n_min is None else n_min), p_min=p_min)
 
 
 class PromptLookup:
@@ -115,8 +138,8 @@ class PromptLookup:
         self._seen: list[int] = []
         self._index: list[dict[tuple[int, ...], int]] = [{} for _ in range(ngram)]
 
-    def draft(self, tokens: Sequence[int], k: int, sampling: SamplingParams,
-              generator: torch.Generator | None) -> tuple[list[int], list[torch.Tensor] | None]:
+    def draft(self, tokens: Sequence[int], k: int, sampling: SamplingParams, generator: torch.Generator | None,
+              row: int = 0, p_min: float | None = None) -> tuple[list[int], list[torch.Tensor] | None]:
         """Up to k tokens to follow `tokens`; None for their distributions (each drafted for sure)."""
         n = len(tokens)
         if self._seen != list(tokens[:len(self._seen)]) or len(self._seen) > n:  # another sequence: start over
@@ -137,12 +160,14 @@ class PromptLookup:
 
 
 class DraftModel:
-    """A second, smaller model that decodes ahead on its own KV cache (kept in step with the accepted
-    tokens: its cache's common prefix with the sequence is reused, the rest computed). With greedy
-    decoding it stops drafting once its own top probability falls below `p_min`."""
+    """A second, smaller model that decodes ahead on its own KV cache, a row for each sequence it drafts
+    for (the engine's slots; row 0 for generate). A row's cache follows the sequence: its common prefix
+    with the tokens handed in is kept, the rest computed. With greedy decoding it stops drafting once its
+    own top probability falls below `p_min`."""
 
     def __init__(self, model: "Transformer", p_min: float = 0.0):
         self.model, self.p_min = model, p_min
+        self.held: dict[int, list[int]] = {}  # cache row -> the tokens whose keys and values it holds
 
     @staticmethod
     def check_vocabulary(target: "Tokenizer", draft: "Tokenizer", target_vocab: int, draft_vocab: int) -> None:
@@ -158,23 +183,43 @@ class DraftModel:
             raise DraftError(f"the draft model has another vocabulary ({where}); a draft model must share the "
                              f"model's tokenizer, as a smaller model of the same family does")
 
-    def draft(self, tokens: Sequence[int], k: int, sampling: SamplingParams,
-              generator: torch.Generator | None) -> tuple[list[int], list[torch.Tensor] | None]:
-        from .generation import _ensure_cache, prefill
+    def reserve(self, rows: int, positions: int) -> None:
+        """Cache rows for `rows` sequences of up to `positions` tokens (more than the draft's context is cut)."""
+        model = self.model
+        positions = min(positions, model.config.context_length)
+        if model.cache_batch < rows or model.max_seq_len < positions:
+            from .generation import CACHE_ROUND
+
+            model.setup_caches(max(rows, model.cache_batch),
+                               min(model.config.context_length, -(-positions // CACHE_ROUND) * CACHE_ROUND))
+            self.held = {}
+
+    @torch.inference_mode()
+    def draft(self, tokens: Sequence[int], k: int, sampling: SamplingParams, generator: torch.Generator | None,
+              row: int = 0, p_min: float | None = None) -> tuple[list[int], list[torch.Tensor] | None]:
+        """Up to k tokens to follow `tokens`, decoded on cache row `row`, and (sampling) the distributions
+        they were drawn from."""
+        p_min = self.p_min if p_min is None else p_min
+        from .generation import PREFILL_CHUNK, _common_prefix
 
         model = self.model
-        room = model.config.context_length - len(tokens)
-        k = min(k, room)
+        self.reserve(row + 1, len(tokens) + k)
+        k = min(k, model.max_seq_len - len(tokens))
         if k <= 0:
             return [], None
-        _ensure_cache(model, len(tokens) + k)
-        logits = prefill(model, tokens)
-        seq = model.cache_tokens = list(tokens)
+        device, at = model.device, torch.tensor([row], device=model.device)
+        held = self.held.get(row, [])
+        start = min(_common_prefix(held, tokens), len(tokens) - 1)
+        for lo in range(start, len(tokens), PREFILL_CHUNK):
+            chunk = list(tokens[lo:lo + PREFILL_CHUNK])
+            logits = model(torch.tensor([chunk], device=device), torch.arange(lo, lo + len(chunk), device=device),
+                           last_only=True, rows=at)[0, -1]
+        seq = list(tokens)
         out, qs = [], []
         for i in range(k):
             if sampling.greedy:
                 token = sample(logits, sampling, seq)
-                if self.p_min > 0 and float(logits.float().softmax(-1)[token]) < self.p_min:
+                if p_min > 0 and float(logits.float().softmax(-1)[token]) < p_min:
                     break  # an unsure guess costs a row of the model's pass and is likely wrong
             else:
                 q = distribution(logits, sampling, seq)
@@ -183,10 +228,10 @@ class DraftModel:
             out.append(token)
             if i == k - 1:
                 break
-            with torch.inference_mode():
-                logits = model(torch.tensor([[token]], device=model.device),
-                               torch.tensor([len(seq)], device=model.device))[0, -1]
+            logits = model(torch.tensor([[token]], device=device), torch.tensor([[len(seq)]], device=device),
+                           rows=at)[0, -1]
             seq.append(token)
+        self.held[row] = seq
         return out, (qs if not sampling.greedy else None)
 
 

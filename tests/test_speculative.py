@@ -169,12 +169,15 @@ def test_sampled_generation_follows_the_models_distribution(pair):
 
 
 def test_lookup_drafts_what_followed_the_last_ngram():
-    lookup = PromptLookup(3)
+    lookup = PromptLookup(3, per=1)  # as many tokens as the places agree over (the default: half as many)
     seq = [1, 2, 3, 4, 5, 9, 9, 2, 3, 4]
     assert lookup.draft(seq, 3, GREEDY, None) == ([5, 9, 9], None)  # 2 3 4 was followed by 5 9 9
     assert lookup.draft(seq + [7], 3, GREEDY, None) == ([], None)  # nothing ends in 7 before
-    assert lookup.draft(seq + [7, 1], 2, GREEDY, None) == ([2, 3], None)  # only the 1-gram matches
-    assert lookup.draft([5, 6, 5], 4, GREEDY, None) == ([6, 5], None)  # another sequence: indexed anew
+    assert lookup.draft(seq + [7, 1], 2, GREEDY, None) == ([2], None)  # only the 1-gram matches: one token
+    assert lookup.draft([5, 6, 5], 4, GREEDY, None) == ([6], None)  # another sequence: indexed anew; agree over 1
+    long = list(range(10, 30)) + [1] + list(range(10, 30))
+    assert lookup.draft(long, 7, GREEDY, None)[0] == [1, 10, 11, 12, 13, 14, 15]  # agree over 20 tokens: all 7
+    assert PromptLookup(3).draft([7, 8, 9, 4, 8, 9], 7, GREEDY, None) == ([4], None)  # over 2, half: 1
 
 
 def test_the_flags_and_their_errors(pair, tmp_path):
@@ -203,3 +206,80 @@ def test_the_flags_and_their_errors(pair, tmp_path):
                        (["--lookup", "2", "--draft-p-min", "0.5"], "--draft-p-min is the draft model's")):
         bad = run("generate", "--model", m, "-n", "2", *args, "hi")
         assert bad.returncode != 0 and said in bad.stderr, bad.stderr
+    for args, said in ((["--draft-max", "3"], "--draft-max needs --draft-model MODEL or --lookup N"),
+                       (["--lookup", "2", "--draft-max", "9"], "--draft-max must be between 1 and 7")):
+        bad = run("serve", "--model", m, *args)  # refused before any model loads
+        assert bad.returncode != 0 and said in bad.stderr, bad.stderr
+
+
+def test_the_engine_batches_rows_with_and_without_drafts(default_model_file):
+    """Requests with drafts (a lookup, a draft model) and without (n_max 0) decode in the same steps, each
+    giving what generate gives alone; the draft model keeps a cache row for each slot."""
+    from llamalite.bench import bench_prompt
+    from llamalite.loading import load
+    from llamalite.serve.engine import Engine, Request, TokenEvent
+    from llamalite.speculative import Drafting
+
+    lm = load(default_model_file)
+    prompts = [bench_prompt(lm.tokenizer, 90), lm.tokenizer.encode("The capital of France is"),
+               lm.tokenizer.encode("1, 2, 3, 4, 5,"), bench_prompt(lm.tokenizer, 40)]
+    want = []
+    for p in prompts:
+        lm.model.cache_tokens = []
+        want.append(list(generate(lm.model, p, max_new_tokens=40, sampling=GREEDY, stop_ids=lm.tokenizer.end_ids)))
+    for drafting in (Drafting(lookup=3, draft_max=7), Drafting(DraftModel(load(default_model_file).model), draft_max=3)):
+        engine = Engine(lm.model, max_batch=4, max_seq_len=512, drafting=drafting).start()
+        try:
+            settings = [None, {"n_max": 0}, {"n_max": 2, "n_min": 2}, None]
+            requests = [engine.submit(Request(p, max_tokens=40, sampling=GREEDY, stop_ids=lm.tokenizer.end_ids,
+                                              speculative=s)) for p, s in zip(prompts, settings)]
+            outs = [[e.token for e in r if isinstance(e, TokenEvent)] for r in requests]
+        finally:
+            engine.stop()
+        assert outs == want
+        assert requests[1].speculation is None and requests[0].speculation.stats.accepted > 0
+        assert engine.stats["largest_batch"] == 4
+
+
+def test_the_server_speculates_per_request(default_model_file):
+    """`serve --lookup`: the same greedy replies as a server without drafts, through the `openai` client,
+    with llama.cpp's speculative settings (nested or flat), JSON mode included; a server without drafting
+    refuses the settings with a 400 naming them."""
+    openai = pytest.importorskip("openai")
+    from llamalite.loading import load
+    from llamalite.serve import BackgroundServer, Server, create_app
+    from llamalite.speculative import Drafting
+
+    text = ("Alice was beginning to get very tired of sitting by her sister on the bank, and of having nothing "
+            "to do.")
+    asks = [("Copy this text word for word:\n\n" + text, {}), ("Copy this:\n\n" + text, {"speculative": {"n_max": 4}}),
+            ("Copy this text:\n\n" + text, {"speculative.n_max": 2, "speculative.n_min": 1}),
+            ("Give a JSON object with a key 'name' for: " + text, {"response_format": {"type": "json_object"}})]
+    replies = {}
+    for drafting in (None, Drafting(lookup=3, draft_max=7)):
+        server = Server(load(default_model_file), "m", max_batch=4, max_seq_len=1024, drafting=drafting)
+        with BackgroundServer(create_app(server)) as url:
+            client = openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0)
+            for ask, extra in asks:
+                body = {k: v for k, v in extra.items() if k == "response_format"}
+                if drafting is None and len(extra) > len(body):  # speculative settings: refused here
+                    with pytest.raises(openai.BadRequestError, match="--draft-model or --lookup"):
+                        client.chat.completions.create(model="m", messages=[{"role": "user", "content": ask}],
+                                                       max_tokens=40, temperature=0, extra_body=extra)
+                    extra = {}
+                r = client.chat.completions.create(model="m", messages=[{"role": "user", "content": ask}],
+                                                   max_tokens=40, temperature=0, extra_body=extra)
+                replies.setdefault(ask, []).append(r.choices[0].message.content)
+            if drafting is not None:
+                with pytest.raises(openai.BadRequestError, match="given twice"):
+                    client.completions.create(model="m", prompt="hi", max_tokens=2, extra_body={
+                        "speculative": {"n_max": 2}, "speculative.n_max": 3})
+                with pytest.raises(openai.BadRequestError, match="draft model's setting"):
+                    client.completions.create(model="m", prompt="hi", max_tokens=2,
+                                              extra_body={"speculative": {"p_min": 0.5}})
+                with pytest.raises(openai.BadRequestError, match="less than or equal to 7"):
+                    client.completions.create(model="m", prompt="hi", max_tokens=2,
+                                              extra_body={"speculative": {"n_max": 9}})
+    for ask, (plain, drafted) in replies.items():
+        assert plain == drafted, ask
+    json.loads(replies[asks[3][0]][1])

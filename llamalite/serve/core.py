@@ -25,6 +25,7 @@ from .guard import Limits, error_body
 if TYPE_CHECKING:
     from ..constrain import Grammar
     from ..prompt_cache import PromptCache
+    from ..speculative import Drafting
 
 
 def _utf8(text: str) -> str:
@@ -114,11 +115,12 @@ class Server:
     def __init__(self, lm: LoadedModel, model_name: str, *, max_batch: int = 8, max_seq_len: int | None = None,
                  api_key: str | None = None, limits: Limits | None = None, pooling: str = "mean",
                  runner: Runner | None = None, prep: ThreadPoolExecutor | None = None, metrics: Metrics | None = None,
-                 context_shift: bool = False, keep: int = 0, prompt_cache: "PromptCache | None" = None):
+                 context_shift: bool = False, keep: int = 0, prompt_cache: "PromptCache | None" = None,
+                 drafting: "Drafting | None" = None):
         self.lm, self.tokenizer, self.model_name, self.api_key = lm, lm.tokenizer, model_name, api_key
         self.pooling = pooling  # of /v1/embeddings: mean, last or cls (llamalite.embed)
         self.engine = Engine(lm.model, max_batch=max_batch, max_seq_len=max_seq_len, runner=runner,
-                             context_shift=context_shift, keep=keep, prompt_cache=prompt_cache)
+                             context_shift=context_shift, keep=keep, prompt_cache=prompt_cache, drafting=drafting)
         self.limits = limits or Limits.for_context(self.engine.max_seq_len)
         # No prompt text longer than this fits the context, since no token decodes to more characters
         # than the longest one in the vocabulary.
@@ -168,6 +170,20 @@ class Server:
                                 f"{limit}); retry shortly", type="rate_limit_error", code="queue_full",
                            headers={"Retry-After": "1"})
 
+    def check_speculative(self, speculative: dict | None) -> None:
+        """A request's speculative settings against what this server drafts with."""
+        if not speculative:
+            return
+        drafting = self.engine.drafting
+        if drafting is None:
+            raise APIError(400, "this server decodes without drafts: speculative settings need a server started "
+                                "with --draft-model or --lookup", param="speculative")
+        try:
+            drafting.for_request(**speculative)
+        except ValueError as e:
+            raise APIError(400, str(e).replace("--draft", "speculative.n_").replace("-max", "max").replace(
+                "-min", "min"), param="speculative") from None
+
     def check_ids(self, ids: list[int], param: str) -> list[int]:
         vocab = self.tokenizer.vocab_size
         bad = [t for t in ids if not 0 <= t < vocab]
@@ -205,16 +221,17 @@ class Server:
 
     async def run(self, index: int, prompt: list[int], max_tokens: int, sampling: SamplingParams, seed: int | None,
                   logprobs: int | None, stop: list[str], score_prompt: bool = False,
-                  grammar: Grammar | None = None) -> AsyncIterator[Piece]:
+                  grammar: Grammar | None = None, speculative: dict | None = None) -> AsyncIterator[Piece]:
         """One choice as a stream of pieces; leaving early (a client gone) cancels it in the engine. Choice
         `index` is seeded with seed + index; with a grammar, it gets its own matcher of it."""
+        self.check_speculative(speculative)
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
         seed = None if seed is None else (seed + index) % 2 ** 63
         request = EngineRequest(prompt, max_tokens=max_tokens, sampling=sampling,
                                 stop_ids=self.tokenizer.end_ids, seed=seed, logprobs=logprobs,
                                 score_prompt=score_prompt, constraint=grammar.matcher() if grammar else None,
-                                adapter=self.adapter,
+                                adapter=self.adapter, speculative=speculative,
                                 deliver=lambda ev: loop.call_soon_threadsafe(events.put_nowait, ev))
         start = time.monotonic()
         first = True

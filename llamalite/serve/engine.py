@@ -30,10 +30,12 @@ import torch
 from ..generation import PREFILL_CHUNK, ContextLengthError, _common_prefix, shift_context
 from ..model import Transformer
 from ..sampling import GREEDY, SamplingParams, sample
+from ..speculative import choose
 
 if TYPE_CHECKING:
     from ..constrain import Matcher
     from ..prompt_cache import Entry, PromptCache
+    from ..speculative import Drafting, Speculation
 
 
 @dataclass
@@ -71,7 +73,8 @@ class Request:
     def __init__(self, prompt: Sequence[int], *, max_tokens: int, sampling: SamplingParams = GREEDY,
                  stop_ids: Sequence[int] = (), seed: int | None = None, logprobs: int | None = None,
                  score_prompt: bool = False, deliver: Callable[[Event], None] | None = None,
-                 constraint: Matcher | None = None, adapter: int | None = None):
+                 constraint: Matcher | None = None, adapter: int | None = None,
+                 speculative: dict | None = None):
         if len(prompt) == 0:
             raise ValueError("the prompt is empty: give at least one token")
         if max_tokens < (0 if score_prompt else 1):
@@ -82,6 +85,8 @@ class Request:
         self.score_prompt = score_prompt  # deliver a PromptEvent: what log-likelihood evaluations read
         self.constraint = constraint  # this sequence's grammar state (constrain.Matcher): masks its logits
         self.adapter = adapter  # the model's LoRA adapter for this request (adapters.AdapterSet), None: none
+        self.speculative = speculative  # its settings of the engine's drafting (Drafting.for_request's arguments)
+        self.speculation: Speculation | None = None  # made at admission
         self.prompt_logprobs: list[TokenEvent] = []
         self.generator = torch.Generator().manual_seed(seed if seed is not None else torch.seed())
         self.generated = 0
@@ -197,20 +202,25 @@ class Engine:
 
     def __init__(self, model: Transformer, *, max_batch: int = 8, max_seq_len: int | None = None,
                  runner: Runner | None = None, context_shift: bool = False, keep: int = 0,
-                 prompt_cache: PromptCache | None = None):
+                 prompt_cache: PromptCache | None = None, drafting: Drafting | None = None):
         """With `context_shift`, a reply that fills its slot's context goes on: the first `keep` tokens (at
         least one; -1: the request's prompt) stay, half of the rest are dropped and the others move down
         (Transformer.shift_caches), as generate does; max_tokens is then bounded by nothing but itself.
         With a `prompt_cache` (llamalite.prompt_cache, on disk), a prompt's prefix found there and longer
         than any slot's is loaded rather than computed, and what a slot holds when its request ends is
-        saved (not for LoRA adapters' requests, nor after a context shift)."""
+        saved (not for LoRA adapters' requests, nor after a context shift). With `drafting`
+        (speculative.Drafting), each request's drafted tokens are checked in the step that decodes it, as
+        rows of their own beside the other requests' (llamalite.speculative)."""
         ctx = model.config.context_length
         self.model = model
         self.context_shift, self.keep = context_shift, keep  # keep -1: each request's whole prompt
         self.max_seq_len = min(ctx, max_seq_len or ctx)
         self.max_batch = max_batch
         self.prompt_cache = prompt_cache
+        self.drafting = drafting
         model.setup_caches(max_batch, self.max_seq_len)
+        if drafting is not None and drafting.draft_model is not None:
+            drafting.draft_model.reserve(max_batch, self.max_seq_len)  # a draft cache row for each slot
         self.slots = [_Slot() for _ in range(max_batch)]
         self.waiting: deque[Request] = deque()
         self.stats = {"requests": 0, "prompt_tokens": 0, "cached_tokens": 0, "generated_tokens": 0, "steps": 0,
@@ -235,6 +245,9 @@ class Engine:
 
     def submit(self, request: Request) -> Request:
         self.check(len(request.prompt), request.max_tokens)
+        if request.speculative and self.drafting is None:
+            raise ValueError("this model decodes without a draft: start the server with --draft-model or --lookup "
+                             "for speculative settings")
         with self._cv:
             if self.closed:
                 raise EngineClosed("this model has been unloaded")
@@ -366,6 +379,8 @@ class Engine:
                     keep = 0  # every prompt position's logits are needed: nothing comes from the cache
                 slot.tokens = slot.tokens[:keep]
                 slot.request, slot.pending, slot.adapter = request, None, request.adapter
+                if self.drafting is not None:
+                    request.speculation = self.drafting.for_request(**(request.speculative or {}))
                 if self.prompt_cache is not None and request.adapter is None and not request.score_prompt:
                     entry, n = self.prompt_cache.lookup(self.model, request.prompt)
                     n = min(n, len(request.prompt) - 1)
@@ -414,32 +429,58 @@ class Engine:
         return events
 
     def _decode(self, slots: list[_Slot]) -> None:
+        # Each slot's next token, and the tokens drafted to follow it (speculation): one row each, all in
+        # the slot's cache row at consecutive positions; a row attends to the positions up to its own.
         device = self.model.device
-        tokens = torch.tensor([[s.pending] for s in slots], device=device)
-        pos = torch.tensor([[len(s.tokens)] for s in slots], device=device)
-        rows = torch.tensor([self.slots.index(s) for s in slots], device=device)
-        with self._adapters([s.request.adapter for s in slots]):
-            logits = self.model(tokens, pos, rows=rows)  # (B, 1, vocab)
+        feeds, qs = [], []
+        for slot in slots:
+            drafts, q, spec = [], None, slot.request.speculation
+            if spec is not None:
+                r = slot.request
+                drafts, q = spec.propose(slot.tokens + [slot.pending], r.max_tokens - r.generated - 1,
+                                         self.max_seq_len - len(slot.tokens) - 2, r.sampling, r.generator,
+                                         self.slots.index(slot))
+            feeds.append([slot.pending] + drafts)
+            qs.append(q)
+        tokens = torch.tensor([t for feed in feeds for t in feed], device=device)[:, None]
+        pos = torch.tensor([len(s.tokens) + i for s, feed in zip(slots, feeds) for i in range(len(feed))],
+                           device=device)[:, None]
+        rows = torch.tensor([self.slots.index(s) for s, feed in zip(slots, feeds) for _ in feed], device=device)
+        with self._adapters([s.request.adapter for s, feed in zip(slots, feeds) for _ in feed]):
+            logits = self.model(tokens, pos, rows=rows)  # (rows, 1, vocab)
         self.stats["largest_batch"] = max(self.stats["largest_batch"], len(slots))
-        for i, slot in enumerate(slots):
+        at = 0
+        for slot, feed, q in zip(slots, feeds, qs):
             slot.tokens.append(slot.pending)
             slot.pending = None
-            self._sampled(slot, logits[i, -1])
+            for j in range(len(feed)):
+                draft = feed[j + 1] if j + 1 < len(feed) else None
+                if not self._sampled(slot, logits[at + j, -1], draft, q[j] if q and draft is not None else None):
+                    break
+            if len(feed) > 1 and slot.request is not None:
+                slot.request.speculation.checked(len(feed) - 1, j)
+            at += len(feed)
 
     def _adapters(self, row_adapters: list[int | None]):
         """Each row of the next forward routed to its LoRA adapter (when the model serves any)."""
         adapters = getattr(self.model, "adapters", None)
         return adapters.use(row_adapters) if adapters is not None else contextlib.nullcontext()
 
-    def _sampled(self, slot: _Slot, logits: torch.Tensor) -> None:
-        """Draw the request's next token from its logits and report it (or finish)."""
+    def _sampled(self, slot: _Slot, logits: torch.Tensor, draft: int | None = None,
+                 q: torch.Tensor | None = None) -> bool:
+        """Draw the request's next token from its logits and report it (or finish). With a drafted token
+        to check (speculative.choose): True when it is the token taken and the request goes on, so that
+        the next row (computed after it) holds the next token's logits."""
         request = slot.request
         if request.constraint is not None:  # this row's own mask: a batch mixes free and constrained rows
             logits = request.constraint.mask(logits)
-        token = sample(logits, request.sampling, slot.tokens, request.generator)
+        if request.speculation is None:
+            token = sample(logits, request.sampling, slot.tokens, request.generator)
+        else:
+            token = choose(logits, request.sampling, slot.tokens, request.generator, draft, q)
         if token in request.stop_ids:
             self._finish(slot, "stop")
-            return
+            return False
         if request.constraint is not None:
             request.constraint.advance(token)
         if request.logprobs is None:
@@ -457,8 +498,13 @@ class Engine:
             self._finish(slot, "length")
         elif len(slot.tokens) >= self.max_seq_len and not self._shift(slot):  # no position left for it
             self._finish(slot, "length")
+        elif token == draft:  # computed in this step, at the next position: the next row follows it
+            request.speculation.stats.accepted += 1
+            slot.tokens.append(token)
+            return True
         else:
             slot.pending = token
+        return False
 
     def _shift(self, slot: _Slot) -> bool:
         """Make room in a full slot by a context shift, if the engine does them and there is room to make."""

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Callable
 
 from ..loading import LoadedModel
+from ..speculative import Drafting
 from .core import APIError, Metrics, Server
 from .engine import Runner
 from .guard import Limits, clip
@@ -26,11 +27,13 @@ class Hub:
                  max_batch: int = 8, max_seq_len: int | None = None, api_key: str | None = None,
                  limits: Limits | None = None, pooling: str = "mean",
                  adapters: dict[str, tuple[str, str | Path]] | None = None, context_shift: bool = False,
-                 keep: int = 0, prompt_cache: str | Path | None = None, prompt_cache_size: int | None = None):
+                 keep: int = 0, prompt_cache: str | Path | None = None, prompt_cache_size: int | None = None,
+                 drafting: "Callable[[LoadedModel], Drafting | None] | None" = None):
         """`adapters`: name -> (the model it adapts, its path), LoRA adapters served unmerged on that model
         (llamalite.adapters), each a model name of its own. `prompt_cache`: a directory where each model
         keeps its processed prompts across restarts (llamalite.prompt_cache), at most `prompt_cache_size`
-        bytes in all."""
+        bytes in all. `drafting`: what each model, once loaded, drafts with (speculative.Drafting; a draft
+        model of its own, loaded beside it)."""
         if not loaders:
             raise ValueError("a server needs at least one model")
         for name, (base, _) in (adapters or {}).items():
@@ -46,7 +49,7 @@ class Hub:
         self.max_loaded = max_loaded
         self.options = {"max_batch": max_batch, "max_seq_len": max_seq_len, "pooling": pooling,
                         "context_shift": context_shift, "keep": keep, "prompt_cache": prompt_cache,
-                        "prompt_cache_size": prompt_cache_size}
+                        "prompt_cache_size": prompt_cache_size, "drafting": drafting}
         self.api_key = api_key
         self.limits = limits or Limits.for_context(max_seq_len or 2048)
         self.runner = Runner()
@@ -96,7 +99,7 @@ class Hub:
         server = Server(lm, name, max_batch=o["max_batch"], max_seq_len=o["max_seq_len"],
                         api_key=self.api_key, limits=self.limits, pooling=o["pooling"], runner=self.runner,
                         prep=self.prep, metrics=self.metrics, context_shift=o["context_shift"], keep=o["keep"],
-                        prompt_cache=cache)
+                        prompt_cache=cache, drafting=o["drafting"](lm) if o["drafting"] is not None else None)
         server.created = self.created
         server.views = {adapter: server.with_adapter(adapter, k) for k, adapter in enumerate(mine)}
         self.contexts[name] = server.engine.max_seq_len

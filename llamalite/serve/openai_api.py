@@ -47,6 +47,12 @@ class ResponseFormat(_Strict):
     json_schema: JSONSchemaFormat | None = None
 
 
+class SpeculativeOptions(_Strict):
+    n_max: int | None = Field(None, ge=0, le=7, description="tokens drafted a pass at most (0: no drafts)")
+    n_min: int | None = Field(None, ge=0, le=7, description="no pass over a draft shorter than this")
+    p_min: float | None = Field(None, ge=0, le=1, description="a draft model's top probability to go on drafting")
+
+
 class _Sampling(_Strict):
     """Fields shared by both generation endpoints. A field this server does not know is refused with a
     400 naming it: one that would change the output is honoured or refused, never dropped. The last
@@ -77,6 +83,12 @@ class _Sampling(_Strict):
     prompt_cache_key: Text | None = Field(None, description="accepted; the KV cache is reused by prefix anyway")
     safety_identifier: Text | None = Field(None, description="accepted; changes nothing")
     cache_prompt: bool | None = Field(None, description="llama.cpp's; accepted, the prefix is always reused")
+    speculative: SpeculativeOptions | None = Field(
+        None, description="llama.cpp extension: this request's speculative decoding on a server started with "
+                          "--draft-model or --lookup (also as flat keys, speculative.n_max and so on)")
+    speculative_n_max: int | None = Field(None, alias="speculative.n_max", ge=0, le=7)
+    speculative_n_min: int | None = Field(None, alias="speculative.n_min", ge=0, le=7)
+    speculative_p_min: float | None = Field(None, alias="speculative.p_min", ge=0, le=1)
 
     def sampling(self) -> SamplingParams:
         bias = tuple((int(k), v) for k, v in (self.logit_bias or {}).items())
@@ -84,12 +96,24 @@ class _Sampling(_Strict):
                               repetition_penalty=self.repetition_penalty, presence_penalty=self.presence_penalty,
                               frequency_penalty=self.frequency_penalty, logit_bias=bias)
 
+    def speculative_settings(self) -> dict[str, Any] | None:
+        """The speculative settings asked for, nested or as llama.cpp's flat keys, or None."""
+        nested = self.speculative.model_dump(exclude_none=True) if self.speculative is not None else {}
+        flat = {k: getattr(self, f"speculative_{k}") for k in ("n_max", "n_min", "p_min")
+                if getattr(self, f"speculative_{k}") is not None}
+        both = sorted(set(nested) & set(flat))
+        if both:
+            raise APIError(400, f"speculative.{both[0]} is given twice (nested and flat): give it once",
+                           param="speculative")
+        return {**nested, **flat} or None
+
     def stop_strings(self) -> list[str]:
         return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
 
     def check(self, server: Server) -> None:
         """What the field types cannot say: logit_bias's ids (digits, by the field's pattern) against the
-        vocabulary."""
+        vocabulary; speculative settings against the server's drafting."""
+        server.check_speculative(self.speculative_settings())
         for key in self.logit_bias or {}:
             if int(key) >= server.tokenizer.vocab_size:
                 raise APIError(400, f"logit_bias key '{clip(key, 20)}' is not a token id of this model (0 to "
@@ -295,7 +319,8 @@ def router(hub: Hub) -> APIRouter:
             return ids, texts, compile_grammar(server, spec)
         ids, texts, grammar = await server.offload(prepare)
         budgets = [server.budget(len(p), body.max_tokens) for p in ids]
-        stream = _merge([server.run(i * n + j, p, b, body.sampling(), body.seed, body.logprobs, stop, score, grammar)
+        stream = _merge([server.run(i * n + j, p, b, body.sampling(), body.seed, body.logprobs, stop, score, grammar,
+                                    body.speculative_settings())
                          for i, (p, b) in enumerate(zip(ids, budgets)) for j in range(n)])
         rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
         offsets = {}
@@ -369,7 +394,8 @@ def router(hub: Hub) -> APIRouter:
             raise APIError(400, "the rendered conversation is empty", param="messages")
         budget = server.budget(len(prompt), body.max_completion_tokens or body.max_tokens)
         logprobs = (body.top_logprobs or 0) if body.logprobs else None
-        stream = _merge([server.run(j, prompt, budget, body.sampling(), body.seed, logprobs, stop, grammar=grammar)
+        stream = _merge([server.run(j, prompt, budget, body.sampling(), body.seed, logprobs, stop, grammar=grammar,
+                                    speculative=body.speculative_settings())
                          for j in range(n)])
         rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         head = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": server.model_name}

@@ -218,24 +218,35 @@ def _chat(args, lm, cache=None, speculation=None) -> int:
 
 
 def cmd_tokenize(args) -> int:
-    from .loading import load
+    from .loading import load_tokenizer
     from .store import resolve_model
 
-    tokenizer = load(resolve_model(args.model)).tokenizer
+    tokenizer = load_tokenizer(resolve_model(args.model))  # no weights needed (a vocab-only GGUF file will do)
     text = args.text if args.text is not None else sys.stdin.read()
     print(json.dumps(tokenizer.encode(text, parse_special=not args.no_special)))
     return 0
 
 
 def cmd_info(args) -> int:
-    from .loading import load
+    from .loading import gguf_vocab_only, load, load_tokenizer
     from .quantized import count_parameters, simd_path
     from .store import resolve_model
 
-    lm = load(resolve_model(args.model))
+    path = resolve_model(args.model)
+    meta = gguf_vocab_only(path)
+    if meta is not None:  # a vocabulary alone: what its tokenizer is
+        tokenizer = load_tokenizer(path)
+        info: dict[str, Any] = {
+            "path": str(path), "format": "gguf, vocabulary only (no weights)",
+            "architecture": meta.get("general.architecture"), "tokenizer": meta.get("tokenizer.ggml.model"),
+            "pre_tokenizer": meta.get("tokenizer.ggml.pre"), "vocab_size": tokenizer.vocab_size,
+            "bos": tokenizer.bos_token, "eos": tokenizer.eos_token}
+        print(json.dumps(info, indent=2) if args.json else "\n".join(f"{k}: {v}" for k, v in info.items()))
+        return 0
+    lm = load(path)
     cfg = lm.config
     n_params = count_parameters(lm.model)
-    info: dict[str, Any] = {
+    info = {
         "path": str(lm.path),
         "format": lm.format,
         "name": lm.metadata.get("general.name"),

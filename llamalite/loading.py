@@ -362,6 +362,18 @@ class _ShardView:
         self.data, self.shape = data, (r1 - r0, c1 - c0)
 
 
+def gguf_vocab_only(path: Path) -> dict[str, Any] | None:
+    """A GGUF file with no tensors (llama.cpp's ggml-vocab-*.gguf): its metadata; None for anything else."""
+    path = Path(path)
+    if not path.is_file():
+        return None
+    with open(path, "rb") as f:
+        if f.read(4) != b"GGUF":
+            return None
+    reader = open_gguf(path)
+    return None if len(reader.tensors) else gguf_metadata(reader)
+
+
 def gguf_metadata(reader) -> dict[str, Any]:
     return {k: v.contents() for k, v in reader.fields.items()}
 
@@ -379,6 +391,9 @@ def load_gguf(path: Path, dtype: torch.dtype = torch.float32, quantized: bool = 
     reader = open_gguf(path)
     meta = gguf_metadata(reader)
     tensors = {t.name: t for t in reader.tensors}
+    if not tensors:
+        raise ModelFileError(f"{path} holds a tokenizer's vocabulary and no weights (a vocab-only GGUF file): it "
+                             f"can tokenize (`llamalite tokenize --model {path}`), not run; give a model file")
     size = path.stat().st_size
     for t in reader.tensors:
         if t.data_offset + t.n_bytes > size:

@@ -32,17 +32,61 @@ _LLAMA3 = (r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\r\n\p{
 # llama.cpp's pre-tokenizer per `tokenizer.ggml.pre`: regexes applied one after another, each splitting
 # the pieces the previous one made. Its GPT-2 regex has no trailing `|\s+`, but llama.cpp's hand-written
 # matcher for that regex behaves as if it had one, so it is written out here.
-BPE_PRE_TOKENIZERS: dict[str, tuple[tuple[str, ...], bool]] = {  # name -> (regexes, ignore_merges)
+# Character classes of llama.cpp's regexes, written as escapes (several of their characters have canonical
+# equivalents that an editor or a normalizing copy would silently swap, emptying a range).
+_DEEPSEEK_LLM_LETTERS = (
+    "A-Za-z\u00b5\u00c0-\u00d6\u00d8-\u00f6\u00f8-\u01ba\u01bc-\u01bf\u01c4-\u0293\u0295-\u02af\u0370-\u0373\u0376"
+    "\u0377\u037b-\u037d\u037f\u0386\u0388-\u038a\u038c\u038e-\u03a1\u03a3-\u03f5\u03f7-\u0481\u048a-\u052f"
+    "\u0531-\u0556\u10a0-\u10c5\u13a0-\u13f5\u13f8-\u13fd\u1c90-\u1cba\u1cbd-\u1cbf\u1d00-\u1d2b\u1d6b-\u1d77"
+    "\u1d79-\u1d9a\u1e00-\u1f15\u1f18-\u1f1d\u1f20-\u1f45\u1f48-\u1f4d\u1f50-\u1f57\u1f59\u1f5b\u1f5d\u1f5f-\u1f7d"
+    "\u1f80-\u1fb4\u1fb6-\u1fbc\u1fbe\u1fc2-\u1fc4\u1fc6-\u1fcc\u1fd0-\u1fd3\u1fd6-\u1fdb\u1fe0-\u1fec\u1ff2-\u1ff4"
+    "\u1ff6-\u1ffc\u2102\u2107\u210a-\u2113\u2115\u2119-\u211d\u2124\u2126\u2128\u212a-\u212d\u212f-\u2134\u2139"
+    "\u213c-\u213f\u2145-\u2149\u214e\u2183\u2184\u2c00-\u2c7b\u2c7e-\u2ce4\u2ceb-\u2cee\u2cf2\u2cf3\ua640-\ua66d"
+    "\ua680-\ua69b\ua722-\ua76f\ua771-\ua787\ua78b-\ua78e\uab70-\uabbf\ufb00-\ufb06\ufb13-\ufb17\uff21-\uff3a"
+    "\uff41-\uff5a\U00010400-\U0001044f\U000104b0-\U000104d3\U000104d8-\U000104fb\U00010c80-\U00010cb2"
+    "\U00010cc0-\U00010cf2\U000118a0-\U000118df\U0001e900-\U0001e943")
+_DEEPSEEK_LLM_PUNCT = "[!-/:-~\uff01-\uff0f\uff1a-\uff5e\u2018-\u201f\u3000-\u3002]"
+_CJK = "[\u4e00-\u9fa5\u0800-\u4e00\uac00-\ud7ff]+"
+_KANA = "[\u4e00-\u9fa5\u3040-\u309f\u30a0-\u30ff]+"
+_BLOOM = " ?[^(\\s|.,!?\u2026\u3002\uff0c\u3001\u0964\u06d4\u060c)]+"
+_PRE_SETS: dict[str, tuple[tuple[str, ...], bool]] = {  # llama.cpp's pre-tokenizer types: (regexes, ignore_merges)
     "default": ((r"[\p{P}\$\+<=>\^~\|]+", _GPT2, r"\p{N}+", r"[0-9][0-9][0-9]"), False),
-    "gpt-2": ((_GPT2,), False),
     "llama3": ((_LLAMA3,), True),
-    "llama-v3": ((_LLAMA3,), True),
-    "llama-bpe": ((_LLAMA3,), True),
-    "smaug-bpe": ((_LLAMA3,), False),
-    "smollm": ((r"\p{N}", _GPT2), False),
+    "dbrx": ((_LLAMA3,), False),
+    "deepseek-llm": ((r"[\r\n]", r"\s?[" + _DEEPSEEK_LLM_LETTERS + "]+", r"\s?" + _DEEPSEEK_LLM_PUNCT + "+", r"\s+$",
+                      _CJK, r"\p{N}+"), False),
+    "deepseek-v3": ((r"\p{N}{1,3}", _KANA,
+                     r"[!\"#$%&'()*+,\-./:;<=>?@\[\\\]^_`{|}~][A-Za-z]+|[^\r\n\p{L}\p{P}\p{S}]?[\p{L}\p{M}]+"
+                     r"| ?[\p{P}\p{S}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"), False),
+    "deepseek-coder": ((r"[\r\n]", r"\s?\p{L}+", r"\s?\p{P}+", _CJK, r"\p{N}"), False),
+    "falcon": ((r"[\p{P}\$\+<=>\^~\|`]+", _GPT2, r"[0-9][0-9][0-9]"), False),
     "starcoder": ((r"\p{N}", _GPT2), False),
-    "refact": ((r"\p{N}", _GPT2), False),
+    "gpt-2": ((_GPT2,), False),
+    "qwen2": ((r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
+               r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+",), False),
+    "bloom": ((_BLOOM,), False),
+    "viking": ((_BLOOM, r"\p{N}"), False),
+    "chatglm4": ((_LLAMA3,), False),
+    "tekken": ((r"[^\r\n\p{L}\p{N}]?((?=[\p{L}])([^a-z]))*((?=[\p{L}])([^A-Z]))+|[^\r\n\p{L}\p{N}]?"
+                r"((?=[\p{L}])([^a-z]))+((?=[\p{L}])([^A-Z]))*|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+"
+                r"|\s+(?!\S)|\s+",), True),
+    "chameleon": ((r"<sentinel:[0-9]+>", r"(IMGIMG)((A|B|C|D|E|F|G|H|I){1,4})Z", r"([\t\n]|    |  )", r"\p{N}",
+                   r"[\p{P}!-/:-@\[-`{-~]", _GPT2), False),
 }
+# Every `tokenizer.ggml.pre` name llama.cpp knows (llama-vocab.cpp), to its pre-tokenizer type.
+_PRE_NAMES = {
+    "default": "default", "llama3": "llama3", "llama-v3": "llama3", "llama-bpe": "llama3", "falcon3": "llama3",
+    "dbrx": "dbrx", "smaug-bpe": "dbrx", "deepseek-llm": "deepseek-llm", "deepseek-v3": "deepseek-v3",
+    "deepseek-coder": "deepseek-coder", "falcon": "falcon", "mpt": "gpt-2", "olmo": "gpt-2", "jais": "gpt-2",
+    "gpt-2": "gpt-2", "phi-2": "gpt-2", "jina-es": "gpt-2", "jina-de": "gpt-2", "gigachat": "gpt-2",
+    "jina-v1-en": "gpt-2", "jina-v2-es": "gpt-2", "jina-v2-de": "gpt-2", "jina-v2-code": "gpt-2",
+    "roberta-bpe": "gpt-2", "starcoder": "starcoder", "refact": "starcoder", "command-r": "starcoder",
+    "smollm": "starcoder", "codeshell": "starcoder", "exaone": "starcoder", "minerva-7b": "starcoder",
+    "qwen2": "qwen2", "deepseek-r1-qwen": "qwen2", "stablelm2": "qwen2", "megrez": "qwen2", "poro-chat": "bloom",
+    "bloom": "bloom", "gpt3-finnish": "bloom", "chatglm-bpe": "chatglm4", "viking": "viking", "tekken": "tekken",
+    "chameleon": "chameleon",
+}
+BPE_PRE_TOKENIZERS: dict[str, tuple[tuple[str, ...], bool]] = {name: _PRE_SETS[kind] for name, kind in _PRE_NAMES.items()}
 
 
 class Tokenizer:
@@ -332,7 +376,7 @@ def tokenizer_from_gguf(meta: Mapping[str, Any]) -> Tokenizer:
     types: list[int] = meta.get("tokenizer.ggml.token_type") or [NORMAL] * len(tokens)
     bos, eos = meta.get("tokenizer.ggml.bos_token_id"), meta.get("tokenizer.ggml.eos_token_id")
     if kind == "gpt2":
-        pre = meta.get("tokenizer.ggml.pre", "default")
+        pre = meta.get("tokenizer.ggml.pre")
         engine = HFEngine(_bpe_from_gguf(tokens, types, meta.get("tokenizer.ggml.merges") or [], pre))
         default_add_bos = pre in ("llama3", "llama-v3", "llama-bpe")
     elif kind == "llama":
@@ -340,7 +384,9 @@ def tokenizer_from_gguf(meta: Mapping[str, Any]) -> Tokenizer:
                                 add_space_prefix=meta.get("tokenizer.ggml.add_space_prefix", True))
         default_add_bos = True
     else:
-        raise ValueError(f"GGUF tokenizer model {kind!r} is not supported (supported: gpt2, llama)")
+        what = {"bert": " (WordPiece, BERT's)", "t5": " (Unigram, T5's)", "rwkv": " (RWKV's)", "ugm": " (Unigram)"}
+        raise ValueError(f"GGUF tokenizer model {kind!r}{what.get(kind, '')} is not supported: llamalite runs the "
+                         f"tokenizers of the LLaMA family, gpt2 (byte-level BPE) and llama (SentencePiece)")
     control = {t for t, ty in zip(tokens, types) if ty == CONTROL}
 
     def find(text: str) -> int | None:
@@ -353,12 +399,16 @@ def tokenizer_from_gguf(meta: Mapping[str, Any]) -> Tokenizer:
                      pad_id=meta.get("tokenizer.ggml.padding_token_id"))
 
 
-def _bpe_from_gguf(tokens: list[str], types: list[int], merges: list[str], pre: str):
+def _bpe_from_gguf(tokens: list[str], types: list[int], merges: list[str], pre: str | None):
     tk = _require("tokenizers", "tokenizers")
-    if pre not in BPE_PRE_TOKENIZERS:
-        warnings.warn(f"GGUF pre-tokenizer {pre!r} is not known to llamalite; using 'default' as llama.cpp "
-                      f"does (known: {', '.join(BPE_PRE_TOKENIZERS)})", stacklevel=3)
+    if pre is None:  # as llama.cpp: the default, and a warning that the file should be made again
+        warnings.warn("this GGUF file names no pre-tokenizer (tokenizer.ggml.pre); using 'default' as llama.cpp "
+                      "does, which may tokenize some text differently from the model's own tokenizer: convert "
+                      "the model again with a current llama.cpp", stacklevel=3)
         pre = "default"
+    if pre not in BPE_PRE_TOKENIZERS:  # llama.cpp refuses such a file ("unknown pre-tokenizer type")
+        raise ValueError(f"unknown GGUF pre-tokenizer {pre!r} (tokenizer.ggml.pre); llamalite knows every name "
+                         f"llama.cpp knows: {', '.join(sorted(BPE_PRE_TOKENIZERS))}")
     regexes, ignore_merges = BPE_PRE_TOKENIZERS[pre]
     vocab = {t: i for i, t in enumerate(tokens)}
     pairs = [tuple(m.split(" ", 1)) for m in merges]
@@ -367,9 +417,12 @@ def _bpe_from_gguf(tokens: list[str], types: list[int], merges: list[str], pre: 
         [tk.pre_tokenizers.Split(tk.Regex(r), behavior="isolated") for r in regexes]
         + [tk.pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
     tok.decoder = tk.decoders.ByteLevel()
-    # llama.cpp matches control and user-defined token texts before running BPE.
-    tok.add_special_tokens([tk.AddedToken(t, special=ty == CONTROL, normalized=False)
-                            for t, ty in zip(tokens, types) if ty in (CONTROL, USER_DEFINED)])
+    # llama.cpp matches control and user-defined token texts before running BPE: control ones only when
+    # parsing special tokens, user-defined ones always (an added token that is not special).
+    tok.add_special_tokens([tk.AddedToken(t, special=True, normalized=False)
+                            for t, ty in zip(tokens, types) if ty == CONTROL])
+    tok.add_tokens([tk.AddedToken(t, special=False, normalized=False)
+                    for t, ty in zip(tokens, types) if ty == USER_DEFINED])
     return tok
 
 
@@ -387,9 +440,12 @@ def _spm_from_gguf(tokens: list[str], types: list[int], scores: list[float], add
     kinds = {NORMAL: pb.ModelProto.SentencePiece.NORMAL, UNKNOWN: pb.ModelProto.SentencePiece.UNKNOWN,
              CONTROL: pb.ModelProto.SentencePiece.CONTROL, USER_DEFINED: pb.ModelProto.SentencePiece.USER_DEFINED,
              UNUSED: pb.ModelProto.SentencePiece.UNUSED, BYTE: pb.ModelProto.SentencePiece.BYTE}
-    for t, ty, s in zip(tokens, types, scores):
+    unknown = next((i for i, ty in enumerate(types) if ty == UNKNOWN), None)
+    for i, (t, ty, s) in enumerate(zip(tokens, types, scores)):
         piece = proto.pieces.add()
         piece.piece, piece.score, piece.type = t, s, kinds.get(ty, pb.ModelProto.SentencePiece.NORMAL)
+        if ty == UNKNOWN and i != unknown:  # SentencePiece has one; others (Phi-3's fillers) are never produced
+            piece.type = pb.ModelProto.SentencePiece.UNUSED
     sp = spm.SentencePieceProcessor(model_proto=proto.SerializeToString())
     return SPEngine(sp, [i for i, ty in enumerate(types) if ty == CONTROL])
 

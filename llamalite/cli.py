@@ -250,7 +250,7 @@ def cmd_info(args) -> int:
         "path": str(lm.path),
         "format": lm.format,
         "name": lm.metadata.get("general.name"),
-        "architecture": "llama",
+        "architecture": cfg.family,
         "parameters": n_params,
         "layers": cfg.n_layers, "dim": cfg.dim, "heads": cfg.n_heads, "kv_heads": cfg.n_kv_heads,
         "head_dim": cfg.head_dim, "ffn_dim": cfg.hidden_dim, "vocab_size": cfg.vocab_size,

@@ -35,6 +35,11 @@ class ModelConfig:
     context_length: int = 2048
     tie_embeddings: bool = False
     head_dim: int | None = None  # None: dim // n_heads
+    # The LLaMA lineage's variations, as data (the model file reads them; the loaders and writers of each
+    # format name the family's tensors and keys after `family`):
+    family: str = "llama"  # llama (LLaMA 1-3, Mistral, SmolLM), qwen2 (Qwen2, Qwen2.5), qwen3, phi3
+    qkv_bias: bool = False  # biases on the q, k and v projections (Qwen2)
+    qk_norm: bool = False  # RMSNorm over each head's q and k before RoPE (Qwen3)
 
     def __post_init__(self) -> None:
         if self.n_kv_heads is None:
@@ -51,6 +56,8 @@ class ModelConfig:
             raise ValueError(f"n_heads ({self.n_heads}) must be a multiple of n_kv_heads ({self.n_kv_heads})")
         if isinstance(self.rope_scaling, Mapping):
             self.rope_scaling = RopeScaling(**self.rope_scaling)
+        if self.family not in FAMILIES:
+            raise ValueError(f"unknown model family {self.family!r}; known: {', '.join(FAMILIES)}")
 
     @classmethod
     def from_preset(cls, name: str, **overrides: Any) -> "ModelConfig":
@@ -61,6 +68,12 @@ class ModelConfig:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+
+FAMILIES = ("llama", "qwen2", "qwen3", "phi3")
+# Hugging Face model_type -> family; Mistral is a Llama with other sizes (and, in v0.1, a sliding window).
+HF_FAMILIES = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "phi3": "phi3"}
+# GGUF general.architecture -> family (Mistral's GGUF files say "llama")
+GGUF_FAMILIES = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "phi3": "phi3"}
 
 _LLAMA31_ROPE = dict(rope_scaling=RopeScaling(8.0, 1.0, 4.0, 8192), rope_theta=500000.0, context_length=131072)
 _LLAMA3_VOCAB = dict(vocab_size=128256, rope_theta=500000.0, context_length=8192)
@@ -103,17 +116,47 @@ PRESETS: dict[str, dict[str, Any]] = {
                          tie_embeddings=True, rope_theta=100000.0, context_length=8192),
     "smollm2-1.7b": dict(dim=2048, n_layers=24, n_heads=32, n_kv_heads=32, hidden_dim=8192, vocab_size=49152,
                          tie_embeddings=True, rope_theta=130000.0, context_length=8192),
+    # Mistral 7B v0.3 (mistralai config.json; the llama architecture): 7.25B
+    "mistral-7b": dict(dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, hidden_dim=14336, vocab_size=32768,
+                       rope_theta=1000000.0, context_length=32768),
+    # Qwen2.5 (Qwen config.json; q/k/v biases): 0.49B, 1.54B, 7.62B
+    "qwen2.5-0.5b": dict(family="qwen2", qkv_bias=True, dim=896, n_layers=24, n_heads=14, n_kv_heads=2,
+                         hidden_dim=4864, vocab_size=151936, tie_embeddings=True, norm_eps=1e-6,
+                         rope_theta=1000000.0, context_length=32768),
+    "qwen2.5-1.5b": dict(family="qwen2", qkv_bias=True, dim=1536, n_layers=28, n_heads=12, n_kv_heads=2,
+                         hidden_dim=8960, vocab_size=151936, tie_embeddings=True, norm_eps=1e-6,
+                         rope_theta=1000000.0, context_length=32768),
+    "qwen2.5-7b": dict(family="qwen2", qkv_bias=True, dim=3584, n_layers=28, n_heads=28, n_kv_heads=4,
+                       hidden_dim=18944, vocab_size=152064, norm_eps=1e-6, rope_theta=1000000.0, context_length=32768),
+    # Qwen3 (Qwen config.json; q/k RMSNorm, head_dim 128): 0.60B, 1.72B, 4.02B, 8.19B
+    "qwen3-0.6b": dict(family="qwen3", qk_norm=True, dim=1024, n_layers=28, n_heads=16, n_kv_heads=8, head_dim=128,
+                       hidden_dim=3072, vocab_size=151936, tie_embeddings=True, norm_eps=1e-6,
+                       rope_theta=1000000.0, context_length=40960),
+    "qwen3-1.7b": dict(family="qwen3", qk_norm=True, dim=2048, n_layers=28, n_heads=16, n_kv_heads=8, head_dim=128,
+                       hidden_dim=6144, vocab_size=151936, tie_embeddings=True, norm_eps=1e-6,
+                       rope_theta=1000000.0, context_length=40960),
+    "qwen3-4b": dict(family="qwen3", qk_norm=True, dim=2560, n_layers=36, n_heads=32, n_kv_heads=8, head_dim=128,
+                     hidden_dim=9728, vocab_size=151936, tie_embeddings=True, norm_eps=1e-6,
+                     rope_theta=1000000.0, context_length=40960),
+    "qwen3-8b": dict(family="qwen3", qk_norm=True, dim=4096, n_layers=36, n_heads=32, n_kv_heads=8, head_dim=128,
+                     hidden_dim=12288, vocab_size=151936, norm_eps=1e-6, rope_theta=1000000.0, context_length=40960),
+    # Phi-3-mini-4k (microsoft config.json; fused projections, split at load): 3.82B. Its 2047-token
+    # sliding window bounds the context llamalite runs it at (config_from_hf).
+    "phi3-mini-4k": dict(family="phi3", dim=3072, n_layers=32, n_heads=32, hidden_dim=8192, vocab_size=32064,
+                         context_length=2047),
 }
 
 
 def config_from_hf(cfg: Mapping[str, Any]) -> ModelConfig:
-    """Read a Hugging Face LlamaForCausalLM `config.json` dict."""
+    """Read a Hugging Face `config.json` dict of the LLaMA lineage: LlamaForCausalLM, MistralForCausalLM,
+    Qwen2ForCausalLM, Qwen3ForCausalLM, Phi3ForCausalLM."""
     arch = cfg.get("model_type", "llama")
-    if arch != "llama":
-        raise ValueError(f"config.json has model_type {arch!r}; llamalite runs 'llama' models")
+    if arch not in HF_FAMILIES:
+        raise ValueError(f"config.json has model_type {arch!r}; llamalite runs {', '.join(HF_FAMILIES)}")
+    family = HF_FAMILIES[arch]
     scaling = cfg.get("rope_scaling") or None
     rope_theta = cfg.get("rope_theta", (cfg.get("rope_parameters") or {}).get("rope_theta", 10000.0))
-    if scaling is None and cfg.get("rope_parameters", {}).get("rope_type") == "llama3":
+    if scaling is None and (cfg.get("rope_parameters") or {}).get("rope_type") not in (None, "default"):
         scaling = cfg["rope_parameters"]
     rope = None
     if scaling is not None:
@@ -123,7 +166,14 @@ def config_from_hf(cfg: Mapping[str, Any]) -> ModelConfig:
                                scaling["original_max_position_embeddings"])
         elif kind not in (None, "default"):
             raise ValueError(f"rope_scaling type {kind!r} is not supported (supported: llama3)")
+    if float(cfg.get("partial_rotary_factor", 1.0)) != 1.0:
+        raise ValueError(f"partial_rotary_factor {cfg['partial_rotary_factor']} (RoPE on part of each head) is not "
+                         f"supported")
     n_heads = cfg["num_attention_heads"]
+    context = cfg.get("max_position_embeddings", 2048)
+    window = cfg.get("sliding_window") if cfg.get("use_sliding_window", arch != "qwen2") else None
+    if window:  # beyond its window the model attends to a part of the context: llamalite stops short of it
+        context = min(context, int(window))
     return ModelConfig(
         dim=cfg["hidden_size"],
         n_layers=cfg["num_hidden_layers"],
@@ -134,9 +184,12 @@ def config_from_hf(cfg: Mapping[str, Any]) -> ModelConfig:
         norm_eps=cfg.get("rms_norm_eps", 1e-6),
         rope_theta=float(rope_theta),
         rope_scaling=rope,
-        context_length=cfg.get("max_position_embeddings", 2048),
+        context_length=context,
         tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
         head_dim=cfg.get("head_dim") or cfg["hidden_size"] // n_heads,
+        family=family,
+        qkv_bias=family == "qwen2" or bool(cfg.get("attention_bias", False)),
+        qk_norm=family == "qwen3",
     )
 
 
@@ -163,17 +216,21 @@ def config_from_meta(params: Mapping[str, Any], vocab_size: int | None = None) -
     )
 
 
-def config_from_gguf(meta: Mapping[str, Any], has_output: bool, rope_scaling: RopeScaling | None = None) -> ModelConfig:
-    """Read GGUF key-values (already decoded to Python values) of a `llama`-architecture file.
+def config_from_gguf(meta: Mapping[str, Any], has_output: bool, rope_scaling: RopeScaling | None = None,
+                     has_bias: bool = False) -> ModelConfig:
+    """Read GGUF key-values (already decoded to Python values) of a file of the LLaMA lineage (general.
+    architecture llama, qwen2, qwen3 or phi3; keys are named after it). `has_bias` says whether the file
+    has q/k/v biases (a tensor, not a key).
 
     Llama 3.1 files carry RoPE scaling as a `rope_freqs` tensor, not as keys: the loader matches that
     tensor to a RopeScaling and passes it in."""
     arch = meta.get("general.architecture")
-    if arch != "llama":
-        raise ValueError(f"GGUF architecture {arch!r} is not supported (supported: llama)")
+    if arch not in GGUF_FAMILIES:
+        raise ValueError(f"GGUF architecture {arch!r} is not supported (supported: {', '.join(GGUF_FAMILIES)})")
+    family = GGUF_FAMILIES[arch]
 
     def key(name: str, default: Any = KeyError) -> Any:
-        full = f"llama.{name}"
+        full = f"{arch}.{name}"
         if full in meta:
             return meta[full]
         if default is KeyError:
@@ -188,7 +245,14 @@ def config_from_gguf(meta: Mapping[str, Any], has_output: bool, rope_scaling: Ro
     scale_type = key("rope.scaling.type", None)
     if scale_type not in (None, "none"):
         raise ValueError(f"GGUF rope.scaling.type {scale_type!r} is not supported")
-    head_dim = key("rope.dimension_count", dim // n_heads)
+    head_dim = key("attention.key_length", key("rope.dimension_count", dim // n_heads))
+    if key("rope.dimension_count", head_dim) != head_dim:
+        raise ValueError(f"RoPE over {key('rope.dimension_count')} of each head's {head_dim} dimensions (partial "
+                         f"rotary) is not supported")
+    context = key("context_length", 2048)
+    window = key("attention.sliding_window", None)
+    if window:  # as config_from_hf: stop short of where the model's window cuts the context
+        context = min(context, int(window))
     return ModelConfig(
         dim=dim,
         n_layers=key("block_count"),
@@ -199,9 +263,12 @@ def config_from_gguf(meta: Mapping[str, Any], has_output: bool, rope_scaling: Ro
         norm_eps=float(key("attention.layer_norm_rms_epsilon", 1e-5)),
         rope_theta=float(key("rope.freq_base", 10000.0)),
         rope_scaling=rope_scaling,
-        context_length=key("context_length", 2048),
+        context_length=context,
         tie_embeddings=not has_output,
         head_dim=head_dim,
+        family=family,
+        qkv_bias=has_bias,
+        qk_norm=family == "qwen3",
     )
 
 

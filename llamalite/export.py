@@ -27,8 +27,9 @@ class ExportError(ValueError):
 
 
 def gguf_add_config(writer: Any, cfg: ModelConfig, vocab_size: int | None = None) -> None:
-    """The `llama.*` keys of a GGUF file for `cfg`, on a `gguf.GGUFWriter` (the reverse of config_from_gguf;
-    RoPE scaling, which GGUF stores as a tensor, is not written)."""
+    """The `<architecture>.*` keys of a GGUF file for `cfg`, on a `gguf.GGUFWriter` made for the family's
+    architecture (the reverse of config_from_gguf; RoPE scaling, which GGUF stores as a tensor, is not
+    written)."""
     writer.add_block_count(cfg.n_layers)
     writer.add_context_length(cfg.context_length)
     writer.add_embedding_length(cfg.dim)
@@ -40,6 +41,9 @@ def gguf_add_config(writer: Any, cfg: ModelConfig, vocab_size: int | None = None
     writer.add_vocab_size(vocab_size or cfg.vocab_size)
     if cfg.head_dim != cfg.dim // cfg.n_heads:
         writer.add_rope_dimension_count(cfg.head_dim)
+        if cfg.family != "llama":  # how llama.cpp's qwen2/qwen3/phi3 read a head's size
+            writer.add_key_length(cfg.head_dim)
+            writer.add_value_length(cfg.head_dim)
 
 
 def _bpe_pre_name(data: dict) -> str:
@@ -61,8 +65,10 @@ def _bpe_pre_name(data: dict) -> str:
     return "default"
 
 
-def gguf_add_tokenizer(writer: Any, tokenizer) -> None:
-    """The `tokenizer.ggml.*` keys (and chat template) for a llamalite Tokenizer."""
+def gguf_add_tokenizer(writer: Any, tokenizer, vocab_size: int | None = None) -> None:
+    """The `tokenizer.ggml.*` keys (and chat template) for a llamalite Tokenizer; a model whose embedding
+    has more rows than the tokenizer has tokens (`vocab_size`) gets fillers for the rest, as llama.cpp's
+    converter writes them ([PAD<id>], unused), since llama.cpp sizes the embedding by the token list."""
     from .tokenizer import BYTE, CONTROL, NORMAL, UNKNOWN, UNUSED, USER_DEFINED, HFEngine, SPEngine
 
     engine, n = tokenizer.engine, tokenizer.vocab_size
@@ -74,10 +80,12 @@ def gguf_add_tokenizer(writer: Any, tokenizer) -> None:
         tokens = [engine.tok.id_to_token(i) for i in range(n)]
         if any(t is None for t in tokens):
             raise ExportError("the tokenizer's ids have gaps; GGUF needs a token for every id")
+        pad = max(0, (vocab_size or n) - n)
         writer.add_tokenizer_model("gpt2")
         writer.add_tokenizer_pre(_bpe_pre_name(data))
-        writer.add_token_list(tokens)
-        writer.add_token_types([(CONTROL if added[i] else USER_DEFINED) if i in added else NORMAL for i in range(n)])
+        writer.add_token_list(tokens + [f"[PAD{i}]" for i in range(n, n + pad)])
+        writer.add_token_types([(CONTROL if added[i] else USER_DEFINED) if i in added else NORMAL for i in range(n)]
+                               + [UNUSED] * pad)
         writer.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in data["model"]["merges"]])
     elif isinstance(engine, SPEngine):
         from sentencepiece import sentencepiece_model_pb2 as pb
@@ -88,10 +96,11 @@ def gguf_add_tokenizer(writer: Any, tokenizer) -> None:
         kinds = {pb.ModelProto.SentencePiece.NORMAL: NORMAL, pb.ModelProto.SentencePiece.UNKNOWN: UNKNOWN,
                  pb.ModelProto.SentencePiece.CONTROL: CONTROL, pb.ModelProto.SentencePiece.USER_DEFINED: USER_DEFINED,
                  pb.ModelProto.SentencePiece.UNUSED: UNUSED, pb.ModelProto.SentencePiece.BYTE: BYTE}
+        pad = max(0, (vocab_size or n) - n)
         writer.add_tokenizer_model("llama")
-        writer.add_token_list([p.piece for p in proto.pieces])
-        writer.add_token_scores([p.score for p in proto.pieces])
-        writer.add_token_types([kinds.get(p.type, NORMAL) for p in proto.pieces])
+        writer.add_token_list([p.piece for p in proto.pieces] + [f"[PAD{i}]" for i in range(n, n + pad)])
+        writer.add_token_scores([p.score for p in proto.pieces] + [-1000.0] * pad)
+        writer.add_token_types([kinds.get(p.type, NORMAL) for p in proto.pieces] + [UNUSED] * pad)
         writer.add_add_space_prefix(proto.normalizer_spec.add_dummy_prefix)
     else:
         raise ExportError(f"cannot write a {type(engine).__name__} tokenizer into GGUF")
@@ -110,11 +119,33 @@ def gguf_add_tokenizer(writer: Any, tokenizer) -> None:
 
 
 def _weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """Meta-named fp32 weights of a dense Transformer (tied output left out)."""
+    """Meta-named fp32 weights and biases of a dense Transformer (tied output left out)."""
     cfg = model.config
-    out = {k: v.detach().float().cpu() for k, v in model.state_dict().items() if k.endswith(".weight")}
+    out = {k: v.detach().float().cpu() for k, v in model.state_dict().items() if k.endswith((".weight", ".bias"))}
     if cfg.tie_embeddings:
         out.pop("output.weight", None)
+    return out
+
+
+def _family_tensors(cfg: ModelConfig, weights: dict[str, torch.Tensor], neox: bool) -> dict[str, torch.Tensor]:
+    """The reverse of loading.family_layout: q/k rows, biases and norms back to the half-split RoPE layout
+    where the format holds them so (`neox`), and Phi-3's projections fused again (its names: attention.wqkv,
+    and feed_forward.w3 holding gate and up)."""
+    out = {}
+    for name, t in weights.items():
+        kind = name.rsplit(".", 2)[-2] if name.startswith("layers.") else ""
+        if neox and kind in ("wq", "wk"):
+            heads = cfg.n_heads if kind == "wq" else cfg.n_kv_heads
+            t = permute_rope(t.reshape(t.shape[0], -1), heads).reshape(t.shape)
+        elif neox and kind in ("q_norm", "k_norm"):
+            t = permute_rope(t.reshape(-1, 1), 1).reshape(-1)
+        out[name] = t
+    if cfg.family == "phi3":
+        for i in range(cfg.n_layers):
+            p = f"layers.{i}."
+            out[p + "attention.wqkv.weight"] = torch.cat([out.pop(p + f"attention.{x}.weight") for x in ("wq", "wk", "wv")])
+            out[p + "feed_forward.w3.weight"] = torch.cat([out.pop(p + "feed_forward.w1.weight"),
+                                                         out.pop(p + "feed_forward.w3.weight")])
     return out
 
 
@@ -129,18 +160,20 @@ def export_gguf(model: torch.nn.Module, tokenizer, path: str | Path, dtype: str 
         raise ExportError(f"{dtype} packs rows in blocks of 32, but dim is {cfg.dim}: export as f16 or f32")
     path = Path(path).expanduser()
     path.parent.mkdir(parents=True, exist_ok=True)
-    w = gguf.GGUFWriter(str(path), "llama")
+    w = gguf.GGUFWriter(str(path), cfg.family)  # the family's architecture name: llama, qwen2, qwen3, phi3
     w.add_name(name)
     w.add_file_type({"f32": 0, "f16": 1, "q4_0": 2, "q4_1": 3, "q8_0": 7}[dtype])
     gguf_add_config(w, cfg)
     if tokenizer is not None:
-        gguf_add_tokenizer(w, tokenizer)
+        gguf_add_tokenizer(w, tokenizer, cfg.vocab_size)
     if cfg.rope_scaling is not None:
         from .model import rope_inv_freq
 
         base = rope_inv_freq(cfg.head_dim, cfg.rope_theta)
         w.add_tensor("rope_freqs.weight", (base / rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)).numpy())
-    for meta_name, t in _weights(model).items():
+    from .loading import NEOX_FAMILIES
+
+    for meta_name, t in _family_tensors(cfg, _weights(model), cfg.family in NEOX_FAMILIES).items():
         gname = meta_to_gguf_name(meta_name)
         arr = np.ascontiguousarray(t.numpy(), dtype=np.float32)
         if arr.ndim == 1 or dtype == "f32" or (dtype != "f16" and arr.shape[-1] % 32):
@@ -200,19 +233,22 @@ def export_hf(model: torch.nn.Module, tokenizer, out: str | Path, dtype: str = "
     out = Path(out).expanduser()
     out.mkdir(parents=True, exist_ok=True)
     tensors = {}
-    for meta_name, t in _weights(model).items():
-        if meta_name.endswith("attention.wq.weight"):
-            t = permute_rope(t, cfg.n_heads)
-        elif meta_name.endswith("attention.wk.weight"):
-            t = permute_rope(t, cfg.n_kv_heads)
-        tensors[meta_to_hf_name(meta_name)] = t.to(torch_dtype).contiguous()
+    for meta_name, t in _family_tensors(cfg, _weights(model), neox=True).items():
+        hf = meta_to_hf_name(meta_name)
+        if cfg.family == "phi3" and meta_name.endswith("feed_forward.w3.weight"):
+            hf = hf.replace("mlp.up_proj", "mlp.gate_up_proj")
+        tensors[hf] = t.to(torch_dtype).contiguous()
     save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
-    config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": cfg.dim,
+    model_type = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "phi3": "phi3"}[cfg.family]
+    head = {"llama": "Llama", "qwen2": "Qwen2", "qwen3": "Qwen3", "phi3": "Phi3"}[cfg.family]
+    config = {"architectures": [f"{head}ForCausalLM"], "model_type": model_type, "hidden_size": cfg.dim,
               "intermediate_size": cfg.hidden_dim, "num_hidden_layers": cfg.n_layers,
               "num_attention_heads": cfg.n_heads, "num_key_value_heads": cfg.n_kv_heads, "head_dim": cfg.head_dim,
               "vocab_size": cfg.vocab_size, "max_position_embeddings": cfg.context_length, "rms_norm_eps": cfg.norm_eps,
               "rope_theta": cfg.rope_theta, "tie_word_embeddings": cfg.tie_embeddings, "hidden_act": "silu",
-              "torch_dtype": str(torch_dtype).removeprefix("torch."), "attention_bias": False, "mlp_bias": False}
+              "torch_dtype": str(torch_dtype).removeprefix("torch."), "attention_bias": cfg.qkv_bias, "mlp_bias": False}
+    if cfg.family == "qwen2":
+        config["use_sliding_window"] = False
     if cfg.rope_scaling is not None:
         r = cfg.rope_scaling
         config["rope_scaling"] = {"rope_type": "llama3", "factor": r.factor, "low_freq_factor": r.low_freq_factor,
@@ -220,6 +256,7 @@ def export_hf(model: torch.nn.Module, tokenizer, out: str | Path, dtype: str = "
                                   "original_max_position_embeddings": r.original_context}
     if tokenizer is not None:
         config["bos_token_id"], config["eos_token_id"] = tokenizer.bos_id, tokenizer.eos_id
+        config["pad_token_id"] = tokenizer.pad_id  # None unless the tokenizer has one (Phi-3's default is past tiny vocabularies)
         save_tokenizer(tokenizer, out)
     (out / "config.json").write_text(json.dumps(config, indent=1))
     return out

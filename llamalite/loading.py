@@ -211,7 +211,9 @@ def build_model(cfg: ModelConfig, weights: Mapping[str, torch.Tensor], dtype: to
         if attr == "tok_embeddings":
             setattr(owner, attr, QuantEmbedding(raw, type_name, cfg.dim, in_place=True, packed=packed))
         else:
-            setattr(owner, attr, QuantLinear(raw, type_name, expected[name][1], in_place=True, packed=packed))
+            layer = QuantLinear(raw, type_name, expected[name][1], in_place=True, packed=packed)
+            layer.bias = getattr(owner, attr).bias  # a dense bias stays one (loaded above)
+            setattr(owner, attr, layer)
     if cfg.tie_embeddings:
         emb = model.tok_embeddings
         if isinstance(emb, QuantEmbedding):
@@ -232,21 +234,23 @@ _GGUF_LAYER_NAMES = {
     "attn_norm": "attention_norm", "ffn_norm": "ffn_norm",
     "attn_q": "attention.wq", "attn_k": "attention.wk", "attn_v": "attention.wv", "attn_output": "attention.wo",
     "ffn_gate": "feed_forward.w1", "ffn_down": "feed_forward.w2", "ffn_up": "feed_forward.w3",
+    "attn_q_norm": "attention.q_norm", "attn_k_norm": "attention.k_norm",  # Qwen3
+    "attn_qkv": "attention.wqkv",  # Phi-3's fused q/k/v (split at load, family_layout); its ffn_up holds gate and up
 }
 
 
 def gguf_to_meta_name(name: str) -> str | None:
     if name in _GGUF_NAMES:
         return _GGUF_NAMES[name]
-    m = re.fullmatch(r"blk\.(\d+)\.(\w+)\.weight", name)
+    m = re.fullmatch(r"blk\.(\d+)\.(\w+)\.(weight|bias)", name)
     if m and m.group(2) in _GGUF_LAYER_NAMES:
-        return f"layers.{m.group(1)}.{_GGUF_LAYER_NAMES[m.group(2)]}.weight"
+        return f"layers.{m.group(1)}.{_GGUF_LAYER_NAMES[m.group(2)]}.{m.group(3)}"
     return None
 
 
 def meta_to_gguf_name(name: str) -> str:
-    """The GGUF name of a Meta-named weight (the reverse of gguf_to_meta_name)."""
-    return _meta_to(name, _GGUF_NAMES, _GGUF_LAYER_NAMES, "blk.{i}.{name}.weight")
+    """The GGUF name of a Meta-named weight or bias (the reverse of gguf_to_meta_name)."""
+    return _meta_to(name, _GGUF_NAMES, _GGUF_LAYER_NAMES, "blk.{i}.{name}.{kind}")
 
 
 def _meta_to(name: str, top: Mapping[str, str], layer: Mapping[str, str], fmt: str) -> str:
@@ -255,8 +259,57 @@ def _meta_to(name: str, top: Mapping[str, str], layer: Mapping[str, str], fmt: s
         if ours == name:
             return theirs
     _, i, rest = name.split(".", 2)
-    ours = rest.removesuffix(".weight")
-    return fmt.format(i=i, name=next(theirs for theirs, o in layer.items() if o == ours))
+    ours, kind = rest.rsplit(".", 1)
+    return fmt.format(i=i, name=next(theirs for theirs, o in layer.items() if o == ours), kind=kind)
+
+
+NEOX_FAMILIES = ("qwen2", "qwen3", "phi3")  # their GGUF q/k rows are in HF's half-split RoPE layout, as HF's
+
+
+def family_layout(cfg: ModelConfig, weights: dict, blocks: dict, neox: bool) -> None:
+    """In place, a family's tensors as the model file holds them: Phi-3's fused q/k/v and gate/up
+    projections split by rows, and (`neox`: HF files, and GGUF files of the families llama.cpp does not
+    permute) q/k rows, biases and norms from the half-split RoPE layout to Meta's interleaved one.
+    `weights` holds dense tensors, `blocks` (raw rows, type, packed) quantized ones; rows of blocks
+    split and reorder as rows of values do."""
+    def rows(entry, lo: int, hi: int):
+        return entry[lo:hi] if isinstance(entry, torch.Tensor) else (entry[0][lo:hi], *entry[1:])
+
+    def store(name: str) -> dict | None:
+        return weights if name in weights else blocks if name in blocks else None
+
+    qd, kd = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
+    for i in range(cfg.n_layers):
+        p = f"layers.{i}."
+        for fused, parts, sizes in ((p + "attention.wqkv.weight", ("wq", "wk", "wv"), (qd, kd, kd)),):
+            where = store(fused)
+            if where is not None:
+                entry, at = where.pop(fused), 0
+                for part, size in zip(parts, sizes):
+                    where[f"{p}attention.{part}.weight"] = rows(entry, at, at + size)
+                    at += size
+        up = p + "feed_forward.w3.weight"
+        if cfg.family == "phi3" and store(up) is not None:  # [gate; up], as llama.cpp's and HF's Phi-3 hold them
+            where = store(up)
+            entry = where.pop(up)
+            where[p + "feed_forward.w1.weight"] = rows(entry, 0, cfg.hidden_dim)
+            where[up] = rows(entry, cfg.hidden_dim, 2 * cfg.hidden_dim)
+        if not neox:
+            continue
+        for name, heads in (("wq", cfg.n_heads), ("wk", cfg.n_kv_heads)):
+            for kind in ("weight", "bias"):
+                key = f"{p}attention.{name}.{kind}"
+                where = store(key)
+                if where is None:
+                    continue
+                entry = where[key]
+                raw = entry if isinstance(entry, torch.Tensor) else entry[0]
+                turned = unpermute_rope(raw.reshape(raw.shape[0], -1), heads).reshape(raw.shape)
+                where[key] = turned if isinstance(entry, torch.Tensor) else (turned.contiguous(), *entry[1:])
+        for name in ("q_norm", "k_norm"):  # one head's dimensions, the same reordering
+            key = f"{p}attention.{name}.weight"
+            if key in weights:
+                weights[key] = unpermute_rope(weights[key].reshape(-1, 1), 1).reshape(-1)
 
 
 def open_gguf(path: Path):
@@ -403,9 +456,15 @@ def load_gguf(path: Path, dtype: torch.dtype = torch.float32, quantized: bool = 
     if "rope_freqs.weight" in tensors:
         rope = _match_rope_freqs(meta, np.asarray(tensors["rope_freqs.weight"].data, dtype=np.float32))
     try:
-        cfg = config_from_gguf(meta, has_output="output.weight" in tensors, rope_scaling=rope)
+        cfg = config_from_gguf(meta, has_output="output.weight" in tensors, rope_scaling=rope,
+                               has_bias="blk.0.attn_q.bias" in tensors)
     except ValueError as e:
         raise ModelFileError(f"{path}: {e}") from e
+    if shard is not None and not pipeline and (cfg.family != "llama" or cfg.qkv_bias or cfg.qk_norm):
+        from .parallel import ParallelError
+
+        raise ParallelError(f"splitting a {cfg.family} model by heads is not supported yet: split it by layers "
+                            f"(--pp), or run it in one process")
     split = stages = None
     if shard is not None and pipeline:
         from .parallel import Stages
@@ -427,8 +486,11 @@ def load_gguf(path: Path, dtype: torch.dtype = torch.float32, quantized: bool = 
         if name == "rope_freqs.weight":
             continue
         meta_name = gguf_to_meta_name(name)
+        if name.startswith("rope_factors_"):
+            raise ModelFileError(f"{path}: {name} is Phi-3's long-context RoPE (longrope), which llamalite does not "
+                                 f"run yet; use a 4k-context Phi-3 file")
         if meta_name is None:
-            raise ModelFileError(f"{path}: tensor {name!r} is not part of a llama model")
+            raise ModelFileError(f"{path}: tensor {name!r} is not part of a {cfg.family} model")
         if stages is not None:
             meta_name = stages.rename(meta_name)
             if meta_name is None:  # another stage's layer: never read here
@@ -453,6 +515,7 @@ def load_gguf(path: Path, dtype: torch.dtype = torch.float32, quantized: bool = 
                 weights[meta_name] = dequantize(t.data, t.tensor_type.name, shape)
         except ValueError as e:
             raise ModelFileError(f"{path}: tensor {name!r}: {e}") from e
+    family_layout(cfg, weights, blocks, neox=cfg.family in NEOX_FAMILIES)
     model = build_model(cfg, weights, dtype, blocks)
     tokenizer = tokenizer_from_gguf(meta)
     template = meta.get("tokenizer.chat_template")
@@ -482,6 +545,8 @@ _HF_LAYER_NAMES = {
     "self_attn.q_proj": "attention.wq", "self_attn.k_proj": "attention.wk",
     "self_attn.v_proj": "attention.wv", "self_attn.o_proj": "attention.wo",
     "mlp.gate_proj": "feed_forward.w1", "mlp.down_proj": "feed_forward.w2", "mlp.up_proj": "feed_forward.w3",
+    "self_attn.q_norm": "attention.q_norm", "self_attn.k_norm": "attention.k_norm",  # Qwen3
+    "self_attn.qkv_proj": "attention.wqkv", "mlp.gate_up_proj": "feed_forward.w3",  # Phi-3's fused ones (family_layout)
 }
 _HF_NAMES = {"model.embed_tokens.weight": "tok_embeddings.weight", "model.norm.weight": "norm.weight",
              "lm_head.weight": "output.weight"}
@@ -490,15 +555,15 @@ _HF_NAMES = {"model.embed_tokens.weight": "tok_embeddings.weight", "model.norm.w
 def hf_to_meta_name(name: str) -> str | None:
     if name in _HF_NAMES:
         return _HF_NAMES[name]
-    m = re.fullmatch(r"model\.layers\.(\d+)\.(.+)\.weight", name)
+    m = re.fullmatch(r"model\.layers\.(\d+)\.(.+)\.(weight|bias)", name)
     if m and m.group(2) in _HF_LAYER_NAMES:
-        return f"layers.{m.group(1)}.{_HF_LAYER_NAMES[m.group(2)]}.weight"
+        return f"layers.{m.group(1)}.{_HF_LAYER_NAMES[m.group(2)]}.{m.group(3)}"
     return None
 
 
 def meta_to_hf_name(name: str) -> str:
-    """The Hugging Face name of a Meta-named weight (the reverse of hf_to_meta_name)."""
-    return _meta_to(name, _HF_NAMES, _HF_LAYER_NAMES, "model.layers.{i}.{name}.weight")
+    """The Hugging Face name of a Meta-named weight or bias (the reverse of hf_to_meta_name)."""
+    return _meta_to(name, _HF_NAMES, _HF_LAYER_NAMES, "model.layers.{i}.{name}.{kind}")
 
 
 def unpermute_rope(w: torch.Tensor, n_heads: int) -> torch.Tensor:
@@ -534,12 +599,8 @@ def load_hf(path: Path, dtype: torch.dtype = torch.float32) -> LoadedModel:
                     if name.endswith("rotary_emb.inv_freq"):
                         continue
                     raise ModelFileError(f"{path / fname}: tensor {name!r} is not part of a llama model")
-                w = f.get_tensor(name)
-                if meta_name.endswith("attention.wq.weight"):
-                    w = unpermute_rope(w, cfg.n_heads)
-                elif meta_name.endswith("attention.wk.weight"):
-                    w = unpermute_rope(w, cfg.n_kv_heads)
-                weights[meta_name] = w
+                weights[meta_name] = f.get_tensor(name)
+    family_layout(cfg, weights, {}, neox=True)  # every HF family rotates half-split pairs
     if cfg.tie_embeddings:
         weights.pop("output.weight", None)
     types = Counter(str(w.dtype).removeprefix("torch.") for w in weights.values())

@@ -162,6 +162,7 @@ class QuantLinear(nn.Module):
         raw, self.packed = (raw, True) if packed else pack(raw, type_name, in_place)
         self.register_buffer("raw", raw)
         self.type_name, self.in_features, self.out_features = type_name, in_features, raw.shape[0]
+        self.bias: nn.Parameter | None = None  # dense, added after the product (Qwen2's q/k/v)
         _register_fake()
 
     @classmethod
@@ -170,7 +171,7 @@ class QuantLinear(nn.Module):
         layer = cls.__new__(cls)
         nn.Module.__init__(layer)
         layer.register_buffer("raw", other.raw)
-        layer.packed, layer.type_name = other.packed, other.type_name
+        layer.packed, layer.type_name, layer.bias = other.packed, other.type_name, None
         layer.in_features, layer.out_features = other.embedding_dim, other.num_embeddings
         return layer
 
@@ -186,7 +187,8 @@ class QuantLinear(nn.Module):
             x2 = x2.float()
             y = torch.cat([F.linear(x2, dequantize_rows(self.raw[i:i + rows], self.type_name, self.packed).to(x2.device))
                            for i in range(0, self.out_features, rows)], dim=1)
-        return y.to(x.dtype).reshape(*lead, self.out_features)
+        y = y.to(x.dtype).reshape(*lead, self.out_features)
+        return y if self.bias is None else y + self.bias
 
     def dequantized(self) -> torch.Tensor:
         return dequantize_rows(self.raw, self.type_name, self.packed)
@@ -240,7 +242,8 @@ def fuse_rows(*layers: nn.Module) -> tuple[nn.Module, ...] | None:
 
 def _fused(layers: tuple[nn.Module, ...], x: torch.Tensor) -> list[torch.Tensor]:
     y = torch.ops.llamalite.qmatmul_multi(x, [m.raw for m in layers], KERNEL_TYPES[layers[0].type_name])
-    return y.split([m.out_features for m in layers], dim=1)
+    return [part if m.bias is None else part + m.bias
+            for m, part in zip(layers, y.split([m.out_features for m in layers], dim=1))]
 
 
 def _fast_step(x: torch.Tensor) -> bool:
@@ -259,6 +262,7 @@ class FastAttention(Attention):
         nn.Module.__init__(fast)
         fast.n_heads, fast.n_kv_heads, fast.head_dim = attention.n_heads, attention.n_kv_heads, attention.head_dim
         fast.wq, fast.wk, fast.wv, fast.wo = attention.wq, attention.wk, attention.wv, attention.wo
+        fast.q_norm, fast.k_norm = getattr(attention, "q_norm", None), getattr(attention, "k_norm", None)
         fast.cache = attention.cache
         fast.qkv = fuse_rows(fast.wq, fast.wk, fast.wv)
         return fast
@@ -273,6 +277,9 @@ class FastAttention(Attention):
             q, k, v = adapted(self.wq, q, x2), adapted(self.wk, k, x2), adapted(self.wv, v, x2)
         else:
             q, k, v = self.wq(x2), self.wk(x2), self.wv(x2)
+        if self.q_norm is not None:  # per head, before the op's RoPE
+            q = self.q_norm(q.view(B, self.n_heads, -1)).view(B, -1)
+            k = self.k_norm(k.view(B, self.n_kv_heads, -1)).view(B, -1)
         rows = torch.arange(B) if rows is None else rows
         cos_sin = torch.view_as_real(rot.reshape(-1, rot.shape[-1]))  # (B or 1, head_dim/2, 2)
         out = torch.ops.llamalite.decode_attention(q, k, v, cos_sin, self.cache.k, self.cache.v,
@@ -305,6 +312,8 @@ def _fusable(block: TransformerBlock) -> bool:
     """Whether a DecodePlan can run this block: kernel-backed attention and feed-forward with q/k/v
     and gate/up fused, wo and w2 packed, fp32 norms of one eps."""
     a, f = block.attention, block.feed_forward
+    if getattr(a, "q_norm", None) is not None or any(getattr(m, "bias", None) is not None for m in (a.wq, a.wk, a.wv)):
+        return False  # the plan has no q/k norms or biases: such a model steps layer by layer
     return (isinstance(a, FastAttention) and a.qkv is not None and isinstance(f, FastFeedForward)
             and f.w13 is not None and all(isinstance(m, QuantLinear) and m.packed for m in (a.wo, f.w2))
             and block.attention_norm.eps == block.ffn_norm.eps

@@ -1,0 +1,192 @@
+"""The LLaMA lineage beyond LLaMA: Qwen2 (q/k/v biases), Qwen3 (q/k RMSNorm), Phi-3 (fused projections)
+and Mistral (the llama architecture), as configuration of the one model file. Tiny random models built
+with transformers: their logits and greedy tokens from llamalite's Hugging Face loader, from its GGUF
+export (f32, and q8_0 on the kernels) and through llama.cpp's reading of that export; the Hugging Face
+export read back by transformers; chat templates and end-of-turn tokens; the errors."""
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from llamalite.loading import load
+from tests.helpers import save_hf_dir
+
+transformers = pytest.importorskip("transformers")
+
+COMMON = dict(hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+              vocab_size=400, max_position_embeddings=128, rms_norm_eps=1e-5, tie_word_embeddings=False,
+              rope_theta=10000.0)
+FAMILIES = {  # HF model_type -> (config and model classes, extra config, llamalite's family)
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", {}, "qwen2"),
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", {"head_dim": 32}, "qwen3"),  # head_dim apart from hidden/heads
+    "phi3": ("Phi3Config", "Phi3ForCausalLM", {"pad_token_id": 0}, "phi3"),
+    "mistral": ("MistralConfig", "MistralForCausalLM", {"sliding_window": None}, "llama"),
+}
+IDS = [5, 17, 99, 3, 250, 77, 12, 8, 300, 41]
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    """model_type -> (the transformers model, its saved directory)."""
+    out = {}
+    for kind, (config_cls, model_cls, extra, _) in FAMILIES.items():
+        torch.manual_seed(0)
+        model = getattr(transformers, model_cls)(getattr(transformers, config_cls)(**COMMON, **extra)).float().eval()
+        with torch.no_grad():  # norms and biases away from their initial 1 and 0, so that a test sees them
+            for name, p in model.named_parameters():
+                if "norm" in name:
+                    p.uniform_(0.5, 1.5)
+                elif "bias" in name:
+                    p.normal_(0, 0.5)
+        out[kind] = (model, save_hf_dir(model, tmp_path_factory.mktemp(kind)))
+    return out
+
+
+def _reference(model, ids=IDS):
+    with torch.no_grad():
+        logits = model(torch.tensor([ids])).logits[0]
+        greedy = model.generate(torch.tensor([ids]), max_new_tokens=32, do_sample=False, min_new_tokens=32,
+                                pad_token_id=0)[0, len(ids):].tolist()
+    return logits, greedy
+
+
+def _ours(lm, ids=IDS):
+    from llamalite.generation import generate
+    from llamalite.sampling import GREEDY
+
+    with torch.no_grad():
+        logits = lm.model(torch.tensor([ids]))[0]
+    lm.model.setup_caches(1, 128, "f32")
+    lm.model.cache_tokens = []
+    return logits, list(generate(lm.model, ids, max_new_tokens=32, sampling=GREEDY))
+
+
+@pytest.mark.parametrize("kind", FAMILIES)
+def test_the_hugging_face_checkpoint(models, kind):
+    model, path = models[kind]
+    lm = load(path)
+    assert lm.config.family == FAMILIES[kind][3]
+    want, want_tokens = _reference(model)
+    got, tokens = _ours(lm)
+    assert float((got - want).abs().max()) < 1e-4
+    assert tokens == want_tokens
+
+
+@pytest.mark.parametrize("kind", FAMILIES)
+def test_our_gguf_export_reads_back(models, kind, tmp_path):
+    """f32: transformers' logits and tokens; q8_0 (the kernels, with biases and q/k norms in their step):
+    within the rounding, and its cached decode gives its own full forward's greedy tokens."""
+    from llamalite.export import export_gguf
+
+    model, path = models[kind]
+    lm = load(path)
+    want, want_tokens = _reference(model)
+    f32 = load(export_gguf(lm.model, lm.tokenizer, tmp_path / "f32.gguf", dtype="f32"))
+    got, tokens = _ours(f32)
+    assert float((got - want).abs().max()) < 1e-4 and tokens == want_tokens
+    q8 = load(export_gguf(lm.model, lm.tokenizer, tmp_path / "q8.gguf", dtype="q8_0"))
+    got, tokens = _ours(q8)
+    assert float((got - want).abs().max() / want.abs().max()) < 2e-2
+    seq = list(IDS)
+    with torch.no_grad():
+        for _ in range(12):  # greedy by full forwards, no cache at all
+            seq.append(int(q8.model(torch.tensor([seq]))[0, -1].argmax()))
+    assert tokens[:12] == seq[len(IDS):]
+
+
+@pytest.mark.parametrize("kind", FAMILIES)
+def test_llamacpp_reads_our_gguf_as_we_do(models, kind, tmp_path):
+    llama_cpp = pytest.importorskip("llama_cpp", reason="the peer: pip install -e '.[peer]'")
+    from llamalite.export import export_gguf
+
+    model, path = models[kind]
+    lm = load(path)
+    gguf = export_gguf(lm.model, lm.tokenizer, tmp_path / "f32.gguf", dtype="f32")
+    llm = llama_cpp.Llama(str(gguf), n_ctx=128, logits_all=True, verbose=False)
+    llm.eval(IDS)
+    peer = torch.tensor(np.asarray(llm.scores[:len(IDS)]))
+    want, _ = _reference(model)
+    assert float((peer - want).abs().max()) < 1e-3
+
+
+@pytest.mark.parametrize("kind", FAMILIES)
+def test_our_hugging_face_export_reads_back_in_transformers(models, kind, tmp_path):
+    from llamalite.export import export_hf
+
+    model, path = models[kind]
+    lm = load(path)
+    again = transformers.AutoModelForCausalLM.from_pretrained(export_hf(lm.model, lm.tokenizer, tmp_path / "hf"))
+    assert type(again).__name__ == ("LlamaForCausalLM" if kind == "mistral" else type(model).__name__)  # Mistral is a Llama
+    with torch.no_grad():
+        assert torch.allclose(again.float()(torch.tensor([IDS])).logits, model(torch.tensor([IDS])).logits, atol=1e-5)
+
+
+TEMPLATES = {
+    "chatml (Qwen)": ("{% for message in messages %}{{'<|im_start|>' + message['role'] + '\\n' + message['content'] + "
+                      "'<|im_end|>' + '\\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}"
+                      "{% endif %}", "<|im_end|>"),
+    "phi-3": ("{% for message in messages %}{% if message['role'] == 'system' %}{{'<|system|>\\n' + message['content'] + "
+              "'<|end|>\\n'}}{% elif message['role'] == 'user' %}{{'<|user|>\\n' + message['content'] + '<|end|>\\n'}}"
+              "{% elif message['role'] == 'assistant' %}{{'<|assistant|>\\n' + message['content'] + '<|end|>\\n'}}"
+              "{% endif %}{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>\\n' }}{% else %}{{ eos_token }}"
+              "{% endif %}", "<|end|>"),
+}
+
+
+@pytest.mark.parametrize("name", TEMPLATES)
+def test_chat_templates_and_end_of_turn_tokens(models, name, tmp_path):
+    """The family's template renders as transformers' apply_chat_template does, and its end-of-turn token
+    ends a reply."""
+    import json
+
+    from llamalite.chat_template import render_chat
+
+    template, end = TEMPLATES[name]
+    model, path = models["qwen2"]
+    (tmp_path / "m").mkdir()
+    for f in path.iterdir():
+        (tmp_path / "m" / f.name).write_bytes(f.read_bytes())
+    tokenizer_json = json.loads((tmp_path / "m" / "tokenizer.json").read_text())
+    tokenizer_json["added_tokens"].append({"id": 399, "content": end, "single_word": False, "lstrip": False,
+                                           "rstrip": False, "normalized": False, "special": True})
+    (tmp_path / "m" / "tokenizer.json").write_text(json.dumps(tokenizer_json))
+    config = json.loads((tmp_path / "m" / "tokenizer_config.json").read_text())
+    (tmp_path / "m" / "tokenizer_config.json").write_text(json.dumps({**config, "chat_template": template}))
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi!"},
+                {"role": "assistant", "content": "Hello."}, {"role": "user", "content": "Name a colour."}]
+    hf = transformers.AutoTokenizer.from_pretrained(tmp_path / "m")
+    lm = load(tmp_path / "m")
+    assert render_chat(lm.chat_template, lm.tokenizer, messages) == hf.apply_chat_template(
+        messages, tokenize=False, add_generation_prompt=True)
+    assert lm.tokenizer.token_id(end) in lm.tokenizer.end_ids
+
+
+def test_the_verbs_on_a_qwen3_gguf(models, tmp_path):
+    from llamalite.export import export_gguf
+
+    model, path = models["qwen3"]
+    lm = load(path)
+    gguf = str(export_gguf(lm.model, lm.tokenizer, tmp_path / "q.gguf", dtype="q8_0"))
+    run = lambda *a: subprocess.run([sys.executable, "-m", "llamalite", *a], capture_output=True, text=True,  # noqa: E731
+                                    timeout=300)
+    for args in (["generate", "--model", gguf, "-t", "0", "-n", "8", "hello"],
+                 ["bench", "--model", gguf, "--repeats", "1", "--prompt-tokens", "16", "--gen-tokens", "8"],
+                 ["info", "--model", gguf],
+                 ["export", gguf, "--to", "hf", "--out", str(tmp_path / "back")]):
+        out = run(*args)
+        assert out.returncode == 0, (args, out.stderr[-2000:])
+    assert "qwen3" in run("info", "--model", gguf).stdout
+
+
+def test_what_is_not_supported_says_so(tmp_path):
+    from llamalite.config import config_from_hf
+
+    with pytest.raises(ValueError, match="model_type 'gemma'.*llama, mistral, qwen2, qwen3, phi3"):
+        config_from_hf({"model_type": "gemma"})
+    with pytest.raises(ValueError, match="partial_rotary_factor"):
+        config_from_hf({**COMMON, "model_type": "phi3", "partial_rotary_factor": 0.75, "vocab_size": 400})
+    # a sliding window bounds the context the model runs at
+    assert config_from_hf({**COMMON, "model_type": "mistral", "sliding_window": 64}).context_length == 64

@@ -539,6 +539,15 @@ def cmd_export(args) -> int:
     from .lora import lora_layers, merge_lora, save_adapter
     from .store import resolve_model
 
+    if args.to != "executorch" and (args.max_seq_len is not None or args.max_memory is not None):
+        raise ValueError("--max-seq-len and --max-memory are for --to executorch")
+    if args.to == "executorch":
+        from .ondevice import DTYPES, _require_executorch
+
+        if (args.dtype or "fp32") not in DTYPES:
+            raise ValueError(f"--to executorch takes --dtype {', '.join(DTYPES)}, not {args.dtype!r}")
+        _require_executorch()  # before loading anything
+    args.dtype = args.dtype or ("fp32" if args.to == "executorch" else "f32")
     source = args.source if args.source.endswith(".pt") or os.path.isdir(args.source) else resolve_model(args.source)
     model, tokenizer, name = load_for_export(source, merge=False)
     if args.to == "adapter":
@@ -553,6 +562,16 @@ def cmd_export(args) -> int:
               + ("" if kept > 0.8 else ": most of it is smaller than a quantization step and rounds away; "
                  "export as q8_0 (or f16) to keep what was learned"), file=sys.stderr)
     merge_lora(model)
+    if args.to == "executorch":
+        from .ondevice import export_executorch
+        from .prompt_cache import parse_size
+
+        path = export_executorch(model, tokenizer, args.out, args.dtype, args.max_seq_len,
+                                 parse_size(args.max_memory) if args.max_memory else None)
+        size = path.stat().st_size / 2**20
+        print(f"wrote {path} (ExecuTorch, XNNPACK, {args.dtype}, {size:.1f} MiB) and its tokenizer and config beside it",
+              file=sys.stderr)
+        return 0
     if args.to == "gguf":
         path = export_gguf(model, tokenizer, args.out, args.dtype, name=name)
     else:
@@ -891,10 +910,15 @@ def _finetune_args(p):
 def _export_args(p):
     p.add_argument("source", help="a training checkpoint (ckpt-*.pt, best.pt, or the run directory: its best) "
                                   "or any model llamalite loads")
-    p.add_argument("--to", choices=("gguf", "hf", "adapter"), required=True,
-                   help="a GGUF file, a Hugging Face directory, or (LoRA fine-tunes) the adapter alone in PEFT's layout")
-    p.add_argument("--dtype", default="f32", help="gguf: f32, f16, q8_0, q4_1, q4_0; hf: f32, f16, bf16 (default f32)")
-    p.add_argument("--out", required=True, help="the .gguf file, or the Hugging Face / adapter directory")
+    p.add_argument("--to", choices=("gguf", "hf", "adapter", "executorch"), required=True,
+                   help="a GGUF file, a Hugging Face directory, (LoRA fine-tunes) the adapter alone in PEFT's layout, "
+                        "or an ExecuTorch program (.pte) for phones and TVs")
+    p.add_argument("--dtype", help="gguf: f32, f16, q8_0, q4_1, q4_0; hf: f32, f16, bf16 (default f32); executorch: "
+                                   "fp32, 8da4w, 8da8w (default fp32)")
+    p.add_argument("--out", required=True, help="the .gguf or .pte file, or the Hugging Face / adapter directory")
+    p.add_argument("--max-seq-len", type=int, metavar="N",
+                   help="executorch: the positions its KV cache holds (default: the model's context, at most 2048)")
+    p.add_argument("--max-memory", metavar="SIZE", help="executorch: refuse a KV cache bigger than this (e.g. 512M)")
 
 
 def _eval_args(p):

@@ -66,6 +66,13 @@ def load(path: str | Path, dtype: torch.dtype = torch.float32, device: str | tor
         kv_type_name(kv_type)  # an unknown name is refused before the weights are read
     on_cpu = torch.device(device).type == "cpu"
     path = Path(path).expanduser()
+    if path.suffix == ".pte":  # an ExecuTorch program (llamalite.ondevice): run through executorch.runtime
+        from .ondevice import load_pte
+
+        if shard is not None or not on_cpu or kv_type is not None:
+            raise ValueError("an ExecuTorch program runs in one process on the CPU with the KV cache it was "
+                             "exported with: drop torchrun, --device and --kv-type")
+        return load_pte(path)
     if shard is not None:
         from .parallel import ParallelError, check_same, parallelize, pipeline as stage
 

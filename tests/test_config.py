@@ -14,6 +14,9 @@ PUBLISHED = {
     "llama3.1-8b": 8.03, "llama3.1-70b": 70.6, "llama3.1-405b": 405.9,
     "llama3.2-1b": 1.24, "llama3.2-3b": 3.21,
     "smollm2-135m": 0.1345, "smollm2-360m": 0.3618, "smollm2-1.7b": 1.711,
+    # model cards: Mistral 7B v0.3 7.25B; Qwen2.5 0.49B, 1.54B, 7.61B; Qwen3 0.6B, 1.7B, 4.0B, 8.2B; Phi-3-mini 3.8B
+    "mistral-7b": 7.25, "qwen2.5-0.5b": 0.494, "qwen2.5-1.5b": 1.54, "qwen2.5-7b": 7.61,
+    "qwen3-0.6b": 0.596, "qwen3-1.7b": 1.72, "qwen3-4b": 4.02, "qwen3-8b": 8.19, "phi3-mini-4k": 3.82,
 }
 
 
@@ -61,5 +64,5 @@ def test_config_from_meta_params_json():
 
 
 def test_config_rejects_other_architectures():
-    with pytest.raises(ValueError, match="model_type 'mistral'"):
-        config_from_hf({"model_type": "mistral"})
+    with pytest.raises(ValueError, match="model_type 'gpt_neox'; llamalite runs llama, mistral, qwen2"):
+        config_from_hf({"model_type": "gpt_neox"})

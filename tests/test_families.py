@@ -190,3 +190,25 @@ def test_what_is_not_supported_says_so(tmp_path):
         config_from_hf({**COMMON, "model_type": "phi3", "partial_rotary_factor": 0.75, "vocab_size": 400})
     # a sliding window bounds the context the model runs at
     assert config_from_hf({**COMMON, "model_type": "mistral", "sliding_window": 64}).context_length == 64
+
+
+def test_the_batching_engine_serves_them(models, tmp_path):
+    """Qwen3 on the kernels in the server's engine: requests decoded together give what generate gives."""
+    from llamalite.export import export_gguf
+    from llamalite.generation import generate
+    from llamalite.sampling import GREEDY
+    from llamalite.serve.engine import Engine, Request, TokenEvent
+
+    model, path = models["qwen3"]
+    lm = load(export_gguf(load(path).model, load(path).tokenizer, tmp_path / "q.gguf", dtype="q8_0"))
+    prompts = [IDS, IDS[3:] + [1, 2], [9, 8, 7]]
+    want = []
+    for p in prompts:
+        lm.model.cache_tokens = []
+        want.append(list(generate(lm.model, p, max_new_tokens=16, sampling=GREEDY)))
+    engine = Engine(lm.model, max_batch=3, max_seq_len=128).start()
+    try:
+        requests = [engine.submit(Request(p, max_tokens=16, sampling=GREEDY)) for p in prompts]
+        assert [[e.token for e in r if isinstance(e, TokenEvent)] for r in requests] == want
+    finally:
+        engine.stop()

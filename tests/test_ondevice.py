@@ -1,0 +1,89 @@
+"""ExecuTorch export (`export --to executorch`, llamalite.ondevice): the .pte program, run here through
+executorch.runtime, gives the fp32 model's logits over a prompt taken in chunks and token by token (its
+KV cache is the program's state) and its greedy tokens; 8da4w programs are smaller and stay near; the
+verbs read a .pte; what cannot be exported is refused with the reason."""
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from llamalite.config import ModelConfig
+from llamalite.loading import load
+from tests.helpers import meta_weights_from_hf, tiny_hf_model, write_gguf
+
+pytest.importorskip("executorch", reason="the device extra: pip install -e '.[device]' (make test installs it)")
+
+IDS = [5, 17, 99, 3, 250, 77, 12, 8, 300, 41, 9, 120]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """A tiny random llama (sizes that divide by 32, for the grouped weights), fp32 GGUF, and its fp32 .pte."""
+    from llamalite.ondevice import export_executorch
+
+    d = tmp_path_factory.mktemp("ondevice")
+    cfg = ModelConfig(dim=128, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=400, hidden_dim=256, context_length=128)
+    weights = {k: v.numpy() for k, v in meta_weights_from_hf(tiny_hf_model(hidden_size=128, intermediate_size=256)).items()}
+    gguf = write_gguf(d / "tiny.gguf", weights, cfg, tensor_type="F32")
+    lm = load(gguf)
+    return gguf, export_executorch(lm.model, lm.tokenizer, d / "tiny.pte", "fp32", max_seq_len=64)
+
+
+def test_the_fp32_program_is_the_model(tiny):
+    from llamalite.generation import generate
+    from llamalite.sampling import GREEDY
+
+    gguf, pte = tiny
+    ref, program = load(gguf), load(pte)
+    assert program.format == "executorch" and program.config.context_length == 64
+    with torch.no_grad():
+        want = ref.model(torch.tensor([IDS]))[0]
+    chunks = [program.model(torch.tensor([IDS[a:b]]), torch.arange(a, b))[0] for a, b in ((0, 5), (5, 6), (6, 12))]
+    assert float((torch.cat(chunks) - want).abs().max()) < 1e-4
+    ref.model.setup_caches(1, 64, "f32")
+    ref.model.cache_tokens = []
+    assert list(generate(program.model, IDS, max_new_tokens=32, sampling=GREEDY)) == \
+        list(generate(ref.model, IDS, max_new_tokens=32, sampling=GREEDY))
+    assert program.tokenizer.encode("hello there") == ref.tokenizer.encode("hello there")
+
+
+def test_an_8da4w_program_is_smaller_and_near(tiny, tmp_path):
+    from llamalite.ondevice import export_executorch
+
+    gguf, pte = tiny
+    ref = load(gguf)
+    small = export_executorch(ref.model, ref.tokenizer, tmp_path / "q.pte", "8da4w", max_seq_len=64)
+    assert small.stat().st_size < pte.stat().st_size / 2
+    with torch.no_grad():
+        want = ref.model(torch.tensor([IDS]))[0]
+    got = load(small).model(torch.tensor([IDS]), torch.arange(len(IDS)))[0]
+    assert float((got - want).abs().max() / want.abs().max()) < 0.25  # 4-bit weights, 8-bit activations
+
+
+def test_the_verbs_read_a_program(tiny, tmp_path):
+    gguf, pte = tiny
+    run = lambda *a: subprocess.run([sys.executable, "-m", "llamalite", *a], capture_output=True, text=True,  # noqa: E731
+                                    timeout=600)
+    plain = run("generate", "--model", str(gguf), "-t", "0", "-n", "10", "hello there")
+    from_pte = run("generate", "--model", str(pte), "-t", "0", "-n", "10", "hello there")
+    assert from_pte.returncode == 0 and from_pte.stdout == plain.stdout, from_pte.stderr[-2000:]
+    bench = run("bench", "--model", str(pte), "--repeats", "1", "--prompt-tokens", "16", "--gen-tokens", "8")
+    assert bench.returncode == 0 and "decode_tok_s" in bench.stdout, bench.stderr[-2000:]
+    text = tmp_path / "t.txt"
+    text.write_text("hello there, general kenobi. " * 10)
+    ppl = [run("eval", "perplexity", str(text), "--model", str(m), "--ctx", "32", "--json") for m in (gguf, pte)]
+    import json
+
+    a, b = (json.loads(p.stdout.strip().splitlines()[-1])["perplexity"] for p in ppl)
+    assert a == pytest.approx(b, rel=1e-3)
+    out = run("export", str(gguf), "--to", "executorch", "--out", str(tmp_path / "c.pte"), "--max-seq-len", "32")
+    assert out.returncode == 0 and (tmp_path / "c.json").exists() and (tmp_path / "c.tokenizer").is_dir()
+    for args, said in ((["--dtype", "q4_0"], "--to executorch takes --dtype fp32, 8da4w, 8da8w"),
+                       (["--max-memory", "1K"], "more than --max-memory"),
+                       (["--to", "gguf", "--max-seq-len", "8"], "are for --to executorch")):
+        bad = run("export", str(gguf), "--to", "executorch", "--out", str(tmp_path / "x.pte"), *args)
+        assert bad.returncode != 0 and said in bad.stderr, bad.stderr[-1000:]
+    serve = run("serve", "--model", str(pte), "--port", "1")
+    assert serve.returncode != 0 and "--max-batch 1" in serve.stderr

@@ -6,6 +6,10 @@ same token ids are held against the same reference. The reference's KV cache is 
 is llamalite's default (f16 on CPUs) or --kv's.
 
     python benchmarks/faithfulness.py [--model FILE.gguf] [--tokens 48] [--peer] [--kv f16|bf16|q8_0|f32]
+                                      [--program X.pte]
+
+With --program, an ExecuTorch program of the model (`llamalite export --to executorch`) is held against
+the reference in place of the fast path.
 """
 
 from __future__ import annotations
@@ -62,9 +66,11 @@ def main() -> None:
     p.add_argument("--tokens", type=int, default=48, help="greedy tokens per prompt (default 48)")
     p.add_argument("--peer", action="store_true", help="also llama.cpp's answers (needs llama-cpp-python)")
     p.add_argument("--kv", choices=("f32", "f16", "bf16", "q8_0"), help="the fast path's KV cache (default: llamalite's)")
+    p.add_argument("--program", help="an ExecuTorch program (.pte) of the model, held against the reference instead")
     args = p.parse_args()
     path = args.model or default_model_path()
-    fast, exact = load(path, kv_type=args.kv), load(path, quantized=False, kv_type="f32")
+    fast = load(args.program) if args.program else load(path, kv_type=args.kv)
+    exact = load(path, quantized=False, kv_type="f32")
     peer = None
     if args.peer:
         from llama_cpp import Llama
@@ -93,7 +99,8 @@ def main() -> None:
             peer_same += rows[-1]["llamacpp_first_difference"] is None
     if peer:
         peer.close()
-    summary = {"model": str(path), "kernels": simd_path(), "kv_type": fast.model.kv_type, "prompts": len(PROMPTS),
+    summary = {"model": str(args.program or path), "kernels": "executorch" if args.program else simd_path(),
+               "kv_type": fast.model.kv_type, "prompts": len(PROMPTS),
                "identical": same}
     if peer:
         summary["llamacpp_identical"] = peer_same

@@ -6,7 +6,7 @@ to its max_seq_len: a prompt's chunks and each decoded token alike. Its KV cache
 program (mutable buffers of max_seq_len positions, written at input_pos), so a runner keeps no cache
 of its own; RoPE runs on cos/sin tables (ExecuTorch has no complex numbers). Linear layers are lowered
 to XNNPACK, as fp32 or with torchao's 8-bit dynamic activations and 4- or 8-bit grouped weights
-(`8da4w`, `8da8w`: ExecuTorch's recipe for LLaMA).
+(`8da4w`, ExecuTorch's recipe for LLaMA) or 8-bit ones per output channel (`8da8w`).
 
 Beside `model.pte` go `model.tokenizer/` (tokenizer.json or tokenizer.model, with tokenizer_config.json
 and the chat template: what ExecuTorch's C++ runner and `pytorch-tokenizers` read) and `model.json`
@@ -132,7 +132,7 @@ def export_executorch(model: nn.Module, tokenizer: "Tokenizer | None", out: str 
     if max_memory is not None and cache_bytes > max_memory:
         raise DeviceExportError(f"a KV cache of {S} positions takes {cache_bytes / 2**20:.0f} MiB, more than "
                                 f"--max-memory {max_memory / 2**20:.0f} MiB: lower --max-seq-len")
-    if dtype != "fp32" and (cfg.dim % GROUP or cfg.hidden_dim % GROUP or (cfg.n_heads * cfg.head_dim) % GROUP):
+    if dtype == "8da4w" and (cfg.dim % GROUP or cfg.hidden_dim % GROUP or (cfg.n_heads * cfg.head_dim) % GROUP):
         raise DeviceExportError(f"{dtype} groups weights by {GROUP}; this model's sizes do not divide: export fp32")
     plain = plain_copy(model)
     if dtype != "fp32":
@@ -163,17 +163,19 @@ def export_executorch(model: nn.Module, tokenizer: "Tokenizer | None", out: str 
 
 
 def _quantize(model: Transformer, dtype: str) -> None:
-    """torchao's 8-bit dynamic activations with grouped int4 / int8 weights on every linear layer but the
-    embedding (ExecuTorch's LLaMA recipe; XNNPACK runs them)."""
+    """torchao's 8-bit dynamic activations on every linear layer but the embedding, with int4 weights in
+    groups of 32 (ExecuTorch's LLaMA recipe) or int8 weights per output channel (XNNPACK groups only
+    4-bit weights)."""
     try:
         from torchao.quantization import Int8DynamicActivationIntxWeightConfig, quantize_
-        from torchao.quantization.granularity import PerGroup
+        from torchao.quantization.granularity import PerAxis, PerGroup
     except ImportError:
         raise DeviceExportError(f"{dtype} needs torchao (installed with executorch: pip install "
                                 f"'llamalite[device]')") from None
-    weight = torch.int4 if dtype == "8da4w" else torch.int8
-    quantize_(model, Int8DynamicActivationIntxWeightConfig(weight_dtype=weight, weight_granularity=PerGroup(GROUP)),
-              filter_fn=lambda m, name: isinstance(m, nn.Linear))
+    config = (Int8DynamicActivationIntxWeightConfig(weight_dtype=torch.int4, weight_granularity=PerGroup(GROUP))
+              if dtype == "8da4w" else
+              Int8DynamicActivationIntxWeightConfig(weight_dtype=torch.int8, weight_granularity=PerAxis(0)))
+    quantize_(model, config, filter_fn=lambda m, name: isinstance(m, nn.Linear))
 
 
 def _tokenizer_dir(pte: Path) -> Path:

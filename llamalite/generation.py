@@ -75,19 +75,27 @@ def _ensure_cache(model: Transformer, needed: int) -> None:
 def prefill(model: Transformer, tokens: Sequence[int], prompt_cache: PromptCache | None = None) -> torch.Tensor:
     """Run `tokens` through the cache, reusing the cached common prefix (or a longer one from
     `prompt_cache`, on disk); returns the last logits (V,)."""
-    device = model.device
     start = min(_common_prefix(model.cache_tokens, tokens), len(tokens) - 1)  # at least one token to get logits
     if prompt_cache is not None:
         entry, n = prompt_cache.lookup(model, tokens)
         n = min(n, len(tokens) - 1)
         if n > start and prompt_cache.restore(model, entry, n):
-            start, model.cache_tokens = n, list(tokens[:n])
-    logits = None
+            start = n
+    model.cache_tokens = list(tokens[:start])  # what stays true if a chunk below fails
+    logits = prefill_from(model, tokens, start)
+    model.cache_tokens = list(tokens)
+    return logits
+
+
+@torch.inference_mode()
+def prefill_from(model: Transformer, tokens: Sequence[int], start: int, row: int | None = None) -> torch.Tensor:
+    """Compute tokens[start:] into the cache (row `row` of a cache of several; default: a batch of one)
+    after the start tokens already there, PREFILL_CHUNK at a time; the last logits (V,)."""
+    device = model.device
+    rows = None if row is None else torch.tensor([row], device=device)
     for lo in range(start, len(tokens), PREFILL_CHUNK):
         chunk = torch.tensor([tokens[lo:lo + PREFILL_CHUNK]], device=device)
-        pos = torch.arange(lo, lo + chunk.shape[1], device=device)
-        logits = model(chunk, pos, last_only=True)
-        model.cache_tokens = list(tokens[:lo + chunk.shape[1]])
+        logits = model(chunk, torch.arange(lo, lo + chunk.shape[1], device=device), last_only=True, rows=rows)
     return logits[0, -1]
 
 

@@ -200,7 +200,7 @@ class DraftModel:
         """Up to k tokens to follow `tokens`, decoded on cache row `row`, and (sampling) the distributions
         they were drawn from."""
         p_min = self.p_min if p_min is None else p_min
-        from .generation import PREFILL_CHUNK, _common_prefix
+        from .generation import _common_prefix, prefill_from
 
         model = self.model
         self.reserve(row + 1, len(tokens) + k)
@@ -208,12 +208,9 @@ class DraftModel:
         if k <= 0:
             return [], None
         device, at = model.device, torch.tensor([row], device=model.device)
-        held = self.held.get(row, [])
-        start = min(_common_prefix(held, tokens), len(tokens) - 1)
-        for lo in range(start, len(tokens), PREFILL_CHUNK):
-            chunk = list(tokens[lo:lo + PREFILL_CHUNK])
-            logits = model(torch.tensor([chunk], device=device), torch.arange(lo, lo + len(chunk), device=device),
-                           last_only=True, rows=at)[0, -1]
+        start = min(_common_prefix(self.held.get(row, []), tokens), len(tokens) - 1)
+        self.held[row] = list(tokens[:start])  # what stays true if the computing below fails
+        logits = prefill_from(model, tokens, start, row)
         seq = list(tokens)
         out, qs = [], []
         for i in range(k):

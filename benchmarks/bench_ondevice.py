@@ -13,19 +13,13 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
+from bench_vs_llamacpp import run  # a fresh process's last JSON line (this directory is on sys.path)
+
 KEYS = ["prefill_tok_s", "decode_tok_s", "ttft_s", "load_s", "peak_rss_mib"]
-
-
-def run(cmd: list[str]) -> dict:
-    out = subprocess.run(cmd, capture_output=True, text=True)
-    if out.returncode != 0:
-        raise SystemExit(f"{' '.join(cmd)} failed:\n{out.stderr[-3000:]}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def main() -> None:

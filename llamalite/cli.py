@@ -128,8 +128,6 @@ def cmd_generate(args) -> int:
 def cmd_chat(args) -> int:
     _prompt_cache_size(args)
     lm = _load(args)
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        _speculation(args, lm)  # refused there, with the reason
     if int(os.environ.get("WORLD_SIZE", "1")) == 1:
         cache = _prompt_cache(args, lm)
         try:
@@ -137,6 +135,7 @@ def cmd_chat(args) -> int:
         finally:
             if cache is not None:
                 cache.close()
+    _speculation(args, lm)  # refused under torchrun, with the reason
     # Under torchrun: rank 0 holds the conversation (stdin is its own) and hands each forward of its part of
     # the model to the other ranks, which make the same call on theirs (as a split server does).
     import torch.distributed as dist
@@ -306,10 +305,9 @@ def cmd_bench(args) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     shard = from_env()
-    asked = args.draft_model or args.lookup is not None or args.draft_max or args.draft_min or args.draft_p_min
     result = run_bench(resolve_model(args.model), args.prompt_tokens, args.gen_tokens, args.repeats,
                        compile=args.compile, shard=shard, pipeline=args.pp, kv_type=args.kv_type,
-                       speculation=(lambda lm: _speculation(args, lm)) if asked else None)
+                       speculation=lambda lm: _speculation(args, lm))  # None where no draft is asked for
     if args.json:
         print(json.dumps(result))
     else:
@@ -734,7 +732,7 @@ def _drafting(args, lm):
     if args.lookup is not None:
         if args.draft_p_min is not None:
             raise ValueError("--draft-p-min is the draft model's: --lookup drafts with no probabilities")
-        PromptLookup(args.lookup)  # its checks
+        drafter = PromptLookup(args.lookup)  # its checks; the engine makes one for each request
         draft_model = None
     else:
         from .loading import load
@@ -745,8 +743,8 @@ def _drafting(args, lm):
             raise ValueError("--draft-p-min must be between 0 and 1")
         draft = load(resolve_model(args.draft_model), device=lm.model.device, kv_type=lm.model.kv_type)
         DraftModel.check_vocabulary(lm.tokenizer, draft.tokenizer, lm.config.vocab_size, draft.config.vocab_size)
-        draft_model = DraftModel(draft.model, p_min)
-    k = args.draft_max or default_draft_max(draft_model or PromptLookup(args.lookup))
+        drafter = draft_model = DraftModel(draft.model, p_min)
+    k = args.draft_max or default_draft_max(drafter)
     drafting = Drafting(draft_model, args.lookup, k, 1 if args.draft_min is None else args.draft_min)
     drafting.for_request()  # --draft-min against --draft-max, now
     return drafting

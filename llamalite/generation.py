@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Generator, Iterator, Sequence
 import torch
 
 from .model import Transformer
-from .sampling import SamplingParams, sample
+from .sampling import SamplingParams
 from .speculative import choose
 from .tokenizer import Tokenizer
 
@@ -150,10 +150,8 @@ def generate(model: Transformer, prompt: Sequence[int], *, max_new_tokens: int =
                 valid = base + j  # what the cache holds that this row's token may follow
                 logits = preds[j] if constraint is None else constraint.mask(preds[j])
                 draft = drafts[j] if j < len(drafts) else None
-                if speculation is None:
-                    token = sample(logits, sampling, history[:valid], generator)
-                else:
-                    token = choose(logits, sampling, history[:valid], generator, draft, qs[j] if draft is not None and qs else None)
+                seen = history if valid == len(history) else history[:valid]  # no copy on a plain step
+                token = choose(logits, sampling, seen, generator, draft, qs[j] if draft is not None and qs else None)
                 if token in stop:
                     return "stop"
                 if constraint is not None:

@@ -41,6 +41,14 @@ def _prefill(model, ids, kind):
     return logits, [(layer.attention.cache.k.clone(), layer.attention.cache.v.clone()) for layer in model.layers]
 
 
+def _saved(lm, directory, ids, kind="f16"):
+    """A process's entry of `ids` in `directory`: prefilled, saved, written (the cache closed)."""
+    _prefill(lm.model, ids, kind)
+    cache = PromptCache(directory, model_key(lm))
+    assert cache.save(lm.model, ids)
+    cache.close()
+
+
 def _next_logits(model, ids, at):
     with torch.inference_mode():
         return model(torch.tensor([ids[at:]]), torch.arange(at, len(ids)), last_only=True)[0, -1]
@@ -145,10 +153,7 @@ def test_damaged_and_foreign_entries_are_skipped(tiny, tmp_path):
 
     lm = load(tiny)
     model = lm.model
-    _prefill(model, IDS[:120], "f16")
-    cache = PromptCache(tmp_path, model_key(lm))
-    cache.save(model, IDS[:120])
-    cache.close()
+    _saved(lm, tmp_path, IDS[:120])
     with pytest.warns(UserWarning, match="another model"):  # it sees the first entry
         other = PromptCache(tmp_path, model_key(lm, "an adapter"))
     other.save(model, IDS[:80] + [3] * 40)
@@ -208,10 +213,7 @@ def test_a_writer_killed_mid_write_leaves_no_entry(tiny, tmp_path):
 
     lm = load(tiny)
     model = lm.model
-    _prefill(model, IDS[:100], "f16")
-    cache = PromptCache(tmp_path, model_key(lm))
-    cache.save(model, IDS[:100])
-    cache.close()
+    _saved(lm, tmp_path, IDS[:100])
     proc = subprocess.Popen([sys.executable, "-c", KILLED_WRITER, str(tiny), str(tmp_path),
                              ",".join(map(str, IDS[:180]))], stdout=subprocess.PIPE, text=True)
     try:

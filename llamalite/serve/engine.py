@@ -29,7 +29,7 @@ import torch
 
 from ..generation import PREFILL_CHUNK, ContextLengthError, _common_prefix, shift_context
 from ..model import Transformer
-from ..sampling import GREEDY, SamplingParams, sample
+from ..sampling import GREEDY, SamplingParams
 from ..speculative import choose
 
 if TYPE_CHECKING:
@@ -474,10 +474,7 @@ class Engine:
         request = slot.request
         if request.constraint is not None:  # this row's own mask: a batch mixes free and constrained rows
             logits = request.constraint.mask(logits)
-        if request.speculation is None:
-            token = sample(logits, request.sampling, slot.tokens, request.generator)
-        else:
-            token = choose(logits, request.sampling, slot.tokens, request.generator, draft, q)
+        token = choose(logits, request.sampling, slot.tokens, request.generator, draft, q)  # sample() without a draft
         if token in request.stop_ids:
             self._finish(slot, "stop")
             return False

@@ -7,6 +7,7 @@ import argparse
 import json
 import os
 import sys
+import time
 from typing import Any, Callable
 
 
@@ -564,8 +565,11 @@ def cmd_export(args) -> int:
         from .ondevice import export_executorch
         from .prompt_cache import parse_size
 
+        start = time.perf_counter()
         path = export_executorch(model, tokenizer, args.out, args.dtype, args.max_seq_len,
-                                 parse_size(args.max_memory) if args.max_memory else None)
+                                 parse_size(args.max_memory) if args.max_memory else None,
+                                 say=lambda step: print(f"llamalite: [{time.perf_counter() - start:5.0f} s] {step}",
+                                                        file=sys.stderr, flush=True))
         size = path.stat().st_size / 2**20
         print(f"wrote {path} (ExecuTorch, XNNPACK, {args.dtype}, {size:.1f} MiB) and its tokenizer and config beside it",
               file=sys.stderr)

@@ -15,13 +15,19 @@ and the chat template: what ExecuTorch's C++ runner and `pytorch-tokenizers` rea
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import importlib
+import importlib.util
 import json
+import os
 import shutil
+import sys
 import tempfile
+import types
 import warnings
 from pathlib import Path
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -41,60 +47,130 @@ class DeviceExportError(ValueError):
     """A model or setting the export cannot handle, or ExecuTorch missing; the message says what to do."""
 
 
-def _require_executorch():
+def _require_executorch(part: str = "exir") -> None:
+    """Import executorch's exporter (`exir`) or its `runtime`, or say what to install."""
     try:
-        import executorch.exir  # noqa: F401
+        if part == "runtime":
+            _import_runtime()
+        importlib.import_module(f"executorch.{part}")
     except ImportError:
         raise DeviceExportError("exporting to (or running) ExecuTorch needs the executorch package: "
                                 "pip install 'llamalite[device]'") from None
 
 
-def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """model.apply_rope in real arithmetic: interleaved pairs (x0, x1) of x (1, T, H, D) turned by (cos, sin) (T, D/2)."""
-    x0, x1 = x[..., 0::2], x[..., 1::2]
-    c, s = cos[None, :, None, :], sin[None, :, None, :]
-    return torch.stack((x0 * c - x1 * s, x0 * s + x1 * c), dim=-1).flatten(-2)
+def _register_ops() -> None:
+    """ExecuTorch's LLM ops (`llama::update_cache`, `llama::custom_sdpa`) and quantized ones
+    (`quantized_decomposed::embedding_byte`) as torch ops, to trace and run the module eagerly."""
+    import executorch.exir.passes._quant_patterns_and_replacements  # noqa: F401
+    from executorch.extension.llm.custom_ops import custom_ops  # noqa: F401
+
+    _load_kernels()
+
+
+def _import_runtime() -> None:
+    """executorch.runtime without the exporter: its bindings import one warnings helper from
+    executorch.exir, whose package imports the whole exporter (2.4 s here). The package is stood in for by
+    an empty one of the same path while the runtime imports; a later `import executorch.exir` runs it whole."""
+    if "executorch.exir" in sys.modules or "executorch.runtime" in sys.modules:
+        return
+    spec = importlib.util.find_spec("executorch.exir")
+    if spec is None or not spec.submodule_search_locations:
+        return
+    stand_in = types.ModuleType("executorch.exir")
+    stand_in.__path__ = list(spec.submodule_search_locations)
+    sys.modules["executorch.exir"] = stand_in
+    try:
+        importlib.import_module("executorch.runtime")
+    finally:
+        del sys.modules["executorch.exir"]
+        for name in [n for n in sys.modules if n.startswith("executorch.exir.") and n != "executorch.exir._warnings"]:
+            del sys.modules[name]
+
+
+@contextlib.contextmanager
+def _quiet_stderr():
+    """File descriptor 2 to /dev/null for a block (C++ logging that Python cannot turn down)."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+def _load_kernels() -> None:
+    """Those ops' kernels for executorch.runtime (a device's runner links them: ExecuTorch's LLaMA runner
+    does)."""
+    _import_runtime()
+    import executorch.runtime  # the runtime the libraries register into
+
+    root = Path(executorch.runtime.__file__).parent.parent
+    for pattern in ("extension/llm/custom_ops/*custom_ops_aot_lib.*", "kernels/quantized/*quantized_ops_aot_lib.*"):
+        for lib in root.glob(pattern):
+            torch.ops.load_library(str(lib.resolve()))
 
 
 class OnDevice(nn.Module):
     """A Transformer as the exported program computes it: the same modules and weights, its KV cache as
-    buffers, RoPE from tables, attention over the whole cache with a causal mask (static shapes)."""
+    buffers (1, max_seq_len, n_kv_heads, head_dim) written by ExecuTorch's `llama::update_cache` and read
+    by `llama::custom_sdpa`, which attends from each new position to the ones before it only (no mask
+    over the whole cache, no copy of a KV head for each query of its group).
+
+    Everything else is written in ops XNNPACK takes, so each layer is two delegated blocks around the
+    attention: RMSNorm's mean of squares as a product with a row of 1/n, RoPE as x*cos + (x R)*sin with R
+    the pairs' quarter turn (a head_dim x head_dim product) and cos/sin tables of every position."""
 
     def __init__(self, model: Transformer, max_seq_len: int):
         super().__init__()
+        _register_ops()
         cfg = model.config
         self.model, self.max_seq_len = model, max_seq_len
         angles = torch.arange(max_seq_len).float()[:, None] * model.inv_freq  # (S, head_dim/2)
-        self.register_buffer("cos", angles.cos())
-        self.register_buffer("sin", angles.sin())
-        self.register_buffer("causal", torch.ones(max_seq_len, max_seq_len, dtype=torch.bool).tril())
+        self.register_buffer("cos", angles.cos().repeat_interleave(2, -1))  # (S, head_dim), pairs alike
+        self.register_buffer("sin", angles.sin().repeat_interleave(2, -1))
+        turn = torch.zeros(cfg.head_dim, cfg.head_dim)
+        turn[0::2, 1::2] = -torch.eye(cfg.head_dim // 2)  # (x R)[2i] = -x[2i+1], (x R)[2i+1] = x[2i]
+        turn[1::2, 0::2] = torch.eye(cfg.head_dim // 2)
+        self.register_buffer("turn", turn)
+        self.register_buffer("mean_dim", torch.full((1, cfg.dim), 1 / cfg.dim))
+        self.register_buffer("mean_head", torch.full((1, cfg.head_dim), 1 / cfg.head_dim))
         for i in range(cfg.n_layers):
-            self.register_buffer(f"k{i}", torch.zeros(1, cfg.n_kv_heads, max_seq_len, cfg.head_dim))
-            self.register_buffer(f"v{i}", torch.zeros(1, cfg.n_kv_heads, max_seq_len, cfg.head_dim))
+            self.register_buffer(f"k{i}", torch.zeros(1, max_seq_len, cfg.n_kv_heads, cfg.head_dim))
+            self.register_buffer(f"v{i}", torch.zeros(1, max_seq_len, cfg.n_kv_heads, cfg.head_dim))
+
+    def _norm(self, norm: nn.Module, x: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
+        return x * torch.rsqrt(F.linear(x * x, mean) + norm.eps) * norm.weight
+
+    def _rope(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        return x * cos + F.linear(x, self.turn) * sin
 
     def forward(self, tokens: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
         m, c = self.model, self.model.config
         T = tokens.shape[1]
-        group = c.n_heads // c.n_kv_heads
-        cos, sin, mask = self.cos[input_pos], self.sin[input_pos], self.causal[input_pos]  # (T, .), (T, S)
+        start = input_pos[0].item()  # the positions run on from here (the runner's contract)
+        torch._check_is_size(start)
+        torch._check(start + T <= self.max_seq_len)
+        cos, sin = self.cos[input_pos][None, :, None], self.sin[input_pos][None, :, None]  # (1, T, 1, head_dim)
         x = m.tok_embeddings(tokens)
         for i, layer in enumerate(m.layers):
             a = layer.attention
-            h = layer.attention_norm(x)
+            h = self._norm(layer.attention_norm, x, self.mean_dim)
             q = a.wq(h).view(1, T, c.n_heads, c.head_dim)
             k = a.wk(h).view(1, T, c.n_kv_heads, c.head_dim)
             v = a.wv(h).view(1, T, c.n_kv_heads, c.head_dim)
             if a.q_norm is not None:
-                q, k = a.q_norm(q), a.k_norm(k)
-            q, k = _rope(q, cos, sin), _rope(k, cos, sin)
+                q, k = self._norm(a.q_norm, q, self.mean_head), self._norm(a.k_norm, k, self.mean_head)
+            q, k = self._rope(q, cos, sin), self._rope(k, cos, sin)
             k_cache, v_cache = getattr(self, f"k{i}"), getattr(self, f"v{i}")
-            k_cache.index_copy_(2, input_pos, k.transpose(1, 2))  # (1, n_kv_heads, S, head_dim)
-            v_cache.index_copy_(2, input_pos, v.transpose(1, 2))
-            out = F.scaled_dot_product_attention(q.transpose(1, 2), k_cache.repeat_interleave(group, 1),
-                                                 v_cache.repeat_interleave(group, 1), attn_mask=mask)
-            x = x + a.wo(out.transpose(1, 2).reshape(1, T, -1))
-            x = x + layer.feed_forward(layer.ffn_norm(x))
-        return m.output(m.norm(x)).float()
+            torch.ops.llama.update_cache(k, k_cache, start)
+            torch.ops.llama.update_cache(v, v_cache, start)
+            out = torch.ops.llama.custom_sdpa(q, k_cache, v_cache, start, None, 0, True)  # (1, T, n_heads, head_dim)
+            x = x + a.wo(out.reshape(1, T, -1))
+            x = x + layer.feed_forward(self._norm(layer.ffn_norm, x, self.mean_dim))
+        return m.output(self._norm(m.norm, x, self.mean_dim)).float()
 
 
 def plain_copy(model: nn.Module) -> Transformer:
@@ -113,8 +189,10 @@ def plain_copy(model: nn.Module) -> Transformer:
 
 
 def export_executorch(model: nn.Module, tokenizer: "Tokenizer | None", out: str | Path, dtype: str = "fp32",
-                      max_seq_len: int | None = None, max_memory: int | None = None) -> Path:
-    """Write `out` (.pte) with its tokenizer and metadata beside it (see the module); returns its path."""
+                      max_seq_len: int | None = None, max_memory: int | None = None,
+                      say: Callable[[str], None] = lambda step: None) -> Path:
+    """Write `out` (.pte) with its tokenizer and metadata beside it (see the module); returns its path.
+    `say` hears each step as it starts (lowering takes minutes for a model of 30 layers)."""
     _require_executorch()
     from torch.export import Dim, export
 
@@ -136,25 +214,31 @@ def export_executorch(model: nn.Module, tokenizer: "Tokenizer | None", out: str 
         raise DeviceExportError(f"{dtype} groups weights by {GROUP}; this model's sizes do not divide: export fp32")
     plain = plain_copy(model)
     if dtype != "fp32":
+        say(f"quantizing ({dtype})")
         _quantize(plain, dtype)
     program = OnDevice(plain, S).eval()
     example = (torch.zeros(1, 2, dtype=torch.long), torch.arange(2))
     T = Dim("T", min=1, max=S)
     # What ExecuTorch's LLM runner (extension/llm/runner) reads from a program, as constant methods.
     metadata = {"get_max_seq_len": S, "get_max_context_len": S, "get_vocab_size": cfg.vocab_size,
-                "use_kv_cache": True, "enable_dynamic_shape": True, "use_sdpa_with_kv_cache": False}
+                "use_kv_cache": True, "enable_dynamic_shape": True, "use_sdpa_with_kv_cache": True}
     if tokenizer is not None:
         if tokenizer.bos_id is not None:
             metadata["get_bos_id"] = tokenizer.bos_id
         metadata["get_eos_ids"] = sorted(tokenizer.end_ids)
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the exporter's own deprecation chatter; errors still raise
+        say("tracing (torch.export)")
         exported = export(program, example, dynamic_shapes={"tokens": {1: T}, "input_pos": {0: T}}, strict=False)
+        say(f"lowering {cfg.n_layers} layers to XNNPACK")
         lowered = to_edge_transform_and_lower(exported, partitioner=[XnnpackPartitioner()], constant_methods=metadata)
+        say("writing the program")
         pte = lowered.to_executorch(ExecutorchBackendConfig(sym_shape_eval_pass=ConstraintBasedSymShapeEvalPass()))
     out = Path(out).expanduser()
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_bytes(pte.buffer)
+    partial = out.with_name(out.name + ".partial")  # a killed export leaves no half program under the name
+    partial.write_bytes(pte.buffer)
+    os.replace(partial, out)
     if tokenizer is not None:
         _write_tokenizer(tokenizer, _tokenizer_dir(out))
     _meta_path(out).write_text(json.dumps({"format": "llamalite-executorch", "dtype": dtype, "max_seq_len": S,
@@ -163,19 +247,88 @@ def export_executorch(model: nn.Module, tokenizer: "Tokenizer | None", out: str 
 
 
 def _quantize(model: Transformer, dtype: str) -> None:
-    """torchao's 8-bit dynamic activations on every linear layer but the embedding, with int4 weights in
-    groups of 32 (ExecuTorch's LLaMA recipe) or int8 weights per output channel (XNNPACK groups only
-    4-bit weights)."""
+    """The quantized recipes, on 8-bit dynamic activations (torchao's 8da, ExecuTorch's recipe for LLaMA):
+
+    - 8da4w: each linear layer but the output in groups of 32 4-bit weights with a float minimum each
+      (`Int4Groups`: a Q4_1 model's weights come back exactly);
+    - 8da8w: those layers as int8 weights per output channel (XNNPACK groups only 4-bit weights);
+    - both: the output layer as int8 per output channel, and the embedding as int8 in groups of 32 (a Q8_0
+      table comes back exactly), looked up by ExecuTorch's quantized `embedding_byte`.
+    """
     try:
         from torchao.quantization import Int8DynamicActivationIntxWeightConfig, quantize_
-        from torchao.quantization.granularity import PerAxis, PerGroup
+        from torchao.quantization.granularity import PerAxis
     except ImportError:
         raise DeviceExportError(f"{dtype} needs torchao (installed with executorch: pip install "
                                 f"'llamalite[device]')") from None
-    config = (Int8DynamicActivationIntxWeightConfig(weight_dtype=torch.int4, weight_granularity=PerGroup(GROUP))
-              if dtype == "8da4w" else
-              Int8DynamicActivationIntxWeightConfig(weight_dtype=torch.int8, weight_granularity=PerAxis(0)))
-    quantize_(model, config, filter_fn=lambda m, name: isinstance(m, nn.Linear))
+    per_channel = Int8DynamicActivationIntxWeightConfig(weight_dtype=torch.int8, weight_granularity=PerAxis(0))
+    if dtype == "8da4w":
+        means: dict[int, torch.Tensor] = {}  # one per width, shared by the layers
+        for parent in list(model.modules()):
+            for name, child in list(parent.named_children()):
+                if isinstance(child, nn.Linear) and child is not model.output:
+                    layer = Int4Groups(child, means.get(child.in_features))
+                    means[child.in_features] = layer.means
+                    setattr(parent, name, layer)
+        quantize_(model, per_channel, filter_fn=lambda m, name: m is model.output)
+    else:
+        quantize_(model, per_channel, filter_fn=lambda m, name: isinstance(m, nn.Linear))
+    model.tok_embeddings = Int8Embedding(model.tok_embeddings.weight.detach())
+
+
+class Int4Groups(nn.Module):
+    """A linear layer as 4-bit weights in groups of 32, w = d*q + m with q in 0..15 and d, m floats per
+    group: Q4_1's form, so a Q4_1 model's weights come back exactly, and on others a rounding with no range
+    wasted on a group that is not centred. XNNPACK runs symmetric int4 groups, so the product is taken as
+    d*(q - 8) on 8-bit dynamic activations plus (m + 8d) times each group's sum of the input (an fp32
+    product 1/32 the size)."""
+
+    def __init__(self, linear: nn.Linear, means: torch.Tensor | None = None):
+        super().__init__()
+        from torchao.quantization.quantize_.workflows.intx.intx_unpacked_to_int8_tensor import (
+            IntxUnpackedToInt8Tensor, IntxUnpackedToInt8TensorActivationQuantization)
+
+        w = linear.weight.detach().float()
+        n_out, n_in = w.shape
+        groups = w.view(n_out, n_in // GROUP, GROUP)
+        low, high = groups.amin(-1), groups.amax(-1)
+        d = ((high - low) / 15).clamp_min(torch.finfo(torch.float32).tiny)
+        q = ((groups - low[..., None]) / d[..., None]).round().clamp(0, 15)
+        self.linear = nn.Linear(n_in, n_out, bias=linear.bias is not None)
+        if linear.bias is not None:
+            self.linear.bias = nn.Parameter(linear.bias.detach().float(), requires_grad=False)
+        self.linear.weight = nn.Parameter(IntxUnpackedToInt8Tensor.from_hp(
+            (d[..., None] * (q - 8)).view(n_out, n_in), (1, GROUP), torch.int4,
+            activation_quantization=IntxUnpackedToInt8TensorActivationQuantization.INT8_ASYM_PER_TOKEN,
+            intx_choose_qparams_algorithm=None, custom_scale=d, custom_zero_point=torch.zeros_like(d, dtype=torch.int8)),
+            requires_grad=False)
+        self.offsets = nn.Linear(n_in // GROUP, n_out, bias=False)
+        self.offsets.weight = nn.Parameter((low + 8 * d) * GROUP, requires_grad=False)  # on the groups' means
+        if means is None or means.shape != (n_in // GROUP, n_in):
+            means = torch.eye(n_in // GROUP).repeat_interleave(GROUP, 1) / GROUP
+        self.register_buffer("means", means)  # (groups, n_in): the product that takes each group's mean
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear(x) + self.offsets(F.linear(x, self.means))
+
+
+class Int8Embedding(nn.Module):
+    """An embedding table as int8 with a scale for each group of 32 (one per row where the width does not
+    divide), looked up by ExecuTorch's `quantized_decomposed::embedding_byte`."""
+
+    def __init__(self, weight: torch.Tensor):
+        super().__init__()
+        _register_ops()
+        w = weight.float()
+        size = GROUP if w.shape[1] % GROUP == 0 else w.shape[1]
+        groups = w.view(w.shape[0], -1, size)
+        scale = (groups.abs().amax(-1) / 127).clamp_min(torch.finfo(torch.float32).tiny)
+        self.register_buffer("weight", (groups / scale[..., None]).round().clamp(-127, 127).to(torch.int8).view_as(w))
+        self.register_buffer("scales", scale if size == GROUP else scale[:, 0])
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return torch.ops.quantized_decomposed.embedding_byte.dtype(self.weight, self.scales, None, -128, 127, tokens,
+                                                                   dtype=torch.float32)
 
 
 def _tokenizer_dir(pte: Path) -> Path:
@@ -206,9 +359,13 @@ class PteModel:
     kv_type = None
 
     def __init__(self, path: Path, config: ModelConfig, max_seq_len: int):
-        _require_executorch()
+        _require_executorch("runtime")
+        _load_kernels()
+        from executorch.extension.pybindings import portable_lib
         from executorch.runtime import Runtime
 
+        with _quiet_stderr():  # the pool's CPU probe logs what it reads, at info level, to fd 2
+            portable_lib._unsafe_reset_threadpool(torch.get_num_threads())  # --threads, as torch's
         self.path = path
         self.method = Runtime.get().load_program(str(path)).load_method("forward")
         self.config = dataclasses.replace(config, context_length=max_seq_len)

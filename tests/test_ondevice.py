@@ -24,11 +24,14 @@ def tiny(tmp_path_factory):
     from llamalite.ondevice import export_executorch
 
     d = tmp_path_factory.mktemp("ondevice")
-    cfg = ModelConfig(dim=128, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=400, hidden_dim=256, context_length=128)
-    weights = {k: v.numpy() for k, v in meta_weights_from_hf(tiny_hf_model(hidden_size=128, intermediate_size=256)).items()}
-    gguf = write_gguf(d / "tiny.gguf", weights, cfg, tensor_type="F32")
+    gguf = write_gguf(d / "tiny.gguf", *_tiny_weights(), tensor_type="F32")
     lm = load(gguf)
     return gguf, export_executorch(lm.model, lm.tokenizer, d / "tiny.pte", "fp32", max_seq_len=64)
+
+
+def _tiny_weights():
+    cfg = ModelConfig(dim=128, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=400, hidden_dim=256, context_length=128)
+    return {k: v.numpy() for k, v in meta_weights_from_hf(tiny_hf_model(hidden_size=128, intermediate_size=256)).items()}, cfg
 
 
 def test_the_fp32_program_is_the_model(tiny):
@@ -49,19 +52,55 @@ def test_the_fp32_program_is_the_model(tiny):
     assert program.tokenizer.encode("hello there") == ref.tokenizer.encode("hello there")
 
 
-@pytest.mark.parametrize("dtype, bound", [("8da4w", 0.25), ("8da8w", 0.05)])
-def test_a_quantized_program_is_smaller_and_near(tiny, tmp_path, dtype, bound):
-    """8-bit dynamic activations with 4-bit grouped or 8-bit per-channel weights: within their rounding."""
+@pytest.mark.parametrize("dtype, source, bound", [("8da4w", "Q4_1", 0.05), ("8da4w", "F32", 0.25), ("8da8w", "F32", 0.05)])
+def test_a_quantized_program_is_smaller_and_near(tiny, tmp_path, dtype, source, bound):
+    """8-bit dynamic activations with 4-bit grouped or 8-bit per-channel weights: within their rounding, and
+    from a Q4_1 file within the activations' rounding alone (its weights come back exactly)."""
     from llamalite.ondevice import export_executorch
 
     gguf, pte = tiny
-    ref = load(gguf)
+    if source != "F32":
+        gguf = write_gguf(tmp_path / "q.gguf", *_tiny_weights(), tensor_type=source)
+    ref = load(gguf, quantized=False)
     small = export_executorch(ref.model, ref.tokenizer, tmp_path / "q.pte", dtype, max_seq_len=64)
     assert small.stat().st_size < pte.stat().st_size * 0.6
     with torch.no_grad():
         want = ref.model(torch.tensor([IDS]))[0]
     got = load(small).model(torch.tensor([IDS]), torch.arange(len(IDS)))[0]
     assert float((got - want).abs().max() / want.abs().max()) < bound
+
+
+def test_8da4w_takes_q4_1_weights_and_a_q8_0_table_back_exactly():
+    """Q4_1's blocks (a float minimum each) as XNNPACK's symmetric int4 groups plus the groups' offsets, and
+    Q8_0's as embedding_byte's int8 groups: the same numbers, not a second rounding."""
+    import gguf
+    from gguf import GGMLQuantizationType as Q
+
+    from llamalite.ondevice import GROUP, Int4Groups, Int8Embedding
+    from llamalite.quants import dequantize
+
+    w = torch.randn(48, 96) + torch.rand(48, 1)  # groups that are not centred
+    q4_1 = dequantize(gguf.quants.quantize(w.numpy(), Q.Q4_1), "Q4_1", (48, 96))
+    layer = Int4Groups(_linear(q4_1))
+    qw = layer.linear.weight
+    assert int(qw.qdata.min()) >= -8 and int(qw.qdata.max()) <= 7
+    back = (qw.qdata.float() * qw.scale.repeat_interleave(GROUP, 1)
+            + (layer.offsets.weight / GROUP).repeat_interleave(GROUP, 1))
+    assert float((back - q4_1).abs().max()) < 1e-6 * float(q4_1.abs().max())
+    x = torch.randn(3, 96)
+    assert torch.allclose(layer.offsets(torch.nn.functional.linear(x, layer.means)),
+                          x @ (layer.offsets.weight / GROUP).repeat_interleave(GROUP, 1).T, atol=1e-5)
+    q8_0 = dequantize(gguf.quants.quantize(w.numpy(), Q.Q8_0), "Q8_0", (48, 96))
+    table = Int8Embedding(q8_0)
+    assert table.weight.dtype == torch.int8 and table.scales.shape == (48, 96 // GROUP)
+    rows = table(torch.tensor([[0, 7, 47]]))[0]
+    assert float((rows - q8_0[[0, 7, 47]]).abs().max()) < 1e-6 * float(q8_0.abs().max())
+
+
+def _linear(weight: torch.Tensor) -> torch.nn.Linear:
+    layer = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=False)
+    layer.weight = torch.nn.Parameter(weight, requires_grad=False)
+    return layer
 
 
 def test_the_verbs_read_a_program(tiny, tmp_path):

@@ -3,10 +3,10 @@ and the same program run here through `executorch.runtime`.
 
 The program has one method, `forward(tokens (1, T), input_pos (T,)) -> logits (1, T, vocab)`, T from 1
 to its max_seq_len: a prompt's chunks and each decoded token alike. Its KV cache is state of the
-program (mutable buffers of max_seq_len positions, written at input_pos), so a runner keeps no cache
-of its own; RoPE runs on cos/sin tables (ExecuTorch has no complex numbers). Linear layers are lowered
-to XNNPACK, as fp32 or with torchao's 8-bit dynamic activations and 4- or 8-bit grouped weights
-(`8da4w`, ExecuTorch's recipe for LLaMA) or 8-bit ones per output channel (`8da8w`).
+program, written and attended by ExecuTorch's LLM ops (`llama::update_cache`, `llama::custom_sdpa`), so
+a runner keeps no cache of its own. The rest is lowered to XNNPACK, as fp32 or on torchao's 8-bit
+dynamic activations (ExecuTorch's recipe for LLaMA) with 4-bit weights in groups of 32 that keep a
+float minimum each (`8da4w`: a Q4_1 model's weights exactly) or int8 ones per output channel (`8da8w`).
 
 Beside `model.pte` go `model.tokenizer/` (tokenizer.json or tokenizer.model, with tokenizer_config.json
 and the chat template: what ExecuTorch's C++ runner and `pytorch-tokenizers` read) and `model.json`
@@ -386,6 +386,8 @@ class PteModel:
             raise ValueError(f"{self.path.name} runs one sequence at a time (no batches, drafts or slots)")
         T = tokens.shape[1]
         pos = torch.arange(T) if input_pos is None else input_pos.reshape(-1)
+        if T > 1 and not bool((pos[1:] - pos[:-1] == 1).all()):
+            raise ValueError(f"{self.path.name} takes a run of consecutive positions (its cache is written from the first)")
         if int(pos[-1]) >= self.max_seq_len:
             raise ValueError(f"position {int(pos[-1])} is beyond the {self.max_seq_len} positions {self.path.name} "
                              f"was exported for (--max-seq-len)")

@@ -147,6 +147,13 @@ class OnDevice(nn.Module):
     def _rope(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         return x * cos + F.linear(x, self.turn) * sin
 
+    def _attend(self, i: int, q, k, v, start, input_pos: torch.Tensor) -> torch.Tensor:
+        """Layer i's new keys and values into its cache, and its queries' attention over the cache."""
+        k_cache, v_cache = getattr(self, f"k{i}"), getattr(self, f"v{i}")
+        torch.ops.llama.update_cache(k, k_cache, start)
+        torch.ops.llama.update_cache(v, v_cache, start)
+        return torch.ops.llama.custom_sdpa(q, k_cache, v_cache, start, None, 0, True)
+
     def forward(self, tokens: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
         m, c = self.model, self.model.config
         T = tokens.shape[1]
@@ -164,10 +171,7 @@ class OnDevice(nn.Module):
             if a.q_norm is not None:
                 q, k = self._norm(a.q_norm, q, self.mean_head), self._norm(a.k_norm, k, self.mean_head)
             q, k = self._rope(q, cos, sin), self._rope(k, cos, sin)
-            k_cache, v_cache = getattr(self, f"k{i}"), getattr(self, f"v{i}")
-            torch.ops.llama.update_cache(k, k_cache, start)
-            torch.ops.llama.update_cache(v, v_cache, start)
-            out = torch.ops.llama.custom_sdpa(q, k_cache, v_cache, start, None, 0, True)  # (1, T, n_heads, head_dim)
+            out = self._attend(i, q, k, v, start, input_pos)  # (1, T, n_heads, head_dim)
             x = x + a.wo(out.reshape(1, T, -1))
             x = x + layer.feed_forward(self._norm(layer.ffn_norm, x, self.mean_dim))
         return m.output(self._norm(m.norm, x, self.mean_dim)).float()

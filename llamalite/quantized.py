@@ -308,14 +308,20 @@ class FastFeedForward(FeedForward):
         return self.w2((F.silu(gate) * up).view(x.shape[0], 1, -1))
 
 
-def _fusable(block: TransformerBlock) -> bool:
+def _fusable(block: TransformerBlock, bias: bool, head_norms: bool) -> bool:
     """Whether a DecodePlan can run this block: kernel-backed attention and feed-forward with q/k/v
-    and gate/up fused, wo and w2 packed, fp32 norms of one eps."""
+    and gate/up fused, wo and w2 packed, fp32 norms of one eps; q/k/v biases and head norms (fp32, one
+    eps for q and k) as the model's first block has them or not."""
     a, f = block.attention, block.feed_forward
-    if getattr(a, "q_norm", None) is not None or any(getattr(m, "bias", None) is not None for m in (a.wq, a.wk, a.wv)):
-        return False  # the plan has no q/k norms or biases: such a model steps layer by layer
+    biases = [getattr(m, "bias", None) for m in (a.wq, a.wk, a.wv)]
+    heads = [getattr(a, "q_norm", None), getattr(a, "k_norm", None)]
+    if any((t is not None) != bias for t in biases) or any((n is not None) != head_norms for n in heads):
+        return False
+    if head_norms and (heads[0].eps != heads[1].eps or any(n.weight.dtype != torch.float32 for n in heads)):
+        return False
     return (isinstance(a, FastAttention) and a.qkv is not None and isinstance(f, FastFeedForward)
             and f.w13 is not None and all(isinstance(m, QuantLinear) and m.packed for m in (a.wo, f.w2))
+            and all(t is None or t.dtype == torch.float32 for t in biases)
             and block.attention_norm.eps == block.ffn_norm.eps
             and block.attention_norm.weight.dtype == block.ffn_norm.weight.dtype == torch.float32)
 
@@ -347,7 +353,10 @@ class FastTransformer(Transformer):
         fast.__dict__.update(model.__dict__)  # the same modules, buffers and state
         fast.plan, fast._caches_of = None, None
         embed, out = _table(model.tok_embeddings), _table(model.output)
-        if model.layers and embed and out and all(_fusable(b) for b in model.layers):
+        first = model.layers[0].attention if model.layers else None
+        bias = first is not None and getattr(first.wq, "bias", None) is not None
+        head_norms = first is not None and getattr(first, "q_norm", None) is not None
+        if model.layers and embed and out and all(_fusable(b, bias, head_norms) for b in model.layers):
             norms, weights, types = [], [], []
             for b in model.layers:
                 a, f = b.attention, b.feed_forward
@@ -358,6 +367,12 @@ class FastTransformer(Transformer):
             fast.plan = torch.classes.llamalite.DecodePlan(
                 embed[0], embed[1], model.inv_freq, norms, weights, types, model.layers[0].attention_norm.eps,
                 model.norm.weight, model.norm.eps, out[0], out[1], a.n_heads, a.n_kv_heads)
+            if bias or head_norms:  # Qwen2's q/k/v biases, Qwen3's head norms
+                biases = [m.bias.detach() for b in model.layers for m in (b.attention.wq, b.attention.wk, b.attention.wv)
+                          ] if bias else []
+                heads = [n.weight.detach() for b in model.layers for n in (b.attention.q_norm, b.attention.k_norm)
+                         ] if head_norms else []
+                fast.plan.set_extras(biases, heads, first.q_norm.eps if head_norms else 0.0)
         return fast
 
     def _plan_ready(self, plan=None) -> bool:

@@ -95,6 +95,16 @@ def test_our_gguf_export_reads_back(models, kind, tmp_path):
         for _ in range(12):  # greedy by full forwards, no cache at all
             seq.append(int(q8.model(torch.tensor([seq]))[0, -1].argmax()))
     assert tokens[:12] == seq[len(IDS):]
+    m = q8.model  # the kernels' one-call step (DecodePlan, with the biases and head norms) is the layers' step
+    assert m.plan is not None
+    m.setup_caches(1, 128, "f32")
+    with torch.no_grad():
+        m(torch.tensor([IDS]), torch.arange(len(IDS)))
+        one_call = m(torch.tensor([[7]]), torch.tensor([len(IDS)]))[0, -1]
+        plan, m.plan = m.plan, None
+        by_layers = m(torch.tensor([[7]]), torch.tensor([len(IDS)]))[0, -1]
+        m.plan = plan
+    assert float((one_call - by_layers).abs().max()) < 1e-5 * float(by_layers.abs().max())
 
 
 @pytest.mark.parametrize("kind", FAMILIES)

@@ -1880,11 +1880,12 @@ struct Reducer : torch::CustomClassHolder {
 struct DecodePlan : torch::CustomClassHolder {
   at::Tensor embed, inv_freq, out_norm, out_w;
   std::vector<at::Tensor> norms, weights, caches;
+  std::vector<at::Tensor> biases, qk_norms;  // per layer bq bk bv (Qwen2), q_norm k_norm (Qwen3); or none
   std::vector<std::vector<at::Tensor>> lora_a, lora_bt;  // per adapter, per layer wq wk wv wo w1 w3 w2
   c10::intrusive_ptr<Reducer> reducer;  // a tensor-parallel rank's: wo and w2 give partial sums
   std::vector<int64_t> types;
   int64_t embed_type, out_type, n_heads, n_kv_heads, L, dim, D, nq, nk, hidden;
-  double eps, out_eps;
+  double eps, out_eps, qk_eps = 0.0;
 
   DecodePlan(at::Tensor embed_, int64_t embed_type_, at::Tensor inv_freq_, std::vector<at::Tensor> norms_,
              std::vector<at::Tensor> weights_, std::vector<int64_t> types_, double eps_, at::Tensor out_norm_,
@@ -1927,6 +1928,26 @@ struct DecodePlan : torch::CustomClassHolder {
     TORCH_CHECK(static_cast<int64_t>(c.size()) == 2 * L, "DecodePlan: need a k and a v cache per layer");
     for (const at::Tensor& t : c) check_cache(t, c[0], n_kv_heads, D);
     caches = std::move(c);
+  }
+
+  // What some families add to a layer's q, k and v before RoPE: per layer the biases bq, bk, bv (fp32, of
+  // nq, nk, nk; Qwen2), and/or RMSNorm weights of one head for q and for k (fp32, of D; Qwen3), each list
+  // empty where the family has none.
+  void set_extras(std::vector<at::Tensor> b, std::vector<at::Tensor> qk, double qk_eps_) {
+    TORCH_CHECK(b.empty() || static_cast<int64_t>(b.size()) == 3 * L, "DecodePlan: 3 biases per layer, or none");
+    TORCH_CHECK(qk.empty() || static_cast<int64_t>(qk.size()) == 2 * L, "DecodePlan: 2 head norms per layer, or none");
+    for (size_t i = 0; i < b.size(); ++i) {
+      const int64_t want = i % 3 == 0 ? nq : nk;
+      TORCH_CHECK(b[i].scalar_type() == at::kFloat && b[i].is_contiguous() && b[i].numel() == want,
+                  "DecodePlan: layer ", i / 3, "'s bias ", i % 3, " must be fp32 of ", want);
+    }
+    for (size_t i = 0; i < qk.size(); ++i) {
+      TORCH_CHECK(qk[i].scalar_type() == at::kFloat && qk[i].is_contiguous() && qk[i].numel() == D,
+                  "DecodePlan: layer ", i / 2, "'s head norm ", i % 2, " must be fp32 of ", D);
+    }
+    biases = std::move(b);
+    qk_norms = std::move(qk);
+    qk_eps = qk_eps_;
   }
 
   // A rank of a tensor-parallel group: its weights are its slices (parallel.Split), and the products of
@@ -2063,6 +2084,20 @@ struct DecodePlan : torch::CustomClassHolder {
         lora_add(n, dim, qkv + nq, qs, *adapters, lora_a, lora_bt, 7 * l + 1);
         lora_add(n, dim, qkv + nq + nk, qs, *adapters, lora_a, lora_bt, 7 * l + 2);
       }
+      const int64_t qs = nq + 2 * nk;
+      for (int64_t b = 0; b < B && !biases.empty(); ++b) {  // + bq, bk, bv
+        float* row = qkv + b * qs;
+        const int64_t at[3] = {0, nq, nq + nk}, len[3] = {nq, nk, nk};
+        for (int j = 0; j < 3; ++j) {
+          const float* bias = biases[3 * l + j].data_ptr<float>();
+          for (int64_t i = 0; i < len[j]; ++i) row[at[j] + i] += bias[i];
+        }
+      }
+      for (int64_t b = 0; b < B && !qk_norms.empty(); ++b) {  // each head of q and of k normed, in place
+        float* row = qkv + b * qs;
+        rms_rows(row, qk_norms[2 * l].data_ptr<float>(), row, n_heads, D, static_cast<float>(qk_eps));
+        rms_rows(row + nq, qk_norms[2 * l + 1].data_ptr<float>(), row + nq, n_kv_heads, D, static_cast<float>(qk_eps));
+      }
       attention_step(qkv, nq + 2 * nk, qkv + nq, qkv + nq + nk, nq + 2 * nk, cs.data(), true,
                      static_cast<uint8_t*>(caches[2 * l].data_ptr()), static_cast<uint8_t*>(caches[2 * l + 1].data_ptr()),
                      kv_type_of(caches[0]), slots, n_heads, n_kv_heads,
@@ -2117,6 +2152,7 @@ TORCH_LIBRARY(llamalite, m) {
       .def("step", &DecodePlan::step)
       .def("step_stage", &DecodePlan::step_stage)
       .def("set_reducer", &DecodePlan::set_reducer)
+      .def("set_extras", &DecodePlan::set_extras)
       .def("add_adapter", &DecodePlan::add_adapter)
       .def("step_adapted", &DecodePlan::step_adapted);
 }

@@ -437,3 +437,13 @@ def test_the_chat_page_sends_security_headers(tiny):
     csp = r.headers["content-security-policy"]
     assert "frame-ancestors 'none'" in csp and "'sha256-" in csp and "unsafe-inline" not in csp.split("style-src")[0]
     assert r.headers["x-frame-options"] == "DENY" and r.headers["x-content-type-options"] == "nosniff"
+
+
+def test_nagle_is_off_on_every_connection(tiny_file):
+    """A listener bound before uvicorn (BackgroundServer's) left Nagle on: each response on a kept-alive
+    connection (the OpenAI SDK's) then waited ~40 ms for the client's delayed ACK."""
+    background = BackgroundServer(create_app(Server(load(tiny_file), "tiny")))
+    with background as url, httpx.Client() as client:
+        assert client.get(url + "/health").status_code == 200
+        sockets = [p.transport.get_extra_info("socket") for p in background.server.server_state.connections]
+        assert sockets and all(s.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) for s in sockets)

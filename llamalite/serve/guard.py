@@ -19,6 +19,7 @@ import hmac
 import ipaddress
 import json
 import logging
+import socket
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -231,6 +232,12 @@ class GuardedH11Protocol(H11Protocol):
 
     def connection_made(self, transport) -> None:
         super().connection_made(transport)
+        # No Nagle: asyncio turns it off only on sockets whose listener says IPPROTO_TCP, which a listener
+        # bound before uvicorn (BackgroundServer, a socket handed down) may not; with it on, each response
+        # on a kept-alive connection waited ~40 ms for the client's delayed ACK.
+        sock = transport.get_extra_info("socket")
+        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self._head_deadline = self.loop.call_later(self.header_timeout, self._head_timed_out)
 
     def data_received(self, data: bytes) -> None:

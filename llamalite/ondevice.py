@@ -245,6 +245,11 @@ def export_executorch(model: nn.Module, tokenizer: "Tokenizer | None", out: str 
     os.replace(partial, out)
     if tokenizer is not None:
         _write_tokenizer(tokenizer, _tokenizer_dir(out))
+        differs = _device_tokenizer_differs(tokenizer, _tokenizer_dir(out))
+        if differs:
+            warnings.warn(f"ExecuTorch's C++ tokenizer (pytorch-tokenizers, what its runner reads) splits text "
+                          f"otherwise than the model's tokenizer: {differs}. llamalite runs the program right; "
+                          f"on a device, give the runner the model's own tokenizer file", stacklevel=2)
     _meta_path(out).write_text(json.dumps({"format": "llamalite-executorch", "dtype": dtype, "max_seq_len": S,
                                            "config": cfg.to_dict()}, indent=1))
     return out
@@ -333,6 +338,32 @@ class Int8Embedding(nn.Module):
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         return torch.ops.quantized_decomposed.embedding_byte.dtype(self.weight, self.scales, None, -128, 127, tokens,
                                                                    dtype=torch.float32)
+
+
+PROBE = ("Hello world! It's 2026-11-30: 3.14159, 1,000,000 and x^2.\n\n\tIndented  twice   over.\n"
+         "Café naïve Zürich 東京 🙂 <|im_start|>user\n")
+
+
+def _device_tokenizer_differs(tokenizer: "Tokenizer", where: Path) -> str | None:
+    """How ExecuTorch's own tokenizer library reads the tokenizer file written in `where` differs from
+    `tokenizer` on a probe text (None where it agrees or the library is not installed)."""
+    try:
+        with _quiet_stderr():  # it says at import which regex engine it falls back on
+            import pytorch_tokenizers
+    except ImportError:
+        return None
+    if (where / "tokenizer.json").exists():
+        device, file = pytorch_tokenizers.CppHFTokenizer(), where / "tokenizer.json"
+    else:
+        device, file = pytorch_tokenizers.CppSPTokenizer(), where / "tokenizer.model"
+    with _quiet_stderr():  # it logs its regex compilation at info level
+        device.load(str(file))
+        theirs = list(device.encode(PROBE, 0, 0))
+    ours = tokenizer.encode(PROBE, parse_special=True)
+    if theirs == ours:
+        return None
+    at = next((i for i, (a, b) in enumerate(zip(theirs, ours)) if a != b), min(len(theirs), len(ours)))
+    return f"{PROBE!r} is {len(ours)} tokens here, {len(theirs)} there, first apart at token {at}"
 
 
 def _tokenizer_dir(pte: Path) -> Path:

@@ -413,8 +413,11 @@ def _bpe_from_gguf(tokens: list[str], types: list[int], merges: list[str], pre: 
     vocab = {t: i for i, t in enumerate(tokens)}
     pairs = [tuple(m.split(" ", 1)) for m in merges]
     tok = tk.Tokenizer(tk.models.BPE(vocab, pairs, ignore_merges=ignore_merges))
+    # Each digit alone is HF's own Digits pre-tokenizer (as SmolLM's and StarCoder's tokenizer.json have it):
+    # the same split, in a form ExecuTorch's C++ tokenizer also reads (its Split keeps only what matches).
     tok.pre_tokenizer = tk.pre_tokenizers.Sequence(
-        [tk.pre_tokenizers.Split(tk.Regex(r), behavior="isolated") for r in regexes]
+        [tk.pre_tokenizers.Digits(individual_digits=True) if r == r"\p{N}" else
+         tk.pre_tokenizers.Split(tk.Regex(r), behavior="isolated") for r in regexes]
         + [tk.pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
     tok.decoder = tk.decoders.ByteLevel()
     # llama.cpp matches control and user-defined token texts before running BPE: control ones only when

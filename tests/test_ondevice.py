@@ -148,3 +148,43 @@ def test_biases_and_head_norms_export(tmp_path):
     pte = export_executorch(model, None, tmp_path / "f.pte", "8da4w", max_seq_len=32)
     got = PteModel(pte, cfg, 32)(torch.tensor([IDS]), torch.arange(len(IDS)))[0]
     assert float((got - want).abs().max() / want.abs().max()) < 0.06
+
+
+def test_executorchs_own_runner_runs_the_program(tmp_path):
+    """ExecuTorch's C++ LLM runner (TextLLMRunner: llama_main's and the phone apps') reads the program, its
+    constant methods and the tokenizer.json beside it, and generates llamalite's greedy tokens. (A
+    vocabulary of ASCII tokens only: the runner hands each token's text to Python as UTF-8.)"""
+    from executorch.extension.llm.runner import GenerationConfig, TextLLMRunner
+
+    from llamalite.generation import generate
+    from llamalite.ondevice import export_executorch
+    from llamalite.sampling import GREEDY
+
+    tokens = [chr(c) for c in range(33, 127)] + ["Ġ", "Ċ", "<s>", "</s>"]
+    gguf = write_gguf(tmp_path / "ascii.gguf", *_tiny_weights(), tensor_type="F32", tokens=tokens, merges=[])
+    lm = load(gguf)
+    with pytest.warns(UserWarning, match="pytorch-tokenizers"):  # text outside the vocabulary: told, not hidden
+        pte = export_executorch(lm.model, lm.tokenizer, tmp_path / "ascii.pte", "fp32", max_seq_len=64)
+    runner = TextLLMRunner(str(pte), str(pte.with_suffix(".tokenizer") / "tokenizer.json"))
+    pieces: list[str] = []
+    runner.generate("hello there", GenerationConfig(echo=False, max_new_tokens=12, temperature=0.0),
+                    token_callback=pieces.append)
+    program = load(pte)
+    want = list(generate(program.model, program.tokenizer.encode("hello there"), max_new_tokens=12, sampling=GREEDY,
+                         stop_ids=sorted(program.tokenizer.end_ids)))
+    assert len(pieces) >= len(want) > 0
+    assert pieces[:len(want)] == [program.tokenizer.decode([t]) for t in want]
+
+
+def test_the_tokenizer_files_read_alike_on_a_device(tmp_path):
+    """What ExecuTorch's tokenizer library (pytorch-tokenizers) makes of the written tokenizer is the model's
+    tokenization: the default model's (SmolLM's digits each alone: HF's Digits, not a Split it reads
+    otherwise) and a GPT-2 one."""
+    from llamalite.loading import load_tokenizer
+    from llamalite.ondevice import _device_tokenizer_differs, _write_tokenizer
+    from llamalite.store import default_model_path
+
+    for name, source in (("default", default_model_path()), ("gpt2", write_gguf(tmp_path / "g.gguf", *_tiny_weights()))):
+        tokenizer = load_tokenizer(str(source))
+        _write_tokenizer(tokenizer, tmp_path / name)
+        assert _device_tokenizer_differs(tokenizer, tmp_path / name) is None

@@ -402,6 +402,9 @@ class _ShardView:
 
         self.tensor_type, self.data_offset, self.n_bytes = t.tensor_type, t.data_offset, t.n_bytes
         self.data, self.shape = t.data, shape
+        if len(shape) == 1 and rows is not None:  # a bias
+            self.data, self.shape = t.data[rows[0]:rows[1]], (rows[1] - rows[0],)
+            return
         if len(shape) != 2 or (rows is None and cols is None):
             return
         r0, r1 = rows or (0, shape[0])
@@ -467,7 +470,7 @@ def load_gguf(path: Path, dtype: torch.dtype = torch.float32, quantized: bool = 
                                has_bias="blk.0.attn_q.bias" in tensors)
     except ValueError as e:
         raise ModelFileError(f"{path}: {e}") from e
-    if shard is not None and not pipeline and (cfg.family != "llama" or cfg.qkv_bias or cfg.qk_norm):
+    if shard is not None and not pipeline and cfg.family == "phi3":  # its fused q/k/v and gate/up rows
         from .parallel import ParallelError
 
         raise ParallelError(f"splitting a {cfg.family} model by heads is not supported yet: split it by layers "

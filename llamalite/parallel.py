@@ -54,8 +54,9 @@ def _even(units: int, world: int) -> list[tuple[int, int]]:
 
 @dataclass(frozen=True)
 class Split:
-    """What rank `shard.rank` holds of a model with config `cfg`: row ranges of wq/wk/wv and w1/w3, the
-    same ranges as input columns of wo and w2, and its local config (its heads and hidden width).
+    """What rank `shard.rank` holds of a model with config `cfg`: row ranges of wq/wk/wv (and of their
+    biases) and w1/w3, the same ranges as input columns of wo and w2, and its local config (its heads and
+    hidden width); per-head norms (Qwen3's) are whole on every rank.
     `w2_block` and `wo_block` are the elements per quantization block along those weights' rows."""
     cfg: ModelConfig
     shard: Shard
@@ -100,7 +101,7 @@ class Split:
         lo, hi = self.heads
         hd, rep = self.cfg.head_dim, self.cfg.n_heads // self.cfg.n_kv_heads
         q, kv = (lo * rep * hd, hi * rep * hd), (lo * hd, hi * hd)
-        target = name.removesuffix(".weight").rsplit(".", 1)[-1]
+        target = name.removesuffix(".weight").removesuffix(".bias").rsplit(".", 1)[-1]  # a bias: its rows
         return {"wq": (q, None), "wk": (kv, None), "wv": (kv, None), "wo": (None, q), "w1": (self.hidden, None),
                 "w3": (self.hidden, None), "w2": (None, self.hidden)}.get(target, (None, None))
 

@@ -85,6 +85,37 @@ def test_two_ranks_equal_one_process_on_tiny_models(tiny_files, tmp_path, flags)
         assert sum(held) == one["held"]["layers"] and max(held) <= 0.61 * one["held"]["layers"], (name, held)
 
 
+def test_qwen2_and_qwen3_split_by_heads(tmp_path):
+    """Qwen2's q/k/v biases cut with their rows, Qwen3's head norms whole on each rank: the same logits and
+    greedy tokens as one process, both decoding with the kernels' one-call step."""
+    from llamalite.export import export_gguf
+    from llamalite.loading import load
+    from tests.helpers import save_hf_dir
+    from tests.test_families import COMMON, FAMILIES
+
+    transformers = pytest.importorskip("transformers")
+    files = []
+    for kind in ("qwen2", "qwen3"):
+        config_cls, model_cls, extra, _ = FAMILIES[kind]
+        torch.manual_seed(0)
+        model = getattr(transformers, model_cls)(getattr(transformers, config_cls)(**COMMON, **extra)).float().eval()
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "norm" in name:
+                    p.uniform_(0.5, 1.5)
+                elif "bias" in name:
+                    p.normal_(0, 0.5)
+        lm = load(save_hf_dir(model, tmp_path / kind))
+        files.append(export_gguf(lm.model, lm.tokenizer, tmp_path / f"{kind}-Q8_0.gguf", dtype="q8_0"))
+    for name, (one, ranks) in _runs(tmp_path, files, 2).items():
+        for key in ("full", "pre", "step", "hidden", "long", "after"):
+            for rank in ranks:
+                err = (rank[key] - one[key]).abs().max() / one[key].abs().max()
+                assert err < 1e-3, (name, key, float(err))
+        assert all(r["tokens"] == one["tokens"] for r in ranks), name
+        assert one["plan"] and all(r["plan"] for r in ranks), name
+
+
 def test_the_default_model_over_two_ranks(default_model_file, tmp_path):
     """SmolLM2-135M (Q4_1): its 3 head groups split 2 + 1 and its feed-forward in halves; the same logits
     (within the kernels' activation rounding), the same greedy tokens, and the layers' weights shared out."""

@@ -993,6 +993,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{', '.join(TENSOR_PARALLEL)} (tensor parallelism) and trains (train, finetune)", file=sys.stderr)
         return 1
     quiet = world > 1 and args.verb in TENSOR_PARALLEL and int(os.environ.get("RANK", "0")) != 0
+    stdout = sys.stdout
     if quiet:  # one rank speaks for the group: the others compute the same thing
         sys.stdout = open(os.devnull, "w")
     try:
@@ -1006,6 +1007,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"llamalite: error: {e}", file=sys.stderr)
         return 1
     finally:
+        if quiet:
+            sys.stdout.close()
+            sys.stdout = stdout
         if world > 1 and args.verb in TENSOR_PARALLEL:
             import torch.distributed as dist
 

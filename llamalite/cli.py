@@ -34,6 +34,7 @@ def _load(args):
         device = rank_device(device)
     lm = load(resolve_model(args.model), device=device, shard=shard, pipeline=getattr(args, "pp", False),
               kv_type=getattr(args, "kv_type", None))
+    _refuse_for_program(args, lm)
     if getattr(args, "lora", None):
         from .adapters import AdapterSet, read_adapter
 
@@ -44,6 +45,20 @@ def _load(args):
 
         compile_decode(lm.model)
     return lm
+
+
+def _refuse_for_program(args, lm) -> None:
+    """What an ExecuTorch program cannot do (its weights and one sequence's cache are inside it), refused
+    before anything runs rather than failing half way."""
+    if lm.format != "executorch":
+        return
+    asked = [flag for flag, attr in (("--lora", "lora"), ("--compile", "compile"), ("--context-shift", "context_shift"),
+                                     ("--prompt-cache", "prompt_cache"), ("--draft-model", "draft_model"))
+             if getattr(args, attr, None)] + (["--lookup"] if getattr(args, "lookup", None) is not None else [])
+    if asked:
+        raise ValueError(f"{', '.join(asked)} cannot run on an ExecuTorch program (its weights and its one sequence's "
+                         f"cache are inside it): drop {'it' if len(asked) == 1 else 'them'}, or run the model it was "
+                         f"exported from")
 
 
 def _sampling(args):
@@ -400,6 +415,7 @@ def cmd_serve(args) -> int:
     def loader(path):
         def load_it():
             lm = load(path, device=args.device, kv_type=args.kv_type)
+            _refuse_for_program(args, lm)
             if getattr(args, "compile", False):
                 from .generation import compile_decode
 
@@ -745,6 +761,9 @@ def _drafting(args, lm):
         p_min = DRAFT_P_MIN if args.draft_p_min is None else args.draft_p_min
         if not 0 <= p_min <= 1:
             raise ValueError("--draft-p-min must be between 0 and 1")
+        if str(args.draft_model).endswith(".pte"):
+            raise ValueError("--draft-model takes a model llamalite runs itself (GGUF, Hugging Face, ...), not an "
+                             "ExecuTorch program: give the model it was exported from")
         draft = load(resolve_model(args.draft_model), device=lm.model.device, kv_type=lm.model.kv_type)
         DraftModel.check_vocabulary(lm.tokenizer, draft.tokenizer, lm.config.vocab_size, draft.config.vocab_size)
         drafter = draft_model = DraftModel(draft.model, p_min)

@@ -128,6 +128,12 @@ def test_the_verbs_read_a_program(tiny, tmp_path):
         assert bad.returncode != 0 and said in bad.stderr, bad.stderr[-1000:]
     serve = run("serve", "--model", str(pte), "--port", "1")
     assert serve.returncode != 0 and "--max-batch 1" in serve.stderr
+    for flags in (["--context-shift"], ["--prompt-cache", str(tmp_path / "pc")], ["--lookup", "3"]):
+        refused = run("generate", "--model", str(pte), "-n", "4", *flags, "hi")
+        assert refused.returncode == 1 and f"{flags[0]} cannot run on an ExecuTorch program" in refused.stderr, \
+            refused.stderr[-1000:]
+    refused = run("generate", "--model", str(gguf), "-n", "4", "--draft-model", str(pte), "hi")
+    assert refused.returncode == 1 and "not an ExecuTorch program" in refused.stderr, refused.stderr[-1000:]
 
 
 def test_biases_and_head_norms_export(tmp_path):

@@ -359,7 +359,7 @@ def _device_tokenizer_differs(tokenizer: "Tokenizer", where: Path) -> str | None
     with _quiet_stderr():  # it logs its regex compilation at info level
         device.load(str(file))
         theirs = list(device.encode(PROBE, 0, 0))
-    ours = tokenizer.encode(PROBE, parse_special=True)
+    ours = tokenizer.encode(PROBE, add_bos=False, parse_special=True)  # the runner adds its BOS apart
     if theirs == ours:
         return None
     at = next((i for i, (a, b) in enumerate(zip(theirs, ours)) if a != b), min(len(theirs), len(ours)))

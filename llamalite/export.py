@@ -239,9 +239,8 @@ def export_hf(model: torch.nn.Module, tokenizer, out: str | Path, dtype: str = "
             hf = hf.replace("mlp.up_proj", "mlp.gate_up_proj")
         tensors[hf] = t.to(torch_dtype).contiguous()
     save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
-    model_type = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "phi3": "phi3"}[cfg.family]
     head = {"llama": "Llama", "qwen2": "Qwen2", "qwen3": "Qwen3", "phi3": "Phi3"}[cfg.family]
-    config = {"architectures": [f"{head}ForCausalLM"], "model_type": model_type, "hidden_size": cfg.dim,
+    config = {"architectures": [f"{head}ForCausalLM"], "model_type": cfg.family, "hidden_size": cfg.dim,
               "intermediate_size": cfg.hidden_dim, "num_hidden_layers": cfg.n_layers,
               "num_attention_heads": cfg.n_heads, "num_key_value_heads": cfg.n_kv_heads, "head_dim": cfg.head_dim,
               "vocab_size": cfg.vocab_size, "max_position_embeddings": cfg.context_length, "rms_norm_eps": cfg.norm_eps,

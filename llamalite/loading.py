@@ -288,13 +288,12 @@ def family_layout(cfg: ModelConfig, weights: dict, blocks: dict, neox: bool) -> 
     qd, kd = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
     for i in range(cfg.n_layers):
         p = f"layers.{i}."
-        for fused, parts, sizes in ((p + "attention.wqkv.weight", ("wq", "wk", "wv"), (qd, kd, kd)),):
-            where = store(fused)
-            if where is not None:
-                entry, at = where.pop(fused), 0
-                for part, size in zip(parts, sizes):
-                    where[f"{p}attention.{part}.weight"] = rows(entry, at, at + size)
-                    at += size
+        fused = p + "attention.wqkv.weight"
+        where = store(fused)
+        if where is not None:  # [q; k; v]
+            entry = where.pop(fused)
+            for part, lo, hi in (("wq", 0, qd), ("wk", qd, qd + kd), ("wv", qd + kd, qd + 2 * kd)):
+                where[f"{p}attention.{part}.weight"] = rows(entry, lo, hi)
         up = p + "feed_forward.w3.weight"
         if cfg.family == "phi3" and store(up) is not None:  # [gate; up], as llama.cpp's and HF's Phi-3 hold them
             where = store(up)

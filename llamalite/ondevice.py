@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import importlib
 import importlib.util
 import json
@@ -58,6 +59,7 @@ def _require_executorch(part: str = "exir") -> None:
                                 "pip install 'llamalite[device]'") from None
 
 
+@functools.cache
 def _register_ops() -> None:
     """ExecuTorch's LLM ops (`llama::update_cache`, `llama::custom_sdpa`) and quantized ones
     (`quantized_decomposed::embedding_byte`) as torch ops, to trace and run the module eagerly."""
@@ -101,6 +103,7 @@ def _quiet_stderr():
         os.close(saved)
 
 
+@functools.cache
 def _load_kernels() -> None:
     """Those ops' kernels for executorch.runtime (a device's runner links them: ExecuTorch's LLaMA runner
     does)."""

@@ -2075,22 +2075,20 @@ struct DecodePlan : torch::CustomClassHolder {
       const at::Tensor* w = weights.data() + 7 * l;
       const int64_t* t = types.data() + 4 * l;
       rms_rows(h, norms[2 * l].data_ptr<float>(), n, B, dim, static_cast<float>(eps));
+      const int64_t qs = nq + 2 * nk;  // a row of [q|k|v]
       bases = {w[0].data_ptr<uint8_t>(), w[1].data_ptr<uint8_t>(), w[2].data_ptr<uint8_t>()};
-      starts = {0, nq, nq + nk, nq + 2 * nk};
+      starts = {0, nq, nq + nk, qs};
       qproduct(n, B, dim, bases, starts, t[0], path, qkv, false);
       if (adapters != nullptr) {
-        const int64_t qs = nq + 2 * nk;
         lora_add(n, dim, qkv, qs, *adapters, lora_a, lora_bt, 7 * l);
         lora_add(n, dim, qkv + nq, qs, *adapters, lora_a, lora_bt, 7 * l + 1);
         lora_add(n, dim, qkv + nq + nk, qs, *adapters, lora_a, lora_bt, 7 * l + 2);
       }
-      const int64_t qs = nq + 2 * nk;
       for (int64_t b = 0; b < B && !biases.empty(); ++b) {  // + bq, bk, bv
         float* row = qkv + b * qs;
-        const int64_t at[3] = {0, nq, nq + nk}, len[3] = {nq, nk, nk};
         for (int j = 0; j < 3; ++j) {
           const float* bias = biases[3 * l + j].data_ptr<float>();
-          for (int64_t i = 0; i < len[j]; ++i) row[at[j] + i] += bias[i];
+          for (int64_t i = starts[j]; i < starts[j + 1]; ++i) row[i] += bias[i - starts[j]];
         }
       }
       for (int64_t b = 0; b < B && !qk_norms.empty(); ++b) {  // each head of q and of k normed, in place
@@ -2098,7 +2096,7 @@ struct DecodePlan : torch::CustomClassHolder {
         rms_rows(row, qk_norms[2 * l].data_ptr<float>(), row, n_heads, D, static_cast<float>(qk_eps));
         rms_rows(row + nq, qk_norms[2 * l + 1].data_ptr<float>(), row + nq, n_kv_heads, D, static_cast<float>(qk_eps));
       }
-      attention_step(qkv, nq + 2 * nk, qkv + nq, qkv + nq + nk, nq + 2 * nk, cs.data(), true,
+      attention_step(qkv, qs, qkv + nq, qkv + nq + nk, qs, cs.data(), true,
                      static_cast<uint8_t*>(caches[2 * l].data_ptr()), static_cast<uint8_t*>(caches[2 * l + 1].data_ptr()),
                      kv_type_of(caches[0]), slots, n_heads, n_kv_heads,
                      D, qr, att);

@@ -54,22 +54,31 @@ _VALUES = {"type", "enum", "const", "default", "examples", "format", "pattern", 
            "contentEncoding", "contentMediaType", "contentSchema", "x-guidance"}
 
 
-def _prepared(schema: Any) -> Any:
+def _prepared(schema: Any, merged: bool = False) -> Any:
     """The schema as the grammar engine gets it:
     - keywords JSON Schema does not define (`x-order`, an app's own annotations) are left out: the
       specification makes them annotations, which constrain nothing. Its own keywords all stay, so one
       the engine cannot enforce (uniqueItems, not, ...) is still refused by name;
     - every integer without bounds is bounded to +-2^53, the integers that every JSON parser reads
       exactly: an unbounded integer lets a small model loop on digits ("population": 1111...) until
-      max_tokens."""
+      max_tokens;
+    - an object schema that declares `properties` but says nothing of `additionalProperties` admits
+      its declared keys only, as llama.cpp's json-schema-to-grammar generates: what pydantic,
+      LangChain, instructor and `llm --schema` send leaves the keyword out, and a small model given
+      the freedom invents keys until max_tokens. A schema that allows more says so (`true` or a
+      schema, or `patternProperties`). Where keys add up (the branches of an allOf of several schemas,
+      and an object with properties of its own beside allOf/anyOf/oneOf: `merged`), nothing is closed:
+      closing each part would refuse the keys the others declare."""
     if not isinstance(schema, dict):
         return schema
     out: dict[str, Any] = {}
+    composed = {"allOf", "anyOf", "oneOf"} & schema.keys()
     for key, value in schema.items():
         if key in _SCHEMA_MAPS and isinstance(value, dict):
             out[key] = {name: _prepared(v) for name, v in value.items()}
         elif key in _SCHEMA_LISTS and isinstance(value, list) or key == "items" and isinstance(value, list):
-            out[key] = [_prepared(v) for v in value]
+            adds_up = key == "allOf" and len(value) > 1 or key in composed and "properties" in schema
+            out[key] = [_prepared(v, merged=adds_up) for v in value]
         elif key in _SCHEMAS:
             out[key] = _prepared(value)
         elif key in _VALUES:
@@ -78,7 +87,40 @@ def _prepared(schema: Any) -> Any:
     if (kind == "integer" or isinstance(kind, list) and "integer" in kind) and \
             not {"minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum"} & out.keys():
         out["minimum"], out["maximum"] = SAFE_INTEGERS
+    if "properties" in out and not merged and not composed and \
+            not {"additionalProperties", "unevaluatedProperties", "patternProperties"} & out.keys():
+        out["additionalProperties"] = False
     return out
+
+
+def strict_problem(schema: Any, where: str = "schema") -> str | None:
+    """Why `schema` is not a strict schema as OpenAI's Structured Outputs defines one, or None: every
+    object must set `additionalProperties` to false and list each of its properties in `required`
+    (an optional field is a type that admits null). The message names the place, as a JSON path."""
+    if isinstance(schema, list):
+        for k, item in enumerate(schema):
+            if (problem := strict_problem(item, f"{where}[{k}]")) is not None:
+                return problem
+        return None
+    if not isinstance(schema, dict):
+        return None
+    kind = schema.get("type")
+    if kind == "object" or isinstance(kind, list) and "object" in kind or "properties" in schema:
+        if schema.get("additionalProperties") is not False:
+            return f"{where}: 'additionalProperties' must be given and be false in a strict schema"
+        missing = [name for name in schema.get("properties", {}) if name not in schema.get("required", [])]
+        if missing:
+            return (f"{where}: 'required' must list every key in properties in a strict schema; missing "
+                    f"'{missing[0]}' (make an optional field's type admit null instead)")
+    for key, value in schema.items():
+        if key in _SCHEMA_MAPS and isinstance(value, dict):
+            for name, sub in value.items():
+                if (problem := strict_problem(sub, f"{where}.{key}.{name}")) is not None:
+                    return problem
+        elif key in _SCHEMA_LISTS or key in _SCHEMAS:
+            if (problem := strict_problem(value, f"{where}.{key}")) is not None:
+                return problem
+    return None
 
 
 JSON_OPTIONS = {"whitespace_flexible": False, "whitespace_pattern": JSON_WHITESPACE}

@@ -47,21 +47,27 @@ def gguf_add_config(writer: Any, cfg: ModelConfig, vocab_size: int | None = None
 
 
 def _bpe_pre_name(data: dict) -> str:
-    """llama.cpp's pre-tokenizer name for a tokenizer.json, from its split regexes."""
-    from .tokenizer import BPE_PRE_TOKENIZERS
+    """llama.cpp's pre-tokenizer name for a tokenizer.json, from the splits its pre-tokenizer makes in
+    order: a Split's regex, Digits (each digit alone: llama.cpp's \\p{N}) and ByteLevel's own regex
+    (GPT-2's) where it uses one. The first name llama.cpp knows for those regexes; "default" if none."""
+    from .tokenizer import GPT2_REGEX, BPE_PRE_TOKENIZERS
 
     def walk(node: Any) -> list[dict]:
         if not isinstance(node, dict):
             return []
         return [node] + [n for child in node.get("pretokenizers") or [] for n in walk(child)]
 
-    nodes = walk(data.get("pre_tokenizer"))
-    regexes = tuple(n["pattern"]["Regex"] for n in nodes if n.get("type") == "Split" and "Regex" in n.get("pattern", {}))
+    regexes = []
+    for n in walk(data.get("pre_tokenizer")):
+        if n.get("type") == "Split" and "Regex" in n.get("pattern", {}):
+            regexes.append(n["pattern"]["Regex"])
+        elif n.get("type") == "Digits":
+            regexes.append(r"\p{N}" if n.get("individual_digits") else r"\p{N}+")
+        elif n.get("type") == "ByteLevel" and n.get("use_regex", True):
+            regexes.append(GPT2_REGEX)
     for name, (known, _) in BPE_PRE_TOKENIZERS.items():
-        if regexes and regexes == tuple(known):
+        if regexes and tuple(regexes) == tuple(known):
             return name
-    if not regexes and any(n.get("type") == "ByteLevel" and n.get("use_regex", True) for n in nodes):
-        return "gpt-2"  # ByteLevel's own regex is GPT-2's
     return "default"
 
 
@@ -69,6 +75,8 @@ def gguf_add_tokenizer(writer: Any, tokenizer, vocab_size: int | None = None) ->
     """The `tokenizer.ggml.*` keys (and chat template) for a llamalite Tokenizer; a model whose embedding
     has more rows than the tokenizer has tokens (`vocab_size`) gets fillers for the rest, as llama.cpp's
     converter writes them ([PAD<id>], unused), since llama.cpp sizes the embedding by the token list."""
+    import gguf
+
     from .tokenizer import BYTE, CONTROL, NORMAL, UNKNOWN, UNUSED, USER_DEFINED, HFEngine, SPEngine
 
     engine, n = tokenizer.engine, tokenizer.vocab_size
@@ -82,7 +90,7 @@ def gguf_add_tokenizer(writer: Any, tokenizer, vocab_size: int | None = None) ->
             raise ExportError("the tokenizer's ids have gaps; GGUF needs a token for every id")
         pad = max(0, (vocab_size or n) - n)
         writer.add_tokenizer_model("gpt2")
-        writer.add_tokenizer_pre(_bpe_pre_name(data))
+        writer.add_tokenizer_pre(tokenizer.gguf_settings.get("tokenizer.ggml.pre") or _bpe_pre_name(data))
         writer.add_token_list(tokens + [f"[PAD{i}]" for i in range(n, n + pad)])
         writer.add_token_types([(CONTROL if added[i] else USER_DEFINED) if i in added else NORMAL for i in range(n)]
                                + [UNUSED] * pad)
@@ -100,7 +108,9 @@ def gguf_add_tokenizer(writer: Any, tokenizer, vocab_size: int | None = None) ->
         writer.add_tokenizer_model("llama")
         writer.add_token_list([p.piece for p in proto.pieces] + [f"[PAD{i}]" for i in range(n, n + pad)])
         writer.add_token_scores([p.score for p in proto.pieces] + [-1000.0] * pad)
-        writer.add_token_types([kinds.get(p.type, NORMAL) for p in proto.pieces] + [UNUSED] * pad)
+        types = engine.gguf_types if engine.gguf_types and len(engine.gguf_types) == n else \
+            [kinds.get(p.type, NORMAL) for p in proto.pieces]
+        writer.add_token_types(list(types) + [UNUSED] * pad)
         writer.add_add_space_prefix(proto.normalizer_spec.add_dummy_prefix)
     else:
         raise ExportError(f"cannot write a {type(engine).__name__} tokenizer into GGUF")
@@ -116,6 +126,14 @@ def gguf_add_tokenizer(writer: Any, tokenizer, vocab_size: int | None = None) ->
         writer.add_eot_token_id(eot[0])
     if tokenizer.chat_template:
         writer.add_chat_template(tokenizer.chat_template)
+    # The source file's other settings, as they were (add_eos_token, unknown_token_id, ...); the ones
+    # written above come from the same tokenizer, so they agree with the source's.
+    written = {key for kv in writer.kv_data for key in kv}  # GGUFWriter refuses a key twice
+    for key, value in tokenizer.gguf_settings.items():
+        if key not in written and not (key == "tokenizer.ggml.pre" and isinstance(engine, SPEngine)):
+            kind = (gguf.GGUFValueType.BOOL if isinstance(value, bool) else gguf.GGUFValueType.UINT32 if isinstance(value, int)
+                    else gguf.GGUFValueType.FLOAT32 if isinstance(value, float) else gguf.GGUFValueType.STRING)
+            writer.add_key_value(key, value, kind)
 
 
 def _weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:

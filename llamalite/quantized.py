@@ -109,6 +109,10 @@ def _register_fake() -> None:
     def _(x, w, eps):
         return torch.empty_like(x)
 
+    @torch.library.register_fake("llamalite::silu_mul")
+    def _(gu):
+        return gu.new_empty((gu.shape[0], gu.shape[1] // 2))
+
     @torch.library.register_fake("llamalite::dequantize")
     def _(w, qtype):
         n_el, n_bytes = BLOCK[next(k for k, v in KERNEL_TYPES.items() if v == qtype)]
@@ -305,7 +309,9 @@ class FastFeedForward(FeedForward):
         x2 = x.reshape(x.shape[0], -1)
         gate, up = _fused(self.w13, x2)
         gate, up = adapted(self.w1, gate, x2), adapted(self.w3, up, x2)
-        return self.w2((F.silu(gate) * up).view(x.shape[0], 1, -1))
+        # SiLU as the kernels' DecodePlan computes it, so the two one-token steps agree on every host
+        act = torch.ops.llamalite.silu_mul(torch.cat([gate, up], dim=1))
+        return self.w2(act.view(x.shape[0], 1, -1))
 
 
 def _fusable(block: TransformerBlock, bias: bool, head_norms: bool) -> bool:
@@ -383,7 +389,12 @@ class FastTransformer(Transformer):
             return False
         if self._caches_of is not first:
             caches = [layer.attention.cache for layer in self.layers]
-            (self.plan if plan is None else plan).set_caches([t for c in caches for t in (c.k, c.v)])
+            plan = self.plan if plan is None else plan
+            plan.set_caches([t for c in caches for t in (c.k, c.v)])
+            # RoPE's rotations for every cached position, as Transformer.forward computes them, so the step
+            # rotates by the same values as the layers on every host (DecodePlan::set_rope says why).
+            angles = torch.arange(self.max_seq_len).float()[..., None] * self.inv_freq
+            plan.set_rope(torch.view_as_real(torch.polar(torch.ones_like(angles), angles)).contiguous())
             self._caches_of = first
         return True
 

@@ -26,7 +26,7 @@ NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
 END_OF_TURN_TEXTS = ("<|eot_id|>", "<|eom_id|>", "<|im_end|>", "<|end|>", "<end_of_turn>", "<|endoftext|>",
                      "<|end_of_text|>", "<EOT>")
 
-_GPT2 = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
+GPT2_REGEX = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
 _LLAMA3 = (r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
            r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
 # llama.cpp's pre-tokenizer per `tokenizer.ggml.pre`: regexes applied one after another, each splitting
@@ -50,7 +50,7 @@ _CJK = "[\u4e00-\u9fa5\u0800-\u4e00\uac00-\ud7ff]+"
 _KANA = "[\u4e00-\u9fa5\u3040-\u309f\u30a0-\u30ff]+"
 _BLOOM = " ?[^(\\s|.,!?\u2026\u3002\uff0c\u3001\u0964\u06d4\u060c)]+"
 _PRE_SETS: dict[str, tuple[tuple[str, ...], bool]] = {  # llama.cpp's pre-tokenizer types: (regexes, ignore_merges)
-    "default": ((r"[\p{P}\$\+<=>\^~\|]+", _GPT2, r"\p{N}+", r"[0-9][0-9][0-9]"), False),
+    "default": ((r"[\p{P}\$\+<=>\^~\|]+", GPT2_REGEX, r"\p{N}+", r"[0-9][0-9][0-9]"), False),
     "llama3": ((_LLAMA3,), True),
     "dbrx": ((_LLAMA3,), False),
     "deepseek-llm": ((r"[\r\n]", r"\s?[" + _DEEPSEEK_LLM_LETTERS + "]+", r"\s?" + _DEEPSEEK_LLM_PUNCT + "+", r"\s+$",
@@ -59,9 +59,9 @@ _PRE_SETS: dict[str, tuple[tuple[str, ...], bool]] = {  # llama.cpp's pre-tokeni
                      r"[!\"#$%&'()*+,\-./:;<=>?@\[\\\]^_`{|}~][A-Za-z]+|[^\r\n\p{L}\p{P}\p{S}]?[\p{L}\p{M}]+"
                      r"| ?[\p{P}\p{S}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"), False),
     "deepseek-coder": ((r"[\r\n]", r"\s?\p{L}+", r"\s?\p{P}+", _CJK, r"\p{N}"), False),
-    "falcon": ((r"[\p{P}\$\+<=>\^~\|`]+", _GPT2, r"[0-9][0-9][0-9]"), False),
-    "starcoder": ((r"\p{N}", _GPT2), False),
-    "gpt-2": ((_GPT2,), False),
+    "falcon": ((r"[\p{P}\$\+<=>\^~\|`]+", GPT2_REGEX, r"[0-9][0-9][0-9]"), False),
+    "starcoder": ((r"\p{N}", GPT2_REGEX), False),
+    "gpt-2": ((GPT2_REGEX,), False),
     "qwen2": ((r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
                r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+",), False),
     "bloom": ((_BLOOM,), False),
@@ -71,7 +71,7 @@ _PRE_SETS: dict[str, tuple[tuple[str, ...], bool]] = {  # llama.cpp's pre-tokeni
                 r"((?=[\p{L}])([^a-z]))+((?=[\p{L}])([^A-Z]))*|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+"
                 r"|\s+(?!\S)|\s+",), True),
     "chameleon": ((r"<sentinel:[0-9]+>", r"(IMGIMG)((A|B|C|D|E|F|G|H|I){1,4})Z", r"([\t\n]|    |  )", r"\p{N}",
-                   r"[\p{P}!-/:-@\[-`{-~]", _GPT2), False),
+                   r"[\p{P}!-/:-@\[-`{-~]", GPT2_REGEX), False),
 }
 # Every `tokenizer.ggml.pre` name llama.cpp knows (llama-vocab.cpp), to its pre-tokenizer type.
 _PRE_NAMES = {
@@ -103,6 +103,10 @@ class Tokenizer:
         self.add_bos = add_bos
         self.end_ids = frozenset(i for i in (eos_id, *end_ids) if i is not None)
         self.chat_template: str | None = None  # set where the source has one (load_tokenizer), kept by save
+        # The source GGUF file's own `tokenizer.ggml.*` settings (the scalars: pre-tokenizer name, special
+        # ids, add_eos_token, ...), which a GGUF export writes back as they were: llama.cpp splits text by
+        # the pre-tokenizer's name, and a renamed one tokenizes differently.
+        self.gguf_settings: dict[str, bool | int | float | str] = {}
         self._special_pattern: re.Pattern | None = None
 
     @property
@@ -270,6 +274,9 @@ class SPEngine(_Engine):
     def __init__(self, sp: Any, special_ids: Iterable[int]):
         self.sp = sp
         self.vocab_size = sp.get_piece_size()
+        # A GGUF source's token types, where SentencePiece's proto cannot hold them (it allows one UNKNOWN;
+        # Phi-3's fillers are UNKNOWN too): a GGUF export writes them back.
+        self.gguf_types: list[int] | None = None
         self.special = {sp.id_to_piece(i): i for i in special_ids}
         self.control_ids = {i for i in range(self.vocab_size) if sp.is_control(i)} | set(self.special.values())
         self._split = (re.compile("(" + "|".join(map(re.escape, sorted(self.special, key=len, reverse=True))) + ")")
@@ -392,11 +399,16 @@ def tokenizer_from_gguf(meta: Mapping[str, Any]) -> Tokenizer:
     def find(text: str) -> int | None:
         return engine.piece_to_id(text) if text in control else None
 
-    return Tokenizer(engine, bos_id=bos, eos_id=eos,
-                     add_bos=meta.get("tokenizer.ggml.add_bos_token", default_add_bos),
-                     end_ids=_end_ids(find, (meta.get("tokenizer.ggml.eot_token_id"),
-                                             meta.get("tokenizer.ggml.eom_token_id"))),
-                     pad_id=meta.get("tokenizer.ggml.padding_token_id"))
+    out = Tokenizer(engine, bos_id=bos, eos_id=eos,
+                    add_bos=meta.get("tokenizer.ggml.add_bos_token", default_add_bos),
+                    end_ids=_end_ids(find, (meta.get("tokenizer.ggml.eot_token_id"),
+                                            meta.get("tokenizer.ggml.eom_token_id"))),
+                    pad_id=meta.get("tokenizer.ggml.padding_token_id"))
+    out.gguf_settings = {k: v for k, v in meta.items() if k.startswith("tokenizer.ggml.")
+                         and isinstance(v, (bool, int, float, str))}
+    if kind == "gpt2":
+        out.gguf_settings["tokenizer.ggml.pre"] = pre or "default"
+    return out
 
 
 def _bpe_from_gguf(tokens: list[str], types: list[int], merges: list[str], pre: str | None):
@@ -450,10 +462,15 @@ def _spm_from_gguf(tokens: list[str], types: list[int], scores: list[float], add
         if ty == UNKNOWN and i != unknown:  # SentencePiece has one; others (Phi-3's fillers) are never produced
             piece.type = pb.ModelProto.SentencePiece.UNUSED
     sp = spm.SentencePieceProcessor(model_proto=proto.SerializeToString())
-    return SPEngine(sp, [i for i, ty in enumerate(types) if ty == CONTROL])
+    engine = SPEngine(sp, [i for i, ty in enumerate(types) if ty == CONTROL])
+    engine.gguf_types = list(types)
+    return engine
 
 
 # ----- Hugging Face and Meta files ----------------------------------------------------------------
+
+GGUF_SETTINGS_KEY = "llamalite_gguf"  # in tokenizer_config.json: Tokenizer.gguf_settings, kept for a GGUF export
+
 
 def save_tokenizer(tokenizer: Tokenizer, path: Path) -> None:
     """The tokenizer as files `tokenizer_from_hf_dir` reads back: tokenizer.json (a `tokenizers`
@@ -471,6 +488,8 @@ def save_tokenizer(tokenizer: Tokenizer, path: Path) -> None:
               "add_bos_token": tokenizer.add_bos}
     if tokenizer.chat_template:
         config["chat_template"] = tokenizer.chat_template
+    if tokenizer.gguf_settings:
+        config[GGUF_SETTINGS_KEY] = tokenizer.gguf_settings
     (path / "tokenizer_config.json").write_text(json.dumps(config, ensure_ascii=False, indent=1))
 
 
@@ -497,6 +516,9 @@ def tokenizer_from_hf_dir(path: Path) -> Tokenizer:
                         end_ids=_end_ids(lambda t: tok.token_to_id(t) if t in special else None),
                         pad_id=named("pad_token"))
         out.chat_template = cfg.get("chat_template") if isinstance(cfg.get("chat_template"), str) else None
+        settings = cfg.get(GGUF_SETTINGS_KEY)
+        out.gguf_settings = {k: v for k, v in settings.items() if k.startswith("tokenizer.ggml.")
+                             and isinstance(v, (bool, int, float, str))} if isinstance(settings, dict) else {}
         return out
     if (path / "tokenizer.model").exists():
         return tokenizer_from_model_file(path / "tokenizer.model")

@@ -57,18 +57,47 @@ def _functions(tools: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     return [t["function"] for t in tools]
 
 
+def _unique(calls: list[ToolCall]) -> list[ToolCall]:
+    """The calls without exact repeats (same function, same arguments), the first of each kept: a small
+    model allowed several calls can write the same one again and again, and running it twice gains nothing."""
+    seen, out = set(), []
+    for call in calls:
+        key = (call.name, json.dumps(json.loads(call.arguments), sort_keys=True))
+        if key not in seen:
+            seen.add(key)
+            out.append(call)
+    return out
+
+
 class ToolFormat:
     """How one family is told about tools and calls them."""
     name = ""
     start = ""  # the text a call opens with: while a reply could still begin one, it is held back
+    end = ""  # the text a call closes with: a new complete call can only appear where one is written
 
     def prepare(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]]) -> list[dict[str, Any]]:
         """The messages with the tools and the tool turns written in this format's terms."""
         raise NotImplementedError
 
-    def parse(self, text: str, names: set[str]) -> tuple[str | None, list[ToolCall]]:
-        """(content, calls) from a reply; content None when the reply was only calls."""
+    def calls(self, text: str, names: set[str], cut: bool) -> tuple[str | None, list[ToolCall]] | None:
+        """(the text around the calls, every call in order, repeats too), or None when the reply is not
+        a reply of well-formed calls. `cut`: the reply may end inside a call (a reply constrained to
+        calls and cut by max_tokens or stopped); that unfinished call is left out, never read as text."""
         raise NotImplementedError
+
+    def parse(self, text: str, names: set[str], cut: bool = False) -> tuple[str | None, list[ToolCall]]:
+        """(content, calls) from a reply; content None when the reply was only calls. A call that repeats
+        an earlier one exactly is dropped (see `_unique`)."""
+        found = self.calls(text, names, cut)
+        if found is None or not found[1]:
+            return (None if cut else text), []
+        return found[0], _unique(found[1])
+
+    def repeats(self, text: str, names: set[str]) -> bool:
+        """Whether a complete call in the reply so far repeats an earlier one exactly: a reply that allows
+        several calls stops there (the model would go on repeating it until max_tokens)."""
+        found = self.calls(text, names, cut=True)
+        return found is not None and len(_unique(found[1])) < len(found[1])
 
     def grammar(self, tools: list[dict[str, Any]], parallel: bool) -> str:
         """A Lark grammar (llguidance's dialect) for a reply of calls to these tools only."""
@@ -86,7 +115,7 @@ def _json_call(tools: list[dict[str, Any]], arguments_key: str) -> str:
 
 
 class Hermes(ToolFormat):
-    name, start = "hermes", "<tool_call>"
+    name, start, end = "hermes", "<tool_call>", "</tool_call>"
     SYSTEM = ("You are a function calling AI model. You are provided with function signatures within <tools></tools> "
               "XML tags. You may call one or more functions to assist with the user query. Don't make assumptions "
               "about what values to plug into functions. Here are the available tools: <tools>\n{tools}\n</tools>\n"
@@ -116,20 +145,20 @@ class Hermes(ToolFormat):
                 result.append({"role": m["role"], "content": m.get("content") or ""})
         return result
 
-    def parse(self, text, names):
+    def calls(self, text, names, cut):
         calls = []
         for body in self.CALL.findall(text):
             try:
                 value = json.loads(body)
             except json.JSONDecodeError:
-                return text, []  # not a well-formed call: the reply is content
+                return None  # not a well-formed call: the reply is content
             if not isinstance(value, dict) or value.get("name") not in names:
-                return text, []
+                return None
             calls.append(ToolCall(value["name"], json.dumps(value.get("arguments", {}), ensure_ascii=False)))
-        if not calls:
-            return text, []
-        rest = self.CALL.sub("", text).strip()
-        return rest or None, calls
+        rest = self.CALL.sub("", text)
+        if cut and self.start in rest:  # an unfinished call at the end
+            rest = rest[:rest.index(self.start)]
+        return rest.strip() or None, calls
 
     def grammar(self, tools, parallel):
         # A newline may follow the last call (ChatML models write one before ending the turn); it does
@@ -139,7 +168,7 @@ class Hermes(ToolFormat):
 
 
 class Llama3JSON(ToolFormat):
-    name, start = "llama3-json", "{"
+    name, start, end = "llama3-json", "{", "}"
     INSTRUCTION = ("Given the following functions, please respond with a JSON for a function call with its proper "
                    "arguments that best answers the given prompt.\n\nRespond in the format {{\"name\": function name, "
                    "\"parameters\": dictionary of argument name and its value}}. Do not use variables.\n\n{tools}\n\n")
@@ -162,18 +191,29 @@ class Llama3JSON(ToolFormat):
                 result.append({"role": m["role"], "content": m.get("content") or ""})
         return result
 
-    def parse(self, text, names):
-        calls = []
-        for part in text.strip().split(";") if text.strip().startswith("{") else []:
+    def calls(self, text, names, cut):
+        """Calls are JSON objects separated by ';', the reply's whole text."""
+        text, calls, at = text.strip(), [], 0
+        if not text.startswith("{"):
+            return None
+        decoder = json.JSONDecoder()
+        while True:
             try:
-                value = json.loads(part)
+                value, at = decoder.raw_decode(text, at)
             except json.JSONDecodeError:
-                return text, []
+                return (None, calls) if cut else None
             args = value.get("parameters", value.get("arguments")) if isinstance(value, dict) else None
             if not isinstance(value, dict) or value.get("name") not in names or not isinstance(args, dict):
-                return text, []
+                return None
             calls.append(ToolCall(value["name"], json.dumps(args, ensure_ascii=False)))
-        return (None, calls) if calls else (text, [])
+            rest = text[at:].lstrip()
+            if not rest:
+                return None, calls
+            if not rest.startswith(";"):
+                return (None, calls) if cut else None
+            at = len(text) - len(rest) + 1
+            while at < len(text) and text[at].isspace():
+                at += 1
 
     def grammar(self, tools, parallel):
         more = ' ("; " call)*' if parallel else ""
@@ -250,11 +290,31 @@ class ToolStream:
         return out
 
     def finish(self) -> tuple[str, list[ToolCall]]:
-        """(the content still to send, the calls) once the reply has ended."""
+        """(the content still to send, the calls) once the reply has ended. A reply constrained to calls
+        has no content: a call cut short (max_tokens) is left out, never sent as text."""
         held, self.held = self.held, ""
         if not self.in_call:
             return held, []
-        content, calls = self.fmt.parse(held, self.names)
+        content, calls = self.fmt.parse(held, self.names, cut=self.calls_only)
+        if self.calls_only:
+            return "", calls
         if not calls:
             return held, []
         return content or "", calls
+
+
+class RepeatGuard:
+    """Says when a reply should stop because its latest complete call repeats an earlier one exactly (fed
+    the reply's text piece by piece; it parses only when a call may just have closed)."""
+
+    def __init__(self, fmt: ToolFormat, names: set[str]):
+        self.fmt, self.names = fmt, names
+        self.text, self._closed = "", 0
+
+    def __call__(self, piece: str) -> bool:
+        self.text += piece
+        closed = self.text.count(self.fmt.end)
+        if closed == self._closed:
+            return False
+        self._closed = closed
+        return self.fmt.repeats(self.text, self.names)

@@ -153,3 +153,26 @@ def test_models_in_anthropic_shape(served):
     with pytest.raises(anthropic.NotFoundError):
         client.models.retrieve("claude-3")
     assert httpx.get(url + "/v1/models", headers={"x-api-key": KEY}).json()["object"] == "list"  # OpenAI's without
+
+
+def test_blocks_resent_as_the_sdk_dumps_them(served):
+    """A client resends the SDK's own blocks with `block.model_dump()`: the SDK's bookkeeping fields
+    (`caller`, `toolset_name`, None or set) are accepted; a field no SDK type defines is still refused."""
+    url, client = served
+    messages = [{"role": "user", "content": "What is the weather like in Paris today?"}]
+    kw = dict(model="smollm2", max_tokens=100, tools=[{**WEATHER, "type": "custom"}], extra_body=GREEDY)
+    r = client.messages.create(messages=messages, tool_choice={"type": "any"}, **kw)
+    use = [b for b in r.content if b.type == "tool_use"]
+    assert r.stop_reason == "tool_use" and len({json.dumps(b.input) for b in use}) == len(use) >= 1
+    dumped = [b.model_dump() for b in r.content]
+    assert all("caller" in d and "toolset_name" in d for d in dumped if d["type"] == "tool_use")
+    dumped[-1] = {**dumped[-1], "caller": {"type": "direct"}}
+    messages += [{"role": "assistant", "content": dumped},
+                 {"role": "user", "content": [{"type": "tool_result", "tool_use_id": b.id, "toolset_name": None,
+                                               "content": json.dumps({"celsius": 21})} for b in use]}]
+    answer = client.messages.create(messages=messages, **kw)
+    assert answer.stop_reason == "end_turn"
+    messages[1]["content"][-1]["invented"] = 1
+    bad = httpx.post(url + "/v1/messages", headers={"x-api-key": KEY},
+                     json={"model": "smollm2", "max_tokens": 4, "messages": messages})
+    assert bad.status_code == 400 and "invented" in bad.text

@@ -104,7 +104,9 @@ def test_our_gguf_export_reads_back(models, kind, tmp_path):
         plan, m.plan = m.plan, None
         by_layers = m(torch.tensor([[7]]), torch.tensor([len(IDS)]))[0, -1]
         m.plan = plan
-    assert float((one_call - by_layers).abs().max()) < 1e-5 * float(by_layers.abs().max())
+    # the same kernels in both (SiLU included: PyTorch's own exp rounded otherwise, 1e-5 apart on an Intel host);
+    # RoPE's rotations from one table: exactly equal on the AVX-512 EPYC host, a margin for a last ulp of cos/sin
+    assert float((one_call - by_layers).abs().max()) <= 1e-6 * float(by_layers.abs().max())
 
 
 @pytest.mark.parametrize("kind", FAMILIES)

@@ -107,6 +107,11 @@ class HealthProbe:
 
 # ----- 1. the event loop stays free; bodies are capped -------------------------------------------------
 
+# The slowest /health answer that still says the event loop was free. The freezes these tests guard
+# against lasted 5 to 87 s; a free loop answers in milliseconds, but on a loaded 2-core machine a probe
+# can wait a scheduler slice or two (0.106 s was seen on the Intel host), so the bound leaves that room.
+FREE = 1.0
+
 def test_an_oversized_body_is_refused_before_it_is_read(process):
     url = process
     body = b'{"model": "smollm2", "prompt": "' + b"x" * (50 << 20) + b'", "max_tokens": 1}'
@@ -116,7 +121,7 @@ def test_an_oversized_body_is_refused_before_it_is_read(process):
         took = time.perf_counter() - t
     assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large", r.text[:300]
     assert "--max-body" in r.json()["error"]["message"]
-    assert took < 5 and probe.worst < 0.1, (took, probe.worst)  # was 87 s, every client frozen
+    assert took < 5 and probe.worst < FREE, (took, probe.worst)  # was 87 s, every client frozen
 
 
 def test_a_chunked_body_over_the_cap_is_refused_without_a_content_length(tiny):
@@ -132,8 +137,8 @@ def test_a_chunked_body_over_the_cap_is_refused_without_a_content_length(tiny):
 
 def test_health_answers_while_the_largest_allowed_requests_are_prepared(process):
     """A prompt of text at the body cap, a completion of many prompts, a long chat, a megabyte to
-    tokenize: all prepared off the event loop (or refused before tokenizing), so /health answers in
-    under 100 ms meanwhile (a 5 MB prompt once froze it for 5 s)."""
+    tokenize: all prepared off the event loop (or refused before tokenizing), so /health answers
+    meanwhile (a 5 MB prompt once froze it for 5 s)."""
     url, cap = process, 1 << 20  # the default body cap at a context of 1024
     hostile = [
         ("/v1/completions", {"model": MODEL, "prompt": "word " * ((cap - 200) // 5), "max_tokens": 1}, 400,
@@ -150,7 +155,7 @@ def test_health_answers_while_the_largest_allowed_requests_are_prepared(process)
         with HealthProbe(url) as probe:
             r = httpx.post(url + path, content=raw, headers={"Content-Type": "application/json"}, timeout=120)
         assert r.status_code == status and words in r.text, (path, r.text[:300])
-        assert probe.worst < 0.1, (path, probe.worst)
+        assert probe.worst < FREE, (path, probe.worst)
 
 
 def test_prompt_text_that_cannot_fit_is_refused_before_tokenizing(smol):
@@ -257,7 +262,7 @@ def test_long_stop_strings_are_refused_and_health_stays_fast(process):
     with HealthProbe(url) as probe:
         r = httpx.post(url + "/v1/completions", json={"model": MODEL, "prompt": "Tell me a story.", "max_tokens": 64,
                                                       "temperature": 0, "stop": stops}, timeout=60)
-    assert r.status_code == 200 and probe.worst < 0.1
+    assert r.status_code == 200 and probe.worst < FREE
 
 
 # ----- 4. lone surrogates: a 400 naming the field, never a 500 ----------------------------------------

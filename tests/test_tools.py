@@ -235,3 +235,179 @@ def test_a_model_with_no_tool_format_says_so(tmp_path):
         r = httpx.post(url + "/v1/chat/completions", json={"model": "tiny", "tools": [WEATHER], "tool_choice": "none",
                                                             "max_tokens": 2, "messages": [{"role": "user", "content": "hi"}]})
         assert r.status_code == 200  # "none": the tools change nothing, so nothing needs a format
+
+
+# ----- what real clients send: open schemas, forced calls, cut replies (issue: defects with real clients) ---
+
+def test_replies_cut_inside_a_call_and_repeated_calls():
+    """A reply constrained to calls and cut by max_tokens keeps its complete calls and never shows the
+    unfinished one as text; a call repeated exactly is dropped; the guard stops a reply at the repeat."""
+    from llamalite.tools import RepeatGuard
+
+    paris = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'
+    cut = paris + '\n<tool_call>\n{"name": "get_time", "arguments": {"zone": "C'
+    assert HERMES.parse(cut, NAMES, cut=True)[0] is None
+    assert [c.name for c in HERMES.parse(cut, NAMES, cut=True)[1]] == ["get_weather"]
+    assert HERMES.parse(paris[:40], NAMES, cut=True) == (None, [])
+    split = ToolStream(HERMES, NAMES, calls_only=True)
+    assert split.push(cut) == "" and [c.name for c in split.finish()[1]] == ["get_weather"]
+    alone = ToolStream(HERMES, NAMES, calls_only=True)
+    alone.push(paris[:-2])
+    assert alone.finish() == ("", [])  # was the markup, as content
+    assert [c.name for c in HERMES.parse(paris + "\n" + paris, NAMES)[1]] == ["get_weather"]
+    guard = RepeatGuard(HERMES, NAMES)
+    assert not any(guard(piece) for piece in (paris[:30], paris[30:], "\n", paris[:30]))
+    assert guard(paris[30:])
+    llama = '{"name": "get_weather", "parameters": {"city": "Paris"}}'
+    assert [c.name for c in LLAMA3_JSON.parse(llama + '; {"name": "get_ti', NAMES, cut=True)[1]] == ["get_weather"]
+    assert LLAMA3_JSON.repeats(llama + "; " + llama, NAMES) and not LLAMA3_JSON.repeats(llama, NAMES)
+
+
+def test_open_object_schemas_admit_their_declared_keys_only(default_model_file):
+    """What pydantic, LangChain and instructor send leaves additionalProperties out: the grammar then admits
+    the declared keys only (as llama.cpp's converter), unless the schema says otherwise; keys that add up
+    across allOf stay open."""
+    from pydantic import BaseModel
+
+    from llamalite.constrain import Grammar, GrammarError, _prepared
+    from llamalite.loading import load_tokenizer
+
+    class Place(BaseModel):
+        name: str
+        country: str
+
+    class Trip(BaseModel):
+        place: Place
+        days: int
+
+    tokenizer = load_tokenizer(default_model_file)
+
+    def accepts(schema, text):
+        matcher = Grammar.json_schema(tokenizer, schema).matcher()
+        try:
+            for token in tokenizer.encode(text, add_bos=False, parse_special=False):
+                matcher.advance(token)
+        except GrammarError:
+            return False
+        return True
+
+    schema = Trip.model_json_schema()
+    assert "additionalProperties" not in json.dumps(schema)
+    assert accepts(schema, '{"place": {"name": "Rome", "country": "Italy"}, "days": 3}')
+    assert not accepts(schema, '{"place": {"name": "Rome", "country": "Italy"}, "days": 3, "cost"')
+    assert not accepts(schema, '{"place": {"name": "Rome", "country": "Italy", "population"')
+    assert accepts({**schema, "additionalProperties": True}, '{"place": {"name": "R", "country": "I"}, "days": 3, "x"')
+    split = {"allOf": [{"properties": {"a": {"type": "integer"}}, "required": ["a"]},
+                       {"properties": {"b": {"type": "integer"}}, "required": ["b"]}]}
+    assert accepts(split, '{"a": 1, "b": 2}')
+    assert _prepared({"type": "object"}) == {"type": "object"}  # json_object: any object
+
+
+def test_strict_schemas_are_checked_as_openai_defines_them():
+    from llamalite.constrain import strict_problem
+
+    closed = {"type": "object", "properties": {"a": {"type": "string"}}, "required": ["a"], "additionalProperties": False}
+    assert strict_problem(closed) is None
+    assert "additionalProperties" in strict_problem({**closed, "additionalProperties": True})
+    assert "missing 'a'" in strict_problem({**closed, "required": []})
+    nested = {**closed, "properties": {"a": {"type": "object", "properties": {"b": {"type": "string"}}}}}
+    assert strict_problem(nested).startswith("schema.properties.a:")
+
+
+CITY_PROMPT = [{"role": "user", "content": "Give the name, country and population of the capital of France as JSON."}]
+
+
+def test_open_schemas_from_pydantic_and_langchain_end_with_the_object(served):
+    """Through the openai SDK at temperature 0: a pydantic model's schema as response_format, and LangChain's
+    conversion of a tool called by force, come back as the object, closed, finish "stop"/"tool_calls"
+    (the model once wrote invented keys until max_tokens)."""
+    from pydantic import BaseModel
+
+    _, client = served
+
+    class City(BaseModel):
+        """A city."""
+        name: str
+        country: str
+        population: int
+
+    c = client.chat.completions.create(model="smollm2", messages=CITY_PROMPT, temperature=0, max_tokens=200,
+                                       response_format={"type": "json_schema", "json_schema": {
+                                           "name": "City", "schema": City.model_json_schema()}}).choices[0]
+    assert c.finish_reason == "stop", c.message.content
+    assert set(json.loads(c.message.content)) == {"name", "country", "population"}
+    convert = pytest.importorskip("langchain_core.utils.function_calling").convert_to_openai_tool
+    tool = convert(City)
+    assert "additionalProperties" not in json.dumps(tool)
+    c = client.chat.completions.create(model="smollm2", messages=CITY_PROMPT, temperature=0, max_tokens=200,
+                                       tools=[tool], tool_choice="required").choices[0]
+    assert c.finish_reason == "tool_calls" and c.message.content is None
+    assert set(json.loads(c.message.tool_calls[0].function.arguments)) == {"name", "country", "population"}
+
+
+def test_a_named_or_required_call_does_not_repeat(served):
+    """A named tool choice gives exactly one call; with "required" and parallel calls allowed (the default), a
+    call that repeats an earlier one ends the reply (the model once repeated it until max_tokens)."""
+    url, _ = served
+    base = {"model": "smollm2", "messages": [{"role": "user", "content": "What is the weather like in Paris?"}],
+            "tools": [WEATHER], "temperature": 0, "max_tokens": 200}
+    for choice in ({"type": "function", "function": {"name": "get_weather"}}, "required"):
+        for stream in (False, True):
+            r = httpx.post(url + "/v1/chat/completions", json={**base, "tool_choice": choice, "stream": stream})
+            assert r.status_code == 200, r.text
+            if stream:
+                events = [json.loads(line[6:]) for line in r.text.splitlines()
+                          if line.startswith("data: {")]
+                finish = [c["finish_reason"] for e in events for c in e["choices"] if c["finish_reason"]]
+                names = [d["function"]["name"] for e in events for c in e["choices"]
+                         for d in c["delta"].get("tool_calls") or [] if d.get("function", {}).get("name")]
+                content = "".join(c["delta"].get("content") or "" for e in events for c in e["choices"])
+                arguments = [d["function"]["arguments"] for e in events for c in e["choices"]
+                             for d in c["delta"].get("tool_calls") or [] if d.get("function", {}).get("arguments")]
+            else:
+                message = r.json()["choices"][0]["message"]
+                finish = [r.json()["choices"][0]["finish_reason"]]
+                names = [t["function"]["name"] for t in message.get("tool_calls") or []]
+                arguments = [t["function"]["arguments"] for t in message.get("tool_calls") or []]
+                content = message["content"] or ""
+            assert finish == ["tool_calls"] and content == "", (choice, stream, r.text[-500:])
+            calls = list(zip(names, arguments))
+            assert calls and len(set(calls)) == len(calls), calls
+            if isinstance(choice, dict):
+                assert len(calls) == 1
+
+
+def test_a_constrained_reply_cut_by_max_tokens_has_no_call_text(served):
+    url, client = served
+    base = {"model": "smollm2", "messages": [{"role": "user", "content": "What is the weather like in Paris?"}],
+            "tools": [WEATHER], "tool_choice": "required", "temperature": 0, "max_tokens": 8}
+    c = client.chat.completions.create(**base).choices[0]
+    assert c.finish_reason == "length" and not c.message.content and not c.message.tool_calls
+    text = "".join(ch.choices[0].delta.content or "" for ch in client.chat.completions.create(**base, stream=True)
+                   if ch.choices)
+    assert text == ""
+    r = httpx.post(url + "/v1/responses", json={"model": "smollm2", "input": "What is the weather like in Paris?",
+                                                "tools": [{"type": "function", **WEATHER["function"]}],
+                                                "tool_choice": "required", "max_output_tokens": 8})
+    assert r.status_code == 200 and r.json()["status"] == "incomplete"
+    assert all(item["type"] != "message" for item in r.json()["output"]), r.json()["output"]
+
+
+def test_strict_schemas_that_are_not_closed_are_refused(served):
+    url, _ = served
+    base = {"model": "smollm2", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
+    open_params = {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}
+    bad = [({"tools": [{"type": "function", "function": {"name": "f", "parameters": open_params, "strict": True}}]},
+            "tools", "additionalProperties"),
+           ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": open_params,
+                                                                       "strict": True}}},
+            "response_format", "additionalProperties")]
+    for extra, param, words in bad:
+        r = httpx.post(url + "/v1/chat/completions", json={**base, **extra})
+        assert r.status_code == 400, (extra, r.text)
+        error = r.json()["error"]
+        assert error["param"] == param and words in error["message"], error
+    ok = {**open_params, "additionalProperties": False}
+    r = httpx.post(url + "/v1/chat/completions", json={**base, "response_format": {
+        "type": "json_schema", "json_schema": {"name": "x", "schema": ok, "strict": True}}})
+    assert r.status_code == 200, r.text

@@ -82,3 +82,84 @@ def test_pre_tokenizer_names(tmp_path):
         _bpe_from_gguf(tokens, types, ["a b"], "no-such")
     with pytest.warns(UserWarning, match="names no pre-tokenizer"):
         _bpe_from_gguf(tokens, types, ["a b"], None)
+
+
+def _tokenizer_fields(path) -> dict:
+    """A GGUF file's tokenizer.ggml.* keys (the gguf package's reader, with llamalite's faster parse)."""
+    from llamalite.loading import gguf_metadata, open_gguf
+
+    return {k: v for k, v in gguf_metadata(open_gguf(path)).items() if k.startswith("tokenizer.ggml.")}
+
+
+def _export_vocab(tokenizer, path):
+    """A vocab-only GGUF file of `tokenizer`, written by export's tokenizer writer."""
+    import gguf
+
+    from llamalite.export import gguf_add_tokenizer
+
+    writer = gguf.GGUFWriter(str(path), "llama")
+    gguf_add_tokenizer(writer, tokenizer)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+@pytest.mark.parametrize("name", SUPPORTED + ["default-model"])
+def test_export_keeps_every_tokenizer_field(vocab, default_model_file, name, tmp_path):
+    """A GGUF export writes the source's tokenizer back as it was: the pre-tokenizer's name (llama.cpp
+    splits text by it: the default model's `smollm` once came back as `mpt`), tokens, merges, types, scores
+    and special ids; also through a Hugging Face directory saved by llamalite; and the export tokenizes the
+    suite's cases as the source does."""
+    from llamalite.tokenizer import save_tokenizer
+
+    source = default_model_file if name == "default-model" else vocab[name]
+    before = _tokenizer_fields(source)
+    tokenizer = load_tokenizer(source)
+    exported = _export_vocab(tokenizer, tmp_path / "export.gguf")
+    after = _tokenizer_fields(exported)
+    for key, value in before.items():
+        if key == "tokenizer.ggml.pre" and before["tokenizer.ggml.model"] == "llama":
+            continue  # SentencePiece files: llama.cpp reads no pre-tokenizer for them
+        assert after.get(key) == value, key
+    save_tokenizer(tokenizer, tmp_path / "hf")
+    again = _tokenizer_fields(_export_vocab(load_tokenizer(tmp_path / "hf"), tmp_path / "again.gguf"))
+    assert again.get("tokenizer.ggml.pre") == after.get("tokenizer.ggml.pre")
+    back = load_tokenizer(exported)
+    texts = [text for text, _ in cases(name)] if name != "default-model" else [text for text, _ in cases("starcoder")]
+    assert [back.encode(t, add_bos=False, parse_special=False) for t in texts] == \
+        [tokenizer.encode(t, add_bos=False, parse_special=False) for t in texts]
+
+
+def test_a_hugging_face_tokenizer_gets_llamacpps_pre_tokenizer_name():
+    """Without a name from a GGUF source, export names the pre-tokenizer from the tokenizer.json's splits
+    (Split regexes, Digits, ByteLevel's own regex) as llama.cpp's converter would: SmolLM2's
+    Digits-then-ByteLevel is StarCoder's split, not GPT-2's."""
+    from llamalite.export import _bpe_pre_name
+    from llamalite.tokenizer import BPE_PRE_TOKENIZERS
+
+    smollm = {"pre_tokenizer": {"type": "Sequence", "pretokenizers": [
+        {"type": "Digits", "individual_digits": True},
+        {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True}]}}
+    assert BPE_PRE_TOKENIZERS[_bpe_pre_name(smollm)] == BPE_PRE_TOKENIZERS["smollm"]
+    gpt2 = {"pre_tokenizer": {"type": "ByteLevel", "add_prefix_space": False, "use_regex": True}}
+    assert BPE_PRE_TOKENIZERS[_bpe_pre_name(gpt2)] == BPE_PRE_TOKENIZERS["gpt-2"]
+    llama3 = {"pre_tokenizer": {"type": "Sequence", "pretokenizers": [
+        {"type": "Split", "pattern": {"Regex": BPE_PRE_TOKENIZERS["llama-bpe"][0][0]}, "behavior": "Isolated"},
+        {"type": "ByteLevel", "add_prefix_space": False, "use_regex": False}]}}
+    assert _bpe_pre_name(llama3) == "llama3"
+
+
+@pytest.mark.peer
+@pytest.mark.parametrize("name", SUPPORTED + ["default-model"])
+def test_llamacpp_tokenizes_the_export_as_the_source(vocab, default_model_file, name, tmp_path):
+    llama_cpp = pytest.importorskip("llama_cpp", reason="the llama.cpp peer is not installed (make peer)")
+    source = default_model_file if name == "default-model" else vocab[name]
+    exported = _export_vocab(load_tokenizer(source), tmp_path / "export.gguf")
+    texts = [text for text, _ in cases(name if name != "default-model" else "starcoder")]
+
+    def ids(path):
+        llm = llama_cpp.Llama(str(path), vocab_only=True, verbose=False)
+        return [llm.tokenize(t.encode(), add_bos=False, special=False) for t in texts]
+    assert ids(exported) == ids(source)

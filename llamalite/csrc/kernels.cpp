@@ -1657,6 +1657,18 @@ void silu_mul(const float* gu, int64_t B, int64_t hidden, float* out) {
   }
 }
 
+// silu_mul as an op: rows of [gate | up] (B, 2 * hidden) -> (B, hidden). The layers' one-token step takes
+// it so that it computes SiLU as DecodePlan does: PyTorch's own exp rounds otherwise (MKL's on Intel CPUs).
+at::Tensor silu_mul_op(const at::Tensor& gu_in) {
+  TORCH_CHECK(gu_in.scalar_type() == at::kFloat && gu_in.dim() == 2 && gu_in.size(1) % 2 == 0,
+              "silu_mul: fp32 rows of [gate | up]");
+  const at::Tensor gu = gu_in.contiguous();
+  const int64_t B = gu.size(0), hidden = gu.size(1) / 2;
+  auto out = at::empty({B, hidden}, at::kFloat);
+  silu_mul(gu.data_ptr<float>(), B, hidden, out.data_ptr<float>());
+  return out;
+}
+
 // A weight matrix as a step reads it: repacked blocks of a kernel type, or (type DENSE) fp32 rows.
 constexpr int64_t DENSE = -1;
 
@@ -1879,6 +1891,7 @@ struct Reducer : torch::CustomClassHolder {
 // LoRA adapters (add_adapter) are served unmerged: step_adapted names each row's adapter.
 struct DecodePlan : torch::CustomClassHolder {
   at::Tensor embed, inv_freq, out_norm, out_w;
+  at::Tensor rope;  // (positions, D): cos and sin interleaved per frequency, from set_rope; else computed
   std::vector<at::Tensor> norms, weights, caches;
   std::vector<at::Tensor> biases, qk_norms;  // per layer bq bk bv (Qwen2), q_norm k_norm (Qwen3); or none
   std::vector<std::vector<at::Tensor>> lora_a, lora_bt;  // per adapter, per layer wq wk wv wo w1 w3 w2
@@ -1928,6 +1941,17 @@ struct DecodePlan : torch::CustomClassHolder {
     TORCH_CHECK(static_cast<int64_t>(c.size()) == 2 * L, "DecodePlan: need a k and a v cache per layer");
     for (const at::Tensor& t : c) check_cache(t, c[0], n_kv_heads, D);
     caches = std::move(c);
+  }
+
+  // RoPE's cos and sin for positions 0 .. P-1, (P, D/2, 2) fp32 as torch.view_as_real of the model's
+  // e^(i*angle): the step then rotates by the very values the model's own forward computes. Its cos and
+  // sin come from PyTorch's math library (MKL's on Intel CPUs), which rounds otherwise than the C
+  // library's std::cos on some hosts; a step computing its own differed from the layers' by 1e-5.
+  void set_rope(const at::Tensor& table) {
+    TORCH_CHECK(table.scalar_type() == at::kFloat && table.is_contiguous() && table.dim() == 3 &&
+                    table.size(1) == D / 2 && table.size(2) == 2,
+                "DecodePlan: the RoPE table must be contiguous fp32 (positions, ", D / 2, ", 2)");
+    rope = table;
   }
 
   // What some families add to a layer's q, k and v before RoPE: per layer the biases bq, bk, bv (fp32, of
@@ -2062,7 +2086,12 @@ struct DecodePlan : torch::CustomClassHolder {
     }
     // RoPE's cos and sin per row, as the model computes them: angle = float(pos) * inv_freq.
     std::vector<float> cs(B * D);
-    for (int64_t b = 0; b < B; ++b) {
+    for (int64_t b = 0; b < B && rope.defined(); ++b) {
+      TORCH_CHECK(slots.pos[b] < rope.size(0), "DecodePlan: position ", slots.pos[b], " is past the RoPE table of ",
+                  rope.size(0));
+      std::memcpy(cs.data() + b * D, rope.data_ptr<float>() + slots.pos[b] * D, D * sizeof(float));
+    }
+    for (int64_t b = 0; b < B && !rope.defined(); ++b) {
       for (int64_t i = 0; i < D / 2; ++i) {
         const float angle = static_cast<float>(slots.pos[b]) * inv_freq.data_ptr<float>()[i];
         cs[b * D + 2 * i] = std::cos(angle);
@@ -2133,6 +2162,7 @@ TORCH_LIBRARY(llamalite, m) {
   m.def("dequantize(Tensor w, int qtype) -> Tensor");
   m.def("quantize_q8_0(Tensor w) -> Tensor");
   m.def("rms_norm(Tensor x, Tensor w, float eps) -> Tensor");
+  m.def("silu_mul(Tensor gu) -> Tensor");
   m.def("decode_attention(Tensor q, Tensor k, Tensor v, Tensor cos_sin, Tensor(a!) cache_k, Tensor(b!) cache_v, "
         "Tensor pos, Tensor rows, int n_heads, int n_kv_heads, int path=0) -> Tensor");
   m.class_<Reducer>("Reducer")
@@ -2147,6 +2177,7 @@ TORCH_LIBRARY(llamalite, m) {
       .def(torch::init<at::Tensor, int64_t, at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>,
                        std::vector<int64_t>, double, at::Tensor, double, at::Tensor, int64_t, int64_t, int64_t>())
       .def("set_caches", &DecodePlan::set_caches)
+      .def("set_rope", &DecodePlan::set_rope)
       .def("step", &DecodePlan::step)
       .def("step_stage", &DecodePlan::step_stage)
       .def("set_reducer", &DecodePlan::set_reducer)
@@ -2164,6 +2195,7 @@ TORCH_LIBRARY_IMPL(llamalite, CPU, m) {
   m.impl("dequantize", &dequantize);
   m.impl("quantize_q8_0", &quantize_q8_0);
   m.impl("rms_norm", &rms_norm);
+  m.impl("silu_mul", &silu_mul_op);
   m.impl("decode_attention", &decode_attention);
 }
 

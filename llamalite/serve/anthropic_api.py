@@ -33,11 +33,16 @@ class TextBlock(_Strict):
 
 
 class ToolUseBlock(_Strict):
+    """A call the model made, resent in the conversation. `caller` and `toolset_name` are the SDK's
+    bookkeeping on the blocks it returns (who invoked the tool; the toolset family of a toolset member), so
+    a client resending `block.model_dump()` sends them: they say nothing the model reads, and change nothing."""
     type: Literal["tool_use"]
     id: Text
     name: Text
     input: dict[str, Any]
     cache_control: dict[str, Any] | None = None
+    caller: dict[str, Any] | None = Field(None, description="accepted; the SDK's bookkeeping, changes nothing")
+    toolset_name: Text | None = Field(None, description="accepted; the SDK's bookkeeping, changes nothing")
 
 
 class ToolResultBlock(_Strict):
@@ -46,6 +51,7 @@ class ToolResultBlock(_Strict):
     content: Text | list[TextBlock] = ""
     is_error: bool | None = Field(None, description="shown to the model as a result that begins with 'Error: '")
     cache_control: dict[str, Any] | None = None
+    toolset_name: Text | None = Field(None, description="accepted; the SDK's bookkeeping, changes nothing")
 
     def text(self) -> str:
         body = self.content if isinstance(self.content, str) else "".join(b.text for b in self.content)
@@ -61,10 +67,13 @@ class Message(_Strict):
 
 
 class Tool(_Strict):
+    type: Literal["custom"] | None = Field(None, description="a client tool (the SDK's ToolParam may say so)")
     name: Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")]
     description: Text | None = None
     input_schema: dict[str, Any]
     cache_control: dict[str, Any] | None = None
+    strict: bool | None = Field(None, description="true: input_schema must be a strict schema (closed objects, "
+                                                  "every key required), else a 400")
 
 
 class ToolChoice(_Strict):
@@ -116,7 +125,8 @@ class _Conversation(_Strict):
     def openai_tools(self) -> list[dict[str, Any]]:
         return [{"type": "function", "function": {"name": t.name, **({"description": t.description}
                                                                      if t.description else {}),
-                                                  "parameters": t.input_schema}} for t in self.tools or []]
+                                                  "parameters": t.input_schema, **({"strict": True} if t.strict else {})}}
+                for t in self.tools or []]
 
     def tool_mode(self) -> tuple[str, str | None, bool]:
         """(mode, named function, parallel) in tool_setup's terms."""
@@ -179,7 +189,8 @@ def router(hub: Hub) -> APIRouter:
         if not prompt:
             raise APIError(400, "the rendered conversation is empty", param="messages")
         budget = server.budget(len(prompt), body.max_tokens)
-        stream = server.run(0, prompt, budget, body.sampling(), None, None, stop, grammar=grammar)
+        stream = server.run(0, prompt, budget, body.sampling(), None, None, stop, grammar=grammar,
+                            stop_when=calling.stop_when() if calling is not None else None)
         mid = f"msg_{uuid.uuid4().hex[:24]}"
         head = {"id": mid, "type": "message", "role": "assistant", "model": server.model_name}
 

@@ -6,19 +6,24 @@ from __future__ import annotations
 from typing import Any
 
 from ..chat_template import TemplateError, encode_chat
-from ..constrain import Grammar, GrammarError
-from ..tools import ToolError, ToolFormat, ToolStream, native_messages, tool_format
+from ..constrain import Grammar, GrammarError, strict_problem
+from ..tools import RepeatGuard, ToolError, ToolFormat, ToolStream, native_messages, tool_format
 from .core import APIError, Piece, Server
 from .guard import clip
 
 
 class ToolCalling:
     """A request's tools: how they reach the prompt, whether a call is required, how replies are read.
-    `tools` are OpenAI-shaped ({"type": "function", "function": {"name", "description", "parameters"}})."""
+    `tools` are OpenAI-shaped ({"type": "function", "function": {"name", "description", "parameters"}}).
+
+    A named function gets exactly one call, whatever `parallel` says (as vLLM answers it). Where several
+    calls are allowed, a reply stops at a call that repeats an earlier one exactly, and the repeat is
+    dropped: a small model would otherwise write the same call until max_tokens."""
 
     def __init__(self, fmt: ToolFormat, native: bool, tools: list[dict[str, Any]], required: bool,
                  named: str | None, parallel: bool):
-        self.fmt, self.native, self.tools, self.parallel = fmt, native, tools, parallel
+        self.fmt, self.native, self.tools = fmt, native, tools
+        self.parallel = parallel and named is None
         self.required = required
         self.callable = [t for t in tools if named is None or t["function"]["name"] == named]
         self.names = {t["function"]["name"] for t in self.callable}
@@ -37,6 +42,10 @@ class ToolCalling:
 
     def stream(self) -> ToolStream:
         return ToolStream(self.fmt, self.names, calls_only=self.required)
+
+    def stop_when(self) -> RepeatGuard | None:
+        """For Server.run: one reply's check that stops it at a repeated call (None where no call can be made)."""
+        return RepeatGuard(self.fmt, self.names) if self.names else None
 
     def split(self, text: str) -> tuple[str, list]:
         """A whole reply as (content, calls), read as a stream of it would be."""
@@ -96,11 +105,21 @@ def tool_setup(server: Server, tools: list[dict[str, Any]], mode: str, named: st
         raise APIError(400, str(e), param="tools" if tools else "messages") from None
     tools = tools if mode != "none" else []
     for k, tool in enumerate(tools):  # each parameters schema must compile: the call may be constrained to it
+        if tool["function"].get("strict") and \
+                (problem := strict_problem(tool["function"].get("parameters") or {}, "parameters")) is not None:
+            raise APIError(400, f"tools[{k}] is strict, but its {problem}", param="tools")
         try:
             Grammar.json_schema(server.tokenizer, tool["function"].get("parameters") or {"type": "object"})
         except GrammarError as e:
             raise APIError(400, f"tools[{k}] parameters: {clip(str(e), 400)}", param="tools") from None
     return ToolCalling(fmt, native, tools, mode in ("required", "named"), named if mode == "named" else None, parallel)
+
+
+def check_strict(name: str, schema: Any, param: str) -> None:
+    """A schema given with `strict: true` must be one as OpenAI's Structured Outputs defines (closed
+    objects, every key required); otherwise a 400 naming the place, as OpenAI answers."""
+    if (problem := strict_problem(schema)) is not None:
+        raise APIError(400, f"invalid schema for {param} '{clip(name, 64)}': {problem}", param=param)
 
 
 def compile_grammar(server: Server, spec: tuple[str, Any, str] | None) -> Grammar | None:

@@ -221,9 +221,12 @@ class Server:
 
     async def run(self, index: int, prompt: list[int], max_tokens: int, sampling: SamplingParams, seed: int | None,
                   logprobs: int | None, stop: list[str], score_prompt: bool = False,
-                  grammar: Grammar | None = None, speculative: dict | None = None) -> AsyncIterator[Piece]:
+                  grammar: Grammar | None = None, speculative: dict | None = None,
+                  stop_when: Callable[[str], bool] | None = None) -> AsyncIterator[Piece]:
         """One choice as a stream of pieces; leaving early (a client gone) cancels it in the engine. Choice
-        `index` is seeded with seed + index; with a grammar, it gets its own matcher of it."""
+        `index` is seeded with seed + index; with a grammar, it gets its own matcher of it. `stop_when`
+        (fed each piece of text in turn; a fresh one per choice) ends the choice, finish reason "stop",
+        when it says so (a tool call repeated: calling.ToolCalling.stop_when)."""
         self.check_speculative(speculative)
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
@@ -254,7 +257,7 @@ class Server:
                         first = False
                     held.append(event)
                     piece = text.push(event.token)
-                    if text.stopped:
+                    if text.stopped or piece and stop_when is not None and stop_when(piece):
                         request.cancel()
                         yield Piece(index, piece, held, "stop", request.cached_tokens, stop_string=text.matched)
                         self._account(request, len(held))

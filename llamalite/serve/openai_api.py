@@ -16,7 +16,7 @@ from ..constrain import Grammar
 from ..sampling import SamplingParams
 from .core import (APIError, Piece, Server, Text, TokenId, _chat_logprobs, _choices_usage, _collect,
                    _completion_logprobs, _json, _merge, _streaming, _usage)
-from .calling import compile_grammar, encode_conversation, tool_setup
+from .calling import check_strict, compile_grammar, encode_conversation, tool_setup
 from .engine import TokenEvent
 from .guard import clip
 from .hub import Hub
@@ -39,7 +39,9 @@ class JSONSchemaFormat(_Strict):
     name: Text = "response"
     description: Text | None = None
     schema_: dict[str, Any] | bool = Field(True, alias="schema", description="the JSON Schema the reply matches")
-    strict: bool | None = Field(None, description="always honoured: the reply is constrained to the schema")
+    strict: bool | None = Field(None, description="true: the schema must be strict as OpenAI defines it (every object "
+                                                  "closed, every key required), else a 400; the reply is constrained "
+                                                  "to the schema either way")
 
 
 class ResponseFormat(_Strict):
@@ -129,7 +131,10 @@ class _Sampling(_Strict):
                 raise APIError(400, "response_format of type json_schema needs its json_schema: {\"name\": ..., "
                                     "\"schema\": {...}}", param="response_format")
             else:
-                asked.append(("json_schema", self.response_format.json_schema.schema_, "response_format"))
+                fmt = self.response_format.json_schema
+                if fmt.strict:
+                    check_strict(fmt.name, fmt.schema_, "response_format")
+                asked.append(("json_schema", fmt.schema_, "response_format"))
         if self.json_schema is not None:
             asked.append(("json_schema", self.json_schema, "json_schema"))
         if self.grammar is not None:
@@ -189,7 +194,8 @@ class FunctionSpec(_Strict):
     name: Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")]
     description: Text | None = None
     parameters: dict[str, Any] | None = Field(None, description="a JSON Schema for the arguments")
-    strict: bool | None = Field(None, description="always honoured when a call is required")
+    strict: bool | None = Field(None, description="true: the parameters must be a strict schema (closed objects, every "
+                                                  "key required), else a 400; a required call is constrained to them")
 
 
 class ToolSpec(_Strict):
@@ -395,7 +401,8 @@ def router(hub: Hub) -> APIRouter:
         budget = server.budget(len(prompt), body.max_completion_tokens or body.max_tokens)
         logprobs = (body.top_logprobs or 0) if body.logprobs else None
         stream = _merge([server.run(j, prompt, budget, body.sampling(), body.seed, logprobs, stop, grammar=grammar,
-                                    speculative=body.speculative_settings())
+                                    speculative=body.speculative_settings(),
+                                    stop_when=calling.stop_when() if calling is not None else None)
                          for j in range(n)])
         rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         head = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": server.model_name}

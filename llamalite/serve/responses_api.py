@@ -23,7 +23,7 @@ from fastapi.responses import StreamingResponse
 from pydantic import Discriminator, Field, Tag
 
 from ..sampling import SamplingParams
-from .calling import ToolCalling, compile_grammar, encode_conversation, shown, tool_setup
+from .calling import ToolCalling, check_strict, compile_grammar, encode_conversation, shown, tool_setup
 from .core import APIError, Server, Text, _chat_logprobs, _json
 from .guard import clip
 from .hub import Hub
@@ -117,7 +117,8 @@ class FunctionTool(_Strict):
     name: Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")]
     description: Text | None = None
     parameters: dict[str, Any] | None = Field(None, description="a JSON Schema for the arguments")
-    strict: bool | None = Field(None, description="always honoured when a call is required")
+    strict: bool | None = Field(None, description="true: the parameters must be a strict schema (closed objects, every "
+                                                  "key required), else a 400; a required call is constrained to them")
 
 
 Tool = Annotated[Annotated[FunctionTool, Tag("function")],
@@ -187,6 +188,8 @@ class _Input(_Strict):
         if isinstance(fmt, FormatJSONObject):
             return "json_schema", {"type": "object"}, "text.format"
         if isinstance(fmt, FormatJSONSchema):
+            if fmt.strict:
+                check_strict(fmt.name, fmt.schema_, "text.format")
             return "json_schema", fmt.schema_, "text.format"
         return None
 
@@ -372,7 +375,8 @@ def router(hub: Hub) -> APIRouter:
             raise APIError(400, "the rendered conversation is empty", param="input")
         budget = server.budget(len(prompt), body.max_output_tokens, "input", "max_output_tokens")
         logprobs = body.logprobs()
-        stream = server.run(0, prompt, budget, body.sampling(), None, logprobs, [], grammar=grammar)
+        stream = server.run(0, prompt, budget, body.sampling(), None, logprobs, [], grammar=grammar,
+                            stop_when=calling.stop_when() if calling is not None else None)
         rid = f"resp_{uuid.uuid4().hex}"
         created = int(time.time())
         fmt = body.text.format if body.text is not None and body.text.format is not None else FormatText(type="text")
@@ -400,7 +404,8 @@ def router(hub: Hub) -> APIRouter:
 
         def finish(text: str, calls: list, status: str, generated: int, cached: int, tokens: list) -> dict[str, Any]:
             """The finished response (stored when asked), from the reply's text and calls."""
-            output = [] if calls and not text else [message_item(text, status, tokens)]
+            calls_only = calling is not None and calling.required  # a reply of calls alone has no message
+            output = [] if (calls or calls_only) and not text else [message_item(text, status, tokens)]
             output += [call_item(c, "completed") for c in calls]
             done = response(status, output, usage(generated, cached))
             if body.store:

@@ -5,7 +5,9 @@ token's state, which has seen the whole text under causal attention) or `cls` (t
 Each text runs through the model alone, so its vector is the same, bit for bit, whatever else is in
 the request: in a padded batch a text's rows would take the kernels' int16 GEMM or their dot products
 depending on how many rows the others bring, and the two round differently (1.4e-4 apart on an Intel
-host). A text of more than 8 tokens takes the GEMM alone anyway, so batching bought little.
+host). The cost, measured on the default model (2 threads): texts of 64 and 256 tokens embed as fast
+as in padded batches (1.6-1.9k tokens/s either way); texts of 6 tokens at a third of the batched rate
+(540 against 1,650 tokens/s), each text streaming the weights once.
 """
 
 from __future__ import annotations

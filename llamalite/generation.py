@@ -14,8 +14,7 @@ from typing import TYPE_CHECKING, Generator, Iterator, Sequence
 import torch
 
 from .model import Transformer
-from .sampling import SamplingParams
-from .speculative import choose
+from .sampling import SamplingParams, choose
 from .tokenizer import Tokenizer
 
 if TYPE_CHECKING:
@@ -31,7 +30,7 @@ class ContextLengthError(ValueError):
     """The prompt does not fit the model's context."""
 
 
-def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
     n = 0
     for x, y in zip(a, b):
         if x != y:
@@ -75,7 +74,7 @@ def _ensure_cache(model: Transformer, needed: int) -> None:
 def prefill(model: Transformer, tokens: Sequence[int], prompt_cache: PromptCache | None = None) -> torch.Tensor:
     """Run `tokens` through the cache, reusing the cached common prefix (or a longer one from
     `prompt_cache`, on disk); returns the last logits (V,)."""
-    start = min(_common_prefix(model.cache_tokens, tokens), len(tokens) - 1)  # at least one token to get logits
+    start = min(common_prefix(model.cache_tokens, tokens), len(tokens) - 1)  # at least one token to get logits
     if prompt_cache is not None:
         entry, n = prompt_cache.lookup(model, tokens)
         n = min(n, len(tokens) - 1)

@@ -102,6 +102,25 @@ def sample(logits: torch.Tensor, p: SamplingParams, history: Sequence[int] = (),
     return int(torch.multinomial(_probs(logits, p), 1, generator=generator))
 
 
+def choose(logits: torch.Tensor, sampling: SamplingParams, history: Sequence[int], generator: torch.Generator | None,
+           draft: int | None = None, q: torch.Tensor | None = None) -> int:
+    """The next token from the model's logits (V,): `sample`'s draw when there is no draft token to check;
+    else the draft token or its replacement, by the speculative sampling rule (speculative.py's docstring) (q: the distribution
+    the draft token was drawn from; None: it was certain, as a prompt lookup's is)."""
+    if draft is None or sampling.greedy:
+        return sample(logits, sampling, history, generator)
+    p = distribution(logits, sampling, history)
+    drawn = float(q[draft]) if q is not None else 1.0
+    if float(torch.rand((), generator=generator, dtype=torch.float64)) * drawn < float(p[draft]):
+        return draft
+    residual = (p - q).clamp_(min=0) if q is not None else p.clone()
+    if q is None:
+        residual[draft] = 0.0
+    if float(residual.sum()) <= 0.0:  # p and q the same: a rejection cannot happen; guard the rounding anyway
+        residual = p
+    return int(torch.multinomial(residual / residual.sum(), 1, generator=generator))
+
+
 def _biased(logits: torch.Tensor, p: SamplingParams, history: Sequence[int]) -> torch.Tensor:
     logits = logits.float().cpu()
     if p.logit_bias:

@@ -15,7 +15,8 @@ the checking pass computes each row as a one-token step does, so the tokens are 
 Sampled: the speculative sampling rule (Leviathan et al. 2023, "Fast Inference from Transformers via
 Speculative Decoding"; Chen et al. 2023): draft token d, drawn from the draft's distribution q, is kept
 with probability min(1, p(d) / q(d)) under the model's distribution p (after the whole sampling chain);
-otherwise a token is drawn from max(0, p - q), renormalized. Each token is then distributed as p.
+otherwise a token is drawn from max(0, p - q), renormalized. Each token is then distributed as p
+(sampling.choose: a sampling rule, used by every decode loop, drafts or not).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from typing import TYPE_CHECKING, Sequence
 
 import torch
 
+from .generation import CACHE_ROUND, common_prefix, prefill_from
 from .sampling import SamplingParams, distribution, sample
 
 if TYPE_CHECKING:
@@ -188,8 +190,6 @@ class DraftModel:
         model = self.model
         positions = min(positions, model.config.context_length)
         if model.cache_batch < rows or model.max_seq_len < positions:
-            from .generation import CACHE_ROUND
-
             model.setup_caches(max(rows, model.cache_batch),
                                min(model.config.context_length, -(-positions // CACHE_ROUND) * CACHE_ROUND))
             self.held = {}
@@ -200,7 +200,6 @@ class DraftModel:
         """Up to k tokens to follow `tokens`, decoded on cache row `row`, and (sampling) the distributions
         they were drawn from."""
         p_min = self.p_min if p_min is None else p_min
-        from .generation import _common_prefix, prefill_from
 
         model = self.model
         self.reserve(row + 1, len(tokens) + k)
@@ -208,7 +207,7 @@ class DraftModel:
         if k <= 0:
             return [], None
         device, at = model.device, torch.tensor([row], device=model.device)
-        start = min(_common_prefix(self.held.get(row, []), tokens), len(tokens) - 1)
+        start = min(common_prefix(self.held.get(row, []), tokens), len(tokens) - 1)
         self.held[row] = list(tokens[:start])  # what stays true if the computing below fails
         logits = prefill_from(model, tokens, start, row)
         seq = list(tokens)
@@ -230,22 +229,3 @@ class DraftModel:
             seq.append(token)
         self.held[row] = seq
         return out, (qs if not sampling.greedy else None)
-
-
-def choose(logits: torch.Tensor, sampling: SamplingParams, history: Sequence[int], generator: torch.Generator | None,
-           draft: int | None = None, q: torch.Tensor | None = None) -> int:
-    """The next token from the model's logits (V,): `sample`'s draw when there is no draft token to check;
-    else the draft token or its replacement, by the rule in the module's docstring (q: the distribution
-    the draft token was drawn from; None: it was certain, as a prompt lookup's is)."""
-    if draft is None or sampling.greedy:
-        return sample(logits, sampling, history, generator)
-    p = distribution(logits, sampling, history)
-    drawn = float(q[draft]) if q is not None else 1.0
-    if float(torch.rand((), generator=generator, dtype=torch.float64)) * drawn < float(p[draft]):
-        return draft
-    residual = (p - q).clamp_(min=0) if q is not None else p.clone()
-    if q is None:
-        residual[draft] = 0.0
-    if float(residual.sum()) <= 0.0:  # p and q the same: a rejection cannot happen; guard the rounding anyway
-        residual = p
-    return int(torch.multinomial(residual / residual.sum(), 1, generator=generator))

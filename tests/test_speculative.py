@@ -15,7 +15,8 @@ from scipy.stats import chisquare
 from llamalite.config import ModelConfig
 from llamalite.generation import generate
 from llamalite.sampling import GREEDY, SamplingParams, distribution
-from llamalite.speculative import DraftError, DraftModel, PromptLookup, Speculation, choose
+from llamalite.sampling import choose
+from llamalite.speculative import DraftError, DraftModel, PromptLookup, Speculation
 from tests.helpers import meta_weights_from_hf, tiny_hf_model, write_gguf
 
 CFG = ModelConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=400, hidden_dim=160, context_length=256)

@@ -27,10 +27,9 @@ from typing import TYPE_CHECKING, Callable, Iterator, Sequence
 
 import torch
 
-from ..generation import PREFILL_CHUNK, ContextLengthError, _common_prefix, shift_context
+from ..generation import PREFILL_CHUNK, ContextLengthError, common_prefix, shift_context
 from ..model import Transformer
-from ..sampling import GREEDY, SamplingParams
-from ..speculative import choose
+from ..sampling import GREEDY, SamplingParams, choose
 
 if TYPE_CHECKING:
     from ..constrain import Matcher
@@ -372,7 +371,7 @@ class Engine:
                 # The slot already holding most of this prompt; among equals, the least recently used. A
                 # cache computed with another adapter holds other keys and values: nothing of it is reused.
                 def reusable(s: _Slot) -> int:
-                    return _common_prefix(s.tokens, request.prompt) if s.adapter == request.adapter else 0
+                    return common_prefix(s.tokens, request.prompt) if s.adapter == request.adapter else 0
                 slot = max(free, key=lambda s: (reusable(s), -s.last_used))
                 keep = min(reusable(slot), len(request.prompt) - 1)
                 if request.score_prompt:
@@ -469,7 +468,7 @@ class Engine:
     def _sampled(self, slot: _Slot, logits: torch.Tensor, draft: int | None = None,
                  q: torch.Tensor | None = None) -> bool:
         """Draw the request's next token from its logits and report it (or finish). With a drafted token
-        to check (speculative.choose): True when it is the token taken and the request goes on, so that
+        to check (sampling.choose): True when it is the token taken and the request goes on, so that
         the next row (computed after it) holds the next token's logits."""
         request = slot.request
         if request.constraint is not None:  # this row's own mask: a batch mixes free and constrained rows

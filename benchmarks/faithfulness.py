@@ -57,7 +57,7 @@ def main() -> None:
     from llamalite.chat_template import render_chat
     from llamalite.generation import generate
     from llamalite.loading import load
-    from llamalite.quantized import simd_path
+    from llamalite.kernels.ops import simd_path
     from llamalite.sampling import GREEDY
     from llamalite.store import default_model_path
 

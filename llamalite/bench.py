@@ -41,7 +41,7 @@ def run_bench(model_path: Path, prompt_tokens: int = 128, gen_tokens: int = 128,
     from .generation import compile_decode, generate, prefill
     from .loading import load
     from .parallel import Collectives
-    from .quantized import simd_path
+    from .kernels.ops import simd_path
     from .sampling import GREEDY
 
     runs = []

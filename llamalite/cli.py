@@ -244,7 +244,8 @@ def cmd_tokenize(args) -> int:
 
 def cmd_info(args) -> int:
     from .loading import gguf_vocab_only, load, load_tokenizer
-    from .quantized import count_parameters, simd_path
+    from .quantized import count_parameters
+    from .kernels.ops import simd_path
     from .store import resolve_model
 
     path = resolve_model(args.model)

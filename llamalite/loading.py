@@ -104,7 +104,7 @@ def default_kv_type(model: torch.nn.Module) -> str | None:
     """f16 for an fp32 model on the CPU kernels, whose attention reads fp16 keys and values directly:
     half the bytes of fp32 a step, so decode at long contexts runs faster (BENCHMARKS.md) for a
     rounding that keeps greedy answers (benchmarks/faithfulness.py). Otherwise None: the model's dtype."""
-    from .quantized import kernels_available
+    from .kernels.ops import kernels_available
 
     on_cpu = model.norm.weight.device.type == "cpu"
     return "f16" if on_cpu and kernels_available() and model.norm.weight.dtype == torch.float32 else None
@@ -182,7 +182,7 @@ def build_model(cfg: ModelConfig, weights: Mapping[str, torch.Tensor], dtype: to
     QuantLinear / QuantEmbedding modules holding the blocks (GGUF-ordered ones are repacked in place
     for the kernels: the caller hands over buffers it owns)."""
     from .quantized import QuantEmbedding, QuantLinear, use_kernels
-    from .quants import BLOCK
+    from .kernels.blocks import BLOCK
 
     quantized = dict(quantized or {})
     with torch.device("meta"), _skip_init():
@@ -397,7 +397,7 @@ class _ShardView:
 
     def __init__(self, t, rows: tuple[int, int] | None, cols: tuple[int, int] | None, shape: tuple[int, ...],
                  reader=None):
-        from .quants import BLOCK
+        from .kernels.blocks import BLOCK
 
         self.tensor_type, self.data_offset, self.n_bytes = t.tensor_type, t.data_offset, t.n_bytes
         self.data, self.shape = t.data, shape
@@ -447,8 +447,9 @@ def load_gguf(path: Path, dtype: torch.dtype = torch.float32, quantized: bool = 
     `quantized` is False, are dequantized to `dtype`. With `shard`, each weight is first cut to this
     rank's rows or whole-block columns (parallel.Split) and the config is the rank's own; with
     `pipeline` instead, only this rank's layers are read (parallel.Stages)."""
-    from .quantized import KERNEL_TYPES, REQUANT_TYPES, kernels_available, requantize_q8_0
-    from .quants import dequantize, q5_0_as_q8_0
+    from .quantized import REQUANT_TYPES, requantize_q8_0
+    from .kernels.ops import KERNEL_TYPES, kernels_available
+    from .kernels.blocks import dequantize, q5_0_as_q8_0
 
     reader = open_gguf(path)
     meta = gguf_metadata(reader)
@@ -482,7 +483,7 @@ def load_gguf(path: Path, dtype: torch.dtype = torch.float32, quantized: bool = 
         cfg = stages.local_config()
     elif shard is not None:
         from .parallel import Split
-        from .quants import BLOCK as _BLOCK
+        from .kernels.blocks import BLOCK as _BLOCK
 
         def block_of(gguf_name: str) -> int:
             t = tensors.get(gguf_name)

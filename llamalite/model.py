@@ -17,6 +17,7 @@ import torch.utils.checkpoint
 from torch import nn
 
 from .config import ModelConfig, RopeScaling
+from .kernels.ops import kernels_available
 
 
 class RMSNorm(nn.Module):
@@ -84,10 +85,8 @@ class KVCache(nn.Module):
         self.kind = kv_type_name(dtype)
         self.head_dim = head_dim
         if self.kind == "q8_0":
-            from .quantized import kernels_available
-
             if torch.device(device or "cpu").type != "cpu" or not kernels_available():
-                raise ValueError("a q8_0 KV cache needs the CPU kernels (llamalite._kernels): use f16 or bf16 here")
+                raise ValueError("a q8_0 KV cache needs the CPU kernels (llamalite.kernels._cpu): use f16 or bf16 here")
             if head_dim % 32:
                 raise ValueError(f"a q8_0 KV cache needs a head_dim that divides by 32, not {head_dim}: use f16")
             shape, storage = (batch, n_kv_heads, max_seq_len, head_dim // 32 * 34), torch.uint8

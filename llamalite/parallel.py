@@ -156,7 +156,7 @@ def reducer(dim: int, timeout_s: float = 300.0, group: Any = None) -> Any:
 
     import torch.distributed as dist
 
-    from .quantized import kernels_available
+    from .kernels.ops import kernels_available
 
     if not kernels_available():
         return None

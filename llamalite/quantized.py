@@ -1,4 +1,4 @@
-"""Layers backed by llamalite's compiled CPU kernels (llamalite/csrc/kernels.cpp), swapped in by the
+"""Layers backed by llamalite's compiled CPU kernels (llamalite/kernels/cpu.cpp), swapped in by the
 loader with the call signatures of the modules they replace, so model.py never knows.
 
 `QuantLinear` (nn.Linear's signature) and `QuantEmbedding` (nn.Embedding's) keep GGUF blocks as they
@@ -20,11 +20,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from .adapters import adapted
+from .kernels.blocks import BLOCK, dequantize as dequantize_reference
+from .kernels.ops import KERNEL_TYPES, kernels_available, register_fake, simd_path
 from .model import Attention, FeedForward, RMSNorm, Transformer, TransformerBlock
-from .quants import BLOCK, dequantize as dequantize_reference
 
-# ggml type ids of the block formats with a fused kernel
-KERNEL_TYPES = {"Q4_0": 2, "Q4_1": 3, "Q8_0": 8, "Q4_K": 12, "Q6_K": 14}
 # Without the int16 GEMM (no AVX-512 VNNI), more rows than GEMV_MAX_ROWS of these run on the dot
 # products, eight rows a pass, not fp32 tiles: Q6_K's tiles were 1.15x faster on a 128-token SmolLM2
 # prefill but 2-3x slower at 7B (a 32-token prompt: 180 MB of fp32 written and read a down projection).
@@ -37,39 +36,6 @@ GEMV_MAX_ROWS = 8  # up to this many activation rows use the fused dot-product k
 GEMM_TILE_BYTES = 4 << 20  # without the int16 GEMM, prefill dequantizes this much fp32 weight at a time
 QGEMM: bool | None = None  # whether more rows go to the int16 GEMM kernel (AVX-512 VNNI), set on first use
 
-_kernels: bool | None = None
-
-
-def kernels_available() -> bool:
-    """Whether llamalite._kernels (built at install) loads; says once, if not, that PyTorch ops are used."""
-    global _kernels
-    if _kernels is None:
-        try:
-            from . import _kernels as _  # noqa: F401  (registers torch.ops.llamalite.*)
-            _kernels = True
-        except ImportError as e:
-            _kernels = False
-            warnings.warn(f"llamalite's compiled kernels are unavailable ({e}); using the slower pure-PyTorch "
-                          f"path. Reinstall with a C++ compiler present: pip install --no-build-isolation -e .",
-                          stacklevel=2)
-    return _kernels
-
-
-def simd_paths() -> list[tuple[str, int]]:
-    """The kernel paths this CPU runs, best first, with the numbers `qmatmul_path` takes."""
-    if not kernels_available():
-        return []
-    from . import _kernels
-
-    return [tuple(p) for p in _kernels.simd_paths()]
-
-
-def simd_path() -> str:
-    """The path the kernels take here: avx512vnni, avx2 or portable (or pytorch: no compiled kernels)."""
-    paths = simd_paths()
-    return paths[0][0] if paths else "pytorch"
-
-
 def _qgemm() -> bool:
     """Whether products of more than GEMV_MAX_ROWS rows run on the kernels' int16 GEMM (AVX-512 VNNI:
     twice fp32 GEMM's rate here, weights unpacked once per tile for all rows); else on fp32 GEMM over
@@ -80,45 +46,6 @@ def _qgemm() -> bool:
     return QGEMM
 
 
-def _register_fake() -> None:
-    """Shapes of the custom ops for torch.compile's tracing."""
-    if not kernels_available() or getattr(_register_fake, "done", False):
-        return
-
-    @torch.library.register_fake("llamalite::qmatmul")
-    def _(x, w, qtype):
-        return x.new_empty((x.shape[0], w.shape[0]), dtype=torch.float32)
-
-    @torch.library.register_fake("llamalite::repack")
-    def _(w, qtype):
-        return torch.empty_like(w)
-
-    @torch.library.register_fake("llamalite::repack_")
-    def _(w, qtype):
-        return None
-
-    @torch.library.register_fake("llamalite::quantize_q8_0")
-    def _(w):
-        return w.new_empty((w.shape[0], w.shape[1] // 32 * 34), dtype=torch.uint8)
-
-    @torch.library.register_fake("llamalite::qmatmul_multi")
-    def _(x, ws, qtype):
-        return x.new_empty((x.shape[0], sum(w.shape[0] for w in ws)), dtype=torch.float32)
-
-    @torch.library.register_fake("llamalite::rms_norm")
-    def _(x, w, eps):
-        return torch.empty_like(x)
-
-    @torch.library.register_fake("llamalite::silu_mul")
-    def _(gu):
-        return gu.new_empty((gu.shape[0], gu.shape[1] // 2))
-
-    @torch.library.register_fake("llamalite::dequantize")
-    def _(w, qtype):
-        n_el, n_bytes = BLOCK[next(k for k, v in KERNEL_TYPES.items() if v == qtype)]
-        return w.new_empty((w.shape[0], w.shape[1] // n_bytes * n_el), dtype=torch.float32)
-
-    _register_fake.done = True
 
 
 def pack(raw: torch.Tensor, type_name: str, in_place: bool = False) -> tuple[torch.Tensor, bool]:
@@ -167,7 +94,7 @@ class QuantLinear(nn.Module):
         self.register_buffer("raw", raw)
         self.type_name, self.in_features, self.out_features = type_name, in_features, raw.shape[0]
         self.bias: nn.Parameter | None = None  # dense, added after the product (Qwen2's q/k/v)
-        _register_fake()
+        register_fake()
 
     @classmethod
     def sharing(cls, other: "QuantEmbedding") -> "QuantLinear":
@@ -422,7 +349,7 @@ def use_kernels(model: nn.Module) -> nn.Module:
     parameters) where the compiled kernels are available."""
     if not kernels_available():
         return model
-    _register_fake()
+    register_fake()
     for name, module in list(model.named_modules()):
         parent, _, attr = name.rpartition(".")
         if type(module) is RMSNorm:

@@ -52,7 +52,7 @@ def train_sentencepiece(path: Path, vocab_size: int = 400) -> Path:
 def random_blocks(type_name: str, n_blocks: int, seed: int = 0) -> np.ndarray:
     """Random block bytes with every fp16 scale field set to a finite, small value."""
     rng = np.random.default_rng(seed)
-    from llamalite.quants import BLOCK
+    from llamalite.kernels.blocks import BLOCK
 
     n_el, n_bytes = BLOCK[type_name]
     raw = rng.integers(0, 256, size=(n_blocks, n_bytes), dtype=np.uint8)

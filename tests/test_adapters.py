@@ -12,7 +12,7 @@ from llamalite.adapters import AdapterError, AdapterSet, read_adapter
 from llamalite.config import FinetuneConfig, ModelConfig
 from llamalite.loading import load
 from llamalite.lora import apply_lora, lora_layers, merge_lora, save_adapter
-from llamalite.quantized import kernels_available
+from llamalite.kernels.ops import kernels_available
 from tests.helpers import meta_weights_from_hf, save_hf_dir, tiny_hf_model, write_gguf
 
 IDS = torch.tensor([[1, 17, 250, 3, 99, 42, 7, 7, 128, 5, 64, 200]])

@@ -5,15 +5,16 @@ import torch
 import torch.nn.functional as F
 from gguf import GGMLQuantizationType as T, quants as gq
 
+import llamalite.kernels.ops as ops
 import llamalite.quantized as q
 
 
 def test_pure_pytorch_path_without_kernels(monkeypatch):
-    monkeypatch.setattr(q, "_kernels", False)
+    monkeypatch.setattr(ops, "_loaded", False)
     w = np.random.default_rng(0).standard_normal((24, 96)).astype(np.float32)
     raw = torch.from_numpy(gq.quantize(w, T.Q4_1))
     layer = q.QuantLinear(raw, "Q4_1", 96)
-    assert not layer.packed and q.simd_path() == "pytorch"
+    assert not layer.packed and ops.simd_path() == "pytorch"
     x = torch.randn(3, 96)
     ref = torch.from_numpy(gq.dequantize(raw.numpy(), T.Q4_1).astype(np.float32))
     torch.testing.assert_close(layer(x), F.linear(x, ref), rtol=0, atol=0)
@@ -22,18 +23,11 @@ def test_pure_pytorch_path_without_kernels(monkeypatch):
 
 
 def test_missing_kernels_are_reported_once(monkeypatch, recwarn):
-    import builtins
+    import sys
 
-    real_import = builtins.__import__
-
-    def no_kernels(name, globals=None, locals=None, fromlist=(), level=0):
-        if fromlist and "_kernels" in fromlist:
-            raise ImportError("built without a compiler")
-        return real_import(name, globals, locals, fromlist, level)
-
-    monkeypatch.setattr(q, "_kernels", None)
-    monkeypatch.setattr(builtins, "__import__", no_kernels)
-    assert q.kernels_available() is False
-    assert q.kernels_available() is False
+    monkeypatch.setitem(sys.modules, "llamalite.kernels._cpu", None)  # an import of it now fails, as unbuilt
+    monkeypatch.setattr(ops, "_loaded", None)
+    assert ops.kernels_available() is False
+    assert ops.kernels_available() is False
     messages = [str(w.message) for w in recwarn if "compiled kernels are unavailable" in str(w.message)]
     assert len(messages) == 1 and "pip install --no-build-isolation" in messages[0]

@@ -8,7 +8,7 @@ from gguf import GGMLQuantizationType, GGUFReader, quants as gq
 from llamalite.config import ModelConfig
 from llamalite.loading import ModelFileError, build_model, gguf_to_meta_name, load
 from llamalite.quantized import REQUANT_TYPES, QuantEmbedding, QuantLinear, dequantize_rows
-from llamalite.quants import SUPPORTED
+from llamalite.kernels.blocks import SUPPORTED
 from tests.helpers import meta_weights_from_hf, tiny_hf_model, write_gguf
 
 TOKENS = torch.tensor([[1, 17, 250, 3, 99, 42, 7, 7, 128, 5]])

@@ -6,10 +6,11 @@ import torch
 import torch.nn.functional as F
 from gguf import GGMLQuantizationType as T, quants as gq
 
-from llamalite.quantized import KERNEL_TYPES, QuantLinear, kernels_available, simd_path, simd_paths
+from llamalite.quantized import QuantLinear
+from llamalite.kernels.ops import KERNEL_TYPES, kernels_available, simd_path, simd_paths
 from tests.helpers import random_blocks
 
-pytestmark = pytest.mark.skipif(not kernels_available(), reason="llamalite._kernels is not built")
+pytestmark = pytest.mark.skipif(not kernels_available(), reason="llamalite.kernels._cpu is not built")
 
 # (M, N, K), odd on purpose: K of 1, 2, 3, 7 (a quad of blocks, a pair, one), 8, 9, 15 (8 + 4 + 2 + 1),
 # 18 (8 + 8 + 2) and 128 blocks; M past the GEMM's 6 rows a pass, N past its 32 rows a tile

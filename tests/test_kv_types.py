@@ -10,9 +10,9 @@ import torch
 
 from llamalite.config import ModelConfig
 from llamalite.model import KV_TYPES, Attention, KVCache
-from llamalite.quantized import kernels_available, simd_paths
+from llamalite.kernels.ops import kernels_available, simd_paths
 
-pytestmark = pytest.mark.skipif(not kernels_available(), reason="llamalite._kernels is not built")
+pytestmark = pytest.mark.skipif(not kernels_available(), reason="llamalite.kernels._cpu is not built")
 
 # a type's rounding of keys and values, as relative error of an attention output against fp32's
 TOLERANCE = {"f32": 1e-5, "f16": 2e-3, "bf16": 2e-2, "q8_0": 3e-2}

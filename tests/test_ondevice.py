@@ -78,7 +78,7 @@ def test_8da4w_takes_q4_1_weights_and_a_q8_0_table_back_exactly():
     from gguf import GGMLQuantizationType as Q
 
     from llamalite.ondevice import GROUP, Int4Groups, Int8Embedding
-    from llamalite.quants import dequantize
+    from llamalite.kernels.blocks import dequantize
 
     w = torch.randn(48, 96) + torch.rand(48, 1)  # groups that are not centred
     q4_1 = dequantize(gguf.quants.quantize(w.numpy(), Q.Q4_1), "Q4_1", (48, 96))

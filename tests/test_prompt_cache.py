@@ -18,7 +18,7 @@ import torch
 from llamalite.config import ModelConfig
 from llamalite.model import KV_TYPES
 from llamalite.prompt_cache import PromptCache, model_key, parse_size, read_header
-from llamalite.quantized import kernels_available
+from llamalite.kernels.ops import kernels_available
 from tests.helpers import meta_weights_from_hf, tiny_hf_model, write_gguf
 
 IDS = [int(x) for x in np.random.default_rng(0).integers(5, 390, 200)]

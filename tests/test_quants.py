@@ -3,7 +3,7 @@ import pytest
 import torch
 from gguf import GGMLQuantizationType, quants as gq
 
-from llamalite.quants import BLOCK, dequantize
+from llamalite.kernels.blocks import BLOCK, dequantize
 from tests.helpers import random_blocks
 
 

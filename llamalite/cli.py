@@ -36,7 +36,8 @@ def _load(args):
               kv_type=getattr(args, "kv_type", None))
     _refuse_for_program(args, lm)
     if getattr(args, "lora", None):
-        from .adapters import AdapterSet, read_adapter
+        from .adapters import AdapterSet
+        from .formats.adapters import read_adapter
 
         adapters = AdapterSet(lm.model)
         adapters.route_all(adapters.add("lora", read_adapter(args.lora, lm.model.config, lm.path)))
@@ -551,7 +552,9 @@ def cmd_finetune(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from .export import ExportError, export_gguf, export_hf, load_for_export, lora_kept
+    from .export import ExportError, export_gguf, export_hf
+    from .lora import lora_kept
+    from .restore import load_for_export
     from .lora import lora_layers, merge_lora, save_adapter
     from .store import resolve_model
 

@@ -16,10 +16,11 @@ import numpy as np
 import torch
 
 from .config import ModelConfig
+from .formats.layout import NEOX_FAMILIES, family_tensors, permute_rope
 from .loading import meta_to_gguf_name, meta_to_hf_name
 
 DTYPES = ("f32", "f16", "q8_0", "q4_1", "q4_0")
-_QUANT_TYPES = {"q8_0": "Q8_0", "q4_1": "Q4_1", "q4_0": "Q4_0"}  # export dtype -> GGML block type
+QUANT_TYPES = {"q8_0": "Q8_0", "q4_1": "Q4_1", "q4_0": "Q4_0"}  # export dtype -> GGML block type
 
 
 class ExportError(ValueError):
@@ -145,28 +146,6 @@ def _weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
-def _family_tensors(cfg: ModelConfig, weights: dict[str, torch.Tensor], neox: bool) -> dict[str, torch.Tensor]:
-    """The reverse of loading.family_layout: q/k rows, biases and norms back to the half-split RoPE layout
-    where the format holds them so (`neox`), and Phi-3's projections fused again (its names: attention.wqkv,
-    and feed_forward.w3 holding gate and up)."""
-    out = {}
-    for name, t in weights.items():
-        kind = name.rsplit(".", 2)[-2] if name.startswith("layers.") else ""
-        if neox and kind in ("wq", "wk"):
-            heads = cfg.n_heads if kind == "wq" else cfg.n_kv_heads
-            t = permute_rope(t.reshape(t.shape[0], -1), heads).reshape(t.shape)
-        elif neox and kind in ("q_norm", "k_norm"):
-            t = permute_rope(t.reshape(-1, 1), 1).reshape(-1)
-        out[name] = t
-    if cfg.family == "phi3":
-        for i in range(cfg.n_layers):
-            p = f"layers.{i}."
-            out[p + "attention.wqkv.weight"] = torch.cat([out.pop(p + f"attention.{x}.weight") for x in ("wq", "wk", "wv")])
-            out[p + "feed_forward.w3.weight"] = torch.cat([out.pop(p + "feed_forward.w1.weight"),
-                                                         out.pop(p + "feed_forward.w3.weight")])
-    return out
-
-
 def export_gguf(model: torch.nn.Module, tokenizer, path: str | Path, dtype: str = "f32", name: str = "llamalite") -> Path:
     import gguf
     from gguf import GGMLQuantizationType as T
@@ -189,9 +168,8 @@ def export_gguf(model: torch.nn.Module, tokenizer, path: str | Path, dtype: str 
 
         base = rope_inv_freq(cfg.head_dim, cfg.rope_theta)
         w.add_tensor("rope_freqs.weight", (base / rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)).numpy())
-    from .loading import NEOX_FAMILIES
 
-    for meta_name, t in _family_tensors(cfg, _weights(model), cfg.family in NEOX_FAMILIES).items():
+    for meta_name, t in family_tensors(cfg, _weights(model), cfg.family in NEOX_FAMILIES).items():
         gname = meta_to_gguf_name(meta_name)
         arr = np.ascontiguousarray(t.numpy(), dtype=np.float32)
         if arr.ndim == 1 or dtype == "f32" or (dtype != "f16" and arr.shape[-1] % 32):
@@ -199,44 +177,13 @@ def export_gguf(model: torch.nn.Module, tokenizer, path: str | Path, dtype: str 
         elif dtype == "f16":
             w.add_tensor(gname, arr.astype(np.float16))
         else:
-            qtype = T[_QUANT_TYPES[dtype]]
+            qtype = T[QUANT_TYPES[dtype]]
             w.add_tensor(gname, gguf.quants.quantize(arr, qtype), raw_dtype=qtype)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
     return path
-
-
-def lora_kept(model: torch.nn.Module, dtype: str, max_layers: int = 32) -> float:
-    """How much of an (unmerged) LoRA update survives quantizing the merged weights to `dtype`: the
-    change quantization makes, Q(W + D) - Q(W), projected on the update D (1 = all of it). A LoRA update
-    is far smaller than a 4-bit step, so re-quantizing to the base's own 4-bit grid rounds most of it
-    away. Measured on up to `max_layers` LoRA layers spread through the model."""
-    import gguf
-    from gguf import GGMLQuantizationType as T
-
-    from .lora import lora_layers
-
-    qtype = T[_QUANT_TYPES[dtype]]
-    layers = lora_layers(model)
-    layers = layers[::max(1, len(layers) // max_layers)][:max_layers]
-
-    def q(a: np.ndarray) -> np.ndarray:
-        return gguf.quants.dequantize(gguf.quants.quantize(np.ascontiguousarray(a, dtype=np.float32), qtype), qtype)
-
-    along = total = 0.0
-    for _, _, m in layers:
-        w, d = m.base.weight.detach().float().cpu().numpy(), m.delta().detach().float().cpu().numpy()
-        along += float(((q(w + d) - q(w)) * d).sum())
-        total += float((d * d).sum())
-    return along / total if total else 1.0
-
-
-def permute_rope(w: torch.Tensor, n_heads: int) -> torch.Tensor:
-    """Meta's interleaved q/k rows -> HF's half-split layout (the inverse of loading.unpermute_rope)."""
-    out_dim, in_dim = w.shape
-    return w.view(n_heads, out_dim // n_heads // 2, 2, in_dim).transpose(1, 2).reshape(out_dim, in_dim)
 
 
 def export_hf(model: torch.nn.Module, tokenizer, out: str | Path, dtype: str = "f32") -> Path:
@@ -251,7 +198,7 @@ def export_hf(model: torch.nn.Module, tokenizer, out: str | Path, dtype: str = "
     out = Path(out).expanduser()
     out.mkdir(parents=True, exist_ok=True)
     tensors = {}
-    for meta_name, t in _family_tensors(cfg, _weights(model), neox=True).items():
+    for meta_name, t in family_tensors(cfg, _weights(model), neox=True).items():
         hf = meta_to_hf_name(meta_name)
         if cfg.family == "phi3" and meta_name.endswith("feed_forward.w3.weight"):
             hf = hf.replace("mlp.up_proj", "mlp.gate_up_proj")
@@ -279,49 +226,3 @@ def export_hf(model: torch.nn.Module, tokenizer, out: str | Path, dtype: str = "
     return out
 
 
-def load_for_export(source: str | Path, merge: bool = True):
-    """(model, tokenizer, name) from a training or fine-tuning checkpoint (file or run directory: its
-    best) or any loadable model. A LoRA fine-tune comes merged into its base unless `merge` is False."""
-    from .loading import load
-
-    path = Path(source).expanduser()
-    if path.is_dir() and any(path.glob("ckpt-*.pt")):
-        from .train import _checkpoints
-
-        path = path / "best.pt" if (path / "best.pt").exists() else _checkpoints(path)[0]
-    if path.suffix == ".pt":
-        return _from_checkpoint(path, merge)
-    lm = load(path, quantized=False)
-    return lm.model, lm.tokenizer, path.stem if path.is_file() else path.name
-
-
-def _from_checkpoint(path: Path, merge: bool):
-    from .loading import load_tokenizer
-    from .model import Transformer
-
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 (a checkpoint that does not load is reported as such)
-        raise ExportError(f"{path} cannot be read as a llamalite checkpoint ({type(e).__name__}: {e})") from e
-    if "model_config" not in ckpt or "model" not in ckpt:
-        raise ExportError(f"{path} is not a llamalite training checkpoint (no model_config / model)")
-    name = path.parent.name
-    if "finetune" in ckpt:
-        from .finetune import load_finetuned
-        from .lora import merge_lora
-
-        try:
-            model, tokenizer = load_finetuned(ckpt)
-        except (FileNotFoundError, ValueError) as e:
-            raise ExportError(f"{path}: {e}") from None
-        return (merge_lora(model) if merge else model), tokenizer, name
-    model = Transformer(ModelConfig(**ckpt["model_config"]))
-    model.load_state_dict(ckpt["model"])
-    data = Path(ckpt["train_config"]["data"])
-    tokenizer = None
-    try:
-        tokenizer = load_tokenizer(data)
-    except (ValueError, FileNotFoundError):
-        print(f"llamalite: the training data directory {data} has no tokenizer any more; exporting without one",
-              flush=True)
-    return model.eval(), tokenizer, name

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from .config import ModelConfig, RopeScaling, config_from_gguf, config_from_hf, config_from_meta
+from .formats.layout import NEOX_FAMILIES, family_layout, unpermute_rope
 from .model import Transformer, rope_inv_freq
 from .tokenizer import Tokenizer, tokenizer_from_gguf, tokenizer_from_hf_dir, tokenizer_from_model_file
 
@@ -268,54 +269,6 @@ def _meta_to(name: str, top: Mapping[str, str], layer: Mapping[str, str], fmt: s
     _, i, rest = name.split(".", 2)
     ours, kind = rest.rsplit(".", 1)
     return fmt.format(i=i, name=next(theirs for theirs, o in layer.items() if o == ours), kind=kind)
-
-
-NEOX_FAMILIES = ("qwen2", "qwen3", "phi3")  # their GGUF q/k rows are in HF's half-split RoPE layout, as HF's
-
-
-def family_layout(cfg: ModelConfig, weights: dict, blocks: dict, neox: bool) -> None:
-    """In place, a family's tensors as the model file holds them: Phi-3's fused q/k/v and gate/up
-    projections split by rows, and (`neox`: HF files, and GGUF files of the families llama.cpp does not
-    permute) q/k rows, biases and norms from the half-split RoPE layout to Meta's interleaved one.
-    `weights` holds dense tensors, `blocks` (raw rows, type, packed) quantized ones; rows of blocks
-    split and reorder as rows of values do."""
-    def rows(entry, lo: int, hi: int):
-        return entry[lo:hi] if isinstance(entry, torch.Tensor) else (entry[0][lo:hi], *entry[1:])
-
-    def store(name: str) -> dict | None:
-        return weights if name in weights else blocks if name in blocks else None
-
-    qd, kd = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
-    for i in range(cfg.n_layers):
-        p = f"layers.{i}."
-        fused = p + "attention.wqkv.weight"
-        where = store(fused)
-        if where is not None:  # [q; k; v]
-            entry = where.pop(fused)
-            for part, lo, hi in (("wq", 0, qd), ("wk", qd, qd + kd), ("wv", qd + kd, qd + 2 * kd)):
-                where[f"{p}attention.{part}.weight"] = rows(entry, lo, hi)
-        up = p + "feed_forward.w3.weight"
-        if cfg.family == "phi3" and store(up) is not None:  # [gate; up], as llama.cpp's and HF's Phi-3 hold them
-            where = store(up)
-            entry = where.pop(up)
-            where[p + "feed_forward.w1.weight"] = rows(entry, 0, cfg.hidden_dim)
-            where[up] = rows(entry, cfg.hidden_dim, 2 * cfg.hidden_dim)
-        if not neox:
-            continue
-        for name, heads in (("wq", cfg.n_heads), ("wk", cfg.n_kv_heads)):
-            for kind in ("weight", "bias"):
-                key = f"{p}attention.{name}.{kind}"
-                where = store(key)
-                if where is None:
-                    continue
-                entry = where[key]
-                raw = entry if isinstance(entry, torch.Tensor) else entry[0]
-                turned = unpermute_rope(raw.reshape(raw.shape[0], -1), heads).reshape(raw.shape)
-                where[key] = turned if isinstance(entry, torch.Tensor) else (turned.contiguous(), *entry[1:])
-        for name in ("q_norm", "k_norm"):  # one head's dimensions, the same reordering
-            key = f"{p}attention.{name}.weight"
-            if key in weights:
-                weights[key] = unpermute_rope(weights[key].reshape(-1, 1), 1).reshape(-1)
 
 
 def open_gguf(path: Path):
@@ -574,13 +527,6 @@ def hf_to_meta_name(name: str) -> str | None:
 def meta_to_hf_name(name: str) -> str:
     """The Hugging Face name of a Meta-named weight or bias (the reverse of hf_to_meta_name)."""
     return _meta_to(name, _HF_NAMES, _HF_LAYER_NAMES, "model.layers.{i}.{name}.{kind}")
-
-
-def unpermute_rope(w: torch.Tensor, n_heads: int) -> torch.Tensor:
-    """HF stores q/k rows per head as [all even dims, all odd dims] (its rotate_half RoPE); Meta
-    interleaves them. Inverse of the `permute` in transformers' convert_llama_weights_to_hf.py."""
-    out_dim, in_dim = w.shape
-    return w.view(n_heads, 2, out_dim // n_heads // 2, in_dim).transpose(1, 2).reshape(out_dim, in_dim)
 
 
 def load_hf(path: Path, dtype: torch.dtype = torch.float32) -> LoadedModel:

@@ -12,19 +12,19 @@ import math
 from pathlib import Path
 from typing import Sequence
 
+import numpy as np
 import torch
 from torch import nn
 
+from .export import QUANT_TYPES
+from .formats.layout import permute_rope
 from .loading import meta_to_hf_name
-
-# the layers LoRA can wrap, and the block module holding each
-_PARENT = {"wq": "attention", "wk": "attention", "wv": "attention", "wo": "attention", "w1": "feed_forward",
-           "w2": "feed_forward", "w3": "feed_forward"}
+from .model import LINEAR_PARENTS
 
 
 def _hf_module(i: int, target: str) -> str:
     """The Hugging Face module name of layer i's target (PEFT names adapters after it)."""
-    return meta_to_hf_name(f"layers.{i}.{_PARENT[target]}.{target}.weight").removesuffix(".weight")
+    return meta_to_hf_name(f"layers.{i}.{LINEAR_PARENTS[target]}.{target}.weight").removesuffix(".weight")
 
 
 class LoRALinear(nn.Module):
@@ -70,14 +70,14 @@ class LoRALinear(nn.Module):
 def apply_lora(model: nn.Module, rank: int = 8, alpha: float = 16.0, targets: Sequence[str] = ("wq", "wv"),
                dropout: float = 0.0, seed: int = 0) -> nn.Module:
     """Freeze every weight of a Transformer and wrap its `targets` layers (wq wk wv wo w1 w2 w3) in LoRA."""
-    unknown = sorted(set(targets) - set(_PARENT))
+    unknown = sorted(set(targets) - set(LINEAR_PARENTS))
     if unknown or not targets:
-        raise ValueError(f"unknown LoRA target(s) {', '.join(unknown) or '(none given)'}; choose from {', '.join(_PARENT)}")
+        raise ValueError(f"unknown LoRA target(s) {', '.join(unknown) or '(none given)'}; choose from {', '.join(LINEAR_PARENTS)}")
     model.requires_grad_(False)
     generator = torch.Generator().manual_seed(seed)
     for layer in model.layers:
         for t in targets:
-            parent = getattr(layer, _PARENT[t])
+            parent = getattr(layer, LINEAR_PARENTS[t])
             setattr(parent, t, LoRALinear(getattr(parent, t), rank, alpha, dropout, generator))
     return model
 
@@ -86,7 +86,7 @@ def lora_layers(model: nn.Module) -> list[tuple[int, str, LoRALinear]]:
     """(layer index, target name, module) of every LoRA layer."""
     out = []
     for i, layer in enumerate(model.layers):
-        for t, parent in _PARENT.items():
+        for t, parent in LINEAR_PARENTS.items():
             m = getattr(getattr(layer, parent), t)
             if isinstance(m, LoRALinear):
                 out.append((i, t, m))
@@ -96,7 +96,7 @@ def lora_layers(model: nn.Module) -> list[tuple[int, str, LoRALinear]]:
 def merge_lora(model: nn.Module) -> nn.Module:
     """Fold every LoRA layer into its base: a plain model again, the same function."""
     for i, t, m in lora_layers(model):
-        setattr(getattr(model.layers[i], _PARENT[t]), t, m.merge())
+        setattr(getattr(model.layers[i], LINEAR_PARENTS[t]), t, m.merge())
     return model
 
 
@@ -105,7 +105,6 @@ def save_adapter(model: nn.Module, out: str | Path, base_model: str = "") -> Pat
     (`llamalite export --to hf`): q and k rows permuted to HF's RoPE layout, as the base weights are."""
     from safetensors.torch import save_file
 
-    from .export import permute_rope
 
     layers = lora_layers(model)
     if not layers:
@@ -132,3 +131,26 @@ def save_adapter(model: nn.Module, out: str | Path, base_model: str = "") -> Pat
               "inference_mode": True, "base_model_name_or_path": base_model or None, "modules_to_save": None}
     (out / "adapter_config.json").write_text(json.dumps(config, indent=1))
     return out
+
+
+def lora_kept(model: torch.nn.Module, dtype: str, max_layers: int = 32) -> float:
+    """How much of an (unmerged) LoRA update survives quantizing the merged weights to `dtype`: the
+    change quantization makes, Q(W + D) - Q(W), projected on the update D (1 = all of it). A LoRA update
+    is far smaller than a 4-bit step, so re-quantizing to the base's own 4-bit grid rounds most of it
+    away. Measured on up to `max_layers` LoRA layers spread through the model."""
+    import gguf
+    from gguf import GGMLQuantizationType as T
+
+    qtype = T[QUANT_TYPES[dtype]]
+    layers = lora_layers(model)
+    layers = layers[::max(1, len(layers) // max_layers)][:max_layers]
+
+    def q(a: np.ndarray) -> np.ndarray:
+        return gguf.quants.dequantize(gguf.quants.quantize(np.ascontiguousarray(a, dtype=np.float32), qtype), qtype)
+
+    along = total = 0.0
+    for _, _, m in layers:
+        w, d = m.base.weight.detach().float().cpu().numpy(), m.delta().detach().float().cpu().numpy()
+        along += float(((q(w + d) - q(w)) * d).sum())
+        total += float((d * d).sum())
+    return along / total if total else 1.0

@@ -176,6 +176,11 @@ class FeedForward(nn.Module):
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
 
 
+# Each linear layer of a block, by its Meta name, and the block module that holds it (what LoRA wraps).
+LINEAR_PARENTS = {"wq": "attention", "wk": "attention", "wv": "attention", "wo": "attention", "w1": "feed_forward",
+                  "w2": "feed_forward", "w3": "feed_forward"}
+
+
 class TransformerBlock(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()

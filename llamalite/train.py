@@ -29,9 +29,8 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_
 
 from .config import ModelConfig, TrainConfig
 from .data import DataError, TokenData
+from .formats.checkpoint import CHECKPOINT_VERSION, atomic_write, checkpoints_in, load_latest_checkpoint, save_checkpoint
 from .model import Transformer, cross_entropy_loss
-
-CHECKPOINT_VERSION = 1
 
 
 class TrainError(ValueError):
@@ -123,56 +122,9 @@ def evaluate(model: torch.nn.Module, batches: Iterable[tuple[torch.Tensor, torch
     return nll / max(count, 1)
 
 
-def _checkpoints(out: Path) -> list[Path]:
-    return sorted(out.glob("ckpt-*.pt"), key=lambda p: int(p.stem.split("-")[1]), reverse=True)
-
-
-def _atomic_write(path: Path, write) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    write(tmp)
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    try:
-        fd = os.open(path.parent, os.O_RDONLY)
-        os.fsync(fd)
-        os.close(fd)
-    except OSError:
-        pass
-
-
-def save_checkpoint(out: Path, obj: dict, keep: int, best: bool) -> Path:
-    path = out / f"ckpt-{obj['step']:07d}.pt"
-    _atomic_write(path, lambda p: torch.save(obj, p))
-    if best:
-        best_path = out / "best.pt"
-        tmp = out / ".best.pt.link"
-        tmp.unlink(missing_ok=True)
-        os.link(path, tmp)  # a second name for the same file, swapped in atomically
-        os.replace(tmp, best_path)
-    for old in _checkpoints(out)[keep:]:
-        old.unlink()
-    return path
-
-
-def load_latest_checkpoint(out: Path) -> dict | None:
-    """The newest readable checkpoint in out (None if there is none); unreadable ones are reported."""
-    for path in _checkpoints(out):
-        try:
-            ckpt = torch.load(path, map_location="cpu", weights_only=True)
-            if ckpt.get("version") != CHECKPOINT_VERSION:
-                raise ValueError(f"checkpoint version {ckpt.get('version')}, expected {CHECKPOINT_VERSION}")
-            ckpt["path"] = str(path)
-            return ckpt
-        except Exception as e:  # noqa: BLE001 (any failure to read means: fall back to the previous one)
-            print(f"llamalite: checkpoint {path} is unreadable ({type(e).__name__}: {str(e)[:200]}); it may have "
-                  f"been cut off mid-write: trying the one before it", file=sys.stderr)
-    return None
-
-
 def _write_metrics(out: Path, history: list[dict]) -> None:
     text = "".join(json.dumps(r) + "\n" for r in history)
-    _atomic_write(out / "metrics.jsonl", lambda p: p.write_text(text))
+    atomic_write(out / "metrics.jsonl", lambda p: p.write_text(text))
 
 
 def plot_losses(out: Path, history: list[dict]) -> None:
@@ -194,7 +146,7 @@ def plot_losses(out: Path, history: list[dict]) -> None:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    _atomic_write(out / "loss.png", lambda p: fig.savefig(p, format="png"))
+    atomic_write(out / "loss.png", lambda p: fig.savefig(p, format="png"))
     plt.close(fig)
 
 
@@ -342,7 +294,7 @@ def _check_memory(cfg: TrainConfig, device: torch.device, need: int, n_params: i
 def _resume_from(cfg: TrainConfig, job: Job, out: Path, rank: int) -> dict | None:
     """The checkpoint to continue from (None: start at step 0), after checking it is this run's."""
     if not cfg.resume:
-        if _checkpoints(out):
+        if checkpoints_in(out):
             raise TrainError(f"{out} already holds checkpoints; continue them with --resume, or choose another --out")
         return None
     ckpt = load_latest_checkpoint(out)

@@ -145,7 +145,8 @@ def write_gguf(path: Path, weights: dict[str, np.ndarray], cfg, tensor_type: str
 
 def meta_weights_from_hf(model) -> dict[str, torch.Tensor]:
     """An HF model's weights under Meta's names and RoPE layout (what GGUF and consolidated.pth hold)."""
-    from llamalite.loading import hf_to_meta_name, unpermute_rope
+    from llamalite.formats.layout import unpermute_rope
+    from llamalite.loading import hf_to_meta_name
 
     cfg = model.config
     out = {}

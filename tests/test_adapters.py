@@ -8,7 +8,8 @@ import httpx
 import pytest
 import torch
 
-from llamalite.adapters import AdapterError, AdapterSet, read_adapter
+from llamalite.adapters import AdapterSet
+from llamalite.formats.adapters import AdapterError, read_adapter
 from llamalite.config import FinetuneConfig, ModelConfig
 from llamalite.loading import load
 from llamalite.lora import apply_lora, lora_layers, merge_lora, save_adapter
@@ -132,7 +133,7 @@ def run(tmp_path_factory):
 
 
 def test_a_finetune_run_is_served_without_export(run, tmp_path):
-    from llamalite.export import load_for_export
+    from llamalite.restore import load_for_export
 
     base, out = run
     merged, _, _ = load_for_export(out, merge=True)
@@ -151,7 +152,7 @@ def test_llamalite_serve_lora_serves_a_finetune_run(run):
     import subprocess
     import sys
 
-    from llamalite.export import load_for_export
+    from llamalite.restore import load_for_export
     from llamalite.generation import generate
     from llamalite.sampling import GREEDY
     from llamalite.serve import wait_until_serving
@@ -237,7 +238,7 @@ def test_the_server_batches_base_and_adapter_requests(dense, tmp_path, weights):
 def test_generate_with_lora_runs_the_fine_tune(run, capsys):
     """`llamalite generate --lora RUN`: the base run as its fine-tune, unmerged, as the merged model answers."""
     from llamalite.cli import main
-    from llamalite.export import load_for_export
+    from llamalite.restore import load_for_export
     from llamalite.generation import generate
     from llamalite.sampling import GREEDY
 

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from llamalite.data import prepare
-from llamalite.export import ExportError, export_gguf, export_hf, load_for_export
+from llamalite.export import ExportError, export_gguf, export_hf
+from llamalite.restore import load_for_export
 from llamalite.generation import generate
 from llamalite.loading import load
 from llamalite.sampling import GREEDY

@@ -79,7 +79,9 @@ def _answer(model, tok, template, question: str) -> str:
 
 def test_lora_finetune_lowers_held_out_loss_and_teaches_the_answer(default_lm, default_lm_exact, tmp_path):
     """25 chat records teach the assistant its name; every 5th is held out (questions it never sees)."""
-    from llamalite.export import export_gguf, load_for_export, lora_kept
+    from llamalite.export import export_gguf
+    from llamalite.lora import lora_kept
+    from llamalite.restore import load_for_export
     from llamalite.lora import merge_lora
     from llamalite.finetune import _split
     from llamalite.loading import load
@@ -114,7 +116,8 @@ def test_lora_finetune_lowers_held_out_loss_and_teaches_the_answer(default_lm, d
     assert "Pemberton" in _answer(quantized.model, quantized.tokenizer, quantized.chat_template, held_questions[0])
     # and served unmerged on the Q4_1 base itself (where a merged Q4_1 export loses the update), as
     # `--lora` runs it: the run directory, no export
-    from llamalite.adapters import AdapterSet, read_adapter
+    from llamalite.adapters import AdapterSet
+    from llamalite.formats.adapters import read_adapter
 
     served = load(default_lm.path)
     adapters = AdapterSet(served.model)

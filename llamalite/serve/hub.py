@@ -86,7 +86,8 @@ class Hub:
         lm = self.loaders[name]()
         mine = {a: path for a, (base, path) in self.adapters.items() if base == name}
         if mine:
-            from ..adapters import AdapterSet, read_adapter
+            from ..adapters import AdapterSet
+            from ..formats.adapters import read_adapter
 
             served = AdapterSet(lm.model)
             for adapter, path in mine.items():

@@ -8,7 +8,7 @@ __all__ = ["load", "generate", "stream_text", "SamplingParams", "ModelConfig", "
 def __getattr__(name: str):
     # Lazy: `import llamalite` (and `llamalite --help`) must not pay for importing torch.
     if name == "load":
-        from .loading import load
+        from .backends import load
         return load
     if name in ("generate", "stream_text"):
         from . import generation as g

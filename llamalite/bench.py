@@ -39,7 +39,7 @@ def run_bench(model_path: Path, prompt_tokens: int = 128, gen_tokens: int = 128,
     over torchrun's ranks (`shard`, parallel.Shard; `pipeline` for stages), every rank runs the same and
     the result also lists each rank's peak RSS and the share of its decode spent in all-reduces."""
     from .generation import compile_decode, generate, prefill
-    from .loading import load
+    from .backends import load
     from .parallel import Collectives
     from .kernels.ops import simd_path
     from .sampling import GREEDY

@@ -14,7 +14,7 @@ from typing import Any, Callable
 def _load(args):
     import torch
 
-    from .loading import load
+    from .backends import load
     from .store import resolve_model
 
     if getattr(args, "threads", None):
@@ -244,7 +244,8 @@ def cmd_tokenize(args) -> int:
 
 
 def cmd_info(args) -> int:
-    from .loading import gguf_vocab_only, load, load_tokenizer
+    from .backends import load
+    from .loading import gguf_vocab_only, load_tokenizer
     from .quantized import count_parameters
     from .kernels.ops import simd_path
     from .store import resolve_model
@@ -390,7 +391,7 @@ def _served_adapters(args, models: dict) -> dict:
 
 
 def cmd_serve(args) -> int:
-    from .loading import load
+    from .backends import load
     from .serve import serve
     from .serve.hub import Hub
 
@@ -457,7 +458,7 @@ def _serve_settings(args):
 def _serve_split(args, models: dict) -> int:
     """`serve` under torchrun: one model split over the ranks (llamalite.parallel). Rank 0 serves HTTP and
     runs the batching engine, handing each forward to the other ranks, which follow."""
-    from .loading import load
+    from .backends import load
     from .parallel import Leader, ParallelError, control_group, follow, from_env, rank_device
     from .serve import serve
     from .serve.hub import Hub
@@ -759,7 +760,7 @@ def _drafting(args, lm):
         drafter = PromptLookup(args.lookup)  # its checks; the engine makes one for each request
         draft_model = None
     else:
-        from .loading import load
+        from .backends import load
         from .store import resolve_model
 
         p_min = DRAFT_P_MIN if args.draft_p_min is None else args.draft_p_min

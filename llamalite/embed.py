@@ -17,7 +17,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from .loading import LoadedModel
+from .formats.loaded import LoadedModel
 from .model import Transformer
 
 POOLING = ("mean", "last", "cls")

@@ -37,7 +37,7 @@ class LlamaliteLM(TemplateLM):
     def __init__(self, model: str | None = None, dequantize: Any = False, max_length: int | None = None,
                  threads: int | None = None, device: str | None = None, batch_size: Any = 1, **_: Any):
         super().__init__()
-        from .loading import load
+        from .backends import load
         from .store import resolve_model
 
         if threads:

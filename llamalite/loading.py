@@ -8,7 +8,6 @@ into a model built on the meta device, so nothing is allocated twice.
 from __future__ import annotations
 
 import gc
-import hashlib
 import json
 import mmap
 import re
@@ -24,73 +23,41 @@ from torch import nn
 
 from .config import ModelConfig, RopeScaling, config_from_gguf, config_from_hf, config_from_meta
 from .formats.layout import NEOX_FAMILIES, family_layout, unpermute_rope
-from .model import Transformer, rope_inv_freq
+from .formats.loaded import LoadedModel, ModelFileError
+from .kernels.ops import kernels_available
+from .model import Transformer, kv_type_name, rope_inv_freq
 from .tokenizer import Tokenizer, tokenizer_from_gguf, tokenizer_from_hf_dir, tokenizer_from_model_file
 
 if TYPE_CHECKING:
-    from .parallel import Shard
+    from typing import Callable, Protocol
 
+    class Part(Protocol):
+        """A part of a model that a rank reads (distributed/load.py's Split and Stages)."""
 
-class ModelFileError(ValueError):
-    """A model file or directory that cannot be loaded; the message says what is wrong and what to do."""
+        def local_config(self) -> ModelConfig: ...
 
+        def rename(self, name: str) -> str | None: ...
 
-@dataclass
-class LoadedModel:
-    model: Transformer
-    tokenizer: Tokenizer
-    chat_template: str | None
-    path: Path
-    format: str  # "gguf", "hf" or "meta"
-    tensor_types: Counter = field(default_factory=Counter)  # storage type -> number of tensors
-    metadata: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def config(self) -> ModelConfig:
-        return self.model.config
+        def ranges(self, name: str) -> tuple[tuple[int, int] | None, tuple[int, int] | None]: ...
 
 
 def load(path: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
-         quantized: bool = True, shard: "Shard | None" = None, pipeline: bool = False,
-         kv_type: str | None = None) -> LoadedModel:
+         quantized: bool = True, kv_type: str | None = None) -> LoadedModel:
     """Load a GGUF file, an HF directory or a Meta checkpoint directory, telling which by its files,
     onto `device` in `dtype` (fp32 by default: without AVX-512 BF16, bf16 matmuls are slow on CPUs).
     GGUF Q4_0/Q4_1/Q8_0 weights stay quantized for the CPU kernels unless `quantized` is False (e.g.
     for training); on other devices they are dequantized, where dense matmuls are the fast path.
-    With `shard` (parallel.Shard, under torchrun), only this rank's slices of a GGUF file are read and
-    the model is this rank's part of a tensor-parallel one (llamalite.parallel), or with `pipeline` its
-    stage of consecutive layers. `kv_type` (model.KV_TYPES) is what its KV caches hold; by default
-    default_kv_type's choice."""
-    from .model import kv_type_name
-
+    `kv_type` (model.KV_TYPES) is what its KV caches hold; by default default_kv_type's choice.
+    (backends.load also takes ExecuTorch programs and a rank's part under torchrun.)"""
     if kv_type is not None:
         kv_type_name(kv_type)  # an unknown name is refused before the weights are read
     on_cpu = torch.device(device).type == "cpu"
-    path = Path(path).expanduser()
-    if path.suffix == ".pte":  # an ExecuTorch program (llamalite.ondevice): run through executorch.runtime
-        from .ondevice import load_pte
+    return place(_load(Path(path).expanduser(), dtype, quantized and on_cpu), device, kv_type)
 
-        if shard is not None or not on_cpu or kv_type is not None:
-            raise ValueError("an ExecuTorch program runs in one process on the CPU with the KV cache it was "
-                             "exported with: drop torchrun, --device and --kv-type")
-        return load_pte(path)
-    if shard is not None:
-        from .parallel import ParallelError, check_same, parallelize, pipeline as stage
 
-        gguf = path if path.is_file() else next(iter(sorted(path.glob("*.gguf"))), None)
-        if gguf is None or not path.exists():
-            raise ParallelError(f"tensor parallelism reads GGUF files (each rank its own slices of the memory map); "
-                                f"{path} is not one: convert it with `llamalite export {path} --to gguf`")
-        lm = load_gguf(gguf, dtype, quantized and on_cpu, shard, pipeline)
-        with open(gguf, "rb") as f:  # the header (metadata and tensor table) tells two models apart
-            head = hashlib.sha256(f.read(1 << 20)).hexdigest()[:16]
-        check_same({"bytes": gguf.stat().st_size, "header_sha256": head})
-        if pipeline:
-            stage(lm.model, shard)
-        else:
-            parallelize(lm.model)
-    else:
-        lm = _load(path, dtype, quantized and on_cpu)
+def place(lm: LoadedModel, device: str | torch.device = "cpu", kv_type: str | None = None) -> LoadedModel:
+    """A loaded model moved to `device`, its chat template handed to its tokenizer, its KV type set."""
+    on_cpu = torch.device(device).type == "cpu"
     if not on_cpu:
         lm.model.to(device)
     if lm.tokenizer is not None and lm.chat_template and not lm.tokenizer.chat_template:
@@ -105,8 +72,6 @@ def default_kv_type(model: torch.nn.Module) -> str | None:
     """f16 for an fp32 model on the CPU kernels, whose attention reads fp16 keys and values directly:
     half the bytes of fp32 a step, so decode at long contexts runs faster (BENCHMARKS.md) for a
     rounding that keeps greedy answers (benchmarks/faithfulness.py). Otherwise None: the model's dtype."""
-    from .kernels.ops import kernels_available
-
     on_cpu = model.norm.weight.device.type == "cpu"
     return "f16" if on_cpu and kernels_available() and model.norm.weight.dtype == torch.float32 else None
 
@@ -394,12 +359,13 @@ def gguf_metadata(reader) -> dict[str, Any]:
 
 
 def load_gguf(path: Path, dtype: torch.dtype = torch.float32, quantized: bool = True,
-              shard: "Shard | None" = None, pipeline: bool = False) -> LoadedModel:
+              part: "Callable[[ModelConfig, dict[str, str]], Part] | None" = None) -> LoadedModel:
     """With `quantized`, Q4_0/Q4_1/Q8_0 weights stay in their blocks (QuantLinear), and the other lossy
     block types are re-quantized to Q8_0 for the kernels; F32/F16/BF16 weights, or everything when
-    `quantized` is False, are dequantized to `dtype`. With `shard`, each weight is first cut to this
-    rank's rows or whole-block columns (parallel.Split) and the config is the rank's own; with
-    `pipeline` instead, only this rank's layers are read (parallel.Stages)."""
+    `quantized` is False, are dequantized to `dtype`. With `part`, only a part of the model is read:
+    `part(config, {tensor name: type name})` gives a Part (distributed/load.py builds them: a rank's
+    heads, or its layers), whose config is the part's own, which renames each Meta-named weight (None:
+    not in this part) and gives the rows and columns of it that the part keeps (memory-map views)."""
     from .quantized import REQUANT_TYPES, requantize_q8_0
     from .kernels.ops import KERNEL_TYPES, kernels_available
     from .kernels.blocks import dequantize, q5_0_as_q8_0
@@ -423,26 +389,9 @@ def load_gguf(path: Path, dtype: torch.dtype = torch.float32, quantized: bool = 
                                has_bias="blk.0.attn_q.bias" in tensors)
     except ValueError as e:
         raise ModelFileError(f"{path}: {e}") from e
-    if shard is not None and not pipeline and cfg.family == "phi3":  # its fused q/k/v and gate/up rows
-        from .parallel import ParallelError
-
-        raise ParallelError(f"splitting a {cfg.family} model by heads is not supported yet: split it by layers "
-                            f"(--pp), or run it in one process")
-    split = stages = None
-    if shard is not None and pipeline:
-        from .parallel import Stages
-
-        stages = Stages(cfg, shard)
-        cfg = stages.local_config()
-    elif shard is not None:
-        from .parallel import Split
-        from .kernels.blocks import BLOCK as _BLOCK
-
-        def block_of(gguf_name: str) -> int:
-            t = tensors.get(gguf_name)
-            return _BLOCK.get(t.tensor_type.name, (1, 1))[0] if t is not None else 1
-        split = Split(cfg, shard, w2_block=block_of("blk.0.ffn_down.weight"), wo_block=block_of("blk.0.attn_output.weight"))
-        cfg = split.local_config()
+    if part is not None:
+        part = part(cfg, {name: t.tensor_type.name for name, t in tensors.items()})
+        cfg = part.local_config()
     weights, blocks = {}, {}
     types: Counter = Counter()
     for name, t in tensors.items():
@@ -454,14 +403,14 @@ def load_gguf(path: Path, dtype: torch.dtype = torch.float32, quantized: bool = 
                                  f"run yet; use a 4k-context Phi-3 file")
         if meta_name is None:
             raise ModelFileError(f"{path}: tensor {name!r} is not part of a {cfg.family} model")
-        if stages is not None:
-            meta_name = stages.rename(meta_name)
-            if meta_name is None:  # another stage's layer: never read here
+        if part is not None:
+            meta_name = part.rename(meta_name)
+            if meta_name is None:  # another part's layer: never read here
                 continue
         shape = tuple(int(d) for d in reversed(t.shape))  # GGUF lists dimensions fastest-first
         types[t.tensor_type.name] += 1
-        if split is not None:
-            t = _ShardView(t, *split.ranges(meta_name), shape, reader)
+        if part is not None:
+            t = _ShardView(t, *part.ranges(meta_name), shape, reader)
             shape = t.shape
         if quantized and t.tensor_type.name in KERNEL_TYPES and len(shape) == 2:
             blocks[meta_name] = (torch.from_numpy(t.data), t.tensor_type.name, False)

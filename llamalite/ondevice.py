@@ -435,7 +435,7 @@ class PteModel:
 
 def load_pte(path: Path):
     """A LoadedModel of an exported program and the tokenizer and metadata beside it."""
-    from .loading import LoadedModel, ModelFileError
+    from .formats.loaded import LoadedModel, ModelFileError
     from .tokenizer import tokenizer_from_hf_dir
 
     meta_file, tok_dir = _meta_path(path), _tokenizer_dir(path)

@@ -96,6 +96,10 @@ class Split:
         return dataclasses.replace(self.cfg, n_heads=(hi - lo) * rep, n_kv_heads=hi - lo, hidden_dim=h_hi - h_lo,
                                    head_dim=self.cfg.head_dim)
 
+    def rename(self, name: str) -> str | None:
+        """Every weight is in every rank's part (cut by `ranges`), under its own name."""
+        return name
+
     def ranges(self, name: str) -> tuple[tuple[int, int] | None, tuple[int, int] | None]:
         """(rows, columns) this rank keeps of Meta-named weight `name` (None: all of them)."""
         lo, hi = self.heads
@@ -435,6 +439,10 @@ class Stages:
         index, rest = name[len("layers."):].split(".", 1)
         lo, hi = self.layers
         return f"layers.{int(index) - lo}.{rest}" if lo <= int(index) < hi else None
+
+    def ranges(self, name: str) -> tuple[None, None]:
+        """A stage keeps each of its weights whole."""
+        return None, None
 
 
 class _FromPrevious(nn.Module):

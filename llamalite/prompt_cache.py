@@ -34,7 +34,7 @@ import numpy as np
 import torch
 
 if TYPE_CHECKING:
-    from .loading import LoadedModel
+    from .formats.loaded import LoadedModel
     from .model import Transformer
 
 MAGIC, VERSION = b"LLPC", 1

@@ -36,7 +36,7 @@ def held_bytes(model) -> dict[str, int]:
 
 def main() -> None:
     from llamalite.generation import generate
-    from llamalite.loading import load
+    from llamalite.backends import load
     from llamalite.parallel import from_env, transport
     from llamalite.sampling import GREEDY
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from llamalite.generation import generate
-from llamalite.loading import load
+from llamalite.backends import load
 from llamalite.sampling import GREEDY, SamplingParams
 from tests.helpers import save_hf_dir, tiny_hf_model
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from llamalite.config import ModelConfig
-from llamalite.loading import load
+from llamalite.backends import load
 from tests.helpers import meta_weights_from_hf, tiny_hf_model, write_gguf
 
 pytest.importorskip("executorch", reason="the device extra: pip install -e '.[device]' (make test installs it)")

@@ -89,7 +89,7 @@ def test_qwen2_and_qwen3_split_by_heads(tmp_path):
     """Qwen2's q/k/v biases cut with their rows, Qwen3's head norms whole on each rank: the same logits and
     greedy tokens as one process, both decoding with the kernels' one-call step."""
     from llamalite.export import export_gguf
-    from llamalite.loading import load
+    from llamalite.backends import load
     from tests.helpers import save_hf_dir
     from tests.test_families import COMMON, FAMILIES
 
@@ -166,7 +166,7 @@ def test_what_cannot_be_split_is_refused(tiny_files, tmp_path):
     assert embed.returncode != 0 and "runs in one process" in embed.stderr
     # each machine reads its own copy of the file: copies that differ are caught at load
     script = tmp_path / "mismatch.py"
-    script.write_text("import sys\nfrom llamalite.loading import load\nfrom llamalite.parallel import from_env\n"
+    script.write_text("import sys\nfrom llamalite.backends import load\nfrom llamalite.parallel import from_env\n"
                       "shard = from_env()\nload(sys.argv[1 + shard.rank], shard=shard)\n")
     mixed = _torchrun(2, str(script), *map(str, tiny_files), timeout=120)
     assert mixed.returncode != 0 and "different model file than rank 0" in mixed.stderr

@@ -17,7 +17,7 @@ from fastapi.responses import Response, StreamingResponse
 from pydantic import AfterValidator, Field
 
 from ..generation import ContextLengthError, TextStream
-from ..loading import LoadedModel
+from ..formats.loaded import LoadedModel
 from ..sampling import SamplingParams
 from .engine import Engine, EngineClosed, PromptEvent, Request as EngineRequest, Runner, TokenEvent
 from .guard import Limits, error_body

@@ -13,7 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable
 
-from ..loading import LoadedModel
+from ..formats.loaded import LoadedModel
 from ..speculative import Drafting
 from .core import APIError, Metrics, Server
 from .engine import Runner

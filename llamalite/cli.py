@@ -562,11 +562,11 @@ def cmd_export(args) -> int:
     if args.to != "executorch" and (args.max_seq_len is not None or args.max_memory is not None):
         raise ValueError("--max-seq-len and --max-memory are for --to executorch")
     if args.to == "executorch":
-        from .ondevice import DTYPES, _require_executorch
+        from .ondevice import DTYPES, require_executorch
 
         if (args.dtype or "fp32") not in DTYPES:
             raise ValueError(f"--to executorch takes --dtype {', '.join(DTYPES)}, not {args.dtype!r}")
-        _require_executorch()  # before loading anything
+        require_executorch()  # before loading anything
     args.dtype = args.dtype or ("fp32" if args.to == "executorch" else "f32")
     source = args.source if args.source.endswith(".pt") or os.path.isdir(args.source) else resolve_model(args.source)
     model, tokenizer, name = load_for_export(source, merge=False)

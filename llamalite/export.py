@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from .config import ModelConfig
-from .formats.layout import NEOX_FAMILIES, family_tensors, permute_rope
+from .formats.layout import NEOX_FAMILIES, family_tensors
 from .loading import meta_to_gguf_name, meta_to_hf_name
 
 DTYPES = ("f32", "f16", "q8_0", "q4_1", "q4_0")

@@ -30,7 +30,7 @@ import torch
 from .config import FinetuneConfig
 from .data import DataError, read_jsonl
 from .tokenizer import Tokenizer
-from .train import Job, TrainError, _check_memory, _check_sizes, _distributed, draw, estimate_memory, run
+from .train import Job, TrainError, check_memory, check_sizes, setup_distributed, draw, estimate_memory, run
 
 IGNORE = -100  # the target of a position whose next token is not learned
 
@@ -180,8 +180,8 @@ def finetune(cfg: FinetuneConfig) -> dict:
 
     if not cfg.data:
         raise TrainError("no training data: set data to a JSONL file of records (messages, prompt/completion or text)")
-    _check_sizes(cfg)
-    rank, world, device = _distributed(cfg)
+    check_sizes(cfg)
+    rank, world, device = setup_distributed(cfg)
     base = resolve_model(cfg.model or None).resolve()  # absolute: export may run from another directory
     lora = lora_setup(cfg)
     try:
@@ -192,7 +192,7 @@ def finetune(cfg: FinetuneConfig) -> dict:
     model = lm.model
     n_params = sum(p.numel() for p in model.parameters())
     n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    _check_memory(cfg, device, estimate_memory(model.config, cfg, n_params, n_trainable), n_params)
+    check_memory(cfg, device, estimate_memory(model.config, cfg, n_params, n_trainable), n_params)
     pad = lm.tokenizer.eos_id if lm.tokenizer.eos_id is not None else 0
 
     def batch(gen: torch.Generator, rank: int, world: int):

@@ -13,7 +13,6 @@ import mmap
 import re
 from contextlib import contextmanager
 from collections import Counter
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping
 
@@ -22,7 +21,7 @@ import torch
 from torch import nn
 
 from .config import ModelConfig, RopeScaling, config_from_gguf, config_from_hf, config_from_meta
-from .formats.layout import NEOX_FAMILIES, family_layout, unpermute_rope
+from .formats.layout import NEOX_FAMILIES, family_layout
 from .formats.loaded import LoadedModel, ModelFileError
 from .kernels.ops import kernels_available
 from .model import Transformer, kv_type_name, rope_inv_freq

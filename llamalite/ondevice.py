@@ -48,7 +48,7 @@ class DeviceExportError(ValueError):
     """A model or setting the export cannot handle, or ExecuTorch missing; the message says what to do."""
 
 
-def _require_executorch(part: str = "exir") -> None:
+def require_executorch(part: str = "exir") -> None:
     """Import executorch's exporter (`exir`) or its `runtime`, or say what to install."""
     try:
         if part == "runtime":
@@ -200,7 +200,7 @@ def export_executorch(model: nn.Module, tokenizer: "Tokenizer | None", out: str 
                       say: Callable[[str], None] = lambda step: None) -> Path:
     """Write `out` (.pte) with its tokenizer and metadata beside it (see the module); returns its path.
     `say` hears each step as it starts (lowering takes minutes for a model of 30 layers)."""
-    _require_executorch()
+    require_executorch()
     from torch.export import Dim, export
 
     from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
@@ -397,7 +397,7 @@ class PteModel:
     kv_type = None
 
     def __init__(self, path: Path, config: ModelConfig, max_seq_len: int):
-        _require_executorch("runtime")
+        require_executorch("runtime")
         _load_kernels()
         from executorch.extension.pybindings import portable_lib
         from executorch.runtime import Runtime

@@ -13,8 +13,6 @@ PyTorch's own ops.
 
 from __future__ import annotations
 
-import warnings
-
 import torch
 import torch.nn.functional as F
 from torch import nn

@@ -163,7 +163,7 @@ def _precision(cfg: TrainConfig, device: torch.device):
     return contextlib.nullcontext
 
 
-def _distributed(cfg: TrainConfig) -> tuple[int, int, torch.device]:
+def setup_distributed(cfg: TrainConfig) -> tuple[int, int, torch.device]:
     """(rank, world size, device): under torchrun (WORLD_SIZE > 1) the process group is set up,
     gloo on the CPU and nccl on GPUs; multi-node runs come through torchrun's rendezvous."""
     device = torch.device(cfg.device)
@@ -250,8 +250,8 @@ def train(cfg: TrainConfig) -> dict:
     """Pretrain (or resume) a new model on `llamalite prepare`'s shards; returns a summary."""
     if not cfg.data:
         raise TrainError("no training data: set data to a directory made by `llamalite prepare`")
-    _check_sizes(cfg)
-    rank, world, device = _distributed(cfg)
+    check_sizes(cfg)
+    rank, world, device = setup_distributed(cfg)
     train_data, val_data = TokenData.open(cfg.data, "train"), TokenData.open(cfg.data, "val")
     for split, d in (("train", train_data), ("val", val_data)):
         if d.valid_starts(cfg.seq_len + 1) == 0:
@@ -259,7 +259,7 @@ def train(cfg: TrainConfig) -> dict:
                             f"seq_len + 1 = {cfg.seq_len + 1}: use a shorter seq_len or more text")
     mcfg = model_config(cfg, train_data.index["vocab_size"])
     n_params = count_parameters(mcfg)
-    _check_memory(cfg, device, estimate_memory(mcfg, cfg, n_params, n_params), n_params)
+    check_memory(cfg, device, estimate_memory(mcfg, cfg, n_params, n_params), n_params)
     torch.manual_seed(cfg.seed)
     model = Transformer(mcfg).to(device)
     model.init_weights(torch.Generator(device=device).manual_seed(cfg.seed) if device.type == "cpu" else None)
@@ -273,13 +273,13 @@ def train(cfg: TrainConfig) -> dict:
     return run(cfg, job, rank, world, device)
 
 
-def _check_sizes(cfg: TrainConfig) -> None:
+def check_sizes(cfg: TrainConfig) -> None:
     for name in ("steps", "batch_size", "grad_accum", "seq_len", "eval_batches", "keep", "eval_every", "save_every"):
         if getattr(cfg, name) < 1:
             raise TrainError(f"{name} must be at least 1, got {getattr(cfg, name)}")
 
 
-def _check_memory(cfg: TrainConfig, device: torch.device, need: int, n_params: int) -> None:
+def check_memory(cfg: TrainConfig, device: torch.device, need: int, n_params: int) -> None:
     """Refuse, before anything big is allocated, a run that will not fit."""
     if not cfg.memory_check:
         return

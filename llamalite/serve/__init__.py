@@ -13,7 +13,8 @@ status a client expects; a request never takes the server down.
 """
 
 from .app import create_app
-from .core import APIError, Server
+from .core import Server
+from .protocol import APIError
 from .http import BackgroundServer, serve, wait_until_serving
 from .hub import Hub
 

@@ -19,20 +19,20 @@ from pydantic import Field
 
 from ..sampling import SamplingParams
 from .calling import encode_conversation, shown, tool_setup
-from .core import APIError, Server, Text, _json
+from .core import Server, json_response
 from .guard import clip
 from .hub import Hub
-from .openai_api import MAX_STOP, _Strict
+from .protocol import MAX_STOP, APIError, Strict, Text
 
 
-class TextBlock(_Strict):
+class TextBlock(Strict):
     type: Literal["text"]
     text: Text
     cache_control: dict[str, Any] | None = Field(None, description="accepted; the prefix cache works by itself")
     citations: list[Any] | None = Field(None, description="accepted on assistant turns; not shown to the model")
 
 
-class ToolUseBlock(_Strict):
+class ToolUseBlock(Strict):
     """A call the model made, resent in the conversation. `caller` and `toolset_name` are the SDK's
     bookkeeping on the blocks it returns (who invoked the tool; the toolset family of a toolset member), so
     a client resending `block.model_dump()` sends them: they say nothing the model reads, and change nothing."""
@@ -45,7 +45,7 @@ class ToolUseBlock(_Strict):
     toolset_name: Text | None = Field(None, description="accepted; the SDK's bookkeeping, changes nothing")
 
 
-class ToolResultBlock(_Strict):
+class ToolResultBlock(Strict):
     type: Literal["tool_result"]
     tool_use_id: Text
     content: Text | list[TextBlock] = ""
@@ -61,12 +61,12 @@ class ToolResultBlock(_Strict):
 Block = Annotated[TextBlock | ToolUseBlock | ToolResultBlock, Field(discriminator="type")]
 
 
-class Message(_Strict):
+class Message(Strict):
     role: Literal["user", "assistant"]
     content: Text | list[Block]
 
 
-class Tool(_Strict):
+class Tool(Strict):
     type: Literal["custom"] | None = Field(None, description="a client tool (the SDK's ToolParam may say so)")
     name: Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")]
     description: Text | None = None
@@ -76,17 +76,17 @@ class Tool(_Strict):
                                                   "every key required), else a 400")
 
 
-class ToolChoice(_Strict):
+class ToolChoice(Strict):
     type: Literal["auto", "any", "tool", "none"]
     name: Text | None = None
     disable_parallel_tool_use: bool | None = None
 
 
-class Metadata(_Strict):
+class Metadata(Strict):
     user_id: Text | None = None
 
 
-class _Conversation(_Strict):
+class _Conversation(Strict):
     model: Text
     messages: list[Message] = Field(min_length=1)
     system: Text | list[TextBlock] | None = None
@@ -221,13 +221,13 @@ def router(hub: Hub) -> APIRouter:
             reason, sequence = stop_reason(finish, stop_string, calls)
             blocks = ([{"type": "text", "text": content}] if content or not calls else []) + [tool_block(c) for c in calls]
             return {**head, "content": blocks, "stop_reason": reason, "stop_sequence": sequence,
-                    "usage": _usage(len(prompt), cached, generated)}
-        return await _json(server, build)
+                    "usage": usage_of(len(prompt), cached, generated)}
+        return await json_response(server, build)
 
     return api
 
 
-def _usage(prompt_tokens: int, cached: int, generated: int) -> dict[str, int]:
+def usage_of(prompt_tokens: int, cached: int, generated: int) -> dict[str, int]:
     """Anthropic's usage: the prompt tokens read from the cache (the KV cache's reused prefix, in memory or
     from --prompt-cache) counted apart from the ones computed, as its prompt caching counts them."""
     return {"input_tokens": prompt_tokens - cached, "cache_creation_input_tokens": 0,
@@ -268,7 +268,7 @@ async def _events(server, stream, head, input_tokens, calling, stop_reason, tool
                 index += 1
             reason, sequence = stop_reason(piece.finish_reason, piece.stop_string, calls)
             yield _event("message_delta", {"delta": {"stop_reason": reason, "stop_sequence": sequence},
-                                           "usage": _usage(input_tokens, piece.cached_tokens, generated)})
+                                           "usage": usage_of(input_tokens, piece.cached_tokens, generated)})
             yield _event("message_stop", {})
             return
     except APIError as e:  # the headers are gone: the error travels as an event, as Anthropic's does

@@ -17,7 +17,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from . import anthropic_api, embeddings_api, openai_api, responses_api
 from ..tools import ToolError, tool_format
-from .core import APIError, Server, _error
+from .core import Server
+from .protocol import APIError, error_response
 from .hub import Hub
 from .guard import Guard, clip
 
@@ -70,30 +71,30 @@ def create_app(target: Server | Hub, start_engine: bool = True) -> FastAPI:
 
     @app.exception_handler(APIError)
     async def api_error(http: Request, e: APIError):
-        return _error(e.status, e.message, e.type, e.param, e.code, e.headers, http.url.path)
+        return error_response(e.status, e.message, e.type, e.param, e.code, e.headers, http.url.path)
 
     @app.exception_handler(RequestValidationError)
     async def invalid(http: Request, e: RequestValidationError):
         errors, path = e.errors(), http.url.path
         first = errors[0] if errors else {}
         if first.get("type") == "json_invalid":
-            return _error(400, f"the request body is not valid JSON ({first.get('ctx', {}).get('error', 'parse error')}); "
+            return error_response(400, f"the request body is not valid JSON ({first.get('ctx', {}).get('error', 'parse error')}); "
                                "send a JSON object with Content-Type: application/json", path=path)
         if first.get("type") == "extra_forbidden":
             name = clip(_field(first), 40)
-            return _error(400, f"the field '{name}' is not supported by this server; remove it", param=name, path=path)
+            return error_response(400, f"the field '{name}' is not supported by this server; remove it", param=name, path=path)
         param = _field(first) or None
         detail = "; ".join(f"{_field(err) or 'body'}: {err.get('msg')}" for err in errors[:5])
-        return _error(400, f"invalid request: {detail}", param=param, path=path)
+        return error_response(400, f"invalid request: {detail}", param=param, path=path)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(http: Request, e: StarletteHTTPException):
-        return _error(e.status_code, str(e.detail), type="not_found_error" if e.status_code == 404 else
+        return error_response(e.status_code, str(e.detail), type="not_found_error" if e.status_code == 404 else
                       "invalid_request_error", path=http.url.path)
 
     @app.exception_handler(Exception)
     async def crash(http: Request, e: Exception):
-        return _error(500, f"internal error: {type(e).__name__}: {e}", type="server_error", path=http.url.path)
+        return error_response(500, f"internal error: {type(e).__name__}: {e}", type="server_error", path=http.url.path)
 
     app.add_middleware(Guard, limits=hub.limits, api_key=lambda: hub.api_key,
                        count=lambda path, status: hub.metrics.requests.labels(path, str(status)).inc())

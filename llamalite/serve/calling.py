@@ -8,7 +8,9 @@ from typing import Any
 from ..chat_template import TemplateError, encode_chat
 from ..constrain import Grammar, GrammarError, strict_problem
 from ..tools import RepeatGuard, ToolError, ToolFormat, ToolStream, native_messages, tool_format
-from .core import APIError, Piece, Server
+from .core import Server
+from .protocol import APIError
+from .streaming import Piece
 from .guard import clip
 
 

@@ -1,6 +1,6 @@
-"""The shared core of the server: the `Server` object over the engine, OpenAI-shaped errors, and the
-pieces every API family builds its responses from (one choice as a stream of pieces, several choices
-merged, a full collection, server-sent events, usage)."""
+"""The shared core of the server: the `Server` object over the engine (one choice as a stream of pieces),
+its metrics, and the responses that need a server: logprobs in OpenAI's shapes, a JSON body built off
+the event loop, a stream of server-sent events. What needs no server is in protocol.py and streaming.py."""
 
 from __future__ import annotations
 
@@ -10,17 +10,17 @@ import functools
 import json
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Annotated, Any, AsyncIterator, Callable
+from typing import TYPE_CHECKING, Any, AsyncIterator, Callable
 
 from fastapi.responses import Response, StreamingResponse
-from pydantic import AfterValidator, Field
 
 from ..generation import ContextLengthError, TextStream
 from ..formats.loaded import LoadedModel
 from ..sampling import SamplingParams
 from .engine import Engine, EngineClosed, PromptEvent, Request as EngineRequest, Runner, TokenEvent
-from .guard import Limits, error_body
+from .guard import Limits
+from .protocol import APIError
+from .streaming import Piece, sse
 
 if TYPE_CHECKING:
     from ..constrain import Grammar
@@ -28,59 +28,7 @@ if TYPE_CHECKING:
     from ..speculative import Drafting
 
 
-def _utf8(text: str) -> str:
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError as e:
-        raise ValueError(f"the text is not valid Unicode: a lone surrogate (\\u{ord(text[e.start]):04x}) at "
-                         f"character {e.start}; send UTF-8 text") from None
-    return text
-
-
-# Every string a request carries: text that cannot be encoded as UTF-8 is refused as a 400 naming the
-# field, before anything downstream (tokenizer, JSON encoder) meets it.
-Text = Annotated[str, AfterValidator(_utf8)]
-TokenId = Annotated[int, Field(ge=0)]  # checked against the vocabulary by Server.check_ids
-
-
-class APIError(Exception):
-    def __init__(self, status: int, message: str, type: str = "invalid_request_error", param: str | None = None,
-                 code: str | None = None, headers: dict[str, str] | None = None):
-        super().__init__(message)
-        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
-        self.headers = headers
-
-
-def _error(status: int, message: str, type: str = "invalid_request_error", param: str | None = None,
-           code: str | None = None, headers: dict | None = None, path: str = "") -> Response:
-    """An error response in the shape of the API family of `path` (see guard.error_body)."""
-    return Response(error_body(status, message, type, param, code, path), status_code=status, headers=headers,
-                    media_type="application/json")
-
-
 # ----- running one choice ----------------------------------------------------------------------------
-
-@dataclass
-class Choice:
-    """What one choice produced so far."""
-    index: int
-    text: str = ""
-    tokens: list[TokenEvent] = field(default_factory=list)
-    finish_reason: str | None = None
-    cached_tokens: int = 0
-    prompt_logprobs: list[TokenEvent] | None = None
-
-
-@dataclass
-class Piece:
-    """A step of one choice's stream: new text and the tokens that made it, or the end."""
-    index: int
-    text: str
-    tokens: list[TokenEvent]
-    finish_reason: str | None = None
-    cached_tokens: int = 0  # on the last piece: prompt tokens reused from the KV cache
-    prompt_logprobs: list[TokenEvent] | None = None  # with score_prompt: each prompt token's, the first None
-    stop_string: str | None = None  # on the last piece: the stop string that ended the choice, if one did
 
 
 class Metrics:
@@ -284,49 +232,11 @@ class Server:
         m.generated.labels(name).inc(generated)
 
 
-def _merge(streams: list[AsyncIterator[Piece]]) -> AsyncIterator[Piece]:
-    """Pieces of several choices as they come (choices run side by side in the engine's batch)."""
-    async def merged():
-        if len(streams) == 1:
-            async for piece in streams[0]:
-                yield piece
-            return
-        out: asyncio.Queue = asyncio.Queue()
-        done = object()
-
-        async def pump(stream):
-            try:
-                async for piece in stream:
-                    await out.put(piece)
-                await out.put(done)
-            except BaseException as e:  # handed to the consumer, which re-raises it
-                await out.put(e)
-
-        tasks = [asyncio.create_task(pump(s)) for s in streams]
-        try:
-            remaining = len(tasks)
-            while remaining:
-                item = await out.get()
-                if item is done:
-                    remaining -= 1
-                elif isinstance(item, BaseException):
-                    raise item
-                else:
-                    yield item
-        finally:
-            for t in tasks:
-                t.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)  # each stream's own cleanup runs first
-            for s in streams:
-                await s.aclose()
-    return merged()
-
-
 def _token_text(server: Server, token: int) -> str:
     return server.tokenizer.decode([token], skip_special=False)
 
 
-def _completion_logprobs(server: Server, tokens: list[TokenEvent], offset: int) -> dict[str, Any]:
+def completion_logprobs(server: Server, tokens: list[TokenEvent], offset: int) -> dict[str, Any]:
     texts = [_token_text(server, t.token) for t in tokens]
     offsets = []
     for t in texts:
@@ -338,7 +248,7 @@ def _completion_logprobs(server: Server, tokens: list[TokenEvent], offset: int) 
             "text_offset": offsets}
 
 
-def _chat_logprobs(server: Server, tokens: list[TokenEvent]) -> dict[str, Any]:
+def chat_logprobs(server: Server, tokens: list[TokenEvent]) -> dict[str, Any]:
     def entry(token: int, logprob: float) -> dict[str, Any]:
         text = _token_text(server, token)
         return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8"))}
@@ -347,58 +257,26 @@ def _chat_logprobs(server: Server, tokens: list[TokenEvent]) -> dict[str, Any]:
                          "top_logprobs": [entry(i, lp) for i, lp in (t.top_logprobs or [])]} for t in tokens]}
 
 
-def _sse(data: dict[str, Any] | str) -> str:
-    return f"data: {data if isinstance(data, str) else json.dumps(data, ensure_ascii=False)}\n\n"
-
-
-async def _collect(stream: AsyncIterator[Piece], n: int) -> list[Choice]:
-    """Every choice in full. A client that goes away cancels the task running this (see guard.Guard),
-    which closes the choices' streams, which cancel their engine requests."""
-    choices = [Choice(i) for i in range(n)]
-    async for piece in stream:
-        c = choices[piece.index]
-        c.text += piece.text
-        c.tokens.extend(piece.tokens)
-        if piece.finish_reason:
-            c.finish_reason, c.cached_tokens = piece.finish_reason, piece.cached_tokens
-        if piece.prompt_logprobs is not None:
-            c.prompt_logprobs = piece.prompt_logprobs
-    return choices
-
-
-async def _json(server: Server, build: Callable[[], dict[str, Any]]) -> Response:
+async def json_response(server: Server, build: Callable[[], dict[str, Any]]) -> Response:
     """A response body built and encoded on a worker thread: with logprobs it can run to megabytes."""
     body = await server.offload(lambda: json.dumps(build(), ensure_ascii=False).encode("utf-8"))
     return Response(body, media_type="application/json")
 
 
-def _usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int | None = None) -> dict[str, Any]:
-    usage = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-             "total_tokens": prompt_tokens + completion_tokens}
-    if cached_tokens is not None:
-        usage["prompt_tokens_details"] = {"cached_tokens": cached_tokens}
-    return usage
-
-
-def _choices_usage(prompts: list[list[int]], n: int, choices: list[Choice]) -> dict[str, Any]:
-    return _usage(sum(len(p) for p in prompts) * n, sum(len(c.tokens) for c in choices),
-                  sum(c.cached_tokens for c in choices))
-
-
-def _streaming(server: Server, stream: AsyncIterator[Piece], chunk, final) -> StreamingResponse:
+def streaming_response(server: Server, stream: AsyncIterator[Piece], chunk, final) -> StreamingResponse:
     async def body():
         try:
             async for piece in stream:
                 if piece.prompt_logprobs is not None:  # a scored prompt: a large event, built off the loop
-                    yield await server.offload(lambda: "".join(_sse(data) for data in chunk(piece)))
+                    yield await server.offload(lambda: "".join(sse(data) for data in chunk(piece)))
                     continue
                 for data in chunk(piece):
-                    yield _sse(data)
+                    yield sse(data)
             for data in final():
-                yield _sse(data)
+                yield sse(data)
         except APIError as e:  # headers are gone: the error travels as an event, as OpenAI's does
-            yield _sse({"error": {"message": e.message, "type": e.type, "param": e.param, "code": e.code}})
+            yield sse({"error": {"message": e.message, "type": e.type, "param": e.param, "code": e.code}})
         finally:
             await stream.aclose()
-        yield _sse("[DONE]")
+        yield sse("[DONE]")
     return StreamingResponse(body(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})

@@ -11,7 +11,8 @@ from fastapi import APIRouter
 from pydantic import BaseModel, ConfigDict, Field
 
 from ..embed import embed_ids
-from .core import APIError, Text, TokenId, _json
+from .core import json_response
+from .protocol import APIError, Text, TokenId
 from .engine import EngineClosed
 from .hub import Hub
 
@@ -68,7 +69,7 @@ def router(hub: Hub) -> APIRouter:
             return {"object": "list", "model": server.model_name,
                     "data": [{"object": "embedding", "index": i, "embedding": encode(v)} for i, v in enumerate(vectors)],
                     "usage": {"prompt_tokens": n, "total_tokens": n}}
-        return await _json(server, build)
+        return await json_response(server, build)
 
     return api
 

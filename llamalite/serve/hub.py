@@ -15,7 +15,8 @@ from typing import Callable
 
 from ..formats.loaded import LoadedModel
 from ..speculative import Drafting
-from .core import APIError, Metrics, Server
+from .core import Metrics, Server
+from .protocol import APIError
 from .engine import Runner
 from .guard import Limits, clip
 

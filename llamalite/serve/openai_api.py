@@ -14,48 +14,31 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from ..constrain import Grammar
 from ..sampling import SamplingParams
-from .core import (APIError, Piece, Server, Text, TokenId, _chat_logprobs, _choices_usage, _collect,
-                   _completion_logprobs, _json, _merge, _streaming, _usage)
+from .core import Server, chat_logprobs, completion_logprobs, json_response, streaming_response
+from .protocol import MAX_STOP, APIError, JSONSchemaFormat, Strict, Text, TokenId
+from .streaming import Piece, choices_usage, collect, merge, usage_of
 from .calling import check_strict, compile_grammar, encode_conversation, tool_setup
 from .engine import TokenEvent
 from .guard import clip
 from .hub import Hub
 
-MAX_STOP = 4  # as OpenAI: up to 4 stop sequences
 
-
-class _Strict(BaseModel):
-    """A request object whose unknown fields are refused (400 naming them), never dropped."""
-    model_config = ConfigDict(extra="forbid")
-
-
-class StreamOptions(_Strict):
+class StreamOptions(Strict):
     include_usage: bool = False
 
 
-class JSONSchemaFormat(_Strict):
-    model_config = ConfigDict(populate_by_name=True)  # and extra="forbid", from _Strict
-
-    name: Text = "response"
-    description: Text | None = None
-    schema_: dict[str, Any] | bool = Field(True, alias="schema", description="the JSON Schema the reply matches")
-    strict: bool | None = Field(None, description="true: the schema must be strict as OpenAI defines it (every object "
-                                                  "closed, every key required), else a 400; the reply is constrained "
-                                                  "to the schema either way")
-
-
-class ResponseFormat(_Strict):
+class ResponseFormat(Strict):
     type: Literal["text", "json_object", "json_schema"]
     json_schema: JSONSchemaFormat | None = None
 
 
-class SpeculativeOptions(_Strict):
+class SpeculativeOptions(Strict):
     n_max: int | None = Field(None, ge=0, le=7, description="tokens drafted a pass at most (0: no drafts)")
     n_min: int | None = Field(None, ge=0, le=7, description="no pass over a draft shorter than this")
     p_min: float | None = Field(None, ge=0, le=1, description="a draft model's top probability to go on drafting")
 
 
-class _Sampling(_Strict):
+class _Sampling(Strict):
     """Fields shared by both generation endpoints. A field this server does not know is refused with a
     400 naming it: one that would change the output is honoured or refused, never dropped. The last
     group changes nothing here and is accepted."""
@@ -151,23 +134,23 @@ class CompletionRequest(_Sampling):
     echo: bool = False
 
 
-class TextPart(_Strict):
+class TextPart(Strict):
     type: Literal["text"]
     text: Text
 
 
-class FunctionCall(_Strict):
+class FunctionCall(Strict):
     name: Text
     arguments: Text = Field(description="the arguments as a JSON object, in text")
 
 
-class ToolCallItem(_Strict):
+class ToolCallItem(Strict):
     id: Text | None = None
     type: Literal["function"] = "function"
     function: FunctionCall
 
 
-class ChatMessage(_Strict):
+class ChatMessage(Strict):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: Text | list[TextPart] | None = None
     name: Text | None = Field(None, description="passed to the chat template, which may show it")
@@ -190,7 +173,7 @@ class ChatMessage(_Strict):
         return out
 
 
-class FunctionSpec(_Strict):
+class FunctionSpec(Strict):
     name: Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")]
     description: Text | None = None
     parameters: dict[str, Any] | None = Field(None, description="a JSON Schema for the arguments")
@@ -198,16 +181,16 @@ class FunctionSpec(_Strict):
                                                   "key required), else a 400; a required call is constrained to them")
 
 
-class ToolSpec(_Strict):
+class ToolSpec(Strict):
     type: Literal["function"]
     function: FunctionSpec
 
 
-class NamedFunction(_Strict):
+class NamedFunction(Strict):
     name: Text
 
 
-class NamedToolChoice(_Strict):
+class NamedToolChoice(Strict):
     type: Literal["function"]
     function: NamedFunction
 
@@ -277,7 +260,7 @@ def router(hub: Hub) -> APIRouter:
             raise APIError(400, "give the text to tokenize as content (or prompt)", param="content")
         special = next((v for v in (body.add_special, body.add_special_tokens) if v is not None), True)
         tokens = await server.offload(server.tokenizer.encode, text, None if special else False)
-        return await _json(server, lambda: {"tokens": tokens, "count": len(tokens),
+        return await json_response(server, lambda: {"tokens": tokens, "count": len(tokens),
                                             "max_model_len": server.engine.max_seq_len})
 
     @api.post("/detokenize")
@@ -325,7 +308,7 @@ def router(hub: Hub) -> APIRouter:
             return ids, texts, compile_grammar(server, spec)
         ids, texts, grammar = await server.offload(prepare)
         budgets = [server.budget(len(p), body.max_tokens) for p in ids]
-        stream = _merge([server.run(i * n + j, p, b, body.sampling(), body.seed, body.logprobs, stop, score, grammar,
+        stream = merge([server.run(i * n + j, p, b, body.sampling(), body.seed, body.logprobs, stop, score, grammar,
                                     body.speculative_settings())
                          for i, (p, b) in enumerate(zip(ids, budgets)) for j in range(n)])
         rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
@@ -334,7 +317,7 @@ def router(hub: Hub) -> APIRouter:
         def choice_logprobs(index: int, tokens: list[TokenEvent]):
             if body.logprobs is None:
                 return None
-            out = _completion_logprobs(server, tokens, offsets.get(index, 0))
+            out = completion_logprobs(server, tokens, offsets.get(index, 0))
             if out["text_offset"]:
                 offsets[index] = out["text_offset"][-1] + len(out["tokens"][-1])
             return out
@@ -361,18 +344,18 @@ def router(hub: Hub) -> APIRouter:
             def final():
                 if body.stream_options and body.stream_options.include_usage:
                     yield {"id": rid, "object": "text_completion", "created": created, "model": server.model_name,
-                           "choices": [], "usage": _usage(sum(len(x) for x in ids) * n, usage_counts["completion"],
+                           "choices": [], "usage": usage_of(sum(len(x) for x in ids) * n, usage_counts["completion"],
                                                                usage_counts["cached"])}
-            return _streaming(server, stream, chunk, final)
+            return streaming_response(server, stream, chunk, final)
 
-        choices = await _collect(stream, len(ids) * n)
-        return await _json(server, lambda: {
+        choices = await collect(stream, len(ids) * n)
+        return await json_response(server, lambda: {
             "id": rid, "object": "text_completion", "created": created, "model": server.model_name,
             "choices": [{"index": c.index, "text": (texts[c.index // n] if body.echo else "") + c.text,
                          "logprobs": choice_logprobs(c.index, (c.prompt_logprobs or []) + c.tokens),
                          "finish_reason": c.finish_reason}
                         for c in choices],
-            "usage": _choices_usage(ids, n, choices)})
+            "usage": choices_usage(ids, n, choices)})
 
     @api.post("/v1/chat/completions")
     async def chat_completions(body: ChatRequest):
@@ -400,7 +383,7 @@ def router(hub: Hub) -> APIRouter:
             raise APIError(400, "the rendered conversation is empty", param="messages")
         budget = server.budget(len(prompt), body.max_completion_tokens or body.max_tokens)
         logprobs = (body.top_logprobs or 0) if body.logprobs else None
-        stream = _merge([server.run(j, prompt, budget, body.sampling(), body.seed, logprobs, stop, grammar=grammar,
+        stream = merge([server.run(j, prompt, budget, body.sampling(), body.seed, logprobs, stop, grammar=grammar,
                                     speculative=body.speculative_settings(),
                                     stop_when=calling.stop_when() if calling is not None else None)
                          for j in range(n)])
@@ -424,7 +407,7 @@ def router(hub: Hub) -> APIRouter:
                 text = piece.text if split is None else split.push(piece.text)
                 if text or piece.tokens and (split is None or body.logprobs):  # held-back calls send nothing yet
                     yield {**head, "choices": [{"index": piece.index, "delta": {"content": text},
-                                                "logprobs": _chat_logprobs(server, piece.tokens) if body.logprobs else None,
+                                                "logprobs": chat_logprobs(server, piece.tokens) if body.logprobs else None,
                                                 "finish_reason": None}]}
                 finish = piece.finish_reason
                 if finish and split is not None:
@@ -447,12 +430,12 @@ def router(hub: Hub) -> APIRouter:
 
             def final():
                 if body.stream_options and body.stream_options.include_usage:
-                    yield {**head, "choices": [], "usage": _usage(len(prompt) * n, usage_counts["completion"],
+                    yield {**head, "choices": [], "usage": usage_of(len(prompt) * n, usage_counts["completion"],
                                                                       usage_counts["cached"])}
 
-            return _streaming(server, stream, chunk, final)
+            return streaming_response(server, stream, chunk, final)
 
-        choices = await _collect(stream, n)
+        choices = await collect(stream, n)
 
         def message(c) -> tuple[dict[str, Any], str | None]:
             if calling is None:
@@ -469,9 +452,9 @@ def router(hub: Hub) -> APIRouter:
             for c in choices:
                 msg, finish = message(c)
                 out.append({"index": c.index, "message": msg, "finish_reason": finish,
-                            "logprobs": _chat_logprobs(server, c.tokens) if body.logprobs else None})
+                            "logprobs": chat_logprobs(server, c.tokens) if body.logprobs else None})
             return {"id": rid, "object": "chat.completion", "created": created, "model": server.model_name,
-                    "choices": out, "usage": _choices_usage([prompt], n, choices)}
-        return await _json(server, build)
+                    "choices": out, "usage": choices_usage([prompt], n, choices)}
+        return await json_response(server, build)
 
     return api

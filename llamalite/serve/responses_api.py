@@ -24,10 +24,10 @@ from pydantic import Discriminator, Field, Tag
 
 from ..sampling import SamplingParams
 from .calling import ToolCalling, check_strict, compile_grammar, encode_conversation, shown, tool_setup
-from .core import APIError, Server, Text, _chat_logprobs, _json
+from .core import Server, chat_logprobs, json_response
 from .guard import clip
 from .hub import Hub
-from .openai_api import JSONSchemaFormat, _Strict
+from .protocol import APIError, JSONSchemaFormat, Strict, Text
 
 LOGPROBS = "message.output_text.logprobs"
 # What `include` may name: the output's log-probabilities are honoured; the rest belong to items (tool
@@ -40,19 +40,19 @@ ItemStatus = Literal["in_progress", "completed", "incomplete"]
 
 # ----- request ------------------------------------------------------------------------------------------
 
-class InputText(_Strict):
+class InputText(Strict):
     type: Literal["input_text"]
     text: Text
 
 
-class OutputText(_Strict):
+class OutputText(Strict):
     type: Literal["output_text"]
     text: Text
     annotations: list[Any] | None = Field(None, description="accepted; not shown to the model")
     logprobs: list[Any] | None = Field(None, description="accepted; not shown to the model")
 
 
-class Refusal(_Strict):
+class Refusal(Strict):
     type: Literal["refusal"]
     refusal: Text
 
@@ -60,7 +60,7 @@ class Refusal(_Strict):
 Part = Annotated[InputText | OutputText | Refusal, Field(discriminator="type")]
 
 
-class MessageItem(_Strict):
+class MessageItem(Strict):
     type: Literal["message"] = "message"
     role: Literal["user", "assistant", "system", "developer"]
     content: Text | list[Part]
@@ -74,7 +74,7 @@ class MessageItem(_Strict):
         return "".join(p.text if not isinstance(p, Refusal) else p.refusal for p in self.content)
 
 
-class FunctionCallItem(_Strict):
+class FunctionCallItem(Strict):
     type: Literal["function_call"]
     call_id: Text
     name: Text
@@ -83,7 +83,7 @@ class FunctionCallItem(_Strict):
     status: ItemStatus | None = None
 
 
-class FunctionCallOutputItem(_Strict):
+class FunctionCallOutputItem(Strict):
     type: Literal["function_call_output"]
     call_id: Text
     output: Text | list[InputText]
@@ -112,7 +112,7 @@ Item = Annotated[Annotated[MessageItem, Tag("message")] | Annotated[FunctionCall
                                                     "function_call_output (this server has no other tools)")]
 
 
-class FunctionTool(_Strict):
+class FunctionTool(Strict):
     type: Literal["function"]
     name: Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")]
     description: Text | None = None
@@ -128,16 +128,16 @@ Tool = Annotated[Annotated[FunctionTool, Tag("function")],
                                                     'code_interpreter, computer use, MCP) are not available')]
 
 
-class FunctionChoice(_Strict):
+class FunctionChoice(Strict):
     type: Literal["function"]
     name: Text
 
 
-class FormatText(_Strict):
+class FormatText(Strict):
     type: Literal["text"]
 
 
-class FormatJSONObject(_Strict):
+class FormatJSONObject(Strict):
     type: Literal["json_object"]
 
 
@@ -145,21 +145,21 @@ class FormatJSONSchema(JSONSchemaFormat):
     type: Literal["json_schema"]
 
 
-class TextConfig(_Strict):
+class TextConfig(Strict):
     format: Annotated[FormatText | FormatJSONObject | FormatJSONSchema, Field(discriminator="type")] | None = None
     verbosity: Literal["medium"] | None = Field(None, description="only medium: the model answers at its own length")
 
 
-class Reasoning(_Strict):
+class Reasoning(Strict):
     effort: Literal["none"] | None = Field(None, description="these models do not reason before answering")
     summary: None = None
 
 
-class StreamOptions(_Strict):
+class StreamOptions(Strict):
     include_obfuscation: bool | None = Field(None, description="accepted; deltas are not padded")
 
 
-class _Input(_Strict):
+class _Input(Strict):
     model: Text
     input: Text | Annotated[list[Item], Field(max_length=4096)] | None = None
     instructions: Text | None = Field(None, description="a system message before the input (not carried over "
@@ -421,7 +421,7 @@ def router(hub: Hub) -> APIRouter:
         def message_item(text: str, status: str, tokens: list | None) -> dict[str, Any]:
             part = {"type": "output_text", "text": text, "annotations": []}
             if logprobs is not None:
-                part["logprobs"] = _chat_logprobs(server, tokens or [])["content"]
+                part["logprobs"] = chat_logprobs(server, tokens or [])["content"]
             return {"id": message_id, "type": "message", "status": status, "role": "assistant", "content": [part]}
 
         def call_item(call, status: str) -> dict[str, Any]:
@@ -442,7 +442,7 @@ def router(hub: Hub) -> APIRouter:
         content, calls = calling.split(text) if calling is not None else (text, [])
         done = finish(content, calls, "incomplete" if finish_reason == "length" else "completed", len(tokens), cached,
                       tokens)
-        return await _json(server, lambda: done)
+        return await json_response(server, lambda: done)
 
     @api.get("/v1/responses/{response_id}")
     async def retrieve(response_id: str) -> dict[str, Any]:
@@ -492,7 +492,7 @@ async def _events(server: Server, stream, calling: ToolCalling | None, response,
     opened, text, tokens, pending, generated = False, "", [], [], 0
 
     def entries(events) -> list[dict[str, Any]]:
-        return _chat_logprobs(server, events)["content"] if with_logprobs else []
+        return chat_logprobs(server, events)["content"] if with_logprobs else []
 
     def open_message():
         yield event("response.output_item.added", output_index=0, item={**message, "content": []})

@@ -3,7 +3,7 @@
     python benchmarks/bench_embed.py [--threads 2] [--repeats 5] [--words 24]
 
 Each input is a sentence of about --words words (distinct sentences, so no two are the same length by
-accident); a batch goes through `llamalite.embed.embed_ids` in one call (one forward where it fits), on
+accident); a batch goes through `llamalite.generation.embed.embed_ids` in one call (one forward where it fits), on
 this process's thread. Medians of --repeats, with min and max.
 """
 
@@ -29,9 +29,9 @@ def main() -> int:
     args = ap.parse_args()
     import torch
 
-    from llamalite.embed import embed_ids
-    from llamalite.loading import load
-    from llamalite.store import resolve_model
+    from llamalite.generation.embed import embed_ids
+    from llamalite.formats.load import load
+    from llamalite.formats.store import resolve_model
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -56,10 +56,10 @@ COVERAGE = {  # name -> schema: the keywords apps and SDKs send (pydantic, zod, 
 def decode_rates(lm, tokens: int, repeats: int) -> dict:
     import torch
 
-    from llamalite.chat_template import encode_chat
-    from llamalite.constrain import Grammar
-    from llamalite.generation import generate
-    from llamalite.sampling import GREEDY
+    from llamalite.text.chat_template import encode_chat
+    from llamalite.generation.constrain import Grammar
+    from llamalite.generation.tokens import generate
+    from llamalite.generation.sampling import GREEDY
 
     tok = lm.tokenizer
     prompt = encode_chat(lm.chat_template, tok, [{"role": "user", "content": PROMPT}])
@@ -93,10 +93,10 @@ def engines(lm) -> dict:
     import numpy as np
     import xgrammar as xgr
 
-    from llamalite.chat_template import encode_chat
-    from llamalite.constrain import Grammar, GrammarError
-    from llamalite.generation import generate
-    from llamalite.sampling import GREEDY
+    from llamalite.text.chat_template import encode_chat
+    from llamalite.generation.constrain import Grammar, GrammarError
+    from llamalite.generation.tokens import generate
+    from llamalite.generation.sampling import GREEDY
 
     tok = lm.tokenizer
     vocab = tok.token_bytes()
@@ -105,7 +105,7 @@ def engines(lm) -> dict:
                              stop_token_ids=sorted(tok.end_ids))
     compiler = xgr.GrammarCompiler(info)
     xgr_setup = time.perf_counter() - t
-    from llamalite import constrain
+    from llamalite.generation import constrain
 
     constrain._TOKENIZERS.clear()  # measure building llguidance's view of the vocabulary too
     t = time.perf_counter()
@@ -174,8 +174,8 @@ def main() -> int:
     args = ap.parse_args()
     import torch
 
-    from llamalite.loading import load
-    from llamalite.store import resolve_model
+    from llamalite.formats.load import load
+    from llamalite.formats.store import resolve_model
 
     if args.threads:
         torch.set_num_threads(args.threads)

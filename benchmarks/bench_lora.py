@@ -4,7 +4,7 @@
 
 On the default model (Q4_1): a random adapter (rank 8 on wq wk wv wo, `llamalite finetune`'s default,
 and rank 16 on all seven projections) is (a) served unmerged on the Q4_1 base through
-llamalite.adapters, and (b) merged into the dequantized weights and exported as Q4_1 again (what
+llamalite.runtime.adapters, and (b) merged into the dequantized weights and exported as Q4_1 again (what
 `llamalite export` writes). Single-stream greedy decode of --tokens tokens after a short prompt, and the
 engine's batched step with 4 streams (2 on the base, 2 on the adapter, against 4 on the merged model).
 The variants run in turn within each repeat; medians of --repeats, with min and max.
@@ -29,14 +29,14 @@ def main() -> int:
     args = ap.parse_args()
     import torch
 
-    from llamalite.adapters import AdapterSet
-    from llamalite.export import export_gguf
-    from llamalite.generation import generate
-    from llamalite.loading import load
-    from llamalite.lora import apply_lora, lora_layers, merge_lora
+    from llamalite.runtime.adapters import AdapterSet
+    from llamalite.formats.export import export_gguf
+    from llamalite.generation.tokens import generate
+    from llamalite.formats.load import load
+    from llamalite.train.lora import apply_lora, lora_layers, merge_lora
     from llamalite.serve.engine import Engine, Request
-    from llamalite.sampling import GREEDY
-    from llamalite.store import default_model_path
+    from llamalite.generation.sampling import GREEDY
+    from llamalite.formats.store import default_model_path
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -31,9 +31,9 @@ def main() -> None:
     p.add_argument("--prompt-tokens", type=int, default=128)
     p.add_argument("--gen-tokens", type=int, default=64)
     args = p.parse_args()
-    from llamalite.bench import bench_prompt
-    from llamalite.loading import load_tokenizer
-    from llamalite.store import resolve_model
+    from llamalite.eval.bench import bench_prompt
+    from llamalite.formats.load import load_tokenizer
+    from llamalite.formats.store import resolve_model
 
     gguf = str(resolve_model(args.model))
     with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:

@@ -28,9 +28,9 @@ def main() -> None:
     from executorch.exir import ExecutorchBackendConfig, to_edge_transform_and_lower
     from executorch.exir.passes.sym_shape_eval_pass import ConstraintBasedSymShapeEvalPass
     from executorch.runtime import Runtime
-    from llamalite.config import ModelConfig
-    from llamalite.model import Transformer
-    from llamalite.ondevice import OnDevice, plain_copy
+    from llamalite.model.config import ModelConfig
+    from llamalite.model.transformer import Transformer
+    from llamalite.ondevice.executorch import OnDevice, plain_copy
 
     class CacheInOut(OnDevice):
         """The same program with each layer's cache given in and handed back."""

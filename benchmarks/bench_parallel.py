@@ -29,10 +29,10 @@ from pathlib import Path
 def worker(model: str, prompt_tokens: int, gen_tokens: int, out: Path, pipeline: bool) -> None:
     import torch
 
-    from llamalite.generation import generate
-    from llamalite.loading import load
-    from llamalite.parallel import Collectives, from_env
-    from llamalite.sampling import GREEDY
+    from llamalite.generation.tokens import generate
+    from llamalite.formats.load import load
+    from llamalite.distributed.parallel import Collectives, from_env
+    from llamalite.generation.sampling import GREEDY
 
     shard = from_env()
     t0 = time.perf_counter()

@@ -71,8 +71,8 @@ def main() -> None:
         bos = None if args.worker[1] == "none" else int(args.worker[1])
         print(json.dumps(llamacpp_worker(args.model, args.worker[0], args.ctx, args.threads, bos)))
         return
-    from llamalite.loading import load_tokenizer
-    from llamalite.store import resolve_model
+    from llamalite.formats.load import load_tokenizer
+    from llamalite.formats.store import resolve_model
 
     model = str(resolve_model(args.model))
     tok = load_tokenizer(model)

@@ -47,10 +47,10 @@ def engine_only(args) -> int:
     """Requests submitted straight to the engine, stepped on this (the loading) thread."""
     import torch
 
-    from llamalite.chat_template import render_chat
+    from llamalite.text.chat_template import render_chat
     from llamalite.serve.engine import Engine, Request, TokenEvent
-    from llamalite.loading import load
-    from llamalite.store import resolve_model
+    from llamalite.formats.load import load
+    from llamalite.formats.store import resolve_model
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -64,8 +64,8 @@ def peer_worker(model: str, ids_file: str, gen: int, threads: int, lookup: int, 
 
 
 def ours(lm, ids, gen, speculation=None) -> dict:
-    from llamalite.generation import generate
-    from llamalite.sampling import GREEDY
+    from llamalite.generation.tokens import generate
+    from llamalite.generation.sampling import GREEDY
 
     lm.model.cache_tokens = []
     t0 = time.perf_counter()
@@ -98,11 +98,11 @@ def med(runs, key):
 def copy_task(args) -> None:
     import torch
 
-    from llamalite.bench import bench_prompt
-    from llamalite.chat_template import encode_chat
-    from llamalite.loading import load
-    from llamalite.speculative import PromptLookup, Speculation
-    from llamalite.store import default_model_path
+    from llamalite.eval.bench import bench_prompt
+    from llamalite.text.chat_template import encode_chat
+    from llamalite.formats.load import load
+    from llamalite.generation.speculative import PromptLookup, Speculation
+    from llamalite.formats.store import default_model_path
 
     torch.set_num_threads(args.threads)
     model = str(default_model_path())
@@ -117,7 +117,7 @@ def copy_task(args) -> None:
 
 
 def one_task(args, lm, model, ids) -> None:
-    from llamalite.speculative import PromptLookup, Speculation
+    from llamalite.generation.speculative import PromptLookup, Speculation
 
     configs = [("plain", None)] + [(f"--lookup {n} --draft-max {k}", (n, k)) for n in (2, 3) for k in (3, 5, 7)]
     rows = {name: [] for name, _ in configs}
@@ -150,10 +150,10 @@ def one_task(args, lm, model, ids) -> None:
 def draft_pair(args) -> None:
     import torch
 
-    from llamalite.chat_template import encode_chat
-    from llamalite.loading import load
-    from llamalite.speculative import DraftModel, Speculation
-    from llamalite.store import default_model_path
+    from llamalite.text.chat_template import encode_chat
+    from llamalite.formats.load import load
+    from llamalite.generation.speculative import DraftModel, Speculation
+    from llamalite.formats.store import default_model_path
 
     torch.set_num_threads(args.threads)
     target, draft = load(args.pair), load(default_model_path())
@@ -184,8 +184,8 @@ def draft_pair(args) -> None:
 def pass_costs(args) -> None:
     import torch
 
-    from llamalite.loading import load
-    from llamalite.store import default_model_path
+    from llamalite.formats.load import load
+    from llamalite.formats.store import default_model_path
 
     torch.set_num_threads(args.threads)
     big, small = load(args.big), load(default_model_path())

@@ -99,9 +99,9 @@ def main() -> None:
         return
     import tempfile
 
-    from llamalite.bench import bench_prompt
-    from llamalite.loading import load_tokenizer
-    from llamalite.store import resolve_model
+    from llamalite.eval.bench import bench_prompt
+    from llamalite.formats.load import load_tokenizer
+    from llamalite.formats.store import resolve_model
 
     model = str(resolve_model(args.model))
     tokenizer = load_tokenizer(resolve_model(args.model))

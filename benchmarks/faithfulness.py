@@ -54,12 +54,12 @@ def llamacpp_greedy(llm, ids: list[int], n: int, stop_ids) -> list[int]:
 
 
 def main() -> None:
-    from llamalite.chat_template import render_chat
-    from llamalite.generation import generate
-    from llamalite.loading import load
+    from llamalite.text.chat_template import render_chat
+    from llamalite.generation.tokens import generate
+    from llamalite.formats.load import load
     from llamalite.kernels.ops import simd_path
-    from llamalite.sampling import GREEDY
-    from llamalite.store import default_model_path
+    from llamalite.generation.sampling import GREEDY
+    from llamalite.formats.store import default_model_path
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", help="GGUF file (default: the embedded default model)")

@@ -14,9 +14,9 @@ import sys
 import numpy as np
 from gguf import GGMLQuantizationType as T, GGUFReader, GGUFValueType, GGUFWriter, quants
 
-from llamalite.config import ModelConfig
-from llamalite.export import gguf_add_config
-from llamalite.store import default_model_path
+from llamalite.model.config import ModelConfig
+from llamalite.formats.export import gguf_add_config
+from llamalite.formats.store import default_model_path
 
 
 def main(out: str) -> None:

@@ -1,4 +1,4 @@
-"""Write a Q4_0 GGUF of a preset's shape (a Qwen2.5, Qwen3, Mistral or Llama preset of llamalite.config)
+"""Write a Q4_0 GGUF of a preset's shape (a Qwen2.5, Qwen3, Mistral or Llama preset of llamalite.model.config)
 with seeded random weights, for the families' rows of BENCHMARKS.md. The tokenizer is the default
 model's (the vocabulary padded to the preset's), so that llamalite and llama.cpp both load the file.
 
@@ -22,11 +22,11 @@ def main() -> None:
     p.add_argument("out")
     p.add_argument("--steps", action="store_true", help="time the one-call step against the layers' step")
     args = p.parse_args()
-    from llamalite.config import ModelConfig
-    from llamalite.export import export_gguf
-    from llamalite.loading import load, load_tokenizer
-    from llamalite.model import Transformer
-    from llamalite.store import default_model_path
+    from llamalite.model.config import ModelConfig
+    from llamalite.formats.export import export_gguf
+    from llamalite.formats.load import load, load_tokenizer
+    from llamalite.model.transformer import Transformer
+    from llamalite.formats.store import default_model_path
 
     cfg = ModelConfig.from_preset(args.preset)
     torch.manual_seed(0)

@@ -11,18 +11,18 @@ def __getattr__(name: str):
         from .backends import load
         return load
     if name in ("generate", "stream_text"):
-        from . import generation as g
+        from .generation import tokens as g
         return getattr(g, name)
     if name == "SamplingParams":
-        from .sampling import SamplingParams
+        from .generation.sampling import SamplingParams
         return SamplingParams
     if name == "ModelConfig":
-        from .config import ModelConfig
+        from .model.config import ModelConfig
         return ModelConfig
     if name == "Transformer":
-        from .model import Transformer
+        from .model.transformer import Transformer
         return Transformer
     if name == "render_chat":
-        from .chat_template import render_chat
+        from .text.chat_template import render_chat
         return render_chat
     raise AttributeError(f"module 'llamalite' has no attribute {name!r}")

@@ -9,11 +9,11 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from .loading import LoadedModel, load as load_file
-from .model import kv_type_name
+from .formats.load import LoadedModel, load as load_file
+from .model.transformer import kv_type_name
 
 if TYPE_CHECKING:
-    from .parallel import Shard
+    from .distributed.parallel import Shard
 
 
 def load(path: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
@@ -27,7 +27,7 @@ def load(path: str | Path, dtype: torch.dtype = torch.float32, device: str | tor
         kv_type_name(kv_type)  # an unknown name is refused before anything is read
     path = Path(path).expanduser()
     if path.suffix == ".pte":
-        from .ondevice import load_pte
+        from .ondevice.executorch import load_pte
 
         if shard is not None or torch.device(device).type != "cpu" or kv_type is not None:
             raise ValueError("an ExecuTorch program runs in one process on the CPU with the KV cache it was "

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from llamalite.store import ModelNotFoundError, default_model_path
+from llamalite.formats.store import ModelNotFoundError, default_model_path
 
 
 @pytest.fixture(scope="session")
@@ -14,7 +14,7 @@ def default_model_file():
 
 @pytest.fixture(scope="session")
 def default_lm(default_model_file):
-    from llamalite.loading import load
+    from llamalite.formats.load import load
 
     return load(default_model_file)
 
@@ -22,7 +22,7 @@ def default_lm(default_model_file):
 @pytest.fixture(scope="session")
 def default_lm_exact(default_model_file):
     """The default model with every weight dequantized to fp32: the reference path."""
-    from llamalite.loading import load
+    from llamalite.formats.load import load
 
     return load(default_model_file, quantized=False)
 
@@ -35,7 +35,7 @@ def _deterministic():
 @pytest.fixture(scope="module")
 def served(default_model_file):
     """`llamalite serve`'s app on the default model (8 slots of 1024 tokens) on 127.0.0.1: (url, Server)."""
-    from llamalite.loading import load
+    from llamalite.formats.load import load
     from llamalite.serve import BackgroundServer, Server, create_app
 
     server = Server(load(default_model_file), "smollm2", max_batch=8, max_seq_len=1024)

@@ -15,7 +15,7 @@ import torch
 
 def held_bytes(model) -> dict[str, int]:
     """Bytes of the blocks' weights and of everything else this model holds (parameters and blocks)."""
-    from llamalite.quantized import QuantEmbedding, QuantLinear
+    from llamalite.runtime.quantized import QuantEmbedding, QuantLinear
 
     layers = other = 0
     seen = set()
@@ -35,10 +35,10 @@ def held_bytes(model) -> dict[str, int]:
 
 
 def main() -> None:
-    from llamalite.generation import generate
+    from llamalite.generation.tokens import generate
     from llamalite.backends import load
-    from llamalite.parallel import from_env, transport
-    from llamalite.sampling import GREEDY
+    from llamalite.distributed.parallel import from_env, transport
+    from llamalite.generation.sampling import GREEDY
 
     args = sys.argv[1:]
     pipeline = "--pp" in args

@@ -13,7 +13,7 @@ import torch
 
 
 def main() -> None:
-    from llamalite.parallel import from_env, reducer, transport
+    from llamalite.distributed.parallel import from_env, reducer, transport
 
     mode, arg = sys.argv[1], sys.argv[2]
     shard = from_env()

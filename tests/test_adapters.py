@@ -1,4 +1,4 @@
-"""LoRA adapters served unmerged (llamalite.adapters): equal to the merged model, equal to PEFT's own
+"""LoRA adapters served unmerged (llamalite.runtime.adapters): equal to the merged model, equal to PEFT's own
 model for a PEFT adapter, the same through the kernels' one-call decode step, rows with different
 adapters in one batch, a `llamalite finetune` run served without export, and the server's --lora."""
 
@@ -8,11 +8,11 @@ import httpx
 import pytest
 import torch
 
-from llamalite.adapters import AdapterSet
+from llamalite.runtime.adapters import AdapterSet
 from llamalite.formats.adapters import AdapterError, read_adapter
-from llamalite.config import FinetuneConfig, ModelConfig
-from llamalite.loading import load
-from llamalite.lora import apply_lora, lora_layers, merge_lora, save_adapter
+from llamalite.model.config import FinetuneConfig, ModelConfig
+from llamalite.formats.load import load
+from llamalite.train.lora import apply_lora, lora_layers, merge_lora, save_adapter
 from llamalite.kernels.ops import kernels_available
 from tests.helpers import meta_weights_from_hf, save_hf_dir, tiny_hf_model, write_gguf
 
@@ -119,7 +119,7 @@ def test_the_kernels_decode_step_adds_the_adapters(tmp_path):
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     """A tiny base model and a 4-step `llamalite finetune` LoRA run on it: (base dir, run dir)."""
-    from llamalite.finetune import finetune
+    from llamalite.train.finetune import finetune
 
     d = tmp_path_factory.mktemp("finetune")
     base = save_hf_dir(tiny_hf_model(), d / "base")
@@ -133,7 +133,7 @@ def run(tmp_path_factory):
 
 
 def test_a_finetune_run_is_served_without_export(run, tmp_path):
-    from llamalite.restore import load_for_export
+    from llamalite.train.restore import load_for_export
 
     base, out = run
     merged, _, _ = load_for_export(out, merge=True)
@@ -152,9 +152,9 @@ def test_llamalite_serve_lora_serves_a_finetune_run(run):
     import subprocess
     import sys
 
-    from llamalite.restore import load_for_export
-    from llamalite.generation import generate
-    from llamalite.sampling import GREEDY
+    from llamalite.train.restore import load_for_export
+    from llamalite.generation.tokens import generate
+    from llamalite.generation.sampling import GREEDY
     from llamalite.serve import wait_until_serving
 
     openai = pytest.importorskip("openai")
@@ -237,10 +237,10 @@ def test_the_server_batches_base_and_adapter_requests(dense, tmp_path, weights):
 
 def test_generate_with_lora_runs_the_fine_tune(run, capsys):
     """`llamalite generate --lora RUN`: the base run as its fine-tune, unmerged, as the merged model answers."""
-    from llamalite.cli import main
-    from llamalite.restore import load_for_export
-    from llamalite.generation import generate
-    from llamalite.sampling import GREEDY
+    from llamalite.cli.main import main
+    from llamalite.train.restore import load_for_export
+    from llamalite.generation.tokens import generate
+    from llamalite.generation.sampling import GREEDY
 
     base, out = run
     merged, tokenizer, _ = load_for_export(out, merge=True)

@@ -7,7 +7,7 @@ import json
 import httpx
 import pytest
 
-from llamalite.loading import load
+from llamalite.formats.load import load
 from llamalite.serve import BackgroundServer, Server, create_app
 
 anthropic = pytest.importorskip("anthropic", reason="the test extras install anthropic")

@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from llamalite.loading import load
+from llamalite.formats.load import load
 from llamalite.serve import BackgroundServer, Server, create_app
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")

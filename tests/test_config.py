@@ -3,8 +3,8 @@ import json
 import pytest
 import torch
 
-from llamalite.config import PRESETS, ModelConfig, config_from_hf, config_from_meta
-from llamalite.model import Transformer
+from llamalite.model.config import PRESETS, ModelConfig, config_from_hf, config_from_meta
+from llamalite.model.transformer import Transformer
 
 # Published parameter counts (papers, model cards) in billions; the tolerance covers their rounding.
 PUBLISHED = {

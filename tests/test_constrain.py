@@ -7,11 +7,11 @@ import httpx
 import pytest
 import torch
 
-from llamalite.chat_template import encode_chat
-from llamalite.constrain import Grammar, GrammarError
-from llamalite.generation import generate
-from llamalite.loading import load
-from llamalite.sampling import GREEDY, SamplingParams
+from llamalite.text.chat_template import encode_chat
+from llamalite.generation.constrain import Grammar, GrammarError
+from llamalite.generation.tokens import generate
+from llamalite.formats.load import load
+from llamalite.generation.sampling import GREEDY, SamplingParams
 from llamalite.serve.engine import Engine, Request, TokenEvent
 
 jsonschema = pytest.importorskip("jsonschema", reason="the test extras install jsonschema")
@@ -77,7 +77,7 @@ def test_bounded_whitespace_even_when_the_model_wants_only_blanks(default_lm):
 
 
 def test_unbounded_integers_are_bounded_and_annotations_left_out(default_lm):
-    from llamalite.constrain import SAFE_INTEGERS, _prepared
+    from llamalite.generation.constrain import SAFE_INTEGERS, _prepared
 
     schema = {"type": "object", "x-order": 1, "properties": {
         "n": {"type": "integer", "x-ui": "slider"}, "m": {"type": ["integer", "null"], "maximum": 5},
@@ -228,7 +228,7 @@ def test_cli_generate_and_chat_with_constraints(capsys, tmp_path, monkeypatch):
     import io
     import sys
 
-    from llamalite.cli import main
+    from llamalite.cli.main import main
 
     schema = tmp_path / "person.json"
     schema.write_text(json.dumps(PERSON))
@@ -255,7 +255,7 @@ def test_masks_from_every_tokenizer_kind_only_ever_allow_valid_json(kind, tmp_pa
     """A random walk through the allowed tokens (a model that picks uniformly among them) always spells
     JSON that validates: each token's bytes are read right, for SentencePiece ("\u2581", byte fallback) and
     byte-level BPE alike."""
-    from llamalite.tokenizer import tokenizer_from_hf_dir, tokenizer_from_model_file
+    from llamalite.text.tokenizer import tokenizer_from_hf_dir, tokenizer_from_model_file
     from tests.helpers import train_bytelevel_bpe, train_sentencepiece
 
     if kind == "sentencepiece":

@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-from llamalite.config import ModelConfig
+from llamalite.model.config import ModelConfig
 from tests.helpers import meta_weights_from_hf, tiny_hf_model, write_gguf
 
 # the shifted cache's rounding against the recomputed one, relative to the largest value compared
@@ -48,7 +48,7 @@ def test_a_shifted_cache_equals_a_recomputed_one(one_layer_model, kind):
     """In a one-layer model a position's key and value depend on its token alone, so the shifted cache is
     what recomputing the kept tokens at their new positions gives: the keys turned back in place equal
     the recomputed keys, and the next step's logits agree, within the type's rounding."""
-    from llamalite.loading import load
+    from llamalite.formats.load import load
 
     model = load(one_layer_model).model
     (shifted, a), (recomputed, b) = _shifted_and_recomputed(model, kind)
@@ -87,9 +87,9 @@ def short_context_model(tmp_path_factory):
 
 
 def test_generation_goes_on_past_the_context(short_context_model):
-    from llamalite.generation import generate
-    from llamalite.loading import load
-    from llamalite.sampling import GREEDY
+    from llamalite.generation.tokens import generate
+    from llamalite.formats.load import load
+    from llamalite.generation.sampling import GREEDY
 
     lm = load(short_context_model)
     prompt = list(range(10, 50))
@@ -119,9 +119,9 @@ def test_the_server_shifts_each_slot_on_its_own(short_context_model):
     """`serve --context-shift`: a request whose max_tokens outgrows its slot is accepted, and decoded
     next to another request in the batch, each slot shifting on its own, it gives what generate gives;
     without the flag the same request is refused with the context's size."""
-    from llamalite.generation import ContextLengthError, generate
-    from llamalite.loading import load
-    from llamalite.sampling import GREEDY
+    from llamalite.generation.tokens import ContextLengthError, generate
+    from llamalite.formats.load import load
+    from llamalite.generation.sampling import GREEDY
     from llamalite.serve.engine import Engine, Request, TokenEvent
 
     lm = load(short_context_model)

@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from llamalite.generation import generate
+from llamalite.generation.tokens import generate
 from llamalite.backends import load
-from llamalite.sampling import GREEDY, SamplingParams
+from llamalite.generation.sampling import GREEDY, SamplingParams
 from tests.helpers import save_hf_dir, tiny_hf_model
 
 pytestmark = [pytest.mark.cuda,
@@ -28,7 +28,7 @@ def test_cuda_logits_and_greedy_tokens_match_cpu(tmp_path):
 
 
 def test_cuda_gguf_q4_model_matches_cpu(tmp_path):
-    from llamalite.config import ModelConfig
+    from llamalite.model.config import ModelConfig
     from tests.helpers import meta_weights_from_hf, write_gguf
 
     ref = tiny_hf_model(hidden_size=256, intermediate_size=512, max_position_embeddings=64)
@@ -65,7 +65,7 @@ def test_cuda_engine_batches_like_solo_and_like_the_cpu(tmp_path):
 
 
 def _corpus(tmp_path):
-    from llamalite.data import prepare
+    from llamalite.train.data import prepare
 
     root = tmp_path / "corpus"
     root.mkdir()
@@ -81,7 +81,7 @@ TINY_RUN = dict(dim=64, n_layers=2, n_heads=4, hidden_dim=128, seq_len=32, batch
 def test_cuda_training_learns_and_resumes(tmp_path):
     import json
 
-    from llamalite.train import TrainConfig, train
+    from llamalite.train.loop import TrainConfig, train
 
     prep = _corpus(tmp_path)
     result = train(TrainConfig(data=str(prep), out=str(tmp_path / "run"), steps=40, eval_every=20, save_every=20,

@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from llamalite.chat_template import render_chat
-from llamalite.generation import generate
-from llamalite.sampling import GREEDY
+from llamalite.text.chat_template import render_chat
+from llamalite.generation.tokens import generate
+from llamalite.generation.sampling import GREEDY
 
 PROMPTS = [
     "The capital of France is",

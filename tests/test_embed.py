@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from llamalite.embed import embed, embed_ids
-from llamalite.loading import load
+from llamalite.generation.embed import embed, embed_ids
+from llamalite.formats.load import load
 from tests.helpers import save_hf_dir, tiny_hf_model
 
 openai = pytest.importorskip("openai", reason="the test extras install openai")
@@ -107,7 +107,7 @@ def test_bad_embedding_requests(served, body, param, words):
 
 
 def test_embed_command(capsys):
-    from llamalite.cli import main
+    from llamalite.cli.main import main
 
     assert main(["embed", "--pooling", "last", "hello there", "general kenobi"]) == 0
     lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]

@@ -5,9 +5,9 @@ resent history reuses the cached prefix."""
 import pytest
 
 from llamalite.serve.engine import Engine, Finished, Request, TokenEvent
-from llamalite.generation import ContextLengthError, generate
-from llamalite.loading import load
-from llamalite.sampling import GREEDY, SamplingParams
+from llamalite.generation.tokens import ContextLengthError, generate
+from llamalite.formats.load import load
+from llamalite.generation.sampling import GREEDY, SamplingParams
 from tests.helpers import save_hf_dir, tiny_hf_model
 
 QUESTIONS = ["What is the capital of France?", "Write a short poem about the sea.", "Name three colors.",
@@ -26,7 +26,7 @@ def _run(engine: Engine, prompts, **kwargs) -> list[list[int]]:
 
 @pytest.fixture(scope="module")
 def chat_prompts(default_lm):
-    from llamalite.chat_template import render_chat
+    from llamalite.text.chat_template import render_chat
 
     tok = default_lm.tokenizer
     return [tok.encode(render_chat(default_lm.chat_template, tok, [{"role": "user", "content": q}]), add_bos=False)

@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from llamalite.evaluate import EvalError, Item, encode_pair, loglikelihood, multiple_choice, perplexity, read_tasks
+from llamalite.eval.scoring import EvalError, Item, encode_pair, loglikelihood, multiple_choice, perplexity, read_tasks
 
 TEXT = ("It was the best of times, it was the worst of times, it was the age of wisdom, it was the age of "
         "foolishness, it was the epoch of belief, it was the epoch of incredulity. ") * 20
@@ -62,7 +62,7 @@ def test_multiple_choice_scores_the_shipped_task(default_lm):
 
     import llamalite
 
-    items = read_tasks(Path(llamalite.__file__).parent / "tasks" / "basic_facts.jsonl")
+    items = read_tasks(Path(llamalite.__file__).parent / "eval" / "tasks" / "basic_facts.jsonl")
     assert len(items) == 40
     r = multiple_choice(default_lm.model, default_lm.tokenizer, items[:10], progress=False)
     assert r["n"] == 10 and r["acc"] >= 0.6  # four choices: chance is 0.25

@@ -7,13 +7,13 @@ import sys
 import pytest
 import torch
 
-from llamalite.data import prepare
-from llamalite.export import ExportError, export_gguf, export_hf
-from llamalite.restore import load_for_export
-from llamalite.generation import generate
-from llamalite.loading import load
-from llamalite.sampling import GREEDY
-from llamalite.train import TrainConfig, train
+from llamalite.train.data import prepare
+from llamalite.formats.export import ExportError, export_gguf, export_hf
+from llamalite.train.restore import load_for_export
+from llamalite.generation.tokens import generate
+from llamalite.formats.load import load
+from llamalite.generation.sampling import GREEDY
+from llamalite.train.loop import TrainConfig, train
 
 TEXT = ("Call me Ishmael. Some years ago, never mind how long precisely, having little or no money in my purse, "
         "and nothing particular to interest me on shore, I thought I would sail about a little.\n\n") * 30

@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from gguf import GGMLQuantizationType as T, quants as gq
 
 import llamalite.kernels.ops as ops
-import llamalite.quantized as q
+import llamalite.runtime.quantized as q
 
 
 def test_pure_pytorch_path_without_kernels(monkeypatch):

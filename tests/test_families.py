@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from llamalite.loading import load
+from llamalite.formats.load import load
 from tests.helpers import save_hf_dir
 
 transformers = pytest.importorskip("transformers")
@@ -54,8 +54,8 @@ def _reference(model, ids=IDS):
 
 
 def _ours(lm, ids=IDS):
-    from llamalite.generation import generate
-    from llamalite.sampling import GREEDY
+    from llamalite.generation.tokens import generate
+    from llamalite.generation.sampling import GREEDY
 
     with torch.no_grad():
         logits = lm.model(torch.tensor([ids]))[0]
@@ -79,7 +79,7 @@ def test_the_hugging_face_checkpoint(models, kind):
 def test_our_gguf_export_reads_back(models, kind, tmp_path):
     """f32: transformers' logits and tokens; q8_0 (the kernels, with biases and q/k norms in their step):
     within the rounding, and its cached decode gives its own full forward's greedy tokens."""
-    from llamalite.export import export_gguf
+    from llamalite.formats.export import export_gguf
 
     model, path = models[kind]
     lm = load(path)
@@ -112,7 +112,7 @@ def test_our_gguf_export_reads_back(models, kind, tmp_path):
 @pytest.mark.parametrize("kind", FAMILIES)
 def test_llamacpp_reads_our_gguf_as_we_do(models, kind, tmp_path):
     llama_cpp = pytest.importorskip("llama_cpp", reason="the peer: pip install -e '.[peer]'")
-    from llamalite.export import export_gguf
+    from llamalite.formats.export import export_gguf
 
     model, path = models[kind]
     lm = load(path)
@@ -126,7 +126,7 @@ def test_llamacpp_reads_our_gguf_as_we_do(models, kind, tmp_path):
 
 @pytest.mark.parametrize("kind", FAMILIES)
 def test_our_hugging_face_export_reads_back_in_transformers(models, kind, tmp_path):
-    from llamalite.export import export_hf
+    from llamalite.formats.export import export_hf
 
     model, path = models[kind]
     lm = load(path)
@@ -154,7 +154,7 @@ def test_chat_templates_and_end_of_turn_tokens(models, name, tmp_path):
     ends a reply."""
     import json
 
-    from llamalite.chat_template import render_chat
+    from llamalite.text.chat_template import render_chat
 
     template, end = TEMPLATES[name]
     model, path = models["qwen2"]
@@ -177,7 +177,7 @@ def test_chat_templates_and_end_of_turn_tokens(models, name, tmp_path):
 
 
 def test_the_verbs_on_a_qwen3_gguf(models, tmp_path):
-    from llamalite.export import export_gguf
+    from llamalite.formats.export import export_gguf
 
     model, path = models["qwen3"]
     lm = load(path)
@@ -194,7 +194,7 @@ def test_the_verbs_on_a_qwen3_gguf(models, tmp_path):
 
 
 def test_what_is_not_supported_says_so(tmp_path):
-    from llamalite.config import config_from_hf
+    from llamalite.model.config import config_from_hf
 
     with pytest.raises(ValueError, match="model_type 'gemma'.*llama, mistral, qwen2, qwen3, phi3"):
         config_from_hf({"model_type": "gemma"})
@@ -206,9 +206,9 @@ def test_what_is_not_supported_says_so(tmp_path):
 
 def test_the_batching_engine_serves_them(models, tmp_path):
     """Qwen3 on the kernels in the server's engine: requests decoded together give what generate gives."""
-    from llamalite.export import export_gguf
-    from llamalite.generation import generate
-    from llamalite.sampling import GREEDY
+    from llamalite.formats.export import export_gguf
+    from llamalite.generation.tokens import generate
+    from llamalite.generation.sampling import GREEDY
     from llamalite.serve.engine import Engine, Request, TokenEvent
 
     model, path = models["qwen3"]

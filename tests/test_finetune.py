@@ -9,13 +9,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from llamalite.chat_template import render_chat
-from llamalite.cli import main
-from llamalite.config import FinetuneConfig
-from llamalite.data import DataError
-from llamalite.finetune import collate, encode_record, finetune, load_finetuned, read_records
-from llamalite.generation import generate
-from llamalite.sampling import SamplingParams
+from llamalite.text.chat_template import render_chat
+from llamalite.cli.main import main
+from llamalite.model.config import FinetuneConfig
+from llamalite.train.data import DataError
+from llamalite.train.finetune import collate, encode_record, finetune, load_finetuned, read_records
+from llamalite.generation.tokens import generate
+from llamalite.generation.sampling import SamplingParams
 from tests.helpers import save_hf_dir, tiny_hf_model
 
 PEMBERTON = Path(__file__).parent.parent / "examples" / "finetune" / "pemberton.jsonl"
@@ -79,13 +79,13 @@ def _answer(model, tok, template, question: str) -> str:
 
 def test_lora_finetune_lowers_held_out_loss_and_teaches_the_answer(default_lm, default_lm_exact, tmp_path):
     """25 chat records teach the assistant its name; every 5th is held out (questions it never sees)."""
-    from llamalite.export import export_gguf
-    from llamalite.lora import lora_kept
-    from llamalite.restore import load_for_export
-    from llamalite.lora import merge_lora
-    from llamalite.finetune import _split
-    from llamalite.loading import load
-    from llamalite.train import evaluate
+    from llamalite.formats.export import export_gguf
+    from llamalite.train.lora import lora_kept
+    from llamalite.train.restore import load_for_export
+    from llamalite.train.lora import merge_lora
+    from llamalite.train.finetune import _split
+    from llamalite.formats.load import load
+    from llamalite.train.loop import evaluate
 
     import contextlib
 
@@ -116,7 +116,7 @@ def test_lora_finetune_lowers_held_out_loss_and_teaches_the_answer(default_lm, d
     assert "Pemberton" in _answer(quantized.model, quantized.tokenizer, quantized.chat_template, held_questions[0])
     # and served unmerged on the Q4_1 base itself (where a merged Q4_1 export loses the update), as
     # `--lora` runs it: the run directory, no export
-    from llamalite.adapters import AdapterSet
+    from llamalite.runtime.adapters import AdapterSet
     from llamalite.formats.adapters import read_adapter
 
     served = load(default_lm.path)
@@ -161,7 +161,7 @@ def test_full_finetune_trains_every_weight(tmp_path, capsys):
     assert result["trainable"] == result["parameters"] and result["val_loss"] is None
     ckpt = torch.load(tmp_path / "run" / "ckpt-0000003.pt", weights_only=True)
     model, _ = load_finetuned(ckpt)
-    from llamalite.loading import load
+    from llamalite.formats.load import load
 
     original = load(base).model
     changed = [n for n, p in model.named_parameters() if not torch.equal(p, original.get_parameter(n))]

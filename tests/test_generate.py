@@ -1,10 +1,10 @@
 import pytest
 import torch
 
-from llamalite.config import ModelConfig
-from llamalite.generation import ContextLengthError, Completion, fit_prompt, generate, stream_text
-from llamalite.loading import build_model
-from llamalite.sampling import GREEDY, SamplingParams, apply_penalties, filter_logits, sample
+from llamalite.model.config import ModelConfig
+from llamalite.generation.tokens import ContextLengthError, Completion, fit_prompt, generate, stream_text
+from llamalite.formats.load import build_model
+from llamalite.generation.sampling import GREEDY, SamplingParams, apply_penalties, filter_logits, sample
 from tests.helpers import meta_weights_from_hf, tiny_hf_model
 
 
@@ -196,7 +196,7 @@ def test_bad_sampling_parameters_are_refused():
 
 @pytest.mark.slow
 def test_compiled_decode_step_gives_the_same_tokens():
-    from llamalite.generation import compile_decode
+    from llamalite.generation.tokens import compile_decode
 
     cfg = ModelConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=400, hidden_dim=160,
                       context_length=128)
@@ -209,7 +209,7 @@ def test_compiled_decode_step_gives_the_same_tokens():
 
 
 def test_a_tiny_temperature_draws_the_best_token():
-    from llamalite.sampling import SamplingParams, sample
+    from llamalite.generation.sampling import SamplingParams, sample
 
     logits = torch.tensor([1.0, 3.0, 2.5, -1.0]) * 1000
     for t in (1e-300, 5e-324, 1e-6):

@@ -5,9 +5,9 @@ import pytest
 import torch
 from gguf import GGMLQuantizationType, GGUFReader, quants as gq
 
-from llamalite.config import ModelConfig
-from llamalite.loading import ModelFileError, build_model, gguf_to_meta_name, load
-from llamalite.quantized import REQUANT_TYPES, QuantEmbedding, QuantLinear, dequantize_rows
+from llamalite.model.config import ModelConfig
+from llamalite.formats.load import ModelFileError, build_model, gguf_to_meta_name, load
+from llamalite.runtime.quantized import REQUANT_TYPES, QuantEmbedding, QuantLinear, dequantize_rows
 from llamalite.kernels.blocks import SUPPORTED
 from tests.helpers import meta_weights_from_hf, tiny_hf_model, write_gguf
 
@@ -158,7 +158,7 @@ def test_unsupported_tensor_type_names_supported_ones(tmp_path):
 
 def test_quantized_decode_steps_match_a_full_forward(tmp_path):
     """The one-token path (fused q/k/v and gate/up products, the attention op) against the plain forward."""
-    from llamalite.quantized import FastAttention, FastFeedForward
+    from llamalite.runtime.quantized import FastAttention, FastFeedForward
 
     cfg = ModelConfig(dim=256, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=400, hidden_dim=512,
                       context_length=64)
@@ -177,7 +177,7 @@ def test_quantized_decode_steps_match_a_full_forward(tmp_path):
 def test_our_faster_metadata_parse_reads_what_the_gguf_package_reads(default_model_file, tmp_path):
     """open_gguf parses arrays of numbers as one view and strings as memoryview slices: every field's
     contents, and every tensor's name, type, shape and bytes, as the gguf package's own reader has them."""
-    from llamalite.loading import gguf_metadata, open_gguf
+    from llamalite.formats.load import gguf_metadata, open_gguf
 
     for path in (default_model_file, write_gguf(tmp_path / "tiny.gguf", {k: v.numpy() for k, v in
                                                  meta_weights_from_hf(tiny_hf_model()).items()},

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-TASKS = Path(__file__).parent.parent / "llamalite" / "tasks" / "basic_facts.jsonl"
+TASKS = Path(__file__).parent.parent / "llamalite" / "eval" / "tasks" / "basic_facts.jsonl"
 
 
 def _task_dir(tmp_path: Path) -> Path:
@@ -35,7 +35,7 @@ def _run(model: str, model_args: str, tmp_path: Path, limit=None) -> tuple[dict,
     from lm_eval import simple_evaluate
     from lm_eval.tasks import TaskManager
 
-    import llamalite.harness  # noqa: F401 (registers the model type)
+    import llamalite.eval.harness  # noqa: F401 (registers the model type)
 
     out = simple_evaluate(model=model, model_args=model_args, tasks=["llamalite_basic_facts"], limit=limit,
                           task_manager=TaskManager(include_path=str(_task_dir(tmp_path))), log_samples=True,
@@ -47,8 +47,8 @@ def _run(model: str, model_args: str, tmp_path: Path, limit=None) -> tuple[dict,
 
 @pytest.mark.slow
 def test_our_model_type_scores_like_lm_evals_transformers_model(default_lm_exact, tmp_path, monkeypatch):
-    from llamalite.evaluate import encode_pair, loglikelihood, multiple_choice, read_tasks
-    from llamalite.export import export_hf
+    from llamalite.eval.scoring import encode_pair, loglikelihood, multiple_choice, read_tasks
+    from llamalite.formats.export import export_hf
 
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     hf_dir = export_hf(default_lm_exact.model, default_lm_exact.tokenizer, tmp_path / "hf")
@@ -72,7 +72,7 @@ def test_our_model_type_scores_like_lm_evals_transformers_model(default_lm_exact
 
 
 def test_lm_eval_command_line_runs_our_model_type(tmp_path, monkeypatch, default_model_file):
-    from llamalite.cli import main
+    from llamalite.cli.main import main
 
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     out = tmp_path / "results"
@@ -86,7 +86,7 @@ def test_lm_eval_command_line_runs_our_model_type(tmp_path, monkeypatch, default
 def test_lm_evals_local_completions_scores_through_our_server(default_lm, tmp_path, monkeypatch):
     """`llamalite serve` as lm-eval's `local-completions` backend: remote tokenizer (/tokenizer_info,
     /tokenize), prompt scoring by echo + logprobs; the log-likelihoods equal a direct computation."""
-    from llamalite.evaluate import loglikelihood, read_tasks
+    from llamalite.eval.scoring import loglikelihood, read_tasks
     from llamalite.serve import BackgroundServer, Server, create_app
 
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from gguf import GGMLQuantizationType as T, quants as gq
 
-from llamalite.quantized import QuantLinear
+from llamalite.runtime.quantized import QuantLinear
 from llamalite.kernels.ops import KERNEL_TYPES, kernels_available, simd_path, simd_paths
 from tests.helpers import random_blocks
 
@@ -80,7 +80,7 @@ def test_quant_linear_prefill_paths(type_name, gemm, monkeypatch):
     """More rows than the dot-product kernel takes: the int16 GEMM (AVX-512 VNNI) or fp32 GEMM on
     dequantized weights (exact), whichever this CPU has; forced to fp32 here as on a CPU without VNNI.
     Without VNNI, Q6_K's rows run on the dot products, eight a pass, not on fp32 tiles."""
-    import llamalite.quantized as q
+    import llamalite.runtime.quantized as q
 
     if gemm == "int16" and "avx512vnni-gemm" not in PATHS:
         pytest.skip("this CPU has no avx512vnni")
@@ -158,7 +158,7 @@ def test_bad_shapes_are_refused():
 
 
 def test_prefill_in_tiles_equals_one_gemm(monkeypatch):
-    import llamalite.quantized as q
+    import llamalite.runtime.quantized as q
 
     monkeypatch.setattr(q, "QGEMM", False)  # the fp32 path, as on a CPU without VNNI
     raw, _, w = _weights("Q4_1", 70, 256)
@@ -179,8 +179,8 @@ def test_quantize_q8_0_matches_ggml():
 
 
 def test_fast_rms_norm_matches_the_model_norm():
-    from llamalite.model import RMSNorm
-    from llamalite.quantized import FastRMSNorm
+    from llamalite.model.transformer import RMSNorm
+    from llamalite.runtime.quantized import FastRMSNorm
 
     norm = RMSNorm(96, eps=1e-5)
     with torch.no_grad():
@@ -196,9 +196,9 @@ def test_fast_rms_norm_matches_the_model_norm():
 @pytest.mark.parametrize("dim,n_heads", [(96, 6), (48, 4), (256, 2)])
 @pytest.mark.parametrize("ctx_len", [5, 30])
 def test_fast_attention_step_matches_the_model_attention(dim, n_heads, ctx_len):
-    from llamalite.config import ModelConfig
-    from llamalite.model import Attention, KVCache
-    from llamalite.quantized import FastAttention
+    from llamalite.model.config import ModelConfig
+    from llamalite.model.transformer import Attention, KVCache
+    from llamalite.runtime.quantized import FastAttention
 
     cfg = ModelConfig(dim=dim, n_layers=1, n_heads=n_heads, n_kv_heads=2, vocab_size=10, hidden_dim=64)
     D = cfg.head_dim
@@ -234,9 +234,9 @@ def test_fast_transformer_step_matches_the_reference_forward(tables):
     """DecodePlan.step (a whole one-token step as one kernel call) against Transformer.forward over the same
     quantized layers, for two rows at different positions of different cache rows: the logits and
     every cache written. Embedding and output layer as blocks (tied, Q8_0) or as fp32 matrices."""
-    from llamalite.config import ModelConfig
-    from llamalite.model import Transformer
-    from llamalite.quantized import FastTransformer, QuantEmbedding, use_kernels
+    from llamalite.model.config import ModelConfig
+    from llamalite.model.transformer import Transformer
+    from llamalite.runtime.quantized import FastTransformer, QuantEmbedding, use_kernels
 
     cfg = ModelConfig(dim=96, n_layers=2, n_heads=6, n_kv_heads=2, vocab_size=40, hidden_dim=64)
     model = Transformer(cfg)

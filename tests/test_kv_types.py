@@ -8,8 +8,8 @@ import sys
 import pytest
 import torch
 
-from llamalite.config import ModelConfig
-from llamalite.model import KV_TYPES, Attention, KVCache
+from llamalite.model.config import ModelConfig
+from llamalite.model.transformer import KV_TYPES, Attention, KVCache
 from llamalite.kernels.ops import kernels_available, simd_paths
 
 pytestmark = pytest.mark.skipif(not kernels_available(), reason="llamalite.kernels._cpu is not built")
@@ -26,7 +26,7 @@ def _rot(n: int, D: int) -> torch.Tensor:
 def _attention_step(kind: str, dim: int = 256, n_heads: int = 4, ctx_len: int = 37):
     """The model's attention and the kernels' (FastAttention) over caches of `kind` filled with the same
     cached positions; the next step's output of each, and the reference's with an fp32 cache."""
-    from llamalite.quantized import FastAttention
+    from llamalite.runtime.quantized import FastAttention
 
     cfg = ModelConfig(dim=dim, n_layers=1, n_heads=n_heads, n_kv_heads=2, vocab_size=10, hidden_dim=64)
     D = cfg.head_dim
@@ -98,8 +98,8 @@ def test_each_type_on_the_default_model(default_lm):
     """The whole model decoding 16 greedy tokens after a prompt, the kernels' one-call step reading a
     cache of each type: logits within each type's rounding of the fp32 cache's, and f16 (the default on
     CPUs) keeps the fp32 cache's greedy tokens."""
-    from llamalite.generation import generate
-    from llamalite.sampling import GREEDY
+    from llamalite.generation.tokens import generate
+    from llamalite.generation.sampling import GREEDY
 
     model = default_lm.model
     ids = default_lm.tokenizer.encode("The history of the city of Paris goes back to the " * 6)
@@ -124,7 +124,7 @@ def test_the_flag(default_model_file, tmp_path):
     head_dim does not divide by 32 refuses q8_0 with what to use instead; an unknown type is refused."""
     import json
 
-    from llamalite.loading import load
+    from llamalite.formats.load import load
     from tests.helpers import meta_weights_from_hf, tiny_hf_model, write_gguf
 
     run = subprocess.run([sys.executable, "-m", "llamalite", "generate", "--kv-type", "q8_0", "-t", "0", "-n", "8",
@@ -149,9 +149,9 @@ def test_the_flag(default_model_file, tmp_path):
 def test_the_server_decodes_through_the_models_kv_type(default_model_file):
     """`serve --kv-type q8_0` loads the model with it: the engine's slots are q8_0 caches, and greedy
     replies to two prompts decoded together through them are what `generate` gives with that type."""
-    from llamalite.generation import generate
-    from llamalite.loading import load
-    from llamalite.sampling import GREEDY
+    from llamalite.generation.tokens import generate
+    from llamalite.formats.load import load
+    from llamalite.generation.sampling import GREEDY
     from llamalite.serve.engine import Engine, Request, TokenEvent
 
     lm = load(default_model_file, kv_type="q8_0")

@@ -4,10 +4,10 @@ adapter onto transformers' model of the Hugging Face export with the same logits
 import pytest
 import torch
 
-from llamalite.export import export_hf
-from llamalite.loading import load
-from llamalite.lora import LoRALinear, apply_lora, lora_layers, merge_lora, save_adapter
-from llamalite.model import cross_entropy_loss
+from llamalite.formats.export import export_hf
+from llamalite.formats.load import load
+from llamalite.train.lora import LoRALinear, apply_lora, lora_layers, merge_lora, save_adapter
+from llamalite.model.transformer import cross_entropy_loss
 from tests.helpers import save_hf_dir, tiny_hf_model
 
 IDS = torch.tensor([[1, 17, 250, 3, 99, 42, 7, 7, 128, 5, 64, 200]])
@@ -82,7 +82,7 @@ def test_gradients_through_a_loaded_model_match_the_reference(default_model_file
     """The kernel-backed layers a loader swaps in must not break backward (fine-tuning a loaded model)."""
     fast = load(default_model_file, quantized=False)
     ids = torch.tensor([[1, 502, 3054, 314, 4649, 30, 198, 504]])
-    from llamalite.quantized import FastRMSNorm
+    from llamalite.runtime.quantized import FastRMSNorm
 
     assert any(isinstance(m, FastRMSNorm) for m in fast.model.modules())
     loss = cross_entropy_loss(fast.model(ids[:, :-1]), ids[:, 1:])
@@ -92,7 +92,7 @@ def test_gradients_through_a_loaded_model_match_the_reference(default_model_file
     for m in list(ref.model.modules()):  # the plain model.py modules
         for name, child in list(m.named_children()):
             if isinstance(child, FastRMSNorm):
-                plain = torch.nn.Module.__new__(__import__("llamalite.model", fromlist=["RMSNorm"]).RMSNorm)
+                plain = torch.nn.Module.__new__(__import__("llamalite.model.transformer", fromlist=["RMSNorm"]).RMSNorm)
                 torch.nn.Module.__init__(plain)
                 plain.eps, plain.weight = child.eps, child.weight
                 setattr(m, name, plain)

@@ -3,9 +3,9 @@ import json
 import pytest
 import torch
 
-from llamalite.loading import ModelFileError, build_model, load
-from llamalite.config import ModelConfig
-from llamalite.model import Transformer
+from llamalite.formats.load import ModelFileError, build_model, load
+from llamalite.model.config import ModelConfig
+from llamalite.model.transformer import Transformer
 from tests.helpers import meta_weights_from_hf, save_hf_dir, tiny_hf_model, train_sentencepiece
 
 TOKENS = torch.tensor([[1, 17, 250, 3, 99, 42, 7, 7, 128, 5, 64, 200]])
@@ -145,7 +145,7 @@ def test_missing_files_are_named(tmp_path):
 
 
 def test_training_forward_and_loss_are_differentiable():
-    from llamalite.model import cross_entropy_loss
+    from llamalite.model.transformer import cross_entropy_loss
 
     model = Transformer(ModelConfig(dim=32, n_layers=1, n_heads=2, vocab_size=50, hidden_dim=64))
     model.init_weights(torch.Generator().manual_seed(0))

@@ -1,4 +1,4 @@
-"""A model split over torchrun's processes (llamalite.parallel), two CPU processes over gloo, by heads
+"""A model split over torchrun's processes (llamalite.distributed.parallel), two CPU processes over gloo, by heads
 (tensor parallelism) or by layers (pipeline stages, --pp): the same logits and greedy tokens as one
 process, on tiny random models and on the default model (whose three key/value-head groups split
 2 + 1), each rank holding its share of the weights; served; the rules of the split and the errors
@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from llamalite.config import ModelConfig
-from llamalite.parallel import ParallelError, Shard, Split
+from llamalite.model.config import ModelConfig
+from llamalite.distributed.parallel import ParallelError, Shard, Split
 from tests.helpers import meta_weights_from_hf, tiny_hf_model, write_gguf
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -88,7 +88,7 @@ def test_two_ranks_equal_one_process_on_tiny_models(tiny_files, tmp_path, flags)
 def test_qwen2_and_qwen3_split_by_heads(tmp_path):
     """Qwen2's q/k/v biases cut with their rows, Qwen3's head norms whole on each rank: the same logits and
     greedy tokens as one process, both decoding with the kernels' one-call step."""
-    from llamalite.export import export_gguf
+    from llamalite.formats.export import export_gguf
     from llamalite.backends import load
     from tests.helpers import save_hf_dir
     from tests.test_families import COMMON, FAMILIES
@@ -166,7 +166,7 @@ def test_what_cannot_be_split_is_refused(tiny_files, tmp_path):
     assert embed.returncode != 0 and "runs in one process" in embed.stderr
     # each machine reads its own copy of the file: copies that differ are caught at load
     script = tmp_path / "mismatch.py"
-    script.write_text("import sys\nfrom llamalite.backends import load\nfrom llamalite.parallel import from_env\n"
+    script.write_text("import sys\nfrom llamalite.backends import load\nfrom llamalite.distributed.parallel import from_env\n"
                       "shard = from_env()\nload(sys.argv[1 + shard.rank], shard=shard)\n")
     mixed = _torchrun(2, str(script), *map(str, tiny_files), timeout=120)
     assert mixed.returncode != 0 and "different model file than rank 0" in mixed.stderr

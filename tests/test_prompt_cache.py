@@ -15,9 +15,9 @@ import numpy as np
 import pytest
 import torch
 
-from llamalite.config import ModelConfig
-from llamalite.model import KV_TYPES
-from llamalite.prompt_cache import PromptCache, model_key, parse_size, read_header
+from llamalite.model.config import ModelConfig
+from llamalite.model.transformer import KV_TYPES
+from llamalite.generation.prompt_cache import PromptCache, model_key, parse_size, read_header
 from llamalite.kernels.ops import kernels_available
 from tests.helpers import meta_weights_from_hf, tiny_hf_model, write_gguf
 
@@ -59,7 +59,7 @@ def test_a_saved_prefix_comes_back_as_computed(tiny, tmp_path, kind):
     """Saved by one cache object, restored by another (as after a restart) into a fresh cache: the
     restored positions hold the saved bytes, and the logits after computing the rest of the prompt
     equal those of a prefill of the whole prompt."""
-    from llamalite.loading import load
+    from llamalite.formats.load import load
 
     lm = load(tiny)
     model = lm.model
@@ -85,7 +85,7 @@ def test_the_longest_prefix_of_the_right_type_is_used(tiny, tmp_path):
     """Of two entries the one sharing more of the prompt; a prompt that departs from an entry part way
     gets that entry's prefix only; an entry of another KV type is left for runs with that type; an
     entry extended by a later save (a conversation's next turn) is replaced by it."""
-    from llamalite.loading import load
+    from llamalite.formats.load import load
 
     lm = load(tiny)
     model = lm.model
@@ -116,7 +116,7 @@ def test_the_longest_prefix_of_the_right_type_is_used(tiny, tmp_path):
 
 
 def test_least_recently_used_entries_go_first(tiny, tmp_path):
-    from llamalite.loading import load
+    from llamalite.formats.load import load
 
     lm = load(tiny)
     model = lm.model
@@ -149,7 +149,7 @@ def test_damaged_and_foreign_entries_are_skipped(tiny, tmp_path):
     """A flipped byte fails the checksum at restore; a cut-short file and a stray file fail at the scan:
     each is skipped with a warning and removed. Another model's entry (here: the same file run through
     an adapter, which changes the key) is skipped with a warning and left for that model."""
-    from llamalite.loading import load
+    from llamalite.formats.load import load
 
     lm = load(tiny)
     model = lm.model
@@ -175,7 +175,7 @@ def test_damaged_and_foreign_entries_are_skipped(tiny, tmp_path):
     assert not path.exists() and not (tmp_path / "stray.llkv").exists()
     assert len(list(tmp_path.glob("*.llkv"))) == 1  # the other model's
     assert cache.lookup(model, IDS[:120]) == (None, 0)
-    from llamalite.generation import prefill  # a failed restore is computed instead
+    from llamalite.generation.tokens import prefill  # a failed restore is computed instead
     torch.testing.assert_close(prefill(model, IDS[:120], cache), _prefill(model, IDS[:120], "f16")[0])
     cache.close()
 
@@ -183,8 +183,8 @@ def test_damaged_and_foreign_entries_are_skipped(tiny, tmp_path):
 KILLED_WRITER = r"""
 import sys, time
 import torch
-from llamalite import prompt_cache as pc
-from llamalite.loading import load
+from llamalite.generation import prompt_cache as pc
+from llamalite.formats.load import load
 
 lm = load(sys.argv[1])
 ids = [int(x) for x in sys.argv[3].split(",")]
@@ -209,7 +209,7 @@ time.sleep(600)
 
 
 def test_a_writer_killed_mid_write_leaves_no_entry(tiny, tmp_path):
-    from llamalite.loading import load
+    from llamalite.formats.load import load
 
     lm = load(tiny)
     model = lm.model

@@ -8,8 +8,8 @@ import httpx
 import pytest
 from pydantic import BaseModel
 
-from llamalite.config import ModelConfig
-from llamalite.loading import load
+from llamalite.model.config import ModelConfig
+from llamalite.formats.load import load
 from llamalite.serve import BackgroundServer, Server, create_app
 from llamalite.serve.guard import Limits
 from tests.helpers import meta_weights_from_hf, tiny_hf_model, write_gguf

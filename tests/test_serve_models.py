@@ -9,8 +9,8 @@ import time
 import httpx
 import pytest
 
-from llamalite.config import ModelConfig
-from llamalite.loading import load
+from llamalite.model.config import ModelConfig
+from llamalite.formats.load import load
 from llamalite.serve import BackgroundServer, Server, create_app
 from llamalite.serve.hub import Hub
 from tests.helpers import meta_weights_from_hf, tiny_hf_model, write_gguf
@@ -116,7 +116,7 @@ def test_a_model_that_fails_to_load_is_a_503_and_the_rest_serve(files):
 
 
 def test_the_command_line_names_models(files):
-    from llamalite.cli import _served_models
+    from llamalite.cli.main import _served_models
 
     def parse(*models, name=None):
         return _served_models(argparse.Namespace(model=list(models), model_name=name))
@@ -131,7 +131,7 @@ def test_the_command_line_names_models(files):
 
 
 def test_the_command_line_names_adapters(files, tmp_path):
-    from llamalite.cli import _served_adapters
+    from llamalite.cli.main import _served_adapters
 
     models = {"alpha": files["alpha"], "beta": files["beta"]}
 

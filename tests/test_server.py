@@ -8,8 +8,8 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pytest
 
-from llamalite.config import ModelConfig
-from llamalite.loading import load
+from llamalite.model.config import ModelConfig
+from llamalite.formats.load import load
 from llamalite.serve import BackgroundServer, Server, create_app, wait_until_serving
 from tests.helpers import meta_weights_from_hf, tiny_hf_model, write_gguf
 
@@ -40,7 +40,7 @@ def test_chat_completion(client, served):
     assert r.choices[0].finish_reason == "stop" and r.choices[0].message.role == "assistant"
     # usage counts the rendered prompt and every generated token
     lm = served[1].lm
-    from llamalite.chat_template import render_chat
+    from llamalite.text.chat_template import render_chat
 
     prompt = lm.tokenizer.encode(render_chat(lm.chat_template, lm.tokenizer,
                                              [{"role": "user", "content": "What is the capital of France?"}]),
@@ -100,7 +100,7 @@ def test_seed_reproducibility_and_n(client):
 
 def test_echo_with_logprobs_scores_the_prompt(client, default_lm):
     """What lm-eval's local-completions reads: the prompt's own token log-probabilities."""
-    from llamalite.evaluate import encode_pair, loglikelihood
+    from llamalite.eval.scoring import encode_pair, loglikelihood
 
     prompt = "The capital of France is Paris"
     r = client.completions.create(model=MODEL, prompt=prompt, max_tokens=0, echo=True, logprobs=1, temperature=0)

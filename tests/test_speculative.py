@@ -12,11 +12,11 @@ import pytest
 import torch
 from scipy.stats import chisquare
 
-from llamalite.config import ModelConfig
-from llamalite.generation import generate
-from llamalite.sampling import GREEDY, SamplingParams, distribution
-from llamalite.sampling import choose
-from llamalite.speculative import DraftError, DraftModel, PromptLookup, Speculation
+from llamalite.model.config import ModelConfig
+from llamalite.generation.tokens import generate
+from llamalite.generation.sampling import GREEDY, SamplingParams, distribution
+from llamalite.generation.sampling import choose
+from llamalite.generation.speculative import DraftError, DraftModel, PromptLookup, Speculation
 from tests.helpers import meta_weights_from_hf, tiny_hf_model, write_gguf
 
 CFG = ModelConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=400, hidden_dim=160, context_length=256)
@@ -26,7 +26,7 @@ CFG = ModelConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=400, h
 def pair(tmp_path_factory):
     """Two tiny random models of one vocabulary (write_gguf's tokenizer): a target and a draft that
     agrees with it now and then."""
-    from llamalite.loading import load
+    from llamalite.formats.load import load
 
     d = tmp_path_factory.mktemp("spec")
     paths = [write_gguf(d / f"m{seed}.gguf", {k: v.numpy() for k, v in meta_weights_from_hf(tiny_hf_model(seed)).items()},
@@ -56,8 +56,8 @@ def test_greedy_output_is_the_output_without_a_draft(pair):
 
 
 def test_the_default_model_with_a_lookup_and_with_itself_as_draft(default_model_file):
-    from llamalite.chat_template import encode_chat
-    from llamalite.loading import load
+    from llamalite.text.chat_template import encode_chat
+    from llamalite.formats.load import load
 
     lm, twin = load(default_model_file), load(default_model_file)
     text = ("Alice was beginning to get very tired of sitting by her sister on the bank, and of having nothing to "
@@ -78,7 +78,7 @@ def test_the_default_model_with_a_lookup_and_with_itself_as_draft(default_model_
 
 def test_a_grammar_rejects_drafts_that_break_it(pair):
     """Drafts that the grammar forbids are never taken: the output is the constrained output without drafts."""
-    from llamalite.constrain import Grammar
+    from llamalite.generation.constrain import Grammar
 
     target, draft = pair
     grammar = Grammar.gbnf(target.tokenizer, 'root ::= "ab" [a-z]* "."')
@@ -184,8 +184,8 @@ def test_lookup_drafts_what_followed_the_last_ngram():
 def test_the_flags_and_their_errors(pair, tmp_path):
     target, draft = pair
     with pytest.raises(DraftError, match="another vocabulary"):
-        from llamalite.loading import load
-        from llamalite.store import default_model_path
+        from llamalite.formats.load import load
+        from llamalite.formats.store import default_model_path
 
         other = load(default_model_path())
         DraftModel.check_vocabulary(target.tokenizer, other.tokenizer, 400, other.config.vocab_size)
@@ -216,10 +216,10 @@ def test_the_flags_and_their_errors(pair, tmp_path):
 def test_the_engine_batches_rows_with_and_without_drafts(default_model_file):
     """Requests with drafts (a lookup, a draft model) and without (n_max 0) decode in the same steps, each
     giving what generate gives alone; the draft model keeps a cache row for each slot."""
-    from llamalite.bench import bench_prompt
-    from llamalite.loading import load
+    from llamalite.eval.bench import bench_prompt
+    from llamalite.formats.load import load
     from llamalite.serve.engine import Engine, Request, TokenEvent
-    from llamalite.speculative import Drafting
+    from llamalite.generation.speculative import Drafting
 
     lm = load(default_model_file)
     prompts = [bench_prompt(lm.tokenizer, 90), lm.tokenizer.encode("The capital of France is"),
@@ -247,9 +247,9 @@ def test_the_server_speculates_per_request(default_model_file):
     with llama.cpp's speculative settings (nested or flat), JSON mode included; a server without drafting
     refuses the settings with a 400 naming them."""
     openai = pytest.importorskip("openai")
-    from llamalite.loading import load
+    from llamalite.formats.load import load
     from llamalite.serve import BackgroundServer, Server, create_app
-    from llamalite.speculative import Drafting
+    from llamalite.generation.speculative import Drafting
 
     text = ("Alice was beginning to get very tired of sitting by her sister on the bank, and of having nothing "
             "to do.")

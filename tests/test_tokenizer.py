@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from llamalite.tokenizer import (LLAMA3_PATTERN, llama3_special_tokens, tokenizer_from_gguf,
+from llamalite.text.tokenizer import (LLAMA3_PATTERN, llama3_special_tokens, tokenizer_from_gguf,
                                  tokenizer_from_hf_dir, tokenizer_from_model_file)
 from tests.helpers import CORPUS, bpe_vocab_and_merges, train_bytelevel_bpe, train_sentencepiece
 
@@ -59,8 +59,8 @@ def test_streaming_decode_never_breaks_utf8(default_lm):
 
 
 def test_gguf_bpe_matches_tokenizers_library(tmp_path):
-    from llamalite.config import ModelConfig
-    from llamalite.loading import gguf_metadata, open_gguf
+    from llamalite.model.config import ModelConfig
+    from llamalite.formats.load import gguf_metadata, open_gguf
     from tests.helpers import write_gguf
 
     hf = train_bytelevel_bpe()
@@ -126,7 +126,7 @@ def test_llama3_tiktoken_file_matches_tiktoken(tmp_path):
     # Ranks in tiktoken's form: the 256 bytes first, then merged tokens in the order BPE learnt them.
     hf = train_bytelevel_bpe(600)
     tokens, _ = bpe_vocab_and_merges(hf)
-    from llamalite.tokenizer import _bytes_to_unicode
+    from llamalite.text.tokenizer import _bytes_to_unicode
 
     u2b = {c: b for b, c in _bytes_to_unicode().items()}
     as_bytes = [bytes(u2b[c] for c in t) for t in tokens if t not in ("<s>", "</s>")]

@@ -7,10 +7,10 @@ import json
 import httpx
 import pytest
 
-from llamalite.chat_template import render_chat
-from llamalite.loading import load
+from llamalite.text.chat_template import render_chat
+from llamalite.formats.load import load
 from llamalite.serve import BackgroundServer, Server, create_app
-from llamalite.tools import HERMES, LLAMA3_JSON, ToolStream, native_messages, tool_format
+from llamalite.generation.tools import HERMES, LLAMA3_JSON, ToolStream, native_messages, tool_format
 from tests.helpers import tiny_hf_model, train_bytelevel_bpe
 
 jsonschema = pytest.importorskip("jsonschema", reason="the test extras install jsonschema")
@@ -242,7 +242,7 @@ def test_a_model_with_no_tool_format_says_so(tmp_path):
 def test_replies_cut_inside_a_call_and_repeated_calls():
     """A reply constrained to calls and cut by max_tokens keeps its complete calls and never shows the
     unfinished one as text; a call repeated exactly is dropped; the guard stops a reply at the repeat."""
-    from llamalite.tools import RepeatGuard
+    from llamalite.generation.tools import RepeatGuard
 
     paris = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'
     cut = paris + '\n<tool_call>\n{"name": "get_time", "arguments": {"zone": "C'
@@ -269,8 +269,8 @@ def test_open_object_schemas_admit_their_declared_keys_only(default_model_file):
     across allOf stay open."""
     from pydantic import BaseModel
 
-    from llamalite.constrain import Grammar, GrammarError, _prepared
-    from llamalite.loading import load_tokenizer
+    from llamalite.generation.constrain import Grammar, GrammarError, _prepared
+    from llamalite.formats.load import load_tokenizer
 
     class Place(BaseModel):
         name: str
@@ -304,7 +304,7 @@ def test_open_object_schemas_admit_their_declared_keys_only(default_model_file):
 
 
 def test_strict_schemas_are_checked_as_openai_defines_them():
-    from llamalite.constrain import strict_problem
+    from llamalite.generation.constrain import strict_problem
 
     closed = {"type": "object", "properties": {"a": {"type": "string"}}, "required": ["a"], "additionalProperties": False}
     assert strict_problem(closed) is None

@@ -12,8 +12,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from llamalite.data import DataError, TokenData, prepare
-from llamalite.train import TrainConfig, TrainError, lr_at, train
+from llamalite.train.data import DataError, TokenData, prepare
+from llamalite.train.loop import TrainConfig, TrainError, lr_at, train
 
 TEXT = ("In the beginning was the word, and the word was with the model. " * 3 + "\n\n"
         "The quick brown fox jumps over the lazy dog. Pack my box with five dozen liquor jugs.\n\n") * 40
@@ -41,7 +41,7 @@ def test_prepare_writes_shards_that_decode_to_the_corpus(prepared, tmp_path, def
     assert index["train"]["tokens"] > 0 and index["val"]["tokens"] > 0
     assert TokenData.open(prepared, "train").tokens == index["train"]["tokens"]
     # with a real model's tokenizer, a file becomes BOS + exactly its encoding
-    from llamalite.loading import load_tokenizer
+    from llamalite.formats.load import load_tokenizer
 
     tok = load_tokenizer(default_model_file)
     (tmp_path / "one.md").write_text("# Title\n\nSome *Markdown* text.\n")
@@ -81,7 +81,7 @@ def test_train_five_steps(prepared, tmp_path):
 
 
 def test_overfitting_one_batch_drives_the_loss_near_zero(tmp_path):
-    from llamalite.data import train_tokenizer
+    from llamalite.train.data import train_tokenizer
 
     tok = train_tokenizer([_write(tmp_path / "t.txt", TEXT)], 300, tmp_path / "tok")
     one = " ".join(f"w{i}" for i in range(40))
@@ -168,9 +168,9 @@ def test_yaml_config_and_flags(prepared, tmp_path):
 
 
 def test_parameter_count_without_building_the_model():
-    from llamalite.config import ModelConfig
-    from llamalite.model import Transformer
-    from llamalite.train import count_parameters
+    from llamalite.model.config import ModelConfig
+    from llamalite.model.transformer import Transformer
+    from llamalite.train.loop import count_parameters
 
     for cfg in (ModelConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=100, hidden_dim=96),
                 ModelConfig(dim=32, n_layers=1, n_heads=4, vocab_size=50, tie_embeddings=True)):

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from llamalite.loading import ModelFileError, load, load_tokenizer
+from llamalite.formats.load import ModelFileError, load, load_tokenizer
 
 SUITE = Path(__file__).parent / "fixtures" / "vocab"
 SEP = "\n__ggml_vocab_test__\n"
@@ -73,7 +73,7 @@ def test_the_verbs_on_a_vocab_only_file(vocab):
 def test_pre_tokenizer_names(tmp_path):
     """Every name llama.cpp knows maps to a set of regexes; a name it does not know is refused, as llama.cpp
     refuses it; a file that names none gets the default with a warning."""
-    from llamalite.tokenizer import BPE_PRE_TOKENIZERS, _bpe_from_gguf
+    from llamalite.text.tokenizer import BPE_PRE_TOKENIZERS, _bpe_from_gguf
 
     for name in ("llama-bpe", "qwen2", "deepseek-v3", "tekken", "chameleon", "command-r", "smollm", "viking"):
         assert name in BPE_PRE_TOKENIZERS
@@ -86,7 +86,7 @@ def test_pre_tokenizer_names(tmp_path):
 
 def _tokenizer_fields(path) -> dict:
     """A GGUF file's tokenizer.ggml.* keys (the gguf package's reader, with llamalite's faster parse)."""
-    from llamalite.loading import gguf_metadata, open_gguf
+    from llamalite.formats.load import gguf_metadata, open_gguf
 
     return {k: v for k, v in gguf_metadata(open_gguf(path)).items() if k.startswith("tokenizer.ggml.")}
 
@@ -95,7 +95,7 @@ def _export_vocab(tokenizer, path):
     """A vocab-only GGUF file of `tokenizer`, written by export's tokenizer writer."""
     import gguf
 
-    from llamalite.export import gguf_add_tokenizer
+    from llamalite.formats.export import gguf_add_tokenizer
 
     writer = gguf.GGUFWriter(str(path), "llama")
     gguf_add_tokenizer(writer, tokenizer)
@@ -112,7 +112,7 @@ def test_export_keeps_every_tokenizer_field(vocab, default_model_file, name, tmp
     splits text by it: the default model's `smollm` once came back as `mpt`), tokens, merges, types, scores
     and special ids; also through a Hugging Face directory saved by llamalite; and the export tokenizes the
     suite's cases as the source does."""
-    from llamalite.tokenizer import save_tokenizer
+    from llamalite.text.tokenizer import save_tokenizer
 
     source = default_model_file if name == "default-model" else vocab[name]
     before = _tokenizer_fields(source)
@@ -136,8 +136,8 @@ def test_a_hugging_face_tokenizer_gets_llamacpps_pre_tokenizer_name():
     """Without a name from a GGUF source, export names the pre-tokenizer from the tokenizer.json's splits
     (Split regexes, Digits, ByteLevel's own regex) as llama.cpp's converter would: SmolLM2's
     Digits-then-ByteLevel is StarCoder's split, not GPT-2's."""
-    from llamalite.export import _bpe_pre_name
-    from llamalite.tokenizer import BPE_PRE_TOKENIZERS
+    from llamalite.formats.export import _bpe_pre_name
+    from llamalite.text.tokenizer import BPE_PRE_TOKENIZERS
 
     smollm = {"pre_tokenizer": {"type": "Sequence", "pretokenizers": [
         {"type": "Digits", "individual_digits": True},

@@ -9,10 +9,10 @@ from pathlib import Path
 
 import torch
 
-from ..config import ModelConfig
+from ..model.config import ModelConfig
 from ..kernels.blocks import BLOCK
-from ..loading import LoadedModel, load_gguf, place
-from ..parallel import ParallelError, Shard, Split, Stages, check_same, parallelize, pipeline as stage
+from ..formats.load import LoadedModel, load_gguf, place
+from .parallel import ParallelError, Shard, Split, Stages, check_same, parallelize, pipeline as stage
 
 
 def part_of(shard: Shard, pipeline: bool):

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from ..adapters import Pairs
+from ..runtime.adapters import Pairs
 from .checkpoint import checkpoints_in
 from .layout import unpermute_rope
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from ..config import ModelConfig
+from ..model.config import ModelConfig
 
 
 NEOX_FAMILIES = ("qwen2", "qwen3", "phi3")  # their GGUF q/k rows are in HF's half-split RoPE layout, as HF's

@@ -7,9 +7,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..config import ModelConfig
-from ..model import Transformer
-from ..tokenizer import Tokenizer
+from ..model.config import ModelConfig
+from ..model.transformer import Transformer
+from ..text.tokenizer import Tokenizer
 
 
 class ModelFileError(ValueError):

@@ -17,7 +17,7 @@ from fastapi import APIRouter
 from fastapi.responses import StreamingResponse
 from pydantic import Field
 
-from ..sampling import SamplingParams
+from ..generation.sampling import SamplingParams
 from .calling import encode_conversation, shown, tool_setup
 from .core import Server, json_response
 from .guard import clip

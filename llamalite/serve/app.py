@@ -16,11 +16,21 @@ from fastapi.responses import HTMLResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from . import anthropic_api, embeddings_api, openai_api, responses_api
-from ..tools import ToolError, tool_format
+from ..generation.tools import ToolError, tool_format
 from .core import Server
 from .protocol import APIError, error_response
 from .hub import Hub
 from .guard import Guard, clip
+
+
+def _version() -> str:
+    """llamalite's version as installed (the package metadata), without importing the package face."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("llamalite")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        return "0+unknown"
 
 
 def create_app(target: Server | Hub, start_engine: bool = True) -> FastAPI:
@@ -39,7 +49,7 @@ def create_app(target: Server | Hub, start_engine: bool = True) -> FastAPI:
             if start_engine:
                 hub.stop()
 
-    app = FastAPI(title="llamalite", version=__import__("llamalite").__version__, lifespan=lifespan,
+    app = FastAPI(title="llamalite", version=_version(), lifespan=lifespan,
                   description="OpenAI-compatible API for local LLaMA-family models")
     app.state.hub = hub
     default_openapi = app.openapi
@@ -98,7 +108,7 @@ def create_app(target: Server | Hub, start_engine: bool = True) -> FastAPI:
 
     app.add_middleware(Guard, limits=hub.limits, api_key=lambda: hub.api_key,
                        count=lambda path, status: hub.metrics.requests.labels(path, str(status)).inc())
-    html = resources.files("llamalite").joinpath("web/chat.html").read_text(encoding="utf-8")
+    html = resources.files(__package__).joinpath("web/chat.html").read_text(encoding="utf-8")
     page_headers = _page_headers(html)
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)

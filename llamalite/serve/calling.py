@@ -5,9 +5,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..chat_template import TemplateError, encode_chat
-from ..constrain import Grammar, GrammarError, strict_problem
-from ..tools import RepeatGuard, ToolError, ToolFormat, ToolStream, native_messages, tool_format
+from ..text.chat_template import TemplateError, encode_chat
+from ..generation.constrain import Grammar, GrammarError, strict_problem
+from ..generation.tools import RepeatGuard, ToolError, ToolFormat, ToolStream, native_messages, tool_format
 from .core import Server
 from .protocol import APIError
 from .streaming import Piece

@@ -14,18 +14,18 @@ from typing import TYPE_CHECKING, Any, AsyncIterator, Callable
 
 from fastapi.responses import Response, StreamingResponse
 
-from ..generation import ContextLengthError, TextStream
+from ..generation.tokens import ContextLengthError, TextStream
 from ..formats.loaded import LoadedModel
-from ..sampling import SamplingParams
+from ..generation.sampling import SamplingParams
 from .engine import Engine, EngineClosed, PromptEvent, Request as EngineRequest, Runner, TokenEvent
 from .guard import Limits
 from .protocol import APIError
 from .streaming import Piece, sse
 
 if TYPE_CHECKING:
-    from ..constrain import Grammar
-    from ..prompt_cache import PromptCache
-    from ..speculative import Drafting
+    from ..generation.constrain import Grammar
+    from ..generation.prompt_cache import PromptCache
+    from ..generation.speculative import Drafting
 
 
 # ----- running one choice ----------------------------------------------------------------------------
@@ -66,7 +66,7 @@ class Server:
                  context_shift: bool = False, keep: int = 0, prompt_cache: "PromptCache | None" = None,
                  drafting: "Drafting | None" = None):
         self.lm, self.tokenizer, self.model_name, self.api_key = lm, lm.tokenizer, model_name, api_key
-        self.pooling = pooling  # of /v1/embeddings: mean, last or cls (llamalite.embed)
+        self.pooling = pooling  # of /v1/embeddings: mean, last or cls (llamalite.generation.embed)
         self.engine = Engine(lm.model, max_batch=max_batch, max_seq_len=max_seq_len, runner=runner,
                              context_shift=context_shift, keep=keep, prompt_cache=prompt_cache, drafting=drafting)
         self.limits = limits or Limits.for_context(self.engine.max_seq_len)

@@ -1,4 +1,4 @@
-"""OpenAI's embeddings API: POST /v1/embeddings, pooled last hidden states (see llamalite.embed), computed
+"""OpenAI's embeddings API: POST /v1/embeddings, pooled last hidden states (see llamalite.generation.embed), computed
 on the engine's thread between decode steps."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from typing import Annotated, Any, Literal
 from fastapi import APIRouter
 from pydantic import BaseModel, ConfigDict, Field
 
-from ..embed import embed_ids
+from ..generation.embed import embed_ids
 from .core import json_response
 from .protocol import APIError, Text, TokenId
 from .engine import EngineClosed

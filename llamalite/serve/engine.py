@@ -27,14 +27,14 @@ from typing import TYPE_CHECKING, Callable, Iterator, Sequence
 
 import torch
 
-from ..generation import PREFILL_CHUNK, ContextLengthError, common_prefix, shift_context
-from ..model import Transformer
-from ..sampling import GREEDY, SamplingParams, choose
+from ..generation.tokens import PREFILL_CHUNK, ContextLengthError, common_prefix, shift_context
+from ..model.transformer import Transformer
+from ..generation.sampling import GREEDY, SamplingParams, choose
 
 if TYPE_CHECKING:
-    from ..constrain import Matcher
-    from ..prompt_cache import Entry, PromptCache
-    from ..speculative import Drafting, Speculation
+    from ..generation.constrain import Matcher
+    from ..generation.prompt_cache import Entry, PromptCache
+    from ..generation.speculative import Drafting, Speculation
 
 
 @dataclass
@@ -205,11 +205,11 @@ class Engine:
         """With `context_shift`, a reply that fills its slot's context goes on: the first `keep` tokens (at
         least one; -1: the request's prompt) stay, half of the rest are dropped and the others move down
         (Transformer.shift_caches), as generate does; max_tokens is then bounded by nothing but itself.
-        With a `prompt_cache` (llamalite.prompt_cache, on disk), a prompt's prefix found there and longer
+        With a `prompt_cache` (llamalite.generation.prompt_cache, on disk), a prompt's prefix found there and longer
         than any slot's is loaded rather than computed, and what a slot holds when its request ends is
         saved (not for LoRA adapters' requests, nor after a context shift). With `drafting`
         (speculative.Drafting), each request's drafted tokens are checked in the step that decodes it, as
-        rows of their own beside the other requests' (llamalite.speculative)."""
+        rows of their own beside the other requests' (llamalite.generation.speculative)."""
         ctx = model.config.context_length
         self.model = model
         self.context_shift, self.keep = context_shift, keep  # keep -1: each request's whole prompt

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Callable
 
 from ..formats.loaded import LoadedModel
-from ..speculative import Drafting
+from ..generation.speculative import Drafting
 from .core import Metrics, Server
 from .protocol import APIError
 from .engine import Runner
@@ -31,8 +31,8 @@ class Hub:
                  keep: int = 0, prompt_cache: str | Path | None = None, prompt_cache_size: int | None = None,
                  drafting: "Callable[[LoadedModel], Drafting | None] | None" = None):
         """`adapters`: name -> (the model it adapts, its path), LoRA adapters served unmerged on that model
-        (llamalite.adapters), each a model name of its own. `prompt_cache`: a directory where each model
-        keeps its processed prompts across restarts (llamalite.prompt_cache), at most `prompt_cache_size`
+        (llamalite.runtime.adapters), each a model name of its own. `prompt_cache`: a directory where each model
+        keeps its processed prompts across restarts (llamalite.generation.prompt_cache), at most `prompt_cache_size`
         bytes in all. `drafting`: what each model, once loaded, drafts with (speculative.Drafting; a draft
         model of its own, loaded beside it)."""
         if not loaders:
@@ -87,7 +87,7 @@ class Hub:
         lm = self.loaders[name]()
         mine = {a: path for a, (base, path) in self.adapters.items() if base == name}
         if mine:
-            from ..adapters import AdapterSet
+            from ..runtime.adapters import AdapterSet
             from ..formats.adapters import read_adapter
 
             served = AdapterSet(lm.model)
@@ -95,7 +95,7 @@ class Hub:
                 served.add(adapter, read_adapter(path, lm.model.config, lm.path))
         cache = None
         if o["prompt_cache"] is not None:
-            from ..prompt_cache import DEFAULT_SIZE, PromptCache, model_key
+            from ..generation.prompt_cache import DEFAULT_SIZE, PromptCache, model_key
 
             cache = PromptCache(o["prompt_cache"], model_key(lm), o["prompt_cache_size"] or DEFAULT_SIZE)
         server = Server(lm, name, max_batch=o["max_batch"], max_seq_len=o["max_seq_len"],

@@ -12,8 +12,8 @@ from typing import Annotated, Any, Literal
 from fastapi import APIRouter, Request
 from pydantic import BaseModel, ConfigDict, Field
 
-from ..constrain import Grammar
-from ..sampling import SamplingParams
+from ..generation.constrain import Grammar
+from ..generation.sampling import SamplingParams
 from .core import Server, chat_logprobs, completion_logprobs, json_response, streaming_response
 from .protocol import MAX_STOP, APIError, JSONSchemaFormat, Strict, Text, TokenId
 from .streaming import Piece, choices_usage, collect, merge, usage_of

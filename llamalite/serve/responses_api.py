@@ -22,7 +22,7 @@ from fastapi import APIRouter
 from fastapi.responses import StreamingResponse
 from pydantic import Discriminator, Field, Tag
 
-from ..sampling import SamplingParams
+from ..generation.sampling import SamplingParams
 from .calling import ToolCalling, check_strict, compile_grammar, encode_conversation, shown, tool_setup
 from .core import Server, chat_logprobs, json_response
 from .guard import clip

@@ -17,7 +17,7 @@ from typing import Iterator, Sequence
 import torch
 from torch import nn
 
-from .model import LINEAR_PARENTS
+from ..model.transformer import LINEAR_PARENTS
 
 TARGETS = ("wq", "wk", "wv", "wo", "w1", "w3", "w2")  # the kernels' order of a block's weights
 

@@ -34,8 +34,8 @@ import numpy as np
 import torch
 
 if TYPE_CHECKING:
-    from .formats.loaded import LoadedModel
-    from .model import Transformer
+    from ..formats.loaded import LoadedModel
+    from ..model.transformer import Transformer
 
 MAGIC, VERSION = b"LLPC", 1
 SUFFIX, PART = ".llkv", ".part"

@@ -38,11 +38,11 @@ def run_bench(model_path: Path, prompt_tokens: int = 128, gen_tokens: int = 128,
     speculative and the result says how many drafted tokens were accepted, over all runs. Split
     over torchrun's ranks (`shard`, parallel.Shard; `pipeline` for stages), every rank runs the same and
     the result also lists each rank's peak RSS and the share of its decode spent in all-reduces."""
-    from .generation import compile_decode, generate, prefill
-    from .backends import load
-    from .parallel import Collectives
-    from .kernels.ops import simd_path
-    from .sampling import GREEDY
+    from ..generation.tokens import compile_decode, generate, prefill
+    from ..backends import load
+    from ..distributed.parallel import Collectives
+    from ..kernels.ops import simd_path
+    from ..generation.sampling import GREEDY
 
     runs = []
     lm = None
@@ -74,7 +74,7 @@ def run_bench(model_path: Path, prompt_tokens: int = 128, gen_tokens: int = 128,
         decode_s = time.perf_counter() - t1
         collective_s = Collectives.since_reset()
         if spec is not None:
-            from .speculative import Stats
+            from ..generation.speculative import Stats
 
             spec_stats = spec_stats or Stats()
             for f in ("passes", "drafted", "accepted", "plain"):
@@ -103,7 +103,7 @@ def run_bench(model_path: Path, prompt_tokens: int = 128, gen_tokens: int = 128,
                 "collective_share": statistics.median(r["collective_share"] for r in runs)}
         ranks: list = [None] * shard.world
         dist.all_gather_object(ranks, mine)
-        from .parallel import transport
+        from ..distributed.parallel import transport
 
         result.update(split="layers" if pipeline else "heads", world=shard.world, ranks=ranks,
                       all_reduce=None if pipeline else transport())

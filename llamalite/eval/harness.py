@@ -2,7 +2,7 @@
 tasks and metrics.
 
     llamalite lm-eval --model llamalite --model_args model=PATH --tasks hellaswag
-    python -c "import llamalite.harness, lm_eval; lm_eval.simple_evaluate(model='llamalite', ...)"
+    python -c "import llamalite.eval.harness, lm_eval; lm_eval.simple_evaluate(model='llamalite', ...)"
 
 lm-eval finds external model types only once they are imported (it has no plugin entry point), so
 `llamalite lm-eval` imports this module and then runs lm-eval's own command line. Model arguments:
@@ -25,7 +25,7 @@ from lm_eval.api.registry import register_model
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 from tqdm import tqdm
 
-from .evaluate import loglikelihood
+from .scoring import loglikelihood
 
 
 def _flag(value: Any) -> bool:
@@ -37,8 +37,8 @@ class LlamaliteLM(TemplateLM):
     def __init__(self, model: str | None = None, dequantize: Any = False, max_length: int | None = None,
                  threads: int | None = None, device: str | None = None, batch_size: Any = 1, **_: Any):
         super().__init__()
-        from .backends import load
-        from .store import resolve_model
+        from ..backends import load
+        from ..formats.store import resolve_model
 
         if threads:
             torch.set_num_threads(int(threads))
@@ -99,8 +99,8 @@ class LlamaliteLM(TemplateLM):
         return out
 
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
-        from .generation import generate, stream_text
-        from .sampling import SamplingParams
+        from ..generation.tokens import generate, stream_text
+        from ..generation.sampling import SamplingParams
 
         out = []
         for request in tqdm(requests, desc="generating", disable=disable_tqdm or self.rank != 0):

@@ -17,8 +17,8 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from .formats.loaded import LoadedModel
-from .model import Transformer
+from ..formats.loaded import LoadedModel
+from ..model.transformer import Transformer
 
 POOLING = ("mean", "last", "cls")
 

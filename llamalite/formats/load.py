@@ -20,12 +20,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from .config import ModelConfig, RopeScaling, config_from_gguf, config_from_hf, config_from_meta
-from .formats.layout import NEOX_FAMILIES, family_layout
-from .formats.loaded import LoadedModel, ModelFileError
-from .kernels.ops import kernels_available
-from .model import Transformer, kv_type_name, rope_inv_freq
-from .tokenizer import Tokenizer, tokenizer_from_gguf, tokenizer_from_hf_dir, tokenizer_from_model_file
+from ..model.config import ModelConfig, RopeScaling, config_from_gguf, config_from_hf, config_from_meta
+from .layout import NEOX_FAMILIES, family_layout
+from .loaded import LoadedModel, ModelFileError
+from ..kernels.ops import kernels_available
+from ..model.transformer import Transformer, kv_type_name, rope_inv_freq
+from ..text.tokenizer import Tokenizer, tokenizer_from_gguf, tokenizer_from_hf_dir, tokenizer_from_model_file
 
 if TYPE_CHECKING:
     from typing import Callable, Protocol
@@ -146,8 +146,8 @@ def build_model(cfg: ModelConfig, weights: Mapping[str, torch.Tensor], dtype: to
     `quantized` maps weight names to (block bytes, type name, already packed): those layers become
     QuantLinear / QuantEmbedding modules holding the blocks (GGUF-ordered ones are repacked in place
     for the kernels: the caller hands over buffers it owns)."""
-    from .quantized import QuantEmbedding, QuantLinear, use_kernels
-    from .kernels.blocks import BLOCK
+    from ..runtime.quantized import QuantEmbedding, QuantLinear, use_kernels
+    from ..kernels.blocks import BLOCK
 
     quantized = dict(quantized or {})
     with torch.device("meta"), _skip_init():
@@ -314,7 +314,7 @@ class _ShardView:
 
     def __init__(self, t, rows: tuple[int, int] | None, cols: tuple[int, int] | None, shape: tuple[int, ...],
                  reader=None):
-        from .kernels.blocks import BLOCK
+        from ..kernels.blocks import BLOCK
 
         self.tensor_type, self.data_offset, self.n_bytes = t.tensor_type, t.data_offset, t.n_bytes
         self.data, self.shape = t.data, shape
@@ -365,9 +365,9 @@ def load_gguf(path: Path, dtype: torch.dtype = torch.float32, quantized: bool = 
     `part(config, {tensor name: type name})` gives a Part (distributed/load.py builds them: a rank's
     heads, or its layers), whose config is the part's own, which renames each Meta-named weight (None:
     not in this part) and gives the rows and columns of it that the part keeps (memory-map views)."""
-    from .quantized import REQUANT_TYPES, requantize_q8_0
-    from .kernels.ops import KERNEL_TYPES, kernels_available
-    from .kernels.blocks import dequantize, q5_0_as_q8_0
+    from ..runtime.quantized import REQUANT_TYPES, requantize_q8_0
+    from ..kernels.ops import KERNEL_TYPES, kernels_available
+    from ..kernels.blocks import dequantize, q5_0_as_q8_0
 
     reader = open_gguf(path)
     meta = gguf_metadata(reader)

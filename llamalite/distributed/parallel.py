@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .config import ModelConfig
+from ..model.config import ModelConfig
 
 
 class ParallelError(ValueError):
@@ -160,7 +160,7 @@ def reducer(dim: int, timeout_s: float = 300.0, group: Any = None) -> Any:
 
     import torch.distributed as dist
 
-    from .kernels.ops import kernels_available
+    from ..kernels.ops import kernels_available
 
     if not kernels_available():
         return None

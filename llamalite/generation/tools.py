@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from typing import Any, Sequence
 
 from .constrain import json_lark
-from .tokenizer import Tokenizer
+from ..text.tokenizer import Tokenizer
 
 
 class ToolError(ValueError):

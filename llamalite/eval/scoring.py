@@ -19,7 +19,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from .tokenizer import Tokenizer
+from ..text.tokenizer import Tokenizer
 
 
 class EvalError(ValueError):

@@ -34,11 +34,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import ModelConfig
-from .model import Transformer
+from ..model.config import ModelConfig
+from ..model.transformer import Transformer
 
 if TYPE_CHECKING:
-    from .tokenizer import Tokenizer
+    from ..text.tokenizer import Tokenizer
 
 DTYPES = ("fp32", "8da4w", "8da8w")
 GROUP = 32  # weights per quantization group (8da4w, 8da8w)
@@ -378,7 +378,7 @@ def _meta_path(pte: Path) -> Path:
 
 
 def _write_tokenizer(tokenizer: "Tokenizer", where: Path) -> None:
-    from .tokenizer import save_tokenizer
+    from ..text.tokenizer import save_tokenizer
 
     with tempfile.TemporaryDirectory(dir=where.parent) as tmp:
         save_tokenizer(tokenizer, Path(tmp))
@@ -435,8 +435,8 @@ class PteModel:
 
 def load_pte(path: Path):
     """A LoadedModel of an exported program and the tokenizer and metadata beside it."""
-    from .formats.loaded import LoadedModel, ModelFileError
-    from .tokenizer import tokenizer_from_hf_dir
+    from ..formats.loaded import LoadedModel, ModelFileError
+    from ..text.tokenizer import tokenizer_from_hf_dir
 
     meta_file, tok_dir = _meta_path(path), _tokenizer_dir(path)
     if not meta_file.exists():

@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .tokenizer import Tokenizer
+from ..text.tokenizer import Tokenizer
 
 # Whitespace allowed between JSON tokens: nothing, one space, or a newline and up to 20 spaces or tabs of
 # indent (llama.cpp's json-schema-to-grammar uses the same bound). Unbounded whitespace lets a small

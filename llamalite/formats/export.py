@@ -15,9 +15,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from .config import ModelConfig
-from .formats.layout import NEOX_FAMILIES, family_tensors
-from .loading import meta_to_gguf_name, meta_to_hf_name
+from ..model.config import ModelConfig
+from .layout import NEOX_FAMILIES, family_tensors
+from .load import meta_to_gguf_name, meta_to_hf_name
 
 DTYPES = ("f32", "f16", "q8_0", "q4_1", "q4_0")
 QUANT_TYPES = {"q8_0": "Q8_0", "q4_1": "Q4_1", "q4_0": "Q4_0"}  # export dtype -> GGML block type
@@ -51,7 +51,7 @@ def _bpe_pre_name(data: dict) -> str:
     """llama.cpp's pre-tokenizer name for a tokenizer.json, from the splits its pre-tokenizer makes in
     order: a Split's regex, Digits (each digit alone: llama.cpp's \\p{N}) and ByteLevel's own regex
     (GPT-2's) where it uses one. The first name llama.cpp knows for those regexes; "default" if none."""
-    from .tokenizer import GPT2_REGEX, BPE_PRE_TOKENIZERS
+    from ..text.tokenizer import GPT2_REGEX, BPE_PRE_TOKENIZERS
 
     def walk(node: Any) -> list[dict]:
         if not isinstance(node, dict):
@@ -78,7 +78,7 @@ def gguf_add_tokenizer(writer: Any, tokenizer, vocab_size: int | None = None) ->
     converter writes them ([PAD<id>], unused), since llama.cpp sizes the embedding by the token list."""
     import gguf
 
-    from .tokenizer import BYTE, CONTROL, NORMAL, UNKNOWN, UNUSED, USER_DEFINED, HFEngine, SPEngine
+    from ..text.tokenizer import BYTE, CONTROL, NORMAL, UNKNOWN, UNUSED, USER_DEFINED, HFEngine, SPEngine
 
     engine, n = tokenizer.engine, tokenizer.vocab_size
     if isinstance(engine, HFEngine):
@@ -164,7 +164,7 @@ def export_gguf(model: torch.nn.Module, tokenizer, path: str | Path, dtype: str 
     if tokenizer is not None:
         gguf_add_tokenizer(w, tokenizer, cfg.vocab_size)
     if cfg.rope_scaling is not None:
-        from .model import rope_inv_freq
+        from ..model.transformer import rope_inv_freq
 
         base = rope_inv_freq(cfg.head_dim, cfg.rope_theta)
         w.add_tensor("rope_freqs.weight", (base / rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)).numpy())
@@ -189,7 +189,7 @@ def export_gguf(model: torch.nn.Module, tokenizer, path: str | Path, dtype: str 
 def export_hf(model: torch.nn.Module, tokenizer, out: str | Path, dtype: str = "f32") -> Path:
     from safetensors.torch import save_file
 
-    from .tokenizer import save_tokenizer
+    from ..text.tokenizer import save_tokenizer
 
     if dtype not in ("f32", "f16", "bf16"):
         raise ExportError(f"a Hugging Face export is f32, f16 or bf16, not {dtype!r} (quantized types go to GGUF)")

@@ -274,7 +274,7 @@ def config_from_gguf(meta: Mapping[str, Any], has_output: bool, rope_scaling: Ro
 
 @dataclass
 class TrainConfig:
-    """Everything a pretraining run is (llamalite.train.train runs it). Plain data, no torch: the
+    """Everything a pretraining run is (llamalite.train.loop.train runs it). Plain data, no torch: the
     CLI builds its flags from these fields at once."""
 
     data: str = ""  # a directory made by `llamalite prepare`
@@ -340,7 +340,7 @@ MODEL_SHAPE_FIELDS = ("preset", "dim", "n_layers", "n_heads", "n_kv_heads", "hid
 
 @dataclass
 class FinetuneConfig(TrainConfig):
-    """A fine-tuning run (llamalite.finetune.finetune runs it on train's loop): a loaded model, JSONL
+    """A fine-tuning run (llamalite.train.finetune.finetune runs it on train's loop): a loaded model, JSONL
     records (chat `messages`, `prompt`/`completion`, or `text`), LoRA unless `full`. Defaults follow
     common LoRA practice (Hu et al. 2021; QLoRA's learning rate): no weight decay, short warmup."""
 

@@ -13,9 +13,9 @@ from typing import TYPE_CHECKING, Generator, Iterator, Sequence
 
 import torch
 
-from .model import Transformer
+from ..model.transformer import Transformer
 from .sampling import SamplingParams, choose
-from .tokenizer import Tokenizer
+from ..text.tokenizer import Tokenizer
 
 if TYPE_CHECKING:
     from .constrain import Matcher
@@ -122,9 +122,9 @@ def generate(model: Transformer, prompt: Sequence[int], *, max_new_tokens: int =
     BOS where the model has one; -1: the whole prompt) stay, half of the rest are dropped and the others
     move down in the cache (Transformer.shift_caches), as llama.cpp's context shift does. With a
     `constraint` (constrain.Grammar(...).matcher()) every token is one the grammar allows, and
-    generation stops ("stop") once the grammar is complete. With a `prompt_cache` (llamalite.prompt_cache),
+    generation stops ("stop") once the grammar is complete. With a `prompt_cache` (llamalite.generation.prompt_cache),
     the prompt's longest prefix saved on disk is restored rather than computed, and what the cache holds
-    at the end is saved. With `speculation` (llamalite.speculative), drafted tokens are checked several at
+    at the end is saved. With `speculation` (llamalite.generation.speculative), drafted tokens are checked several at
     a pass; the tokens are those decoding without it gives (greedy), or distributed as they are (sampled).
     """
     ctx = model.config.context_length

@@ -27,10 +27,10 @@ from typing import Any, Sequence
 
 import torch
 
-from .config import FinetuneConfig
+from ..model.config import FinetuneConfig
 from .data import DataError, read_jsonl
-from .tokenizer import Tokenizer
-from .train import Job, TrainError, check_memory, check_sizes, setup_distributed, draw, estimate_memory, run
+from ..text.tokenizer import Tokenizer
+from .loop import Job, TrainError, check_memory, check_sizes, setup_distributed, draw, estimate_memory, run
 
 IGNORE = -100  # the target of a position whose next token is not learned
 
@@ -45,7 +45,7 @@ def chat_segments(template: str | None, tokenizer: Tokenizer, messages: Sequence
     """The rendered conversation as (text, is an assistant turn) pieces, in order. Each assistant
     turn is what follows the prompt the template renders for it (add_generation_prompt), which
     must be a prefix of the conversation rendered through that turn."""
-    from .chat_template import render_chat
+    from ..text.chat_template import render_chat
 
     pieces, done = [], ""
     for i, m in enumerate(messages):
@@ -162,7 +162,7 @@ def lora_setup(cfg: FinetuneConfig) -> dict | None:
 def prepare_model(base: str | Path, lora: dict | None, seed: int = 0, device: str | torch.device = "cpu"):
     """The base model dense in fp32 (quantized blocks dequantized) with LoRA applied, or every weight
     trainable; returns the LoadedModel."""
-    from .loading import load
+    from ..formats.load import load
     from .lora import apply_lora
 
     lm = load(base, dtype=torch.float32, quantized=False)
@@ -176,7 +176,7 @@ def prepare_model(base: str | Path, lora: dict | None, seed: int = 0, device: st
 
 def finetune(cfg: FinetuneConfig) -> dict:
     """Fine-tune (or resume fine-tuning) cfg.model on cfg.data; returns the loop's summary."""
-    from .store import resolve_model
+    from ..formats.store import resolve_model
 
     if not cfg.data:
         raise TrainError("no training data: set data to a JSONL file of records (messages, prompt/completion or text)")

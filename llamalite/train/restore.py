@@ -8,13 +8,13 @@ from pathlib import Path
 
 import torch
 
-from .config import ModelConfig
-from .export import ExportError
+from ..model.config import ModelConfig
+from ..formats.export import ExportError
 from .finetune import load_finetuned
-from .formats.checkpoint import checkpoints_in
-from .loading import load, load_tokenizer
+from ..formats.checkpoint import checkpoints_in
+from ..formats.load import load, load_tokenizer
 from .lora import merge_lora
-from .model import Transformer
+from ..model.transformer import Transformer
 
 
 def load_for_export(source: str | Path, merge: bool = True):

@@ -27,10 +27,10 @@ from typing import Callable, Iterable
 import torch
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
-from .config import ModelConfig, TrainConfig
+from ..model.config import ModelConfig, TrainConfig
 from .data import DataError, TokenData
-from .formats.checkpoint import CHECKPOINT_VERSION, atomic_write, checkpoints_in, load_latest_checkpoint, save_checkpoint
-from .model import Transformer, cross_entropy_loss
+from ..formats.checkpoint import CHECKPOINT_VERSION, atomic_write, checkpoints_in, load_latest_checkpoint, save_checkpoint
+from ..model.transformer import Transformer, cross_entropy_loss
 
 
 class TrainError(ValueError):

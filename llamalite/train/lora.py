@@ -16,10 +16,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from .export import QUANT_TYPES
-from .formats.layout import permute_rope
-from .loading import meta_to_hf_name
-from .model import LINEAR_PARENTS
+from ..formats.export import QUANT_TYPES
+from ..formats.layout import permute_rope
+from ..formats.load import meta_to_hf_name
+from ..model.transformer import LINEAR_PARENTS
 
 
 def _hf_module(i: int, target: str) -> str:

@@ -14,14 +14,14 @@ from typing import Any, Callable
 def _load(args):
     import torch
 
-    from .backends import load
-    from .store import resolve_model
+    from ..backends import load
+    from ..formats.store import resolve_model
 
     if getattr(args, "threads", None):
         torch.set_num_threads(args.threads)
     shard = None
     if args.verb in TENSOR_PARALLEL:  # under torchrun with several processes: this rank's part of the model
-        from .parallel import from_env
+        from ..distributed.parallel import from_env
 
         shard = from_env()
         if shard is not None and getattr(args, "lora", None):
@@ -29,20 +29,20 @@ def _load(args):
                              "merge it (llamalite export) and split the merged model")
     device = args.device
     if shard is not None:
-        from .parallel import rank_device
+        from ..distributed.parallel import rank_device
 
         device = rank_device(device)
     lm = load(resolve_model(args.model), device=device, shard=shard, pipeline=getattr(args, "pp", False),
               kv_type=getattr(args, "kv_type", None))
     _refuse_for_program(args, lm)
     if getattr(args, "lora", None):
-        from .adapters import AdapterSet
-        from .formats.adapters import read_adapter
+        from ..runtime.adapters import AdapterSet
+        from ..formats.adapters import read_adapter
 
         adapters = AdapterSet(lm.model)
         adapters.route_all(adapters.add("lora", read_adapter(args.lora, lm.model.config, lm.path)))
     if getattr(args, "compile", False):
-        from .generation import compile_decode
+        from ..generation.tokens import compile_decode
 
         compile_decode(lm.model)
     return lm
@@ -63,7 +63,7 @@ def _refuse_for_program(args, lm) -> None:
 
 
 def _sampling(args):
-    from .sampling import SamplingParams
+    from ..generation.sampling import SamplingParams
 
     return SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
                           repetition_penalty=args.repeat_penalty)
@@ -73,7 +73,7 @@ def _grammar(args, tokenizer):
     """The constraint asked for with --json, --json-schema FILE or --grammar FILE (GBNF), or None."""
     from pathlib import Path
 
-    from .constrain import Grammar
+    from ..generation.constrain import Grammar
 
     asked = [flag for flag, value in (("--json", args.json), ("--json-schema", args.json_schema),
                                       ("--grammar", args.grammar)) if value]
@@ -97,14 +97,14 @@ def _generator(seed: int | None, every_rank: bool = True):
     gets rank 0's seed, so that they all draw the same tokens; chat samples on rank 0 alone."""
     import torch
 
-    from .parallel import agree
+    from ..distributed.parallel import agree
 
     seed = seed if seed is not None else int.from_bytes(os.urandom(8), "little") >> 1
     return torch.Generator().manual_seed(agree(seed) if every_rank else seed)
 
 
 def _read_prompt(text: str | None) -> str:
-    from .parallel import agree
+    from ..distributed.parallel import agree
 
     if text is None or text == "-":  # stdin is rank 0's to read (torchrun gives it to rank 0 only)
         return agree(sys.stdin.read() if int(os.environ.get("RANK", "0")) == 0 else None)
@@ -112,8 +112,8 @@ def _read_prompt(text: str | None) -> str:
 
 
 def cmd_generate(args) -> int:
-    from .chat_template import encode_chat
-    from .generation import generate, stream_text
+    from ..text.chat_template import encode_chat
+    from ..generation.tokens import generate, stream_text
 
     _prompt_cache_size(args)
     lm = _load(args)
@@ -157,7 +157,7 @@ def cmd_chat(args) -> int:
     # the model to the other ranks, which make the same call on theirs (as a split server does).
     import torch.distributed as dist
 
-    from .parallel import Leader, control_group, follow
+    from ..distributed.parallel import Leader, control_group, follow
 
     control = control_group()
     if dist.get_rank() != 0:
@@ -171,8 +171,8 @@ def cmd_chat(args) -> int:
 
 
 def _chat(args, lm, cache=None, speculation=None) -> int:
-    from .chat_template import encode_chat
-    from .generation import ContextLengthError, generate, stream_text
+    from ..text.chat_template import encode_chat
+    from ..generation.tokens import ContextLengthError, generate, stream_text
 
     interactive = sys.stdin.isatty()
     if interactive:
@@ -234,8 +234,8 @@ def _chat(args, lm, cache=None, speculation=None) -> int:
 
 
 def cmd_tokenize(args) -> int:
-    from .loading import load_tokenizer
-    from .store import resolve_model
+    from ..formats.load import load_tokenizer
+    from ..formats.store import resolve_model
 
     tokenizer = load_tokenizer(resolve_model(args.model))  # no weights needed (a vocab-only GGUF file will do)
     text = args.text if args.text is not None else sys.stdin.read()
@@ -244,11 +244,11 @@ def cmd_tokenize(args) -> int:
 
 
 def cmd_info(args) -> int:
-    from .backends import load
-    from .loading import gguf_vocab_only, load_tokenizer
-    from .quantized import count_parameters
-    from .kernels.ops import simd_path
-    from .store import resolve_model
+    from ..backends import load
+    from ..formats.load import gguf_vocab_only, load_tokenizer
+    from ..runtime.quantized import count_parameters
+    from ..kernels.ops import simd_path
+    from ..formats.store import resolve_model
 
     path = resolve_model(args.model)
     meta = gguf_vocab_only(path)
@@ -293,7 +293,7 @@ def cmd_info(args) -> int:
 
 
 def cmd_pull(args) -> int:
-    from .store import pull
+    from ..formats.store import pull
 
     path = pull(args.repo, revision=args.revision)
     print(path)
@@ -301,7 +301,7 @@ def cmd_pull(args) -> int:
 
 
 def cmd_list(args) -> int:
-    from .store import store_dir, store_entries
+    from ..formats.store import store_dir, store_entries
 
     entries = store_entries()
     if not entries:
@@ -316,10 +316,10 @@ def cmd_list(args) -> int:
 def cmd_bench(args) -> int:
     import torch
 
-    from .bench import run_bench
-    from .store import resolve_model
+    from ..eval.bench import run_bench
+    from ..formats.store import resolve_model
 
-    from .parallel import from_env
+    from ..distributed.parallel import from_env
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -350,7 +350,7 @@ def _served_models(args) -> dict:
     import re
     from pathlib import Path
 
-    from .store import resolve_model
+    from ..formats.store import resolve_model
 
     specs = args.model or [None]
     if args.model_name and len(specs) > 1:
@@ -391,9 +391,9 @@ def _served_adapters(args, models: dict) -> dict:
 
 
 def cmd_serve(args) -> int:
-    from .backends import load
-    from .serve import serve
-    from .serve.hub import Hub
+    from ..backends import load
+    from ..serve import serve
+    from ..serve.hub import Hub
 
     if args.max_batch < 1:
         raise ValueError("--max-batch must be at least 1")
@@ -420,7 +420,7 @@ def cmd_serve(args) -> int:
             lm = load(path, device=args.device, kv_type=args.kv_type)
             _refuse_for_program(args, lm)
             if getattr(args, "compile", False):
-                from .generation import compile_decode
+                from ..generation.tokens import compile_decode
 
                 compile_decode(lm.model)
             return lm
@@ -446,7 +446,7 @@ def cmd_serve(args) -> int:
 
 def _serve_settings(args):
     """serve's API key (the flag, else $LLAMALITE_API_KEY) and limits (guard.Limits) from its flags."""
-    from .serve.guard import Limits
+    from ..serve.guard import Limits
 
     key = args.api_key or os.environ.get("LLAMALITE_API_KEY") or None
     hosts = tuple(h.strip().lower() for h in (args.allowed_hosts or "").split(",") if h.strip())
@@ -456,12 +456,12 @@ def _serve_settings(args):
 
 
 def _serve_split(args, models: dict) -> int:
-    """`serve` under torchrun: one model split over the ranks (llamalite.parallel). Rank 0 serves HTTP and
+    """`serve` under torchrun: one model split over the ranks (llamalite.distributed.parallel). Rank 0 serves HTTP and
     runs the batching engine, handing each forward to the other ranks, which follow."""
-    from .backends import load
-    from .parallel import Leader, ParallelError, control_group, follow, from_env, rank_device
-    from .serve import serve
-    from .serve.hub import Hub
+    from ..backends import load
+    from ..distributed.parallel import Leader, ParallelError, control_group, follow, from_env, rank_device
+    from ..serve import serve
+    from ..serve.hub import Hub
 
     if len(models) > 1 or args.lora or args.max_loaded is not None or args.draft_model or args.lookup is not None:
         raise ValueError("under torchrun, serve splits one model over the ranks: give a single --model (no --lora, "
@@ -490,7 +490,7 @@ def _serve_split(args, models: dict) -> int:
 
 
 def cmd_embed(args) -> int:
-    from .embed import embed
+    from ..generation.embed import embed
 
     lm = _load(args)
     texts = args.texts or [line.rstrip("\n") for line in sys.stdin if line.strip()]
@@ -502,9 +502,9 @@ def cmd_embed(args) -> int:
 
 
 def cmd_prepare(args) -> int:
-    from .data import prepare
-    from .loading import load_tokenizer
-    from .store import resolve_model
+    from ..train.data import prepare
+    from ..formats.load import load_tokenizer
+    from ..formats.store import resolve_model
 
     if not args.tokenizer and not args.train_tokenizer:
         raise ValueError("give --tokenizer MODEL (a model whose tokenizer to use) or --train-tokenizer VOCAB")
@@ -524,8 +524,8 @@ def _run_config(args, cls):
 def cmd_train(args) -> int:
     import torch
 
-    from .config import TrainConfig
-    from .train import train
+    from ..model.config import TrainConfig
+    from ..train.loop import train
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -538,8 +538,8 @@ def cmd_train(args) -> int:
 def cmd_finetune(args) -> int:
     import torch
 
-    from .config import FinetuneConfig
-    from .finetune import finetune
+    from ..model.config import FinetuneConfig
+    from ..train.finetune import finetune
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -553,16 +553,16 @@ def cmd_finetune(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from .export import ExportError, export_gguf, export_hf
-    from .lora import lora_kept
-    from .restore import load_for_export
-    from .lora import lora_layers, merge_lora, save_adapter
-    from .store import resolve_model
+    from ..formats.export import ExportError, export_gguf, export_hf
+    from ..train.lora import lora_kept
+    from ..train.restore import load_for_export
+    from ..train.lora import lora_layers, merge_lora, save_adapter
+    from ..formats.store import resolve_model
 
     if args.to != "executorch" and (args.max_seq_len is not None or args.max_memory is not None):
         raise ValueError("--max-seq-len and --max-memory are for --to executorch")
     if args.to == "executorch":
-        from .ondevice import DTYPES, require_executorch
+        from ..ondevice.executorch import DTYPES, require_executorch
 
         if (args.dtype or "fp32") not in DTYPES:
             raise ValueError(f"--to executorch takes --dtype {', '.join(DTYPES)}, not {args.dtype!r}")
@@ -583,8 +583,8 @@ def cmd_export(args) -> int:
                  "export as q8_0 (or f16) to keep what was learned"), file=sys.stderr)
     merge_lora(model)
     if args.to == "executorch":
-        from .ondevice import export_executorch
-        from .prompt_cache import parse_size
+        from ..ondevice.executorch import export_executorch
+        from ..generation.prompt_cache import parse_size
 
         start = time.perf_counter()
         path = export_executorch(model, tokenizer, args.out, args.dtype, args.max_seq_len,
@@ -606,7 +606,7 @@ def cmd_export(args) -> int:
 def cmd_eval(args) -> int:
     from pathlib import Path
 
-    from .evaluate import multiple_choice, perplexity, read_tasks
+    from ..eval.scoring import multiple_choice, perplexity, read_tasks
 
     lm = _load(args)
     if args.kind == "perplexity":
@@ -616,7 +616,7 @@ def cmd_eval(args) -> int:
                             device=args.device)
         result["file"] = args.file
     else:
-        tasks = args.tasks or str(Path(__file__).parent / "tasks" / "basic_facts.jsonl")
+        tasks = args.tasks or str(Path(__file__).parent.parent / "eval" / "tasks" / "basic_facts.jsonl")
         items = read_tasks(tasks)[:args.limit]
         result = {"tasks": tasks, **multiple_choice(lm.model, lm.tokenizer, items, device=args.device)}
     result["model"] = str(lm.path)
@@ -633,7 +633,7 @@ def cmd_eval(args) -> int:
 
 def cmd_lm_eval(args) -> int:
     try:
-        from .harness import main as harness_main
+        from ..eval.harness import main as harness_main
     except ImportError as e:
         raise ImportError(f"llamalite lm-eval needs lm-evaluation-harness ({e}): pip install lm-eval") from None
     return harness_main(args.args)
@@ -697,7 +697,7 @@ def _prompt_cache(args, lm):
         return None
     from pathlib import Path
 
-    from .prompt_cache import PromptCache, fingerprint, model_key
+    from ..generation.prompt_cache import PromptCache, fingerprint, model_key
 
     extra = [fingerprint(Path(args.lora))] if getattr(args, "lora", None) else []  # the adapter's keys and values
     return PromptCache(args.prompt_cache, model_key(lm, *extra), size)
@@ -705,7 +705,7 @@ def _prompt_cache(args, lm):
 
 def _prompt_cache_size(args) -> int:
     """--prompt-cache-size in bytes, checked with the flags it goes with before any model loads."""
-    from .prompt_cache import DEFAULT_SIZE, parse_size
+    from ..generation.prompt_cache import DEFAULT_SIZE, parse_size
 
     if args.prompt_cache_size is not None and not args.prompt_cache:
         raise ValueError("--prompt-cache-size needs --prompt-cache DIR")
@@ -740,7 +740,7 @@ def _speculation(args, lm):
 def _drafting(args, lm):
     """The speculative.Drafting asked for with --draft-model or --lookup (and their settings), or None;
     a draft model is loaded here, for `lm`."""
-    from .speculative import DRAFT_P_MIN, DraftModel, Drafting, PromptLookup, default_draft_max
+    from ..generation.speculative import DRAFT_P_MIN, DraftModel, Drafting, PromptLookup, default_draft_max
 
     tuning = [f for f in ("draft_max", "draft_min", "draft_p_min") if getattr(args, f, None) is not None]
     if not args.draft_model and args.lookup is None:
@@ -760,8 +760,8 @@ def _drafting(args, lm):
         drafter = PromptLookup(args.lookup)  # its checks; the engine makes one for each request
         draft_model = None
     else:
-        from .backends import load
-        from .store import resolve_model
+        from ..backends import load
+        from ..formats.store import resolve_model
 
         p_min = DRAFT_P_MIN if args.draft_p_min is None else args.draft_p_min
         if not 0 <= p_min <= 1:
@@ -922,13 +922,13 @@ def _run_args(p, cls):
 
 
 def _train_args(p):
-    from .config import TrainConfig
+    from ..model.config import TrainConfig
 
     _run_args(p, TrainConfig)
 
 
 def _finetune_args(p):
-    from .config import FinetuneConfig
+    from ..model.config import FinetuneConfig
 
     _run_args(p, FinetuneConfig)
 
@@ -990,7 +990,7 @@ VERBS: dict[str, tuple[Callable[[Any], int], str, Callable[[argparse.ArgumentPar
 }
 
 
-# Verbs that run split over torchrun's processes (llamalite.parallel); train and finetune use torchrun for
+# Verbs that run split over torchrun's processes (llamalite.distributed.parallel); train and finetune use torchrun for
 # data parallelism instead.
 TENSOR_PARALLEL = ("generate", "chat", "eval", "serve", "bench")
 _SINGLE_PROCESS = ("embed", "tokenize", "info", "export", "prepare", "pull", "list")

@@ -18,9 +18,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from .adapters import adapted
-from .kernels.blocks import BLOCK, dequantize as dequantize_reference
-from .kernels.ops import KERNEL_TYPES, kernels_available, register_fake, simd_path
-from .model import Attention, FeedForward, RMSNorm, Transformer, TransformerBlock
+from ..kernels.blocks import BLOCK, dequantize as dequantize_reference
+from ..kernels.ops import KERNEL_TYPES, kernels_available, register_fake, simd_path
+from ..model.transformer import Attention, FeedForward, RMSNorm, Transformer, TransformerBlock
 
 # Without the int16 GEMM (no AVX-512 VNNI), more rows than GEMV_MAX_ROWS of these run on the dot
 # products, eight rows a pass, not fp32 tiles: Q6_K's tiles were 1.15x faster on a 128-token SmolLM2

@@ -17,7 +17,7 @@ import torch.utils.checkpoint
 from torch import nn
 
 from .config import ModelConfig, RopeScaling
-from .kernels.ops import kernels_available
+from ..kernels.ops import kernels_available
 
 
 class RMSNorm(nn.Module):

@@ -26,12 +26,12 @@ from typing import TYPE_CHECKING, Sequence
 
 import torch
 
-from .generation import CACHE_ROUND, common_prefix, prefill_from
+from .tokens import CACHE_ROUND, common_prefix, prefill_from
 from .sampling import SamplingParams, distribution, sample
 
 if TYPE_CHECKING:
-    from .model import Transformer
-    from .tokenizer import Tokenizer
+    from ..model.transformer import Transformer
+    from ..text.tokenizer import Tokenizer
 
 DRAFT_MAX = 7  # with the one token that is known, 8 rows: the kernels' one-token products up to GEMV_MAX_ROWS
 DRAFT_P_MIN = 0.0  # off: a draft model's own top probability, below which greedy drafting stops (see --draft-p-min)

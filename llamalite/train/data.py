@@ -23,7 +23,7 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
-from .tokenizer import Tokenizer
+from ..text.tokenizer import Tokenizer
 
 INDEX_VERSION = 1
 PIECE_CHARS = 1 << 16  # text is tokenized in pieces of about this many characters
@@ -104,7 +104,7 @@ def train_tokenizer(files: Sequence[Path], vocab_size: int, out: Path) -> Tokeni
     with <s> and </s> as BOS and EOS."""
     from tokenizers import Tokenizer as HFTokenizer, decoders, models, pre_tokenizers, processors, trainers
 
-    from .tokenizer import tokenizer_from_hf_dir
+    from ..text.tokenizer import tokenizer_from_hf_dir
 
     if vocab_size < 300:
         raise DataError(f"a byte-level BPE needs a vocabulary of at least 300 (256 bytes + specials), got {vocab_size}")
@@ -168,7 +168,7 @@ def prepare(inputs: Sequence[str | Path], tokenizer: Tokenizer | None, out: str 
     elif tokenizer is None:
         raise DataError("give a tokenizer (--tokenizer MODEL) or train one on the corpus (--train-tokenizer VOCAB)")
     else:
-        from .tokenizer import save_tokenizer
+        from ..text.tokenizer import save_tokenizer
 
         source = "given"
         save_tokenizer(tokenizer, out)  # training and export find it here

@@ -116,7 +116,7 @@ def test_a_model_that_fails_to_load_is_a_503_and_the_rest_serve(files):
 
 
 def test_the_command_line_names_models(files):
-    from llamalite.cli.main import _served_models
+    from llamalite.cli.serve import served_models as _served_models
 
     def parse(*models, name=None):
         return _served_models(argparse.Namespace(model=list(models), model_name=name))
@@ -131,7 +131,7 @@ def test_the_command_line_names_models(files):
 
 
 def test_the_command_line_names_adapters(files, tmp_path):
-    from llamalite.cli.main import _served_adapters
+    from llamalite.cli.serve import served_adapters as _served_adapters
 
     models = {"alpha": files["alpha"], "beta": files["beta"]}
 

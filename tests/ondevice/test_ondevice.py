@@ -194,7 +194,7 @@ def test_the_tokenizer_files_read_alike_on_a_device(tmp_path):
     from llamalite.ondevice.executorch import _device_tokenizer_differs, _write_tokenizer
     from llamalite.formats.store import default_model_path
 
-    vocab = Path(__file__).parent / "fixtures" / "vocab"
+    vocab = Path(__file__).parent.parent / "fixtures" / "vocab"
     for name in ("llama-spm", "falcon"):
         (tmp_path / f"{name}.gguf").write_bytes(lzma.decompress((vocab / f"ggml-vocab-{name}.gguf.xz").read_bytes()))
     sources = {"default": default_model_path(), "gpt2": write_gguf(tmp_path / "g.gguf", *_tiny_weights()),

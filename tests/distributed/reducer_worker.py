@@ -1,7 +1,7 @@
-"""Run by tests/test_parallel.py as each rank of a group: the kernels' all-reduce (parallel.reducer).
+"""Run by tests/distributed/test_parallel.py as each rank of a group: the kernels' all-reduce (parallel.reducer).
 
-    python tests/reducer_worker.py sum OUT        every rank sums a small and a large (chunked) tensor
-    python tests/reducer_worker.py exit|stall T   rank 1 exits, or never arrives; rank 0 (timeout T s)
+    python tests/distributed/reducer_worker.py sum OUT        every rank sums a small and a large (chunked) tensor
+    python tests/distributed/reducer_worker.py exit|stall T   rank 1 exits, or never arrives; rank 0 (timeout T s)
                                                   prints how long it waited and the error it got
 """
 

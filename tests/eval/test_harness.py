@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-TASKS = Path(__file__).parent.parent / "llamalite" / "eval" / "tasks" / "basic_facts.jsonl"
+TASKS = Path(__file__).parent.parent.parent / "llamalite" / "eval" / "tasks" / "basic_facts.jsonl"
 
 
 def _task_dir(tmp_path: Path) -> Path:

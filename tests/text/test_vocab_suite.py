@@ -12,7 +12,7 @@ import pytest
 
 from llamalite.formats.load import ModelFileError, load, load_tokenizer
 
-SUITE = Path(__file__).parent / "fixtures" / "vocab"
+SUITE = Path(__file__).parent.parent / "fixtures" / "vocab"
 SEP = "\n__ggml_vocab_test__\n"
 SUPPORTED = ["deepseek-coder", "deepseek-llm", "falcon", "gpt-2", "llama-spm", "mpt", "phi-3", "refact", "starcoder"]
 UNSUPPORTED = {"bert-bge": "WordPiece, BERT's"}

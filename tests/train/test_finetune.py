@@ -18,7 +18,7 @@ from llamalite.generation.tokens import generate
 from llamalite.generation.sampling import SamplingParams
 from tests.helpers import save_hf_dir, tiny_hf_model
 
-PEMBERTON = Path(__file__).parent.parent / "examples" / "finetune" / "pemberton.jsonl"
+PEMBERTON = Path(__file__).parent.parent.parent / "examples" / "finetune" / "pemberton.jsonl"
 CHAT = {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Capital of France?"},
                      {"role": "assistant", "content": "Paris."}, {"role": "user", "content": "And of Italy?"},
                      {"role": "assistant", "content": "Rome."}]}

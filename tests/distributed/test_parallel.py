@@ -16,7 +16,7 @@ from llamalite.model.config import ModelConfig
 from llamalite.distributed.parallel import ParallelError, Shard, Split
 from tests.helpers import meta_weights_from_hf, tiny_hf_model, write_gguf
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parent.parent.parent
 CFG = ModelConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=400, hidden_dim=160, context_length=256)
 
 
@@ -57,10 +57,10 @@ def _runs(tmp_path, files, n, *flags):
     one.mkdir()
     split.mkdir()
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    done = subprocess.run([sys.executable, "tests/parallel_worker.py", str(one), *map(str, files)], cwd=ROOT, env=env,
+    done = subprocess.run([sys.executable, "tests/distributed/parallel_worker.py", str(one), *map(str, files)], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
-    done = _torchrun(n, "tests/parallel_worker.py", *flags, str(split), *map(str, files))
+    done = _torchrun(n, "tests/distributed/parallel_worker.py", *flags, str(split), *map(str, files))
     assert done.returncode == 0, done.stderr[-3000:]
     return {Path(f).stem: (torch.load(one / f"{Path(f).stem}-0.pt"),
                            [torch.load(split / f"{Path(f).stem}-{r}.pt") for r in range(n)]) for f in files}
@@ -178,7 +178,7 @@ def test_the_kernels_all_reduce(tmp_path, n, reduce, expect, monkeypatch):
     holds the same bits), or through the process group where told to (as across machines); a tensor
     larger than a slot is summed in pieces."""
     monkeypatch.setenv("LLAMALITE_TP_REDUCE", reduce)
-    done = _torchrun(n, "tests/reducer_worker.py", "sum", str(tmp_path), timeout=120)
+    done = _torchrun(n, "tests/distributed/reducer_worker.py", "sum", str(tmp_path), timeout=120)
     assert done.returncode == 0, done.stderr[-3000:]
     ranks = [torch.load(tmp_path / f"{r}.pt") for r in range(n)]
     parts = ranks[0]["parts"]
@@ -208,7 +208,7 @@ def test_a_rank_that_is_gone_or_stuck_stops_the_others(mode, expect):
     for rank in range(2):
         env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "MASTER_ADDR": "127.0.0.1",
                "MASTER_PORT": str(port), "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2"}
-        procs.append(subprocess.Popen([sys.executable, "tests/reducer_worker.py", mode, "2"], env=env, cwd=ROOT,
+        procs.append(subprocess.Popen([sys.executable, "tests/distributed/reducer_worker.py", mode, "2"], env=env, cwd=ROOT,
                                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
     try:
         out, err = procs[0].communicate(timeout=120)  # rank 1 is not reaped meanwhile: a zombie counts as gone

@@ -8,7 +8,7 @@ from llamalite.text.tokenizer import (LLAMA3_PATTERN, llama3_special_tokens, tok
                                  tokenizer_from_hf_dir, tokenizer_from_model_file)
 from tests.helpers import CORPUS, bpe_vocab_and_merges, train_bytelevel_bpe, train_sentencepiece
 
-FIXTURES = Path(__file__).parent / "fixtures"
+FIXTURES = Path(__file__).parent.parent / "fixtures"
 SAMPLES = json.loads((FIXTURES / "tokenizer_samples.json").read_text())
 
 

@@ -1,9 +1,9 @@
-"""Run by tests/test_parallel.py, in one process or as each rank under torchrun (split by heads, or with
+"""Run by tests/distributed/test_parallel.py, in one process or as each rank under torchrun (split by heads, or with
 --pp by layers): for every GGUF file given, the logits of a full forward, of a cached prefill and one
 decode step, 16 greedy tokens, the last hidden states, what this process holds (bytes of layer
 weights, peak RSS), whether its decode step is the kernels' one call, and how its all-reduces travel, saved to OUT/<file stem>-<rank>.pt.
 
-    python tests/parallel_worker.py [--pp] OUT FILE...
+    python tests/distributed/parallel_worker.py [--pp] OUT FILE...
 """
 
 import resource

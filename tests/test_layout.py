@@ -67,3 +67,13 @@ def test_no_private_name_crosses_a_module():
     private = [f"{m}:{line} imports {target}.{name}" for m, edges in _imports(_modules()).items()
                for target, name, line in edges if name.startswith("_") and not name.startswith("__")]
     assert not private, "\n".join(private)
+
+
+def test_no_module_over_800_lines_and_few_at_the_top():
+    """Files are split by concern before they grow past twice a module's natural size, and the package's top
+    holds its face, __main__ and the backend choice, not the modules themselves (C++ is not counted)."""
+    long = [f"{p.relative_to(PACKAGE.parent)} {n}" for p in PACKAGE.rglob("*.py")
+            if (n := len(p.read_text().splitlines())) > 800]
+    assert not long, long
+    top = [p.name for p in PACKAGE.glob("*.py") if p.name not in ("__init__.py", "__main__.py")]
+    assert len(top) <= 10, top

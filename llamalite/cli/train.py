@@ -28,7 +28,7 @@ def cmd_prepare(args) -> int:
 def cmd_train(args) -> int:
     import torch
 
-    from ..model.config import TrainConfig
+    from ..train.config import TrainConfig
     from ..train.loop import train
 
     if args.threads:
@@ -42,7 +42,7 @@ def cmd_train(args) -> int:
 def cmd_finetune(args) -> int:
     import torch
 
-    from ..model.config import FinetuneConfig
+    from ..train.config import FinetuneConfig
     from ..train.finetune import finetune
 
     if args.threads:
@@ -117,13 +117,13 @@ def prepare_flags(p):
 
 
 def train_flags(p):
-    from ..model.config import TrainConfig
+    from ..train.config import TrainConfig
 
     run_flags(p, TrainConfig)
 
 
 def finetune_flags(p):
-    from ..model.config import FinetuneConfig
+    from ..train.config import FinetuneConfig
 
     run_flags(p, FinetuneConfig)
 

@@ -27,10 +27,10 @@ from typing import Any, Sequence
 
 import torch
 
-from ..model.config import FinetuneConfig
-from .data import DataError, read_jsonl
 from ..text.tokenizer import Tokenizer
-from .loop import Job, TrainError, check_memory, check_sizes, setup_distributed, draw, estimate_memory, run
+from .config import FinetuneConfig
+from .data import DataError, read_jsonl
+from .loop import Job, TrainError, check_memory, check_sizes, draw, estimate_memory, run, setup_distributed
 
 IGNORE = -100  # the target of a position whose next token is not learned
 

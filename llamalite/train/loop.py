@@ -27,10 +27,11 @@ from typing import Callable, Iterable
 import torch
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
-from ..model.config import ModelConfig, TrainConfig
-from .data import DataError, TokenData
 from ..formats.checkpoint import CHECKPOINT_VERSION, atomic_write, checkpoints_in, load_latest_checkpoint, save_checkpoint
+from ..model.config import ModelConfig
 from ..model.transformer import Transformer, cross_entropy_loss
+from .config import TrainConfig
+from .data import DataError, TokenData
 
 
 class TrainError(ValueError):

@@ -10,7 +10,8 @@ import torch
 
 from llamalite.runtime.adapters import AdapterSet
 from llamalite.formats.adapters import AdapterError, read_adapter
-from llamalite.model.config import FinetuneConfig, ModelConfig
+from llamalite.model.config import ModelConfig
+from llamalite.train.config import FinetuneConfig
 from llamalite.formats.load import load
 from llamalite.train.lora import apply_lora, lora_layers, merge_lora, save_adapter
 from llamalite.kernels.ops import kernels_available

@@ -11,7 +11,7 @@ import torch
 
 from llamalite.text.chat_template import render_chat
 from llamalite.cli.main import main
-from llamalite.model.config import FinetuneConfig
+from llamalite.train.config import FinetuneConfig
 from llamalite.train.data import DataError
 from llamalite.train.finetune import collate, encode_record, finetune, load_finetuned, read_records
 from llamalite.generation.tokens import generate

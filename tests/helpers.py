@@ -106,7 +106,7 @@ def write_gguf(path: Path, weights: dict[str, np.ndarray], cfg, tensor_type: str
     from gguf import GGMLQuantizationType as T
 
     from llamalite.formats.export import gguf_add_config
-    from llamalite.formats.load import meta_to_gguf_name
+    from llamalite.formats.gguf import meta_to_gguf_name
 
     w = gguf.GGUFWriter(str(path), "llama")
     gguf_add_config(w, cfg)
@@ -146,7 +146,7 @@ def write_gguf(path: Path, weights: dict[str, np.ndarray], cfg, tensor_type: str
 def meta_weights_from_hf(model) -> dict[str, torch.Tensor]:
     """An HF model's weights under Meta's names and RoPE layout (what GGUF and consolidated.pth hold)."""
     from llamalite.formats.layout import unpermute_rope
-    from llamalite.formats.load import hf_to_meta_name
+    from llamalite.formats.hf import hf_to_meta_name
 
     cfg = model.config
     out = {}

@@ -194,7 +194,7 @@ def test_the_verbs_on_a_qwen3_gguf(models, tmp_path):
 
 
 def test_what_is_not_supported_says_so(tmp_path):
-    from llamalite.model.config import config_from_hf
+    from llamalite.formats.hf import config_from_hf
 
     with pytest.raises(ValueError, match="model_type 'gemma'.*llama, mistral, qwen2, qwen3, phi3"):
         config_from_hf({"model_type": "gemma"})

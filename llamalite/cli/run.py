@@ -146,7 +146,8 @@ def cmd_tokenize(args) -> int:
 
 def cmd_info(args) -> int:
     from ..backends import load
-    from ..formats.load import gguf_vocab_only, load_tokenizer
+    from ..formats.load import load_tokenizer
+    from ..formats.gguf import gguf_vocab_only
     from ..runtime.quantized import count_parameters
     from ..kernels.ops import simd_path
     from ..formats.store import resolve_model

@@ -11,7 +11,8 @@ import torch
 
 from ..model.config import ModelConfig
 from ..kernels.blocks import BLOCK
-from ..formats.load import LoadedModel, load_gguf, place
+from ..formats.load import LoadedModel, place
+from ..formats.gguf import load_gguf
 from .parallel import ParallelError, Shard, Split, Stages, check_same, parallelize, pipeline as stage
 
 

@@ -17,7 +17,8 @@ import torch
 
 from ..model.config import ModelConfig
 from .layout import NEOX_FAMILIES, family_tensors
-from .load import meta_to_gguf_name, meta_to_hf_name
+from .gguf import meta_to_gguf_name
+from .hf import meta_to_hf_name
 
 DTYPES = ("f32", "f16", "q8_0", "q4_1", "q4_0")
 QUANT_TYPES = {"q8_0": "Q8_0", "q4_1": "Q4_1", "q4_0": "Q4_0"}  # export dtype -> GGML block type

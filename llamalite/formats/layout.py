@@ -9,6 +9,8 @@ file's tensors into Meta's layout (`unpermute_rope`, `family_layout`); writers t
 
 from __future__ import annotations
 
+from typing import Mapping
+
 import torch
 
 from ..model.config import ModelConfig
@@ -95,3 +97,13 @@ def permute_rope(w: torch.Tensor, n_heads: int) -> torch.Tensor:
     """Meta's interleaved q/k rows -> HF's half-split layout (the inverse of unpermute_rope)."""
     out_dim, in_dim = w.shape
     return w.view(n_heads, out_dim // n_heads // 2, 2, in_dim).transpose(1, 2).reshape(out_dim, in_dim)
+
+
+def reverse_name(name: str, top: Mapping[str, str], layer: Mapping[str, str], fmt: str) -> str:
+    """A Meta name under another format's tables (format name -> Meta name), read backwards."""
+    for theirs, ours in top.items():
+        if ours == name:
+            return theirs
+    _, i, rest = name.split(".", 2)
+    ours, kind = rest.rsplit(".", 1)
+    return fmt.format(i=i, name=next(theirs for theirs, o in layer.items() if o == ours), kind=kind)

@@ -18,7 +18,7 @@ from torch import nn
 
 from ..formats.export import QUANT_TYPES
 from ..formats.layout import permute_rope
-from ..formats.load import meta_to_hf_name
+from ..formats.hf import meta_to_hf_name
 from ..model.transformer import LINEAR_PARENTS
 
 

@@ -6,7 +6,9 @@ import torch
 from gguf import GGMLQuantizationType, GGUFReader, quants as gq
 
 from llamalite.model.config import ModelConfig
-from llamalite.formats.load import ModelFileError, build_model, gguf_to_meta_name, load
+from llamalite.formats.load import ModelFileError, load
+from llamalite.formats.build import build_model
+from llamalite.formats.gguf import gguf_to_meta_name
 from llamalite.runtime.quantized import REQUANT_TYPES, QuantEmbedding, QuantLinear, dequantize_rows
 from llamalite.kernels.blocks import SUPPORTED
 from tests.helpers import meta_weights_from_hf, tiny_hf_model, write_gguf
@@ -177,7 +179,7 @@ def test_quantized_decode_steps_match_a_full_forward(tmp_path):
 def test_our_faster_metadata_parse_reads_what_the_gguf_package_reads(default_model_file, tmp_path):
     """open_gguf parses arrays of numbers as one view and strings as memoryview slices: every field's
     contents, and every tensor's name, type, shape and bytes, as the gguf package's own reader has them."""
-    from llamalite.formats.load import gguf_metadata, open_gguf
+    from llamalite.formats.gguf import gguf_metadata, open_gguf
 
     for path in (default_model_file, write_gguf(tmp_path / "tiny.gguf", {k: v.numpy() for k, v in
                                                  meta_weights_from_hf(tiny_hf_model()).items()},

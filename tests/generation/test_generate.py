@@ -3,7 +3,7 @@ import torch
 
 from llamalite.model.config import ModelConfig
 from llamalite.generation.tokens import ContextLengthError, Completion, fit_prompt, generate, stream_text
-from llamalite.formats.load import build_model
+from llamalite.formats.build import build_model
 from llamalite.generation.sampling import GREEDY, SamplingParams, apply_penalties, filter_logits, sample
 from tests.helpers import meta_weights_from_hf, tiny_hf_model
 

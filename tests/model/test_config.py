@@ -3,7 +3,11 @@ import json
 import pytest
 import torch
 
-from llamalite.model.config import PRESETS, ModelConfig, config_from_hf, config_from_meta
+from llamalite.model.config import PRESETS, ModelConfig
+
+from llamalite.formats.hf import config_from_hf
+
+from llamalite.formats.meta import config_from_meta
 from llamalite.model.transformer import Transformer
 
 # Published parameter counts (papers, model cards) in billions; the tolerance covers their rounding.

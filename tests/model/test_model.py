@@ -3,7 +3,9 @@ import json
 import pytest
 import torch
 
-from llamalite.formats.load import ModelFileError, build_model, load
+from llamalite.formats.load import ModelFileError, load
+
+from llamalite.formats.build import build_model
 from llamalite.model.config import ModelConfig
 from llamalite.model.transformer import Transformer
 from tests.helpers import meta_weights_from_hf, save_hf_dir, tiny_hf_model, train_sentencepiece

@@ -60,7 +60,7 @@ def test_streaming_decode_never_breaks_utf8(default_lm):
 
 def test_gguf_bpe_matches_tokenizers_library(tmp_path):
     from llamalite.model.config import ModelConfig
-    from llamalite.formats.load import gguf_metadata, open_gguf
+    from llamalite.formats.gguf import gguf_metadata, open_gguf
     from tests.helpers import write_gguf
 
     hf = train_bytelevel_bpe()

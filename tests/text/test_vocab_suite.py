@@ -86,7 +86,7 @@ def test_pre_tokenizer_names(tmp_path):
 
 def _tokenizer_fields(path) -> dict:
     """A GGUF file's tokenizer.ggml.* keys (the gguf package's reader, with llamalite's faster parse)."""
-    from llamalite.formats.load import gguf_metadata, open_gguf
+    from llamalite.formats.gguf import gguf_metadata, open_gguf
 
     return {k: v for k, v in gguf_metadata(open_gguf(path)).items() if k.startswith("tokenizer.ggml.")}
 

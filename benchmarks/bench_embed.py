@@ -3,8 +3,9 @@
     python benchmarks/bench_embed.py [--threads 2] [--repeats 5] [--words 24]
 
 Each input is a sentence of about --words words (distinct sentences, so no two are the same length by
-accident); a batch goes through `llamalite.generation.embed.embed_ids` in one call (one forward where it fits), on
-this process's thread. Medians of --repeats, with min and max.
+accident); a batch goes through `llamalite.generation.embed.embed_ids` in one call, which runs each input as its
+own forward (so a text's vector is the same whatever else is asked with it), on this process's thread. Medians of
+--repeats, with min and max.
 """
 
 from __future__ import annotations

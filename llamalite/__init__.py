@@ -10,9 +10,12 @@ def __getattr__(name: str):
     if name == "load":
         from .backends import load
         return load
-    if name in ("generate", "stream_text"):
-        from .generation import tokens as g
-        return getattr(g, name)
+    if name == "generate":
+        from .generation.tokens import generate
+        return generate
+    if name == "stream_text":
+        from .generation.stream import stream_text
+        return stream_text
     if name == "SamplingParams":
         from .generation.sampling import SamplingParams
         return SamplingParams

@@ -40,7 +40,7 @@ def open_model(args):
         adapters = AdapterSet(lm.model)
         adapters.route_all(adapters.add("lora", read_adapter(args.lora, lm.model.config, lm.path)))
     if getattr(args, "compile", False):
-        from ..generation.tokens import compile_decode
+        from ..generation.steps import compile_decode
 
         compile_decode(lm.model)
     return lm

@@ -14,7 +14,8 @@ from .options import (add_model_flags, generator_for, grammar_flags, grammar_fro
 
 def cmd_generate(args) -> int:
     from ..text.chat_template import encode_chat
-    from ..generation.tokens import generate, stream_text
+    from ..generation.tokens import generate
+    from ..generation.stream import stream_text
 
     prompt_cache_size(args)
     lm = open_model(args)
@@ -73,7 +74,9 @@ def cmd_chat(args) -> int:
 
 def chat_loop(args, lm, cache=None, speculation=None) -> int:
     from ..text.chat_template import encode_chat
-    from ..generation.tokens import ContextLengthError, generate, stream_text
+    from ..generation.tokens import generate
+    from ..generation.steps import ContextLengthError
+    from ..generation.stream import stream_text
 
     interactive = sys.stdin.isatty()
     if interactive:

@@ -85,7 +85,7 @@ def cmd_serve(args) -> int:
             lm = load(path, device=args.device, kv_type=args.kv_type)
             refuse_for_program(args, lm)
             if getattr(args, "compile", False):
-                from ..generation.tokens import compile_decode
+                from ..generation.steps import compile_decode
 
                 compile_decode(lm.model)
             return lm

@@ -38,7 +38,8 @@ def run_bench(model_path: Path, prompt_tokens: int = 128, gen_tokens: int = 128,
     speculative and the result says how many drafted tokens were accepted, over all runs. Split
     over torchrun's ranks (`shard`, parallel.Shard; `pipeline` for stages), every rank runs the same and
     the result also lists each rank's peak RSS and the share of its decode spent in all-reduces."""
-    from ..generation.tokens import compile_decode, generate, prefill
+    from ..generation.tokens import generate
+    from ..generation.steps import compile_decode, prefill
     from ..backends import load
     from ..distributed.parallel import Collectives
     from ..kernels.ops import simd_path

@@ -99,7 +99,8 @@ class LlamaliteLM(TemplateLM):
         return out
 
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
-        from ..generation.tokens import generate, stream_text
+        from ..generation.tokens import generate
+        from ..generation.stream import stream_text
         from ..generation.sampling import SamplingParams
 
         out = []

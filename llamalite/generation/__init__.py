@@ -6,8 +6,8 @@ import importlib
 
 # name -> the module that defines it: loaded on first use, so that importing one submodule (the CLI's
 # --help reads model.config) does not import its neighbours (torch among them)
-_WHERE = {"ContextLengthError": "tokens", "GREEDY": "sampling", "SamplingParams": "sampling", "generate": "tokens",
-          "stream_text": "tokens"}
+_WHERE = {"ContextLengthError": "steps", "GREEDY": "sampling", "SamplingParams": "sampling", "TextStream": "stream",
+          "generate": "tokens", "stream_text": "stream"}
 __all__ = sorted(_WHERE)
 
 

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Sequence
 
 import torch
 
-from .tokens import CACHE_ROUND, common_prefix, prefill_from
+from .steps import CACHE_ROUND, common_prefix, prefill_from
 from .sampling import SamplingParams, distribution, sample
 
 if TYPE_CHECKING:

@@ -14,7 +14,9 @@ from typing import TYPE_CHECKING, Any, AsyncIterator, Callable
 
 from fastapi.responses import Response, StreamingResponse
 
-from ..generation.tokens import ContextLengthError, TextStream
+from ..generation.steps import ContextLengthError
+
+from ..generation.stream import TextStream
 from ..formats.loaded import LoadedModel
 from ..generation.sampling import SamplingParams
 from .engine import Engine, EngineClosed, PromptEvent, Request as EngineRequest, Runner, TokenEvent

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Callable, Iterator, Sequence
 
 import torch
 
-from ..generation.tokens import PREFILL_CHUNK, ContextLengthError, common_prefix, shift_context
+from ..generation.steps import PREFILL_CHUNK, ContextLengthError, common_prefix, shift_context
 from ..model.transformer import Transformer
 from ..generation.sampling import GREEDY, SamplingParams, choose
 

@@ -119,7 +119,8 @@ def test_the_server_shifts_each_slot_on_its_own(short_context_model):
     """`serve --context-shift`: a request whose max_tokens outgrows its slot is accepted, and decoded
     next to another request in the batch, each slot shifting on its own, it gives what generate gives;
     without the flag the same request is refused with the context's size."""
-    from llamalite.generation.tokens import ContextLengthError, generate
+    from llamalite.generation.tokens import generate
+    from llamalite.generation.steps import ContextLengthError
     from llamalite.formats.load import load
     from llamalite.generation.sampling import GREEDY
     from llamalite.serve.engine import Engine, Request, TokenEvent

@@ -2,7 +2,9 @@ import pytest
 import torch
 
 from llamalite.model.config import ModelConfig
-from llamalite.generation.tokens import ContextLengthError, Completion, fit_prompt, generate, stream_text
+from llamalite.generation.tokens import generate
+from llamalite.generation.steps import ContextLengthError, fit_prompt
+from llamalite.generation.stream import Completion, stream_text
 from llamalite.formats.build import build_model
 from llamalite.generation.sampling import GREEDY, SamplingParams, apply_penalties, filter_logits, sample
 from tests.helpers import meta_weights_from_hf, tiny_hf_model
@@ -196,7 +198,7 @@ def test_bad_sampling_parameters_are_refused():
 
 @pytest.mark.slow
 def test_compiled_decode_step_gives_the_same_tokens():
-    from llamalite.generation.tokens import compile_decode
+    from llamalite.generation.steps import compile_decode
 
     cfg = ModelConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=400, hidden_dim=160,
                       context_length=128)

@@ -5,7 +5,8 @@ resent history reuses the cached prefix."""
 import pytest
 
 from llamalite.serve.engine import Engine, Finished, Request, TokenEvent
-from llamalite.generation.tokens import ContextLengthError, generate
+from llamalite.generation.tokens import generate
+from llamalite.generation.steps import ContextLengthError
 from llamalite.formats.load import load
 from llamalite.generation.sampling import GREEDY, SamplingParams
 from tests.helpers import save_hf_dir, tiny_hf_model

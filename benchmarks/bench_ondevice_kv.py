@@ -30,7 +30,7 @@ def main() -> None:
     from executorch.runtime import Runtime
     from llamalite.model.config import ModelConfig
     from llamalite.model.transformer import Transformer
-    from llamalite.ondevice.executorch import OnDevice, plain_copy
+    from llamalite.ondevice.export import OnDevice, plain_copy
 
     class CacheInOut(OnDevice):
         """The same program with each layer's cache given in and handed back."""

@@ -27,7 +27,7 @@ def load(path: str | Path, dtype: torch.dtype = torch.float32, device: str | tor
         kv_type_name(kv_type)  # an unknown name is refused before anything is read
     path = Path(path).expanduser()
     if path.suffix == ".pte":
-        from .ondevice.executorch import load_pte
+        from .ondevice.program import load_pte
 
         if shard is not None or torch.device(device).type != "cpu" or kv_type is not None:
             raise ValueError("an ExecuTorch program runs in one process on the CPU with the KV cache it was "

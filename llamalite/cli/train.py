@@ -66,7 +66,8 @@ def cmd_export(args) -> int:
     if args.to != "executorch" and (args.max_seq_len is not None or args.max_memory is not None):
         raise ValueError("--max-seq-len and --max-memory are for --to executorch")
     if args.to == "executorch":
-        from ..ondevice.executorch import DTYPES, require_executorch
+        from ..ondevice.export import DTYPES
+        from ..ondevice.program import require_executorch
 
         if (args.dtype or "fp32") not in DTYPES:
             raise ValueError(f"--to executorch takes --dtype {', '.join(DTYPES)}, not {args.dtype!r}")
@@ -87,7 +88,7 @@ def cmd_export(args) -> int:
                  "export as q8_0 (or f16) to keep what was learned"), file=sys.stderr)
     merge_lora(model)
     if args.to == "executorch":
-        from ..ondevice.executorch import export_executorch
+        from ..ondevice.export import export_executorch
         from ..generation.prompt_cache import parse_size
 
         start = time.perf_counter()

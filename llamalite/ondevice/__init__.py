@@ -4,7 +4,7 @@ import importlib
 
 # name -> the module that defines it: loaded on first use, so that importing one submodule (the CLI's
 # --help reads model.config) does not import its neighbours (torch among them)
-_WHERE = {"DeviceExportError": "executorch", "export_executorch": "executorch", "load_pte": "executorch"}
+_WHERE = {"DeviceExportError": "program", "export_executorch": "export", "load_pte": "program"}
 __all__ = sorted(_WHERE)
 
 

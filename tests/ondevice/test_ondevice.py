@@ -1,4 +1,4 @@
-"""ExecuTorch export (`export --to executorch`, llamalite.ondevice.executorch): the .pte program, run here through
+"""ExecuTorch export (`export --to executorch`, llamalite.ondevice.export): the .pte program, run here through
 executorch.runtime, gives the fp32 model's logits over a prompt taken in chunks and token by token (its
 KV cache is the program's state) and its greedy tokens; 8da4w programs are smaller and stay near; the
 verbs read a .pte; what cannot be exported is refused with the reason."""
@@ -22,7 +22,7 @@ IDS = [5, 17, 99, 3, 250, 77, 12, 8, 300, 41, 9, 120]
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     """A tiny random llama (sizes that divide by 32, for the grouped weights), fp32 GGUF, and its fp32 .pte."""
-    from llamalite.ondevice.executorch import export_executorch
+    from llamalite.ondevice.export import export_executorch
 
     d = tmp_path_factory.mktemp("ondevice")
     gguf = write_gguf(d / "tiny.gguf", *_tiny_weights(), tensor_type="F32")
@@ -57,7 +57,7 @@ def test_the_fp32_program_is_the_model(tiny):
 def test_a_quantized_program_is_smaller_and_near(tiny, tmp_path, dtype, source, bound):
     """8-bit dynamic activations with 4-bit grouped or 8-bit per-channel weights: within their rounding, and
     from a Q4_1 file within the activations' rounding alone (its weights come back exactly)."""
-    from llamalite.ondevice.executorch import export_executorch
+    from llamalite.ondevice.export import export_executorch
 
     gguf, pte = tiny
     if source != "F32":
@@ -77,7 +77,7 @@ def test_8da4w_takes_q4_1_weights_and_a_q8_0_table_back_exactly():
     import gguf
     from gguf import GGMLQuantizationType as Q
 
-    from llamalite.ondevice.executorch import GROUP, Int4Groups, Int8Embedding
+    from llamalite.ondevice.export import GROUP, Int4Groups, Int8Embedding
     from llamalite.kernels.blocks import dequantize
 
     w = torch.randn(48, 96) + torch.rand(48, 1)  # groups that are not centred
@@ -141,7 +141,8 @@ def test_biases_and_head_norms_export(tmp_path):
     """Qwen2's q/k/v biases and Qwen3's per-head norms (one layer with both): the 8da4w program of a random
     fp32 model stays within 4-bit rounding of it (0.034 here; leaving the norms out gives 0.11)."""
     from llamalite.model.transformer import Transformer
-    from llamalite.ondevice.executorch import PteModel, export_executorch
+    from llamalite.ondevice.export import export_executorch
+    from llamalite.ondevice.program import PteModel
 
     torch.manual_seed(0)
     cfg = ModelConfig(family="qwen3", dim=128, n_layers=1, n_heads=4, n_kv_heads=2, head_dim=32, vocab_size=400,
@@ -164,7 +165,7 @@ def test_executorchs_own_runner_runs_the_program(tmp_path):
     from executorch.extension.llm.runner import GenerationConfig, TextLLMRunner
 
     from llamalite.generation.tokens import generate
-    from llamalite.ondevice.executorch import export_executorch
+    from llamalite.ondevice.export import export_executorch
     from llamalite.generation.sampling import GREEDY
 
     tokens = [chr(c) for c in range(33, 127)] + ["Ġ", "Ċ", "<s>", "</s>"]
@@ -191,7 +192,7 @@ def test_the_tokenizer_files_read_alike_on_a_device(tmp_path):
     import lzma
 
     from llamalite.formats.load import load_tokenizer
-    from llamalite.ondevice.executorch import _device_tokenizer_differs, _write_tokenizer
+    from llamalite.ondevice.export import _device_tokenizer_differs, _write_tokenizer
     from llamalite.formats.store import default_model_path
 
     vocab = Path(__file__).parent.parent / "fixtures" / "vocab"

@@ -31,7 +31,7 @@ def worker(model: str, prompt_tokens: int, gen_tokens: int, out: Path, pipeline:
 
     from llamalite.generation.tokens import generate
     from llamalite.formats.load import load
-    from llamalite.distributed.parallel import Collectives, from_env
+    from llamalite.distributed.group import Collectives, from_env
     from llamalite.generation.sampling import GREEDY
 
     shard = from_env()

@@ -13,7 +13,7 @@ from .formats.load import LoadedModel, load as load_file
 from .model.transformer import kv_type_name
 
 if TYPE_CHECKING:
-    from .distributed.parallel import Shard
+    from .distributed.group import Shard
 
 
 def load(path: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",

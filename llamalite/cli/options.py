@@ -19,7 +19,7 @@ def open_model(args):
         torch.set_num_threads(args.threads)
     shard = None
     if args.verb in TENSOR_PARALLEL:  # under torchrun with several processes: this rank's part of the model
-        from ..distributed.parallel import from_env
+        from ..distributed.group import from_env
 
         shard = from_env()
         if shard is not None and getattr(args, "lora", None):
@@ -27,7 +27,7 @@ def open_model(args):
                              "merge it (llamalite export) and split the merged model")
     device = args.device
     if shard is not None:
-        from ..distributed.parallel import rank_device
+        from ..distributed.group import rank_device
 
         device = rank_device(device)
     lm = load(resolve_model(args.model), device=device, shard=shard, pipeline=getattr(args, "pp", False),
@@ -95,14 +95,14 @@ def generator_for(seed: int | None, every_rank: bool = True):
     gets rank 0's seed, so that they all draw the same tokens; chat samples on rank 0 alone."""
     import torch
 
-    from ..distributed.parallel import agree
+    from ..distributed.group import agree
 
     seed = seed if seed is not None else int.from_bytes(os.urandom(8), "little") >> 1
     return torch.Generator().manual_seed(agree(seed) if every_rank else seed)
 
 
 def read_prompt(text: str | None) -> str:
-    from ..distributed.parallel import agree
+    from ..distributed.group import agree
 
     if text is None or text == "-":  # stdin is rank 0's to read (torchrun gives it to rank 0 only)
         return agree(sys.stdin.read() if int(os.environ.get("RANK", "0")) == 0 else None)
@@ -276,6 +276,6 @@ def run_flags(p, cls):
             p.add_argument(flag, type=base, default=None, help=f"(default {f.default})")
 
 
-# Verbs that run split over torchrun's processes (llamalite.distributed.parallel); train and finetune use torchrun for
+# Verbs that run split over torchrun's processes (llamalite.distributed); train and finetune use torchrun for
 # data parallelism instead.
 TENSOR_PARALLEL = ("generate", "chat", "eval", "serve", "bench")

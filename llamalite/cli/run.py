@@ -59,7 +59,7 @@ def cmd_chat(args) -> int:
     # the model to the other ranks, which make the same call on theirs (as a split server does).
     import torch.distributed as dist
 
-    from ..distributed.parallel import Leader, control_group, follow
+    from ..distributed.group import Leader, control_group, follow
 
     control = control_group()
     if dist.get_rank() != 0:
@@ -224,7 +224,7 @@ def cmd_bench(args) -> int:
     from ..eval.bench import run_bench
     from ..formats.store import resolve_model
 
-    from ..distributed.parallel import from_env
+    from ..distributed.group import from_env
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -121,10 +121,10 @@ def serve_settings(args):
 
 
 def serve_split(args, models: dict) -> int:
-    """`serve` under torchrun: one model split over the ranks (llamalite.distributed.parallel). Rank 0 serves HTTP and
+    """`serve` under torchrun: one model split over the ranks (llamalite.distributed). Rank 0 serves HTTP and
     runs the batching engine, handing each forward to the other ranks, which follow."""
     from ..backends import load
-    from ..distributed.parallel import Leader, ParallelError, control_group, follow, from_env, rank_device
+    from ..distributed.group import Leader, ParallelError, control_group, follow, from_env, rank_device
     from ..serve import serve
     from ..serve.hub import Hub
 

@@ -5,7 +5,7 @@ import importlib
 
 # name -> the module that defines it: loaded on first use, so that importing one submodule (the CLI's
 # --help reads model.config) does not import its neighbours (torch among them)
-_WHERE = {"ParallelError": "parallel", "Shard": "parallel", "from_env": "parallel"}
+_WHERE = {"ParallelError": "group", "Shard": "group", "from_env": "group", "parallelize": "tensor_parallel"}
 __all__ = sorted(_WHERE)
 
 

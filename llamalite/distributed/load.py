@@ -13,7 +13,9 @@ from ..model.config import ModelConfig
 from ..kernels.blocks import BLOCK
 from ..formats.load import LoadedModel, place
 from ..formats.gguf import load_gguf
-from .parallel import ParallelError, Shard, Split, Stages, check_same, parallelize, pipeline as stage
+from .group import ParallelError, Shard, check_same
+from .pipeline import Stages, pipeline as stage
+from .tensor_parallel import Split, parallelize
 
 
 def part_of(shard: Shard, pipeline: bool):

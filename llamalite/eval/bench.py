@@ -41,7 +41,7 @@ def run_bench(model_path: Path, prompt_tokens: int = 128, gen_tokens: int = 128,
     from ..generation.tokens import generate
     from ..generation.steps import compile_decode, prefill
     from ..backends import load
-    from ..distributed.parallel import Collectives
+    from ..distributed.group import Collectives
     from ..kernels.ops import simd_path
     from ..generation.sampling import GREEDY
 
@@ -104,7 +104,7 @@ def run_bench(model_path: Path, prompt_tokens: int = 128, gen_tokens: int = 128,
                 "collective_share": statistics.median(r["collective_share"] for r in runs)}
         ranks: list = [None] * shard.world
         dist.all_gather_object(ranks, mine)
-        from ..distributed.parallel import transport
+        from ..distributed.tensor_parallel import transport
 
         result.update(split="layers" if pipeline else "heads", world=shard.world, ranks=ranks,
                       all_reduce=None if pipeline else transport())

@@ -37,7 +37,8 @@ def held_bytes(model) -> dict[str, int]:
 def main() -> None:
     from llamalite.generation.tokens import generate
     from llamalite.backends import load
-    from llamalite.distributed.parallel import from_env, transport
+    from llamalite.distributed.group import from_env
+    from llamalite.distributed.tensor_parallel import transport
     from llamalite.generation.sampling import GREEDY
 
     args = sys.argv[1:]

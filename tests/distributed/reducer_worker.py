@@ -13,7 +13,8 @@ import torch
 
 
 def main() -> None:
-    from llamalite.distributed.parallel import from_env, reducer, transport
+    from llamalite.distributed.group import from_env
+    from llamalite.distributed.tensor_parallel import reducer, transport
 
     mode, arg = sys.argv[1], sys.argv[2]
     shard = from_env()

@@ -1,4 +1,4 @@
-"""A model split over torchrun's processes (llamalite.distributed.parallel), two CPU processes over gloo, by heads
+"""A model split over torchrun's processes (llamalite.distributed), two CPU processes over gloo, by heads
 (tensor parallelism) or by layers (pipeline stages, --pp): the same logits and greedy tokens as one
 process, on tiny random models and on the default model (whose three key/value-head groups split
 2 + 1), each rank holding its share of the weights; served; the rules of the split and the errors
@@ -13,7 +13,8 @@ import pytest
 import torch
 
 from llamalite.model.config import ModelConfig
-from llamalite.distributed.parallel import ParallelError, Shard, Split
+from llamalite.distributed.group import ParallelError, Shard
+from llamalite.distributed.tensor_parallel import Split
 from tests.helpers import meta_weights_from_hf, tiny_hf_model, write_gguf
 
 ROOT = Path(__file__).resolve().parent.parent.parent
@@ -166,7 +167,7 @@ def test_what_cannot_be_split_is_refused(tiny_files, tmp_path):
     assert embed.returncode != 0 and "runs in one process" in embed.stderr
     # each machine reads its own copy of the file: copies that differ are caught at load
     script = tmp_path / "mismatch.py"
-    script.write_text("import sys\nfrom llamalite.backends import load\nfrom llamalite.distributed.parallel import from_env\n"
+    script.write_text("import sys\nfrom llamalite.backends import load\nfrom llamalite.distributed import from_env\n"
                       "shard = from_env()\nload(sys.argv[1 + shard.rank], shard=shard)\n")
     mixed = _torchrun(2, str(script), *map(str, tiny_files), timeout=120)
     assert mixed.returncode != 0 and "different model file than rank 0" in mixed.stderr

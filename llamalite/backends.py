@@ -10,7 +10,6 @@ from typing import TYPE_CHECKING
 import torch
 
 from .formats.load import LoadedModel, load as load_file
-from .model.transformer import kv_type_name
 
 if TYPE_CHECKING:
     from .distributed.group import Shard
@@ -23,8 +22,6 @@ def load(path: str | Path, dtype: torch.dtype = torch.float32, device: str | tor
     executorch.runtime; with `shard` (parallel.Shard, under torchrun), only this rank's slices of a GGUF
     file are read and the model is this rank's part of a tensor-parallel one, or with `pipeline` its
     stage of consecutive layers. `kv_type` (model.KV_TYPES) is what its KV caches hold."""
-    if kv_type is not None:
-        kv_type_name(kv_type)  # an unknown name is refused before anything is read
     path = Path(path).expanduser()
     if path.suffix == ".pte":
         from .ondevice.program import load_pte

@@ -11,6 +11,7 @@ import torch
 
 from ..model.config import ModelConfig
 from ..kernels.blocks import BLOCK
+from ..model.transformer import kv_type_name
 from ..formats.load import LoadedModel, place
 from ..formats.gguf import load_gguf
 from .group import ParallelError, Shard, check_same
@@ -37,6 +38,8 @@ def load_part(path: Path, shard: Shard, pipeline: bool = False, dtype: torch.dty
               device: str | torch.device = "cpu", quantized: bool = True, kv_type: str | None = None) -> LoadedModel:
     """This rank's part of the GGUF model at `path`: the model is this rank's part of a tensor-parallel one
     (parallel.parallelize), or with `pipeline` its stage of consecutive layers (parallel.pipeline)."""
+    if kv_type is not None:
+        kv_type_name(kv_type)  # an unknown name is refused before the weights are read
     gguf = path if path.is_file() else next(iter(sorted(path.glob("*.gguf"))), None)
     if gguf is None or not path.exists():
         raise ParallelError(f"tensor parallelism reads GGUF files (each rank its own slices of the memory map); "

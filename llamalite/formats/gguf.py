@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import gc
 import mmap
-import re
 from collections import Counter
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping
@@ -19,7 +18,7 @@ from ..model.config import GGUF_FAMILIES, ModelConfig, RopeScaling
 from ..model.transformer import rope_inv_freq
 from ..text.tokenizer import tokenizer_from_gguf
 from .build import build_model
-from .layout import NEOX_FAMILIES, family_layout, reverse_name
+from .layout import NEOX_FAMILIES, family_layout, meta_name, reverse_name
 from .loaded import LoadedModel, ModelFileError
 
 if TYPE_CHECKING:
@@ -52,12 +51,7 @@ _GGUF_LAYER_NAMES = {
 
 
 def gguf_to_meta_name(name: str) -> str | None:
-    if name in _GGUF_NAMES:
-        return _GGUF_NAMES[name]
-    m = re.fullmatch(r"blk\.(\d+)\.(\w+)\.(weight|bias)", name)
-    if m and m.group(2) in _GGUF_LAYER_NAMES:
-        return f"layers.{m.group(1)}.{_GGUF_LAYER_NAMES[m.group(2)]}.{m.group(3)}"
-    return None
+    return meta_name(name, _GGUF_NAMES, _GGUF_LAYER_NAMES, r"blk\.(\d+)\.(\w+)\.(weight|bias)")
 
 
 def meta_to_gguf_name(name: str) -> str:

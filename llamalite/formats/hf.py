@@ -4,7 +4,6 @@ tensor-name table, the config read from config.json, and the loader."""
 from __future__ import annotations
 
 import json
-import re
 from collections import Counter
 from pathlib import Path
 from typing import Any, Mapping
@@ -14,7 +13,7 @@ import torch
 from ..model.config import HF_FAMILIES, ModelConfig, RopeScaling
 from ..text.tokenizer import tokenizer_from_hf_dir
 from .build import build_model
-from .layout import family_layout, reverse_name
+from .layout import family_layout, meta_name, reverse_name
 from .loaded import LoadedModel, ModelFileError
 
 
@@ -33,12 +32,7 @@ _HF_NAMES = {"model.embed_tokens.weight": "tok_embeddings.weight", "model.norm.w
 
 
 def hf_to_meta_name(name: str) -> str | None:
-    if name in _HF_NAMES:
-        return _HF_NAMES[name]
-    m = re.fullmatch(r"model\.layers\.(\d+)\.(.+)\.(weight|bias)", name)
-    if m and m.group(2) in _HF_LAYER_NAMES:
-        return f"layers.{m.group(1)}.{_HF_LAYER_NAMES[m.group(2)]}.{m.group(3)}"
-    return None
+    return meta_name(name, _HF_NAMES, _HF_LAYER_NAMES, r"model\.layers\.(\d+)\.(.+)\.(weight|bias)")
 
 
 def meta_to_hf_name(name: str) -> str:

@@ -9,6 +9,7 @@ file's tensors into Meta's layout (`unpermute_rope`, `family_layout`); writers t
 
 from __future__ import annotations
 
+import re
 from typing import Mapping
 
 import torch
@@ -97,6 +98,17 @@ def permute_rope(w: torch.Tensor, n_heads: int) -> torch.Tensor:
     """Meta's interleaved q/k rows -> HF's half-split layout (the inverse of unpermute_rope)."""
     out_dim, in_dim = w.shape
     return w.view(n_heads, out_dim // n_heads // 2, 2, in_dim).transpose(1, 2).reshape(out_dim, in_dim)
+
+
+def meta_name(name: str, top: Mapping[str, str], layer: Mapping[str, str], pattern: str) -> str | None:
+    """The Meta name of another format's tensor `name` under its tables (format name -> Meta name); `pattern`
+    matches a layer's tensor as (index, the layer table's key, weight or bias). None: not a model tensor."""
+    if name in top:
+        return top[name]
+    m = re.fullmatch(pattern, name)
+    if m and m.group(2) in layer:
+        return f"layers.{m.group(1)}.{layer[m.group(2)]}.{m.group(3)}"
+    return None
 
 
 def reverse_name(name: str, top: Mapping[str, str], layer: Mapping[str, str], fmt: str) -> str:

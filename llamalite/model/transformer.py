@@ -50,6 +50,14 @@ def rope_inv_freq(head_dim: int, theta: float, scaling: RopeScaling | None = Non
     return torch.where(mid, (1 - smooth) * inv / scaling.factor + smooth * inv, scaled)
 
 
+def rope_rotations(positions: torch.Tensor, inv_freq: torch.Tensor) -> torch.Tensor:
+    """e^(i*angle) for each position and frequency, angle = float(position) * inv_freq, as Meta's freqs_cis:
+    (..., head_dim/2) complex. The one place these are computed: the kernels' decode step takes its table
+    from here too, so both rotate by the same values on every host."""
+    angles = positions.float()[..., None] * inv_freq
+    return torch.polar(torch.ones_like(angles), angles)
+
+
 def apply_rope(x: torch.Tensor, rot: torch.Tensor) -> torch.Tensor:
     """Rotate interleaved pairs of x (B, T, H, D), read as complex numbers, by rot = e^(i*angle),
     (T, D/2) shared by the batch or (B, T, D/2) per row."""
@@ -265,8 +273,7 @@ class Transformer(nn.Module):
             positions = input_pos
             if end > self.max_seq_len:
                 raise ValueError(f"position {end - 1} is beyond the KV cache of {self.max_seq_len} positions")
-        angles = positions.float()[..., None] * self.inv_freq  # (T, head_dim/2) or (B, T, head_dim/2)
-        rot = torch.polar(torch.ones_like(angles), angles)  # e^(i*angle), as Meta's freqs_cis
+        rot = rope_rotations(positions, self.inv_freq)  # (T, head_dim/2) or (B, T, head_dim/2)
         mask = None
         if input_pos is not None and (T > 1 or compiling or input_pos.dim() == 2):
             # With a cache, query t sits at absolute position input_pos[t] and may attend to every
@@ -287,9 +294,8 @@ class Transformer(nn.Module):
         T = tokens.shape[1]
         if T > self.config.context_length:
             raise ValueError(f"{T} tokens exceed the model's context of {self.config.context_length}")
-        angles = torch.arange(T, device=tokens.device).float()[:, None] * self.inv_freq  # (T, head_dim/2)
-        x = self.run_layers(self.tok_embeddings(tokens), torch.polar(torch.ones_like(angles), angles), None, None, T,
-                            None)
+        x = self.run_layers(self.tok_embeddings(tokens), rope_rotations(torch.arange(T, device=tokens.device),
+                                                                        self.inv_freq), None, None, T, None)
         return self.norm(x)
 
     def run_layers(self, x, rot, input_pos, mask, end, rows):

@@ -20,7 +20,7 @@ from torch import nn
 from .adapters import adapted
 from ..kernels.blocks import BLOCK, dequantize as dequantize_reference
 from ..kernels.ops import KERNEL_TYPES, kernels_available, register_fake, simd_path
-from ..model.transformer import Attention, FeedForward, RMSNorm, Transformer, TransformerBlock
+from ..model.transformer import Attention, FeedForward, RMSNorm, Transformer, TransformerBlock, rope_rotations
 
 # Without the int16 GEMM (no AVX-512 VNNI), more rows than GEMV_MAX_ROWS of these run on the dot
 # products, eight rows a pass, not fp32 tiles: Q6_K's tiles were 1.15x faster on a 128-token SmolLM2
@@ -318,8 +318,8 @@ class FastTransformer(Transformer):
             plan.set_caches([t for c in caches for t in (c.k, c.v)])
             # RoPE's rotations for every cached position, as Transformer.forward computes them, so the step
             # rotates by the same values as the layers on every host (DecodePlan::set_rope says why).
-            angles = torch.arange(self.max_seq_len).float()[..., None] * self.inv_freq
-            plan.set_rope(torch.view_as_real(torch.polar(torch.ones_like(angles), angles)).contiguous())
+            rotations = rope_rotations(torch.arange(self.max_seq_len), self.inv_freq)
+            plan.set_rope(torch.view_as_real(rotations).contiguous())
             self._caches_of = first
         return True
 

@@ -221,13 +221,13 @@ def router(hub: Hub) -> APIRouter:
             reason, sequence = stop_reason(finish, stop_string, calls)
             blocks = ([{"type": "text", "text": content}] if content or not calls else []) + [tool_block(c) for c in calls]
             return {**head, "content": blocks, "stop_reason": reason, "stop_sequence": sequence,
-                    "usage": usage_of(len(prompt), cached, generated)}
+                    "usage": _usage(len(prompt), cached, generated)}
         return await json_response(server, build)
 
     return api
 
 
-def usage_of(prompt_tokens: int, cached: int, generated: int) -> dict[str, int]:
+def _usage(prompt_tokens: int, cached: int, generated: int) -> dict[str, int]:
     """Anthropic's usage: the prompt tokens read from the cache (the KV cache's reused prefix, in memory or
     from --prompt-cache) counted apart from the ones computed, as its prompt caching counts them."""
     return {"input_tokens": prompt_tokens - cached, "cache_creation_input_tokens": 0,
@@ -268,7 +268,7 @@ async def _events(server, stream, head, input_tokens, calling, stop_reason, tool
                 index += 1
             reason, sequence = stop_reason(piece.finish_reason, piece.stop_string, calls)
             yield _event("message_delta", {"delta": {"stop_reason": reason, "stop_sequence": sequence},
-                                           "usage": usage_of(input_tokens, piece.cached_tokens, generated)})
+                                           "usage": _usage(input_tokens, piece.cached_tokens, generated)})
             yield _event("message_stop", {})
             return
     except APIError as e:  # the headers are gone: the error travels as an event, as Anthropic's does

@@ -107,9 +107,9 @@ def tool_setup(server: Server, tools: list[dict[str, Any]], mode: str, named: st
         raise APIError(400, str(e), param="tools" if tools else "messages") from None
     tools = tools if mode != "none" else []
     for k, tool in enumerate(tools):  # each parameters schema must compile: the call may be constrained to it
-        if tool["function"].get("strict") and \
-                (problem := strict_problem(tool["function"].get("parameters") or {}, "parameters")) is not None:
-            raise APIError(400, f"tools[{k}] is strict, but its {problem}", param="tools")
+        if tool["function"].get("strict"):
+            check_strict(f"function '{clip(tool['function']['name'], 64)}'", tool["function"].get("parameters") or {},
+                         "tools")
         try:
             Grammar.json_schema(server.tokenizer, tool["function"].get("parameters") or {"type": "object"})
         except GrammarError as e:
@@ -117,11 +117,12 @@ def tool_setup(server: Server, tools: list[dict[str, Any]], mode: str, named: st
     return ToolCalling(fmt, native, tools, mode in ("required", "named"), named if mode == "named" else None, parallel)
 
 
-def check_strict(name: str, schema: Any, param: str) -> None:
-    """A schema given with `strict: true` must be one as OpenAI's Structured Outputs defines (closed
-    objects, every key required); otherwise a 400 naming the place, as OpenAI answers."""
+def check_strict(what: str, schema: Any, param: str) -> None:
+    """A schema given with `strict: true` (`what` names whose: "function 'f'", "response_format 'r'") must be one
+    as OpenAI's Structured Outputs defines (closed objects, every key required); otherwise a 400 naming the
+    place, as OpenAI answers."""
     if (problem := strict_problem(schema)) is not None:
-        raise APIError(400, f"invalid schema for {param} '{clip(name, 64)}': {problem}", param=param)
+        raise APIError(400, f"invalid schema for {what}: {problem}", param=param)
 
 
 def compile_grammar(server: Server, spec: tuple[str, Any, str] | None) -> Grammar | None:

@@ -116,7 +116,7 @@ class _Sampling(Strict):
             else:
                 fmt = self.response_format.json_schema
                 if fmt.strict:
-                    check_strict(fmt.name, fmt.schema_, "response_format")
+                    check_strict(f"response_format '{clip(fmt.name, 64)}'", fmt.schema_, "response_format")
                 asked.append(("json_schema", fmt.schema_, "response_format"))
         if self.json_schema is not None:
             asked.append(("json_schema", self.json_schema, "json_schema"))

@@ -189,7 +189,7 @@ class _Input(Strict):
             return "json_schema", {"type": "object"}, "text.format"
         if isinstance(fmt, FormatJSONSchema):
             if fmt.strict:
-                check_strict(fmt.name, fmt.schema_, "text.format")
+                check_strict(f"text.format '{clip(fmt.name, 64)}'", fmt.schema_, "text.format")
             return "json_schema", fmt.schema_, "text.format"
         return None
 

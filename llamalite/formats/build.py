@@ -37,7 +37,7 @@ def build_model(cfg: ModelConfig, weights: Mapping[str, torch.Tensor], dtype: to
     `quantized` maps weight names to (block bytes, type name, already packed): those layers become
     QuantLinear / QuantEmbedding modules holding the blocks (GGUF-ordered ones are repacked in place
     for the kernels: the caller hands over buffers it owns)."""
-    from ..runtime.quantized import QuantEmbedding, QuantLinear, use_kernels
+    from ..runtime.quantized import QuantEmbedding, QuantExpertLinear, QuantLinear, use_kernels
     from ..kernels.blocks import BLOCK
 
     quantized = dict(quantized or {})
@@ -60,6 +60,8 @@ def build_model(cfg: ModelConfig, weights: Mapping[str, torch.Tensor], dtype: to
             raw, type_name, _ = quantized[name]
             n_el, n_bytes = BLOCK[type_name]
             w_shape = (raw.shape[0], raw.shape[1] // n_bytes * n_el)
+            if len(shape) == 3 and raw.shape[0] % shape[0] == 0:  # the experts' rows one after another
+                w_shape = (shape[0], raw.shape[0] // shape[0], w_shape[1])
         else:
             w_shape = tuple(weights[name].shape)
         if tuple(w_shape) != tuple(shape):
@@ -73,6 +75,9 @@ def build_model(cfg: ModelConfig, weights: Mapping[str, torch.Tensor], dtype: to
         owner = model.get_submodule(parent)
         if attr == "tok_embeddings":
             setattr(owner, attr, QuantEmbedding(raw, type_name, cfg.dim, in_place=True, packed=packed))
+        elif len(expected[name]) == 3:  # one projection of every expert
+            setattr(owner, attr, QuantExpertLinear(raw, type_name, expected[name][0], expected[name][2], in_place=True,
+                                                   packed=packed))
         else:
             layer = QuantLinear(raw, type_name, expected[name][1], in_place=True, packed=packed)
             layer.bias = getattr(owner, attr).bias  # a dense bias stays one (loaded above)

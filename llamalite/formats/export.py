@@ -17,8 +17,8 @@ import torch
 
 from ..model.config import ModelConfig
 from .layout import NEOX_FAMILIES, family_tensors
-from .gguf import meta_to_gguf_name
-from .hf import meta_to_hf_name
+from .gguf import GGUF_MOE_ARCH, MOE_NORM, meta_to_gguf_name
+from .hf import hf_experts_config, hf_expert_tensors, meta_to_hf_name
 
 DTYPES = ("f32", "f16", "q8_0", "q4_1", "q4_0")
 QUANT_TYPES = {"q8_0": "Q8_0", "q4_1": "Q4_1", "q4_0": "Q4_0"}  # export dtype -> GGML block type
@@ -35,7 +35,20 @@ def gguf_add_config(writer: Any, cfg: ModelConfig, vocab_size: int | None = None
     writer.add_block_count(cfg.n_layers)
     writer.add_context_length(cfg.context_length)
     writer.add_embedding_length(cfg.dim)
-    writer.add_feed_forward_length(cfg.hidden_dim)
+    # llama.cpp's llama architecture (Mixtral) sizes its experts by feed_forward_length
+    moe_llama = cfg.n_experts and cfg.family == "llama"
+    writer.add_feed_forward_length(cfg.expert_hidden_dim if moe_llama else cfg.hidden_dim)
+    if cfg.n_experts:
+        writer.add_expert_count(cfg.n_experts)
+        writer.add_expert_used_count(cfg.n_experts_used)
+        writer.add_expert_feed_forward_length(cfg.expert_hidden_dim)
+        writer.add_expert_weights_norm(cfg.expert_norm)
+        import gguf
+
+        writer.add_expert_gating_func(gguf.ExpertGatingFuncType.SOFTMAX if cfg.expert_router == "softmax"
+                                      else gguf.ExpertGatingFuncType.SIGMOID)
+        if cfg.shared_expert_dim:
+            writer.add_expert_shared_feed_forward_length(cfg.shared_expert_dim)
     writer.add_head_count(cfg.n_heads)
     writer.add_head_count_kv(cfg.n_kv_heads)
     writer.add_layer_norm_rms_eps(cfg.norm_eps)
@@ -138,6 +151,12 @@ def gguf_add_tokenizer(writer: Any, tokenizer, vocab_size: int | None = None) ->
             writer.add_key_value(key, value, kind)
 
 
+def gguf_architecture(cfg: ModelConfig) -> str:
+    """The general.architecture a model of `cfg` is written as: its family's, or the family's mixture-of-experts
+    architecture (Mixtral's is llama's)."""
+    return GGUF_MOE_ARCH[cfg.family] if cfg.n_experts else cfg.family
+
+
 def _weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """Meta-named fp32 weights and biases of a dense Transformer (tied output left out)."""
     cfg = model.config
@@ -156,9 +175,21 @@ def export_gguf(model: torch.nn.Module, tokenizer, path: str | Path, dtype: str 
     cfg: ModelConfig = model.config
     if dtype.startswith("q") and cfg.dim % 32:
         raise ExportError(f"{dtype} packs rows in blocks of 32, but dim is {cfg.dim}: export as f16 or f32")
+    if cfg.n_experts and cfg.family not in GGUF_MOE_ARCH:
+        raise ExportError(f"a {cfg.family} model with experts has no GGUF architecture (those with one: "
+                          f"{', '.join(GGUF_MOE_ARCH)})")
+    if cfg.dense_layers and cfg.n_experts and (cfg.family != "llama" or cfg.hidden_dim != cfg.expert_hidden_dim):
+        raise ExportError(f"layers {list(cfg.dense_layers)} have a dense feed-forward, which llama.cpp's "
+                          f"{gguf_architecture(cfg)} architecture does not have: export to Hugging Face (--to hf)")
+    arch = gguf_architecture(cfg)
+    if cfg.n_experts and (cfg.expert_router != "softmax" or cfg.expert_norm != MOE_NORM[arch]):
+        raise ExportError(f"llama.cpp's {arch} weighs the chosen experts by a softmax "
+                          f"{'rescaled' if MOE_NORM[arch] else 'not rescaled'} to sum to 1; this model's are "
+                          f"{cfg.expert_router} and {'rescaled' if cfg.expert_norm else 'not rescaled'}: export "
+                          f"to Hugging Face (--to hf)")
     path = Path(path).expanduser()
     path.parent.mkdir(parents=True, exist_ok=True)
-    w = gguf.GGUFWriter(str(path), cfg.family)  # the family's architecture name: llama, qwen2, qwen3, phi3
+    w = gguf.GGUFWriter(str(path), arch)  # llama, qwen2, qwen3, phi3, qwen2moe, qwen3moe
     w.add_name(name)
     w.add_file_type({"f32": 0, "f16": 1, "q4_0": 2, "q4_1": 3, "q8_0": 7}[dtype])
     gguf_add_config(w, cfg)
@@ -172,8 +203,12 @@ def export_gguf(model: torch.nn.Module, tokenizer, path: str | Path, dtype: str 
 
     for meta_name, t in family_tensors(cfg, _weights(model), cfg.family in NEOX_FAMILIES).items():
         gname = meta_to_gguf_name(meta_name)
+        if meta_name.endswith("shared_gate.weight"):
+            t = t.reshape(-1)  # a vector in GGUF (llama.cpp's ffn_gate_inp_shexp)
         arr = np.ascontiguousarray(t.numpy(), dtype=np.float32)
-        if arr.ndim == 1 or dtype == "f32" or (dtype != "f16" and arr.shape[-1] % 32):
+        # routers stay f32, as llama.cpp's quantizer leaves them: which experts a token takes hangs on them
+        router = meta_name.endswith(("feed_forward.gate.weight", "shared_gate.weight"))
+        if arr.ndim == 1 or dtype == "f32" or router or (dtype != "f16" and arr.shape[-1] % 32):
             w.add_tensor(gname, arr)
         elif dtype == "f16":
             w.add_tensor(gname, arr.astype(np.float16))
@@ -196,10 +231,17 @@ def export_hf(model: torch.nn.Module, tokenizer, out: str | Path, dtype: str = "
         raise ExportError(f"a Hugging Face export is f32, f16 or bf16, not {dtype!r} (quantized types go to GGUF)")
     torch_dtype = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}[dtype]
     cfg: ModelConfig = model.config
+    try:
+        experts = hf_experts_config(cfg) if cfg.n_experts else {}
+    except ValueError as e:
+        raise ExportError(str(e)) from e
     out = Path(out).expanduser()
     out.mkdir(parents=True, exist_ok=True)
     tensors = {}
     for meta_name, t in family_tensors(cfg, _weights(model), neox=True).items():
+        if cfg.n_experts and (each := hf_expert_tensors(cfg, meta_name, t)) is not None:
+            tensors.update({hf: e.to(torch_dtype).contiguous() for hf, e in each.items()})
+            continue
         hf = meta_to_hf_name(meta_name)
         if cfg.family == "phi3" and meta_name.endswith("feed_forward.w3.weight"):
             hf = hf.replace("mlp.up_proj", "mlp.gate_up_proj")
@@ -214,6 +256,7 @@ def export_hf(model: torch.nn.Module, tokenizer, out: str | Path, dtype: str = "
               "torch_dtype": str(torch_dtype).removeprefix("torch."), "attention_bias": cfg.qkv_bias, "mlp_bias": False}
     if cfg.family == "qwen2":
         config["use_sliding_window"] = False
+    config.update(experts)
     if cfg.rope_scaling is not None:
         r = cfg.rope_scaling
         config["rope_scaling"] = {"rope_type": "llama3", "factor": r.factor, "low_freq_factor": r.low_freq_factor,

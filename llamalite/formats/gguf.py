@@ -47,7 +47,18 @@ _GGUF_LAYER_NAMES = {
     "ffn_gate": "feed_forward.w1", "ffn_down": "feed_forward.w2", "ffn_up": "feed_forward.w3",
     "attn_q_norm": "attention.q_norm", "attn_k_norm": "attention.k_norm",  # Qwen3
     "attn_qkv": "attention.wqkv",  # Phi-3's fused q/k/v (split at load, family_layout); its ffn_up holds gate and up
+    # Mixtures of experts: the router, the experts (one (n_experts, out, in) tensor a projection), Qwen2-MoE's
+    # shared expert and its gate (a vector here, a (1, dim) matrix in the model)
+    "ffn_gate_inp": "feed_forward.gate", "ffn_gate_exps": "feed_forward.experts.w1",
+    "ffn_down_exps": "feed_forward.experts.w2", "ffn_up_exps": "feed_forward.experts.w3",
+    "ffn_gate_shexp": "feed_forward.shared.w1", "ffn_down_shexp": "feed_forward.shared.w2",
+    "ffn_up_shexp": "feed_forward.shared.w3", "ffn_gate_inp_shexp": "feed_forward.shared_gate",
 }
+# The architecture of a family's mixture-of-experts files (Mixtral's are llama files with experts)
+GGUF_MOE_ARCH = {"llama": "llama", "qwen2": "qwen2moe", "qwen3": "qwen3moe"}
+# How llama.cpp weighs the chosen experts of each architecture where a file does not say (expert_weights_norm):
+# rescaled to sum to 1 or not
+MOE_NORM = {"llama": True, "qwen2moe": False, "qwen3moe": True}
 
 
 def gguf_to_meta_name(name: str) -> str | None:
@@ -205,8 +216,10 @@ def load_gguf(path: Path, dtype: torch.dtype = torch.float32, quantized: bool = 
     if "rope_freqs.weight" in tensors:
         rope = _match_rope_freqs(meta, np.asarray(tensors["rope_freqs.weight"].data, dtype=np.float32))
     try:
+        dense = tuple(i for i in range(int(meta.get(f"{meta.get('general.architecture')}.block_count", 0)))
+                      if f"blk.{i}.ffn_gate_inp.weight" not in tensors)
         cfg = config_from_gguf(meta, has_output="output.weight" in tensors, rope_scaling=rope,
-                               has_bias="blk.0.attn_q.bias" in tensors)
+                               has_bias="blk.0.attn_q.bias" in tensors, dense_layers=dense)
     except ValueError as e:
         raise ModelFileError(f"{path}: {e}") from e
     if part is not None:
@@ -232,16 +245,20 @@ def load_gguf(path: Path, dtype: torch.dtype = torch.float32, quantized: bool = 
         if part is not None:
             t = _ShardView(t, *part.ranges(meta_name), shape, reader)
             shape = t.shape
-        if quantized and t.tensor_type.name in KERNEL_TYPES and len(shape) == 2:
-            blocks[meta_name] = (torch.from_numpy(t.data), t.tensor_type.name, False)
+        if meta_name.endswith("shared_gate.weight"):
+            shape = (1, *shape)  # a vector in the file, one row of a matrix in the model
+        rows = int(np.prod(shape[:-1]))  # the experts' rows one after another, for a 3-D tensor
+        matrix = len(shape) in (2, 3)
+        if quantized and t.tensor_type.name in KERNEL_TYPES and matrix:
+            blocks[meta_name] = (torch.from_numpy(t.data).reshape(rows, -1), t.tensor_type.name, False)
             continue
-        if quantized and t.tensor_type.name == "Q5_0" and len(shape) == 2 and kernels_available():
-            blocks[meta_name] = (q5_0_as_q8_0(t.data, shape[0]), "Q8_0", False)  # exact, 34 bytes for 22
+        if quantized and t.tensor_type.name == "Q5_0" and matrix and kernels_available():
+            blocks[meta_name] = (q5_0_as_q8_0(t.data, rows), "Q8_0", False)  # exact, 34 bytes for 22
             _drop_pages(reader, t.data_offset, t.n_bytes)
             continue
         try:
-            if quantized and t.tensor_type.name in REQUANT_TYPES and len(shape) == 2 and kernels_available():
-                blocks[meta_name] = (requantize_q8_0(t.data, t.tensor_type.name, shape), "Q8_0", True)
+            if quantized and t.tensor_type.name in REQUANT_TYPES and matrix and kernels_available():
+                blocks[meta_name] = (requantize_q8_0(t.data, t.tensor_type.name, (rows, shape[-1])), "Q8_0", True)
                 _drop_pages(reader, t.data_offset, t.n_bytes)
             else:
                 weights[meta_name] = dequantize(t.data, t.tensor_type.name, shape)
@@ -271,10 +288,11 @@ def _match_rope_freqs(meta: Mapping[str, Any], factors: np.ndarray) -> RopeScali
 
 
 def config_from_gguf(meta: Mapping[str, Any], has_output: bool, rope_scaling: RopeScaling | None = None,
-                     has_bias: bool = False) -> ModelConfig:
+                     has_bias: bool = False, dense_layers: tuple[int, ...] = ()) -> ModelConfig:
     """Read GGUF key-values (already decoded to Python values) of a file of the LLaMA lineage (general.
-    architecture llama, qwen2, qwen3 or phi3; keys are named after it). `has_bias` says whether the file
-    has q/k/v biases (a tensor, not a key).
+    architecture llama, qwen2, qwen3, phi3, or the mixtures of experts qwen2moe, qwen3moe, and llama with
+    experts: Mixtral; keys are named after it). `has_bias` says whether the file has q/k/v biases, and
+    `dense_layers` which layers of a mixture of experts have no router (tensors, not keys).
 
     Llama 3.1 files carry RoPE scaling as a `rope_freqs` tensor, not as keys: the loader matches that
     tensor to a RopeScaling and passes it in."""
@@ -313,7 +331,7 @@ def config_from_gguf(meta: Mapping[str, Any], has_output: bool, rope_scaling: Ro
         n_heads=n_heads,
         n_kv_heads=key("attention.head_count_kv", n_heads),
         vocab_size=vocab,
-        hidden_dim=key("feed_forward_length"),
+        hidden_dim=key("feed_forward_length", meta.get(f"{arch}.expert_feed_forward_length", KeyError)),
         norm_eps=float(key("attention.layer_norm_rms_epsilon", 1e-5)),
         rope_theta=float(key("rope.freq_base", 10000.0)),
         rope_scaling=rope_scaling,
@@ -323,4 +341,22 @@ def config_from_gguf(meta: Mapping[str, Any], has_output: bool, rope_scaling: Ro
         family=family,
         qkv_bias=has_bias,
         qk_norm=family == "qwen3",
+        **_gguf_experts(meta, arch, dense_layers),
     )
+
+
+def _gguf_experts(meta: Mapping[str, Any], arch: str, dense_layers: tuple[int, ...]) -> dict[str, Any]:
+    """ModelConfig's mixture-of-experts fields from a file's keys (none for a dense model)."""
+    n = int(meta.get(f"{arch}.expert_count", 0) or 0)
+    if not n:
+        return {}
+    gating = int(meta.get(f"{arch}.expert_gating_func", 1))  # llama.cpp's: 1 softmax, 2 sigmoid
+    if gating not in (1, 2):
+        raise ValueError(f"expert_gating_func {gating} is not supported (1: softmax, 2: sigmoid)")
+    shared = int(meta.get(f"{arch}.expert_shared_feed_forward_length", 0) or 0)
+    return dict(n_experts=n, n_experts_used=int(meta[f"{arch}.expert_used_count"]),
+                expert_hidden_dim=int(meta.get(f"{arch}.expert_feed_forward_length", meta[f"{arch}.feed_forward_length"])),
+                expert_router="softmax" if gating == 1 else "sigmoid",
+                expert_norm=bool(meta.get(f"{arch}.expert_weights_norm", MOE_NORM.get(arch, True))),
+                shared_expert_dim=shared, shared_expert_gate=bool(shared) and arch == "qwen2moe",
+                dense_layers=dense_layers if len(dense_layers) < int(meta[f"{arch}.block_count"]) else ())

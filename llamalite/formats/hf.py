@@ -4,6 +4,7 @@ tensor-name table, the config read from config.json, and the loader."""
 from __future__ import annotations
 
 import json
+import re
 from collections import Counter
 from pathlib import Path
 from typing import Any, Mapping
@@ -24,7 +25,15 @@ _HF_LAYER_NAMES = {
     "mlp.gate_proj": "feed_forward.w1", "mlp.down_proj": "feed_forward.w2", "mlp.up_proj": "feed_forward.w3",
     "self_attn.q_norm": "attention.q_norm", "self_attn.k_norm": "attention.k_norm",  # Qwen3
     "self_attn.qkv_proj": "attention.wqkv", "mlp.gate_up_proj": "feed_forward.w3",  # Phi-3's fused ones (family_layout)
+    # Mixtures of experts: the router (Qwen-MoE's mlp.gate, Mixtral's block_sparse_moe.gate), Qwen2-MoE's shared
+    # expert and its gate; the experts themselves are one tensor a projection here (stacked at load: _EXPERT)
+    "mlp.gate": "feed_forward.gate", "block_sparse_moe.gate": "feed_forward.gate",
+    "mlp.shared_expert.gate_proj": "feed_forward.shared.w1", "mlp.shared_expert.down_proj": "feed_forward.shared.w2",
+    "mlp.shared_expert.up_proj": "feed_forward.shared.w3", "mlp.shared_expert_gate": "feed_forward.shared_gate",
 }
+# One expert's projection: Qwen-MoE's mlp.experts.<e>.gate_proj, Mixtral's block_sparse_moe.experts.<e>.w1, ...
+_EXPERT = re.compile(r"model\.layers\.(\d+)\.(?:mlp|block_sparse_moe)\.experts\.(\d+)\.(\w+)\.weight")
+_EXPERT_NAMES = {"gate_proj": "w1", "down_proj": "w2", "up_proj": "w3", "w1": "w1", "w2": "w2", "w3": "w3"}
 
 
 _HF_NAMES = {"model.embed_tokens.weight": "tok_embeddings.weight", "model.norm.weight": "norm.weight",
@@ -38,6 +47,45 @@ def hf_to_meta_name(name: str) -> str | None:
 def meta_to_hf_name(name: str) -> str:
     """The Hugging Face name of a Meta-named weight or bias (the reverse of hf_to_meta_name)."""
     return reverse_name(name, _HF_NAMES, _HF_LAYER_NAMES, "model.layers.{i}.{name}.{kind}")
+
+
+# A family's mixture-of-experts model in transformers: model_type, class name prefix
+_HF_MOE = {"llama": ("mixtral", "Mixtral"), "qwen2": ("qwen2_moe", "Qwen2Moe"), "qwen3": ("qwen3_moe", "Qwen3Moe")}
+
+
+def hf_expert_tensors(cfg: ModelConfig, name: str, t: torch.Tensor) -> dict[str, torch.Tensor] | None:
+    """A Meta-named router or experts tensor under Hugging Face's names (the experts one tensor each:
+    Mixtral's block_sparse_moe.experts.<e>.w1, Qwen-MoE's mlp.experts.<e>.gate_proj, ...); None for the rest."""
+    m = re.fullmatch(r"layers\.(\d+)\.feed_forward\.(?:experts\.(w[123])|gate)\.weight", name)
+    if m is None:
+        return None
+    mixtral = cfg.family == "llama"
+    base = f"model.layers.{m.group(1)}.{'block_sparse_moe' if mixtral else 'mlp'}"
+    if m.group(2) is None:
+        return {f"{base}.gate.weight": t}
+    proj = m.group(2) if mixtral else {"w1": "gate_proj", "w2": "down_proj", "w3": "up_proj"}[m.group(2)]
+    return {f"{base}.experts.{e}.{proj}.weight": t[e] for e in range(t.shape[0])}
+
+
+def hf_experts_config(cfg: ModelConfig) -> dict[str, Any]:
+    """config.json's keys for a mixture of experts (the reverse of _hf_experts); ValueError for what
+    transformers' class of the family cannot hold."""
+    model_type, head = _HF_MOE[cfg.family] if cfg.family in _HF_MOE else (None, None)
+    mixtral = cfg.family == "llama"
+    if (model_type is None or cfg.expert_router != "softmax" or (mixtral and (not cfg.expert_norm or cfg.dense_layers))
+            or (cfg.family == "qwen2") != bool(cfg.shared_expert_dim and cfg.shared_expert_gate)):
+        raise ValueError(f"this mixture of experts ({cfg.family} attention, {cfg.expert_router} router, "
+                         f"shared expert {cfg.shared_expert_dim or 'none'}) matches no transformers model "
+                         f"(MixtralForCausalLM, Qwen2MoeForCausalLM, Qwen3MoeForCausalLM): export it to GGUF")
+    out = {"architectures": [f"{head}ForCausalLM"], "model_type": model_type, "num_experts_per_tok": cfg.n_experts_used}
+    if mixtral:
+        return {**out, "num_local_experts": cfg.n_experts, "intermediate_size": cfg.expert_hidden_dim,
+                "sliding_window": None}
+    out.update(num_experts=cfg.n_experts, moe_intermediate_size=cfg.expert_hidden_dim, norm_topk_prob=cfg.expert_norm,
+               decoder_sparse_step=1, mlp_only_layers=list(cfg.dense_layers))
+    if cfg.shared_expert_dim:
+        out["shared_expert_intermediate_size"] = cfg.shared_expert_dim
+    return out
 
 
 def load_hf(path: Path, dtype: torch.dtype = torch.float32) -> LoadedModel:
@@ -55,18 +103,28 @@ def load_hf(path: Path, dtype: torch.dtype = torch.float32) -> LoadedModel:
     else:
         raise ModelFileError(f"{path} has no model.safetensors or model.safetensors.index.json "
                              f"(PyTorch .bin checkpoints are not loaded: convert them to safetensors)")
-    weights = {}
+    weights, experts = {}, {}
     for fname in files:
         if not (path / fname).exists():
             raise ModelFileError(f"{path / fname} is named in the index but missing: download it again")
         with safe_open(path / fname, framework="pt") as f:
             for name in f.keys():
+                m = _EXPERT.fullmatch(name)
+                if m and m.group(3) in _EXPERT_NAMES:
+                    key = f"layers.{m.group(1)}.feed_forward.experts.{_EXPERT_NAMES[m.group(3)]}.weight"
+                    experts.setdefault(key, {})[int(m.group(2))] = f.get_tensor(name)
+                    continue
                 meta_name = hf_to_meta_name(name)
                 if meta_name is None:
                     if name.endswith("rotary_emb.inv_freq"):
                         continue
                     raise ModelFileError(f"{path / fname}: tensor {name!r} is not part of a llama model")
                 weights[meta_name] = f.get_tensor(name)
+    for key, each in experts.items():  # one (n_experts, out, in) tensor a projection, in the experts' order
+        if sorted(each) != list(range(cfg.n_experts)):
+            raise ModelFileError(f"{path}: {key.removesuffix('.weight')} has experts {sorted(each)[:8]}..., not the "
+                                 f"{cfg.n_experts} experts 0..{cfg.n_experts - 1} config.json names")
+        weights[key] = torch.stack([each[e] for e in range(cfg.n_experts)])
     family_layout(cfg, weights, {}, neox=True)  # every HF family rotates half-split pairs
     if cfg.tie_embeddings:
         weights.pop("output.weight", None)
@@ -86,7 +144,8 @@ def load_hf(path: Path, dtype: torch.dtype = torch.float32) -> LoadedModel:
 
 def config_from_hf(cfg: Mapping[str, Any]) -> ModelConfig:
     """Read a Hugging Face `config.json` dict of the LLaMA lineage: LlamaForCausalLM, MistralForCausalLM,
-    Qwen2ForCausalLM, Qwen3ForCausalLM, Phi3ForCausalLM."""
+    Qwen2ForCausalLM, Qwen3ForCausalLM, Phi3ForCausalLM, and the mixtures of experts MixtralForCausalLM,
+    Qwen2MoeForCausalLM, Qwen3MoeForCausalLM."""
     arch = cfg.get("model_type", "llama")
     if arch not in HF_FAMILIES:
         raise ValueError(f"config.json has model_type {arch!r}; llamalite runs {', '.join(HF_FAMILIES)}")
@@ -108,7 +167,7 @@ def config_from_hf(cfg: Mapping[str, Any]) -> ModelConfig:
                          f"supported")
     n_heads = cfg["num_attention_heads"]
     context = cfg.get("max_position_embeddings", 2048)
-    window = cfg.get("sliding_window") if cfg.get("use_sliding_window", arch != "qwen2") else None
+    window = cfg.get("sliding_window") if cfg.get("use_sliding_window", arch not in ("qwen2", "qwen2_moe")) else None
     if window:  # beyond its window the model attends to a part of the context: llamalite stops short of it
         context = min(context, int(window))
     return ModelConfig(
@@ -127,4 +186,21 @@ def config_from_hf(cfg: Mapping[str, Any]) -> ModelConfig:
         family=family,
         qkv_bias=family == "qwen2" or bool(cfg.get("attention_bias", False)),
         qk_norm=family == "qwen3",
+        **_hf_experts(cfg, arch),
     )
+
+
+def _hf_experts(cfg: Mapping[str, Any], arch: str) -> dict[str, Any]:
+    """ModelConfig's mixture-of-experts fields from a config.json (none for a dense model)."""
+    n = cfg.get("num_local_experts", cfg.get("num_experts")) or 0
+    if arch not in ("mixtral", "qwen2_moe", "qwen3_moe") or not n:
+        return {}
+    if arch == "mixtral":
+        return dict(n_experts=n, n_experts_used=cfg["num_experts_per_tok"], expert_hidden_dim=cfg["intermediate_size"])
+    step = cfg.get("decoder_sparse_step", 1) or 1
+    only_dense = set(cfg.get("mlp_only_layers") or [])
+    dense = tuple(i for i in range(cfg["num_hidden_layers"]) if i in only_dense or (i + 1) % step)
+    shared = cfg.get("shared_expert_intermediate_size", 0) if arch == "qwen2_moe" else 0
+    return dict(n_experts=n, n_experts_used=cfg["num_experts_per_tok"], expert_hidden_dim=cfg["moe_intermediate_size"],
+                expert_norm=bool(cfg.get("norm_topk_prob", False)), shared_expert_dim=shared,
+                shared_expert_gate=bool(shared), dense_layers=dense)

@@ -1691,6 +1691,68 @@ void product(const float* x, int64_t B, int64_t K, const at::Tensor& w, int64_t 
   qproduct(x, B, K, bases, starts, type, path, y, add);
 }
 
+// A mixture of experts' products for N rows x (N, K): row n goes through its k chosen experts ids[n * k + j],
+// each a SwiGLU feed-forward of w1 (gate) and w3 (up) rows e * H .. (e + 1) * H - 1 (repacked, type t13) and w2
+// (down) rows e * K .. (e + 1) * K - 1 (type t2), and out[n] += wts[n * k + j] * that expert's output. Rows
+// are grouped by expert: each chosen expert's weights are read once for all the rows that chose it, and
+// only the chosen experts' rows are read at all.
+void experts_product(const float* x, int64_t N, int64_t K, const int64_t* ids, const float* wts, int64_t k,
+                     const uint8_t* w1, const uint8_t* w3, int64_t t13, const uint8_t* w2, int64_t t2, int64_t E,
+                     int64_t H, float* out, int64_t path) {
+  std::vector<std::vector<std::pair<int64_t, float>>> chosen(E);
+  for (int64_t n = 0; n < N; ++n) {
+    for (int64_t j = 0; j < k; ++j) {
+      const int64_t e = ids[n * k + j];
+      TORCH_CHECK(e >= 0 && e < E, "experts: expert ", e, " is outside 0..", E - 1);
+      chosen[e].push_back({n, wts[n * k + j]});
+    }
+  }
+  const int64_t rb13 = row_bytes(t13, K / 32), rb2 = row_bytes(t2, H / 32);
+  thread_local std::vector<float> xs, gu, act, y;
+  for (int64_t e = 0; e < E; ++e) {
+    const int64_t M = static_cast<int64_t>(chosen[e].size());
+    if (M == 0) continue;
+    xs.resize(M * K);
+    gu.resize(M * 2 * H);
+    act.resize(M * H);
+    y.resize(M * K);
+    for (int64_t m = 0; m < M; ++m) std::memcpy(xs.data() + m * K, x + chosen[e][m].first * K, K * sizeof(float));
+    const int64_t p = path == VNNI && M > MAX_ROWS ? VNNI_GEMM : path;  // as qmatmul: a GEMM for many rows
+    qproduct(xs.data(), M, K, {w1 + e * H * rb13, w3 + e * H * rb13}, {0, H, 2 * H}, t13, p, gu.data(), false);
+    silu_mul(gu.data(), M, H, act.data());
+    qproduct(act.data(), M, H, {w2 + e * K * rb2}, {0, K}, t2, p, y.data(), false);
+    for (int64_t m = 0; m < M; ++m) {
+      float* o = out + chosen[e][m].first * K;
+      const float w = chosen[e][m].second;
+      const float* ym = y.data() + m * K;
+      for (int64_t i = 0; i < K; ++i) o[i] += w * ym[i];
+    }
+  }
+}
+
+// experts_product as an op: x (N, K) fp32, ids (N, k) int64, weights (N, k) fp32, w1 and w3 (E * H, K) of type
+// t13 and w2 (E * K, H) of type t2, repacked -> (N, K).
+at::Tensor experts(const at::Tensor& x_in, const at::Tensor& ids_in, const at::Tensor& wts_in, const at::Tensor& w1,
+                   const at::Tensor& w3, const at::Tensor& w2, int64_t t13, int64_t t2, int64_t n_experts, int64_t path) {
+  TORCH_CHECK(x_in.dim() == 2 && ids_in.dim() == 2 && wts_in.sizes() == ids_in.sizes() && ids_in.size(0) == x_in.size(0),
+              "experts: x (N, K), ids and weights (N, k)");
+  const at::Tensor x = x_in.to(at::kFloat).contiguous(), ids = ids_in.to(at::kLong).contiguous();
+  const at::Tensor wts = wts_in.to(at::kFloat).contiguous();
+  const int64_t N = x.size(0), K = x.size(1);
+  TORCH_CHECK(n_experts > 0 && w1.size(0) % n_experts == 0 && w2.size(0) == n_experts * K,
+              "experts: w1 must hold n_experts * H rows and w2 n_experts * K");
+  const int64_t H = w1.size(0) / n_experts;
+  check_rows(w1, t13, K, "experts: w1");
+  check_rows(w3, t13, K, "experts: w3");
+  check_rows(w2, t2, H, "experts: w2");
+  TORCH_CHECK(w3.size(0) == w1.size(0), "experts: w1 and w3 must have as many rows");
+  auto out = at::zeros({N, K}, x.options());
+  experts_product(x.data_ptr<float>(), N, K, ids.data_ptr<int64_t>(), wts.data_ptr<float>(), ids.size(1),
+                  w1.data_ptr<uint8_t>(), w3.data_ptr<uint8_t>(), t13, w2.data_ptr<uint8_t>(), t2, n_experts, H,
+                  out.data_ptr<float>(), resolve_path(path));
+  return out;
+}
+
 void check_table(const at::Tensor& w, int64_t type, int64_t dim, const char* what) {
   if (type == DENSE) {
     TORCH_CHECK(w.dim() == 2 && w.scalar_type() == at::kFloat && w.is_contiguous() && w.size(1) == dim,
@@ -1897,8 +1959,19 @@ struct DecodePlan : torch::CustomClassHolder {
   std::vector<std::vector<at::Tensor>> lora_a, lora_bt;  // per adapter, per layer wq wk wv wo w1 w3 w2
   c10::intrusive_ptr<Reducer> reducer;  // a tensor-parallel rank's: wo and w2 give partial sums
   std::vector<int64_t> types;
-  int64_t embed_type, out_type, n_heads, n_kv_heads, L, dim, D, nq, nk, hidden;
+  int64_t embed_type, out_type, n_heads, n_kv_heads, L, dim, D, nq, nk, hidden;  // hidden: the largest layer's
   double eps, out_eps, qk_eps = 0.0;
+
+  // A layer's mixture of experts (set_moe), in place of its dense feed-forward; E == 0: none.
+  struct Moe {
+    at::Tensor router, w1, w3, w2, shared_gate;
+    int64_t router_type = 0, t13 = 0, t2 = 0, E = 0, H = 0, k = 0;
+    bool sigmoid = false, norm = false;
+  };
+  std::vector<Moe> moe;
+
+  // A layer's feed-forward hidden size: its dense one's, or its shared expert's (0: none).
+  int64_t hidden_of(int64_t l) const { return weights[7 * l + 4].numel() ? weights[7 * l + 4].size(0) : 0; }
 
   DecodePlan(at::Tensor embed_, int64_t embed_type_, at::Tensor inv_freq_, std::vector<at::Tensor> norms_,
              std::vector<at::Tensor> weights_, std::vector<int64_t> types_, double eps_, at::Tensor out_norm_,
@@ -1914,7 +1987,9 @@ struct DecodePlan : torch::CustomClassHolder {
     D = 2 * inv_freq.numel();
     nq = n_heads * D;
     nk = n_kv_heads * D;
-    hidden = weights[4].size(0);
+    hidden = 0;
+    for (int64_t l = 0; l < L; ++l) hidden = std::max(hidden, hidden_of(l));
+    moe.resize(L);
     check_table(embed, embed_type, dim, "embedding");
     check_table(out_w, out_type, dim, "output layer");
     TORCH_CHECK(out_norm.scalar_type() == at::kFloat && out_norm.is_contiguous() && out_norm.numel() == dim,
@@ -1926,15 +2001,46 @@ struct DecodePlan : torch::CustomClassHolder {
       }
       const at::Tensor* w = weights.data() + 7 * l;
       const int64_t* t = types.data() + 4 * l;
-      const int64_t rows[7] = {nq, nk, nk, dim, hidden, hidden, dim};
-      const int64_t cols[7] = {dim, dim, dim, nq, dim, dim, hidden};
+      const int64_t hl = hidden_of(l);
+      const int64_t rows[7] = {nq, nk, nk, dim, hl, hl, dim};
+      const int64_t cols[7] = {dim, dim, dim, nq, dim, dim, hl};
       const int64_t type[7] = {t[0], t[0], t[0], t[1], t[2], t[2], t[3]};
-      for (int i = 0; i < 7; ++i) {
+      // no feed-forward weights: a mixture of experts without a shared expert (set_moe)
+      const int n = hl == 0 && w[5].numel() == 0 && w[6].numel() == 0 ? 4 : 7;
+      for (int i = 0; i < n; ++i) {
         const std::string what = "DecodePlan: layer " + std::to_string(l) + "'s weight " + std::to_string(i);
         check_rows(w[i], type[i], cols[i], what);
         TORCH_CHECK(w[i].size(0) == rows[i], what, " has ", w[i].size(0), " rows, not ", rows[i]);
       }
     }
+  }
+
+  // Layer l's mixture of experts, in place of its dense feed-forward: the router (n_experts, dim) (fp32 DENSE or
+  // repacked blocks), the experts' w1 and w3 (n_experts * H, dim) of type t13 and w2 (n_experts * dim, H) of type
+  // t2, repacked; each token takes the k experts of the largest router logits, weighted by their softmax over
+  // all experts (or the sigmoid of their logits), rescaled to sum to 1 where `norm`. The layer's feed-forward
+  // weights given to the constructor, if any, are a shared expert every token goes through, its output scaled
+  // by sigmoid(shared_gate . x) where shared_gate (fp32 of dim) is given.
+  void set_moe(int64_t l, at::Tensor router, int64_t router_type, at::Tensor w1, at::Tensor w3, at::Tensor w2,
+               int64_t t13, int64_t t2, int64_t k, bool sigmoid, bool norm, at::Tensor shared_gate) {
+    TORCH_CHECK(l >= 0 && l < L, "DecodePlan: no layer ", l);
+    TORCH_CHECK(!reducer, "DecodePlan: a mixture of experts is not split over processes");
+    check_table(router, router_type, dim, "router");
+    const int64_t E = router.size(0);
+    TORCH_CHECK(E > 0 && k > 0 && k <= E && w1.size(0) % E == 0, "DecodePlan: layer ", l, ": ", E, " experts, top ",
+                k, ", and w1 rows a multiple of the experts");
+    const int64_t H = w1.size(0) / E;
+    check_rows(w1, t13, dim, "DecodePlan: experts' w1");
+    check_rows(w3, t13, dim, "DecodePlan: experts' w3");
+    check_rows(w2, t2, H, "DecodePlan: experts' w2");
+    TORCH_CHECK(w3.size(0) == E * H && w2.size(0) == E * dim, "DecodePlan: layer ", l, ": w3 of ", E * H,
+                " rows and w2 of ", E * dim);
+    TORCH_CHECK(!shared_gate.defined() || shared_gate.numel() == 0 ||
+                    (shared_gate.scalar_type() == at::kFloat && shared_gate.is_contiguous() && shared_gate.numel() == dim),
+                "DecodePlan: the shared expert's gate must be fp32 of ", dim);
+    TORCH_CHECK(shared_gate.numel() == 0 || hidden_of(l) > 0, "DecodePlan: a shared gate without a shared expert");
+    moe[l] = Moe{router, w1, w3, w2, shared_gate.numel() ? shared_gate : at::Tensor(), router_type, t13, t2, E, H, k,
+                 sigmoid, norm};
   }
 
   void set_caches(std::vector<at::Tensor> c) {
@@ -1976,7 +2082,10 @@ struct DecodePlan : torch::CustomClassHolder {
 
   // A rank of a tensor-parallel group: its weights are its slices (parallel.Split), and the products of
   // wo and w2 are summed over the group (each rank then adds the same sums to its residual stream).
-  void set_reducer(c10::intrusive_ptr<Reducer> r) { reducer = std::move(r); }
+  void set_reducer(c10::intrusive_ptr<Reducer> r) {
+    for (const Moe& m : moe) TORCH_CHECK(m.E == 0, "DecodePlan: a mixture of experts is not split over processes");
+    reducer = std::move(r);
+  }
 
   // Adapter `index` (the next one: 0, 1, ...): per layer 7 A (r, in) and 7 Bt (r, out) in the weights' order
   // (wq wk wv wo w1 w3 w2), each pair empty where the adapter leaves that weight alone.
@@ -1987,9 +2096,12 @@ struct DecodePlan : torch::CustomClassHolder {
                 "DecodePlan: an adapter has 7 (A, Bt) pairs per layer");
     for (int64_t i = 0; i < 7 * L; ++i) {
       const int64_t l = i / 7, j = i % 7;
-      const int64_t rows[7] = {nq, nk, nk, dim, hidden, hidden, dim};
-      const int64_t cols[7] = {dim, dim, dim, nq, dim, dim, hidden};
+      const int64_t hl = hidden_of(l);
+      const int64_t rows[7] = {nq, nk, nk, dim, hl, hl, dim};
+      const int64_t cols[7] = {dim, dim, dim, nq, dim, dim, hl};
       if (as[i].numel() == 0 && bts[i].numel() == 0) continue;
+      TORCH_CHECK(j < 4 || moe[l].E == 0, "DecodePlan: adapter ", index, " layer ", l,
+                  ": adapters on a mixture of experts' feed-forward are not run in the step");
       TORCH_CHECK(as[i].dim() == 2 && bts[i].dim() == 2 && as[i].scalar_type() == at::kFloat &&
                       bts[i].scalar_type() == at::kFloat && as[i].is_contiguous() && bts[i].is_contiguous() &&
                       as[i].size(0) == bts[i].size(0) && as[i].size(1) == cols[j] && bts[i].size(1) == rows[j],
@@ -2030,6 +2142,54 @@ struct DecodePlan : torch::CustomClassHolder {
     return run(tokens_in, pos_in, rows_in, &groups);
   }
 
+  // A mixture of experts' output for B normed rows n (B, dim) into out (B, dim), as model.MoEFeedForward computes
+  // it: the router's choice (route), the chosen experts' weighted sum, plus the shared expert (gu, act and y:
+  // scratch of 2 * hidden, hidden and dim a row).
+  void mixture(const Moe& m, const at::Tensor* w, const int64_t* t, const float* n, int64_t B, float* gu, float* act,
+               float* out, float* y, int64_t path) {
+    std::vector<float> logits(B * m.E), wts(B * m.k);
+    std::vector<int64_t> ids(B * m.k), order(m.E);
+    product(n, B, dim, m.router, m.router_type, logits.data(), false, path);
+    for (int64_t b = 0; b < B; ++b) {
+      float* lg = logits.data() + b * m.E;
+      if (!m.sigmoid) {  // softmax over all the experts
+        const float top = *std::max_element(lg, lg + m.E);
+        float sum = 0.f;
+        for (int64_t e = 0; e < m.E; ++e) sum += (lg[e] = std::exp(lg[e] - top));
+        for (int64_t e = 0; e < m.E; ++e) lg[e] /= sum;
+      }
+      for (int64_t e = 0; e < m.E; ++e) order[e] = e;
+      std::partial_sort(order.begin(), order.begin() + m.k, order.end(),  // the largest first; ties: the lower id
+                        [lg](int64_t a, int64_t c) { return lg[a] > lg[c] || (lg[a] == lg[c] && a < c); });
+      float sum = 0.f;
+      for (int64_t j = 0; j < m.k; ++j) {
+        const float v = lg[order[j]];
+        wts[b * m.k + j] = m.sigmoid ? 1.f / (1.f + std::exp(-v)) : v;
+        ids[b * m.k + j] = order[j];
+        sum += wts[b * m.k + j];
+      }
+      for (int64_t j = 0; j < m.k && m.norm; ++j) wts[b * m.k + j] /= sum;
+    }
+    std::fill(out, out + B * dim, 0.f);
+    experts_product(n, B, dim, ids.data(), wts.data(), m.k, m.w1.data_ptr<uint8_t>(), m.w3.data_ptr<uint8_t>(), m.t13,
+                    m.w2.data_ptr<uint8_t>(), m.t2, m.E, m.H, out, path);
+    const int64_t hs = w[4].numel() ? w[4].size(0) : 0;
+    if (hs == 0) return;
+    qproduct(n, B, dim, {w[4].data_ptr<uint8_t>(), w[5].data_ptr<uint8_t>()}, {0, hs, 2 * hs}, t[2], path, gu, false);
+    silu_mul(gu, B, hs, act);
+    product(act, B, hs, w[6], t[3], y, false, path);
+    for (int64_t b = 0; b < B; ++b) {
+      float g = 1.f;
+      if (m.shared_gate.defined()) {
+        const float* sg = m.shared_gate.data_ptr<float>();
+        float z = 0.f;
+        for (int64_t i = 0; i < dim; ++i) z += sg[i] * n[b * dim + i];
+        g = 1.f / (1.f + std::exp(-z));
+      }
+      for (int64_t i = 0; i < dim; ++i) out[b * dim + i] += g * y[b * dim + i];
+    }
+  }
+
   at::Tensor run(const at::Tensor& tokens_in, const at::Tensor& pos_in, const at::Tensor& rows_in,
                  const std::vector<std::vector<int64_t>>* adapters, const at::Tensor* hidden_in = nullptr,
                  bool head = true) {
@@ -2050,7 +2210,7 @@ struct DecodePlan : torch::CustomClassHolder {
 
     // Activations: the residual stream h, a normed copy n, [q|k|v], rotated q, attention out, [gate|up], act.
     // Split over a group: wo's and w2's partial products (part) are summed before they are added to h.
-    auto buf = at::empty({B * (3 * dim + nq + 2 * nk + 2 * nq + 3 * hidden)}, at::kFloat);
+    auto buf = at::empty({B * (5 * dim + nq + 2 * nk + 2 * nq + 3 * hidden)}, at::kFloat);
     float* h = buf.data_ptr<float>();
     float* n = h + B * dim;
     float* qkv = n + B * dim;
@@ -2059,6 +2219,8 @@ struct DecodePlan : torch::CustomClassHolder {
     float* gu = att + B * nq;
     float* act = gu + B * 2 * hidden;
     float* part = act + B * hidden;
+    float* mixed = part + B * dim;  // a mixture of experts' output, before it joins h
+    float* shared = mixed + B * dim;
     Reducer* sum = reducer.get();
     auto add_summed = [&](const float* x, int64_t K, const at::Tensor& w, int64_t type) {  // h += the group's x @ w.T
       if (sum == nullptr) {
@@ -2132,6 +2294,12 @@ struct DecodePlan : torch::CustomClassHolder {
       add_summed(att, nq, w[3], t[1]);  // h += wo(att)
       if (adapters != nullptr) lora_add(att, nq, h, dim, *adapters, lora_a, lora_bt, 7 * l + 3);
       rms_rows(h, norms[2 * l + 1].data_ptr<float>(), n, B, dim, static_cast<float>(eps));
+      if (moe[l].E) {
+        mixture(moe[l], w, t, n, B, gu, act, mixed, shared, path);
+        for (int64_t i = 0; i < B * dim; ++i) h[i] += mixed[i];
+        continue;
+      }
+      const int64_t hidden = hidden_of(l);
       bases = {w[4].data_ptr<uint8_t>(), w[5].data_ptr<uint8_t>()};
       starts = {0, hidden, 2 * hidden};
       qproduct(n, B, dim, bases, starts, t[2], path, gu, false);
@@ -2163,6 +2331,8 @@ TORCH_LIBRARY(llamalite, m) {
   m.def("quantize_q8_0(Tensor w) -> Tensor");
   m.def("rms_norm(Tensor x, Tensor w, float eps) -> Tensor");
   m.def("silu_mul(Tensor gu) -> Tensor");
+  m.def("experts(Tensor x, Tensor ids, Tensor weights, Tensor w1, Tensor w3, Tensor w2, int t13, int t2, int n_experts, "
+        "int path=0) -> Tensor");
   m.def("decode_attention(Tensor q, Tensor k, Tensor v, Tensor cos_sin, Tensor(a!) cache_k, Tensor(b!) cache_v, "
         "Tensor pos, Tensor rows, int n_heads, int n_kv_heads, int path=0) -> Tensor");
   m.class_<Reducer>("Reducer")
@@ -2182,6 +2352,7 @@ TORCH_LIBRARY(llamalite, m) {
       .def("step_stage", &DecodePlan::step_stage)
       .def("set_reducer", &DecodePlan::set_reducer)
       .def("set_extras", &DecodePlan::set_extras)
+      .def("set_moe", &DecodePlan::set_moe)
       .def("add_adapter", &DecodePlan::add_adapter)
       .def("step_adapted", &DecodePlan::step_adapted);
 }
@@ -2196,6 +2367,7 @@ TORCH_LIBRARY_IMPL(llamalite, CPU, m) {
   m.impl("quantize_q8_0", &quantize_q8_0);
   m.impl("rms_norm", &rms_norm);
   m.impl("silu_mul", &silu_mul_op);
+  m.impl("experts", &experts);
   m.impl("decode_attention", &decode_attention);
 }
 

@@ -40,6 +40,15 @@ class ModelConfig:
     family: str = "llama"  # llama (LLaMA 1-3, Mistral, SmolLM), qwen2 (Qwen2, Qwen2.5), qwen3, phi3
     qkv_bias: bool = False  # biases on the q, k and v projections (Qwen2)
     qk_norm: bool = False  # RMSNorm over each head's q and k before RoPE (Qwen3)
+    # A mixture of experts (Mixtral, Qwen2-MoE, Qwen3-MoE) in place of the feed-forward, where n_experts > 0:
+    n_experts: int = 0
+    n_experts_used: int = 0  # how many experts a token goes through (top-k)
+    expert_hidden_dim: int | None = None  # each expert's hidden size; None: hidden_dim
+    expert_router: str = "softmax"  # the chosen experts' weights: "softmax" over all, or "sigmoid" of their logits
+    expert_norm: bool = True  # the chosen weights rescaled to sum to 1 (Mixtral; Qwen-MoE's norm_topk_prob)
+    shared_expert_dim: int = 0  # a dense feed-forward every token also goes through (Qwen2-MoE), 0: none
+    shared_expert_gate: bool = False  # that one's output scaled by sigmoid(a learned gate of the input) (Qwen2-MoE)
+    dense_layers: tuple[int, ...] = ()  # the layers of an MoE model that keep a dense feed-forward of hidden_dim
 
     def __post_init__(self) -> None:
         if self.n_kv_heads is None:
@@ -58,6 +67,38 @@ class ModelConfig:
             self.rope_scaling = RopeScaling(**self.rope_scaling)
         if self.family not in FAMILIES:
             raise ValueError(f"unknown model family {self.family!r}; known: {', '.join(FAMILIES)}")
+        self.dense_layers = tuple(int(i) for i in self.dense_layers)
+        if self.n_experts:
+            if self.expert_hidden_dim is None:
+                self.expert_hidden_dim = self.hidden_dim
+            if not 0 < self.n_experts_used <= self.n_experts:
+                raise ValueError(f"n_experts_used ({self.n_experts_used}) must be 1 to n_experts ({self.n_experts})")
+            if self.expert_router not in ROUTERS:
+                raise ValueError(f"unknown expert_router {self.expert_router!r}; known: {', '.join(ROUTERS)}")
+
+    def moe_layer(self, i: int) -> bool:
+        """Whether layer i's feed-forward is a mixture of experts."""
+        return self.n_experts > 0 and i not in self.dense_layers
+
+    def parameter_counts(self) -> tuple[int, int]:
+        """(total, active): the weights the model holds, and those one token reads (the chosen experts'
+        only), embeddings and output layer included (tied: once)."""
+        qkv = self.dim * (self.n_heads + 2 * self.n_kv_heads) * self.head_dim
+        attn = qkv + self.n_heads * self.head_dim * self.dim + 2 * self.dim
+        attn += (self.n_heads + 2 * self.n_kv_heads) * self.head_dim if self.qkv_bias else 0
+        attn += 2 * self.head_dim if self.qk_norm else 0
+        total = active = self.vocab_size * self.dim * (1 if self.tie_embeddings else 2) + self.dim
+        for i in range(self.n_layers):
+            total, active = total + attn, active + attn
+            if not self.moe_layer(i):
+                total, active = total + 3 * self.dim * self.hidden_dim, active + 3 * self.dim * self.hidden_dim
+                continue
+            shared = 3 * self.dim * self.shared_expert_dim + (self.dim if self.shared_expert_gate else 0)
+            expert = 3 * self.dim * self.expert_hidden_dim
+            router = self.dim * self.n_experts
+            total += router + shared + self.n_experts * expert
+            active += router + shared + self.n_experts_used * expert
+        return total, active
 
     @classmethod
     def from_preset(cls, name: str, **overrides: Any) -> "ModelConfig":
@@ -70,10 +111,14 @@ class ModelConfig:
 
 
 FAMILIES = ("llama", "qwen2", "qwen3", "phi3")
-# Hugging Face model_type -> family; Mistral is a Llama with other sizes (and, in v0.1, a sliding window).
-HF_FAMILIES = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "phi3": "phi3"}
-# GGUF general.architecture -> family (Mistral's GGUF files say "llama")
-GGUF_FAMILIES = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "phi3": "phi3"}
+ROUTERS = ("softmax", "sigmoid")
+# Hugging Face model_type -> family; Mistral is a Llama with other sizes (and, in v0.1, a sliding window), Mixtral a
+# Mistral with experts; the Qwen MoE models are their dense family's attention with experts.
+HF_FAMILIES = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "phi3": "phi3",
+               "mixtral": "llama", "qwen2_moe": "qwen2", "qwen3_moe": "qwen3"}
+# GGUF general.architecture -> family (Mistral's and Mixtral's GGUF files say "llama")
+GGUF_FAMILIES = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "phi3": "phi3", "qwen2moe": "qwen2",
+                 "qwen3moe": "qwen3"}
 
 _LLAMA31_ROPE = dict(rope_scaling=RopeScaling(8.0, 1.0, 4.0, 8192), rope_theta=500000.0, context_length=131072)
 _LLAMA3_VOCAB = dict(vocab_size=128256, rope_theta=500000.0, context_length=8192)

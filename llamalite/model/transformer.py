@@ -174,14 +174,102 @@ class Attention(nn.Module):
 
 
 class FeedForward(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, hidden: int | None = None):
         super().__init__()
-        self.w1 = nn.Linear(cfg.dim, cfg.hidden_dim, bias=False)  # gate
-        self.w2 = nn.Linear(cfg.hidden_dim, cfg.dim, bias=False)  # down
-        self.w3 = nn.Linear(cfg.dim, cfg.hidden_dim, bias=False)  # up
+        hidden = hidden or cfg.hidden_dim
+        self.w1 = nn.Linear(cfg.dim, hidden, bias=False)  # gate
+        self.w2 = nn.Linear(hidden, cfg.dim, bias=False)  # down
+        self.w3 = nn.Linear(cfg.dim, hidden, bias=False)  # up
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class ExpertLinear(nn.Module):
+    """One linear layer of every expert: weight (n_experts, out_features, in_features); forward(x, e) is
+    expert e's x @ weight[e].T."""
+
+    def __init__(self, n_experts: int, in_features: int, out_features: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(n_experts, out_features, in_features))
+
+    def forward(self, x: torch.Tensor, e: int) -> torch.Tensor:
+        return F.linear(x, self.weight[e])
+
+
+class Experts(nn.Module):
+    """The experts of a mixture, each a SwiGLU feed-forward: w1 (gate), w3 (up) and w2 (down). forward adds
+    each row's chosen experts' outputs, weighted; rows are grouped by expert, so each expert's weights
+    are read once for all the rows that chose it."""
+
+    def __init__(self, n_experts: int, dim: int, hidden: int):
+        super().__init__()
+        self.w1 = ExpertLinear(n_experts, dim, hidden)
+        self.w2 = ExpertLinear(n_experts, hidden, dim)
+        self.w3 = ExpertLinear(n_experts, dim, hidden)
+
+    def forward(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """x (N, dim), each row's chosen experts' ids (N, k) and weights (N, k) -> (N, dim)."""
+        out = torch.zeros_like(x)
+        for e, rows, w in by_expert(ids, weights):
+            h = x[rows]
+            y = self.w2(F.silu(self.w1(h, e)) * self.w3(h, e), e)
+            out.index_add_(0, rows, y * w[:, None].to(y.dtype))
+        return out
+
+
+def by_expert(ids: torch.Tensor, weights: torch.Tensor):
+    """(expert, its rows, their weights) for each expert some row chose, in expert order."""
+    k = ids.shape[1]
+    flat = ids.reshape(-1)
+    order = torch.argsort(flat, stable=True)
+    counts = torch.bincount(flat, minlength=1).tolist()
+    start = 0
+    for e, n in enumerate(counts):
+        if n:
+            chosen = order[start:start + n]
+            yield e, chosen // k, weights.reshape(-1)[chosen]
+        start += n
+
+
+def route(logits: torch.Tensor, k: int, router: str, norm: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """A router's logits (N, E) -> the k chosen experts' weights (N, k) fp32 and ids (N, k). softmax: the
+    softmax over all experts, of the k largest; sigmoid: the sigmoid of the k largest logits. `norm`: the
+    chosen weights rescaled to sum to 1. Ties go to the lower expert id (torch.topk takes either, and the
+    kernels' decode step takes the lower), by a stable sort."""
+    logits = logits.float()
+    scores = logits if router == "sigmoid" else logits.softmax(dim=-1)
+    top, ids = (t[..., :k] for t in scores.sort(dim=-1, descending=True, stable=True))
+    weights = torch.sigmoid(top) if router == "sigmoid" else top
+    if norm:
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+    return weights, ids
+
+
+class MoEFeedForward(nn.Module):
+    """A mixture of experts in place of the feed-forward: a router (`gate`, dim -> n_experts) chooses
+    n_experts_used experts a token (model.config's expert_router, expert_norm), whose outputs add up
+    weighted; plus, where the family has one, a shared expert every token goes through (`shared`), its
+    output scaled by sigmoid(shared_gate(x)) where that gate exists (Qwen2-MoE)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.k, self.router, self.norm = cfg.n_experts_used, cfg.expert_router, cfg.expert_norm
+        self.gate = nn.Linear(cfg.dim, cfg.n_experts, bias=False)
+        self.experts = Experts(cfg.n_experts, cfg.dim, cfg.expert_hidden_dim)
+        self.shared = FeedForward(cfg, cfg.shared_expert_dim) if cfg.shared_expert_dim else None
+        self.shared_gate = nn.Linear(cfg.dim, 1, bias=False) if cfg.shared_expert_gate else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x2 = x.reshape(-1, x.shape[-1])
+        weights, ids = route(self.gate(x2), self.k, self.router, self.norm)
+        out = self.experts(x2, weights, ids)
+        if self.shared is not None:
+            shared = self.shared(x2)
+            if self.shared_gate is not None:
+                shared = torch.sigmoid(self.shared_gate(x2)) * shared
+            out = out + shared
+        return out.view(x.shape)
 
 
 # Each linear layer of a block, by its Meta name, and the block module that holds it (what LoRA wraps).
@@ -190,10 +278,10 @@ LINEAR_PARENTS = {"wq": "attention", "wk": "attention", "wv": "attention", "wo":
 
 
 class TransformerBlock(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, index: int = 0):
         super().__init__()
         self.attention = Attention(cfg)
-        self.feed_forward = FeedForward(cfg)
+        self.feed_forward = MoEFeedForward(cfg) if cfg.moe_layer(index) else FeedForward(cfg)
         self.attention_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
 
@@ -207,7 +295,7 @@ class Transformer(nn.Module):
         super().__init__()
         self.config = cfg
         self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.dim)
-        self.layers = nn.ModuleList(TransformerBlock(cfg) for _ in range(cfg.n_layers))
+        self.layers = nn.ModuleList(TransformerBlock(cfg, i) for i in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.output = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
@@ -313,7 +401,8 @@ class Transformer(nn.Module):
             if p.dim() == 1:
                 nn.init.ones_(p)
             else:
-                s = std / math.sqrt(2 * self.config.n_layers) if name.endswith(("wo.weight", "w2.weight")) else std
+                residual = name.endswith(("wo.weight", "w2.weight"))  # experts.w2.weight too
+                s = std / math.sqrt(2 * self.config.n_layers) if residual else std
                 with torch.no_grad():
                     p.normal_(0.0, s, generator=generator)
 

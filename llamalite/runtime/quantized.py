@@ -20,7 +20,8 @@ from torch import nn
 from .adapters import adapted
 from ..kernels.blocks import BLOCK, dequantize as dequantize_reference
 from ..kernels.ops import KERNEL_TYPES, kernels_available, register_fake, simd_path
-from ..model.transformer import Attention, FeedForward, RMSNorm, Transformer, TransformerBlock, rope_rotations
+from ..model.transformer import (Attention, Experts, FeedForward, MoEFeedForward, RMSNorm, Transformer,
+                                 TransformerBlock, rope_rotations)
 
 # Without the int16 GEMM (no AVX-512 VNNI), more rows than GEMV_MAX_ROWS of these run on the dot
 # products, eight rows a pass, not fp32 tiles: Q6_K's tiles were 1.15x faster on a 128-token SmolLM2
@@ -105,25 +106,73 @@ class QuantLinear(nn.Module):
         return layer
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        lead = x.shape[:-1]
+        y = self.product(x, self.raw)
+        return y if self.bias is None else y + self.bias
+
+    def product(self, x: torch.Tensor, raw: torch.Tensor) -> torch.Tensor:
+        """x @ W.T for W the rows of blocks `raw` (these rows, or some of them)."""
+        lead, n = x.shape[:-1], raw.shape[0]
         x2 = x.reshape(-1, self.in_features)
         if self.packed and x.device.type == "cpu" and (
                 x2.shape[0] <= GEMV_MAX_ROWS or _qgemm() or self.type_name in DOT_ONLY_TYPES):
-            y = torch.ops.llamalite.qmatmul(x2, self.raw, KERNEL_TYPES[self.type_name])
+            y = torch.ops.llamalite.qmatmul(x2, raw, KERNEL_TYPES[self.type_name])
         else:
             # Tiles of rows: dequantizing a 7B model's weights whole would write gigabytes per prefill.
             rows = max(1, GEMM_TILE_BYTES // (4 * self.in_features))
             x2 = x2.float()
-            y = torch.cat([F.linear(x2, dequantize_rows(self.raw[i:i + rows], self.type_name, self.packed).to(x2.device))
-                           for i in range(0, self.out_features, rows)], dim=1)
-        y = y.to(x.dtype).reshape(*lead, self.out_features)
-        return y if self.bias is None else y + self.bias
+            y = torch.cat([F.linear(x2, dequantize_rows(raw[i:i + rows], self.type_name, self.packed).to(x2.device))
+                           for i in range(0, n, rows)], dim=1)
+        return y.to(x.dtype).reshape(*lead, n)
 
     def dequantized(self) -> torch.Tensor:
         return dequantize_rows(self.raw, self.type_name, self.packed)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, type={self.type_name}"
+
+
+class QuantExpertLinear(QuantLinear):
+    """model.ExpertLinear (forward(x, e): expert e's product) over GGUF blocks: the experts' rows one after
+    another, n_experts * out_features rows of in_features / 32 blocks, as a file's 3-D expert tensor holds
+    them; expert e's product reads only its own rows."""
+
+    def __init__(self, raw: torch.Tensor, type_name: str, n_experts: int, in_features: int, in_place: bool = False,
+                 packed: bool = False):
+        super().__init__(raw, type_name, in_features, in_place, packed)
+        if self.out_features % n_experts:
+            raise ValueError(f"{self.out_features} rows of blocks do not split into {n_experts} experts")
+        self.n_experts, self.out_features = n_experts, self.out_features // n_experts
+
+    def forward(self, x: torch.Tensor, e: int) -> torch.Tensor:
+        return self.product(x, self.raw[e * self.out_features:(e + 1) * self.out_features])
+
+    def dequantized(self) -> torch.Tensor:
+        return super().dequantized().view(self.n_experts, self.out_features, self.in_features)
+
+    def extra_repr(self) -> str:
+        return f"n_experts={self.n_experts}, " + super().extra_repr()
+
+
+class FastExperts(Experts):
+    """model.Experts whose products run as one kernel call (torch.ops.llamalite.experts: rows grouped by
+    expert, only the chosen experts' rows read) where its three projections are packed blocks, w1 and w3
+    of one type, on fp32 CPU rows; every other case runs Experts' own forward."""
+
+    @classmethod
+    def replacing(cls, experts: Experts) -> "FastExperts":
+        fast = cls.__new__(cls)
+        nn.Module.__init__(fast)
+        fast.w1, fast.w2, fast.w3 = experts.w1, experts.w2, experts.w3
+        fast.fused = (all(isinstance(m, QuantExpertLinear) and m.packed for m in (fast.w1, fast.w2, fast.w3))
+                      and fast.w1.type_name == fast.w3.type_name)
+        return fast
+
+    def forward(self, x, weights, ids):
+        if not self.fused or x.device.type != "cpu" or x.dtype != torch.float32 or torch.compiler.is_compiling():
+            return super().forward(x, weights, ids)
+        return torch.ops.llamalite.experts(x, ids, weights, self.w1.raw, self.w3.raw, self.w2.raw,
+                                           KERNEL_TYPES[self.w1.type_name], KERNEL_TYPES[self.w2.type_name],
+                                           self.w1.n_experts)
 
 
 class QuantEmbedding(nn.Module):
@@ -240,9 +289,10 @@ class FastFeedForward(FeedForward):
 
 
 def _fusable(block: TransformerBlock, bias: bool, head_norms: bool) -> bool:
-    """Whether a DecodePlan can run this block: kernel-backed attention and feed-forward with q/k/v
-    and gate/up fused, wo and w2 packed, fp32 norms of one eps; q/k/v biases and head norms (fp32, one
-    eps for q and k) as the model's first block has them or not."""
+    """Whether a DecodePlan can run this block: kernel-backed attention with q/k/v fused and wo packed, a
+    feed-forward with gate/up fused and w2 packed (or a mixture of experts on the kernels: _mixture), fp32
+    norms of one eps; q/k/v biases and head norms (fp32, one eps for q and k) as the model's first block
+    has them or not."""
     a, f = block.attention, block.feed_forward
     biases = [getattr(m, "bias", None) for m in (a.wq, a.wk, a.wv)]
     heads = [getattr(a, "q_norm", None), getattr(a, "k_norm", None)]
@@ -250,11 +300,23 @@ def _fusable(block: TransformerBlock, bias: bool, head_norms: bool) -> bool:
         return False
     if head_norms and (heads[0].eps != heads[1].eps or any(n.weight.dtype != torch.float32 for n in heads)):
         return False
-    return (isinstance(a, FastAttention) and a.qkv is not None and isinstance(f, FastFeedForward)
-            and f.w13 is not None and all(isinstance(m, QuantLinear) and m.packed for m in (a.wo, f.w2))
+    ffn = _mixture(f) if isinstance(f, MoEFeedForward) else _dense_ffn(f)
+    return (isinstance(a, FastAttention) and a.qkv is not None and ffn and isinstance(a.wo, QuantLinear) and a.wo.packed
             and all(t is None or t.dtype == torch.float32 for t in biases)
             and block.attention_norm.eps == block.ffn_norm.eps
             and block.attention_norm.weight.dtype == block.ffn_norm.weight.dtype == torch.float32)
+
+
+def _dense_ffn(f: nn.Module) -> bool:
+    return isinstance(f, FastFeedForward) and f.w13 is not None and isinstance(f.w2, QuantLinear) and f.w2.packed
+
+
+def _mixture(f: "MoEFeedForward") -> bool:
+    """Whether a DecodePlan runs this mixture of experts: its experts on the kernels (FastExperts.fused), its
+    router packed or fp32, its shared expert (if any) a dense feed-forward it runs, its shared gate fp32."""
+    return (isinstance(f.experts, FastExperts) and f.experts.fused and _table(f.gate) is not None
+            and (f.shared is None or _dense_ffn(f.shared))
+            and (f.shared_gate is None or _table(f.shared_gate) is not None and _table(f.shared_gate)[1] == DENSE))
 
 
 DENSE = -1  # DecodePlan's type of an fp32 weight matrix
@@ -288,16 +350,30 @@ class FastTransformer(Transformer):
         bias = first is not None and getattr(first.wq, "bias", None) is not None
         head_norms = first is not None and getattr(first, "q_norm", None) is not None
         if model.layers and embed and out and all(_fusable(b, bias, head_norms) for b in model.layers):
-            norms, weights, types = [], [], []
-            for b in model.layers:
+            norms, weights, types, mixtures = [], [], [], []
+            for i, b in enumerate(model.layers):
                 a, f = b.attention, b.feed_forward
                 norms += [b.attention_norm.weight, b.ffn_norm.weight]
-                weights += [a.wq.raw, a.wk.raw, a.wv.raw, a.wo.raw, f.w1.raw, f.w3.raw, f.w2.raw]
-                types += [KERNEL_TYPES[m.type_name] for m in (a.wq, a.wo, f.w1, f.w2)]
+                weights += [a.wq.raw, a.wk.raw, a.wv.raw, a.wo.raw]
+                types += [KERNEL_TYPES[m.type_name] for m in (a.wq, a.wo)]
+                dense = f.shared if isinstance(f, MoEFeedForward) else f  # a mixture's shared expert, or none
+                if dense is None:
+                    weights += [torch.empty(0, dtype=torch.uint8)] * 3
+                    types += [0, 0]
+                else:
+                    weights += [dense.w1.raw, dense.w3.raw, dense.w2.raw]
+                    types += [KERNEL_TYPES[m.type_name] for m in (dense.w1, dense.w2)]
+                if isinstance(f, MoEFeedForward):
+                    mixtures.append((i, f))
             a = model.layers[0].attention
             fast.plan = torch.classes.llamalite.DecodePlan(
                 embed[0], embed[1], model.inv_freq, norms, weights, types, model.layers[0].attention_norm.eps,
                 model.norm.weight, model.norm.eps, out[0], out[1], a.n_heads, a.n_kv_heads)
+            for i, f in mixtures:
+                e = f.experts
+                gate = f.shared_gate.weight.detach().reshape(-1) if f.shared_gate is not None else torch.empty(0)
+                fast.plan.set_moe(i, *_table(f.gate), e.w1.raw, e.w3.raw, e.w2.raw, KERNEL_TYPES[e.w1.type_name],
+                                  KERNEL_TYPES[e.w2.type_name], f.k, f.router == "sigmoid", f.norm, gate)
             if bias or head_norms:  # Qwen2's q/k/v biases, Qwen3's head norms
                 biases = [m.bias.detach() for b in model.layers for m in (b.attention.wq, b.attention.wk, b.attention.wv)
                           ] if bias else []
@@ -356,6 +432,8 @@ def use_kernels(model: nn.Module) -> nn.Module:
             setattr(model.get_submodule(parent), attr, FastAttention.replacing(module))
         elif type(module) is FeedForward:
             setattr(model.get_submodule(parent), attr, FastFeedForward.replacing(module))
+        elif type(module) is Experts:
+            setattr(model.get_submodule(parent), attr, FastExperts.replacing(module))
     return FastTransformer.replacing(model) if type(model) is Transformer else model
 
 

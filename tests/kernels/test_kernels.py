@@ -276,3 +276,31 @@ def test_fast_transformer_step_matches_the_reference_forward(tables):
         shared = torch.tensor([31])
         torch.testing.assert_close(fast(tokens, shared), Transformer.forward(fast, tokens, shared), rtol=1e-4,
                                    atol=1e-4)
+
+
+@pytest.mark.parametrize("path", ["avx512vnni", "avx2", "portable"])
+@pytest.mark.parametrize("t13,t2", [("Q4_0", "Q8_0"), ("Q4_1", "Q4_1"), ("Q4_K", "Q6_K")])
+@pytest.mark.parametrize("n", [1, 3, 40])  # 40 rows: some experts get more than the dot product's 8 (the GEMM)
+def test_experts_op_matches_dequantized_fp32(path, t13, t2, n):
+    """Each row through its chosen experts (rows grouped by expert, only those experts' rows read) against
+    the gguf package's dequantization in fp64."""
+    if path not in PATHS:
+        pytest.skip(f"this CPU has no {path}")
+    E, k, K, H = 4, 2, 256, 256
+    _, w1, d1 = _weights(t13, E * H, K, seed=1)
+    _, w3, d3 = _weights(t13, E * H, K, seed=2)
+    _, w2, d2 = _weights(t2, E * K, H, seed=3)
+    g = torch.Generator().manual_seed(n)
+    x = torch.randn(n, K, generator=g)
+    ids = torch.stack([torch.randperm(E, generator=g)[:k] for _ in range(n)])
+    wts = torch.rand(n, k, generator=g)
+    got = torch.ops.llamalite.experts(x, ids, wts, w1, w3, w2, KERNEL_TYPES[t13], KERNEL_TYPES[t2], E, PATHS[path])
+    want = torch.zeros(n, K, dtype=torch.float64)
+    d1, d3, d2 = (d.double().view(E, -1, d.shape[1]) for d in (d1, d3, d2))
+    for r in range(n):
+        for j in range(k):
+            e, xr = int(ids[r, j]), x[r].double()
+            want[r] += float(wts[r, j]) * (F.silu(d1[e] @ xr) * (d3[e] @ xr)) @ d2[e].T
+    assert ((got.double() - want).norm() / want.norm()).item() < 1e-3
+    with pytest.raises(RuntimeError, match="outside"):
+        torch.ops.llamalite.experts(x, ids + E, wts, w1, w3, w2, KERNEL_TYPES[t13], KERNEL_TYPES[t2], E, PATHS[path])

@@ -1,0 +1,219 @@
+"""Mixtures of experts (Mixtral, Qwen3-MoE, Qwen2-MoE with its gated shared expert) as configuration of
+the one model file. Tiny random models built with transformers: logits and greedy tokens from the
+Hugging Face loader and from our GGUF export (f32, and q8_0 with the experts on the kernels and in the
+one-call decode step), llama.cpp reading that export, the Hugging Face export read back by transformers,
+batched decoding equal to alone, parameter counts, routing's edge cases and the errors."""
+
+import numpy as np
+import pytest
+import torch
+
+from llamalite.formats.load import load
+from tests.helpers import save_hf_dir
+
+transformers = pytest.importorskip("transformers")
+
+COMMON = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, vocab_size=400,
+              intermediate_size=64, max_position_embeddings=128, rms_norm_eps=1e-5, tie_word_embeddings=False)
+FAMILIES = {  # name -> (config and model classes, extra config, llamalite's family)
+    "mixtral": ("MixtralConfig", "MixtralForCausalLM", dict(num_local_experts=4, num_experts_per_tok=2,
+                                                             sliding_window=None), "llama"),
+    "qwen3moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM", dict(num_experts=8, num_experts_per_tok=3, head_dim=32,
+                                                               moe_intermediate_size=32, norm_topk_prob=True), "qwen3"),
+    "qwen2moe": ("Qwen2MoeConfig", "Qwen2MoeForCausalLM", dict(num_experts=8, num_experts_per_tok=2,
+                                                               moe_intermediate_size=32,
+                                                               shared_expert_intermediate_size=96), "qwen2"),
+}
+IDS = [5, 17, 99, 3, 250, 77, 12, 8, 300, 41]
+
+
+def _build(kind, **overrides):
+    config_cls, model_cls, extra, _ = FAMILIES[kind]
+    torch.manual_seed(0)
+    model = getattr(transformers, model_cls)(getattr(transformers, config_cls)(**{**COMMON, **extra, **overrides}))
+    model = model.float().eval()
+    with torch.no_grad():  # norms and biases away from 1 and 0; routers sharp enough that choices differ per token
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.uniform_(0.5, 1.5)
+            elif "bias" in name:
+                p.normal_(0, 0.5)
+            elif name.endswith(("mlp.gate.weight", "block_sparse_moe.gate.weight", "shared_expert_gate.weight")):
+                p.normal_(0, 0.5)
+    return model
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    return {kind: (m := _build(kind), save_hf_dir(m, tmp_path_factory.mktemp(kind))) for kind in FAMILIES}
+
+
+def _reference(model, ids=IDS):
+    with torch.no_grad():
+        logits = model(torch.tensor([ids])).logits[0]
+        greedy = model.generate(torch.tensor([ids]), max_new_tokens=32, do_sample=False, min_new_tokens=32,
+                                pad_token_id=0)[0, len(ids):].tolist()
+    return logits, greedy
+
+
+def _ours(lm, ids=IDS):
+    from llamalite.generation.sampling import GREEDY
+    from llamalite.generation.tokens import generate
+
+    with torch.no_grad():
+        logits = lm.model(torch.tensor([ids]))[0]
+    lm.model.setup_caches(1, 128, "f32")
+    lm.model.cache_tokens = []
+    return logits, list(generate(lm.model, ids, max_new_tokens=32, sampling=GREEDY))
+
+
+@pytest.mark.parametrize("kind", FAMILIES)
+def test_the_hugging_face_checkpoint(models, kind):
+    model, path = models[kind]
+    lm = load(path)
+    assert lm.config.family == FAMILIES[kind][3] and lm.config.n_experts > 0
+    want, want_tokens = _reference(model)
+    got, tokens = _ours(lm)
+    assert float((got - want).abs().max()) < 1e-4
+    assert tokens == want_tokens
+    total, active = lm.config.parameter_counts()
+    assert total == sum(p.numel() for p in model.parameters()) and active < total
+
+
+@pytest.mark.parametrize("kind", FAMILIES)
+def test_our_gguf_export_reads_back(models, kind, tmp_path):
+    """f32: transformers' logits and tokens. q8_0: the experts stay in blocks (one kernel call a layer, rows
+    grouped by expert), within the rounding; the cached decode gives its own full forward's greedy tokens,
+    and the one-call decode step (DecodePlan, with the router, experts and shared expert) is the layers' step."""
+    from llamalite.formats.export import export_gguf
+    from llamalite.runtime.quantized import FastExperts
+
+    model, path = models[kind]
+    lm = load(path)
+    want, want_tokens = _reference(model)
+    f32 = load(export_gguf(lm.model, lm.tokenizer, tmp_path / "f32.gguf", dtype="f32"))
+    assert f32.config.n_experts == lm.config.n_experts and f32.config.expert_norm == lm.config.expert_norm
+    got, tokens = _ours(f32)
+    assert float((got - want).abs().max()) < 1e-4 and tokens == want_tokens
+    q8 = load(export_gguf(lm.model, lm.tokenizer, tmp_path / "q8.gguf", dtype="q8_0"))
+    experts = q8.model.layers[0].feed_forward.experts
+    assert isinstance(experts, FastExperts) and experts.fused and experts.w1.type_name == "Q8_0"
+    got, tokens = _ours(q8)
+    assert float((got - want).abs().max() / want.abs().max()) < 3e-2
+    seq = list(IDS)
+    with torch.no_grad():
+        for _ in range(12):  # greedy by full forwards, no cache at all
+            seq.append(int(q8.model(torch.tensor([seq]))[0, -1].argmax()))
+    assert tokens[:12] == seq[len(IDS):]
+    m = q8.model
+    assert m.plan is not None
+    m.setup_caches(1, 128, "f32")
+    with torch.no_grad():
+        m(torch.tensor([IDS]), torch.arange(len(IDS)))
+        one_call = m(torch.tensor([[7]]), torch.tensor([len(IDS)]))[0, -1]
+        plan, m.plan = m.plan, None
+        by_layers = m(torch.tensor([[7]]), torch.tensor([len(IDS)]))[0, -1]
+        m.plan = plan
+    assert float((one_call - by_layers).abs().max()) <= 1e-5 * float(by_layers.abs().max())
+
+
+@pytest.mark.parametrize("kind", FAMILIES)
+def test_llamacpp_reads_our_gguf_as_we_do(models, kind, tmp_path):
+    llama_cpp = pytest.importorskip("llama_cpp", reason="the peer: pip install -e '.[peer]'")
+    from llamalite.formats.export import export_gguf
+
+    model, path = models[kind]
+    lm = load(path)
+    gguf = export_gguf(lm.model, lm.tokenizer, tmp_path / "f32.gguf", dtype="f32")
+    llm = llama_cpp.Llama(str(gguf), n_ctx=128, logits_all=True, verbose=False)
+    llm.eval(IDS)
+    peer = torch.tensor(np.asarray(llm.scores[:len(IDS)]))
+    want, _ = _reference(model)
+    assert float((peer - want).abs().max()) < 1e-3
+
+
+@pytest.mark.parametrize("kind", FAMILIES)
+def test_our_hugging_face_export_reads_back_in_transformers(models, kind, tmp_path):
+    from llamalite.formats.export import export_hf
+
+    model, path = models[kind]
+    lm = load(path)
+    again = transformers.AutoModelForCausalLM.from_pretrained(export_hf(lm.model, lm.tokenizer, tmp_path / "hf"))
+    assert type(again).__name__ == type(model).__name__
+    with torch.no_grad():
+        assert torch.allclose(again.float()(torch.tensor([IDS])).logits, model(torch.tensor([IDS])).logits, atol=1e-5)
+
+
+def test_dense_layers_among_the_experts(tmp_path):
+    """Qwen-MoE's mlp_only_layers and decoder_sparse_step: those layers keep a dense feed-forward of
+    intermediate_size. GGUF has no place for them in llama.cpp's qwen3moe: that export is refused."""
+    from llamalite.formats.export import ExportError, export_gguf
+
+    model = _build("qwen3moe", num_hidden_layers=3, mlp_only_layers=[1])
+    lm = load(save_hf_dir(model, tmp_path / "m"))
+    assert lm.config.dense_layers == (1,)
+    from llamalite.model.transformer import FeedForward, MoEFeedForward
+
+    assert isinstance(lm.model.layers[1].feed_forward, FeedForward)
+    assert isinstance(lm.model.layers[0].feed_forward, MoEFeedForward)
+    want, want_tokens = _reference(model)
+    got, tokens = _ours(lm)
+    assert float((got - want).abs().max()) < 1e-4 and tokens == want_tokens
+    with pytest.raises(ExportError, match=r"layers \[1\] have a dense feed-forward.*--to hf"):
+        export_gguf(lm.model, lm.tokenizer, tmp_path / "x.gguf")
+
+
+def test_batched_decoding_equals_alone(models, tmp_path):
+    """Requests of different lengths decoded together in the server's engine: what each gives alone (the
+    experts on the kernels, several rows choosing different experts in one step)."""
+    from llamalite.formats.export import export_gguf
+    from llamalite.generation.sampling import GREEDY
+    from llamalite.generation.tokens import generate
+    from llamalite.serve.engine import Engine, Request, TokenEvent
+
+    model, path = models["qwen3moe"]
+    lm = load(export_gguf(load(path).model, load(path).tokenizer, tmp_path / "q.gguf", dtype="q8_0"))
+    prompts = [IDS, IDS[3:] + [1, 2], [9, 8, 7]]
+    want = []
+    for p in prompts:
+        lm.model.cache_tokens = []
+        want.append(list(generate(lm.model, p, max_new_tokens=16, sampling=GREEDY)))
+    engine = Engine(lm.model, max_batch=3, max_seq_len=128).start()
+    try:
+        requests = [engine.submit(Request(p, max_tokens=16, sampling=GREEDY)) for p in prompts]
+        assert [[e.token for e in r if isinstance(e, TokenEvent)] for r in requests] == want
+    finally:
+        engine.stop()
+
+
+def test_routing_edges():
+    """Ties go to the lower expert id; top-k of all experts; softmax weights rescaled or not; the sigmoid
+    router weighs each chosen expert by its own logit."""
+    from llamalite.model.transformer import route
+
+    logits = torch.tensor([[1.0, 3.0, 3.0, 0.0], [2.0, 2.0, 2.0, 2.0]])
+    w, ids = route(logits, 2, "softmax", norm=True)
+    assert ids.tolist() == [[1, 2], [0, 1]] and torch.allclose(w, torch.full((2, 2), 0.5))
+    w, ids = route(logits, 4, "softmax", norm=False)
+    assert torch.allclose(w.sum(-1), torch.ones(2)) and sorted(ids[0].tolist()) == [0, 1, 2, 3]
+    w, ids = route(logits, 1, "softmax", norm=False)
+    assert ids[:, 0].tolist() == [1, 0] and abs(float(w[1, 0]) - 0.25) < 1e-6
+    w, ids = route(logits, 1, "sigmoid", norm=False)
+    assert abs(float(w[0, 0]) - float(torch.sigmoid(torch.tensor(3.0)))) < 1e-6
+
+
+def test_what_is_not_supported_says_so(models, tmp_path):
+    from llamalite.formats.export import ExportError, export_gguf
+    from llamalite.formats.hf import config_from_hf
+    from llamalite.formats.gguf import config_from_gguf
+
+    with pytest.raises(ValueError, match="model_type 'deepseek_v3'.*mixtral"):
+        config_from_hf({"model_type": "deepseek_v3"})
+    with pytest.raises(ValueError, match="architecture 'deepseek2' is not supported.*qwen3moe"):
+        config_from_gguf({"general.architecture": "deepseek2"}, has_output=True)
+    with pytest.raises(ValueError, match="n_experts_used"):
+        config_from_hf({**COMMON, **FAMILIES["mixtral"][2], "model_type": "mixtral", "num_experts_per_tok": 5})
+    # llama.cpp's qwen3moe always rescales the chosen weights: a model that does not cannot go there
+    lm = load(save_hf_dir(_build("qwen3moe", norm_topk_prob=False), tmp_path / "m"))
+    with pytest.raises(ExportError, match="qwen3moe weighs the chosen experts.*--to hf"):
+        export_gguf(lm.model, lm.tokenizer, tmp_path / "x.gguf")

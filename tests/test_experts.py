@@ -217,3 +217,50 @@ def test_what_is_not_supported_says_so(models, tmp_path):
     lm = load(save_hf_dir(_build("qwen3moe", norm_topk_prob=False), tmp_path / "m"))
     with pytest.raises(ExportError, match="qwen3moe weighs the chosen experts.*--to hf"):
         export_gguf(lm.model, lm.tokenizer, tmp_path / "x.gguf")
+
+
+def test_the_verbs_on_a_mixture_of_experts(models, tmp_path):
+    """generate, bench, info (total and active parameters, the bytes a token reads), embed, eval, export, and a
+    LoRA fine-tune of the attention (the routers and experts frozen; LoRA on experts refused) whose merged
+    export reads back."""
+    import json
+    import subprocess
+    import sys
+
+    from llamalite.formats.export import export_gguf
+    from llamalite.train.config import FinetuneConfig
+    from llamalite.train.finetune import finetune
+
+    model, path = models["qwen3moe"]
+    lm = load(path)
+    gguf = str(export_gguf(lm.model, lm.tokenizer, tmp_path / "q.gguf", dtype="q8_0"))
+    text = tmp_path / "t.txt"
+    text.write_text("the quick brown fox jumps over the lazy dog. " * 20)
+    run = lambda *a: subprocess.run([sys.executable, "-m", "llamalite", *a], capture_output=True, text=True,  # noqa: E731
+                                    timeout=300)
+    for args in (["generate", "--model", gguf, "-t", "0", "-n", "8", "hello"],
+                 ["bench", "--model", gguf, "--repeats", "1", "--prompt-tokens", "16", "--gen-tokens", "8"],
+                 ["embed", "--model", gguf, "hello there"],
+                 ["eval", "perplexity", str(text), "--model", gguf, "--ctx", "32", "--json"],
+                 ["export", gguf, "--to", "hf", "--out", str(tmp_path / "back")]):
+        out = run(*args)
+        assert out.returncode == 0, (args, out.stderr[-2000:])
+    info = json.loads(run("info", "--model", gguf, "--json").stdout)
+    total, active = lm.config.parameter_counts()
+    assert (info["parameters"], info["active_parameters"], info["experts"], info["experts_per_token"]) == (
+        total, active, 8, 3)
+    assert 0 < info["weight_bytes_per_token"] < (tmp_path / "q.gguf").stat().st_size
+    assert load(tmp_path / "back").config.n_experts == 8
+
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps({"text": f"line {i} of the corpus"}) + "\n" for i in range(8)))
+    common = dict(model=gguf, data=str(data), steps=2, batch_size=2, lr=1e-2, eval_every=2, save_every=2,
+                  val_every=2, lora_rank=4, progress=False, seq_len=32)
+    with pytest.raises(ValueError, match="LoRA on the experts is not supported"):
+        finetune(FinetuneConfig(out=str(tmp_path / "x"), targets="wq,w1", **common))
+    finetune(FinetuneConfig(out=str(tmp_path / "ft"), **common))
+    out = run("export", str(tmp_path / "ft"), "--to", "gguf", "--dtype", "q8_0", "--out", str(tmp_path / "ft.gguf"))
+    assert out.returncode == 0, out.stderr[-2000:]
+    tuned = load(tmp_path / "ft.gguf")
+    assert tuned.config.n_experts == 8
+    assert torch.equal(tuned.model.layers[0].feed_forward.gate.weight, load(gguf).model.layers[0].feed_forward.gate.weight)

@@ -151,7 +151,7 @@ def cmd_info(args) -> int:
     from ..backends import load
     from ..formats.load import load_tokenizer
     from ..formats.gguf import gguf_vocab_only
-    from ..runtime.quantized import count_parameters
+    from ..runtime.quantized import bytes_per_token, count_parameters
     from ..kernels.ops import simd_path
     from ..formats.store import resolve_model
 
@@ -175,6 +175,11 @@ def cmd_info(args) -> int:
         "name": lm.metadata.get("general.name"),
         "architecture": cfg.family,
         "parameters": n_params,
+        **({"active_parameters": cfg.parameter_counts()[1], "experts": cfg.n_experts,
+            "experts_per_token": cfg.n_experts_used, "expert_ffn_dim": cfg.expert_hidden_dim,
+            "shared_expert_ffn_dim": cfg.shared_expert_dim, "dense_layers": list(cfg.dense_layers)}
+           if cfg.n_experts else {}),
+        "weight_bytes_per_token": bytes_per_token(lm.model),
         "layers": cfg.n_layers, "dim": cfg.dim, "heads": cfg.n_heads, "kv_heads": cfg.n_kv_heads,
         "head_dim": cfg.head_dim, "ffn_dim": cfg.hidden_dim, "vocab_size": cfg.vocab_size,
         "context_length": cfg.context_length, "rope_theta": cfg.rope_theta,
@@ -191,8 +196,10 @@ def cmd_info(args) -> int:
         for k, v in info.items():
             if k == "chat_template":
                 v = "\n    " + str(v).replace("\n", "\n    ")
-            elif k == "parameters":
+            elif k in ("parameters", "active_parameters"):
                 v = f"{v:,} ({v / 1e6:.1f}M)"
+            elif k == "weight_bytes_per_token":
+                v = f"{v:,} ({v / 2**20:.1f} MiB)"
             print(f"{k}: {v}")
     return 0
 

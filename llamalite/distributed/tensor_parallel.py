@@ -43,6 +43,9 @@ class Split:
 
     def __post_init__(self):
         cfg, world = self.cfg, self.shard.world
+        if cfg.n_experts:
+            raise ParallelError(f"a mixture of experts ({cfg.n_experts} experts) is not split by heads yet: split it "
+                                f"by layers (--pp), or run it in one process")
         if world > cfg.n_kv_heads:
             raise ParallelError(f"tensor parallelism over {world} ranks needs at least {world} key/value-head groups; "
                                 f"this model has {cfg.n_kv_heads}: use at most {cfg.n_kv_heads} ranks")

@@ -189,6 +189,22 @@ PRESETS: dict[str, dict[str, Any]] = {
     # sliding window bounds the context llamalite runs it at (config_from_hf).
     "phi3-mini-4k": dict(family="phi3", dim=3072, n_layers=32, n_heads=32, hidden_dim=8192, vocab_size=32064,
                          context_length=2047),
+    # Mixtures of experts (total / active). Mixtral 8x7B (mistralai config.json; Jiang et al. 2024: 47B / 13B):
+    # 46.7B / 12.9B
+    "mixtral-8x7b": dict(dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, hidden_dim=14336, vocab_size=32000,
+                         rope_theta=1000000.0, context_length=32768, n_experts=8, n_experts_used=2),
+    # Qwen3-MoE (Qwen config.json; model cards: 30.5B / 3.3B, 235B / 22B)
+    "qwen3-30b-a3b": dict(family="qwen3", qk_norm=True, dim=2048, n_layers=48, n_heads=32, n_kv_heads=4, head_dim=128,
+                          hidden_dim=6144, vocab_size=151936, norm_eps=1e-6, rope_theta=1000000.0,
+                          context_length=40960, n_experts=128, n_experts_used=8, expert_hidden_dim=768),
+    "qwen3-235b-a22b": dict(family="qwen3", qk_norm=True, dim=4096, n_layers=94, n_heads=64, n_kv_heads=4,
+                            head_dim=128, hidden_dim=12288, vocab_size=151936, norm_eps=1e-6, rope_theta=1000000.0,
+                            context_length=40960, n_experts=128, n_experts_used=8, expert_hidden_dim=1536),
+    # Qwen1.5-MoE-A2.7B (Qwen config.json, the qwen2_moe architecture; model card: 14.3B / 2.7B)
+    "qwen1.5-moe-a2.7b": dict(family="qwen2", qkv_bias=True, dim=2048, n_layers=24, n_heads=16, hidden_dim=5632,
+                              vocab_size=151936, norm_eps=1e-6, rope_theta=1000000.0, context_length=8192,
+                              n_experts=60, n_experts_used=4, expert_hidden_dim=1408, expert_norm=False,
+                              shared_expert_dim=5632, shared_expert_gate=True),
 }
 
 

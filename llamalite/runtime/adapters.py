@@ -76,7 +76,10 @@ class AdapterSet:
         device = self.model.device
         for (layer, target), (a, b) in pairs.items():
             parent = getattr(self.model.layers[layer], LINEAR_PARENTS[target])
-            module = getattr(parent, target)
+            module = getattr(parent, target, None)
+            if module is None:
+                raise ValueError(f"adapter {name!r} changes layer {layer}'s {target}, which this model's layer has not "
+                                 f"(a mixture of experts): adapters on experts are not served")
             if not isinstance(module, AdaptedLinear):
                 module = AdaptedLinear(module, self)
                 setattr(parent, target, module)

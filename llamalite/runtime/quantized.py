@@ -450,3 +450,25 @@ def count_parameters(model: nn.Module) -> int:
             n_el, n_bytes = BLOCK[m.type_name]
             total += m.raw.shape[0] * m.raw.shape[1] // n_bytes * n_el
     return total
+
+
+def bytes_per_token(model: nn.Module) -> int:
+    """The weight bytes one token's decode step reads, as held (blocks or dense): every layer's weights and
+    the output layer, of each mixture of experts only the chosen experts' share (n_experts_used of
+    n_experts), of the embedding table one row."""
+    from ..model.transformer import ExpertLinear
+
+    cfg = getattr(model, "config", None)
+    share = cfg.n_experts_used / cfg.n_experts if cfg is not None and cfg.n_experts else 1.0
+    seen, total = set(), 0.0
+    for name, m in model.named_modules():
+        tensors = [m.raw] if isinstance(m, (QuantLinear, QuantEmbedding)) else list(m.parameters(recurse=False))
+        for t in tensors:
+            if t.data_ptr() in seen:
+                continue
+            seen.add(t.data_ptr())
+            if name == "tok_embeddings" and not cfg.tie_embeddings:
+                total += t.nbytes / t.shape[0]  # one row
+            else:
+                total += t.nbytes * (share if isinstance(m, (QuantExpertLinear, ExpertLinear)) else 1.0)
+    return int(total)

@@ -73,7 +73,11 @@ def apply_lora(model: nn.Module, rank: int = 8, alpha: float = 16.0, targets: Se
     unknown = sorted(set(targets) - set(LINEAR_PARENTS))
     if unknown or not targets:
         raise ValueError(f"unknown LoRA target(s) {', '.join(unknown) or '(none given)'}; choose from {', '.join(LINEAR_PARENTS)}")
-    model.requires_grad_(False)
+    moe = [i for i, layer in enumerate(model.layers) if not hasattr(layer.feed_forward, "w1")]
+    if moe and set(targets) & {"w1", "w2", "w3"}:
+        raise ValueError(f"layers {moe[:4]}{'...' if len(moe) > 4 else ''} are mixtures of experts, and LoRA on the "
+                         f"experts is not supported yet: target attention (wq wk wv wo)")
+    model.requires_grad_(False)  # the routers too: they stay as trained
     generator = torch.Generator().manual_seed(seed)
     for layer in model.layers:
         for t in targets:
@@ -87,7 +91,7 @@ def lora_layers(model: nn.Module) -> list[tuple[int, str, LoRALinear]]:
     out = []
     for i, layer in enumerate(model.layers):
         for t, parent in LINEAR_PARENTS.items():
-            m = getattr(getattr(layer, parent), t)
+            m = getattr(getattr(layer, parent), t, None)  # None: a mixture of experts' feed-forward
             if isinstance(m, LoRALinear):
                 out.append((i, t, m))
     return out

@@ -378,3 +378,24 @@ def test_bench_under_torchrun_reports_each_rank(tiny_files):
         assert result["split"] == split and result["world"] == 2 and [r["rank"] for r in result["ranks"]] == [0, 1]
         assert result["all_reduce"] == ("shared memory" if split == "heads" else None)
         assert all(r["peak_rss_mib"] > 0 and 0 < r["collective_share"] < 1 for r in result["ranks"])
+
+
+def test_a_mixture_of_experts_splits_by_layers(tmp_path):
+    """Qwen3-MoE split by layers (--pp): each stage's experts on the kernels in its one-call step, the same
+    logits and greedy tokens as one process; split by heads it is refused with what to do instead."""
+    from llamalite.backends import load
+    from llamalite.formats.export import export_gguf
+    from tests.helpers import save_hf_dir
+    from tests.test_experts import _build
+
+    lm = load(save_hf_dir(_build("qwen3moe", num_hidden_layers=4), tmp_path / "m"))
+    files = [export_gguf(lm.model, lm.tokenizer, tmp_path / "moe-Q8_0.gguf", dtype="q8_0")]
+    (one, ranks), = _runs(tmp_path, files, 2, "--pp").values()
+    for key in ("full", "pre", "step", "hidden", "long", "after"):
+        for rank in ranks:
+            err = (rank[key] - one[key]).abs().max() / one[key].abs().max()
+            assert err < 1e-3, (key, float(err))
+    assert all(r["tokens"] == one["tokens"] for r in ranks)
+    assert one["plan"] and all(r["plan"] for r in ranks)
+    with pytest.raises(ParallelError, match="mixture of experts.*--pp"):
+        Split(lm.config, Shard(0, 2))

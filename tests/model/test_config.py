@@ -21,7 +21,11 @@ PUBLISHED = {
     # model cards: Mistral 7B v0.3 7.25B; Qwen2.5 0.49B, 1.54B, 7.61B; Qwen3 0.6B, 1.7B, 4.0B, 8.2B; Phi-3-mini 3.8B
     "mistral-7b": 7.25, "qwen2.5-0.5b": 0.494, "qwen2.5-1.5b": 1.54, "qwen2.5-7b": 7.61,
     "qwen3-0.6b": 0.596, "qwen3-1.7b": 1.72, "qwen3-4b": 4.02, "qwen3-8b": 8.19, "phi3-mini-4k": 3.82,
+    # mixtures of experts, total: Mixtral 8x7B 46.7B; Qwen3 30.5B, 235B; Qwen1.5-MoE 14.3B
+    "mixtral-8x7b": 46.7, "qwen3-30b-a3b": 30.5, "qwen3-235b-a22b": 235.0, "qwen1.5-moe-a2.7b": 14.3,
 }
+# ... and active a token (model cards; Mixtral: Jiang et al. 2024, 12.9B)
+ACTIVE = {"mixtral-8x7b": 12.9, "qwen3-30b-a3b": 3.3, "qwen3-235b-a22b": 22.0, "qwen1.5-moe-a2.7b": 2.7}
 
 
 def test_every_preset_has_a_published_figure():
@@ -34,6 +38,9 @@ def test_preset_parameter_count_matches_published(name):
         model = Transformer(ModelConfig.from_preset(name))
     n = sum(p.numel() for p in model.parameters())  # tied weights are counted once
     assert n / 1e9 == pytest.approx(PUBLISHED[name], rel=0.006)
+    total, active = model.config.parameter_counts()
+    assert total == n
+    assert active / 1e9 == pytest.approx(ACTIVE.get(name, PUBLISHED[name]), rel=0.02)
 
 
 def test_unknown_preset_names_the_known_ones():

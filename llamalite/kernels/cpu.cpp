@@ -1114,21 +1114,9 @@ VNNI_TARGET void qgemm(const float* x, int64_t M, int64_t K, const std::vector<c
 // (M, N) with rows N apart, written or (add) added to. Layers that read the same input (q/k/v,
 // gate/up) share one activation quantization and one parallel region, and their blocks stay where
 // they are.
-void qproduct(const float* x, int64_t M, int64_t K, const std::vector<const uint8_t*>& bases,
-              const std::vector<int64_t>& starts, int64_t type, int64_t path, float* y, bool add) {
-  const int64_t N = starts.back(), nb = K / 32, rb = row_bytes(type, nb);
-  if (path == VNNI_GEMM) {
-    switch (type) {
-      case Q8_0: return qgemm<Q8_0>(x, M, K, bases, starts, y, add);
-      case Q4_1: return qgemm<Q4_1>(x, M, K, bases, starts, y, add);
-      case Q4_K: return qgemm<Q4_K>(x, M, K, bases, starts, y, add);
-      case Q6_K: return qgemm<Q6_K>(x, M, K, bases, starts, y, add);
-      default: return qgemm<Q4_0>(x, M, K, bases, starts, y, add);
-    }
-  }
-  // One scratch buffer for the quantized activations, reused across calls by this thread.
-  thread_local std::vector<uint8_t> scratch;
-  const int64_t per_row = K * 2 + K * 2 + nb * 16;
+// M rows of x (M, K) quantized for the dot products (int16 values by block, in `scratch`), as QRows.
+std::vector<QRow> quantize_rows(const float* x, int64_t M, int64_t K, int64_t path, std::vector<uint8_t>& scratch) {
+  const int64_t nb = K / 32, per_row = K * 2 + K * 2 + nb * 16;
   scratch.resize(M * per_row + 64);
   std::vector<QRow> rows(M);
   for (int64_t m = 0; m < M; ++m) {
@@ -1143,23 +1131,72 @@ void qproduct(const float* x, int64_t M, int64_t K, const std::vector<const uint
     (path == PORTABLE ? quantize_row : quantize_row_avx2)(x + m * K, K, q, hi, lo, scale, sum, qsum, qsum16);
     rows[m] = {q, hi, lo, scale, sum, qsum, qsum16};
   }
+  return rows;
+}
+
+// One weight row against mc (at most MAX_ROWS) activation rows: y[m * ystride] (+)= row . x_m.
+inline void dots(int64_t type, int64_t path, const Packed& row, const QRow* xs, int64_t mc, int64_t nb, float* y,
+                 int64_t ystride, bool add) {
+  if (path == VNNI) {
+    dot_vnni_any(type, row, xs, mc, nb, y, ystride, add);
+  } else if (path == AVX2) {
+    dot_avx2_any(type, row, xs, mc, nb, y, ystride, add);
+  } else {
+    for (int64_t m = 0; m < mc; ++m) {
+      const float r = dot_ref(type, row, xs[m], nb);
+      y[m * ystride] = add ? y[m * ystride] + r : r;
+    }
+  }
+}
+
+// Products of several weights, each with its own few activation rows, in one parallel pass over all their
+// weight rows (one fork and join for all: a mixture of experts' decode step has 8-16 small products a
+// layer). Job j: rows [0, n) of repacked `base` against its mc <= MAX_ROWS QRows xs, into y[m * ystride + i].
+struct DotJob {
+  const uint8_t* base;
+  int64_t n;
+  const QRow* xs;
+  int64_t mc;
+  float* y;
+  int64_t ystride;
+};
+
+void grouped_dots(int64_t type, int64_t K, int64_t path, const std::vector<DotJob>& jobs) {
+  const int64_t nb = K / 32, rb = row_bytes(type, nb);
+  std::vector<int64_t> starts{0};
+  for (const DotJob& j : jobs) starts.push_back(starts.back() + j.n);
+  at::parallel_for(0, starts.back(), 32, [&](int64_t begin, int64_t end) {
+    size_t j = std::upper_bound(starts.begin(), starts.end(), begin) - starts.begin() - 1;
+    for (int64_t n = begin; n < end; ++n) {
+      while (n >= starts[j + 1]) ++j;
+      const DotJob& job = jobs[j];
+      const int64_t i = n - starts[j];
+      dots(type, path, packed_row(type, job.base + i * rb, nb), job.xs, job.mc, nb, job.y + i, job.ystride, false);
+    }
+  });
+}
+
+void qproduct(const float* x, int64_t M, int64_t K, const std::vector<const uint8_t*>& bases,
+              const std::vector<int64_t>& starts, int64_t type, int64_t path, float* y, bool add) {
+  const int64_t N = starts.back(), nb = K / 32, rb = row_bytes(type, nb);
+  if (path == VNNI_GEMM) {
+    switch (type) {
+      case Q8_0: return qgemm<Q8_0>(x, M, K, bases, starts, y, add);
+      case Q4_1: return qgemm<Q4_1>(x, M, K, bases, starts, y, add);
+      case Q4_K: return qgemm<Q4_K>(x, M, K, bases, starts, y, add);
+      case Q6_K: return qgemm<Q6_K>(x, M, K, bases, starts, y, add);
+      default: return qgemm<Q4_0>(x, M, K, bases, starts, y, add);
+    }
+  }
+  thread_local std::vector<uint8_t> scratch;  // the quantized activations, reused across calls by this thread
+  const std::vector<QRow> rows = quantize_rows(x, M, K, path, scratch);
   at::parallel_for(0, N, 32, [&](int64_t begin, int64_t end) {
     size_t j = 0;
     for (int64_t n = begin; n < end; ++n) {
       while (n >= starts[j + 1]) ++j;
       const Packed row = packed_row(type, bases[j] + (n - starts[j]) * rb, nb);
       for (int64_t m0 = 0; m0 < M; m0 += MAX_ROWS) {
-        const int64_t mc = std::min(MAX_ROWS, M - m0);
-        if (path == VNNI) {
-          dot_vnni_any(type, row, rows.data() + m0, mc, nb, y + m0 * N + n, N, add);
-        } else if (path == AVX2) {
-          dot_avx2_any(type, row, rows.data() + m0, mc, nb, y + m0 * N + n, N, add);
-        } else {
-          for (int64_t m = m0; m < m0 + mc; ++m) {
-            const float r = dot_ref(type, row, rows[m], nb);
-            y[m * N + n] = add ? y[m * N + n] + r : r;
-          }
-        }
+        dots(type, path, row, rows.data() + m0, std::min(MAX_ROWS, M - m0), nb, y + m0 * N + n, N, add);
       }
     }
   });
@@ -1691,6 +1728,57 @@ void product(const float* x, int64_t B, int64_t K, const at::Tensor& w, int64_t 
   qproduct(x, B, K, bases, starts, type, path, y, add);
 }
 
+// experts_product where each chosen expert has at most MAX_ROWS rows: the x rows quantized once, the gate and
+// up rows of every chosen expert in one pass (grouped_dots), SiLU, then every chosen expert's down rows in
+// another, and the weighted sum, in expert order as experts_product adds.
+void experts_grouped(const float* x, int64_t N, int64_t K, const std::vector<std::vector<std::pair<int64_t, float>>>& chosen,
+                     const uint8_t* w1, const uint8_t* w3, int64_t t13, const uint8_t* w2, int64_t t2, int64_t H,
+                     float* out, int64_t path) {
+  const int64_t E = static_cast<int64_t>(chosen.size());
+  const int64_t rb13 = row_bytes(t13, K / 32), rb2 = row_bytes(t2, H / 32);
+  thread_local std::vector<uint8_t> xscratch, ascratch;
+  thread_local std::vector<float> gu, act, y;
+  const std::vector<QRow> xq = quantize_rows(x, N, K, path, xscratch);
+  std::vector<int64_t> slot(E, -1);  // each chosen expert's first row in gu, act and y
+  std::vector<QRow> xs;  // each chosen expert's activation rows, one after another
+  int64_t total = 0;
+  for (int64_t e = 0; e < E; ++e) {
+    if (chosen[e].empty()) continue;
+    slot[e] = total;
+    for (const auto& r : chosen[e]) xs.push_back(xq[r.first]);
+    total += static_cast<int64_t>(chosen[e].size());
+  }
+  gu.resize(total * 2 * H);
+  act.resize(total * H);
+  y.resize(total * K);
+  std::vector<DotJob> jobs;
+  for (int64_t e = 0; e < E; ++e) {
+    if (slot[e] < 0) continue;
+    const int64_t mc = static_cast<int64_t>(chosen[e].size());
+    float* g = gu.data() + slot[e] * 2 * H;
+    jobs.push_back({w1 + e * H * rb13, H, xs.data() + slot[e], mc, g, 2 * H});
+    jobs.push_back({w3 + e * H * rb13, H, xs.data() + slot[e], mc, g + H, 2 * H});
+  }
+  grouped_dots(t13, K, path, jobs);
+  silu_mul(gu.data(), total, H, act.data());
+  const std::vector<QRow> aq = quantize_rows(act.data(), total, H, path, ascratch);
+  jobs.clear();
+  for (int64_t e = 0; e < E; ++e) {
+    if (slot[e] < 0) continue;
+    jobs.push_back({w2 + e * K * rb2, K, aq.data() + slot[e], static_cast<int64_t>(chosen[e].size()),
+                    y.data() + slot[e] * K, K});
+  }
+  grouped_dots(t2, H, path, jobs);
+  for (int64_t e = 0; e < E; ++e) {
+    for (size_t m = 0; m < chosen[e].size(); ++m) {
+      float* o = out + chosen[e][m].first * K;
+      const float w = chosen[e][m].second;
+      const float* ym = y.data() + (slot[e] + m) * K;
+      for (int64_t i = 0; i < K; ++i) o[i] += w * ym[i];
+    }
+  }
+}
+
 // A mixture of experts' products for N rows x (N, K): row n goes through its k chosen experts ids[n * k + j],
 // each a SwiGLU feed-forward of w1 (gate) and w3 (up) rows e * H .. (e + 1) * H - 1 (repacked, type t13) and w2
 // (down) rows e * K .. (e + 1) * K - 1 (type t2), and out[n] += wts[n * k + j] * that expert's output. Rows
@@ -1708,6 +1796,12 @@ void experts_product(const float* x, int64_t N, int64_t K, const int64_t* ids, c
     }
   }
   const int64_t rb13 = row_bytes(t13, K / 32), rb2 = row_bytes(t2, H / 32);
+  int64_t most = 0;
+  for (const auto& c : chosen) most = std::max(most, static_cast<int64_t>(c.size()));
+  if (most <= MAX_ROWS && path != VNNI_GEMM) {  // a few rows an expert (decode): two parallel passes in all
+    experts_grouped(x, N, K, chosen, w1, w3, t13, w2, t2, H, out, path);
+    return;
+  }
   thread_local std::vector<float> xs, gu, act, y;
   for (int64_t e = 0; e < E; ++e) {
     const int64_t M = static_cast<int64_t>(chosen[e].size());

@@ -1,5 +1,5 @@
-"""Mixtures of experts (Mixtral, Qwen3-MoE, Qwen2-MoE with its gated shared expert) as configuration of
-the one model file. Tiny random models built with transformers: logits and greedy tokens from the
+"""Mixtures of experts (Mixtral, Qwen3-MoE, Qwen2-MoE with its gated shared expert, Llama 4 with its
+NoPE, chunked and L2-normed attention) as configuration of the one model file. Tiny random models built with transformers: logits and greedy tokens from the
 Hugging Face loader and from our GGUF export (f32, and q8_0 with the experts on the kernels and in the
 one-call decode step), llama.cpp reading that export, the Hugging Face export read back by transformers,
 batched decoding equal to alone, parameter counts, routing's edge cases and the errors."""
@@ -23,6 +23,11 @@ FAMILIES = {  # name -> (config and model classes, extra config, llamalite's fam
     "qwen2moe": ("Qwen2MoeConfig", "Qwen2MoeForCausalLM", dict(num_experts=8, num_experts_per_tok=2,
                                                                moe_intermediate_size=32,
                                                                shared_expert_intermediate_size=96), "qwen2"),
+    # 4 layers: the last without RoPE; experts in layers 1 and 3, dense feed-forwards of their own size in 0 and 2
+    "llama4": ("Llama4TextConfig", "Llama4ForCausalLM", dict(num_hidden_layers=4, num_local_experts=4, head_dim=16,
+                                                             num_experts_per_tok=1, intermediate_size=32,
+                                                             intermediate_size_mlp=96, interleave_moe_layer_step=2),
+               "llama4"),
 }
 IDS = [5, 17, 99, 3, 250, 77, 12, 8, 300, 41]
 
@@ -38,7 +43,8 @@ def _build(kind, **overrides):
                 p.uniform_(0.5, 1.5)
             elif "bias" in name:
                 p.normal_(0, 0.5)
-            elif name.endswith(("mlp.gate.weight", "block_sparse_moe.gate.weight", "shared_expert_gate.weight")):
+            elif name.endswith(("mlp.gate.weight", "block_sparse_moe.gate.weight", "shared_expert_gate.weight",
+                                "router.weight")):
                 p.normal_(0, 0.5)
     return model
 
@@ -96,7 +102,7 @@ def test_our_gguf_export_reads_back(models, kind, tmp_path):
     got, tokens = _ours(f32)
     assert float((got - want).abs().max()) < 1e-4 and tokens == want_tokens
     q8 = load(export_gguf(lm.model, lm.tokenizer, tmp_path / "q8.gguf", dtype="q8_0"))
-    experts = q8.model.layers[0].feed_forward.experts
+    experts = q8.model.layers[-1].feed_forward.experts
     assert isinstance(experts, FastExperts) and experts.fused and experts.w1.type_name == "Q8_0"
     got, tokens = _ours(q8)
     assert float((got - want).abs().max() / want.abs().max()) < 3e-2
@@ -106,6 +112,9 @@ def test_our_gguf_export_reads_back(models, kind, tmp_path):
             seq.append(int(q8.model(torch.tensor([seq]))[0, -1].argmax()))
     assert tokens[:12] == seq[len(IDS):]
     m = q8.model
+    if kind == "llama4":  # its attention runs layer by layer (the step has no NoPE layers, L2 norms or chunks)
+        assert m.plan is None
+        return
     assert m.plan is not None
     m.setup_caches(1, 128, "f32")
     with torch.no_grad():
@@ -142,6 +151,36 @@ def test_our_hugging_face_export_reads_back_in_transformers(models, kind, tmp_pa
     assert type(again).__name__ == type(model).__name__
     with torch.no_grad():
         assert torch.allclose(again.float()(torch.tensor([IDS])).logits, model(torch.tensor([IDS])).logits, atol=1e-5)
+
+
+def test_llama4_chunks_and_temperature(tmp_path):
+    """Llama 4's chunked attention and its NoPE layers' temperature tuning where they bite: chunks of 4
+    positions and a temperature floor of 3 over a 14-token prompt and 20 tokens decoded from the cache
+    (transformers' logits and greedy tokens); the chunked layers past the first chunk, and the NoPE layer,
+    step layer by layer."""
+    model = _build("llama4", attention_chunk_size=4, floor_scale=3, num_experts_per_tok=2)
+    lm = load(save_hf_dir(model, tmp_path / "m"))
+    assert (lm.config.attention_chunk, lm.config.attn_temp_floor, lm.config.nope_layer_step) == (4, 3, 4)
+    ids = IDS + [7, 9, 11, 13]
+    want, want_tokens = _reference(model, ids)
+    got, tokens = _ours(lm, ids)
+    assert float((got - want).abs().max()) < 1e-4 and tokens == want_tokens
+
+
+def test_llama4_context_shift(models):
+    """A context shift turns back the RoPE layers' cached keys and moves the NoPE layer's as they are (they
+    were never turned)."""
+    lm = load(models["llama4"][1])
+    m, ids = lm.model, IDS + [7, 9, 11, 13]
+    m.setup_caches(1, 64, "f32")
+    with torch.no_grad():
+        m(torch.tensor([ids]), torch.arange(len(ids)))
+        before = [layer.attention.cache.k[0, :, 6:len(ids)].clone() for layer in m.layers]
+        m.shift_caches(keep=2, discard=4, end=len(ids))
+    for layer, k in zip(m.layers, before):
+        moved = layer.attention.cache.k[0, :, 2:len(ids) - 4]
+        assert torch.equal(moved, k) == (not layer.attention.rope)
+        assert torch.allclose(moved.norm(dim=-1), k.norm(dim=-1), atol=1e-5)  # turned, not changed
 
 
 def test_dense_layers_among_the_experts(tmp_path):
@@ -215,7 +254,7 @@ def test_what_is_not_supported_says_so(models, tmp_path):
         config_from_hf({**COMMON, **FAMILIES["mixtral"][2], "model_type": "mixtral", "num_experts_per_tok": 5})
     # llama.cpp's qwen3moe always rescales the chosen weights: a model that does not cannot go there
     lm = load(save_hf_dir(_build("qwen3moe", norm_topk_prob=False), tmp_path / "m"))
-    with pytest.raises(ExportError, match="qwen3moe weighs the chosen experts.*--to hf"):
+    with pytest.raises(ExportError, match="qwen3moe architecture weighs the chosen experts.*--to hf"):
         export_gguf(lm.model, lm.tokenizer, tmp_path / "x.gguf")
 
 
@@ -264,3 +303,32 @@ def test_the_verbs_on_a_mixture_of_experts(models, tmp_path):
     tuned = load(tmp_path / "ft.gguf")
     assert tuned.config.n_experts == 8
     assert torch.equal(tuned.model.layers[0].feed_forward.gate.weight, load(gguf).model.layers[0].feed_forward.gate.weight)
+
+
+def test_llama4_chat_format_and_end_of_turn(models, tmp_path):
+    """Llama 4's turns (<|header_start|>role<|header_end|>, ended by <|eot|>): the file's template renders as
+    transformers' apply_chat_template does, and <|eot|> and <|eom|> end a reply."""
+    import json
+
+    from llamalite.text.chat_template import render_chat
+
+    template = ("{{ bos_token }}{% for m in messages %}{{ '<|header_start|>' + m['role'] + '<|header_end|>\\n\\n' + "
+                "m['content'] | trim + '<|eot|>' }}{% endfor %}{% if add_generation_prompt %}"
+                "{{ '<|header_start|>assistant<|header_end|>\\n\\n' }}{% endif %}")
+    _, path = models["llama4"]
+    (tmp_path / "m").mkdir()
+    for f in path.iterdir():
+        (tmp_path / "m" / f.name).write_bytes(f.read_bytes())
+    tokenizer_json = json.loads((tmp_path / "m" / "tokenizer.json").read_text())
+    for i, text in enumerate(("<|header_start|>", "<|header_end|>", "<|eot|>", "<|eom|>")):
+        tokenizer_json["added_tokens"].append({"id": 396 + i, "content": text, "single_word": False, "lstrip": False,
+                                               "rstrip": False, "normalized": False, "special": True})
+    (tmp_path / "m" / "tokenizer.json").write_text(json.dumps(tokenizer_json))
+    config = json.loads((tmp_path / "m" / "tokenizer_config.json").read_text())
+    (tmp_path / "m" / "tokenizer_config.json").write_text(json.dumps({**config, "chat_template": template}))
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi!"}]
+    hf = transformers.AutoTokenizer.from_pretrained(tmp_path / "m")
+    lm = load(tmp_path / "m")
+    assert render_chat(lm.chat_template, lm.tokenizer, messages) == hf.apply_chat_template(
+        messages, tokenize=False, add_generation_prompt=True)
+    assert {lm.tokenizer.token_id("<|eot|>"), lm.tokenizer.token_id("<|eom|>")} <= lm.tokenizer.end_ids

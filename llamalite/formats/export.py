@@ -17,8 +17,8 @@ import torch
 
 from ..model.config import ModelConfig
 from .layout import NEOX_FAMILIES, family_tensors
-from .gguf import GGUF_MOE_ARCH, MOE_NORM, meta_to_gguf_name
-from .hf import hf_experts_config, hf_expert_tensors, meta_to_hf_name
+from .gguf import GGUF_MOE_ARCH, LLAMA4_ATTENTION, MOE_ROUTING, meta_to_gguf_name
+from .hf import hf_experts_config, hf_tensors
 
 DTYPES = ("f32", "f16", "q8_0", "q4_1", "q4_0")
 QUANT_TYPES = {"q8_0": "Q8_0", "q4_1": "Q4_1", "q4_0": "Q4_0"}  # export dtype -> GGML block type
@@ -49,6 +49,10 @@ def gguf_add_config(writer: Any, cfg: ModelConfig, vocab_size: int | None = None
                                       else gguf.ExpertGatingFuncType.SIGMOID)
         if cfg.shared_expert_dim:
             writer.add_expert_shared_feed_forward_length(cfg.shared_expert_dim)
+        if cfg.family == "llama4":
+            writer.add_interleave_moe_layer_step(_moe_step(cfg) or 1)
+    if cfg.family == "llama4" and not cfg.attention_chunk:
+        writer.add_sliding_window(0)  # llama.cpp's llama4: no chunks and no NoPE layers
     writer.add_head_count(cfg.n_heads)
     writer.add_head_count_kv(cfg.n_kv_heads)
     writer.add_layer_norm_rms_eps(cfg.norm_eps)
@@ -151,6 +155,38 @@ def gguf_add_tokenizer(writer: Any, tokenizer, vocab_size: int | None = None) ->
             writer.add_key_value(key, value, kind)
 
 
+def _gguf_mismatch(cfg: ModelConfig, arch: str) -> str | None:
+    """What of `cfg` llama.cpp's `arch` computes otherwise (it fixes these, whatever a file says); None: nothing."""
+    if cfg.n_experts:
+        router, norm, weight_input = MOE_ROUTING[arch]
+        if (cfg.expert_router, cfg.expert_norm, cfg.expert_weight_input) != (router, norm, weight_input):
+            return (f"weighs the chosen experts by a {router} {'rescaled' if norm else 'not rescaled'} to sum to 1 "
+                    f"({'on their input' if weight_input else 'on their output'}); this model's are "
+                    f"{cfg.expert_router}, {'rescaled' if cfg.expert_norm else 'not rescaled'}, "
+                    f"{'on their input' if cfg.expert_weight_input else 'on their output'}")
+    if cfg.family == "llama4":
+        fixed = {k: getattr(cfg, k) for k in LLAMA4_ATTENTION}
+        if fixed != LLAMA4_ATTENTION and (cfg.attention_chunk or cfg.nope_layer_step):
+            return f"has {LLAMA4_ATTENTION} (or neither chunks nor NoPE layers), this model {fixed}"
+        if cfg.qk_l2_norm != (cfg.n_experts != 128):
+            return f"L2-norms q and k where a model has other than 128 experts; this model {'does' if cfg.qk_l2_norm else 'not'}"
+        step = _moe_step(cfg)
+        if step is None or cfg.shared_expert_dim != cfg.expert_hidden_dim:
+            return "has a shared expert of the experts' size and experts in every n-th layer"
+    elif cfg.nope_layer_step or cfg.attention_chunk or cfg.qk_l2_norm or cfg.attn_temp_floor:
+        return "has no NoPE layers, chunks, q/k L2 norms or temperature tuning"
+    return None
+
+
+def _moe_step(cfg: ModelConfig) -> int | None:
+    """n where the experts are in layers n-1, 2n-1, ... (llama.cpp's interleave_moe_layer_step); None: elsewhere."""
+    moe = [i for i in range(cfg.n_layers) if cfg.moe_layer(i)]
+    for step in range(1, cfg.n_layers + 1):
+        if moe == list(range(step - 1, cfg.n_layers, step)):
+            return step
+    return None
+
+
 def gguf_architecture(cfg: ModelConfig) -> str:
     """The general.architecture a model of `cfg` is written as: its family's, or the family's mixture-of-experts
     architecture (Mixtral's is llama's)."""
@@ -178,15 +214,14 @@ def export_gguf(model: torch.nn.Module, tokenizer, path: str | Path, dtype: str 
     if cfg.n_experts and cfg.family not in GGUF_MOE_ARCH:
         raise ExportError(f"a {cfg.family} model with experts has no GGUF architecture (those with one: "
                           f"{', '.join(GGUF_MOE_ARCH)})")
-    if cfg.dense_layers and cfg.n_experts and (cfg.family != "llama" or cfg.hidden_dim != cfg.expert_hidden_dim):
+    if cfg.dense_layers and cfg.n_experts and cfg.family != "llama4" and (
+            cfg.family != "llama" or cfg.hidden_dim != cfg.expert_hidden_dim):
         raise ExportError(f"layers {list(cfg.dense_layers)} have a dense feed-forward, which llama.cpp's "
                           f"{gguf_architecture(cfg)} architecture does not have: export to Hugging Face (--to hf)")
     arch = gguf_architecture(cfg)
-    if cfg.n_experts and (cfg.expert_router != "softmax" or cfg.expert_norm != MOE_NORM[arch]):
-        raise ExportError(f"llama.cpp's {arch} weighs the chosen experts by a softmax "
-                          f"{'rescaled' if MOE_NORM[arch] else 'not rescaled'} to sum to 1; this model's are "
-                          f"{cfg.expert_router} and {'rescaled' if cfg.expert_norm else 'not rescaled'}: export "
-                          f"to Hugging Face (--to hf)")
+    problem = _gguf_mismatch(cfg, arch)
+    if problem:
+        raise ExportError(f"llama.cpp's {arch} architecture {problem}: export to Hugging Face (--to hf)")
     path = Path(path).expanduser()
     path.parent.mkdir(parents=True, exist_ok=True)
     w = gguf.GGUFWriter(str(path), arch)  # llama, qwen2, qwen3, phi3, qwen2moe, qwen3moe
@@ -238,16 +273,10 @@ def export_hf(model: torch.nn.Module, tokenizer, out: str | Path, dtype: str = "
     out = Path(out).expanduser()
     out.mkdir(parents=True, exist_ok=True)
     tensors = {}
-    for meta_name, t in family_tensors(cfg, _weights(model), neox=True).items():
-        if cfg.n_experts and (each := hf_expert_tensors(cfg, meta_name, t)) is not None:
-            tensors.update({hf: e.to(torch_dtype).contiguous() for hf, e in each.items()})
-            continue
-        hf = meta_to_hf_name(meta_name)
-        if cfg.family == "phi3" and meta_name.endswith("feed_forward.w3.weight"):
-            hf = hf.replace("mlp.up_proj", "mlp.gate_up_proj")
+    for hf, t in hf_tensors(cfg, family_tensors(cfg, _weights(model), neox=cfg.family != "llama4")).items():
         tensors[hf] = t.to(torch_dtype).contiguous()
     save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
-    head = {"llama": "Llama", "qwen2": "Qwen2", "qwen3": "Qwen3", "phi3": "Phi3"}[cfg.family]
+    head = {"llama": "Llama", "qwen2": "Qwen2", "qwen3": "Qwen3", "phi3": "Phi3", "llama4": "Llama4"}[cfg.family]
     config = {"architectures": [f"{head}ForCausalLM"], "model_type": cfg.family, "hidden_size": cfg.dim,
               "intermediate_size": cfg.hidden_dim, "num_hidden_layers": cfg.n_layers,
               "num_attention_heads": cfg.n_heads, "num_key_value_heads": cfg.n_kv_heads, "head_dim": cfg.head_dim,

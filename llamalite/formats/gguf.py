@@ -55,10 +55,15 @@ _GGUF_LAYER_NAMES = {
     "ffn_up_shexp": "feed_forward.shared.w3", "ffn_gate_inp_shexp": "feed_forward.shared_gate",
 }
 # The architecture of a family's mixture-of-experts files (Mixtral's are llama files with experts)
-GGUF_MOE_ARCH = {"llama": "llama", "qwen2": "qwen2moe", "qwen3": "qwen3moe"}
-# How llama.cpp weighs the chosen experts of each architecture where a file does not say (expert_weights_norm):
-# rescaled to sum to 1 or not
-MOE_NORM = {"llama": True, "qwen2moe": False, "qwen3moe": True}
+GGUF_MOE_ARCH = {"llama": "llama", "qwen2": "qwen2moe", "qwen3": "qwen3moe", "llama4": "llama4"}
+# How llama.cpp's architectures weigh the chosen experts, whatever a file says: (router, rescaled to sum to 1,
+# the weight scales the expert's input)
+MOE_ROUTING = {"llama": ("softmax", True, False), "qwen2moe": ("softmax", False, False),
+               "qwen3moe": ("softmax", True, False), "llama4": ("sigmoid", False, True)}
+# What llama.cpp's llama4 architecture fixes, not read from a file: chunks of 8192 on RoPE layers, one layer in
+# four without RoPE and with temperature tuning (floor 8192, scale 0.1); a file whose sliding_window is 0 has
+# neither. Its q/k L2 norms are on unless the model has 128 experts (Maverick).
+LLAMA4_ATTENTION = dict(attention_chunk=8192, nope_layer_step=4, attn_temp_floor=8192, attn_temp_scale=0.1)
 
 
 def gguf_to_meta_name(name: str) -> str | None:
@@ -350,13 +355,15 @@ def _gguf_experts(meta: Mapping[str, Any], arch: str, dense_layers: tuple[int, .
     n = int(meta.get(f"{arch}.expert_count", 0) or 0)
     if not n:
         return {}
-    gating = int(meta.get(f"{arch}.expert_gating_func", 1))  # llama.cpp's: 1 softmax, 2 sigmoid
-    if gating not in (1, 2):
-        raise ValueError(f"expert_gating_func {gating} is not supported (1: softmax, 2: sigmoid)")
-    shared = int(meta.get(f"{arch}.expert_shared_feed_forward_length", 0) or 0)
-    return dict(n_experts=n, n_experts_used=int(meta[f"{arch}.expert_used_count"]),
-                expert_hidden_dim=int(meta.get(f"{arch}.expert_feed_forward_length", meta[f"{arch}.feed_forward_length"])),
-                expert_router="softmax" if gating == 1 else "sigmoid",
-                expert_norm=bool(meta.get(f"{arch}.expert_weights_norm", MOE_NORM.get(arch, True))),
-                shared_expert_dim=shared, shared_expert_gate=bool(shared) and arch == "qwen2moe",
-                dense_layers=dense_layers if len(dense_layers) < int(meta[f"{arch}.block_count"]) else ())
+    router, norm, weight_input = MOE_ROUTING[arch]
+    expert_dim = int(meta.get(f"{arch}.expert_feed_forward_length", meta[f"{arch}.feed_forward_length"]))
+    shared = expert_dim if arch == "llama4" else int(meta.get(f"{arch}.expert_shared_feed_forward_length", 0) or 0)
+    out = dict(n_experts=n, n_experts_used=int(meta[f"{arch}.expert_used_count"]), expert_hidden_dim=expert_dim,
+               expert_router=router, expert_norm=norm, expert_weight_input=weight_input,
+               shared_expert_dim=shared, shared_expert_gate=bool(shared) and arch == "qwen2moe",
+               dense_layers=dense_layers if len(dense_layers) < int(meta[f"{arch}.block_count"]) else ())
+    if arch == "llama4" and meta.get(f"{arch}.attention.sliding_window", None) != 0:
+        out.update(LLAMA4_ATTENTION, qk_l2_norm=n != 128)
+    elif arch == "llama4":
+        out.update(qk_l2_norm=n != 128)
+    return out

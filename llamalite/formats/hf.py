@@ -30,10 +30,20 @@ _HF_LAYER_NAMES = {
     "mlp.gate": "feed_forward.gate", "block_sparse_moe.gate": "feed_forward.gate",
     "mlp.shared_expert.gate_proj": "feed_forward.shared.w1", "mlp.shared_expert.down_proj": "feed_forward.shared.w2",
     "mlp.shared_expert.up_proj": "feed_forward.shared.w3", "mlp.shared_expert_gate": "feed_forward.shared_gate",
+    # Llama 4's feed-forward is named so: its router, shared expert and dense layers' projections
+    "feed_forward.router": "feed_forward.gate", "feed_forward.shared_expert.gate_proj": "feed_forward.shared.w1",
+    "feed_forward.shared_expert.down_proj": "feed_forward.shared.w2",
+    "feed_forward.shared_expert.up_proj": "feed_forward.shared.w3", "feed_forward.gate_proj": "feed_forward.w1",
+    "feed_forward.down_proj": "feed_forward.w2", "feed_forward.up_proj": "feed_forward.w3",
 }
 # One expert's projection: Qwen-MoE's mlp.experts.<e>.gate_proj, Mixtral's block_sparse_moe.experts.<e>.w1, ...
 _EXPERT = re.compile(r"model\.layers\.(\d+)\.(?:mlp|block_sparse_moe)\.experts\.(\d+)\.(\w+)\.weight")
 _EXPERT_NAMES = {"gate_proj": "w1", "down_proj": "w2", "up_proj": "w3", "w1": "w1", "w2": "w2", "w3": "w3"}
+# Llama 4's experts, fused: gate_up_proj (n_experts, dim, 2 * hidden), down_proj (n_experts, hidden, dim)
+_FUSED_EXPERTS = re.compile(r"model\.layers\.(\d+)\.feed_forward\.experts\.(gate_up_proj|down_proj)")
+# The text half of a Llama 4 checkpoint (Llama4ForConditionalGeneration): its tensors' prefix, and the rest's
+_TEXT_PREFIX = "language_model."
+_NOT_TEXT = ("vision_model.", "multi_modal_projector.")
 
 
 _HF_NAMES = {"model.embed_tokens.weight": "tok_embeddings.weight", "model.norm.weight": "norm.weight",
@@ -50,21 +60,39 @@ def meta_to_hf_name(name: str) -> str:
 
 
 # A family's mixture-of-experts model in transformers: model_type, class name prefix
-_HF_MOE = {"llama": ("mixtral", "Mixtral"), "qwen2": ("qwen2_moe", "Qwen2Moe"), "qwen3": ("qwen3_moe", "Qwen3Moe")}
+_HF_MOE = {"llama": ("mixtral", "Mixtral"), "qwen2": ("qwen2_moe", "Qwen2Moe"), "qwen3": ("qwen3_moe", "Qwen3Moe"),
+           "llama4": ("llama4_text", "Llama4")}
 
 
-def hf_expert_tensors(cfg: ModelConfig, name: str, t: torch.Tensor) -> dict[str, torch.Tensor] | None:
-    """A Meta-named router or experts tensor under Hugging Face's names (the experts one tensor each:
-    Mixtral's block_sparse_moe.experts.<e>.w1, Qwen-MoE's mlp.experts.<e>.gate_proj, ...); None for the rest."""
-    m = re.fullmatch(r"layers\.(\d+)\.feed_forward\.(?:experts\.(w[123])|gate)\.weight", name)
-    if m is None:
-        return None
-    mixtral = cfg.family == "llama"
-    base = f"model.layers.{m.group(1)}.{'block_sparse_moe' if mixtral else 'mlp'}"
-    if m.group(2) is None:
-        return {f"{base}.gate.weight": t}
-    proj = m.group(2) if mixtral else {"w1": "gate_proj", "w2": "down_proj", "w3": "up_proj"}[m.group(2)]
-    return {f"{base}.experts.{e}.{proj}.weight": t[e] for e in range(t.shape[0])}
+def hf_tensors(cfg: ModelConfig, weights: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Meta-named tensors (in HF's RoPE layout already: layout.family_tensors) under Hugging Face's names, as
+    the family's transformers class holds them: Phi-3's fused gate/up, Mixtral's and Qwen-MoE's experts one
+    tensor each, Llama 4's feed-forward names and its experts fused and transposed."""
+    out = {}
+    for name, t in weights.items():
+        m = re.fullmatch(r"layers\.(\d+)\.feed_forward\.(?:experts\.(w[123])|gate)\.weight", name)
+        if m is None or not cfg.n_experts:
+            hf = meta_to_hf_name(name)
+            if cfg.family == "phi3" and name.endswith("feed_forward.w3.weight"):
+                hf = hf.replace("mlp.up_proj", "mlp.gate_up_proj")
+            if cfg.family == "llama4":
+                hf = hf.replace(".mlp.shared_expert.", ".feed_forward.shared_expert.").replace(".mlp.", ".feed_forward.")
+            out[hf] = t
+            continue
+        i, proj = m.groups()
+        base = f"model.layers.{i}.{'feed_forward' if cfg.family == 'llama4' else 'block_sparse_moe' if cfg.family == 'llama' else 'mlp'}"
+        if proj is None:
+            out[f"{base}.{'router' if cfg.family == 'llama4' else 'gate'}.weight"] = t
+        elif cfg.family == "llama4":  # gate_up_proj (n_experts, dim, 2 * hidden), down_proj (n_experts, hidden, dim)
+            if proj == "w2":
+                out[f"{base}.experts.down_proj"] = t.transpose(1, 2)
+            elif proj == "w1":
+                up = weights[f"layers.{i}.feed_forward.experts.w3.weight"]
+                out[f"{base}.experts.gate_up_proj"] = torch.cat([t, up], dim=1).transpose(1, 2)
+        else:
+            part = proj if cfg.family == "llama" else {"w1": "gate_proj", "w2": "down_proj", "w3": "up_proj"}[proj]
+            out.update({f"{base}.experts.{e}.{part}.weight": t[e] for e in range(t.shape[0])})
+    return out
 
 
 def hf_experts_config(cfg: ModelConfig) -> dict[str, Any]:
@@ -72,6 +100,8 @@ def hf_experts_config(cfg: ModelConfig) -> dict[str, Any]:
     transformers' class of the family cannot hold."""
     model_type, head = _HF_MOE[cfg.family] if cfg.family in _HF_MOE else (None, None)
     mixtral = cfg.family == "llama"
+    if cfg.family == "llama4":
+        return _hf_llama4_config(cfg)
     if (model_type is None or cfg.expert_router != "softmax" or (mixtral and (not cfg.expert_norm or cfg.dense_layers))
             or (cfg.family == "qwen2") != bool(cfg.shared_expert_dim and cfg.shared_expert_gate)):
         raise ValueError(f"this mixture of experts ({cfg.family} attention, {cfg.expert_router} router, "
@@ -86,6 +116,21 @@ def hf_experts_config(cfg: ModelConfig) -> dict[str, Any]:
     if cfg.shared_expert_dim:
         out["shared_expert_intermediate_size"] = cfg.shared_expert_dim
     return out
+
+
+def _hf_llama4_config(cfg: ModelConfig) -> dict[str, Any]:
+    """config.json's keys for Llama 4's text model (the reverse of _hf_llama4)."""
+    if (cfg.expert_router, cfg.expert_norm, cfg.expert_weight_input) != ("sigmoid", False, True) or (
+            cfg.shared_expert_dim != cfg.expert_hidden_dim):
+        raise ValueError("this Llama 4 routes its experts otherwise than Llama4ForCausalLM does: export it to GGUF")
+    return {"architectures": ["Llama4ForCausalLM"], "model_type": "llama4_text", "num_local_experts": cfg.n_experts,
+            "num_experts_per_tok": cfg.n_experts_used, "intermediate_size": cfg.expert_hidden_dim,
+            "intermediate_size_mlp": cfg.hidden_dim, "moe_layers": [i for i in range(cfg.n_layers) if cfg.moe_layer(i)],
+            "no_rope_layers": [int(cfg.rope_layer(i)) for i in range(cfg.n_layers)],
+            "no_rope_layer_interval": cfg.nope_layer_step or cfg.n_layers + 1,
+            "attention_chunk_size": cfg.attention_chunk or None, "use_qk_norm": cfg.qk_l2_norm,
+            "attn_temperature_tuning": bool(cfg.attn_temp_floor), "floor_scale": cfg.attn_temp_floor or 8192,
+            "attn_scale": cfg.attn_temp_scale}
 
 
 def load_hf(path: Path, dtype: torch.dtype = torch.float32) -> LoadedModel:
@@ -109,23 +154,34 @@ def load_hf(path: Path, dtype: torch.dtype = torch.float32) -> LoadedModel:
             raise ModelFileError(f"{path / fname} is named in the index but missing: download it again")
         with safe_open(path / fname, framework="pt") as f:
             for name in f.keys():
+                if name.startswith(_NOT_TEXT):
+                    continue  # a multimodal checkpoint's vision half: llamalite runs the text
+                tensor_name, name = name, name.removeprefix(_TEXT_PREFIX)
+                m = _FUSED_EXPERTS.fullmatch(name)
+                if m:
+                    t, p = f.get_tensor(tensor_name).transpose(1, 2), f"layers.{m.group(1)}.feed_forward.experts."
+                    if m.group(2) == "down_proj":
+                        weights[p + "w2.weight"] = t.contiguous()
+                    else:  # (n_experts, 2 * hidden, dim): gate rows, then up rows
+                        weights[p + "w1.weight"], weights[p + "w3.weight"] = (h.contiguous() for h in t.chunk(2, dim=1))
+                    continue
                 m = _EXPERT.fullmatch(name)
                 if m and m.group(3) in _EXPERT_NAMES:
                     key = f"layers.{m.group(1)}.feed_forward.experts.{_EXPERT_NAMES[m.group(3)]}.weight"
-                    experts.setdefault(key, {})[int(m.group(2))] = f.get_tensor(name)
+                    experts.setdefault(key, {})[int(m.group(2))] = f.get_tensor(tensor_name)
                     continue
                 meta_name = hf_to_meta_name(name)
                 if meta_name is None:
                     if name.endswith("rotary_emb.inv_freq"):
                         continue
                     raise ModelFileError(f"{path / fname}: tensor {name!r} is not part of a llama model")
-                weights[meta_name] = f.get_tensor(name)
+                weights[meta_name] = f.get_tensor(tensor_name)
     for key, each in experts.items():  # one (n_experts, out, in) tensor a projection, in the experts' order
         if sorted(each) != list(range(cfg.n_experts)):
             raise ModelFileError(f"{path}: {key.removesuffix('.weight')} has experts {sorted(each)[:8]}..., not the "
                                  f"{cfg.n_experts} experts 0..{cfg.n_experts - 1} config.json names")
         weights[key] = torch.stack([each[e] for e in range(cfg.n_experts)])
-    family_layout(cfg, weights, {}, neox=True)  # every HF family rotates half-split pairs
+    family_layout(cfg, weights, {}, neox=cfg.family != "llama4")  # HF rotates half-split pairs, but Llama 4 Meta's
     if cfg.tie_embeddings:
         weights.pop("output.weight", None)
     types = Counter(str(w.dtype).removeprefix("torch.") for w in weights.values())
@@ -147,6 +203,8 @@ def config_from_hf(cfg: Mapping[str, Any]) -> ModelConfig:
     Qwen2ForCausalLM, Qwen3ForCausalLM, Phi3ForCausalLM, and the mixtures of experts MixtralForCausalLM,
     Qwen2MoeForCausalLM, Qwen3MoeForCausalLM."""
     arch = cfg.get("model_type", "llama")
+    if arch == "llama4":  # the multimodal checkpoint: its text model's config
+        cfg, arch = {**cfg["text_config"], "tie_word_embeddings": cfg.get("tie_word_embeddings", False)}, "llama4_text"
     if arch not in HF_FAMILIES:
         raise ValueError(f"config.json has model_type {arch!r}; llamalite runs {', '.join(HF_FAMILIES)}")
     family = HF_FAMILIES[arch]
@@ -170,7 +228,7 @@ def config_from_hf(cfg: Mapping[str, Any]) -> ModelConfig:
     window = cfg.get("sliding_window") if cfg.get("use_sliding_window", arch not in ("qwen2", "qwen2_moe")) else None
     if window:  # beyond its window the model attends to a part of the context: llamalite stops short of it
         context = min(context, int(window))
-    return ModelConfig(
+    fields = dict(
         dim=cfg["hidden_size"],
         n_layers=cfg["num_hidden_layers"],
         n_heads=n_heads,
@@ -186,8 +244,30 @@ def config_from_hf(cfg: Mapping[str, Any]) -> ModelConfig:
         family=family,
         qkv_bias=family == "qwen2" or bool(cfg.get("attention_bias", False)),
         qk_norm=family == "qwen3",
-        **_hf_experts(cfg, arch),
     )
+    return ModelConfig(**{**fields, **_hf_experts(cfg, arch), **_hf_llama4(cfg, arch)})
+
+
+def _hf_llama4(cfg: Mapping[str, Any], arch: str) -> dict[str, Any]:
+    """Llama 4's attention and feed-forward fields (none for the other families)."""
+    if arch != "llama4_text":
+        return {}
+    n, step = cfg["num_hidden_layers"], cfg.get("interleave_moe_layer_step", 1)
+    moe = cfg.get("moe_layers")
+    moe = set(range(step - 1, n, step) if moe is None else moe)
+    rope = cfg.get("no_rope_layers") or [int((i + 1) % cfg.get("no_rope_layer_interval", 4) != 0) for i in range(n)]
+    nope = [i for i in range(n) if not rope[i]]
+    interval = (nope[0] + 1) if nope else 0
+    if nope != list(range(interval - 1, n, interval or 1))[:len(nope)] or (nope and len(nope) != n // interval):
+        raise ValueError(f"no_rope_layers {rope} is not one layer in every few")
+    return dict(hidden_dim=cfg.get("intermediate_size_mlp", cfg["intermediate_size"]), n_experts=cfg["num_local_experts"],
+                n_experts_used=cfg["num_experts_per_tok"], expert_hidden_dim=cfg["intermediate_size"],
+                expert_router="sigmoid", expert_norm=False, expert_weight_input=True,
+                shared_expert_dim=cfg["intermediate_size"], dense_layers=tuple(i for i in range(n) if i not in moe),
+                nope_layer_step=interval, attention_chunk=int(cfg.get("attention_chunk_size") or 0),
+                qk_l2_norm=bool(cfg.get("use_qk_norm", True)),
+                attn_temp_floor=int(cfg.get("floor_scale", 8192)) if cfg.get("attn_temperature_tuning", True) else 0,
+                attn_temp_scale=float(cfg.get("attn_scale", 0.1)))
 
 
 def _hf_experts(cfg: Mapping[str, Any], arch: str) -> dict[str, Any]:

@@ -37,7 +37,7 @@ class ModelConfig:
     head_dim: int | None = None  # None: dim // n_heads
     # The LLaMA lineage's variations, as data (the model file reads them; the loaders and writers of each
     # format name the family's tensors and keys after `family`):
-    family: str = "llama"  # llama (LLaMA 1-3, Mistral, SmolLM), qwen2 (Qwen2, Qwen2.5), qwen3, phi3
+    family: str = "llama"  # llama (LLaMA 1-3, Mistral, SmolLM), llama4, qwen2 (Qwen2, Qwen2.5), qwen3, phi3
     qkv_bias: bool = False  # biases on the q, k and v projections (Qwen2)
     qk_norm: bool = False  # RMSNorm over each head's q and k before RoPE (Qwen3)
     # A mixture of experts (Mixtral, Qwen2-MoE, Qwen3-MoE) in place of the feed-forward, where n_experts > 0:
@@ -49,6 +49,15 @@ class ModelConfig:
     shared_expert_dim: int = 0  # a dense feed-forward every token also goes through (Qwen2-MoE), 0: none
     shared_expert_gate: bool = False  # that one's output scaled by sigmoid(a learned gate of the input) (Qwen2-MoE)
     dense_layers: tuple[int, ...] = ()  # the layers of an MoE model that keep a dense feed-forward of hidden_dim
+    expert_weight_input: bool = False  # the router's weight scales an expert's input, not its output (Llama 4)
+    # Llama 4's attention: every nope_layer_step-th layer without RoPE (global), the others attending within
+    # chunks of attention_chunk positions; q and k of the RoPE layers L2-normed (a weightless RMSNorm) after
+    # RoPE; and q of the other layers scaled by log1p(floor((pos + 1) / attn_temp_floor)) * attn_temp_scale + 1
+    nope_layer_step: int = 0  # 0: RoPE on every layer
+    attention_chunk: int = 0  # 0: no chunks
+    qk_l2_norm: bool = False
+    attn_temp_floor: int = 0  # 0: no temperature tuning
+    attn_temp_scale: float = 0.1
 
     def __post_init__(self) -> None:
         if self.n_kv_heads is None:
@@ -76,6 +85,10 @@ class ModelConfig:
             if self.expert_router not in ROUTERS:
                 raise ValueError(f"unknown expert_router {self.expert_router!r}; known: {', '.join(ROUTERS)}")
 
+    def rope_layer(self, i: int) -> bool:
+        """Whether layer i rotates q and k (RoPE); the others are Llama 4's global NoPE layers."""
+        return not self.nope_layer_step or (i + 1) % self.nope_layer_step != 0
+
     def moe_layer(self, i: int) -> bool:
         """Whether layer i's feed-forward is a mixture of experts."""
         return self.n_experts > 0 and i not in self.dense_layers
@@ -86,7 +99,7 @@ class ModelConfig:
         qkv = self.dim * (self.n_heads + 2 * self.n_kv_heads) * self.head_dim
         attn = qkv + self.n_heads * self.head_dim * self.dim + 2 * self.dim
         attn += (self.n_heads + 2 * self.n_kv_heads) * self.head_dim if self.qkv_bias else 0
-        attn += 2 * self.head_dim if self.qk_norm else 0
+        attn += 2 * self.head_dim if self.qk_norm else 0  # (Llama 4's L2 norms have no weights)
         total = active = self.vocab_size * self.dim * (1 if self.tie_embeddings else 2) + self.dim
         for i in range(self.n_layers):
             total, active = total + attn, active + attn
@@ -110,18 +123,22 @@ class ModelConfig:
         return dataclasses.asdict(self)
 
 
-FAMILIES = ("llama", "qwen2", "qwen3", "phi3")
+FAMILIES = ("llama", "llama4", "qwen2", "qwen3", "phi3")
 ROUTERS = ("softmax", "sigmoid")
 # Hugging Face model_type -> family; Mistral is a Llama with other sizes (and, in v0.1, a sliding window), Mixtral a
 # Mistral with experts; the Qwen MoE models are their dense family's attention with experts.
 HF_FAMILIES = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "phi3": "phi3",
-               "mixtral": "llama", "qwen2_moe": "qwen2", "qwen3_moe": "qwen3"}
+               "mixtral": "llama", "qwen2_moe": "qwen2", "qwen3_moe": "qwen3", "llama4_text": "llama4", "llama4": "llama4"}
 # GGUF general.architecture -> family (Mistral's and Mixtral's GGUF files say "llama")
 GGUF_FAMILIES = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "phi3": "phi3", "qwen2moe": "qwen2",
-                 "qwen3moe": "qwen3"}
+                 "qwen3moe": "qwen3", "llama4": "llama4"}
 
 _LLAMA31_ROPE = dict(rope_scaling=RopeScaling(8.0, 1.0, 4.0, 8192), rope_theta=500000.0, context_length=131072)
 _LLAMA3_VOCAB = dict(vocab_size=128256, rope_theta=500000.0, context_length=8192)
+
+_LLAMA4 = dict(n_experts_used=1, expert_hidden_dim=8192, expert_router="sigmoid", expert_norm=False,
+               expert_weight_input=True, shared_expert_dim=8192, nope_layer_step=4, attention_chunk=8192,
+               attn_temp_floor=8192, attn_temp_scale=0.1)
 
 # Presets: overrides of ModelConfig's defaults; each comment names the published size and source.
 PRESETS: dict[str, dict[str, Any]] = {
@@ -200,6 +217,14 @@ PRESETS: dict[str, dict[str, Any]] = {
     "qwen3-235b-a22b": dict(family="qwen3", qk_norm=True, dim=4096, n_layers=94, n_heads=64, n_kv_heads=4,
                             head_dim=128, hidden_dim=12288, vocab_size=151936, norm_eps=1e-6, rope_theta=1000000.0,
                             context_length=40960, n_experts=128, n_experts_used=8, expert_hidden_dim=1536),
+    # Llama 4 (meta-llama config.json, the text model; Meta: Scout 109B / 17B, Maverick 400B / 17B, both with the
+    # vision encoder): 107.8B / 17.2B, 400.7B / 17.2B
+    "llama4-scout": dict(family="llama4", dim=5120, n_layers=48, n_heads=40, n_kv_heads=8, head_dim=128,
+                         hidden_dim=16384, vocab_size=202048, rope_theta=500000.0, context_length=10485760,
+                         rope_scaling=RopeScaling(16.0, 1.0, 1.0, 8192), **_LLAMA4, n_experts=16, qk_l2_norm=True),
+    "llama4-maverick": dict(family="llama4", dim=5120, n_layers=48, n_heads=40, n_kv_heads=8, head_dim=128,
+                            hidden_dim=16384, vocab_size=202048, rope_theta=500000.0, context_length=1048576,
+                            **_LLAMA4, n_experts=128, dense_layers=tuple(range(0, 48, 2))),
     # Qwen1.5-MoE-A2.7B (Qwen config.json, the qwen2_moe architecture; model card: 14.3B / 2.7B)
     "qwen1.5-moe-a2.7b": dict(family="qwen2", qkv_bias=True, dim=2048, n_layers=24, n_heads=16, hidden_dim=5632,
                               vocab_size=151936, norm_eps=1e-6, rope_theta=1000000.0, context_length=8192,

@@ -142,10 +142,21 @@ class KVCache(nn.Module):
         return self._load(self.k[rows, :, :end], dtype), self._load(self.v[rows, :, :end], dtype)
 
 
+def l2_norm(x: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm without a weight, over the last dimension, in fp32 (Llama 4's q/k norm)."""
+    xf = x.float()
+    return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).type_as(x)
+
+
 class Attention(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, index: int = 0):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        # Llama 4: RoPE, chunks and L2 norms on three layers of four; temperature tuning on the fourth
+        self.rope = cfg.rope_layer(index)
+        self.chunk = cfg.attention_chunk if self.rope else 0
+        self.l2_eps = cfg.norm_eps if cfg.qk_l2_norm and self.rope else None
+        self.temperature = (cfg.attn_temp_floor, cfg.attn_temp_scale) if cfg.attn_temp_floor and not self.rope else None
         self.wq = nn.Linear(cfg.dim, cfg.n_heads * cfg.head_dim, bias=cfg.qkv_bias)
         self.wk = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
         self.wv = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
@@ -163,10 +174,19 @@ class Attention(nn.Module):
         v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rope(q, rot), apply_rope(k, rot)
+        if self.rope:
+            q, k = apply_rope(q, rot), apply_rope(k, rot)
+        if self.l2_eps is not None:
+            q, k = l2_norm(q, self.l2_eps), l2_norm(k, self.l2_eps)
+        if self.temperature is not None:
+            floor, scale = self.temperature
+            pos = torch.arange(T, device=x.device) if input_pos is None else input_pos
+            q = q * (torch.log1p(torch.floor((pos.float() + 1.0) / floor)) * scale + 1.0)[..., None, None].to(q.dtype)
+        if isinstance(mask, tuple):  # (the causal mask, the chunked one): this layer's
+            mask = mask[1] if self.chunk else mask[0]
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, heads, T, head_dim)
         if input_pos is None:
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=mask is None, attn_mask=mask, enable_gqa=True)
         else:
             k, v = self.cache.update(input_pos, k, v, end, rows)  # (B, n_kv_heads, end, head_dim)
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
@@ -207,14 +227,17 @@ class Experts(nn.Module):
         self.w1 = ExpertLinear(n_experts, dim, hidden)
         self.w2 = ExpertLinear(n_experts, hidden, dim)
         self.w3 = ExpertLinear(n_experts, dim, hidden)
+        self.weight_input = False  # set by MoEFeedForward (Llama 4)
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """x (N, dim), each row's chosen experts' ids (N, k) and weights (N, k) -> (N, dim)."""
         out = torch.zeros_like(x)
         for e, rows, w in by_expert(ids, weights):
             h = x[rows]
+            if self.weight_input:  # Llama 4: the weight scales the expert's input
+                h = h * w[:, None].to(h.dtype)
             y = self.w2(F.silu(self.w1(h, e)) * self.w3(h, e), e)
-            out.index_add_(0, rows, y * w[:, None].to(y.dtype))
+            out.index_add_(0, rows, y if self.weight_input else y * w[:, None].to(y.dtype))
         return out
 
 
@@ -257,6 +280,7 @@ class MoEFeedForward(nn.Module):
         self.k, self.router, self.norm = cfg.n_experts_used, cfg.expert_router, cfg.expert_norm
         self.gate = nn.Linear(cfg.dim, cfg.n_experts, bias=False)
         self.experts = Experts(cfg.n_experts, cfg.dim, cfg.expert_hidden_dim)
+        self.experts.weight_input = cfg.expert_weight_input
         self.shared = FeedForward(cfg, cfg.shared_expert_dim) if cfg.shared_expert_dim else None
         self.shared_gate = nn.Linear(cfg.dim, 1, bias=False) if cfg.shared_expert_gate else None
 
@@ -280,7 +304,7 @@ LINEAR_PARENTS = {"wq": "attention", "wk": "attention", "wv": "attention", "wo":
 class TransformerBlock(nn.Module):
     def __init__(self, cfg: ModelConfig, index: int = 0):
         super().__init__()
-        self.attention = Attention(cfg)
+        self.attention = Attention(cfg, index)
         self.feed_forward = MoEFeedForward(cfg) if cfg.moe_layer(index) else FeedForward(cfg)
         self.attention_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
@@ -333,8 +357,8 @@ class Transformer(nn.Module):
         angles = -float(discard) * self.inv_freq.to(self.device)
         rot = torch.polar(torch.ones_like(angles), angles)
         with torch.inference_mode():
-            for layer in self.layers:
-                layer.attention.cache.shift(row, keep, discard, end, rot)
+            for layer in self.layers:  # (the keys of layers without RoPE were never turned)
+                layer.attention.cache.shift(row, keep, discard, end, rot if layer.attention.rope else torch.ones_like(rot))
 
     def forward(self, tokens: torch.Tensor, input_pos: torch.Tensor | None = None,
                 last_only: bool = False, rows: torch.Tensor | None = None) -> torch.Tensor:
@@ -371,6 +395,7 @@ class Transformer(nn.Module):
             mask = torch.arange(end, device=tokens.device) <= input_pos[..., None]  # (T, end) or (B, T, end)
             if mask.dim() == 3:
                 mask = mask[:, None]  # (B, 1, T, end): the same for every head
+        mask = self.chunked(mask, positions, end)
         x = self.run_layers(self.tok_embeddings(tokens), rot, input_pos, mask, end, rows)
         if last_only:
             x = x[:, -1:]
@@ -382,9 +407,21 @@ class Transformer(nn.Module):
         T = tokens.shape[1]
         if T > self.config.context_length:
             raise ValueError(f"{T} tokens exceed the model's context of {self.config.context_length}")
-        x = self.run_layers(self.tok_embeddings(tokens), rope_rotations(torch.arange(T, device=tokens.device),
-                                                                        self.inv_freq), None, None, T, None)
+        positions = torch.arange(T, device=tokens.device)
+        x = self.run_layers(self.tok_embeddings(tokens), rope_rotations(positions, self.inv_freq), None,
+                            self.chunked(None, positions, T), T, None)
         return self.norm(x)
+
+    def chunked(self, mask: torch.Tensor | None, positions: torch.Tensor, end: int):
+        """`mask` as it is, or (mask, the chunked layers' mask) where some layers attend within chunks
+        (Llama 4) and the positions reach past the first: key position j is seen from query position p
+        where j <= p and j // chunk == p // chunk."""
+        chunk = self.config.attention_chunk
+        if not chunk or end <= chunk:
+            return mask
+        keys = torch.arange(end, device=positions.device)
+        inside = (keys <= positions[..., None]) & (keys >= positions[..., None] // chunk * chunk)
+        return mask, inside[:, None] if inside.dim() == 3 else inside
 
     def run_layers(self, x, rot, input_pos, mask, end, rows):
         """The blocks in order (a kernel-backed model runs a one-token step of all of them as one op)."""

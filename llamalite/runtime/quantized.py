@@ -163,6 +163,7 @@ class FastExperts(Experts):
         fast = cls.__new__(cls)
         nn.Module.__init__(fast)
         fast.w1, fast.w2, fast.w3 = experts.w1, experts.w2, experts.w3
+        fast.weight_input = experts.weight_input
         fast.fused = (all(isinstance(m, QuantExpertLinear) and m.packed for m in (fast.w1, fast.w2, fast.w3))
                       and fast.w1.type_name == fast.w3.type_name)
         return fast
@@ -170,9 +171,14 @@ class FastExperts(Experts):
     def forward(self, x, weights, ids):
         if not self.fused or x.device.type != "cpu" or x.dtype != torch.float32 or torch.compiler.is_compiling():
             return super().forward(x, weights, ids)
-        return torch.ops.llamalite.experts(x, ids, weights, self.w1.raw, self.w3.raw, self.w2.raw,
-                                           KERNEL_TYPES[self.w1.type_name], KERNEL_TYPES[self.w2.type_name],
-                                           self.w1.n_experts)
+        n, k = ids.shape
+        if self.weight_input:  # Llama 4: each (row, expert) its own input x * weight, the outputs summed
+            x, ids, weights = (x[:, None] * weights[..., None]).reshape(n * k, -1), ids.reshape(n * k, 1), \
+                torch.ones(n * k, 1)
+        out = torch.ops.llamalite.experts(x, ids, weights, self.w1.raw, self.w3.raw, self.w2.raw,
+                                          KERNEL_TYPES[self.w1.type_name], KERNEL_TYPES[self.w2.type_name],
+                                          self.w1.n_experts)
+        return out.view(n, k, -1).sum(1) if self.weight_input else out
 
 
 class QuantEmbedding(nn.Module):
@@ -241,13 +247,17 @@ class FastAttention(Attention):
         fast.n_heads, fast.n_kv_heads, fast.head_dim = attention.n_heads, attention.n_kv_heads, attention.head_dim
         fast.wq, fast.wk, fast.wv, fast.wo = attention.wq, attention.wk, attention.wv, attention.wo
         fast.q_norm, fast.k_norm = getattr(attention, "q_norm", None), getattr(attention, "k_norm", None)
+        fast.rope, fast.chunk, fast.l2_eps, fast.temperature = (attention.rope, attention.chunk, attention.l2_eps,
+                                                                attention.temperature)
+        # the op rotates every layer's q and k and attends over the whole cache: Llama 4's layers take the reference
+        fast.plain = fast.rope and not fast.chunk and fast.l2_eps is None and fast.temperature is None
         fast.cache = attention.cache
         fast.qkv = fuse_rows(fast.wq, fast.wk, fast.wv)
         return fast
 
     def forward(self, x, rot, input_pos, mask, end, rows=None):
         B = x.shape[0]
-        if input_pos is None or not _fast_step(x):
+        if input_pos is None or not _fast_step(x) or not self.plain:
             return super().forward(x, rot, input_pos, mask, end, rows)
         x2 = x.reshape(B, -1)
         if self.qkv:  # one product for the three, then any LoRA adapters' updates (adapters.py)
@@ -301,7 +311,8 @@ def _fusable(block: TransformerBlock, bias: bool, head_norms: bool) -> bool:
     if head_norms and (heads[0].eps != heads[1].eps or any(n.weight.dtype != torch.float32 for n in heads)):
         return False
     ffn = _mixture(f) if isinstance(f, MoEFeedForward) else _dense_ffn(f)
-    return (isinstance(a, FastAttention) and a.qkv is not None and ffn and isinstance(a.wo, QuantLinear) and a.wo.packed
+    return (isinstance(a, FastAttention) and a.plain and a.qkv is not None and ffn and isinstance(a.wo, QuantLinear)
+            and a.wo.packed
             and all(t is None or t.dtype == torch.float32 for t in biases)
             and block.attention_norm.eps == block.ffn_norm.eps
             and block.attention_norm.weight.dtype == block.ffn_norm.weight.dtype == torch.float32)
@@ -314,7 +325,8 @@ def _dense_ffn(f: nn.Module) -> bool:
 def _mixture(f: "MoEFeedForward") -> bool:
     """Whether a DecodePlan runs this mixture of experts: its experts on the kernels (FastExperts.fused), its
     router packed or fp32, its shared expert (if any) a dense feed-forward it runs, its shared gate fp32."""
-    return (isinstance(f.experts, FastExperts) and f.experts.fused and _table(f.gate) is not None
+    return (isinstance(f.experts, FastExperts) and f.experts.fused and not f.experts.weight_input
+            and _table(f.gate) is not None
             and (f.shared is None or _dense_ffn(f.shared))
             and (f.shared_gate is None or _table(f.shared_gate) is not None and _table(f.shared_gate)[1] == DENSE))
 

@@ -24,7 +24,7 @@ NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
 
 # Tokens that end a turn when the file names none (llama.cpp auto-detects the same texts).
 END_OF_TURN_TEXTS = ("<|eot_id|>", "<|eom_id|>", "<|im_end|>", "<|end|>", "<end_of_turn>", "<|endoftext|>",
-                     "<|end_of_text|>", "<EOT>")
+                     "<|end_of_text|>", "<EOT>", "<|eot|>", "<|eom|>")  # the last two: Llama 4's
 
 GPT2_REGEX = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
 _LLAMA3 = (r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
@@ -70,6 +70,11 @@ _PRE_SETS: dict[str, tuple[tuple[str, ...], bool]] = {  # llama.cpp's pre-tokeni
     "tekken": ((r"[^\r\n\p{L}\p{N}]?((?=[\p{L}])([^a-z]))*((?=[\p{L}])([^A-Z]))+|[^\r\n\p{L}\p{N}]?"
                 r"((?=[\p{L}])([^a-z]))+((?=[\p{L}])([^A-Z]))*|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+"
                 r"|\s+(?!\S)|\s+",), True),
+    # GPT-4o's and Llama 4's (o200k): letters by case runs with English contractions, digits by threes
+    "gpt-4o": ((r"[^\r\n\p{L}\p{N}]?((?=[\p{L}])([^a-z]))*((?=[\p{L}])([^A-Z]))+"
+                r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])?|[^\r\n\p{L}\p{N}]?((?=[\p{L}])([^a-z]))+"
+                r"((?=[\p{L}])([^A-Z]))*(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])?|\p{N}{1,3}"
+                r"| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+",), False),
     "chameleon": ((r"<sentinel:[0-9]+>", r"(IMGIMG)((A|B|C|D|E|F|G|H|I){1,4})Z", r"([\t\n]|    |  )", r"\p{N}",
                    r"[\p{P}!-/:-@\[-`{-~]", GPT2_REGEX), False),
 }
@@ -84,7 +89,7 @@ _PRE_NAMES = {
     "smollm": "starcoder", "codeshell": "starcoder", "exaone": "starcoder", "minerva-7b": "starcoder",
     "qwen2": "qwen2", "deepseek-r1-qwen": "qwen2", "stablelm2": "qwen2", "megrez": "qwen2", "poro-chat": "bloom",
     "bloom": "bloom", "gpt3-finnish": "bloom", "chatglm-bpe": "chatglm4", "viking": "viking", "tekken": "tekken",
-    "chameleon": "chameleon",
+    "chameleon": "chameleon", "gpt-4o": "gpt-4o", "llama4": "gpt-4o", "minimax-m2": "gpt-4o",
 }
 BPE_PRE_TOKENIZERS: dict[str, tuple[tuple[str, ...], bool]] = {name: _PRE_SETS[kind] for name, kind in _PRE_NAMES.items()}
 

@@ -161,3 +161,30 @@ def test_special_text_is_found_exactly_where_encoding_reads_it(default_lm):
                  "<tool_call>", "😀 <|im_start|>system"]:
         assert tok.has_special_text(text) == (tok.encode(text, add_bos=False) !=
                                               tok.encode(text, add_bos=False, parse_special=False)), text
+
+
+def test_llama4_pre_tokenizer_matches_tokenizers_library(tmp_path):
+    """Llama 4's tokenizer.json splits with the o200k regex (as GPT-4o's): a GGUF file saying
+    tokenizer.ggml.pre "llama4" tokenizes as the `tokenizers` library does with that regex."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    from llamalite.formats.gguf import gguf_metadata, open_gguf
+    from llamalite.model.config import ModelConfig
+    from tests.helpers import CORPUS, write_gguf
+
+    o200k = (r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+(?i:'s|'t|'re|'ve|'m|'ll|'d)?"
+             r"|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*(?i:'s|'t|'re|'ve|'m|'ll|'d)?"
+             r"|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+    hf = Tokenizer(models.BPE())
+    hf.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(o200k), "isolated"),
+                                                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    hf.decoder = decoders.ByteLevel()
+    hf.train_from_iterator([CORPUS], trainers.BpeTrainer(vocab_size=500, special_tokens=["<s>", "</s>"],
+                                                         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                                         show_progress=False))
+    tokens, merges = bpe_vocab_and_merges(hf)
+    cfg = ModelConfig(dim=64, n_layers=1, n_heads=4, vocab_size=len(tokens), hidden_dim=64)
+    ours = tokenizer_from_gguf(gguf_metadata(open_gguf(write_gguf(tmp_path / "t.gguf", {}, cfg, tokens=tokens,
+                                                                  merges=merges, pre="llama4"))))
+    for text in SAMPLES + [CORPUS, "He's HTTPServer's URLs: 12345 678\n\n  x/y\r\nÉCOLE élève"]:
+        assert ours.encode(text, add_bos=False) == hf.encode(text).ids, text

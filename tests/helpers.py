@@ -61,6 +61,8 @@ def random_blocks(type_name: str, n_blocks: int, seed: int = 0) -> np.ndarray:
         raw[:, -2:] = halves[:, :2]
     elif type_name in ("Q4_1", "Q5_1", "Q4_K", "Q5_K"):  # d and m / dmin lead the block
         raw[:, 0:4] = halves
+    elif type_name == "MXFP4":  # an E8M0 exponent byte leads the block: scales of 2^-27 .. 2^12
+        raw[:, 0] = rng.integers(100, 140, size=n_blocks, dtype=np.uint8)
     else:
         raw[:, 0:2] = halves[:, :2]
     return raw

@@ -28,6 +28,11 @@ FAMILIES = {  # name -> (config and model classes, extra config, llamalite's fam
                                                              num_experts_per_tok=1, intermediate_size=32,
                                                              intermediate_size_mlp=96, interleave_moe_layer_step=2),
                "llama4"),
+    # sinks, biases everywhere, YaRN, a window of 6 on layers 0 and 2 (past it within the 10-token prompt), the
+    # clamped SwiGLU
+    "gpt-oss": ("GptOssConfig", "GptOssForCausalLM", dict(num_hidden_layers=4, num_local_experts=4, head_dim=16,
+                                                          num_experts_per_tok=2, intermediate_size=32, sliding_window=6),
+                "gpt-oss"),
 }
 IDS = [5, 17, 99, 3, 250, 77, 12, 8, 300, 41]
 
@@ -41,8 +46,8 @@ def _build(kind, **overrides):
         for name, p in model.named_parameters():
             if "norm" in name:
                 p.uniform_(0.5, 1.5)
-            elif "bias" in name:
-                p.normal_(0, 0.5)
+            elif "bias" in name or "sinks" in name:
+                p.normal_(0, 0.5 if kind != "gpt-oss" else 0.05)
             elif name.endswith(("mlp.gate.weight", "block_sparse_moe.gate.weight", "shared_expert_gate.weight",
                                 "router.weight")):
                 p.normal_(0, 0.5)
@@ -103,7 +108,8 @@ def test_our_gguf_export_reads_back(models, kind, tmp_path):
     assert float((got - want).abs().max()) < 1e-4 and tokens == want_tokens
     q8 = load(export_gguf(lm.model, lm.tokenizer, tmp_path / "q8.gguf", dtype="q8_0"))
     experts = q8.model.layers[-1].feed_forward.experts
-    assert isinstance(experts, FastExperts) and experts.fused and experts.w1.type_name == "Q8_0"
+    assert isinstance(experts, FastExperts) and experts.w1.type_name == "Q8_0"
+    assert experts.fused == (kind != "gpt-oss")  # (its experts' biases and clamped SwiGLU: Experts' own forward)
     got, tokens = _ours(q8)
     assert float((got - want).abs().max() / want.abs().max()) < 3e-2
     seq = list(IDS)
@@ -112,7 +118,8 @@ def test_our_gguf_export_reads_back(models, kind, tmp_path):
             seq.append(int(q8.model(torch.tensor([seq]))[0, -1].argmax()))
     assert tokens[:12] == seq[len(IDS):]
     m = q8.model
-    if kind == "llama4":  # its attention runs layer by layer (the step has no NoPE layers, L2 norms or chunks)
+    if kind in ("llama4", "gpt-oss"):  # their attention runs layer by layer (the step has no NoPE layers, L2 norms,
+        # chunks, windows or sinks)
         assert m.plan is None
         return
     assert m.plan is not None
@@ -332,3 +339,24 @@ def test_llama4_chat_format_and_end_of_turn(models, tmp_path):
     assert render_chat(lm.chat_template, lm.tokenizer, messages) == hf.apply_chat_template(
         messages, tokenize=False, add_generation_prompt=True)
     assert {lm.tokenizer.token_id("<|eot|>"), lm.tokenizer.token_id("<|eom|>")} <= lm.tokenizer.end_ids
+
+
+def test_gpt_oss_experts_in_mxfp4(models, tmp_path):
+    """gpt-oss's experts in MXFP4 (the rest Q8_0, llama.cpp's MOSTLY_MXFP4_MOE): read as llama.cpp reads the
+    same file (held as Q8_0 blocks until MXFP4 has a kernel: within that rounding)."""
+    from llamalite.formats.export import export_gguf
+
+    model, path = models["gpt-oss"]
+    lm = load(path)
+    gguf = export_gguf(lm.model, lm.tokenizer, tmp_path / "mx.gguf", dtype="mxfp4")
+    ours = load(gguf)
+    assert ours.tensor_types["MXFP4"] == 3 * 4 and ours.model.layers[0].feed_forward.experts.w1.type_name == "Q8_0"
+    with torch.no_grad():
+        got = ours.model(torch.tensor([IDS]))[0]
+    want, _ = _reference(model)
+    assert float((got - want).abs().max() / want.abs().max()) < 0.3  # 4-bit experts: near, not equal
+    llama_cpp = pytest.importorskip("llama_cpp", reason="the peer: pip install -e '.[peer]'")
+    llm = llama_cpp.Llama(str(gguf), n_ctx=128, logits_all=True, verbose=False)
+    llm.eval(IDS)
+    peer = torch.tensor(np.asarray(llm.scores[:len(IDS)]))
+    assert float((peer - got).abs().max() / peer.abs().max()) < 2e-2

@@ -37,8 +37,8 @@ VERBS: dict[str, tuple[Callable[[Any], int], str, Callable[[argparse.ArgumentPar
     "train": (cmd_train, "pretrain a LLaMA on prepared data with the paper's recipe; --resume continues", train_flags),
     "finetune": (cmd_finetune, "fine-tune a model (LoRA, or --full) on chat, prompt/completion or text JSONL",
                  finetune_flags),
-    "export": (cmd_export, "write a checkpoint or model as GGUF (f32/f16/q8_0/q4_1/q4_0), Hugging Face files or a "
-                           "LoRA adapter", export_flags),
+    "export": (cmd_export, "write a checkpoint or model as GGUF (f32/f16/q8_0/q4_1/q4_0/mxfp4), Hugging Face files "
+                           "or a LoRA adapter", export_flags),
     "eval": (cmd_eval, "perplexity (llama.cpp's method) or zero-shot multiple-choice accuracy", eval_flags),
     "lm-eval": (cmd_lm_eval, "run lm-evaluation-harness with the `llamalite` model type (lm-eval's own arguments)",
                 lambda p: p.add_argument("args", nargs=argparse.REMAINDER, help="e.g. --model llamalite --model_args "

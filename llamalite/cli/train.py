@@ -135,8 +135,8 @@ def export_flags(p):
     p.add_argument("--to", choices=("gguf", "hf", "adapter", "executorch"), required=True,
                    help="a GGUF file, a Hugging Face directory, (LoRA fine-tunes) the adapter alone in PEFT's layout, "
                         "or an ExecuTorch program (.pte) for phones and TVs")
-    p.add_argument("--dtype", help="gguf: f32, f16, q8_0, q4_1, q4_0; hf: f32, f16, bf16 (default f32); executorch: "
-                                   "fp32, 8da4w, 8da8w (default fp32)")
+    p.add_argument("--dtype", help="gguf: f32, f16, q8_0, q4_1, q4_0, mxfp4 (experts MXFP4, the rest q8_0); hf: f32, "
+                                   "f16, bf16 (default f32); executorch: fp32, 8da4w, 8da8w (default fp32)")
     p.add_argument("--out", required=True, help="the .gguf or .pte file, or the Hugging Face / adapter directory")
     p.add_argument("--max-seq-len", type=int, metavar="N",
                    help="executorch: the positions its KV cache holds (default: the model's context, at most 2048)")

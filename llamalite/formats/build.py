@@ -75,11 +75,12 @@ def build_model(cfg: ModelConfig, weights: Mapping[str, torch.Tensor], dtype: to
         owner = model.get_submodule(parent)
         if attr == "tok_embeddings":
             setattr(owner, attr, QuantEmbedding(raw, type_name, cfg.dim, in_place=True, packed=packed))
-        elif len(expected[name]) == 3:  # one projection of every expert
-            setattr(owner, attr, QuantExpertLinear(raw, type_name, expected[name][0], expected[name][2], in_place=True,
-                                                   packed=packed))
         else:
-            layer = QuantLinear(raw, type_name, expected[name][1], in_place=True, packed=packed)
+            if len(expected[name]) == 3:  # one projection of every expert
+                layer = QuantExpertLinear(raw, type_name, expected[name][0], expected[name][2], in_place=True,
+                                          packed=packed)
+            else:
+                layer = QuantLinear(raw, type_name, expected[name][1], in_place=True, packed=packed)
             layer.bias = getattr(owner, attr).bias  # a dense bias stays one (loaded above)
             setattr(owner, attr, layer)
     if cfg.tie_embeddings:

@@ -17,11 +17,12 @@ import torch
 
 from ..model.config import ModelConfig
 from .layout import NEOX_FAMILIES, family_tensors
-from .gguf import GGUF_MOE_ARCH, LLAMA4_ATTENTION, MOE_ROUTING, meta_to_gguf_name
+from .gguf import GGUF_MOE_ARCH, GPT_OSS_FIXED, LLAMA4_ATTENTION, MOE_ROUTING, meta_to_gguf_name
 from .hf import hf_experts_config, hf_tensors
 
-DTYPES = ("f32", "f16", "q8_0", "q4_1", "q4_0")
-QUANT_TYPES = {"q8_0": "Q8_0", "q4_1": "Q4_1", "q4_0": "Q4_0"}  # export dtype -> GGML block type
+DTYPES = ("f32", "f16", "q8_0", "q4_1", "q4_0", "mxfp4")
+# export dtype -> GGML block type; mxfp4 (llama.cpp's MOSTLY_MXFP4_MOE): the experts MXFP4, the other matrices Q8_0
+QUANT_TYPES = {"q8_0": "Q8_0", "q4_1": "Q4_1", "q4_0": "Q4_0", "mxfp4": "Q8_0"}
 
 
 class ExportError(ValueError):
@@ -51,6 +52,14 @@ def gguf_add_config(writer: Any, cfg: ModelConfig, vocab_size: int | None = None
             writer.add_expert_shared_feed_forward_length(cfg.shared_expert_dim)
         if cfg.family == "llama4":
             writer.add_interleave_moe_layer_step(_moe_step(cfg) or 1)
+    if cfg.family == "gpt-oss":
+        import gguf
+
+        writer.add_sliding_window(cfg.sliding_window)
+        if cfg.rope_scaling is not None:  # YaRN, as keys (llama3's scaling goes in a tensor: export_gguf)
+            writer.add_rope_scaling_type(gguf.RopeScalingType.YARN)
+            writer.add_rope_scaling_factor(cfg.rope_scaling.factor)
+            writer.add_rope_scaling_orig_ctx_len(cfg.rope_scaling.original_context)
     if cfg.family == "llama4" and not cfg.attention_chunk:
         writer.add_sliding_window(0)  # llama.cpp's llama4: no chunks and no NoPE layers
     writer.add_head_count(cfg.n_heads)
@@ -175,6 +184,15 @@ def _gguf_mismatch(cfg: ModelConfig, arch: str) -> str | None:
             return "has a shared expert of the experts' size and experts in every n-th layer"
     elif cfg.nope_layer_step or cfg.attention_chunk or cfg.qk_l2_norm or cfg.attn_temp_floor:
         return "has no NoPE layers, chunks, q/k L2 norms or temperature tuning"
+    if cfg.family == "gpt-oss":
+        fixed = {k: getattr(cfg, k) for k in GPT_OSS_FIXED}
+        if fixed != GPT_OSS_FIXED or (cfg.rope_scaling is not None and (cfg.rope_scaling.kind, cfg.rope_scaling.truncate,
+                                                                          cfg.rope_scaling.beta_fast, cfg.rope_scaling.beta_slow)
+                                      != ("yarn", False, 32.0, 1.0)):
+            return f"has {GPT_OSS_FIXED} and YaRN (beta 32 and 1, no rounding); this model {fixed}, {cfg.rope_scaling}"
+    elif (cfg.attention_sinks or cfg.sliding_window or cfg.o_bias or cfg.router_bias or cfg.expert_bias or cfg.swiglu_limit
+          or (cfg.rope_scaling is not None and cfg.rope_scaling.kind != "llama3")):
+        return "has no attention sinks, windows, output or expert biases, clamped SwiGLU or YaRN"
     return None
 
 
@@ -226,11 +244,13 @@ def export_gguf(model: torch.nn.Module, tokenizer, path: str | Path, dtype: str 
     path.parent.mkdir(parents=True, exist_ok=True)
     w = gguf.GGUFWriter(str(path), arch)  # llama, qwen2, qwen3, phi3, qwen2moe, qwen3moe
     w.add_name(name)
-    w.add_file_type({"f32": 0, "f16": 1, "q4_0": 2, "q4_1": 3, "q8_0": 7}[dtype])
+    if dtype == "mxfp4" and not cfg.n_experts:
+        raise ExportError("mxfp4 quantizes a mixture's experts, and this model has none: use q8_0 or q4_0")
+    w.add_file_type({"f32": 0, "f16": 1, "q4_0": 2, "q4_1": 3, "q8_0": 7, "mxfp4": 38}[dtype])
     gguf_add_config(w, cfg)
     if tokenizer is not None:
         gguf_add_tokenizer(w, tokenizer, cfg.vocab_size)
-    if cfg.rope_scaling is not None:
+    if cfg.rope_scaling is not None and cfg.rope_scaling.kind == "llama3":
         from ..model.transformer import rope_inv_freq
 
         base = rope_inv_freq(cfg.head_dim, cfg.rope_theta)
@@ -238,17 +258,20 @@ def export_gguf(model: torch.nn.Module, tokenizer, path: str | Path, dtype: str 
 
     for meta_name, t in family_tensors(cfg, _weights(model), cfg.family in NEOX_FAMILIES).items():
         gname = meta_to_gguf_name(meta_name)
+        if cfg.family == "gpt-oss" and meta_name.endswith("ffn_norm.weight"):
+            gname = gname.replace(".ffn_norm.", ".post_attention_norm.")  # llama.cpp's name for it there
         if meta_name.endswith("shared_gate.weight"):
             t = t.reshape(-1)  # a vector in GGUF (llama.cpp's ffn_gate_inp_shexp)
         arr = np.ascontiguousarray(t.numpy(), dtype=np.float32)
         # routers stay f32, as llama.cpp's quantizer leaves them: which experts a token takes hangs on them
         router = meta_name.endswith(("feed_forward.gate.weight", "shared_gate.weight"))
-        if arr.ndim == 1 or dtype == "f32" or router or (dtype != "f16" and arr.shape[-1] % 32):
+        if arr.ndim == 1 or meta_name.endswith("bias") or dtype == "f32" or router or (
+                dtype != "f16" and arr.shape[-1] % 32):
             w.add_tensor(gname, arr)
         elif dtype == "f16":
             w.add_tensor(gname, arr.astype(np.float16))
         else:
-            qtype = T[QUANT_TYPES[dtype]]
+            qtype = T.MXFP4 if dtype == "mxfp4" and ".experts." in meta_name else T[QUANT_TYPES[dtype]]
             w.add_tensor(gname, gguf.quants.quantize(arr, qtype), raw_dtype=qtype)
     w.write_header_to_file()
     w.write_kv_data_to_file()
@@ -276,7 +299,7 @@ def export_hf(model: torch.nn.Module, tokenizer, out: str | Path, dtype: str = "
     for hf, t in hf_tensors(cfg, family_tensors(cfg, _weights(model), neox=cfg.family != "llama4")).items():
         tensors[hf] = t.to(torch_dtype).contiguous()
     save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
-    head = {"llama": "Llama", "qwen2": "Qwen2", "qwen3": "Qwen3", "phi3": "Phi3", "llama4": "Llama4"}[cfg.family]
+    head = {"llama": "Llama", "qwen2": "Qwen2", "qwen3": "Qwen3", "phi3": "Phi3", "llama4": "Llama4", "gpt-oss": "GptOss"}[cfg.family]
     config = {"architectures": [f"{head}ForCausalLM"], "model_type": cfg.family, "hidden_size": cfg.dim,
               "intermediate_size": cfg.hidden_dim, "num_hidden_layers": cfg.n_layers,
               "num_attention_heads": cfg.n_heads, "num_key_value_heads": cfg.n_kv_heads, "head_dim": cfg.head_dim,
@@ -286,7 +309,7 @@ def export_hf(model: torch.nn.Module, tokenizer, out: str | Path, dtype: str = "
     if cfg.family == "qwen2":
         config["use_sliding_window"] = False
     config.update(experts)
-    if cfg.rope_scaling is not None:
+    if cfg.rope_scaling is not None and cfg.rope_scaling.kind == "llama3":  # (YaRN: gpt-oss's, hf_experts_config)
         r = cfg.rope_scaling
         config["rope_scaling"] = {"rope_type": "llama3", "factor": r.factor, "low_freq_factor": r.low_freq_factor,
                                   "high_freq_factor": r.high_freq_factor,

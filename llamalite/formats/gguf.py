@@ -53,13 +53,19 @@ _GGUF_LAYER_NAMES = {
     "ffn_down_exps": "feed_forward.experts.w2", "ffn_up_exps": "feed_forward.experts.w3",
     "ffn_gate_shexp": "feed_forward.shared.w1", "ffn_down_shexp": "feed_forward.shared.w2",
     "ffn_up_shexp": "feed_forward.shared.w3", "ffn_gate_inp_shexp": "feed_forward.shared_gate",
+    # gpt-oss's: its sinks, and its feed-forward's norm under another name (written so by the exporter)
+    "attn_sinks": "attention.sinks", "post_attention_norm": "ffn_norm",
 }
 # The architecture of a family's mixture-of-experts files (Mixtral's are llama files with experts)
-GGUF_MOE_ARCH = {"llama": "llama", "qwen2": "qwen2moe", "qwen3": "qwen3moe", "llama4": "llama4"}
+GGUF_MOE_ARCH = {"llama": "llama", "qwen2": "qwen2moe", "qwen3": "qwen3moe", "llama4": "llama4", "gpt-oss": "gpt-oss"}
 # How llama.cpp's architectures weigh the chosen experts, whatever a file says: (router, rescaled to sum to 1,
 # the weight scales the expert's input)
 MOE_ROUTING = {"llama": ("softmax", True, False), "qwen2moe": ("softmax", False, False),
-               "qwen3moe": ("softmax", True, False), "llama4": ("sigmoid", False, True)}
+               "qwen3moe": ("softmax", True, False), "llama4": ("sigmoid", False, True),
+               "gpt-oss": ("softmax", True, False)}
+# What llama.cpp's gpt-oss architecture fixes: every other layer (the first, third, ...) attends to a sliding window
+# (of the file's sliding_window), and its experts' clamped SwiGLU
+GPT_OSS_FIXED = dict(attention_sinks=True, sliding_window_pattern=2, swiglu_limit=7.0, swiglu_alpha=1.702)
 # What llama.cpp's llama4 architecture fixes, not read from a file: chunks of 8192 on RoPE layers, one layer in
 # four without RoPE and with temperature tuning (floor 8192, scale 0.1); a file whose sliding_window is 0 has
 # neither. Its q/k L2 norms are on unless the model has 128 experts (Maverick).
@@ -224,7 +230,7 @@ def load_gguf(path: Path, dtype: torch.dtype = torch.float32, quantized: bool = 
         dense = tuple(i for i in range(int(meta.get(f"{meta.get('general.architecture')}.block_count", 0)))
                       if f"blk.{i}.ffn_gate_inp.weight" not in tensors)
         cfg = config_from_gguf(meta, has_output="output.weight" in tensors, rope_scaling=rope,
-                               has_bias="blk.0.attn_q.bias" in tensors, dense_layers=dense)
+                               has_bias="blk.0.attn_q.bias" in tensors, dense_layers=dense, names=frozenset(tensors))
     except ValueError as e:
         raise ModelFileError(f"{path}: {e}") from e
     if part is not None:
@@ -293,7 +299,8 @@ def _match_rope_freqs(meta: Mapping[str, Any], factors: np.ndarray) -> RopeScali
 
 
 def config_from_gguf(meta: Mapping[str, Any], has_output: bool, rope_scaling: RopeScaling | None = None,
-                     has_bias: bool = False, dense_layers: tuple[int, ...] = ()) -> ModelConfig:
+                     has_bias: bool = False, dense_layers: tuple[int, ...] = (),
+                     names: frozenset[str] = frozenset()) -> ModelConfig:
     """Read GGUF key-values (already decoded to Python values) of a file of the LLaMA lineage (general.
     architecture llama, qwen2, qwen3, phi3, or the mixtures of experts qwen2moe, qwen3moe, and llama with
     experts: Mixtral; keys are named after it). `has_bias` says whether the file has q/k/v biases, and
@@ -320,14 +327,19 @@ def config_from_gguf(meta: Mapping[str, Any], has_output: bool, rope_scaling: Ro
     if vocab is None:
         vocab = len(meta["tokenizer.ggml.tokens"])
     scale_type = key("rope.scaling.type", None)
-    if scale_type not in (None, "none"):
+    if scale_type == "yarn" and arch == "gpt-oss":  # as the model defines it (no rounding of YaRN's ramp)
+        rope_scaling = RopeScaling(factor=float(key("rope.scaling.factor")),
+                                   original_context=int(key("rope.scaling.original_context_length")), kind="yarn",
+                                   beta_fast=float(key("rope.scaling.yarn_beta_fast", 32.0)),
+                                   beta_slow=float(key("rope.scaling.yarn_beta_slow", 1.0)), truncate=False)
+    elif scale_type not in (None, "none"):
         raise ValueError(f"GGUF rope.scaling.type {scale_type!r} is not supported")
     head_dim = key("attention.key_length", key("rope.dimension_count", dim // n_heads))
     if key("rope.dimension_count", head_dim) != head_dim:
         raise ValueError(f"RoPE over {key('rope.dimension_count')} of each head's {head_dim} dimensions (partial "
                          f"rotary) is not supported")
     context = key("context_length", 2048)
-    window = key("attention.sliding_window", None)
+    window = key("attention.sliding_window", None) if arch != "gpt-oss" else None  # (gpt-oss's: its layers')
     if window:  # as config_from_hf: stop short of where the model's window cuts the context
         context = min(context, int(window))
     return ModelConfig(
@@ -347,6 +359,9 @@ def config_from_gguf(meta: Mapping[str, Any], has_output: bool, rope_scaling: Ro
         qkv_bias=has_bias,
         qk_norm=family == "qwen3",
         **_gguf_experts(meta, arch, dense_layers),
+        **(dict(GPT_OSS_FIXED, sliding_window=int(key("attention.sliding_window", 0)), o_bias="blk.0.attn_output.bias" in names,
+                router_bias="blk.0.ffn_gate_inp.bias" in names, expert_bias="blk.0.ffn_gate_exps.bias" in names)
+           if arch == "gpt-oss" else {}),
     )
 
 

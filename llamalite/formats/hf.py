@@ -35,12 +35,16 @@ _HF_LAYER_NAMES = {
     "feed_forward.shared_expert.down_proj": "feed_forward.shared.w2",
     "feed_forward.shared_expert.up_proj": "feed_forward.shared.w3", "feed_forward.gate_proj": "feed_forward.w1",
     "feed_forward.down_proj": "feed_forward.w2", "feed_forward.up_proj": "feed_forward.w3",
+    "mlp.router": "feed_forward.gate",  # gpt-oss's (with a bias)
+    "self_attn.sinks": "attention.sinks",  # gpt-oss's: written without the .weight (_hf_gpt_oss_tensors)
 }
 # One expert's projection: Qwen-MoE's mlp.experts.<e>.gate_proj, Mixtral's block_sparse_moe.experts.<e>.w1, ...
 _EXPERT = re.compile(r"model\.layers\.(\d+)\.(?:mlp|block_sparse_moe)\.experts\.(\d+)\.(\w+)\.weight")
 _EXPERT_NAMES = {"gate_proj": "w1", "down_proj": "w2", "up_proj": "w3", "w1": "w1", "w2": "w2", "w3": "w3"}
-# Llama 4's experts, fused: gate_up_proj (n_experts, dim, 2 * hidden), down_proj (n_experts, hidden, dim)
-_FUSED_EXPERTS = re.compile(r"model\.layers\.(\d+)\.feed_forward\.experts\.(gate_up_proj|down_proj)")
+# Llama 4's and gpt-oss's experts, fused: gate_up_proj (n_experts, dim, 2 * hidden), down_proj (n_experts, hidden,
+# dim), and gpt-oss's biases; Llama 4's gate columns come before its up columns, gpt-oss's alternate with them
+_FUSED_EXPERTS = re.compile(r"model\.layers\.(\d+)\.(?:feed_forward|mlp)\.experts\.(gate_up_proj|down_proj)(_bias)?")
+_SINKS = re.compile(r"model\.layers\.(\d+)\.self_attn\.sinks")  # gpt-oss's, a vector without a suffix
 # The text half of a Llama 4 checkpoint (Llama4ForConditionalGeneration): its tensors' prefix, and the rest's
 _TEXT_PREFIX = "language_model."
 _NOT_TEXT = ("vision_model.", "multi_modal_projector.")
@@ -69,6 +73,8 @@ def hf_tensors(cfg: ModelConfig, weights: Mapping[str, torch.Tensor]) -> dict[st
     the family's transformers class holds them: Phi-3's fused gate/up, Mixtral's and Qwen-MoE's experts one
     tensor each, Llama 4's feed-forward names and its experts fused and transposed."""
     out = {}
+    if cfg.family == "gpt-oss":
+        return _hf_gpt_oss_tensors(weights)
     for name, t in weights.items():
         m = re.fullmatch(r"layers\.(\d+)\.feed_forward\.(?:experts\.(w[123])|gate)\.weight", name)
         if m is None or not cfg.n_experts:
@@ -95,6 +101,28 @@ def hf_tensors(cfg: ModelConfig, weights: Mapping[str, torch.Tensor]) -> dict[st
     return out
 
 
+def _hf_gpt_oss_tensors(weights: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """gpt-oss's tensors under GptOssForCausalLM's names: its router mlp.router, its sinks without a suffix, its
+    experts fused (gate and up columns alternating) and transposed, with their biases."""
+    out = {}
+    for name, t in weights.items():
+        m = re.fullmatch(r"layers\.(\d+)\.feed_forward\.experts\.(w[123])\.(weight|bias)", name)
+        if m is None:
+            hf = meta_to_hf_name(name).replace(".mlp.gate.", ".mlp.router.")
+            out[hf.removesuffix(".weight") if name.endswith("attention.sinks.weight") else hf] = t
+            continue
+        i, proj, kind = m.groups()
+        base = f"model.layers.{i}.mlp.experts."
+        suffix = "_bias" if kind == "bias" else ""
+        if proj == "w2":
+            out[f"{base}down_proj{suffix}"] = t if kind == "bias" else t.transpose(1, 2)
+        elif proj == "w1":
+            up = weights[f"layers.{i}.feed_forward.experts.w3.{kind}"]
+            both = torch.stack([t, up], dim=2).flatten(1, 2)  # gate, up, gate, up, ... along the rows
+            out[f"{base}gate_up_proj{suffix}"] = both if kind == "bias" else both.transpose(1, 2)
+    return out
+
+
 def hf_experts_config(cfg: ModelConfig) -> dict[str, Any]:
     """config.json's keys for a mixture of experts (the reverse of _hf_experts); ValueError for what
     transformers' class of the family cannot hold."""
@@ -102,6 +130,8 @@ def hf_experts_config(cfg: ModelConfig) -> dict[str, Any]:
     mixtral = cfg.family == "llama"
     if cfg.family == "llama4":
         return _hf_llama4_config(cfg)
+    if cfg.family == "gpt-oss":
+        return _hf_gpt_oss_config(cfg)
     if (model_type is None or cfg.expert_router != "softmax" or (mixtral and (not cfg.expert_norm or cfg.dense_layers))
             or (cfg.family == "qwen2") != bool(cfg.shared_expert_dim and cfg.shared_expert_gate)):
         raise ValueError(f"this mixture of experts ({cfg.family} attention, {cfg.expert_router} router, "
@@ -133,6 +163,19 @@ def _hf_llama4_config(cfg: ModelConfig) -> dict[str, Any]:
             "attn_scale": cfg.attn_temp_scale}
 
 
+def _hf_gpt_oss_config(cfg: ModelConfig) -> dict[str, Any]:
+    """config.json's keys for gpt-oss (the reverse of _hf_gpt_oss)."""
+    r = cfg.rope_scaling
+    rope = {"rope_type": "default", "rope_theta": cfg.rope_theta} if r is None else {
+        "rope_type": "yarn", "rope_theta": cfg.rope_theta, "factor": r.factor, "beta_fast": r.beta_fast,
+        "beta_slow": r.beta_slow, "original_max_position_embeddings": r.original_context, "truncate": r.truncate}
+    return {"architectures": ["GptOssForCausalLM"], "model_type": "gpt_oss", "num_local_experts": cfg.n_experts,
+            "num_experts_per_tok": cfg.n_experts_used, "intermediate_size": cfg.expert_hidden_dim,
+            "attention_bias": cfg.qkv_bias, "sliding_window": cfg.sliding_window or None,
+            "layer_types": ["sliding_attention" if cfg.window_layer(i) else "full_attention" for i in range(cfg.n_layers)],
+            "rope_parameters": rope, "swiglu_limit": cfg.swiglu_limit, "swiglu_alpha": cfg.swiglu_alpha}
+
+
 def load_hf(path: Path, dtype: torch.dtype = torch.float32) -> LoadedModel:
     from safetensors import safe_open
 
@@ -159,11 +202,19 @@ def load_hf(path: Path, dtype: torch.dtype = torch.float32) -> LoadedModel:
                 tensor_name, name = name, name.removeprefix(_TEXT_PREFIX)
                 m = _FUSED_EXPERTS.fullmatch(name)
                 if m:
-                    t, p = f.get_tensor(tensor_name).transpose(1, 2), f"layers.{m.group(1)}.feed_forward.experts."
+                    t, p = f.get_tensor(tensor_name), f"layers.{m.group(1)}.feed_forward.experts."
+                    kind = "bias" if m.group(3) else "weight"
+                    t = t if m.group(3) else t.transpose(1, 2)  # weights to (n_experts, out, in)
                     if m.group(2) == "down_proj":
-                        weights[p + "w2.weight"] = t.contiguous()
-                    else:  # (n_experts, 2 * hidden, dim): gate rows, then up rows
-                        weights[p + "w1.weight"], weights[p + "w3.weight"] = (h.contiguous() for h in t.chunk(2, dim=1))
+                        weights[f"{p}w2.{kind}"] = t.contiguous()
+                    elif cfg.family == "gpt-oss":  # gate and up rows alternate
+                        weights[f"{p}w1.{kind}"], weights[f"{p}w3.{kind}"] = t[:, 0::2].contiguous(), t[:, 1::2].contiguous()
+                    else:  # gate rows, then up rows
+                        weights[f"{p}w1.{kind}"], weights[f"{p}w3.{kind}"] = (h.contiguous() for h in t.chunk(2, dim=1))
+                    continue
+                m = _SINKS.fullmatch(name)
+                if m:
+                    weights[f"layers.{m.group(1)}.attention.sinks.weight"] = f.get_tensor(tensor_name)
                     continue
                 m = _EXPERT.fullmatch(name)
                 if m and m.group(3) in _EXPERT_NAMES:
@@ -203,6 +254,10 @@ def config_from_hf(cfg: Mapping[str, Any]) -> ModelConfig:
     Qwen2ForCausalLM, Qwen3ForCausalLM, Phi3ForCausalLM, and the mixtures of experts MixtralForCausalLM,
     Qwen2MoeForCausalLM, Qwen3MoeForCausalLM."""
     arch = cfg.get("model_type", "llama")
+    quant = (cfg.get("quantization_config") or {}).get("quant_method")
+    if quant:
+        raise ValueError(f"its weights are quantized ({quant}), which llamalite reads from GGUF files only: "
+                         f"use the model's GGUF file")
     if arch == "llama4":  # the multimodal checkpoint: its text model's config
         cfg, arch = {**cfg["text_config"], "tie_word_embeddings": cfg.get("tie_word_embeddings", False)}, "llama4_text"
     if arch not in HF_FAMILIES:
@@ -218,7 +273,7 @@ def config_from_hf(cfg: Mapping[str, Any]) -> ModelConfig:
         if kind == "llama3":
             rope = RopeScaling(scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"],
                                scaling["original_max_position_embeddings"])
-        elif kind not in (None, "default"):
+        elif kind not in (None, "default") and not (kind == "yarn" and arch == "gpt_oss"):  # (gpt-oss's: _hf_gpt_oss)
             raise ValueError(f"rope_scaling type {kind!r} is not supported (supported: llama3)")
     if float(cfg.get("partial_rotary_factor", 1.0)) != 1.0:
         raise ValueError(f"partial_rotary_factor {cfg['partial_rotary_factor']} (RoPE on part of each head) is not "
@@ -226,6 +281,8 @@ def config_from_hf(cfg: Mapping[str, Any]) -> ModelConfig:
     n_heads = cfg["num_attention_heads"]
     context = cfg.get("max_position_embeddings", 2048)
     window = cfg.get("sliding_window") if cfg.get("use_sliding_window", arch not in ("qwen2", "qwen2_moe")) else None
+    if window and arch == "gpt_oss":  # windows on some layers, attended as such (_hf_gpt_oss)
+        window = None
     if window:  # beyond its window the model attends to a part of the context: llamalite stops short of it
         context = min(context, int(window))
     fields = dict(
@@ -245,7 +302,33 @@ def config_from_hf(cfg: Mapping[str, Any]) -> ModelConfig:
         qkv_bias=family == "qwen2" or bool(cfg.get("attention_bias", False)),
         qk_norm=family == "qwen3",
     )
-    return ModelConfig(**{**fields, **_hf_experts(cfg, arch), **_hf_llama4(cfg, arch)})
+    return ModelConfig(**{**fields, **_hf_experts(cfg, arch), **_hf_llama4(cfg, arch), **_hf_gpt_oss(cfg, arch)})
+
+
+def _hf_gpt_oss(cfg: Mapping[str, Any], arch: str) -> dict[str, Any]:
+    """gpt-oss's fields: sinks, biases, windowed layers, YaRN, its experts (none for the other families)."""
+    if arch != "gpt_oss":
+        return {}
+    n = cfg["num_hidden_layers"]
+    types = cfg.get("layer_types") or ["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(n)]
+    windowed = [t == "sliding_attention" for t in types]
+    pattern = next((p for p in range(1, n + 2) if windowed == [(i + 1) % p != 0 for i in range(n)]), None)
+    if pattern is None:
+        raise ValueError(f"layer_types {types} is not a full-attention layer in every few")
+    rope = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
+    scaling = None
+    if rope.get("rope_type", rope.get("type")) == "yarn":
+        scaling = RopeScaling(factor=float(rope["factor"]), original_context=int(rope["original_max_position_embeddings"]),
+                              kind="yarn", beta_fast=float(rope.get("beta_fast") or 32), beta_slow=float(rope.get("beta_slow") or 1),
+                              truncate=bool(rope.get("truncate", True)))
+        if rope.get("attention_factor") is not None or rope.get("mscale") or rope.get("mscale_all_dim"):
+            raise ValueError("YaRN with its own attention_factor or mscale is not supported")
+    bias = bool(cfg.get("attention_bias", True))
+    return dict(qkv_bias=bias, o_bias=bias, attention_sinks=True, sliding_window=int(cfg.get("sliding_window") or 0),
+                sliding_window_pattern=pattern if any(windowed) else 0, rope_scaling=scaling,
+                n_experts=cfg["num_local_experts"], n_experts_used=cfg["num_experts_per_tok"],
+                expert_hidden_dim=cfg["intermediate_size"], router_bias=True, expert_bias=True,
+                swiglu_limit=float(cfg.get("swiglu_limit", 7.0)), swiglu_alpha=float(cfg.get("swiglu_alpha", 1.702)))
 
 
 def _hf_llama4(cfg: Mapping[str, Any], arch: str) -> dict[str, Any]:

@@ -17,7 +17,7 @@ import torch
 from ..model.config import ModelConfig
 
 
-NEOX_FAMILIES = ("qwen2", "qwen3", "phi3")  # their GGUF q/k rows are in HF's half-split RoPE layout, as HF's
+NEOX_FAMILIES = ("qwen2", "qwen3", "phi3", "gpt-oss")  # their GGUF q/k rows are in HF's half-split RoPE layout, as HF's
 
 
 def family_layout(cfg: ModelConfig, weights: dict, blocks: dict, neox: bool) -> None:

@@ -13,7 +13,7 @@ import torch
 # type name -> (elements per block, bytes per block), as in ggml's type traits
 BLOCK = {
     "Q4_0": (32, 18), "Q4_1": (32, 20), "Q5_0": (32, 22), "Q5_1": (32, 24), "Q8_0": (32, 34),
-    "Q4_K": (256, 144), "Q5_K": (256, 176), "Q6_K": (256, 210),
+    "Q4_K": (256, 144), "Q5_K": (256, 176), "Q6_K": (256, 210), "MXFP4": (32, 17),
 }
 PLAIN = ("F32", "F16", "BF16")
 SUPPORTED = PLAIN + tuple(BLOCK)
@@ -122,8 +122,17 @@ def _q6_k(blk):  # block_q6_K { uint8_t ql[128]; uint8_t qh[64]; int8_t scales[1
     return (d[:, :, None] * sc[:, :, None] * q).reshape(-1, 256)
 
 
+# MXFP4's E2M1 values, doubled (ggml's kvalues_mxfp4): the block's scale is then 2^(e - 128), not 2^(e - 127)
+_E2M1 = torch.tensor([0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12], dtype=torch.float32)
+
+
+def _mxfp4(blk):  # block_mxfp4 { uint8_t e; uint8_t qs[16]; }: OCP microscaling, an E8M0 scale and 4-bit E2M1 values
+    scale = torch.ldexp(torch.ones(blk.shape[0], 1), blk[:, 0:1].to(torch.int32) - 128)
+    return _E2M1[_nibbles(blk[:, 1:17]).long()] * scale
+
+
 _DEQUANT = {"Q4_0": _q4_0, "Q4_1": _q4_1, "Q5_0": _q5_0, "Q5_1": _q5_1, "Q8_0": _q8_0,
-            "Q4_K": _q4_k, "Q5_K": _q5_k, "Q6_K": _q6_k}
+            "Q4_K": _q4_k, "Q5_K": _q5_k, "Q6_K": _q6_k, "MXFP4": _mxfp4}
 
 
 def dequantize(data: np.ndarray | torch.Tensor, type_name: str, shape: tuple[int, ...]) -> torch.Tensor:

@@ -11,12 +11,17 @@ from typing import Any, Mapping
 
 @dataclass(frozen=True)
 class RopeScaling:
-    """Llama 3.1 frequency scaling of RoPE (meta-llama/llama-models, `apply_scaling`)."""
+    """Frequency scaling of RoPE: Llama 3.1's (kind "llama3": meta-llama/llama-models, `apply_scaling`) or
+    YaRN (kind "yarn", Peng et al. 2023: gpt-oss; beta_fast, beta_slow and truncate are its alone)."""
 
     factor: float = 8.0
     low_freq_factor: float = 1.0
     high_freq_factor: float = 4.0
     original_context: int = 8192
+    kind: str = "llama3"
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+    truncate: bool = True
 
 
 @dataclass
@@ -38,7 +43,13 @@ class ModelConfig:
     # The LLaMA lineage's variations, as data (the model file reads them; the loaders and writers of each
     # format name the family's tensors and keys after `family`):
     family: str = "llama"  # llama (LLaMA 1-3, Mistral, SmolLM), llama4, qwen2 (Qwen2, Qwen2.5), qwen3, phi3
-    qkv_bias: bool = False  # biases on the q, k and v projections (Qwen2)
+    qkv_bias: bool = False  # biases on the q, k and v projections (Qwen2, gpt-oss)
+    o_bias: bool = False  # a bias on the attention's output projection (gpt-oss)
+    attention_sinks: bool = False  # a learned logit per head that takes a share of the softmax (gpt-oss)
+    # every sliding_window_pattern-th layer attends to everything, the others to the last sliding_window positions
+    # (gpt-oss: 128 and 2); 0: every layer to everything
+    sliding_window: int = 0
+    sliding_window_pattern: int = 0
     qk_norm: bool = False  # RMSNorm over each head's q and k before RoPE (Qwen3)
     # A mixture of experts (Mixtral, Qwen2-MoE, Qwen3-MoE) in place of the feed-forward, where n_experts > 0:
     n_experts: int = 0
@@ -50,6 +61,10 @@ class ModelConfig:
     shared_expert_gate: bool = False  # that one's output scaled by sigmoid(a learned gate of the input) (Qwen2-MoE)
     dense_layers: tuple[int, ...] = ()  # the layers of an MoE model that keep a dense feed-forward of hidden_dim
     expert_weight_input: bool = False  # the router's weight scales an expert's input, not its output (Llama 4)
+    router_bias: bool = False  # biases on the router and on each expert's projections (gpt-oss)
+    expert_bias: bool = False
+    swiglu_limit: float = 0.0  # gpt-oss's clamped SwiGLU: (clamp(up) + 1) * g * sigmoid(alpha * g), g = min(gate, limit)
+    swiglu_alpha: float = 1.702
     # Llama 4's attention: every nope_layer_step-th layer without RoPE (global), the others attending within
     # chunks of attention_chunk positions; q and k of the RoPE layers L2-normed (a weightless RMSNorm) after
     # RoPE; and q of the other layers scaled by log1p(floor((pos + 1) / attn_temp_floor)) * attn_temp_scale + 1
@@ -74,6 +89,8 @@ class ModelConfig:
             raise ValueError(f"n_heads ({self.n_heads}) must be a multiple of n_kv_heads ({self.n_kv_heads})")
         if isinstance(self.rope_scaling, Mapping):
             self.rope_scaling = RopeScaling(**self.rope_scaling)
+        if self.rope_scaling is not None and self.rope_scaling.kind not in ("llama3", "yarn"):
+            raise ValueError(f"unknown RoPE scaling {self.rope_scaling.kind!r}; known: llama3, yarn")
         if self.family not in FAMILIES:
             raise ValueError(f"unknown model family {self.family!r}; known: {', '.join(FAMILIES)}")
         self.dense_layers = tuple(int(i) for i in self.dense_layers)
@@ -84,6 +101,10 @@ class ModelConfig:
                 raise ValueError(f"n_experts_used ({self.n_experts_used}) must be 1 to n_experts ({self.n_experts})")
             if self.expert_router not in ROUTERS:
                 raise ValueError(f"unknown expert_router {self.expert_router!r}; known: {', '.join(ROUTERS)}")
+
+    def window_layer(self, i: int) -> bool:
+        """Whether layer i attends to the last sliding_window positions only (gpt-oss's even layers)."""
+        return bool(self.sliding_window) and (not self.sliding_window_pattern or (i + 1) % self.sliding_window_pattern != 0)
 
     def rope_layer(self, i: int) -> bool:
         """Whether layer i rotates q and k (RoPE); the others are Llama 4's global NoPE layers."""
@@ -99,6 +120,8 @@ class ModelConfig:
         qkv = self.dim * (self.n_heads + 2 * self.n_kv_heads) * self.head_dim
         attn = qkv + self.n_heads * self.head_dim * self.dim + 2 * self.dim
         attn += (self.n_heads + 2 * self.n_kv_heads) * self.head_dim if self.qkv_bias else 0
+        attn += self.dim if self.o_bias else 0
+        attn += self.n_heads if self.attention_sinks else 0
         attn += 2 * self.head_dim if self.qk_norm else 0  # (Llama 4's L2 norms have no weights)
         total = active = self.vocab_size * self.dim * (1 if self.tie_embeddings else 2) + self.dim
         for i in range(self.n_layers):
@@ -107,8 +130,8 @@ class ModelConfig:
                 total, active = total + 3 * self.dim * self.hidden_dim, active + 3 * self.dim * self.hidden_dim
                 continue
             shared = 3 * self.dim * self.shared_expert_dim + (self.dim if self.shared_expert_gate else 0)
-            expert = 3 * self.dim * self.expert_hidden_dim
-            router = self.dim * self.n_experts
+            expert = 3 * self.dim * self.expert_hidden_dim + (2 * self.expert_hidden_dim + self.dim) * self.expert_bias
+            router = (self.dim + self.router_bias) * self.n_experts
             total += router + shared + self.n_experts * expert
             active += router + shared + self.n_experts_used * expert
         return total, active
@@ -123,15 +146,16 @@ class ModelConfig:
         return dataclasses.asdict(self)
 
 
-FAMILIES = ("llama", "llama4", "qwen2", "qwen3", "phi3")
+FAMILIES = ("llama", "llama4", "qwen2", "qwen3", "phi3", "gpt-oss")
 ROUTERS = ("softmax", "sigmoid")
 # Hugging Face model_type -> family; Mistral is a Llama with other sizes (and, in v0.1, a sliding window), Mixtral a
 # Mistral with experts; the Qwen MoE models are their dense family's attention with experts.
 HF_FAMILIES = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "phi3": "phi3",
-               "mixtral": "llama", "qwen2_moe": "qwen2", "qwen3_moe": "qwen3", "llama4_text": "llama4", "llama4": "llama4"}
+               "mixtral": "llama", "qwen2_moe": "qwen2", "qwen3_moe": "qwen3", "llama4_text": "llama4", "llama4": "llama4",
+               "gpt_oss": "gpt-oss"}
 # GGUF general.architecture -> family (Mistral's and Mixtral's GGUF files say "llama")
 GGUF_FAMILIES = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "phi3": "phi3", "qwen2moe": "qwen2",
-                 "qwen3moe": "qwen3", "llama4": "llama4"}
+                 "qwen3moe": "qwen3", "llama4": "llama4", "gpt-oss": "gpt-oss"}
 
 _LLAMA31_ROPE = dict(rope_scaling=RopeScaling(8.0, 1.0, 4.0, 8192), rope_theta=500000.0, context_length=131072)
 _LLAMA3_VOCAB = dict(vocab_size=128256, rope_theta=500000.0, context_length=8192)
@@ -139,6 +163,12 @@ _LLAMA3_VOCAB = dict(vocab_size=128256, rope_theta=500000.0, context_length=8192
 _LLAMA4 = dict(n_experts_used=1, expert_hidden_dim=8192, expert_router="sigmoid", expert_norm=False,
                expert_weight_input=True, shared_expert_dim=8192, nope_layer_step=4, attention_chunk=8192,
                attn_temp_floor=8192, attn_temp_scale=0.1)
+
+_GPT_OSS = dict(family="gpt-oss", dim=2880, n_heads=64, n_kv_heads=8, head_dim=64, hidden_dim=2880, vocab_size=201088,
+                qkv_bias=True, o_bias=True, attention_sinks=True, sliding_window=128, sliding_window_pattern=2,
+                rope_theta=150000.0, rope_scaling=RopeScaling(32.0, original_context=4096, kind="yarn", truncate=False),
+                context_length=131072, n_experts_used=4, expert_hidden_dim=2880, router_bias=True, expert_bias=True,
+                swiglu_limit=7.0)
 
 # Presets: overrides of ModelConfig's defaults; each comment names the published size and source.
 PRESETS: dict[str, dict[str, Any]] = {
@@ -225,6 +255,9 @@ PRESETS: dict[str, dict[str, Any]] = {
     "llama4-maverick": dict(family="llama4", dim=5120, n_layers=48, n_heads=40, n_kv_heads=8, head_dim=128,
                             hidden_dim=16384, vocab_size=202048, rope_theta=500000.0, context_length=1048576,
                             **_LLAMA4, n_experts=128, dense_layers=tuple(range(0, 48, 2))),
+    # gpt-oss (openai config.json; model card: 20.9B / 3.6B, 116.8B / 5.1B)
+    "gpt-oss-20b": dict(n_layers=24, n_experts=32, **_GPT_OSS),
+    "gpt-oss-120b": dict(n_layers=36, n_experts=128, **_GPT_OSS),
     # Qwen1.5-MoE-A2.7B (Qwen config.json, the qwen2_moe architecture; model card: 14.3B / 2.7B)
     "qwen1.5-moe-a2.7b": dict(family="qwen2", qkv_bias=True, dim=2048, n_layers=24, n_heads=16, hidden_dim=5632,
                               vocab_size=151936, norm_eps=1e-6, rope_theta=1000000.0, context_length=8192,

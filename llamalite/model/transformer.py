@@ -38,6 +38,17 @@ def rope_inv_freq(head_dim: int, theta: float, scaling: RopeScaling | None = Non
     inv = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device="cpu") / head_dim))
     if scaling is None:
         return inv
+    if scaling.kind == "yarn":  # as transformers' _compute_yarn_parameters
+        def dim_of(rotations: float) -> float:
+            return head_dim * math.log(scaling.original_context / (rotations * 2 * math.pi)) / (2 * math.log(theta))
+
+        low, high = dim_of(scaling.beta_fast), dim_of(scaling.beta_slow)
+        if scaling.truncate:
+            low, high = math.floor(low), math.ceil(high)
+        low, high = max(low, 0), min(high, head_dim - 1)
+        ramp = ((torch.arange(head_dim // 2, dtype=torch.float32, device="cpu") - low) / (high - low if high != low else 0.001)).clamp(0, 1)
+        extrapolate = 1 - ramp
+        return inv / scaling.factor * (1 - extrapolate) + inv * extrapolate
     # Llama 3.1 (meta-llama/llama-models `apply_scaling`): leave high frequencies alone, divide low
     # ones by `factor`, and interpolate smoothly between the two wavelength bands.
     low_wavelen = scaling.original_context / scaling.low_freq_factor
@@ -50,12 +61,19 @@ def rope_inv_freq(head_dim: int, theta: float, scaling: RopeScaling | None = Non
     return torch.where(mid, (1 - smooth) * inv / scaling.factor + smooth * inv, scaled)
 
 
-def rope_rotations(positions: torch.Tensor, inv_freq: torch.Tensor) -> torch.Tensor:
-    """e^(i*angle) for each position and frequency, angle = float(position) * inv_freq, as Meta's freqs_cis:
-    (..., head_dim/2) complex. The one place these are computed: the kernels' decode step takes its table
-    from here too, so both rotate by the same values on every host."""
+def rope_magnitude(scaling: RopeScaling | None) -> float:
+    """What YaRN multiplies cos and sin by (its attention factor, 0.1 ln(factor) + 1); 1 otherwise."""
+    if scaling is None or scaling.kind != "yarn" or scaling.factor <= 1:
+        return 1.0
+    return 0.1 * math.log(scaling.factor) + 1.0
+
+
+def rope_rotations(positions: torch.Tensor, inv_freq: torch.Tensor, magnitude: float = 1.0) -> torch.Tensor:
+    """magnitude * e^(i*angle) for each position and frequency, angle = float(position) * inv_freq, as Meta's
+    freqs_cis: (..., head_dim/2) complex. The one place these are computed: the kernels' decode step takes
+    its table from here too, so both rotate by the same values on every host."""
     angles = positions.float()[..., None] * inv_freq
-    return torch.polar(torch.ones_like(angles), angles)
+    return torch.polar(torch.full_like(angles, magnitude), angles)
 
 
 def apply_rope(x: torch.Tensor, rot: torch.Tensor) -> torch.Tensor:
@@ -148,10 +166,37 @@ def l2_norm(x: torch.Tensor, eps: float) -> torch.Tensor:
     return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).type_as(x)
 
 
+class Sinks(nn.Module):
+    """gpt-oss's attention sinks: a learned logit per head, `weight` (n_heads,), that joins each query's
+    softmax over the keys and takes its share of it to no value."""
+
+    def __init__(self, n_heads: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(n_heads))
+
+
+def attend_with_sinks(q, k, v, sinks: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Attention of q (B, H, T, D) over k, v (B, kvH, S, D) whose softmax also holds each head's sink logit;
+    mask: boolean (T, S) or (B, 1, T, S), or None for causal from position 0."""
+    rep = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+    scores = (q.float() @ k.float().transpose(-1, -2)) / math.sqrt(q.shape[-1])
+    if mask is None:
+        T, S = scores.shape[-2:]
+        mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(S - T)
+    scores = scores.masked_fill(~mask, float("-inf"))
+    sink = sinks.float().view(1, -1, 1, 1).expand(*scores.shape[:-1], 1)
+    probs = torch.cat([scores, sink], dim=-1).softmax(dim=-1)[..., :-1]
+    return (probs @ v.float()).to(q.dtype)
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig, index: int = 0):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        # gpt-oss: sinks, and a sliding window on every other layer
+        self.sinks = Sinks(cfg.n_heads) if cfg.attention_sinks else None
+        self.window = cfg.sliding_window if cfg.window_layer(index) else 0
         # Llama 4: RoPE, chunks and L2 norms on three layers of four; temperature tuning on the fourth
         self.rope = cfg.rope_layer(index)
         self.chunk = cfg.attention_chunk if self.rope else 0
@@ -160,11 +205,16 @@ class Attention(nn.Module):
         self.wq = nn.Linear(cfg.dim, cfg.n_heads * cfg.head_dim, bias=cfg.qkv_bias)
         self.wk = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
         self.wv = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
-        self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
+        self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=cfg.o_bias)
         # Qwen3: each head's q and k normalized (over head_dim) before RoPE
         self.q_norm = RMSNorm(cfg.head_dim, cfg.norm_eps) if cfg.qk_norm else None
         self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps) if cfg.qk_norm else None
         self.cache: KVCache | None = None
+
+    @property
+    def span(self) -> tuple[str, int] | None:
+        """The part of the context this layer attends to: ("chunk", n) or ("window", n); None: all of it."""
+        return ("chunk", self.chunk) if self.chunk else ("window", self.window) if self.window else None
 
     def forward(self, x: torch.Tensor, rot: torch.Tensor, input_pos: torch.Tensor | None,
                 mask: torch.Tensor | None, end: int, rows: torch.Tensor | None = None) -> torch.Tensor:
@@ -182,13 +232,16 @@ class Attention(nn.Module):
             floor, scale = self.temperature
             pos = torch.arange(T, device=x.device) if input_pos is None else input_pos
             q = q * (torch.log1p(torch.floor((pos.float() + 1.0) / floor)) * scale + 1.0)[..., None, None].to(q.dtype)
-        if isinstance(mask, tuple):  # (the causal mask, the chunked one): this layer's
-            mask = mask[1] if self.chunk else mask[0]
+        if isinstance(mask, dict):  # the causal mask (key None) and the chunked or windowed layers' ones: this layer's
+            mask = mask.get(self.span)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, heads, T, head_dim)
-        if input_pos is None:
+        if input_pos is not None:
+            k, v = self.cache.update(input_pos, k, v, end, rows)  # (B, n_kv_heads, end, head_dim)
+        if self.sinks is not None:
+            out = attend_with_sinks(q, k, v, self.sinks.weight, mask)
+        elif input_pos is None:
             out = F.scaled_dot_product_attention(q, k, v, is_causal=mask is None, attn_mask=mask, enable_gqa=True)
         else:
-            k, v = self.cache.update(input_pos, k, v, end, rows)  # (B, n_kv_heads, end, head_dim)
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
         return self.wo(out.transpose(1, 2).reshape(B, T, -1))
 
@@ -209,12 +262,13 @@ class ExpertLinear(nn.Module):
     """One linear layer of every expert: weight (n_experts, out_features, in_features); forward(x, e) is
     expert e's x @ weight[e].T."""
 
-    def __init__(self, n_experts: int, in_features: int, out_features: int):
+    def __init__(self, n_experts: int, in_features: int, out_features: int, bias: bool = False):
         super().__init__()
         self.weight = nn.Parameter(torch.empty(n_experts, out_features, in_features))
+        self.bias = nn.Parameter(torch.zeros(n_experts, out_features)) if bias else None
 
     def forward(self, x: torch.Tensor, e: int) -> torch.Tensor:
-        return F.linear(x, self.weight[e])
+        return F.linear(x, self.weight[e], None if self.bias is None else self.bias[e])
 
 
 class Experts(nn.Module):
@@ -222,12 +276,20 @@ class Experts(nn.Module):
     each row's chosen experts' outputs, weighted; rows are grouped by expert, so each expert's weights
     are read once for all the rows that chose it."""
 
-    def __init__(self, n_experts: int, dim: int, hidden: int):
+    def __init__(self, n_experts: int, dim: int, hidden: int, bias: bool = False, limit: float = 0.0,
+                 alpha: float = 1.702):
         super().__init__()
-        self.w1 = ExpertLinear(n_experts, dim, hidden)
-        self.w2 = ExpertLinear(n_experts, hidden, dim)
-        self.w3 = ExpertLinear(n_experts, dim, hidden)
+        self.w1 = ExpertLinear(n_experts, dim, hidden, bias)
+        self.w2 = ExpertLinear(n_experts, hidden, dim, bias)
+        self.w3 = ExpertLinear(n_experts, dim, hidden, bias)
         self.weight_input = False  # set by MoEFeedForward (Llama 4)
+        self.limit, self.alpha = limit, alpha  # gpt-oss's clamped SwiGLU where limit > 0
+
+    def act(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+        if not self.limit:
+            return F.silu(gate) * up
+        gate, up = gate.clamp(max=self.limit), up.clamp(-self.limit, self.limit)
+        return (up + 1) * gate * torch.sigmoid(self.alpha * gate)
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """x (N, dim), each row's chosen experts' ids (N, k) and weights (N, k) -> (N, dim)."""
@@ -236,7 +298,7 @@ class Experts(nn.Module):
             h = x[rows]
             if self.weight_input:  # Llama 4: the weight scales the expert's input
                 h = h * w[:, None].to(h.dtype)
-            y = self.w2(F.silu(self.w1(h, e)) * self.w3(h, e), e)
+            y = self.w2(self.act(self.w1(h, e), self.w3(h, e)), e)
             out.index_add_(0, rows, y if self.weight_input else y * w[:, None].to(y.dtype))
         return out
 
@@ -278,8 +340,9 @@ class MoEFeedForward(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.k, self.router, self.norm = cfg.n_experts_used, cfg.expert_router, cfg.expert_norm
-        self.gate = nn.Linear(cfg.dim, cfg.n_experts, bias=False)
-        self.experts = Experts(cfg.n_experts, cfg.dim, cfg.expert_hidden_dim)
+        self.gate = nn.Linear(cfg.dim, cfg.n_experts, bias=cfg.router_bias)
+        self.experts = Experts(cfg.n_experts, cfg.dim, cfg.expert_hidden_dim, cfg.expert_bias, cfg.swiglu_limit,
+                               cfg.swiglu_alpha)
         self.experts.weight_input = cfg.expert_weight_input
         self.shared = FeedForward(cfg, cfg.shared_expert_dim) if cfg.shared_expert_dim else None
         self.shared_gate = nn.Linear(cfg.dim, 1, bias=False) if cfg.shared_expert_gate else None
@@ -326,6 +389,7 @@ class Transformer(nn.Module):
             self.output.weight = self.tok_embeddings.weight
         self.register_buffer("inv_freq", rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling),
                              persistent=False)
+        self.rope_magnitude = rope_magnitude(cfg.rope_scaling)
         self.max_seq_len = 0  # capacity of the KV caches; 0 until setup_caches
         self.cache_batch = 0  # rows of the KV caches
         self.checkpointing = False  # recompute each layer's activations in backward (training memory)
@@ -385,7 +449,7 @@ class Transformer(nn.Module):
             positions = input_pos
             if end > self.max_seq_len:
                 raise ValueError(f"position {end - 1} is beyond the KV cache of {self.max_seq_len} positions")
-        rot = rope_rotations(positions, self.inv_freq)  # (T, head_dim/2) or (B, T, head_dim/2)
+        rot = rope_rotations(positions, self.inv_freq, self.rope_magnitude)  # (T, head_dim/2) or (B, T, head_dim/2)
         mask = None
         if input_pos is not None and (T > 1 or compiling or input_pos.dim() == 2):
             # With a cache, query t sits at absolute position input_pos[t] and may attend to every
@@ -395,7 +459,7 @@ class Transformer(nn.Module):
             mask = torch.arange(end, device=tokens.device) <= input_pos[..., None]  # (T, end) or (B, T, end)
             if mask.dim() == 3:
                 mask = mask[:, None]  # (B, 1, T, end): the same for every head
-        mask = self.chunked(mask, positions, end)
+        mask = self.spans(mask, positions, end)
         x = self.run_layers(self.tok_embeddings(tokens), rot, input_pos, mask, end, rows)
         if last_only:
             x = x[:, -1:]
@@ -408,20 +472,24 @@ class Transformer(nn.Module):
         if T > self.config.context_length:
             raise ValueError(f"{T} tokens exceed the model's context of {self.config.context_length}")
         positions = torch.arange(T, device=tokens.device)
-        x = self.run_layers(self.tok_embeddings(tokens), rope_rotations(positions, self.inv_freq), None,
-                            self.chunked(None, positions, T), T, None)
+        x = self.run_layers(self.tok_embeddings(tokens), rope_rotations(positions, self.inv_freq, self.rope_magnitude),
+                            None, self.spans(None, positions, T), T, None)
         return self.norm(x)
 
-    def chunked(self, mask: torch.Tensor | None, positions: torch.Tensor, end: int):
-        """`mask` as it is, or (mask, the chunked layers' mask) where some layers attend within chunks
-        (Llama 4) and the positions reach past the first: key position j is seen from query position p
-        where j <= p and j // chunk == p // chunk."""
-        chunk = self.config.attention_chunk
-        if not chunk or end <= chunk:
+    def spans(self, mask: torch.Tensor | None, positions: torch.Tensor, end: int):
+        """`mask` as it is, or {None: mask, span: that span's mask} where some layers attend to a part of the
+        context (Attention.span) and the positions reach past it: within chunks (Llama 4), key position j is
+        seen from query position p where j <= p and j // n == p // n; within a window (gpt-oss), where
+        p - n < j <= p."""
+        spans = {layer.attention.span for layer in self.layers} - {None}
+        if not spans or all(end <= n for _, n in spans):
             return mask
-        keys = torch.arange(end, device=positions.device)
-        inside = (keys <= positions[..., None]) & (keys >= positions[..., None] // chunk * chunk)
-        return mask, inside[:, None] if inside.dim() == 3 else inside
+        keys, p = torch.arange(end, device=positions.device), positions[..., None]
+        out = {None: mask}
+        for kind, n in spans:
+            inside = (keys <= p) & (keys >= (p // n * n if kind == "chunk" else p - n + 1))
+            out[(kind, n)] = inside[:, None] if inside.dim() == 3 else inside
+        return out
 
     def run_layers(self, x, rot, input_pos, mask, end, rows):
         """The blocks in order (a kernel-backed model runs a one-token step of all of them as one op)."""
@@ -435,7 +503,9 @@ class Transformer(nn.Module):
     def init_weights(self, generator: torch.Generator | None = None, std: float = 0.02) -> None:
         """Random initialisation for pretraining: normal(0, std), residual projections scaled down."""
         for name, p in self.named_parameters():
-            if p.dim() == 1:
+            if name.endswith("bias"):
+                nn.init.zeros_(p)
+            elif p.dim() == 1:
                 nn.init.ones_(p)
             else:
                 residual = name.endswith(("wo.weight", "w2.weight"))  # experts.w2.weight too

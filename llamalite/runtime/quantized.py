@@ -30,7 +30,8 @@ DOT_ONLY_TYPES = ("Q6_K",)
 # Lossy block types without a kernel of their own: re-quantized to Q8_0 at load to run on its kernel
 # (8-bit blocks on top of a 5-bit format add little error; fp32 would be 4x the memory and slower).
 # Q5_0 is not among them: its values are Q8_0 values of the same scale, converted exactly at load.
-REQUANT_TYPES = ("Q5_1", "Q5_K")
+# MXFP4 (gpt-oss's experts) takes twice its bytes so, until it has a kernel of its own.
+REQUANT_TYPES = ("Q5_1", "Q5_K", "MXFP4")
 GEMV_MAX_ROWS = 8  # up to this many activation rows use the fused dot-product kernel
 GEMM_TILE_BYTES = 4 << 20  # without the int16 GEMM, prefill dequantizes this much fp32 weight at a time
 QGEMM: bool | None = None  # whether more rows go to the int16 GEMM kernel (AVX-512 VNNI), set on first use
@@ -144,7 +145,8 @@ class QuantExpertLinear(QuantLinear):
         self.n_experts, self.out_features = n_experts, self.out_features // n_experts
 
     def forward(self, x: torch.Tensor, e: int) -> torch.Tensor:
-        return self.product(x, self.raw[e * self.out_features:(e + 1) * self.out_features])
+        y = self.product(x, self.raw[e * self.out_features:(e + 1) * self.out_features])
+        return y if self.bias is None else y + self.bias[e]  # (gpt-oss's experts have biases)
 
     def dequantized(self) -> torch.Tensor:
         return super().dequantized().view(self.n_experts, self.out_features, self.in_features)
@@ -163,8 +165,9 @@ class FastExperts(Experts):
         fast = cls.__new__(cls)
         nn.Module.__init__(fast)
         fast.w1, fast.w2, fast.w3 = experts.w1, experts.w2, experts.w3
-        fast.weight_input = experts.weight_input
-        fast.fused = (all(isinstance(m, QuantExpertLinear) and m.packed for m in (fast.w1, fast.w2, fast.w3))
+        fast.weight_input, fast.limit, fast.alpha = experts.weight_input, experts.limit, experts.alpha
+        # the op computes SiLU(gate) * up without biases: gpt-oss's experts take Experts' own forward
+        fast.fused = not fast.limit and all(m.bias is None for m in (fast.w1, fast.w2, fast.w3)) and (all(isinstance(m, QuantExpertLinear) and m.packed for m in (fast.w1, fast.w2, fast.w3))
                       and fast.w1.type_name == fast.w3.type_name)
         return fast
 
@@ -249,8 +252,11 @@ class FastAttention(Attention):
         fast.q_norm, fast.k_norm = getattr(attention, "q_norm", None), getattr(attention, "k_norm", None)
         fast.rope, fast.chunk, fast.l2_eps, fast.temperature = (attention.rope, attention.chunk, attention.l2_eps,
                                                                 attention.temperature)
-        # the op rotates every layer's q and k and attends over the whole cache: Llama 4's layers take the reference
-        fast.plain = fast.rope and not fast.chunk and fast.l2_eps is None and fast.temperature is None
+        fast.sinks, fast.window = attention.sinks, attention.window
+        # the op rotates every layer's q and k and attends over the whole cache: Llama 4's and gpt-oss's layers take
+        # the reference
+        fast.plain = (fast.rope and not fast.chunk and fast.l2_eps is None and fast.temperature is None
+                      and fast.sinks is None and not fast.window)
         fast.cache = attention.cache
         fast.qkv = fuse_rows(fast.wq, fast.wk, fast.wv)
         return fast
@@ -406,7 +412,7 @@ class FastTransformer(Transformer):
             plan.set_caches([t for c in caches for t in (c.k, c.v)])
             # RoPE's rotations for every cached position, as Transformer.forward computes them, so the step
             # rotates by the same values as the layers on every host (DecodePlan::set_rope says why).
-            rotations = rope_rotations(torch.arange(self.max_seq_len), self.inv_freq)
+            rotations = rope_rotations(torch.arange(self.max_seq_len), self.inv_freq, self.rope_magnitude)
             plan.set_rope(torch.view_as_real(rotations).contiguous())
             self._caches_of = first
         return True

@@ -24,10 +24,13 @@ PUBLISHED = {
     # mixtures of experts, total: Mixtral 8x7B 46.7B; Qwen3 30.5B, 235B; Qwen1.5-MoE 14.3B
     "mixtral-8x7b": 46.7, "qwen3-30b-a3b": 30.5, "qwen3-235b-a22b": 235.0, "qwen1.5-moe-a2.7b": 14.3,
     "llama4-scout": 109.0, "llama4-maverick": 400.0,  # Meta's figures, rounded, with the vision encoder (about 1B)
+    "gpt-oss-20b": 20.9, "gpt-oss-120b": 116.8,  # OpenAI's model card
 }
 # ... and active a token (model cards; Mixtral: Jiang et al. 2024, 12.9B)
 ACTIVE = {"mixtral-8x7b": 12.9, "qwen3-30b-a3b": 3.3, "qwen3-235b-a22b": 22.0, "qwen1.5-moe-a2.7b": 2.7,
-          "llama4-scout": 17.0, "llama4-maverick": 17.0}
+          "llama4-scout": 17.0, "llama4-maverick": 17.0,
+          # OpenAI's 3.6B and 5.1B leave out the embedding table (201088 x 2880: 0.58B); ours count it, as the others do
+          "gpt-oss-20b": 3.6 + 0.58, "gpt-oss-120b": 5.1 + 0.58}
 
 
 def test_every_preset_has_a_published_figure():

@@ -131,7 +131,7 @@ def write_gguf(path: Path, weights: dict[str, np.ndarray], cfg, tensor_type: str
         t = np.ascontiguousarray(t, dtype=np.float32)
         if t.ndim == 1 or tensor_type == "F32":
             w.add_tensor(gname, t)
-        elif tensor_type in ("F16", "BF16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0"):
+        elif tensor_type in ("F16", "BF16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "MXFP4"):
             q = gguf.quants.quantize(t, T[tensor_type])
             w.add_tensor(gname, q, raw_dtype=T[tensor_type])
         else:  # K-quants: the gguf package only decodes them, so store random blocks of the right size

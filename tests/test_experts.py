@@ -360,3 +360,23 @@ def test_gpt_oss_experts_in_mxfp4(models, tmp_path):
     llm.eval(IDS)
     peer = torch.tensor(np.asarray(llm.scores[:len(IDS)]))
     assert float((peer - got).abs().max() / peer.abs().max()) < 2e-2
+
+
+def test_routing_ties_in_the_one_call_step(models, tmp_path):
+    """A router that cannot tell its experts apart (all logits equal): the layers' step and the kernels' one-call
+    step both take the lowest ids, so they still agree."""
+    from llamalite.formats.export import export_gguf
+
+    model, path = models["qwen3moe"]
+    lm = load(path)
+    m = load(export_gguf(lm.model, lm.tokenizer, tmp_path / "q8.gguf", dtype="q8_0")).model
+    assert m.plan is not None
+    with torch.no_grad():
+        m.layers[0].feed_forward.gate.weight.zero_()  # the plan reads the same tensor
+        m.setup_caches(1, 64, "f32")
+        m(torch.tensor([IDS]), torch.arange(len(IDS)))
+        one_call = m(torch.tensor([[7]]), torch.tensor([len(IDS)]))[0, -1]
+        plan, m.plan = m.plan, None
+        by_layers = m(torch.tensor([[7]]), torch.tensor([len(IDS)]))[0, -1]
+        m.plan = plan
+    assert float((one_call - by_layers).abs().max()) <= 1e-5 * float(by_layers.abs().max())

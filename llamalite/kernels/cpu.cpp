@@ -1480,7 +1480,7 @@ AVX2_TARGET inline __m256 dot8(const float* q, int64_t nv, const uint8_t* k, int
 // at least end + 8.
 template <class Row>
 AVX2_TARGET void attend_avx2(const float* qh, const uint8_t* kb, const uint8_t* vb, int64_t rb, int64_t end,
-                             int64_t D, float scale, float* p, float* oh) {
+                             int64_t D, float scale, float* p, float* oh, const float* sink) {
   const int64_t nv = D / 8, nb = D / 32;
   __m256 vmax = _mm256_set1_ps(-INFINITY);
   int64_t t = 0;
@@ -1504,6 +1504,7 @@ AVX2_TARGET void attend_avx2(const float* qh, const uint8_t* kb, const uint8_t* 
   alignas(32) float lanes[8];
   _mm256_store_ps(lanes, vmax);
   for (float l : lanes) mx = std::max(mx, l);
+  if (sink != nullptr) mx = std::max(mx, *sink);  // a sink's logit joins the softmax, to no value
   const __m256 vmx = _mm256_set1_ps(mx);
   __m256 vsum = _mm256_setzero_ps();
   for (t = 0; t + 8 <= end; t += 8) {
@@ -1513,6 +1514,7 @@ AVX2_TARGET void attend_avx2(const float* qh, const uint8_t* kb, const uint8_t* 
   }
   float sum = hsum(vsum);
   for (; t < end; ++t) { p[t] = std::exp(p[t] - mx); sum += p[t]; }
+  if (sink != nullptr) sum += std::exp(*sink - mx);
   __m256 acc[16];  // D <= 128 in registers; wider heads go in passes of 128 values
   for (int64_t j0 = 0; j0 < nv; j0 += 16) {
     const int64_t nr = std::min<int64_t>(nv - j0, 16);
@@ -1556,21 +1558,50 @@ void check_slots(const CacheSlots& c) {
 // RoPE rotates interleaved pairs as model.apply_rope; softmax in fp32 (model.Attention is the reference).
 //   q: B rows of H*D, qstride apart; k, v: B rows of KV*D, kvstride apart; cs: (B or 1 if !cs_rows,
 //   D/2, 2) cos/sin; caches (R, KV, S, row) of kv_type; qr: scratch of B*H*D (and D more); out: (B, H*D).
+// A layer's variations on attention (Llama 4's and gpt-oss's); the defaults: RoPE over the whole cache.
+struct AttnOpts {
+  bool rope = true;          // false: q and k go unrotated (Llama 4's global layers)
+  float l2_eps = -1.f;       // >= 0: q and k RMS-normed, without a weight, after RoPE (Llama 4)
+  int64_t temp_floor = 0;    // > 0: q times log1p(floor((pos + 1) / temp_floor)) * temp_scale + 1 (Llama 4)
+  float temp_scale = 0.f;
+  int64_t chunk = 0;         // > 0: a query sees the positions of its chunk up to its own (Llama 4)
+  int64_t window = 0;        // > 0: a query sees the last `window` positions (gpt-oss)
+  const float* sinks = nullptr;  // per head, a logit that joins the softmax, to no value (gpt-oss)
+};
+
+inline void rms_inplace(float* x, int64_t D, float eps) {  // as model.transformer.l2_norm, in fp32
+  float ss = 0.f;
+  for (int64_t i = 0; i < D; ++i) ss += x[i] * x[i];
+  const float r = 1.f / std::sqrt(ss / static_cast<float>(D) + eps);
+  for (int64_t i = 0; i < D; ++i) x[i] *= r;
+}
+
 void attention_step(const float* q, int64_t qstride, const float* k, const float* v, int64_t kvstride,
                     const float* cs, bool cs_rows, uint8_t* kc, uint8_t* vc, int64_t kv_type, const CacheSlots& c,
-                    int64_t H, int64_t KV, int64_t D, float* qr, float* out, int64_t path = BEST) {
+                    int64_t H, int64_t KV, int64_t D, float* qr, float* out, int64_t path = BEST,
+                    const AttnOpts& o = AttnOpts()) {
   auto rope = [&](const float* rot, const float* src, float* dst) {
-    for (int64_t i = 0; i < D / 2; ++i) {
+    if (!o.rope) {
+      std::memcpy(dst, src, D * sizeof(float));
+    } else {
+      for (int64_t i = 0; i < D / 2; ++i) {
       const float co = rot[2 * i], si = rot[2 * i + 1], x0 = src[2 * i], x1 = src[2 * i + 1];
-      dst[2 * i] = x0 * co - x1 * si;
-      dst[2 * i + 1] = x0 * si + x1 * co;
+        dst[2 * i] = x0 * co - x1 * si;
+        dst[2 * i + 1] = x0 * si + x1 * co;
+      }
     }
+    if (o.l2_eps >= 0.f) rms_inplace(dst, D, o.l2_eps);
   };
   const int64_t S = c.S, rb = kv_row_bytes(kv_type, D);
   std::vector<float> kr(D);
   for (int64_t b = 0; b < c.B; ++b) {
     const float* rot = cs + (cs_rows ? b : 0) * D;
     for (int64_t h = 0; h < H; ++h) rope(rot, q + b * qstride + h * D, qr + (b * H + h) * D);
+    if (o.temp_floor > 0) {  // as model.transformer.Attention: log1p(floor((pos + 1) / floor)) * scale + 1
+      const float f = std::log1p(std::floor((static_cast<float>(c.pos[b]) + 1.f) / static_cast<float>(o.temp_floor))) *
+                      o.temp_scale + 1.f;
+      for (int64_t i = 0; i < H * D; ++i) qr[b * H * D + i] *= f;
+    }
     for (int64_t h = 0; h < KV; ++h) {
       const int64_t at = ((c.rows[b] * KV + h) * S + c.pos[b]) * rb;
       rope(rot, k + b * kvstride + h * D, kr.data());
@@ -1584,18 +1615,22 @@ void attention_step(const float* q, int64_t qstride, const float* k, const float
   at::parallel_for(0, c.B * H, 1, [&](int64_t begin, int64_t stop) {
     thread_local std::vector<float> p, row;
     for (int64_t bh = begin; bh < stop; ++bh) {
-      const int64_t b = bh / H, h = bh % H, kvh = h / group, end = c.pos[b] + 1;
+      const int64_t b = bh / H, h = bh % H, kvh = h / group, pos = c.pos[b];
+      // the first position this query sees: its chunk's, its window's, or the cache's
+      const int64_t start = o.chunk > 0 ? pos / o.chunk * o.chunk : o.window > 0 ? std::max<int64_t>(0, pos - o.window + 1) : 0;
+      const int64_t end = pos + 1 - start;
       p.resize(end + 8);
       const float* qh = qr + bh * D;
-      const uint8_t* kb = kc + (c.rows[b] * KV + kvh) * S * rb;
-      const uint8_t* vb = vc + (c.rows[b] * KV + kvh) * S * rb;
+      const uint8_t* kb = kc + ((c.rows[b] * KV + kvh) * S + start) * rb;
+      const uint8_t* vb = vc + ((c.rows[b] * KV + kvh) * S + start) * rb;
+      const float* sink = o.sinks != nullptr ? o.sinks + h : nullptr;
       float* oh = out + bh * D;
       if (fast) {
         switch (kv_type) {
-          case KV_F32: attend_avx2<RowF32>(qh, kb, vb, rb, end, D, scale, p.data(), oh); break;
-          case KV_F16: attend_avx2<RowF16>(qh, kb, vb, rb, end, D, scale, p.data(), oh); break;
-          case KV_BF16: attend_avx2<RowBf16>(qh, kb, vb, rb, end, D, scale, p.data(), oh); break;
-          default: attend_avx2<RowQ8>(qh, kb, vb, rb, end, D, scale, p.data(), oh); break;
+          case KV_F32: attend_avx2<RowF32>(qh, kb, vb, rb, end, D, scale, p.data(), oh, sink); break;
+          case KV_F16: attend_avx2<RowF16>(qh, kb, vb, rb, end, D, scale, p.data(), oh, sink); break;
+          case KV_BF16: attend_avx2<RowBf16>(qh, kb, vb, rb, end, D, scale, p.data(), oh, sink); break;
+          default: attend_avx2<RowQ8>(qh, kb, vb, rb, end, D, scale, p.data(), oh, sink); break;
         }
         continue;
       }
@@ -1608,7 +1643,8 @@ void attention_step(const float* q, int64_t qstride, const float* k, const float
         p[t] = dot * scale;
         mx = std::max(mx, p[t]);
       }
-      float sum = 0.f;
+      if (sink != nullptr) mx = std::max(mx, *sink);
+      float sum = sink != nullptr ? std::exp(*sink - mx) : 0.f;
       for (int64_t t = 0; t < end; ++t) { p[t] = std::exp(p[t] - mx); sum += p[t]; }
       for (int64_t i = 0; i < D; ++i) oh[i] = 0.f;
       for (int64_t t = 0; t < end; ++t) {
@@ -2060,9 +2096,11 @@ struct DecodePlan : torch::CustomClassHolder {
   struct Moe {
     at::Tensor router, w1, w3, w2, shared_gate;
     int64_t router_type = 0, t13 = 0, t2 = 0, E = 0, H = 0, k = 0;
-    bool sigmoid = false, norm = false;
+    bool sigmoid = false, norm = false, weight_input = false;
   };
   std::vector<Moe> moe;
+  std::vector<AttnOpts> attn;  // each layer's attention variations (set_attention)
+  std::vector<at::Tensor> sinks;  // the tensors attn[l].sinks points into
 
   // A layer's feed-forward hidden size: its dense one's, or its shared expert's (0: none).
   int64_t hidden_of(int64_t l) const { return weights[7 * l + 4].numel() ? weights[7 * l + 4].size(0) : 0; }
@@ -2084,6 +2122,8 @@ struct DecodePlan : torch::CustomClassHolder {
     hidden = 0;
     for (int64_t l = 0; l < L; ++l) hidden = std::max(hidden, hidden_of(l));
     moe.resize(L);
+    attn.resize(L);
+    sinks.resize(L);
     check_table(embed, embed_type, dim, "embedding");
     check_table(out_w, out_type, dim, "output layer");
     TORCH_CHECK(out_norm.scalar_type() == at::kFloat && out_norm.is_contiguous() && out_norm.numel() == dim,
@@ -2135,6 +2175,25 @@ struct DecodePlan : torch::CustomClassHolder {
     TORCH_CHECK(shared_gate.numel() == 0 || hidden_of(l) > 0, "DecodePlan: a shared gate without a shared expert");
     moe[l] = Moe{router, w1, w3, w2, shared_gate.numel() ? shared_gate : at::Tensor(), router_type, t13, t2, E, H, k,
                  sigmoid, norm};
+  }
+
+  // Layer l's attention variations: RoPE or none; q and k L2-normed after it (l2_eps >= 0); q's temperature by
+  // position (temp_floor > 0); chunks or a window of positions (> 0); per-head sink logits (fp32 of n_heads, or
+  // empty). As model.transformer.Attention computes them.
+  void set_attention(int64_t l, bool rope, double l2_eps, int64_t temp_floor, double temp_scale, int64_t chunk,
+                     int64_t window, at::Tensor sink) {
+    TORCH_CHECK(l >= 0 && l < L, "DecodePlan: no layer ", l);
+    TORCH_CHECK(sink.numel() == 0 || (sink.scalar_type() == at::kFloat && sink.is_contiguous() && sink.numel() == n_heads),
+                "DecodePlan: the sinks must be fp32 of ", n_heads);
+    sinks[l] = sink;
+    attn[l] = AttnOpts{rope, static_cast<float>(l2_eps), temp_floor, static_cast<float>(temp_scale), chunk, window,
+                       sink.numel() ? sinks[l].data_ptr<float>() : nullptr};
+  }
+
+  // Layer l's experts weighted on their input (Llama 4): expert(x * w) in place of w * expert(x).
+  void set_weight_input(int64_t l, bool on) {
+    TORCH_CHECK(l >= 0 && l < L && moe[l].E, "DecodePlan: layer ", l, " has no mixture of experts");
+    moe[l].weight_input = on;
   }
 
   void set_caches(std::vector<at::Tensor> c) {
@@ -2265,8 +2324,20 @@ struct DecodePlan : torch::CustomClassHolder {
       for (int64_t j = 0; j < m.k && m.norm; ++j) wts[b * m.k + j] /= sum;
     }
     std::fill(out, out + B * dim, 0.f);
-    experts_product(n, B, dim, ids.data(), wts.data(), m.k, m.w1.data_ptr<uint8_t>(), m.w3.data_ptr<uint8_t>(), m.t13,
-                    m.w2.data_ptr<uint8_t>(), m.t2, m.E, m.H, out, path);
+    if (m.weight_input) {  // each (row, expert) its own input row x * w, its output added unweighted
+      std::vector<float> xin(B * m.k * dim), ones(B * m.k, 1.f), each(B * m.k * dim, 0.f);
+      for (int64_t r = 0; r < B * m.k; ++r) {
+        for (int64_t i = 0; i < dim; ++i) xin[r * dim + i] = n[r / m.k * dim + i] * wts[r];
+      }
+      experts_product(xin.data(), B * m.k, dim, ids.data(), ones.data(), 1, m.w1.data_ptr<uint8_t>(),
+                      m.w3.data_ptr<uint8_t>(), m.t13, m.w2.data_ptr<uint8_t>(), m.t2, m.E, m.H, each.data(), path);
+      for (int64_t r = 0; r < B * m.k; ++r) {
+        for (int64_t i = 0; i < dim; ++i) out[r / m.k * dim + i] += each[r * dim + i];
+      }
+    } else {
+      experts_product(n, B, dim, ids.data(), wts.data(), m.k, m.w1.data_ptr<uint8_t>(), m.w3.data_ptr<uint8_t>(),
+                      m.t13, m.w2.data_ptr<uint8_t>(), m.t2, m.E, m.H, out, path);
+    }
     const int64_t hs = w[4].numel() ? w[4].size(0) : 0;
     if (hs == 0) return;
     qproduct(n, B, dim, {w[4].data_ptr<uint8_t>(), w[5].data_ptr<uint8_t>()}, {0, hs, 2 * hs}, t[2], path, gu, false);
@@ -2384,7 +2455,7 @@ struct DecodePlan : torch::CustomClassHolder {
       attention_step(qkv, qs, qkv + nq, qkv + nq + nk, qs, cs.data(), true,
                      static_cast<uint8_t*>(caches[2 * l].data_ptr()), static_cast<uint8_t*>(caches[2 * l + 1].data_ptr()),
                      kv_type_of(caches[0]), slots, n_heads, n_kv_heads,
-                     D, qr, att);
+                     D, qr, att, path, attn[l]);
       add_summed(att, nq, w[3], t[1]);  // h += wo(att)
       if (adapters != nullptr) lora_add(att, nq, h, dim, *adapters, lora_a, lora_bt, 7 * l + 3);
       rms_rows(h, norms[2 * l + 1].data_ptr<float>(), n, B, dim, static_cast<float>(eps));
@@ -2447,6 +2518,8 @@ TORCH_LIBRARY(llamalite, m) {
       .def("set_reducer", &DecodePlan::set_reducer)
       .def("set_extras", &DecodePlan::set_extras)
       .def("set_moe", &DecodePlan::set_moe)
+      .def("set_attention", &DecodePlan::set_attention)
+      .def("set_weight_input", &DecodePlan::set_weight_input)
       .def("add_adapter", &DecodePlan::add_adapter)
       .def("step_adapted", &DecodePlan::step_adapted);
 }

@@ -317,8 +317,8 @@ def _fusable(block: TransformerBlock, bias: bool, head_norms: bool) -> bool:
     if head_norms and (heads[0].eps != heads[1].eps or any(n.weight.dtype != torch.float32 for n in heads)):
         return False
     ffn = _mixture(f) if isinstance(f, MoEFeedForward) else _dense_ffn(f)
-    return (isinstance(a, FastAttention) and a.plain and a.qkv is not None and ffn and isinstance(a.wo, QuantLinear)
-            and a.wo.packed
+    return (isinstance(a, FastAttention) and a.qkv is not None and ffn and isinstance(a.wo, QuantLinear)
+            and a.wo.packed and a.wo.bias is None
             and all(t is None or t.dtype == torch.float32 for t in biases)
             and block.attention_norm.eps == block.ffn_norm.eps
             and block.attention_norm.weight.dtype == block.ffn_norm.weight.dtype == torch.float32)
@@ -331,8 +331,8 @@ def _dense_ffn(f: nn.Module) -> bool:
 def _mixture(f: "MoEFeedForward") -> bool:
     """Whether a DecodePlan runs this mixture of experts: its experts on the kernels (FastExperts.fused), its
     router packed or fp32, its shared expert (if any) a dense feed-forward it runs, its shared gate fp32."""
-    return (isinstance(f.experts, FastExperts) and f.experts.fused and not f.experts.weight_input
-            and _table(f.gate) is not None
+    return (isinstance(f.experts, FastExperts) and f.experts.fused and _table(f.gate) is not None
+            and getattr(f.gate, "bias", None) is None
             and (f.shared is None or _dense_ffn(f.shared))
             and (f.shared_gate is None or _table(f.shared_gate) is not None and _table(f.shared_gate)[1] == DENSE))
 
@@ -392,6 +392,15 @@ class FastTransformer(Transformer):
                 gate = f.shared_gate.weight.detach().reshape(-1) if f.shared_gate is not None else torch.empty(0)
                 fast.plan.set_moe(i, *_table(f.gate), e.w1.raw, e.w3.raw, e.w2.raw, KERNEL_TYPES[e.w1.type_name],
                                   KERNEL_TYPES[e.w2.type_name], f.k, f.router == "sigmoid", f.norm, gate)
+                if e.weight_input:
+                    fast.plan.set_weight_input(i, True)
+            for i, b in enumerate(model.layers):  # Llama 4's and gpt-oss's attention variations
+                a = b.attention
+                if not a.plain:
+                    floor, scale = a.temperature or (0, 0.0)
+                    sinks = a.sinks.weight.detach() if a.sinks is not None else torch.empty(0)
+                    fast.plan.set_attention(i, a.rope, -1.0 if a.l2_eps is None else a.l2_eps, floor, scale, a.chunk,
+                                            a.window, sinks)
             if bias or head_norms:  # Qwen2's q/k/v biases, Qwen3's head norms
                 biases = [m.bias.detach() for b in model.layers for m in (b.attention.wq, b.attention.wk, b.attention.wv)
                           ] if bias else []

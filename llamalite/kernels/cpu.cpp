@@ -1764,12 +1764,46 @@ void product(const float* x, int64_t B, int64_t K, const at::Tensor& w, int64_t 
   qproduct(x, B, K, bases, starts, type, path, y, add);
 }
 
+// What some families add to their experts (gpt-oss): biases after each projection, b1 and b3 (E, H) and b2
+// (E, K), fp32; and a clamped SwiGLU, (clamp(up, -limit, limit) + 1) * g * sigmoid(alpha * g) with
+// g = min(gate, limit), where limit > 0. None of it by default.
+struct ExpertExtras {
+  const float* b1 = nullptr;
+  const float* b3 = nullptr;
+  const float* b2 = nullptr;
+  float limit = 0.f, alpha = 1.702f;
+};
+
+// M rows of [gate | up] of expert e -> M rows of its activation, with the extras (model.transformer.Experts.act).
+void expert_act(float* gu, int64_t M, int64_t H, int64_t e, const ExpertExtras& x, float* act) {
+  if (x.b1 == nullptr && x.b3 == nullptr && x.limit <= 0.f) {
+    silu_mul(gu, M, H, act);
+    return;
+  }
+  for (int64_t m = 0; m < M; ++m) {
+    float* g = gu + m * 2 * H;
+    float* u = g + H;
+    for (int64_t i = 0; i < H; ++i) {
+      if (x.b1 != nullptr) g[i] += x.b1[e * H + i];
+      if (x.b3 != nullptr) u[i] += x.b3[e * H + i];
+    }
+    if (x.limit <= 0.f) {
+      silu_mul(g, 1, H, act + m * H);
+      continue;
+    }
+    for (int64_t i = 0; i < H; ++i) {
+      const float gate = std::min(g[i], x.limit), up = std::min(std::max(u[i], -x.limit), x.limit);
+      act[m * H + i] = (up + 1.f) * gate * (1.f / (1.f + std::exp(-x.alpha * gate)));
+    }
+  }
+}
+
 // experts_product where each chosen expert has at most MAX_ROWS rows: the x rows quantized once, the gate and
 // up rows of every chosen expert in one pass (grouped_dots), SiLU, then every chosen expert's down rows in
 // another, and the weighted sum, in expert order as experts_product adds.
 void experts_grouped(const float* x, int64_t N, int64_t K, const std::vector<std::vector<std::pair<int64_t, float>>>& chosen,
                      const uint8_t* w1, const uint8_t* w3, int64_t t13, const uint8_t* w2, int64_t t2, int64_t H,
-                     float* out, int64_t path) {
+                     float* out, int64_t path, const ExpertExtras& extras) {
   const int64_t E = static_cast<int64_t>(chosen.size());
   const int64_t rb13 = row_bytes(t13, K / 32), rb2 = row_bytes(t2, H / 32);
   thread_local std::vector<uint8_t> xscratch, ascratch;
@@ -1796,7 +1830,12 @@ void experts_grouped(const float* x, int64_t N, int64_t K, const std::vector<std
     jobs.push_back({w3 + e * H * rb13, H, xs.data() + slot[e], mc, g + H, 2 * H});
   }
   grouped_dots(t13, K, path, jobs);
-  silu_mul(gu.data(), total, H, act.data());
+  for (int64_t e = 0; e < E; ++e) {
+    if (slot[e] >= 0) {
+      expert_act(gu.data() + slot[e] * 2 * H, static_cast<int64_t>(chosen[e].size()), H, e, extras,
+                 act.data() + slot[e] * H);
+    }
+  }
   const std::vector<QRow> aq = quantize_rows(act.data(), total, H, path, ascratch);
   jobs.clear();
   for (int64_t e = 0; e < E; ++e) {
@@ -1809,7 +1848,8 @@ void experts_grouped(const float* x, int64_t N, int64_t K, const std::vector<std
     for (size_t m = 0; m < chosen[e].size(); ++m) {
       float* o = out + chosen[e][m].first * K;
       const float w = chosen[e][m].second;
-      const float* ym = y.data() + (slot[e] + m) * K;
+      float* ym = y.data() + (slot[e] + m) * K;
+      for (int64_t i = 0; i < K && extras.b2 != nullptr; ++i) ym[i] += extras.b2[e * K + i];
       for (int64_t i = 0; i < K; ++i) o[i] += w * ym[i];
     }
   }
@@ -1822,7 +1862,7 @@ void experts_grouped(const float* x, int64_t N, int64_t K, const std::vector<std
 // only the chosen experts' rows are read at all.
 void experts_product(const float* x, int64_t N, int64_t K, const int64_t* ids, const float* wts, int64_t k,
                      const uint8_t* w1, const uint8_t* w3, int64_t t13, const uint8_t* w2, int64_t t2, int64_t E,
-                     int64_t H, float* out, int64_t path) {
+                     int64_t H, float* out, int64_t path, const ExpertExtras& extras = ExpertExtras()) {
   std::vector<std::vector<std::pair<int64_t, float>>> chosen(E);
   for (int64_t n = 0; n < N; ++n) {
     for (int64_t j = 0; j < k; ++j) {
@@ -1835,7 +1875,7 @@ void experts_product(const float* x, int64_t N, int64_t K, const int64_t* ids, c
   int64_t most = 0;
   for (const auto& c : chosen) most = std::max(most, static_cast<int64_t>(c.size()));
   if (most <= MAX_ROWS && path != VNNI_GEMM) {  // a few rows an expert (decode): two parallel passes in all
-    experts_grouped(x, N, K, chosen, w1, w3, t13, w2, t2, H, out, path);
+    experts_grouped(x, N, K, chosen, w1, w3, t13, w2, t2, H, out, path, extras);
     return;
   }
   thread_local std::vector<float> xs, gu, act, y;
@@ -1849,12 +1889,13 @@ void experts_product(const float* x, int64_t N, int64_t K, const int64_t* ids, c
     for (int64_t m = 0; m < M; ++m) std::memcpy(xs.data() + m * K, x + chosen[e][m].first * K, K * sizeof(float));
     const int64_t p = path == VNNI && M > MAX_ROWS ? VNNI_GEMM : path;  // as qmatmul: a GEMM for many rows
     qproduct(xs.data(), M, K, {w1 + e * H * rb13, w3 + e * H * rb13}, {0, H, 2 * H}, t13, p, gu.data(), false);
-    silu_mul(gu.data(), M, H, act.data());
+    expert_act(gu.data(), M, H, e, extras, act.data());
     qproduct(act.data(), M, H, {w2 + e * K * rb2}, {0, K}, t2, p, y.data(), false);
     for (int64_t m = 0; m < M; ++m) {
       float* o = out + chosen[e][m].first * K;
       const float w = chosen[e][m].second;
-      const float* ym = y.data() + m * K;
+      float* ym = y.data() + m * K;
+      for (int64_t i = 0; i < K && extras.b2 != nullptr; ++i) ym[i] += extras.b2[e * K + i];
       for (int64_t i = 0; i < K; ++i) o[i] += w * ym[i];
     }
   }
@@ -1862,8 +1903,11 @@ void experts_product(const float* x, int64_t N, int64_t K, const int64_t* ids, c
 
 // experts_product as an op: x (N, K) fp32, ids (N, k) int64, weights (N, k) fp32, w1 and w3 (E * H, K) of type
 // t13 and w2 (E * K, H) of type t2, repacked -> (N, K).
+// With the extras (gpt-oss): the biases b1, b3 (E, H) and b2 (E, K) fp32, or none; the clamped SwiGLU where limit > 0.
 at::Tensor experts(const at::Tensor& x_in, const at::Tensor& ids_in, const at::Tensor& wts_in, const at::Tensor& w1,
-                   const at::Tensor& w3, const at::Tensor& w2, int64_t t13, int64_t t2, int64_t n_experts, int64_t path) {
+                   const at::Tensor& w3, const at::Tensor& w2, int64_t t13, int64_t t2, int64_t n_experts, int64_t path,
+                   const c10::optional<at::Tensor>& b1, const c10::optional<at::Tensor>& b3,
+                   const c10::optional<at::Tensor>& b2, double limit, double alpha) {
   TORCH_CHECK(x_in.dim() == 2 && ids_in.dim() == 2 && wts_in.sizes() == ids_in.sizes() && ids_in.size(0) == x_in.size(0),
               "experts: x (N, K), ids and weights (N, k)");
   const at::Tensor x = x_in.to(at::kFloat).contiguous(), ids = ids_in.to(at::kLong).contiguous();
@@ -1876,10 +1920,22 @@ at::Tensor experts(const at::Tensor& x_in, const at::Tensor& ids_in, const at::T
   check_rows(w3, t13, K, "experts: w3");
   check_rows(w2, t2, H, "experts: w2");
   TORCH_CHECK(w3.size(0) == w1.size(0), "experts: w1 and w3 must have as many rows");
+  ExpertExtras extras;
+  extras.limit = static_cast<float>(limit);
+  extras.alpha = static_cast<float>(alpha);
+  auto bias = [&](const c10::optional<at::Tensor>& b, int64_t width, const char* what) -> const float* {
+    if (!b.has_value() || !b->defined()) return nullptr;
+    TORCH_CHECK(b->scalar_type() == at::kFloat && b->is_contiguous() && b->numel() == n_experts * width,
+                "experts: ", what, " must be contiguous fp32 (", n_experts, ", ", width, ")");
+    return b->data_ptr<float>();
+  };
+  extras.b1 = bias(b1, H, "b1");
+  extras.b3 = bias(b3, H, "b3");
+  extras.b2 = bias(b2, K, "b2");
   auto out = at::zeros({N, K}, x.options());
   experts_product(x.data_ptr<float>(), N, K, ids.data_ptr<int64_t>(), wts.data_ptr<float>(), ids.size(1),
                   w1.data_ptr<uint8_t>(), w3.data_ptr<uint8_t>(), t13, w2.data_ptr<uint8_t>(), t2, n_experts, H,
-                  out.data_ptr<float>(), resolve_path(path));
+                  out.data_ptr<float>(), resolve_path(path), extras);
   return out;
 }
 
@@ -2097,7 +2153,10 @@ struct DecodePlan : torch::CustomClassHolder {
     at::Tensor router, w1, w3, w2, shared_gate;
     int64_t router_type = 0, t13 = 0, t2 = 0, E = 0, H = 0, k = 0;
     bool sigmoid = false, norm = false, weight_input = false;
+    at::Tensor router_bias, b1, b3, b2;  // gpt-oss's (set_expert_extras), or undefined
+    ExpertExtras extras;
   };
+  std::vector<at::Tensor> out_bias;  // per layer, a bias after wo (gpt-oss's), or undefined
   std::vector<Moe> moe;
   std::vector<AttnOpts> attn;  // each layer's attention variations (set_attention)
   std::vector<at::Tensor> sinks;  // the tensors attn[l].sinks points into
@@ -2124,6 +2183,7 @@ struct DecodePlan : torch::CustomClassHolder {
     moe.resize(L);
     attn.resize(L);
     sinks.resize(L);
+    out_bias.resize(L);
     check_table(embed, embed_type, dim, "embedding");
     check_table(out_w, out_type, dim, "output layer");
     TORCH_CHECK(out_norm.scalar_type() == at::kFloat && out_norm.is_contiguous() && out_norm.numel() == dim,
@@ -2188,6 +2248,32 @@ struct DecodePlan : torch::CustomClassHolder {
     sinks[l] = sink;
     attn[l] = AttnOpts{rope, static_cast<float>(l2_eps), temp_floor, static_cast<float>(temp_scale), chunk, window,
                        sink.numel() ? sinks[l].data_ptr<float>() : nullptr};
+  }
+
+  // gpt-oss's additions to layer l: a bias after wo (fp32 of dim), and to its experts: a router bias (E), the
+  // experts' biases b1, b3 (E, H) and b2 (E, dim), the clamped SwiGLU (limit > 0). Empty tensors: none.
+  void set_expert_extras(int64_t l, at::Tensor bo, at::Tensor router_bias, at::Tensor b1, at::Tensor b3, at::Tensor b2,
+                         double limit, double alpha) {
+    TORCH_CHECK(l >= 0 && l < L, "DecodePlan: no layer ", l);
+    auto check = [](const at::Tensor& t, int64_t n, const char* what) {
+      TORCH_CHECK(t.numel() == 0 || (t.scalar_type() == at::kFloat && t.is_contiguous() && t.numel() == n),
+                  "DecodePlan: ", what, " must be contiguous fp32 of ", n);
+    };
+    check(bo, dim, "the output bias");
+    if (bo.numel()) out_bias[l] = bo;
+    if (router_bias.numel() + b1.numel() + b3.numel() + b2.numel() == 0 && limit <= 0) return;
+    Moe& m = moe[l];
+    TORCH_CHECK(m.E, "DecodePlan: layer ", l, " has no mixture of experts");
+    check(router_bias, m.E, "the router bias");
+    check(b1, m.E * m.H, "b1");
+    check(b3, m.E * m.H, "b3");
+    check(b2, m.E * dim, "b2");
+    m.router_bias = router_bias, m.b1 = b1, m.b3 = b3, m.b2 = b2;
+    m.extras.b1 = b1.numel() ? m.b1.data_ptr<float>() : nullptr;
+    m.extras.b3 = b3.numel() ? m.b3.data_ptr<float>() : nullptr;
+    m.extras.b2 = b2.numel() ? m.b2.data_ptr<float>() : nullptr;
+    m.extras.limit = static_cast<float>(limit);
+    m.extras.alpha = static_cast<float>(alpha);
   }
 
   // Layer l's experts weighted on their input (Llama 4): expert(x * w) in place of w * expert(x).
@@ -2305,6 +2391,7 @@ struct DecodePlan : torch::CustomClassHolder {
     product(n, B, dim, m.router, m.router_type, logits.data(), false, path);
     for (int64_t b = 0; b < B; ++b) {
       float* lg = logits.data() + b * m.E;
+      for (int64_t e = 0; e < m.E && m.router_bias.defined(); ++e) lg[e] += m.router_bias.data_ptr<float>()[e];
       if (!m.sigmoid) {  // softmax over all the experts
         const float top = *std::max_element(lg, lg + m.E);
         float sum = 0.f;
@@ -2330,13 +2417,14 @@ struct DecodePlan : torch::CustomClassHolder {
         for (int64_t i = 0; i < dim; ++i) xin[r * dim + i] = n[r / m.k * dim + i] * wts[r];
       }
       experts_product(xin.data(), B * m.k, dim, ids.data(), ones.data(), 1, m.w1.data_ptr<uint8_t>(),
-                      m.w3.data_ptr<uint8_t>(), m.t13, m.w2.data_ptr<uint8_t>(), m.t2, m.E, m.H, each.data(), path);
+                      m.w3.data_ptr<uint8_t>(), m.t13, m.w2.data_ptr<uint8_t>(), m.t2, m.E, m.H, each.data(), path,
+                      m.extras);
       for (int64_t r = 0; r < B * m.k; ++r) {
         for (int64_t i = 0; i < dim; ++i) out[r / m.k * dim + i] += each[r * dim + i];
       }
     } else {
       experts_product(n, B, dim, ids.data(), wts.data(), m.k, m.w1.data_ptr<uint8_t>(), m.w3.data_ptr<uint8_t>(),
-                      m.t13, m.w2.data_ptr<uint8_t>(), m.t2, m.E, m.H, out, path);
+                      m.t13, m.w2.data_ptr<uint8_t>(), m.t2, m.E, m.H, out, path, m.extras);
     }
     const int64_t hs = w[4].numel() ? w[4].size(0) : 0;
     if (hs == 0) return;
@@ -2457,6 +2545,12 @@ struct DecodePlan : torch::CustomClassHolder {
                      kv_type_of(caches[0]), slots, n_heads, n_kv_heads,
                      D, qr, att, path, attn[l]);
       add_summed(att, nq, w[3], t[1]);  // h += wo(att)
+      if (out_bias[l].defined()) {
+        const float* bo = out_bias[l].data_ptr<float>();
+        for (int64_t b = 0; b < B; ++b) {
+          for (int64_t i = 0; i < dim; ++i) h[b * dim + i] += bo[i];
+        }
+      }
       if (adapters != nullptr) lora_add(att, nq, h, dim, *adapters, lora_a, lora_bt, 7 * l + 3);
       rms_rows(h, norms[2 * l + 1].data_ptr<float>(), n, B, dim, static_cast<float>(eps));
       if (moe[l].E) {
@@ -2497,7 +2591,7 @@ TORCH_LIBRARY(llamalite, m) {
   m.def("rms_norm(Tensor x, Tensor w, float eps) -> Tensor");
   m.def("silu_mul(Tensor gu) -> Tensor");
   m.def("experts(Tensor x, Tensor ids, Tensor weights, Tensor w1, Tensor w3, Tensor w2, int t13, int t2, int n_experts, "
-        "int path=0) -> Tensor");
+        "int path=0, Tensor? b1=None, Tensor? b3=None, Tensor? b2=None, float limit=0., float alpha=1.702) -> Tensor");
   m.def("decode_attention(Tensor q, Tensor k, Tensor v, Tensor cos_sin, Tensor(a!) cache_k, Tensor(b!) cache_v, "
         "Tensor pos, Tensor rows, int n_heads, int n_kv_heads, int path=0) -> Tensor");
   m.class_<Reducer>("Reducer")
@@ -2520,6 +2614,7 @@ TORCH_LIBRARY(llamalite, m) {
       .def("set_moe", &DecodePlan::set_moe)
       .def("set_attention", &DecodePlan::set_attention)
       .def("set_weight_input", &DecodePlan::set_weight_input)
+      .def("set_expert_extras", &DecodePlan::set_expert_extras)
       .def("add_adapter", &DecodePlan::add_adapter)
       .def("step_adapted", &DecodePlan::step_adapted);
 }

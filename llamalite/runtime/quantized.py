@@ -166,8 +166,9 @@ class FastExperts(Experts):
         nn.Module.__init__(fast)
         fast.w1, fast.w2, fast.w3 = experts.w1, experts.w2, experts.w3
         fast.weight_input, fast.limit, fast.alpha = experts.weight_input, experts.limit, experts.alpha
-        # the op computes SiLU(gate) * up without biases: gpt-oss's experts take Experts' own forward
-        fast.fused = not fast.limit and all(m.bias is None for m in (fast.w1, fast.w2, fast.w3)) and (all(isinstance(m, QuantExpertLinear) and m.packed for m in (fast.w1, fast.w2, fast.w3))
+        projections = (fast.w1, fast.w2, fast.w3)
+        fast.fused = (all(isinstance(m, QuantExpertLinear) and m.packed for m in projections)
+                      and all(m.bias is None or m.bias.dtype == torch.float32 for m in projections)
                       and fast.w1.type_name == fast.w3.type_name)
         return fast
 
@@ -180,8 +181,13 @@ class FastExperts(Experts):
                 torch.ones(n * k, 1)
         out = torch.ops.llamalite.experts(x, ids, weights, self.w1.raw, self.w3.raw, self.w2.raw,
                                           KERNEL_TYPES[self.w1.type_name], KERNEL_TYPES[self.w2.type_name],
-                                          self.w1.n_experts)
+                                          self.w1.n_experts, 0, *self.biases(), self.limit, self.alpha)
         return out.view(n, k, -1).sum(1) if self.weight_input else out
+
+
+    def biases(self) -> list[torch.Tensor | None]:
+        """b1, b3, b2 as the op and the step take them (gpt-oss's; None where there are none)."""
+        return [None if m.bias is None else m.bias.detach().contiguous() for m in (self.w1, self.w3, self.w2)]
 
 
 class QuantEmbedding(nn.Module):
@@ -318,7 +324,7 @@ def _fusable(block: TransformerBlock, bias: bool, head_norms: bool) -> bool:
         return False
     ffn = _mixture(f) if isinstance(f, MoEFeedForward) else _dense_ffn(f)
     return (isinstance(a, FastAttention) and a.qkv is not None and ffn and isinstance(a.wo, QuantLinear)
-            and a.wo.packed and a.wo.bias is None
+            and a.wo.packed and (a.wo.bias is None or a.wo.bias.dtype == torch.float32)
             and all(t is None or t.dtype == torch.float32 for t in biases)
             and block.attention_norm.eps == block.ffn_norm.eps
             and block.attention_norm.weight.dtype == block.ffn_norm.weight.dtype == torch.float32)
@@ -331,8 +337,7 @@ def _dense_ffn(f: nn.Module) -> bool:
 def _mixture(f: "MoEFeedForward") -> bool:
     """Whether a DecodePlan runs this mixture of experts: its experts on the kernels (FastExperts.fused), its
     router packed or fp32, its shared expert (if any) a dense feed-forward it runs, its shared gate fp32."""
-    return (isinstance(f.experts, FastExperts) and f.experts.fused and _table(f.gate) is not None
-            and getattr(f.gate, "bias", None) is None
+    return (isinstance(f.experts, FastExperts) and f.experts.fused and _table(f.gate, biased=True) is not None
             and (f.shared is None or _dense_ffn(f.shared))
             and (f.shared_gate is None or _table(f.shared_gate) is not None and _table(f.shared_gate)[1] == DENSE))
 
@@ -340,12 +345,12 @@ def _mixture(f: "MoEFeedForward") -> bool:
 DENSE = -1  # DecodePlan's type of an fp32 weight matrix
 
 
-def _table(layer: nn.Module) -> tuple[torch.Tensor, int] | None:
-    """An embedding or output layer as a DecodePlan reads it: (packed blocks, kernel type) or
-    (fp32 weight, DENSE); None for anything else."""
+def _table(layer: nn.Module, biased: bool = False) -> tuple[torch.Tensor, int] | None:
+    """An embedding or output layer (or a router: `biased`, its bias handed over apart) as a DecodePlan reads
+    it: (packed blocks, kernel type) or (fp32 weight, DENSE); None for anything else."""
     if isinstance(layer, (QuantLinear, QuantEmbedding)):
         return (layer.raw, KERNEL_TYPES[layer.type_name]) if layer.packed else None
-    if type(layer) in (nn.Embedding, nn.Linear) and getattr(layer, "bias", None) is None:
+    if type(layer) in (nn.Embedding, nn.Linear) and (biased or getattr(layer, "bias", None) is None):
         w = layer.weight
         return (w, DENSE) if w.dtype == torch.float32 and w.is_contiguous() else None
     return None
@@ -390,12 +395,20 @@ class FastTransformer(Transformer):
             for i, f in mixtures:
                 e = f.experts
                 gate = f.shared_gate.weight.detach().reshape(-1) if f.shared_gate is not None else torch.empty(0)
-                fast.plan.set_moe(i, *_table(f.gate), e.w1.raw, e.w3.raw, e.w2.raw, KERNEL_TYPES[e.w1.type_name],
+                fast.plan.set_moe(i, *_table(f.gate, biased=True), e.w1.raw, e.w3.raw, e.w2.raw, KERNEL_TYPES[e.w1.type_name],
                                   KERNEL_TYPES[e.w2.type_name], f.k, f.router == "sigmoid", f.norm, gate)
                 if e.weight_input:
                     fast.plan.set_weight_input(i, True)
-            for i, b in enumerate(model.layers):  # Llama 4's and gpt-oss's attention variations
-                a = b.attention
+            for i, b in enumerate(model.layers):  # Llama 4's and gpt-oss's attention variations, gpt-oss's biases
+                a, f = b.attention, b.feed_forward
+                empty = torch.empty(0)
+                vec = lambda t: empty if t is None else t.detach().float().contiguous().reshape(-1)  # noqa: E731
+                if isinstance(f, MoEFeedForward):
+                    b1, b3, b2 = f.experts.biases()
+                    fast.plan.set_expert_extras(i, vec(a.wo.bias), vec(f.gate.bias), vec(b1), vec(b3), vec(b2),
+                                                f.experts.limit, f.experts.alpha)
+                elif a.wo.bias is not None:
+                    fast.plan.set_expert_extras(i, vec(a.wo.bias), empty, empty, empty, empty, 0.0, 1.702)
                 if not a.plain:
                     floor, scale = a.temperature or (0, 0.0)
                     sinks = a.sinks.weight.detach() if a.sinks is not None else torch.empty(0)

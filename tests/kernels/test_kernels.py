@@ -304,3 +304,31 @@ def test_experts_op_matches_dequantized_fp32(path, t13, t2, n):
     assert ((got.double() - want).norm() / want.norm()).item() < 1e-3
     with pytest.raises(RuntimeError, match="outside"):
         torch.ops.llamalite.experts(x, ids + E, wts, w1, w3, w2, KERNEL_TYPES[t13], KERNEL_TYPES[t2], E, PATHS[path])
+
+
+@pytest.mark.parametrize("path", ["avx512vnni", "avx2", "portable"])
+@pytest.mark.parametrize("n", [1, 40])
+def test_experts_op_with_biases_and_the_clamped_swiglu(path, n):
+    """gpt-oss's experts: biases after each projection and (clamp(up) + 1) * g * sigmoid(1.702 g), g = min(gate, 7),
+    against the same in fp64 from the dequantized blocks."""
+    if path not in PATHS:
+        pytest.skip(f"this CPU has no {path}")
+    E, k, K, H = 4, 2, 64, 96
+    _, w1, d1 = _weights("Q8_0", E * H, K, seed=1)
+    _, w3, d3 = _weights("Q8_0", E * H, K, seed=2)
+    _, w2, d2 = _weights("Q8_0", E * K, H, seed=3)
+    g = torch.Generator().manual_seed(n)
+    x = torch.randn(n, K, generator=g) * 20  # gates past the clamp
+    ids = torch.stack([torch.randperm(E, generator=g)[:k] for _ in range(n)])
+    wts = torch.rand(n, k, generator=g)
+    b1, b3, b2 = torch.randn(E, H, generator=g), torch.randn(E, H, generator=g), torch.randn(E, K, generator=g)
+    t = KERNEL_TYPES["Q8_0"]
+    got = torch.ops.llamalite.experts(x, ids, wts, w1, w3, w2, t, t, E, PATHS[path], b1, b3, b2, 7.0, 1.702)
+    d1, d3, d2 = (d.double().view(E, -1, d.shape[1]) for d in (d1, d3, d2))
+    want = torch.zeros(n, K, dtype=torch.float64)
+    for r in range(n):
+        for j in range(k):
+            e, xr = int(ids[r, j]), x[r].double()
+            gate, up = (d1[e] @ xr + b1[e]).clamp(max=7.0), (d3[e] @ xr + b3[e]).clamp(-7.0, 7.0)
+            want[r] += float(wts[r, j]) * ((up + 1) * gate * torch.sigmoid(1.702 * gate) @ d2[e].T + b2[e])
+    assert float((got.double() - want).abs().max() / want.abs().max()) < 1e-3

@@ -407,3 +407,12 @@ def test_routing_ties_in_the_one_call_step(models, tmp_path):
         by_layers = m(torch.tensor([[7]]), torch.tensor([len(IDS)]))[0, -1]
         m.plan = plan
     assert float((one_call - by_layers).abs().max()) <= 1e-5 * float(by_layers.abs().max())
+
+
+def test_the_executorch_program_refuses_what_it_cannot_run(models):
+    pytest.importorskip("executorch")
+    from llamalite.ondevice.export import DeviceExportError, export_executorch
+
+    lm = load(models["gpt-oss"][1], quantized=False)
+    with pytest.raises(DeviceExportError, match="cannot yet run a mixture of experts, attention sinks, sliding windows.*--to gguf"):
+        export_executorch(lm.model, lm.tokenizer, "/nonexistent/x.pte")

@@ -143,6 +143,15 @@ def export_executorch(model: nn.Module, tokenizer: "Tokenizer | None", out: str 
     if dtype not in DTYPES:
         raise DeviceExportError(f"unknown dtype {dtype!r} for ExecuTorch; choose one of {', '.join(DTYPES)}")
     cfg: ModelConfig = model.config
+    missing = [what for what, there in (
+        ("a mixture of experts", cfg.n_experts), ("attention sinks", cfg.attention_sinks),
+        ("sliding windows", cfg.sliding_window), ("chunked attention", cfg.attention_chunk),
+        ("layers without RoPE", cfg.nope_layer_step), ("q/k L2 norms", cfg.qk_l2_norm),
+        ("an output projection bias", cfg.o_bias), ("YaRN", cfg.rope_scaling is not None and cfg.rope_scaling.kind == "yarn"))
+        if there]
+    if missing:
+        raise DeviceExportError(f"the ExecuTorch program cannot yet run {', '.join(missing)}: run this model from its GGUF "
+                                f"or Hugging Face files (llamalite export --to gguf)")
     S = min(cfg.context_length, max_seq_len or 2048)
     if S < 2:
         raise DeviceExportError("--max-seq-len must be at least 2")

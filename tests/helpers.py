@@ -165,3 +165,72 @@ def meta_weights_from_hf(model) -> dict[str, torch.Tensor]:
     if cfg.tie_word_embeddings:
         out.pop("output.weight", None)
     return out
+
+
+def transformers_run(model, ids: list[int], new_tokens: int = 32) -> tuple[torch.Tensor, list[int]]:
+    """A transformers model's logits for `ids` (len(ids), vocab) and its `new_tokens` greedy tokens after them."""
+    with torch.no_grad():
+        logits = model(torch.tensor([ids])).logits[0]
+        greedy = model.generate(torch.tensor([ids]), max_new_tokens=new_tokens, do_sample=False,
+                                min_new_tokens=new_tokens, pad_token_id=0)[0, len(ids):].tolist()
+    return logits, greedy
+
+
+def llamalite_run(lm, ids: list[int], new_tokens: int = 32) -> tuple[torch.Tensor, list[int]]:
+    """The same of a loaded model: its full forward's logits, and greedy tokens decoded from a KV cache."""
+    from llamalite.generation.sampling import GREEDY
+    from llamalite.generation.tokens import generate
+
+    with torch.no_grad():
+        logits = lm.model(torch.tensor([ids]))[0]
+    lm.model.setup_caches(1, 128, "f32")
+    lm.model.cache_tokens = []
+    return logits, list(generate(lm.model, ids, max_new_tokens=new_tokens, sampling=GREEDY))
+
+
+def llamacpp_logits(gguf_path, ids: list[int]) -> torch.Tensor:
+    """llama.cpp's logits (len(ids), vocab) for `ids` from a GGUF file (needs llama-cpp-python)."""
+    import llama_cpp
+
+    llm = llama_cpp.Llama(str(gguf_path), n_ctx=128, logits_all=True, verbose=False)
+    llm.eval(ids)
+    return torch.tensor(np.asarray(llm.scores[:len(ids)]))
+
+
+def check_llamacpp_reads_our_gguf(model, lm, tmp_path: Path, ids: list[int], tol: float = 1e-3) -> None:
+    """Our f32 GGUF export of `lm` read by llama.cpp: its logits within `tol` of the transformers `model`'s."""
+    from llamalite.formats.export import export_gguf
+
+    gguf = export_gguf(lm.model, lm.tokenizer, tmp_path / "f32.gguf", dtype="f32")
+    want, _ = transformers_run(model, ids, new_tokens=1)
+    assert float((llamacpp_logits(gguf, ids) - want).abs().max()) < tol
+
+
+def check_hf_export_reads_back(model, lm, tmp_path: Path, ids: list[int], class_name: str) -> None:
+    """Our Hugging Face export of `lm` read back by transformers as `class_name`, with `model`'s logits."""
+    import transformers
+
+    from llamalite.formats.export import export_hf
+
+    again = transformers.AutoModelForCausalLM.from_pretrained(export_hf(lm.model, lm.tokenizer, tmp_path / "hf"))
+    assert type(again).__name__ == class_name
+    with torch.no_grad():
+        assert torch.allclose(again.float()(torch.tensor([ids])).logits, model(torch.tensor([ids])).logits, atol=1e-5)
+
+
+def check_batched_equals_alone(model, prompts: list[list[int]], new_tokens: int = 16) -> None:
+    """Requests of different lengths decoded together in the server's engine give what generate gives each alone."""
+    from llamalite.generation.sampling import GREEDY
+    from llamalite.generation.tokens import generate
+    from llamalite.serve.engine import Engine, Request, TokenEvent
+
+    want = []
+    for p in prompts:
+        model.cache_tokens = []
+        want.append(list(generate(model, p, max_new_tokens=new_tokens, sampling=GREEDY)))
+    engine = Engine(model, max_batch=len(prompts), max_seq_len=128).start()
+    try:
+        requests = [engine.submit(Request(p, max_tokens=new_tokens, sampling=GREEDY)) for p in prompts]
+        assert [[e.token for e in r if isinstance(e, TokenEvent)] for r in requests] == want
+    finally:
+        engine.stop()

@@ -1,15 +1,16 @@
-"""Mixtures of experts (Mixtral, Qwen3-MoE, Qwen2-MoE with its gated shared expert, Llama 4 with its
-NoPE, chunked and L2-normed attention) as configuration of the one model file. Tiny random models built with transformers: logits and greedy tokens from the
-Hugging Face loader and from our GGUF export (f32, and q8_0 with the experts on the kernels and in the
-one-call decode step), llama.cpp reading that export, the Hugging Face export read back by transformers,
-batched decoding equal to alone, parameter counts, routing's edge cases and the errors."""
+"""Mixtures of experts (Mixtral, Qwen3-MoE, Qwen2-MoE with its gated shared expert, Llama 4 with its NoPE,
+chunked and L2-normed attention, gpt-oss with its sinks, windows, biases and YaRN) as configuration of the one
+model file. Tiny random models built with transformers: logits and greedy tokens from the Hugging Face loader
+and from our GGUF export (f32, and q8_0 with the experts on the kernels and in the one-call decode step),
+llama.cpp reading that export, the Hugging Face export read back by transformers, batched decoding equal to
+alone, parameter counts, routing's edge cases and the errors."""
 
-import numpy as np
 import pytest
 import torch
 
 from llamalite.formats.load import load
-from tests.helpers import save_hf_dir
+from tests.helpers import (check_batched_equals_alone, check_hf_export_reads_back, check_llamacpp_reads_our_gguf,
+                           llamacpp_logits, llamalite_run, save_hf_dir, transformers_run)
 
 transformers = pytest.importorskip("transformers")
 
@@ -60,22 +61,11 @@ def models(tmp_path_factory):
 
 
 def _reference(model, ids=IDS):
-    with torch.no_grad():
-        logits = model(torch.tensor([ids])).logits[0]
-        greedy = model.generate(torch.tensor([ids]), max_new_tokens=32, do_sample=False, min_new_tokens=32,
-                                pad_token_id=0)[0, len(ids):].tolist()
-    return logits, greedy
+    return transformers_run(model, ids)
 
 
 def _ours(lm, ids=IDS):
-    from llamalite.generation.sampling import GREEDY
-    from llamalite.generation.tokens import generate
-
-    with torch.no_grad():
-        logits = lm.model(torch.tensor([ids]))[0]
-    lm.model.setup_caches(1, 128, "f32")
-    lm.model.cache_tokens = []
-    return logits, list(generate(lm.model, ids, max_new_tokens=32, sampling=GREEDY))
+    return llamalite_run(lm, ids)
 
 
 @pytest.mark.parametrize("kind", FAMILIES)
@@ -134,29 +124,15 @@ def test_our_gguf_export_reads_back(models, kind, tmp_path):
 
 @pytest.mark.parametrize("kind", FAMILIES)
 def test_llamacpp_reads_our_gguf_as_we_do(models, kind, tmp_path):
-    llama_cpp = pytest.importorskip("llama_cpp", reason="the peer: pip install -e '.[peer]'")
-    from llamalite.formats.export import export_gguf
-
+    pytest.importorskip("llama_cpp", reason="the peer: pip install -e '.[peer]'")
     model, path = models[kind]
-    lm = load(path)
-    gguf = export_gguf(lm.model, lm.tokenizer, tmp_path / "f32.gguf", dtype="f32")
-    llm = llama_cpp.Llama(str(gguf), n_ctx=128, logits_all=True, verbose=False)
-    llm.eval(IDS)
-    peer = torch.tensor(np.asarray(llm.scores[:len(IDS)]))
-    want, _ = _reference(model)
-    assert float((peer - want).abs().max()) < 1e-3
+    check_llamacpp_reads_our_gguf(model, load(path), tmp_path, IDS)
 
 
 @pytest.mark.parametrize("kind", FAMILIES)
 def test_our_hugging_face_export_reads_back_in_transformers(models, kind, tmp_path):
-    from llamalite.formats.export import export_hf
-
     model, path = models[kind]
-    lm = load(path)
-    again = transformers.AutoModelForCausalLM.from_pretrained(export_hf(lm.model, lm.tokenizer, tmp_path / "hf"))
-    assert type(again).__name__ == type(model).__name__
-    with torch.no_grad():
-        assert torch.allclose(again.float()(torch.tensor([IDS])).logits, model(torch.tensor([IDS])).logits, atol=1e-5)
+    check_hf_export_reads_back(model, load(path), tmp_path, IDS, type(model).__name__)
 
 
 def test_llama4_chunks_and_temperature(tmp_path):
@@ -240,23 +216,10 @@ def test_batched_decoding_equals_alone(models, tmp_path):
     """Requests of different lengths decoded together in the server's engine: what each gives alone (the
     experts on the kernels, several rows choosing different experts in one step)."""
     from llamalite.formats.export import export_gguf
-    from llamalite.generation.sampling import GREEDY
-    from llamalite.generation.tokens import generate
-    from llamalite.serve.engine import Engine, Request, TokenEvent
 
     model, path = models["qwen3moe"]
     lm = load(export_gguf(load(path).model, load(path).tokenizer, tmp_path / "q.gguf", dtype="q8_0"))
-    prompts = [IDS, IDS[3:] + [1, 2], [9, 8, 7]]
-    want = []
-    for p in prompts:
-        lm.model.cache_tokens = []
-        want.append(list(generate(lm.model, p, max_new_tokens=16, sampling=GREEDY)))
-    engine = Engine(lm.model, max_batch=3, max_seq_len=128).start()
-    try:
-        requests = [engine.submit(Request(p, max_tokens=16, sampling=GREEDY)) for p in prompts]
-        assert [[e.token for e in r if isinstance(e, TokenEvent)] for r in requests] == want
-    finally:
-        engine.stop()
+    check_batched_equals_alone(lm.model, [IDS, IDS[3:] + [1, 2], [9, 8, 7]])
 
 
 def test_routing_edges():
@@ -382,10 +345,8 @@ def test_gpt_oss_experts_in_mxfp4(models, tmp_path):
         got = ours.model(torch.tensor([IDS]))[0]
     want, _ = _reference(model)
     assert float((got - want).abs().max() / want.abs().max()) < 0.3  # 4-bit experts: near, not equal
-    llama_cpp = pytest.importorskip("llama_cpp", reason="the peer: pip install -e '.[peer]'")
-    llm = llama_cpp.Llama(str(gguf), n_ctx=128, logits_all=True, verbose=False)
-    llm.eval(IDS)
-    peer = torch.tensor(np.asarray(llm.scores[:len(IDS)]))
+    pytest.importorskip("llama_cpp", reason="the peer: pip install -e '.[peer]'")
+    peer = llamacpp_logits(gguf, IDS)
     assert float((peer - got).abs().max() / peer.abs().max()) < 2e-2
 
 

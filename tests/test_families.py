@@ -7,12 +7,12 @@ export read back by transformers; chat templates and end-of-turn tokens; the err
 import subprocess
 import sys
 
-import numpy as np
 import pytest
 import torch
 
 from llamalite.formats.load import load
-from tests.helpers import save_hf_dir
+from tests.helpers import (check_batched_equals_alone, check_hf_export_reads_back, check_llamacpp_reads_our_gguf,
+                           llamalite_run, save_hf_dir, transformers_run)
 
 transformers = pytest.importorskip("transformers")
 
@@ -46,22 +46,11 @@ def models(tmp_path_factory):
 
 
 def _reference(model, ids=IDS):
-    with torch.no_grad():
-        logits = model(torch.tensor([ids])).logits[0]
-        greedy = model.generate(torch.tensor([ids]), max_new_tokens=32, do_sample=False, min_new_tokens=32,
-                                pad_token_id=0)[0, len(ids):].tolist()
-    return logits, greedy
+    return transformers_run(model, ids)
 
 
 def _ours(lm, ids=IDS):
-    from llamalite.generation.tokens import generate
-    from llamalite.generation.sampling import GREEDY
-
-    with torch.no_grad():
-        logits = lm.model(torch.tensor([ids]))[0]
-    lm.model.setup_caches(1, 128, "f32")
-    lm.model.cache_tokens = []
-    return logits, list(generate(lm.model, ids, max_new_tokens=32, sampling=GREEDY))
+    return llamalite_run(lm, ids)
 
 
 @pytest.mark.parametrize("kind", FAMILIES)
@@ -111,29 +100,15 @@ def test_our_gguf_export_reads_back(models, kind, tmp_path):
 
 @pytest.mark.parametrize("kind", FAMILIES)
 def test_llamacpp_reads_our_gguf_as_we_do(models, kind, tmp_path):
-    llama_cpp = pytest.importorskip("llama_cpp", reason="the peer: pip install -e '.[peer]'")
-    from llamalite.formats.export import export_gguf
-
+    pytest.importorskip("llama_cpp", reason="the peer: pip install -e '.[peer]'")
     model, path = models[kind]
-    lm = load(path)
-    gguf = export_gguf(lm.model, lm.tokenizer, tmp_path / "f32.gguf", dtype="f32")
-    llm = llama_cpp.Llama(str(gguf), n_ctx=128, logits_all=True, verbose=False)
-    llm.eval(IDS)
-    peer = torch.tensor(np.asarray(llm.scores[:len(IDS)]))
-    want, _ = _reference(model)
-    assert float((peer - want).abs().max()) < 1e-3
+    check_llamacpp_reads_our_gguf(model, load(path), tmp_path, IDS)
 
 
 @pytest.mark.parametrize("kind", FAMILIES)
 def test_our_hugging_face_export_reads_back_in_transformers(models, kind, tmp_path):
-    from llamalite.formats.export import export_hf
-
     model, path = models[kind]
-    lm = load(path)
-    again = transformers.AutoModelForCausalLM.from_pretrained(export_hf(lm.model, lm.tokenizer, tmp_path / "hf"))
-    assert type(again).__name__ == ("LlamaForCausalLM" if kind == "mistral" else type(model).__name__)  # Mistral is a Llama
-    with torch.no_grad():
-        assert torch.allclose(again.float()(torch.tensor([IDS])).logits, model(torch.tensor([IDS])).logits, atol=1e-5)
+    check_hf_export_reads_back(model, load(path), tmp_path, IDS, "LlamaForCausalLM" if kind == "mistral" else type(model).__name__)
 
 
 TEMPLATES = {
@@ -207,20 +182,7 @@ def test_what_is_not_supported_says_so(tmp_path):
 def test_the_batching_engine_serves_them(models, tmp_path):
     """Qwen3 on the kernels in the server's engine: requests decoded together give what generate gives."""
     from llamalite.formats.export import export_gguf
-    from llamalite.generation.tokens import generate
-    from llamalite.generation.sampling import GREEDY
-    from llamalite.serve.engine import Engine, Request, TokenEvent
 
     model, path = models["qwen3"]
     lm = load(export_gguf(load(path).model, load(path).tokenizer, tmp_path / "q.gguf", dtype="q8_0"))
-    prompts = [IDS, IDS[3:] + [1, 2], [9, 8, 7]]
-    want = []
-    for p in prompts:
-        lm.model.cache_tokens = []
-        want.append(list(generate(lm.model, p, max_new_tokens=16, sampling=GREEDY)))
-    engine = Engine(lm.model, max_batch=3, max_seq_len=128).start()
-    try:
-        requests = [engine.submit(Request(p, max_tokens=16, sampling=GREEDY)) for p in prompts]
-        assert [[e.token for e in r if isinstance(e, TokenEvent)] for r in requests] == want
-    finally:
-        engine.stop()
+    check_batched_equals_alone(lm.model, [IDS, IDS[3:] + [1, 2], [9, 8, 7]])

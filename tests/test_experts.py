@@ -257,8 +257,8 @@ def test_what_is_not_supported_says_so(models, tmp_path):
 
 def test_the_verbs_on_a_mixture_of_experts(models, tmp_path):
     """generate, bench, info (total and active parameters, the bytes a token reads), embed, eval, export, and a
-    LoRA fine-tune of the attention (the routers and experts frozen; LoRA on experts refused) whose merged
-    export reads back."""
+    LoRA fine-tune of the attention and the experts (the routers frozen) whose merged export reads back (its
+    adapter alone has no PEFT layout for fused experts: refused)."""
     import json
     import subprocess
     import sys
@@ -292,14 +292,16 @@ def test_the_verbs_on_a_mixture_of_experts(models, tmp_path):
     data.write_text("".join(json.dumps({"text": f"line {i} of the corpus"}) + "\n" for i in range(8)))
     common = dict(model=gguf, data=str(data), steps=2, batch_size=2, lr=1e-2, eval_every=2, save_every=2,
                   val_every=2, lora_rank=4, progress=False, seq_len=32)
-    with pytest.raises(ValueError, match="LoRA on the experts is not supported"):
-        finetune(FinetuneConfig(out=str(tmp_path / "x"), targets="wq,w1", **common))
-    finetune(FinetuneConfig(out=str(tmp_path / "ft"), **common))
+    finetune(FinetuneConfig(out=str(tmp_path / "ft"), targets="wq,wv,w1,w2,w3", **common))
     out = run("export", str(tmp_path / "ft"), "--to", "gguf", "--dtype", "q8_0", "--out", str(tmp_path / "ft.gguf"))
     assert out.returncode == 0, out.stderr[-2000:]
-    tuned = load(tmp_path / "ft.gguf")
+    tuned, base = load(tmp_path / "ft.gguf").model, load(gguf).model
     assert tuned.config.n_experts == 8
-    assert torch.equal(tuned.model.layers[0].feed_forward.gate.weight, load(gguf).model.layers[0].feed_forward.gate.weight)
+    assert torch.equal(tuned.layers[0].feed_forward.gate.weight, base.layers[0].feed_forward.gate.weight)  # frozen
+    changed = tuned.layers[0].feed_forward.experts.w1.dequantized() - base.layers[0].feed_forward.experts.w1.dequantized()
+    assert changed.abs().amax(dim=(1, 2)).gt(0).any()  # the experts' LoRA, merged
+    out = run("export", str(tmp_path / "ft"), "--to", "adapter", "--out", str(tmp_path / "adapter"))
+    assert out.returncode != 0 and "export the fine-tune merged" in out.stderr
 
 
 def test_llama4_chat_format_and_end_of_turn(models, tmp_path):
@@ -377,3 +379,30 @@ def test_the_executorch_program_refuses_what_it_cannot_run(models):
     lm = load(models["gpt-oss"][1], quantized=False)
     with pytest.raises(DeviceExportError, match="cannot yet run a mixture of experts, attention sinks, sliding windows.*--to gguf"):
         export_executorch(lm.model, lm.tokenizer, "/nonexistent/x.pte")
+
+
+def test_lora_on_the_experts(models):
+    """Each expert its own LoRA pair: at first the base model exactly (B is zero), gradients only into the pairs
+    (the router and the base frozen), and the merged experts compute what the adapted ones do."""
+    from llamalite.train.lora import LoRAExperts, apply_lora, lora_layers, merge_lora
+
+    lm = load(models["mixtral"][1], quantized=False)
+    m = lm.model.train()
+    ids = torch.tensor([IDS])
+    with torch.no_grad():
+        before = m(ids)
+    apply_lora(m, rank=4, targets=("wq", "w1", "w2", "w3"))
+    experts = [mod for _, t, mod in lora_layers(m) if isinstance(mod, LoRAExperts)]
+    assert len(experts) == 3 * lm.config.n_layers and experts[0].lora_a.shape == (4, 4, 64)
+    with torch.no_grad():
+        assert torch.equal(m(ids), before)
+        for e in experts:
+            e.lora_b.normal_(0, 0.1)
+    m(ids).sum().backward()
+    assert all(e.lora_a.grad is not None and e.base.weight.grad is None for e in experts)
+    assert m.layers[0].feed_forward.gate.weight.grad is None
+    with torch.no_grad():
+        adapted = m(ids)
+        merge_lora(m)
+        assert not lora_layers(m)
+        assert float((m(ids) - adapted).abs().max()) < 1e-5

@@ -19,7 +19,7 @@ from torch import nn
 from ..formats.export import QUANT_TYPES
 from ..formats.layout import permute_rope
 from ..formats.hf import meta_to_hf_name
-from ..model.transformer import LINEAR_PARENTS
+from ..model.transformer import LINEAR_PARENTS, ExpertLinear
 
 
 def _hf_module(i: int, target: str) -> str:
@@ -67,32 +67,80 @@ class LoRALinear(nn.Module):
         return merged
 
 
+class LoRAExperts(nn.Module):
+    """model.ExpertLinear's call signature (forward(x, e)): the frozen `base` plus, for each expert e, its own
+    (alpha / rank) * B[e] A[e] (A (E, rank, in) random, B (E, out, rank) zero)."""
+
+    def __init__(self, base: ExpertLinear, rank: int = 8, alpha: float = 16.0, dropout: float = 0.0,
+                 generator: torch.Generator | None = None):
+        super().__init__()
+        if not isinstance(base, ExpertLinear):
+            raise TypeError(f"LoRA wraps dense experts, not {type(base).__name__}: load the model with quantized=False")
+        if rank < 1:
+            raise ValueError(f"LoRA rank must be at least 1, got {rank}")
+        self.base = base.requires_grad_(False)
+        self.rank, self.alpha, self.scale = rank, alpha, alpha / rank
+        w = base.weight
+        n, out_f, in_f = w.shape
+        self.lora_a = nn.Parameter(torch.empty(n, rank, in_f, dtype=w.dtype, device=w.device))
+        self.lora_b = nn.Parameter(torch.zeros(n, out_f, rank, dtype=w.dtype, device=w.device))
+        with torch.no_grad():  # as LoRALinear, expert by expert
+            self.lora_a.uniform_(-1 / math.sqrt(in_f), 1 / math.sqrt(in_f), generator=generator)
+        self.dropout = nn.Dropout(dropout) if dropout else nn.Identity()
+
+    def forward(self, x: torch.Tensor, e: int) -> torch.Tensor:
+        return self.base(x, e) + (self.dropout(x) @ self.lora_a[e].T @ self.lora_b[e].T) * self.scale
+
+    def delta(self) -> torch.Tensor:
+        """The update to the experts' weights, (E, out, in)."""
+        return (self.lora_b @ self.lora_a) * self.scale
+
+    def merge(self) -> ExpertLinear:
+        """A plain ExpertLinear computing the same function."""
+        n, out_f, in_f = self.base.weight.shape
+        merged = ExpertLinear(n, in_f, out_f, bias=self.base.bias is not None).to(self.base.weight)
+        with torch.no_grad():
+            merged.weight.copy_(self.base.weight + self.delta().to(self.base.weight.dtype))
+            if self.base.bias is not None:
+                merged.bias.copy_(self.base.bias)
+        return merged
+
+
+def _holder(layer: nn.Module, target: str) -> nn.Module:
+    """The module that holds a layer's `target` as an attribute: its attention or feed-forward, or for w1 w2 w3
+    of a mixture of experts, its experts (every expert's projection; the router and any shared expert stay as
+    they are)."""
+    ffn = layer.feed_forward
+    if target in ("w1", "w2", "w3") and hasattr(ffn, "experts"):
+        return ffn.experts
+    return getattr(layer, LINEAR_PARENTS[target])
+
+
 def apply_lora(model: nn.Module, rank: int = 8, alpha: float = 16.0, targets: Sequence[str] = ("wq", "wv"),
                dropout: float = 0.0, seed: int = 0) -> nn.Module:
-    """Freeze every weight of a Transformer and wrap its `targets` layers (wq wk wv wo w1 w2 w3) in LoRA."""
+    """Freeze every weight of a Transformer and wrap its `targets` layers (wq wk wv wo w1 w2 w3) in LoRA; in a
+    mixture of experts, w1 w2 w3 are every expert's, each with its own pair (the routers stay frozen)."""
     unknown = sorted(set(targets) - set(LINEAR_PARENTS))
     if unknown or not targets:
         raise ValueError(f"unknown LoRA target(s) {', '.join(unknown) or '(none given)'}; choose from {', '.join(LINEAR_PARENTS)}")
-    moe = [i for i, layer in enumerate(model.layers) if not hasattr(layer.feed_forward, "w1")]
-    if moe and set(targets) & {"w1", "w2", "w3"}:
-        raise ValueError(f"layers {moe[:4]}{'...' if len(moe) > 4 else ''} are mixtures of experts, and LoRA on the "
-                         f"experts is not supported yet: target attention (wq wk wv wo)")
     model.requires_grad_(False)  # the routers too: they stay as trained
     generator = torch.Generator().manual_seed(seed)
     for layer in model.layers:
         for t in targets:
-            parent = getattr(layer, LINEAR_PARENTS[t])
-            setattr(parent, t, LoRALinear(getattr(parent, t), rank, alpha, dropout, generator))
+            holder = _holder(layer, t)
+            base = getattr(holder, t)
+            wrap = LoRAExperts if isinstance(base, ExpertLinear) else LoRALinear
+            setattr(holder, t, wrap(base, rank, alpha, dropout, generator))
     return model
 
 
-def lora_layers(model: nn.Module) -> list[tuple[int, str, LoRALinear]]:
+def lora_layers(model: nn.Module) -> list[tuple[int, str, "LoRALinear | LoRAExperts"]]:
     """(layer index, target name, module) of every LoRA layer."""
     out = []
     for i, layer in enumerate(model.layers):
-        for t, parent in LINEAR_PARENTS.items():
-            m = getattr(getattr(layer, parent), t, None)  # None: a mixture of experts' feed-forward
-            if isinstance(m, LoRALinear):
+        for t in LINEAR_PARENTS:
+            m = getattr(_holder(layer, t), t, None)
+            if isinstance(m, (LoRALinear, LoRAExperts)):
                 out.append((i, t, m))
     return out
 
@@ -100,7 +148,7 @@ def lora_layers(model: nn.Module) -> list[tuple[int, str, LoRALinear]]:
 def merge_lora(model: nn.Module) -> nn.Module:
     """Fold every LoRA layer into its base: a plain model again, the same function."""
     for i, t, m in lora_layers(model):
-        setattr(getattr(model.layers[i], LINEAR_PARENTS[t]), t, m.merge())
+        setattr(_holder(model.layers[i], t), t, m.merge())
     return model
 
 
@@ -113,6 +161,9 @@ def save_adapter(model: nn.Module, out: str | Path, base_model: str = "") -> Pat
     layers = lora_layers(model)
     if not layers:
         raise ValueError("the model has no LoRA layers (apply_lora first)")
+    if any(isinstance(m, LoRAExperts) for _, _, m in layers):
+        raise ValueError("an adapter on a mixture's experts has no PEFT layout that transformers' fused experts load: "
+                         "export the fine-tune merged (llamalite export RUN --to gguf or --to hf)")
     cfg = model.config
     out = Path(out).expanduser()
     out.mkdir(parents=True, exist_ok=True)

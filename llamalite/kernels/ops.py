@@ -83,7 +83,7 @@ def register_fake() -> None:
         return gu.new_empty((gu.shape[0], gu.shape[1] // 2))
 
     @torch.library.register_fake("llamalite::experts")
-    def _(x, ids, weights, w1, w3, w2, t13, t2, n_experts, path=0):
+    def _(x, ids, weights, w1, w3, w2, t13, t2, n_experts, path=0, b1=None, b3=None, b2=None, limit=0.0, alpha=1.702):
         return torch.empty_like(x, dtype=torch.float32)
 
     @torch.library.register_fake("llamalite::dequantize")

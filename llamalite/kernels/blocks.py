@@ -126,6 +126,40 @@ def _q6_k(blk):  # block_q6_K { uint8_t ql[128]; uint8_t qh[64]; int8_t scales[1
 _E2M1 = torch.tensor([0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12], dtype=torch.float32)
 
 
+def _e2m1_int8(n: torch.Tensor) -> torch.Tensor:
+    """4-bit E2M1 codes (uint8) -> _E2M1's integers as int8: magnitudes 0, 1, 2, 3, then (2 or 3) << 1 or << 2
+    (4, 6, 8, 12); bit 3 the sign."""
+    m = (n & 7).to(torch.int16)
+    v = torch.where(m < 4, m, (2 + (m & 1)) << ((m >> 1) - 1).clamp(min=0))
+    return torch.where((n & 8) > 0, -v, v).to(torch.int8)
+
+
+def mxfp4_as_q8_0(data: np.ndarray | torch.Tensor, rows: int, kernels: bool = True) -> torch.Tensor | None:
+    """MXFP4 blocks -> Q8_0 blocks (GGUF order, (rows, bytes) uint8, 34 bytes a block for 17) of the same
+    values: each value kv * 2^(e - 128) (kv an integer of -12..12, _E2M1) is the Q8_0 value kv of scale
+    d = 2^(e - 128), which fp16 holds exactly for e - 128 in -24..15. A block of smaller scale (values under
+    2^-20) takes d = 2^-24 and rounds its values to it; None where a scale is past fp16's range (the caller
+    re-quantizes then). The compiled kernels' loop where they are loaded (`kernels`), else PyTorch's ops."""
+    blk = torch.as_tensor(data).reshape(-1, 17)
+    e = blk[:, 0].to(torch.int32)
+    if bool((e > 128 + 15).any()):
+        return None
+    if kernels and hasattr(torch.ops.llamalite, "mxfp4_as_q8_0"):
+        return torch.ops.llamalite.mxfp4_as_q8_0(blk).reshape(rows, -1)
+    out = torch.empty(blk.shape[0], 34, dtype=torch.uint8)
+    step = 1 << 16  # blocks at a time: the temporaries stay a few MB
+    for b in range(0, blk.shape[0], step):
+        part, exp = blk[b:b + step], e[b:b + step] - 128
+        q = torch.cat([_e2m1_int8(part[:, 1:17] & 0x0F), _e2m1_int8(part[:, 1:17] >> 4)], dim=1)  # (n, 32)
+        small = (exp < -24).nonzero().flatten()  # below fp16's least subnormal: scale 2^-24, values rounded to it
+        if len(small):
+            q[small] = torch.round(torch.ldexp(q[small].float(), (exp[small] + 24)[:, None])).to(torch.int8)
+        d = torch.ldexp(torch.ones(part.shape[0]), exp.clamp(min=-24)).to(torch.float16)
+        out[b:b + step, 0:2] = d.view(torch.uint8).reshape(-1, 2)
+        out[b:b + step, 2:34] = q.view(torch.uint8)
+    return out.reshape(rows, -1)
+
+
 def _mxfp4(blk):  # block_mxfp4 { uint8_t e; uint8_t qs[16]; }: OCP microscaling, an E8M0 scale and 4-bit E2M1 values
     scale = torch.ldexp(torch.ones(blk.shape[0], 1), blk[:, 0:1].to(torch.int32) - 128)
     return _E2M1[_nibbles(blk[:, 1:17]).long()] * scale

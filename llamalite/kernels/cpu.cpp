@@ -1231,6 +1231,42 @@ at::Tensor qmatmul_multi(const at::Tensor& x, at::TensorList ws, int64_t type) {
 
 at::Tensor qmatmul(const at::Tensor& x, const at::Tensor& w, int64_t type) { return qmatmul_path(x, w, type, BEST); }
 
+// MXFP4 blocks (uint8 e, then 16 bytes of 4-bit E2M1 codes: elements 0-15 low nibbles, 16-31 high) -> Q8_0
+// blocks in GGUF order of exactly the same values: d = 2^(e - 128) as fp16 and the codes' integers (-12..12) as
+// the int8 values; a scale under fp16's least subnormal (e - 128 < -24) takes d = 2^-24, its values rounded to it.
+// The caller checks that no scale is past fp16's range (e - 128 > 15).
+at::Tensor mxfp4_as_q8_0(const at::Tensor& raw_in) {
+  const at::Tensor raw = raw_in.contiguous();
+  TORCH_CHECK(raw.scalar_type() == at::kByte && raw.numel() % 17 == 0, "mxfp4_as_q8_0: whole MXFP4 blocks of 17 bytes");
+  const int64_t n = raw.numel() / 17;
+  auto out = at::empty({n, 34}, raw.options());
+  const uint8_t* src = raw.data_ptr<uint8_t>();
+  uint8_t* dst = out.data_ptr<uint8_t>();
+  static const int8_t kv[16] = {0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12};
+  at::parallel_for(0, n, 4096, [&](int64_t begin, int64_t end) {
+    for (int64_t b = begin; b < end; ++b) {
+      const uint8_t* s = src + b * 17;
+      uint8_t* o = dst + b * 34;
+      const int exp = static_cast<int>(s[0]) - 128;
+      TORCH_CHECK(exp <= 15, "mxfp4_as_q8_0: a scale of 2^", exp, " is past fp16's range");
+      const uint16_t d = exp >= -14 ? static_cast<uint16_t>((exp + 15) << 10)  // a normal fp16: 2^exp
+                                    : static_cast<uint16_t>(1u << (std::max(exp, -24) + 24));  // a subnormal
+      std::memcpy(o, &d, 2);
+      auto* q = reinterpret_cast<int8_t*>(o + 2);
+      for (int i = 0; i < 16; ++i) {
+        int lo = kv[s[1 + i] & 0x0F], hi = kv[s[1 + i] >> 4];
+        if (exp < -24) {  // rounded to the least subnormal: values of 2^exp * kv, in units of 2^-24
+          lo = static_cast<int>(std::nearbyint(std::ldexp(static_cast<float>(lo), exp + 24)));
+          hi = static_cast<int>(std::nearbyint(std::ldexp(static_cast<float>(hi), exp + 24)));
+        }
+        q[i] = static_cast<int8_t>(lo);
+        q[16 + i] = static_cast<int8_t>(hi);
+      }
+    }
+  });
+  return out;
+}
+
 // One repacked row of nb blocks -> nb * 32 floats.
 void dequant_row(int64_t type, const Packed& row, int64_t nb, float* out) {
   const bool simd = has_avx2();
@@ -2587,6 +2623,7 @@ TORCH_LIBRARY(llamalite, m) {
   m.def("qmatmul_path(Tensor x, Tensor w, int qtype, int path) -> Tensor");
   m.def("qmatmul_multi(Tensor x, Tensor[] ws, int qtype) -> Tensor");
   m.def("dequantize(Tensor w, int qtype) -> Tensor");
+  m.def("mxfp4_as_q8_0(Tensor raw) -> Tensor");
   m.def("quantize_q8_0(Tensor w) -> Tensor");
   m.def("rms_norm(Tensor x, Tensor w, float eps) -> Tensor");
   m.def("silu_mul(Tensor gu) -> Tensor");
@@ -2626,6 +2663,7 @@ TORCH_LIBRARY_IMPL(llamalite, CPU, m) {
   m.impl("qmatmul_path", &qmatmul_path);
   m.impl("qmatmul_multi", &qmatmul_multi);
   m.impl("dequantize", &dequantize);
+  m.impl("mxfp4_as_q8_0", &mxfp4_as_q8_0);
   m.impl("quantize_q8_0", &quantize_q8_0);
   m.impl("rms_norm", &rms_norm);
   m.impl("silu_mul", &silu_mul_op);
